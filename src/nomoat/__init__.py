@@ -1,0 +1,34 @@
+"""nomoat: load open-weight LLMs, fine-tune them with LoRA, keep and serve adapters, all offline."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nomoat.models.transformer import Transformer
+    from nomoat.tokenizer import Tokenizer
+
+
+def load(path: str, dtype: Any = "auto", device: Any = "auto") -> tuple[Transformer, Tokenizer]:
+    """Load a Hugging Face-format model folder with nomoat's own decoder and tokenizer.
+
+    Args:
+        path: A folder with `config.json`, safetensors weights and `tokenizer.json`.
+        dtype: `"auto"` (fp32 on CPU; on CUDA the checkpoint's bf16/fp16, else bf16), a `torch.dtype`,
+            or one of `"float32"`, `"bfloat16"`, `"float16"` (also `fp32`, `bf16`, `fp16`).
+        device: `"auto"` (CUDA when available, else CPU), or any torch device.
+
+    Returns:
+        `(model, tokenizer)`: the model in eval mode on `device`, and its tokenizer with chat template.
+    """
+    from nomoat.models.checkpoint import load_model
+    from nomoat.tokenizer import Tokenizer
+
+    model = load_model(path, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_dir(path)
+    return model, tokenizer
+
+
+__all__ = ["load", "__version__"]

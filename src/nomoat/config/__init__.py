@@ -1,0 +1,5 @@
+"""Typed, serializable configuration dataclasses for every stage of nomoat."""
+
+from nomoat.config.model import ModelConfig
+
+__all__ = ["ModelConfig"]

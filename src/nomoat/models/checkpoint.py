@@ -1,0 +1,342 @@
+"""Checkpoint IO in Hugging Face format: `config.json` plus safetensors (single file or sharded with an index).
+
+Loading is memory-mapped and goes straight into the target dtype: each tensor is viewed in place in the mapped
+file, copied (and converted) into the model's preallocated parameter, then the mapped pages are released with
+`madvise(MADV_DONTNEED)`, so peak resident memory stays near the size of the model in the target dtype. Weights only
+ever come from safetensors: pickle checkpoints (`*.bin`, `*.pt`) are refused unless converted explicitly with
+`convert_pickle_checkpoint`, which uses `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from nomoat.config.model import ModelConfig
+from nomoat.models.families import config_from_hf, fuse_for_save, split_fused
+from nomoat.models.transformer import Transformer
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+INDEX_FILE = "model.safetensors.index.json"
+# Keys some checkpoints carry that are recomputed, not loaded (old Llama exports saved the rotary table).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded: missing files, pickle weights, or tensors that do not fit."""
+
+
+# ---- reading ------------------------------------------------------------------------------------------------------
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read `config.json` from a model folder, with an error that says what a model folder must hold."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; expected a Hugging Face model folder with config.json")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(
+            f"{folder}: no config.json, so this is not a Hugging Face model folder "
+            "(expected config.json, model.safetensors or model.safetensors.index.json, tokenizer.json)"
+        )
+    try:
+        return json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}:{e.lineno}: invalid JSON: {e.msg}") from e
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read a model folder's `config.json` as a `ModelConfig` (raises for unsupported families)."""
+    return config_from_hf(read_hf_config(path))
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files holding a model's weights, refusing pickle checkpoints with a way out."""
+    folder = Path(path)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: weights are pickle files ({', '.join(pickles)}); nomoat only loads safetensors, because "
+            "unpickling can run arbitrary code. If you trust this folder, convert it once with "
+            f"`nomoat convert {folder} --trust-pickle` (loads tensors with torch.load(weights_only=True))."
+        )
+    raise CheckpointError(f"{folder}: no model.safetensors or {INDEX_FILE} found")
+
+
+def _read_header(f: Any, file: Path) -> tuple[dict[str, Any], int]:
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise CheckpointError(f"{file}: truncated safetensors file")
+    (n,) = struct.unpack("<Q", raw)
+    size = os.fstat(f.fileno()).st_size
+    if n > size - 8:
+        raise CheckpointError(f"{file}: corrupt safetensors header (length {n} beyond file size {size})")
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def iter_safetensors(file: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, tensor)` for every tensor of a safetensors file as zero-copy views of a memory map.
+
+    A view is valid only until the next item is requested: its pages are released as the iteration moves on,
+    so copy what you keep. This keeps resident memory to one tensor's worth of file pages at a time.
+    """
+    file = Path(file)
+    with open(file, "rb") as f:
+        header, base = _read_header(f, file)
+        size = os.fstat(f.fileno()).st_size
+        if size == base:  # no tensor data at all (mmap refuses empty ranges)
+            for name, info in header.items():
+                yield name, torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            return
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private and writable: torch wants a writable buffer
+        try:
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if info["dtype"] not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                start, end = info["data_offsets"]
+                count = math.prod(info["shape"])
+                if end - start != count * dtype.itemsize or base + end > size:
+                    raise CheckpointError(f"{file}: tensor {name} has inconsistent offsets")
+                if count == 0:
+                    yield name, torch.empty(info["shape"], dtype=dtype)
+                    continue
+                yield name, torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start).view(info["shape"])
+                _release(mm, base + start, base + end)
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # a caller kept a view alive; the map closes when it is collected
+                pass
+
+
+def _release(mm: mmap.mmap, start: int, end: int) -> None:
+    """Drop the resident pages of a mapped byte range (whole pages inside it only)."""
+    if not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (end // page) * page
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def resolve_device(device: Any = "auto") -> torch.device:
+    """`"auto"` means CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: Any, device: torch.device, hf: dict[str, Any] | None = None) -> torch.dtype:
+    """`"auto"`: fp32 on CPU (no fast bf16 there); on CUDA the checkpoint's half dtype, else bf16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cpu":
+            return torch.float32
+        saved = str((hf or {}).get("torch_dtype") or (hf or {}).get("dtype") or "bfloat16")
+        return DTYPE_NAMES.get(saved, torch.bfloat16) if saved != "float32" else torch.bfloat16
+    if str(dtype) in DTYPE_NAMES:
+        return DTYPE_NAMES[str(dtype)]
+    raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+
+
+def load_model(path: str | os.PathLike, dtype: Any = "auto", device: Any = "auto") -> Transformer:
+    """Load a Hugging Face-format model folder into nomoat's decoder.
+
+    Args:
+        path: Folder with `config.json` and `model.safetensors` (or a sharded index).
+        dtype: Target dtype (`"auto"`, a `torch.dtype` or a name such as `"bfloat16"`).
+        device: `"auto"`, `"cpu"`, `"cuda"`, ...
+
+    Returns:
+        The model in eval mode, weights in `dtype` on `device`.
+
+    Raises:
+        CheckpointError: missing files, pickle weights, missing or misshapen tensors.
+        UnsupportedModelError: the family or one of its features is not supported.
+    """
+    hf = read_hf_config(path)
+    cfg = config_from_hf(hf)
+    files = weight_files(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, hf)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype=dt).to_empty(device=dev)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(dev)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = set(params) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    loaded: set[str] = set()
+    for file in files:
+        for raw_name, raw in iter_safetensors(file):
+            if raw_name.endswith(IGNORED_SUFFIXES):
+                continue
+            for name, tensor in split_fused(raw_name, raw, cfg):
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # tied: some exports still save a copy of the embeddings
+                if name not in params:
+                    raise CheckpointError(f"{file}: unexpected tensor {raw_name} for a {cfg.family} model")
+                if tuple(params[name].shape) != tuple(tensor.shape):
+                    raise CheckpointError(
+                        f"{file}: tensor {raw_name} has shape {tuple(tensor.shape)}, "
+                        f"config.json implies {tuple(params[name].shape)}"
+                    )
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+                loaded.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing[:5])}{more}")
+    return model.eval()
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Save a model as a Hugging Face folder that `transformers` (and nomoat) load.
+
+    Writes `config.json` (the original one, with `torch_dtype` updated) and `model.safetensors`, or shards plus
+    `model.safetensors.index.json` when the weights exceed `max_shard_bytes`. Phi-3 projections are fused back into
+    `qkv_proj` / `gate_up_proj`; tied output heads are not duplicated. The folder appears atomically: it is written
+    under a temporary name beside `path` and renamed into place.
+    """
+    cfg = model.config
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    state = fuse_for_save(state, cfg)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        shards = _plan_shards(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map: dict[str, str] = {}
+            for i, names in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({n: state[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(names, fname))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        hf = dict(cfg.hf_config)
+        hf["torch_dtype"] = _dtype_name(model.dtype)
+        hf.pop("dtype", None)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        if dest.exists():
+            _carry_side_files(dest, tmp)
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _carry_side_files(old: Path, new: Path) -> None:
+    """Keep tokenizer and other non-weight files of a folder being overwritten."""
+    for f in old.iterdir():
+        weights = f.suffix == ".safetensors" or f.name in (INDEX_FILE, "config.json") or f.suffix in PICKLE_SUFFIXES
+        if f.is_file() and not weights and not (new / f.name).exists():
+            shutil.copy2(f, new / f.name)
+
+
+def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def convert_pickle_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Convert a folder's pickle weights (`pytorch_model.bin` or shards) to `model.safetensors`.
+
+    Only for folders the user trusts: tensors are read with `torch.load(weights_only=True)`, which refuses
+    arbitrary objects, but pickle remains a larger attack surface than safetensors.
+
+    Args:
+        path: The model folder with `*.bin` / `*.pt` weights.
+        out: Where to write the converted folder; default: in place (pickle files are left untouched).
+
+    Returns:
+        The folder that now holds `model.safetensors`.
+    """
+    folder = Path(path)
+    dest = Path(out) if out else folder
+    files = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not files:
+        raise CheckpointError(f"{folder}: no pickle weights (*.bin, *.pt) to convert")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{f}: expected a dict of tensors, found {type(part).__name__}")
+        state.update({k: v.contiguous() for k, v in part.items() if isinstance(v, torch.Tensor)})
+    dest.mkdir(parents=True, exist_ok=True)
+    if dest != folder:
+        for f in folder.iterdir():
+            if f.is_file() and f.suffix not in PICKLE_SUFFIXES and not f.name.endswith(".index.json"):
+                shutil.copy2(f, dest / f.name)
+    # Tied weights share storage in a pickle; safetensors refuses shared tensors, so store copies.
+    seen: set[int] = set()
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            state[k] = v.clone()
+        seen.add(ptr)
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest

@@ -1,0 +1,311 @@
+"""One config-driven decoder for every supported family (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3).
+
+Module and parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`, ...), unfused, so that a
+checkpoint loads without renaming and a LoRA adapter saves under PEFT's key names. Numerics follow `transformers`
+step by step (RMSNorm in fp32, rotary tables in fp32 cast to the activation dtype, softmax in fp32) so that logits
+agree to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nomoat.config.model import ModelConfig
+from nomoat.models.families import rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32.
+
+    Llama style scales the normalised input (cast back to the input dtype) by `weight`; Gemma style (`offset=True`)
+    scales by `1 + weight` in fp32 and casts at the end, as the two families' reference code does.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the last dimension."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.to(x.dtype)
+
+
+def _act(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    return F.gelu(x, approximate="tanh")  # gelu_pytorch_tanh, gelu_new, gelu_fast
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` channels of `x` (B, H, T, hd) by positions; the rest pass through."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rd)
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA/MQA, optional q/k norms, soft-capping and a sliding window (via the mask)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, d, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attend over the sequence.
+
+        Args:
+            x: Hidden states (B, T, D).
+            cos: Rotary cosine table (B, T, rd) in the activation dtype.
+            sin: Rotary sine table (B, T, rd) in the activation dtype.
+            mask: Boolean (B, 1, T, T), True where a query may attend to a key; None means plain causal.
+        """
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cfg.attn_logit_softcap is not None:
+            y = _softcapped_attention(q, k, v, mask, cfg.query_scale, cfg.attn_logit_softcap)
+        else:
+            gqa = cfg.num_kv_heads != cfg.num_heads
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=cfg.query_scale, enable_gqa=gqa
+            )
+        y = y.transpose(1, 2).reshape(B, T, cfg.q_size)
+        return self.o_proj(y)
+
+
+def _softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, cap: float
+) -> torch.Tensor:
+    """Gemma 2's attention: tanh soft-capping of the scores, which `scaled_dot_product_attention` cannot express."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.tanh((q @ k.transpose(-2, -1)) * scale / cap) * cap  # (B, H, T, S)
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
+
+
+class MLP(nn.Module):
+    """Gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU or GeGLU)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.act = cfg.hidden_act
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the gated MLP."""
+        return self.down_proj(_act(self.act, self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm (Llama) or sandwich-norm (Gemma 2/3) attention and MLP with residuals."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str) -> None:
+        super().__init__()
+        self.layer_type = layer_type
+        self.sandwich = cfg.sandwich_norm
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)  # noqa: E731
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = norm()
+        # In Llama-style blocks `post_attention_layernorm` is the norm before the MLP (the Hugging Face name).
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Run the layer on hidden states (B, T, D)."""
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The stack under the output head: embeddings, layers and final norm (Hugging Face's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model described by a `ModelConfig`.
+
+    Example:
+        >>> model = Transformer(cfg)
+        >>> logits = model(input_ids, attention_mask=mask)  # (B, T, vocab)
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope_types = sorted(set(config.layer_types))
+        self.reset_rope()
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rotary inverse-frequency buffers, e.g. after the model was built on the meta device."""
+        cfg = self.config
+        for kind in self.rope_types:
+            params = cfg.rope[kind]
+            for long in (False, True) if params["rope_type"] == "longrope" else (False,):
+                inv, scale = rope_inv_freq(params, cfg.head_dim, cfg.max_position_embeddings, long=long)
+                name = f"_inv_freq_{kind}" + ("_long" if long else "")
+                self.register_buffer(name, inv if device is None else inv.to(device), persistent=False)
+                setattr(self, f"_rope_scale_{kind}", scale)
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Random initialisation for training from scratch: normal(0, std) matrices, zero biases, unit norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                with torch.no_grad():
+                    w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                    module.weight.copy_(w)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.zeros_(module.weight) if module.offset else nn.init.ones_(module.weight)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the model's parameters."""
+        return self.model.embed_tokens.weight.dtype
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+
+    def _rope_tables(self, kind: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.config.rope[kind]
+        inv = getattr(self, f"_inv_freq_{kind}")
+        if params["rope_type"] == "longrope" and int(positions.max()) + 1 > params["original_max_position_embeddings"]:
+            inv = getattr(self, f"_inv_freq_{kind}_long")
+        scale = getattr(self, f"_rope_scale_{kind}")
+        freqs = positions[..., None].float() * inv.float()  # (B, T, rd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+    def _masks(
+        self, attention_mask: torch.Tensor | None, T: int, device: torch.device
+    ) -> dict[str, torch.Tensor | None]:
+        cfg = self.config
+        window = cfg.sliding_window
+        needs_window = window is not None and T > window
+        if attention_mask is None and not needs_window:
+            return {kind: None for kind in self.rope_types}  # plain causal: SDPA's fast path
+        idx = torch.arange(T, device=device)
+        causal = idx[None, :] <= idx[:, None]  # (T, S)
+        keep = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, S)
+        out: dict[str, torch.Tensor | None] = {}
+        for kind in self.rope_types:
+            allowed = causal
+            if kind == "sliding_attention" and needs_window:
+                allowed = allowed & (idx[None, :] > idx[:, None] - window)
+            allowed = allowed[None, None] if keep is None else allowed[None, None] & keep  # (B|1, 1, T, S)
+            # A query that may see nothing (a left-padding row) would make softmax NaN: let it see itself.
+            empty = ~allowed.any(dim=-1, keepdim=True)
+            out[kind] = allowed | (empty & torch.eye(T, dtype=torch.bool, device=device))
+        return out
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Compute next-token logits.
+
+        Args:
+            input_ids: Token ids (B, T).
+            attention_mask: 1 for real tokens, 0 for padding (B, T); left or right padding. None: no padding.
+            position_ids: Rotary positions (B, T). Default: counted over real tokens only (so a left-padded row gets
+                the positions it would have alone), i.e. `cumsum(attention_mask) - 1`.
+            return_hidden: Return the final normed hidden states (B, T, D) instead of logits (for chunked losses).
+
+        Returns:
+            Logits (B, T, vocab) in the model dtype, soft-capped where the family does it.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(T, device=device).expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        h = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale is not None:
+            h = h * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(h.dtype)
+        ropes = {kind: self._rope_tables(kind, position_ids, h.dtype) for kind in self.rope_types}
+        masks = self._masks(attention_mask, T, device)
+        for layer in self.model.layers:
+            cos, sin = ropes[layer.layer_type]
+            h = layer(h, cos, sin, masks[layer.layer_type])
+        h = self.model.norm(h)
+        if return_hidden:
+            return h
+        return self.logits(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output head on final hidden states, with the family's logit soft-capping."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -340,3 +340,21 @@ def convert_pickle_checkpoint(path: str | os.PathLike, out: str | os.PathLike | 
         seen.add(ptr)
     save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
     return dest
+
+
+def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """Parameter count, stored dtypes and bytes of a model folder, read from safetensors headers only (fast)."""
+    params = 0
+    nbytes = 0
+    dtypes: dict[str, int] = {}
+    for file in weight_files(path):
+        with open(file, "rb") as f:
+            header, _ = _read_header(f, file)
+        for name, info in header.items():
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            n = math.prod(info["shape"])
+            params += n
+            nbytes += info["data_offsets"][1] - info["data_offsets"][0]
+            dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + n
+    return {"parameters": params, "bytes": nbytes, "dtypes": dtypes}

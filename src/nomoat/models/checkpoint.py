@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from nomoat.config.model import ModelConfig
 from nomoat.models.families import config_from_hf, fuse_for_save, split_fused
@@ -108,50 +109,90 @@ def _read_header(f: Any, file: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-def iter_safetensors(file: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(name, tensor)` for every tensor of a safetensors file as zero-copy views of a memory map.
+class SafetensorsReader:
+    """Zero-copy views of the tensors of a safetensors file through a memory map, with page release.
 
-    A view is valid only until the next item is requested: its pages are released as the iteration moves on,
-    so copy what you keep. This keeps resident memory to one tensor's worth of file pages at a time.
+    Use as a context manager. `release(view)` drops the resident pages behind a view once its data was copied, so
+    reading a whole file never holds more than a chunk of it in memory. Views are invalid after `release` (their
+    bytes read again from disk) and after the reader closes.
     """
-    file = Path(file)
-    with open(file, "rb") as f:
-        header, base = _read_header(f, file)
-        size = os.fstat(f.fileno()).st_size
-        if size == base:  # no tensor data at all (mmap refuses empty ranges)
-            for name, info in header.items():
-                yield name, torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
-            return
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private and writable: torch wants a writable buffer
-        try:
-            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if info["dtype"] not in SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                start, end = info["data_offsets"]
-                count = math.prod(info["shape"])
-                if end - start != count * dtype.itemsize or base + end > size:
-                    raise CheckpointError(f"{file}: tensor {name} has inconsistent offsets")
-                if count == 0:
-                    yield name, torch.empty(info["shape"], dtype=dtype)
-                    continue
-                yield name, torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start).view(info["shape"])
-                _release(mm, base + start, base + end)
-        finally:
+
+    def __init__(self, file: str | os.PathLike) -> None:
+        self.file = Path(file)
+        self._f = open(self.file, "rb")  # noqa: SIM115 - closed in close()
+        self.header, self.base = _read_header(self._f, self.file)
+        self.size = os.fstat(self._f.fileno()).st_size
+        # ACCESS_COPY: a private, writable mapping (torch wants writable buffers; nothing is ever written).
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY) if self.size > self.base else None
+        self._addr = torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr() if self._mm else 0
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmap the file (views still alive keep the map open until they are collected)."""
+        if self._mm is not None:
             try:
-                mm.close()
-            except BufferError:  # a caller kept a view alive; the map closes when it is collected
+                self._mm.close()
+            except BufferError:
                 pass
+            self._mm = None
+        self._f.close()
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(name, view)` in file order."""
+        for name, info in sorted(self.header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{self.file}: tensor {name} has unsupported dtype {info['dtype']}")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
+            count = math.prod(info["shape"])
+            if end - start != count * dtype.itemsize or self.base + end > self.size:
+                raise CheckpointError(f"{self.file}: tensor {name} has inconsistent offsets")
+            if count == 0:
+                yield name, torch.empty(info["shape"], dtype=dtype)
+                continue
+            view = torch.frombuffer(self._mm, dtype=dtype, count=count, offset=self.base + start)
+            yield name, view.view(info["shape"])
+
+    def release(self, view: torch.Tensor) -> None:
+        """Drop the resident pages behind a contiguous view (whole pages inside it only)."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED") or view.numel() == 0:
+            return
+        start = view.data_ptr() - self._addr
+        end = start + view.numel() * view.element_size()
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, (end // page) * page
+        if 0 <= lo < hi <= self.size:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-def _release(mm: mmap.mmap, start: int, end: int) -> None:
-    """Drop the resident pages of a mapped byte range (whole pages inside it only)."""
-    if not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+def iter_safetensors(file: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, view)` for every tensor of a safetensors file; each view is valid until the next item."""
+    with SafetensorsReader(file) as reader:
+        for name, view in reader.items():
+            yield name, view
+            reader.release(view)
+
+
+# Copy at most this many bytes of a tensor before releasing the file pages behind them.
+COPY_CHUNK_BYTES = 16 * 2**20
+
+
+def _copy_chunked(dest: torch.Tensor, src: torch.Tensor, reader: SafetensorsReader) -> None:
+    """`dest.copy_(src)` (with dtype conversion) in row chunks, releasing each chunk's file pages after it."""
+    if src.dim() == 0 or src.numel() * src.element_size() <= COPY_CHUNK_BYTES:
+        dest.copy_(src)
+        reader.release(src)
         return
-    page = mmap.PAGESIZE
-    lo, hi = -(-start // page) * page, (end // page) * page
-    if hi > lo:
-        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    row_bytes = max(1, src[0].numel() * src.element_size())
+    step = max(1, COPY_CHUNK_BYTES // row_bytes)
+    for i in range(0, src.shape[0], step):
+        dest[i : i + step].copy_(src[i : i + step])
+        reader.release(src[i : i + step])
 
 
 def resolve_device(device: Any = "auto") -> torch.device:
@@ -197,34 +238,41 @@ def load_model(path: str | os.PathLike, dtype: Any = "auto", device: Any = "auto
     dt = resolve_dtype(dtype, dev, hf)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to(dtype=dt).to_empty(device=dev)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_rope(dev)
+    # Parameters stay on the meta device until their tensor is read: each is allocated right before it is filled,
+    # so memory grows with the data actually loaded (to_empty() would fault in allocator slack up front).
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(params) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     loaded: set[str] = set()
     for file in files:
-        for raw_name, raw in iter_safetensors(file):
-            if raw_name.endswith(IGNORED_SUFFIXES):
-                continue
-            for name, tensor in split_fused(raw_name, raw, cfg):
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue  # tied: some exports still save a copy of the embeddings
-                if name not in params:
-                    raise CheckpointError(f"{file}: unexpected tensor {raw_name} for a {cfg.family} model")
-                if tuple(params[name].shape) != tuple(tensor.shape):
-                    raise CheckpointError(
-                        f"{file}: tensor {raw_name} has shape {tuple(tensor.shape)}, "
-                        f"config.json implies {tuple(params[name].shape)}"
-                    )
-                with torch.no_grad():
-                    params[name].copy_(tensor)
-                loaded.add(name)
+        with SafetensorsReader(file) as reader, torch.no_grad():
+            for raw_name, raw in reader.items():
+                if raw_name.endswith(IGNORED_SUFFIXES):
+                    continue
+                for name, tensor in split_fused(raw_name, raw, cfg):
+                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue  # tied: some exports still save a copy of the embeddings
+                    if name not in params:
+                        raise CheckpointError(f"{file}: unexpected tensor {raw_name} for a {cfg.family} model")
+                    if tuple(params[name].shape) != tuple(tensor.shape):
+                        raise CheckpointError(
+                            f"{file}: tensor {raw_name} has shape {tuple(tensor.shape)}, "
+                            f"config.json implies {tuple(params[name].shape)}"
+                        )
+                    dest = torch.empty(tensor.shape, dtype=dt, device=dev)
+                    _copy_chunked(dest, tensor, reader)
+                    module_name, _, leaf = name.rpartition(".")
+                    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(dest, requires_grad=False)
+                    loaded.add(name)
+                reader.release(raw)
     missing = sorted(expected - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing[:5])}{more}")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(dev)
+    for p in model.parameters():
+        p.requires_grad_(True)  # like any nn.Module; training code freezes what it does not train
     return model.eval()
 
 

@@ -6,6 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
 
 VOCAB = 512
 BASE = dict(
@@ -49,8 +53,6 @@ ALL = sorted(FAMILY_CONFIGS)
 
 def hf_config(name: str, **overrides: Any):
     """The transformers config object for a named tiny model."""
-    import transformers
-
     cls_name, extra = FAMILY_CONFIGS[name]
     kwargs = {**BASE, **extra, **overrides}
     return getattr(transformers, cls_name)(**kwargs)
@@ -58,8 +60,6 @@ def hf_config(name: str, **overrides: Any):
 
 def make_hf_model(name: str, path: Path, seed: int = 0, **save_kwargs: Any):
     """Build a random tiny model with transformers, save it with `save_pretrained`, return it (fp32, eval, eager)."""
-    import transformers
-
     torch.manual_seed(seed)
     cfg = hf_config(name)
     cfg._attn_implementation = "eager"
@@ -76,8 +76,6 @@ def make_hf_model(name: str, path: Path, seed: int = 0, **save_kwargs: Any):
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32):
     """Load a saved folder with transformers (eager attention: the plainest reference)."""
-    import transformers
-
     return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype).eval()
 
 

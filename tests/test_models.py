@@ -9,9 +9,10 @@ from nomoat.models.checkpoint import load_model
 
 from hf_models import ALL, make_hf_model, padded_batch
 
-# bf16 has 8 bits of mantissa: two correct implementations that round in different places differ by a few ulps of
-# the largest activations. We allow 2e-2 absolute (logits here are O(1)), and check that most logits agree far better.
-BF16_ATOL = 2e-2
+# Half precision: two correct implementations that round in different places differ by a few ulps of the largest
+# activations. bf16 has 8 bits of mantissa, fp16 11: we allow 2e-2 and 4e-3 absolute (logits here are O(1)), and
+# check that the median difference is four times smaller still.
+HALF_ATOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 @pytest.fixture(scope="module", params=ALL)
@@ -41,21 +42,22 @@ def test_logits_padded_batch_fp32(pair):
             torch.testing.assert_close(ours(alone)[0], got[row][keep[row]], atol=1e-5, rtol=1e-5)
 
 
-def test_logits_bf16(pair):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_logits_half(pair, dtype):
     name, path, _ = pair
     from hf_models import load_hf
 
-    hf16 = load_hf(path, dtype=torch.bfloat16)
-    ours = load_model(path, dtype="bfloat16", device="cpu")
-    assert ours.dtype == torch.bfloat16
+    hf16 = load_hf(path, dtype=dtype)
+    ours = load_model(path, dtype=dtype, device="cpu")
+    assert ours.dtype == dtype
     ids, mask = padded_batch()
     with torch.no_grad():
         ref = hf16(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits.float()
         got = ours(ids, attention_mask=mask).float()
     keep = mask.bool()
     diff = (got[keep] - ref[keep]).abs()
-    assert diff.max() < BF16_ATOL, f"{name}: max bf16 difference {diff.max():.4g}"
-    assert diff.median() < BF16_ATOL / 4
+    assert diff.max() < HALF_ATOL[dtype], f"{name}: max {dtype} difference {diff.max():.4g}"
+    assert diff.median() < HALF_ATOL[dtype] / 4
 
 
 def _greedy_no_cache(model, ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,6 +14,11 @@ from torch import nn
 
 from nomoat.config.model import ModelConfig
 from nomoat.models.families import rope_inv_freq
+from nomoat.models.kv_cache import KVCache
+
+# What a cached forward hands each attention layer: the cache, the batch's cache rows, the positions of the new
+# tokens (B, T), and how many cached positions to attend over.
+CacheArgs = tuple[KVCache, "slice | torch.Tensor", torch.Tensor, int]
 
 
 class RMSNorm(nn.Module):
@@ -64,9 +69,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Multi-head attention with GQA/MQA, optional q/k norms, soft-capping and a sliding window (via the mask)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.layer_idx = layer_idx
         d = cfg.hidden_size
         self.q_proj = nn.Linear(d, cfg.q_size, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
@@ -77,15 +83,21 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: CacheArgs | None = None,
     ) -> torch.Tensor:
-        """Attend over the sequence.
+        """Attend over the sequence (and the cached positions before it).
 
         Args:
             x: Hidden states (B, T, D).
             cos: Rotary cosine table (B, T, rd) in the activation dtype.
             sin: Rotary sine table (B, T, rd) in the activation dtype.
-            mask: Boolean (B, 1, T, T), True where a query may attend to a key; None means plain causal.
+            mask: Boolean (B, 1, T, S), True where a query may attend to a key; None means plain causal (S == T).
+            cache: With a KV cache: `(cache, rows, positions, kv_len)`; keys and values are written, then read back.
         """
         cfg = self.cfg
         B, T, _ = x.shape
@@ -96,6 +108,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            kv, rows, positions, kv_len = cache
+            k, v = kv.update(self.layer_idx, k, v, rows, positions, kv_len)  # (B, n_kv, S, hd)
         if cfg.attn_logit_softcap is not None:
             y = _softcapped_attention(q, k, v, mask, cfg.query_scale, cfg.attn_logit_softcap)
         else:
@@ -140,12 +155,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One decoder layer: pre-norm (Llama) or sandwich-norm (Gemma 2/3) attention and MLP with residuals."""
 
-    def __init__(self, cfg: ModelConfig, layer_type: str) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.layer_type = layer_type
+        self.layer_type = cfg.layer_types[layer_idx]
         self.sandwich = cfg.sandwich_norm
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)  # noqa: E731
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = norm()
         # In Llama-style blocks `post_attention_layernorm` is the norm before the MLP (the Hugging Face name).
@@ -155,13 +170,18 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: CacheArgs | None = None,
     ) -> torch.Tensor:
         """Run the layer on hidden states (B, T, D)."""
         if self.sandwich:
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -171,7 +191,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
 
@@ -263,12 +283,28 @@ class Transformer(nn.Module):
             out[kind] = allowed | (empty & torch.eye(T, dtype=torch.bool, device=device))
         return out
 
+    def _cached_masks(self, positions: torch.Tensor, kv_len: int) -> dict[str, torch.Tensor]:
+        """Masks over cached positions `[0, kv_len)`: a key is visible when written at or before the query."""
+        key = torch.arange(kv_len, device=positions.device)[None, None, :]  # (1, 1, S)
+        query = positions[:, :, None]  # (B, T, 1)
+        causal = key <= query  # (B, T, S)
+        out = {}
+        for kind in self.rope_types:
+            allowed = causal
+            if kind == "sliding_attention":
+                allowed = allowed & (key > query - self.config.sliding_window)
+            out[kind] = allowed[:, None]  # (B, 1, T, S)
+        return out
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
+        cache: KVCache | None = None,
+        rows: slice | torch.Tensor | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """Compute next-token logits.
 
@@ -278,6 +314,11 @@ class Transformer(nn.Module):
             position_ids: Rotary positions (B, T). Default: counted over real tokens only (so a left-padded row gets
                 the positions it would have alone), i.e. `cumsum(attention_mask) - 1`.
             return_hidden: Return the final normed hidden states (B, T, D) instead of logits (for chunked losses).
+            cache: A `KVCache`: the new tokens' keys and values are written at `position_ids` in `rows`, and attention
+                covers every cached position up to the query's own. `position_ids` is then required and
+                `attention_mask` is not used (rows of different lengths need no padding).
+            rows: Cache rows of the batch (a slice or a tensor of indices). Default: rows `0..B-1`.
+            kv_len: Cached positions to attend over. Default: `position_ids.max() + 1`.
 
         Returns:
             Logits (B, T, vocab) in the model dtype, soft-capped where the family does it.
@@ -285,6 +326,8 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         if position_ids is None:
+            if cache is not None:
+                raise ValueError("a cached forward needs position_ids (where to write each token)")
             if attention_mask is None:
                 position_ids = torch.arange(T, device=device).expand(B, T)
             else:
@@ -293,10 +336,16 @@ class Transformer(nn.Module):
         if self.config.embed_scale is not None:
             h = h * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(h.dtype)
         ropes = {kind: self._rope_tables(kind, position_ids, h.dtype) for kind in self.rope_types}
-        masks = self._masks(attention_mask, T, device)
+        cache_args: CacheArgs | None = None
+        if cache is not None:
+            kv_len = int(position_ids.max()) + 1 if kv_len is None else kv_len
+            cache_args = (cache, slice(0, B) if rows is None else rows, position_ids, kv_len)
+            masks = self._cached_masks(position_ids, kv_len)
+        else:
+            masks = self._masks(attention_mask, T, device)
         for layer in self.model.layers:
             cos, sin = ropes[layer.layer_type]
-            h = layer(h, cos, sin, masks[layer.layer_type])
+            h = layer(h, cos, sin, masks[layer.layer_type], cache_args)
         h = self.model.norm(h)
         if return_hidden:
             return h

@@ -88,3 +88,21 @@ def padded_batch(T: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor
     mask[2, :7] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+def save_word_tokenizer(path: Path, vocab: int = VOCAB, chat_template: str | None = None) -> None:
+    """A word-level tokenizer covering the tiny models' vocabulary: <pad>=0, <s>=1, </s>=2, then w3..w{vocab-1}."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))

@@ -120,6 +120,137 @@ def convert(
     typer.echo(f"wrote {dest / 'model.safetensors'}")
 
 
+def _load_for_inference(model: Path, quantize: str | None, dtype: str, device: str):  # noqa: ANN202
+    """Load a model and tokenizer for generation, optionally quantized; exits with a clear error on bad input."""
+    import nomoat
+    from nomoat.models.checkpoint import CheckpointError
+    from nomoat.models.families import UnsupportedModelError
+    from nomoat.tokenizer import TokenizerNotFoundError
+
+    try:
+        m, tok = nomoat.load(model, dtype=dtype, device=device)
+    except (CheckpointError, UnsupportedModelError, TokenizerNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if quantize:
+        from nomoat.models.quantize import quantize_model
+
+        try:
+            quantize_model(m, quantize)
+        except ValueError as e:
+            _fail(str(e))
+    return m, tok
+
+
+def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None,
+              stop: list[str] | None, repetition_penalty: float = 1.0):  # noqa: ANN202
+    from nomoat.generate.sampling import SamplingParams
+
+    try:
+        return SamplingParams(
+            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+            stop=list(stop or []), repetition_penalty=repetition_penalty,
+        )  # fmt: skip
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _no_adapters(adapter: list[str] | None) -> None:
+    if adapter:
+        _fail("LoRA adapters are not supported by this version yet (they arrive with `nomoat train`)")
+
+
+Model = Annotated[Path, typer.Argument(help="A Hugging Face-format model folder.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the top tokens holding this mass.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep the K most likely tokens (0: off).")]
+MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the most likely one.")]
+Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop before this string (repeatable).")]
+Adapter = Annotated[list[str] | None, typer.Option("--adapter", help="Adapter NAME or NAME:WEIGHT (repeatable).")]
+Quantize = Annotated[str | None, typer.Option(help="Weight-only quantization: int8 or int4.")]
+Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+@app.command()
+def generate(
+    model: Model,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")],
+    max_tokens: MaxTokens = 128,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    adapter: Adapter = None,
+    quantize: Quantize = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user message in the chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")] = False,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+) -> None:
+    """Generate a completion for one prompt, streamed to the terminal."""
+    from nomoat.generate.engine import Completion, Engine
+
+    _no_adapters(adapter)
+    params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
+    m, tok = _load_for_inference(model, quantize, dtype, device)
+    text = prompt
+    if chat:
+        if tok.chat_template is None:
+            _fail(f"{model} has no chat template; run without --chat")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=not chat)
+    engine = Engine(m, tok, max_running=1, prefix_cache_bytes=0)
+    try:
+        handle = engine.submit(ids, params)
+    except ValueError as e:
+        _fail(str(e))
+    for event in handle:
+        if isinstance(event, Completion):
+            if as_json:
+                record = {k: v for k, v in vars(event).items() if k != "logprobs"}
+                typer.echo(json.dumps(record, ensure_ascii=False))
+            else:
+                typer.echo()
+                rate = f"{event.decode_tokens_per_s:.1f} tok/s" if event.decode_tokens_per_s else "-"
+                typer.secho(f"[{event.completion_tokens} tokens, {event.finish_reason}, {rate}]", dim=True, err=True)
+        elif not as_json:
+            typer.echo(event.text, nl=False)
+
+
+@app.command()
+def chat(
+    model: Model,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    adapter: Adapter = None,
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.95,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    seed: Seed = None,
+    quantize: Quantize = None,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+) -> None:
+    """Chat with a model in the terminal, with its chat template, streaming and history.
+
+    Type a message and press Enter. End a line with a backslash to continue on the next line, or wrap a block in
+    triple quotes. Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit.
+    """
+    from nomoat.generate.chat import ChatSession, run_terminal_chat
+
+    _no_adapters(adapter)
+    params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, None)
+    m, tok = _load_for_inference(model, quantize, dtype, device)
+    if tok.chat_template is None:
+        _fail(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja); use `nomoat generate`")
+    run_terminal_chat(ChatSession(m, tok, params, system=system))
+
+
 @app.command()
 def version() -> None:
     """Print nomoat's version."""

@@ -1,0 +1,420 @@
+"""The generation engine: a static KV cache, continuous batching, prefix caching, streaming.
+
+Shape (gpt-fast's, widened to many requests): `prefill` runs one request's prompt into its cache row,
+`decode_one_token` runs one token for every running row at once, `sample` picks the next tokens. Between two decode
+steps the scheduler admits queued requests (prefilling them) and retires finished or cancelled ones, so requests join
+and leave the running batch at any step. Running requests always occupy cache rows `0..n-1`: a leaving request's
+row is refilled by moving the last row into it, so the decode step attends over a view of the cache, never a copy.
+
+Threading: every public method is safe to call from any thread. Either call `step()` yourself (what `generate` and
+`stream` do when no loop runs), or `start()` a background loop (what the server does) and consume handles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nomoat.generate.prefix_cache import PrefixCache
+from nomoat.generate.sampling import SamplingParams, SamplingState, make_generator, sample
+from nomoat.generate.stopping import StopStringMatcher
+from nomoat.models.kv_cache import KVCache
+from nomoat.models.transformer import Transformer
+from nomoat.tokenizer import Tokenizer
+
+# An adapter selection: () for the base model, or (name, weight) pairs applied together (a stack).
+AdapterSelection = tuple[tuple[str, float], ...]
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is at its bound: retry later."""
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of one generated token and, when asked, the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New text of a streamed request, with the tokens that produced it."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """The final record of a request."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float | None
+    decode_tokens_per_s: float | None
+    cached_prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: iterate it for `Delta`s then one `Completion`; `cancel()` to stop early."""
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.events: queue.Queue[Delta | Completion] = queue.Queue()
+        self.completion: Completion | None = None
+
+    def cancel(self) -> None:
+        """Stop generating now; the request finishes with `finish_reason="cancelled"` and frees its row."""
+        self.engine.cancel(self.request_id)
+
+    def __iter__(self) -> Iterator[Delta | Completion]:
+        if self.completion is not None:  # already consumed: only the record is left
+            yield self.completion
+            return
+        while True:
+            if self.engine.running_loop:
+                event = self.events.get()
+            else:
+                while self.events.empty():
+                    if not self.engine.step() and self.events.empty():
+                        raise RuntimeError(f"request {self.request_id} is not in this engine")
+                event = self.events.get_nowait()
+            if isinstance(event, Completion):
+                self.completion = event
+                yield event
+                return
+            yield event
+
+    def result(self) -> Completion:
+        """Wait for the request to finish and return its `Completion`."""
+        for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
+
+
+@dataclass
+class _Request:
+    """A request's state inside the engine."""
+
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    adapter: AdapterSelection
+    handle: RequestHandle
+    stop_ids: frozenset[int]
+    detok: Any
+    stops: StopStringMatcher
+    generator: torch.Generator | None
+    submitted: float
+    output: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    first_token_at: float | None = None
+    cached: int = 0
+    next_token: int | None = None  # sampled, not yet fed back through the model
+    cancelled: bool = False
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache row once `next_token` is fed: prompt plus output minus the pending one."""
+        return len(self.prompt) + len(self.output) - 1
+
+
+class Engine:
+    """Continuous-batching generation over one model.
+
+    Args:
+        model: A nomoat `Transformer` (eval mode).
+        tokenizer: Its tokenizer (eos ids, detokenizing).
+        max_running: Rows of the KV cache: requests decoded together.
+        max_queue: Requests allowed to wait for a row; beyond it `submit` raises `QueueFullError`.
+        max_seq_len: Tokens per row (prompt plus completion). Default: the model's context, at most 4096.
+        prefix_cache_bytes: Memory budget for cached prompt prefixes' keys and values (0 disables prefix caching).
+        prefix_block: Granularity of prefix matching, in tokens.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        max_running: int = 8,
+        max_queue: int = 256,
+        max_seq_len: int | None = None,
+        prefix_cache_bytes: int = 256 * 2**20,
+        prefix_block: int = 16,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.max_seq_len = max_seq_len or min(model.config.max_position_embeddings, 4096)
+        self.cache = KVCache(model.config, max_running, self.max_seq_len, model.dtype, model.device)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes else None
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []  # request i owns cache row i
+        self.sampling = SamplingState(max_running, model.config.vocab_size, model.device)
+        self.lock = threading.RLock()
+        self.running_loop = False
+        self._wake = threading.Event()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    # ---- submitting -------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        adapter: AdapterSelection = (),
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        """Queue a request; returns its handle at once.
+
+        Args:
+            prompt: Text (encoded with the tokenizer's special tokens) or token ids.
+            params: Sampling parameters (default: `SamplingParams()`).
+            adapter: The adapter selection for this request (empty: the base model).
+            request_id: A name for the request (default: a counter).
+
+        Raises:
+            QueueFullError: `max_queue` requests are already waiting.
+            ValueError: the prompt is empty or does not fit in a cache row.
+        """
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this engine holds at most {self.max_seq_len - 1}")
+        if adapter:
+            raise ValueError("adapters are not available in this engine yet (no LoRA adapter is loaded)")
+        rid = request_id or f"req-{next(self._ids)}"
+        handle = RequestHandle(self, rid)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(self.tokenizer.eos_token_ids)
+        gen = None if params.is_greedy else make_generator(params, self.model.device)
+        req = _Request(
+            id=rid, prompt=ids, params=params, adapter=tuple(adapter), handle=handle, stop_ids=frozenset(stop_ids),
+            detok=self.tokenizer.stream_decoder(skip_special_tokens=True), stops=StopStringMatcher(params.stop),
+            generator=gen, submitted=time.perf_counter(),
+        )  # fmt: skip
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
+            self.waiting.append(req)
+        self._wake.set()
+        return handle
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kw: Any) -> Completion:
+        """Run one request to the end and return its `Completion`."""
+        return self.submit(prompt, params, **kw).result()
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kw: Any) -> Iterator[
+        Delta | Completion
+    ]:
+        """Yield `Delta`s of text as they become final, then the `Completion`."""
+        return iter(self.submit(prompt, params, **kw))
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a waiting or running request; its row is free when this returns."""
+        with self.lock:
+            for req in list(self.waiting):
+                if req.id == request_id:
+                    self.waiting.remove(req)
+                    req.cancelled = True
+                    self._finish(req, "cancelled")
+                    return
+            for req in self.running:
+                if req.id == request_id:
+                    req.cancelled = True
+                    self._retire(req, "cancelled")
+                    return
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a cache row."""
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a row."""
+        return len(self.waiting)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the scheduling loop in a background thread (for servers)."""
+        if self._thread is not None:
+            return
+        self.running_loop = True
+        self._thread = threading.Thread(target=self._loop, name="nomoat-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background loop (requests in flight stay where they are)."""
+        self.running_loop = False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while self.running_loop:
+            if not self.step():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduling iteration: admit waiting requests (prefill), then one decode step for all running ones.
+
+        Returns:
+            Whether there was any work.
+        """
+        with self.lock:
+            worked = False
+            while self.waiting and len(self.running) < self.max_running:
+                self._admit(self.waiting.popleft())
+                worked = True
+            if self.running:
+                self._decode()
+                worked = True
+            return worked
+
+    # ---- prefill, decode, sample --------------------------------------------------------------------------------
+
+    def _admit(self, req: _Request) -> None:
+        row = len(self.running)
+        self.running.append(req)
+        self.sampling.reset_row(row, req.prompt, req.params)
+        start = 0
+        if self.prefix_cache is not None:
+            start = self.prefix_cache.restore(req.prompt, self.cache, row)
+        req.cached = start
+        logits = prefill(self.model, self.cache, row, req.prompt, start)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(req.prompt, self.cache, row)
+        self._sample_and_emit([req], logits[None])
+
+    def _decode(self) -> None:
+        reqs = self.running
+        tokens = torch.tensor([[r.next_token] for r in reqs], device=self.model.device)
+        positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
+        logits = decode_one_token(self.model, self.cache, tokens, positions)
+        self._sample_and_emit(list(reqs), logits)
+
+    def _sample_and_emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        """Sample the next token of each request (its logits row i), emit its text, retire finished ones."""
+        rows = [self.running.index(r) for r in reqs]
+        params = [r.params for r in reqs]
+        result = sample(logits.float(), self.sampling, rows, params, [r.generator for r in reqs])
+        self.sampling.record(rows, result.tokens)
+        logprobs = result.logprob_lists(params)
+        tokens = result.tokens.tolist()
+        now = time.perf_counter()
+        finished: list[tuple[_Request, str]] = []
+        for i, req in enumerate(reqs):
+            token = tokens[i]
+            req.first_token_at = req.first_token_at or now
+            req.output.append(token)
+            req.next_token = token
+            if token in req.stop_ids:
+                self._emit(req, req.detok.flush(), [], None, final=True)
+                finished.append((req, "stop"))
+                continue
+            lp = TokenLogprob(token, *logprobs[i]) if logprobs[i] is not None else None
+            if lp is not None:
+                req.logprobs.append(lp)
+            if self._emit(req, req.detok.add(token), [token], lp):
+                finished.append((req, "stop"))
+            elif len(req.output) >= req.params.max_new_tokens or req.length + 1 >= self.max_seq_len:
+                self._emit(req, req.detok.flush(), [], None, final=True)
+                finished.append((req, "length"))
+        for req, reason in finished:  # after the loop: retiring moves rows
+            self._retire(req, reason)
+
+    def _emit(self, req: _Request, text: str, tokens: list[int], lp: TokenLogprob | None, final: bool = False) -> bool:
+        """Pass text through the stop strings and send what is final; True when a stop string was hit."""
+        safe, hit = req.stops.push(text)
+        if final and not hit:
+            safe += req.stops.flush()
+        if safe or tokens:
+            req.text.append(safe)
+            req.handle.events.put(Delta(safe, tokens, [lp] if lp is not None else []))
+        return hit
+
+    def _retire(self, req: _Request, reason: str) -> None:
+        """Free the request's row at once: the last running row moves into it."""
+        row = self.running.index(req)
+        last = len(self.running) - 1
+        if row != last:
+            moved = self.running[last]
+            n = moved.length + 1
+            for layer in range(len(self.cache.k)):
+                self.cache.k[layer][row, :, :n] = self.cache.k[layer][last, :, :n]
+                self.cache.v[layer][row, :, :n] = self.cache.v[layer][last, :, :n]
+            self.sampling.move_row(last, row)
+            self.running[row] = moved
+        self.running.pop()
+        self._finish(req, reason)
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        now = time.perf_counter()
+        output = req.output
+        if reason == "stop" and output and output[-1] in req.stop_ids:
+            output = output[:-1]  # a stop token ends the text; it is not part of it
+        decode_time = now - req.first_token_at if req.first_token_at else None
+        n_decoded = max(len(req.output) - 1, 0)
+        req.handle.events.put(
+            Completion(
+                request_id=req.id,
+                text="".join(req.text),
+                token_ids=list(output),
+                finish_reason=reason,
+                prompt_tokens=len(req.prompt),
+                completion_tokens=len(req.output),
+                time_to_first_token_s=req.first_token_at - req.submitted if req.first_token_at else None,
+                decode_tokens_per_s=n_decoded / decode_time if decode_time and n_decoded else None,
+                cached_prompt_tokens=req.cached,
+                logprobs=req.logprobs,
+            )
+        )
+
+
+# ---- the small functions --------------------------------------------------------------------------------------------
+
+
+def prefill(model: Transformer, cache: KVCache, row: int, prompt: Sequence[int], start: int = 0) -> torch.Tensor:
+    """Run `prompt[start:]` into cache row `row` (positions `start..`), returning the last position's logits (V,)."""
+    device = model.device
+    ids = torch.tensor([list(prompt[start:])], device=device)
+    positions = torch.arange(start, len(prompt), device=device)[None]
+    hidden = model(ids, position_ids=positions, cache=cache, rows=slice(row, row + 1), return_hidden=True)
+    return model.logits(hidden[:, -1])[0]
+
+
+def decode_one_token(model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One token for each of the first B cache rows: tokens and positions (B, 1); returns logits (B, V)."""
+    kv_len = int(positions.max()) + 1
+    logits = model(tokens, position_ids=positions, cache=cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len)
+    return logits[:, -1]

@@ -1,0 +1,205 @@
+"""The generation engine against transformers and against itself: greedy parity with the cache, continuous
+batching, seeded sampling, stop strings, streaming, cancellation, prefix caching, queue bounds, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nomoat.generate.engine import Completion, Delta, Engine, QueueFullError
+from nomoat.generate.sampling import SamplingParams
+from nomoat.models.checkpoint import load_model
+from nomoat.tokenizer import Tokenizer
+
+from hf_models import ALL, make_hf_model, save_word_tokenizer
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+
+
+def _setup(name, path):
+    hf = make_hf_model(name, path)
+    save_word_tokenizer(path)
+    return hf, load_model(path, dtype=torch.float32, device="cpu"), Tokenizer.from_dir(path)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _setup("llama3", tmp_path_factory.mktemp("llama3"))
+
+
+def _prompt(n, seed):
+    return torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "phi3_longrope"])
+def test_greedy_equals_transformers_with_cache(name, tmp_path):
+    hf, model, tok = _setup(name, tmp_path)
+    prompt = _prompt(9, 3)
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    out = Engine(model, tok, max_running=2).generate(prompt, SamplingParams(temperature=0, max_new_tokens=32,
+                                                                            ignore_eos=True))
+    assert out.token_ids == ref
+    assert out.finish_reason == "length" and out.completion_tokens == 32 and out.prompt_tokens == 9
+
+
+def _alone(model, tok, prompt, params=GREEDY):
+    return Engine(model, tok, max_running=1, prefix_cache_bytes=0).generate(prompt, params)
+
+
+def test_batch_of_different_lengths_equals_alone(llama):
+    _, model, tok = llama
+    prompts = [_prompt(n, i) for i, n in enumerate((5, 23, 11, 2))]
+    engine = Engine(model, tok, max_running=4, prefix_cache_bytes=0)
+    handles = [engine.submit(p, GREEDY) for p in prompts]
+    results = [h.result() for h in handles]
+    for p, r in zip(prompts, results):
+        assert r.token_ids == _alone(model, tok, p).token_ids
+
+
+def test_requests_join_and_leave_midway(llama):
+    _, model, tok = llama
+    engine = Engine(model, tok, max_running=3, prefix_cache_bytes=0)
+    a = engine.submit(_prompt(7, 10), SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))
+    b = engine.submit(_prompt(12, 11), GREEDY)
+    for _ in range(4):
+        engine.step()
+    c = engine.submit(_prompt(4, 12), GREEDY)  # joins while a and b run
+    for _ in range(3):
+        engine.step()
+    d = engine.submit(_prompt(9, 13), GREEDY)  # joins after a left (its row was refilled by a move)
+    outs = [h.result() for h in (a, b, c, d)]
+    for h, p, out in zip((a, b, c, d), (_prompt(7, 10), _prompt(12, 11), _prompt(4, 12), _prompt(9, 13)), outs):
+        params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True) if h is a else GREEDY
+        assert out.token_ids == _alone(model, tok, p, params).token_ids
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(llama):
+    _, model, tok = llama
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_new_tokens=20, ignore_eos=True)
+    first = _alone(model, tok, _prompt(6, 1), params).token_ids
+    assert _alone(model, tok, _prompt(6, 1), params).token_ids == first
+    engine = Engine(model, tok, max_running=3)
+    others = [engine.submit(_prompt(8, 2), SamplingParams(temperature=1.2, max_new_tokens=20, seed=7)),
+              engine.submit(_prompt(6, 1), params),
+              engine.submit(_prompt(3, 3), GREEDY)]
+    assert others[1].result().token_ids == first
+    unseeded = SamplingParams(temperature=1.0, max_new_tokens=20, ignore_eos=True)
+    runs = [_alone(model, tok, _prompt(6, 1), unseeded).token_ids for _ in range(2)]
+    assert runs[0] != runs[1]
+
+
+def test_stop_strings_straddling_tokens_and_streaming(llama):
+    _, model, tok = llama
+    full = _alone(model, tok, _prompt(5, 4))
+    words = full.text.split(" ")
+    stop = words[3][1:] + " " + words[4][:2]  # straddles the 4th and 5th tokens
+    params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True, stop=[stop])
+    engine = Engine(model, tok, max_running=1)
+    deltas, final = [], None
+    for event in engine.stream(_prompt(5, 4), params):
+        if isinstance(event, Delta):
+            deltas.append(event.text)
+        else:
+            final = event
+    assert final.finish_reason == "stop"
+    assert final.text == full.text[: full.text.index(stop)]
+    assert "".join(deltas) == final.text
+    assert not any(stop in d or d.endswith(stop[:3]) for d in deltas[-1:])
+
+
+def test_streamed_text_equals_final_text_and_decode(llama):
+    _, model, tok = llama
+    engine = Engine(model, tok)
+    events = list(engine.stream(_prompt(5, 5), GREEDY))
+    final = events[-1]
+    assert isinstance(final, Completion)
+    assert "".join(e.text for e in events[:-1]) == final.text == tok.decode(final.token_ids, skip_special_tokens=True)
+    assert final.time_to_first_token_s > 0 and final.decode_tokens_per_s > 0
+
+
+def test_eos_stops_and_is_not_in_the_text(llama):
+    _, model, tok = llama
+    out = _alone(model, tok, _prompt(5, 6))
+    eos = out.token_ids[5]  # pretend the sixth generated token is an end token
+    stopped = _alone(model, tok, _prompt(5, 6), SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True,
+                                                                stop_token_ids=[eos]))
+    assert stopped.finish_reason == "stop" and stopped.token_ids == out.token_ids[:5]
+    assert stopped.completion_tokens == 6
+
+
+def test_cancellation_frees_the_slot(llama):
+    _, model, tok = llama
+    engine = Engine(model, tok, max_running=1)
+    a = engine.submit(_prompt(5, 7), SamplingParams(temperature=0, max_new_tokens=500, ignore_eos=True))
+    b = engine.submit(_prompt(5, 8), GREEDY)
+    engine.step()
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1
+    a.cancel()
+    assert engine.num_running == 0
+    # The first step prefilled (one token) and decoded (a second), the second step decoded a third.
+    assert a.result().finish_reason == "cancelled" and a.result().completion_tokens == 3
+    assert b.result().token_ids == _alone(model, tok, _prompt(5, 8)).token_ids
+
+
+def test_prefix_cache_on_equals_off(llama):
+    _, model, tok = llama
+    system = _prompt(40, 20)  # a long shared "system prompt"
+    prompts = [system + _prompt(n, 30 + n) for n in (3, 7, 12)]
+    cached = Engine(model, tok, max_running=2, prefix_block=8)
+    first = cached.generate(prompts[0], GREEDY)
+    assert first.cached_prompt_tokens == 0
+    for p in prompts[1:]:
+        out = cached.generate(p, GREEDY)
+        assert out.cached_prompt_tokens == 40
+        assert out.token_ids == _alone(model, tok, p).token_ids
+    # Concurrent requests sharing the prefix, too.
+    handles = [cached.submit(p, GREEDY) for p in prompts]
+    for h, p in zip(handles, prompts):
+        assert h.result().token_ids == _alone(model, tok, p).token_ids
+
+
+def test_queue_bound_and_bad_prompts(llama):
+    _, model, tok = llama
+    engine = Engine(model, tok, max_running=1, max_queue=2, max_seq_len=64)
+    engine.submit(_prompt(3, 1), GREEDY)
+    engine.submit(_prompt(3, 2), GREEDY)
+    with pytest.raises(QueueFullError):
+        engine.submit(_prompt(3, 3), GREEDY)
+    with pytest.raises(ValueError, match="at most 63"):
+        engine.submit(_prompt(64, 3), GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], GREEDY)
+
+
+def test_length_limit_of_the_cache_row(llama):
+    _, model, tok = llama
+    out = Engine(model, tok, max_running=1, max_seq_len=20).generate(_prompt(15, 1), GREEDY)
+    assert out.finish_reason == "length" and out.prompt_tokens + out.completion_tokens == 20
+
+
+def test_logprobs_are_the_models(llama):
+    hf, model, tok = llama
+    prompt = _prompt(6, 9)
+    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True, logprobs=True, top_logprobs=3)
+    out = _alone(model, tok, prompt, params)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    first = out.logprobs[0]
+    assert first.token_id == out.token_ids[0] == int(ref.argmax())
+    assert first.logprob == pytest.approx(float(ref.max()), abs=1e-5)
+    assert [t for t, _ in first.top] == ref.topk(3).indices.tolist()
+
+
+def test_background_loop(llama):
+    _, model, tok = llama
+    engine = Engine(model, tok, max_running=2)
+    engine.start()
+    try:
+        handles = [engine.submit(_prompt(4, i), GREEDY) for i in range(3)]
+        outs = [h.result() for h in handles]
+    finally:
+        engine.stop()
+    for i, out in enumerate(outs):
+        assert out.token_ids == _alone(model, tok, _prompt(4, i)).token_ids

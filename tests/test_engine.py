@@ -203,3 +203,12 @@ def test_background_loop(llama):
         engine.stop()
     for i, out in enumerate(outs):
         assert out.token_ids == _alone(model, tok, _prompt(4, i)).token_ids
+
+
+def test_compiled_decode_equals_eager(llama):
+    _, model, tok = llama
+    compiled = Engine(model, tok, max_running=2, compile=True)
+    prompts = [_prompt(5, 40), _prompt(9, 41)]
+    handles = [compiled.submit(p, GREEDY) for p in prompts]
+    for h, p in zip(handles, prompts):
+        assert h.result().token_ids == _alone(model, tok, p).token_ids

@@ -171,6 +171,7 @@ Adapter = Annotated[list[str] | None, typer.Option("--adapter", help="Adapter NA
 Quantize = Annotated[str | None, typer.Option(help="Weight-only quantization: int8 or int4.")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (slow to start).")]
 
 
 @app.command()
@@ -190,6 +191,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")] = False,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    compile_decode: Compile = False,
 ) -> None:
     """Generate a completion for one prompt, streamed to the terminal."""
     from nomoat.generate.engine import Completion, Engine
@@ -203,7 +205,7 @@ def generate(
             _fail(f"{model} has no chat template; run without --chat")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = tok.encode(text, add_special_tokens=not chat)
-    engine = Engine(m, tok, max_running=1, prefix_cache_bytes=0)
+    engine = Engine(m, tok, max_running=1, prefix_cache_bytes=0, compile=compile_decode)
     try:
         handle = engine.submit(ids, params)
     except ValueError as e:
@@ -235,6 +237,7 @@ def chat(
     quantize: Quantize = None,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    compile_decode: Compile = False,
 ) -> None:
     """Chat with a model in the terminal, with its chat template, streaming and history.
 
@@ -242,13 +245,15 @@ def chat(
     triple quotes. Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit.
     """
     from nomoat.generate.chat import ChatSession, run_terminal_chat
+    from nomoat.generate.engine import Engine
 
     _no_adapters(adapter)
     params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, None)
     m, tok = _load_for_inference(model, quantize, dtype, device)
     if tok.chat_template is None:
         _fail(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja); use `nomoat generate`")
-    run_terminal_chat(ChatSession(m, tok, params, system=system))
+    engine = Engine(m, tok, max_running=1, compile=compile_decode)
+    run_terminal_chat(ChatSession(m, tok, params, system=system, engine=engine))
 
 
 @app.command()

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +150,8 @@ class Engine:
         max_seq_len: Tokens per row (prompt plus completion). Default: the model's context, at most 4096.
         prefix_cache_bytes: Memory budget for cached prompt prefixes' keys and values (0 disables prefix caching).
         prefix_block: Granularity of prefix matching, in tokens.
+        compile: Run the decode step through `torch.compile` (dynamic shapes). Off by default: on a 2-core CPU it
+            measured +8% decode speed for a 60 s compile (SmolLM2-135M shape); on GPUs it is worth trying.
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class Engine:
         max_seq_len: int | None = None,
         prefix_cache_bytes: int = 256 * 2**20,
         prefix_block: int = 16,
+        compile: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -177,6 +180,7 @@ class Engine:
         self._wake = threading.Event()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
 
     # ---- submitting -------------------------------------------------------------------------------------------
 
@@ -320,7 +324,7 @@ class Engine:
         reqs = self.running
         tokens = torch.tensor([[r.next_token] for r in reqs], device=self.model.device)
         positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
-        logits = decode_one_token(self.model, self.cache, tokens, positions)
+        logits = decode_one_token(self._forward, self.cache, tokens, positions)
         self._sample_and_emit(list(reqs), logits)
 
     def _sample_and_emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
@@ -413,8 +417,13 @@ def prefill(model: Transformer, cache: KVCache, row: int, prompt: Sequence[int],
     return model.logits(hidden[:, -1])[0]
 
 
-def decode_one_token(model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One token for each of the first B cache rows: tokens and positions (B, 1); returns logits (B, V)."""
+def decode_one_token(
+    model: Transformer | Callable[..., torch.Tensor], cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """One token for each of the first B cache rows: tokens and positions (B, 1); returns logits (B, V).
+
+    `model` is the model or its (compiled) forward.
+    """
     kv_len = int(positions.max()) + 1
     logits = model(tokens, position_ids=positions, cache=cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len)
     return logits[:, -1]

@@ -65,8 +65,11 @@ def bench_nomoat(path: Path, new: int, batch8_new: int, prefill_len: int) -> dic
     from nomoat.generate.engine import Engine
     from nomoat.generate.sampling import SamplingParams
     from nomoat.models.checkpoint import load_model
+    from nomoat.models.packed import pack_model
 
     model = load_model(path, dtype=torch.float32, device="cpu")
+    weights = weight_bytes_per_token(model)
+    pack_model(model)  # what `nomoat generate` / `chat` run
 
     class _Tok:  # the engine needs eos ids and a detokenizer; random models have no tokenizer
         eos_token_ids: list[int] = []
@@ -99,7 +102,7 @@ def bench_nomoat(path: Path, new: int, batch8_new: int, prefill_len: int) -> dic
     n = sum(h.result().completion_tokens for h in handles)
     batch8 = n / (time.perf_counter() - t)
     return {"decode_tok_s": decode, "prefill_tok_s": prefill, "batch8_tok_s": batch8,
-            "weight_bytes_per_token": weight_bytes_per_token(model)}
+            "weight_bytes_per_token": weights}
 
 
 def bench_transformers(path: Path, new: int, batch8_new: int, prefill_len: int) -> dict:

@@ -90,3 +90,14 @@ def test_read_message_multiline():
         raise EOFError
 
     assert read_message(eof) is None
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_generate_quantized(model_dir, mode):
+    path, _ = model_dir
+    result = runner.invoke(app, ["generate", str(path), "-p", "w5 w77", "--max-tokens", "6", "--json",
+                                 "--quantize", mode])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["completion_tokens"] >= 1
+    bad = runner.invoke(app, ["generate", str(path), "-p", "w5", "--quantize", "int3"])
+    assert bad.exit_code == 2 and "int3" in bad.output

@@ -138,6 +138,9 @@ def _load_for_inference(model: Path, quantize: str | None, dtype: str, device: s
             quantize_model(m, quantize)
         except ValueError as e:
             _fail(str(e))
+    from nomoat.models.packed import pack_model
+
+    pack_model(m)  # generation only: the remaining fp32 CPU linears get oneDNN-packed weights (about 1.4x faster)
     return m, tok
 
 

@@ -149,3 +149,16 @@ def test_missing_and_misshapen_tensors(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="shape"):
         load_model(tmp_path, "float32", "cpu")
+
+
+def test_inference_only_models_refuse_to_save(tmp_path):
+    from nomoat.models.packed import pack_model
+    from nomoat.models.quantize import quantize_model
+
+    make_hf_model("llama3", tmp_path / "src")
+    for change in (pack_model, lambda m: quantize_model(m, "int8")):
+        model = load_model(tmp_path / "src", "float32", "cpu")
+        change(model)
+        with pytest.raises(CheckpointError, match="inference-only"):
+            save_model(model, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

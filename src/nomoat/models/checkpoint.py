@@ -292,6 +292,12 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int
     under a temporary name beside `path` and renamed into place.
     """
     cfg = model.config
+    inference_only = sorted({type(m).__name__ for m in model.modules()} & {"QuantizedLinear", "PackedLinear"})
+    if inference_only:
+        raise CheckpointError(
+            f"this model has inference-only layers ({', '.join(inference_only)}: quantized or packed for generation) "
+            "and cannot be saved in Hugging Face format; save the model before quantizing or packing it"
+        )
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}

@@ -15,7 +15,7 @@ def load(path: str, dtype: Any = "auto", device: Any = "auto") -> tuple[Transfor
     """Load a Hugging Face-format model folder with nomoat's own decoder and tokenizer.
 
     Args:
-        path: A folder with `config.json`, safetensors weights and `tokenizer.json`.
+        path: A folder with `config.json`, safetensors weights and `tokenizer.json` (`~` is expanded).
         dtype: `"auto"` (fp32 on CPU; on CUDA the checkpoint's bf16/fp16, else bf16), a `torch.dtype`,
             or one of `"float32"`, `"bfloat16"`, `"float16"` (also `fp32`, `bf16`, `fp16`).
         device: `"auto"` (CUDA when available, else CPU), or any torch device.
@@ -23,9 +23,12 @@ def load(path: str, dtype: Any = "auto", device: Any = "auto") -> tuple[Transfor
     Returns:
         `(model, tokenizer)`: the model in eval mode on `device`, and its tokenizer with chat template.
     """
+    from pathlib import Path
+
     from nomoat.models.checkpoint import load_model
     from nomoat.tokenizer import Tokenizer
 
+    path = str(Path(path).expanduser())
     model = load_model(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(path)
     return model, tokenizer

@@ -20,10 +20,12 @@ from hf_models import make_hf_model, padded_batch
 
 
 def _logits(model, ids, mask):
+    """Logits at real tokens, for a nomoat model or a transformers one (given the same positions)."""
     with torch.no_grad():
-        out = model(ids, attention_mask=mask) if not hasattr(model, "generation_config") else model(
-            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
-        ).logits
+        if isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model.config, "family"):
+            out = model(ids, attention_mask=mask)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     return out[mask.bool()]
 
 

@@ -34,4 +34,13 @@ def load(path: str, dtype: Any = "auto", device: Any = "auto") -> tuple[Transfor
     return model, tokenizer
 
 
-__all__ = ["load", "__version__"]
+def __getattr__(name: str) -> Any:
+    """Lazy attributes: `nomoat.train(...)` fine-tunes an adapter (see `nomoat.train.recipe.train`)."""
+    if name == "train":
+        import importlib
+
+        return importlib.import_module("nomoat.train")
+    raise AttributeError(f"module 'nomoat' has no attribute {name!r}")
+
+
+__all__ = ["load", "train", "__version__"]

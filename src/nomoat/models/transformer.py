@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nomoat.config.model import ModelConfig
 from nomoat.models.families import rope_inv_freq
@@ -211,6 +212,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope_types = sorted(set(config.layer_types))
+        self.gradient_checkpointing = False  # recompute each layer in backward (training memory for time)
         self.reset_rope()
 
     # ---- setup ------------------------------------------------------------------------------------------------
@@ -262,16 +264,25 @@ class Transformer(nn.Module):
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def _masks(
-        self, attention_mask: torch.Tensor | None, T: int, device: torch.device
+        self,
+        attention_mask: torch.Tensor | None,
+        T: int,
+        device: torch.device,
+        segment_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         cfg = self.config
         window = cfg.sliding_window
         needs_window = window is not None and T > window
-        if attention_mask is None and not needs_window:
+        if attention_mask is None and segment_ids is None and not needs_window:
             return {kind: None for kind in self.rope_types}  # plain causal: SDPA's fast path
         idx = torch.arange(T, device=device)
         causal = idx[None, :] <= idx[:, None]  # (T, S)
-        keep = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, S)
+        if segment_ids is not None:
+            # Packed rows: a token sees only earlier tokens of its own example; segment 0 is padding.
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, S)
+            keep = same & (segment_ids[:, None, None, :] != 0)
+        else:
+            keep = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, S)
         out: dict[str, torch.Tensor | None] = {}
         for kind in self.rope_types:
             allowed = causal
@@ -305,6 +316,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         rows: slice | torch.Tensor | None = None,
         kv_len: int | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute next-token logits.
 
@@ -319,6 +331,9 @@ class Transformer(nn.Module):
                 `attention_mask` is not used (rows of different lengths need no padding).
             rows: Cache rows of the batch (a slice or a tensor of indices). Default: rows `0..B-1`.
             kv_len: Cached positions to attend over. Default: `position_ids.max() + 1`.
+            segment_ids: For packed rows (B, T): which example each token belongs to (1, 2, ...; 0 for padding).
+                Attention is then block-diagonal (causal within an example, nothing across examples) and
+                `attention_mask` is ignored. Pass `position_ids` restarting at 0 for each example.
 
         Returns:
             Logits (B, T, vocab) in the model dtype, soft-capped where the family does it.
@@ -342,10 +357,15 @@ class Transformer(nn.Module):
             cache_args = (cache, slice(0, B) if rows is None else rows, position_ids, kv_len)
             masks = self._cached_masks(position_ids, kv_len)
         else:
-            masks = self._masks(attention_mask, T, device)
+            masks = self._masks(attention_mask, T, device, segment_ids)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             cos, sin = ropes[layer.layer_type]
-            h = layer(h, cos, sin, masks[layer.layer_type], cache_args)
+            if checkpointing:
+                # Keep only each layer's input; recompute its activations in the backward pass.
+                h = checkpoint(layer, h, cos, sin, masks[layer.layer_type], cache_args, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, masks[layer.layer_type], cache_args)
         h = self.model.norm(h)
         if return_hidden:
             return h

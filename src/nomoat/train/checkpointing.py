@@ -1,0 +1,191 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically, never pickled.
+
+A checkpoint is a folder `checkpoints/step-000120/` holding:
+
+- `trainable.safetensors`: the trained tensors (LoRA matrices, fully trained modules), by parameter name;
+- `optimizer.safetensors` + `optimizer.json`: AdamW's moment tensors, and its param groups and scalars;
+- `rng.safetensors`: the torch CPU (and CUDA) generator states;
+- `state.json`: step, data position, scheduler state, Python's RNG state, counters and the last metrics.
+
+The folder is written under a temporary name and renamed into place, so a run killed at any moment leaves either
+the previous checkpoint or the new one, never half of one. Tensors load from safetensors only (no unpickling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint to resume from."""
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "ids": list(sd["state"].keys())}
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], Any]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return tensors, random.getstate()
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write a checkpoint for optimizer step `step` atomically and prune older ones.
+
+    Args:
+        run_dir: The run folder; checkpoints go to `run_dir/checkpoints/step-XXXXXX`.
+        step: Optimizer steps completed.
+        trainable: Name -> tensor of everything that trains.
+        optimizer: The optimizer (its moments are saved).
+        scheduler: The learning-rate scheduler.
+        state: JSON-serialisable run state (data position, counters, metrics).
+        keep: Checkpoints kept (the newest ones).
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    rng_tensors, py_rng = _rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    payload = {"step": step, "scheduler": sched, "python_rng": py_rng, **state}
+    (tmp / "state.json").write_text(json.dumps(payload, indent=1))
+    for f in tmp.iterdir():  # durable before it becomes visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted write are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint of a run.
+
+    Raises:
+        CheckpointNotFoundError: The run has none.
+    """
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointNotFoundError(
+            f"{run_dir}: no checkpoint to resume from (checkpoints are written every save_every steps); "
+            "start the run without --resume"
+        )
+    return found[-1]
+
+
+def load_checkpoint(
+    path: str | Path,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore trained tensors, optimizer, scheduler and RNG states from a checkpoint folder.
+
+    Args:
+        path: A checkpoint folder written by `save_checkpoint`.
+        params: Name -> parameter of the model being trained (the same names that were saved).
+        optimizer: The run's optimizer, built over the same parameters in the same order.
+        scheduler: The run's scheduler.
+
+    Returns:
+        The saved run state (`state.json`): step, data position, counters.
+
+    Raises:
+        ValueError: The checkpoint's tensors do not match the model's trainable parameters.
+    """
+    path = Path(path)
+    trainable = load_file(str(path / "trainable.safetensors"))
+    missing = sorted(set(params) - set(trainable))
+    extra = sorted(set(trainable) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: checkpoint does not match this run's adapter (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "resume with the same model and LoRA settings"
+        )
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            if params[name].shape != tensor.shape:
+                shapes = f"{tuple(tensor.shape)}, the model {tuple(params[name].shape)}"
+                raise ValueError(f"{path}: {name} has shape {shapes}")
+            params[name].copy_(tensor)
+    device = next(iter(params.values())).device
+    opt_tensors = {k: v.to(device) if not k.endswith(".step") else v for k, v in
+                   load_file(str(path / "optimizer.safetensors")).items()}  # fmt: skip
+    _optimizer_from_files(optimizer, opt_tensors, json.loads((path / "optimizer.json").read_text()))
+    state = json.loads((path / "state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    py = state["python_rng"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    return state

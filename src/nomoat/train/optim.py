@@ -1,0 +1,67 @@
+"""Optimizer and learning-rate schedule of a run: AdamW with linear warmup, then cosine, linear or constant."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """The multiplier of the peak learning rate at optimizer step `step` (0-based).
+
+    Warmup rises linearly from `1 / (warmup + 1)` to 1 (never exactly 0, so the first step learns); then `cosine`
+    and `linear` fall to `min_ratio` at `total_steps`, and `constant` stays at 1.
+
+    Args:
+        step: Optimizer steps taken so far.
+        total_steps: Steps in the whole run.
+        warmup_steps: Steps of linear warmup.
+        schedule: `cosine`, `linear` or `constant`.
+        min_ratio: Final multiplier of the decaying schedules.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}: use cosine, linear or constant")
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (the single-tensor `foreach` implementation, fastest on CPU here).
+
+    Args:
+        params: The parameters to train (LoRA matrices and any fully trained modules).
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay.
+        betas: Adam betas.
+        eps: Adam epsilon.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: inject a LoRA adapter (or name modules to train) first")
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A `LambdaLR` following `lr_factor`; its state (the step count) goes into checkpoints."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, schedule, min_ratio)
+    )

@@ -1,0 +1,48 @@
+"""A tiny trainable model folder with a word tokenizer, a chat template and a chat dataset, for training tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from hf_models import make_hf_model, save_word_tokenizer
+
+# Every piece of the template is a whole word of the word tokenizer (w3 = user, w4 = assistant header), so the
+# template renders to words the tokenizer knows and character offsets map cleanly onto tokens.
+WORD_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}w5 {{ m['content'] }} "
+    "{% elif m['role'] == 'user' %}w3 {{ m['content'] }} "
+    "{% else %}w4 {{ m['content'] }} </s> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}w4 {% endif %}"
+)
+
+
+def make_chat_model(path: Path, family: str = "llama3", seed: int = 0) -> Path:
+    """Save a tiny random `family` model with a word tokenizer and `WORD_TEMPLATE` into `path`."""
+    path.mkdir(parents=True, exist_ok=True)
+    make_hf_model(family, path, seed=seed)
+    save_word_tokenizer(path, chat_template=WORD_TEMPLATE)
+    return path
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(f"w{rng.randrange(10, 500)}" for _ in range(n))
+
+
+def write_chat_data(path: Path, n: int = 24, seed: int = 0, max_words: int = 20) -> Path:
+    """Write `n` OpenAI-messages conversations of varied length (some with a system prompt, some two-turn)."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        msgs = []
+        if i % 3 == 0:
+            msgs.append({"role": "system", "content": _words(rng, rng.randint(1, 4))})
+        for _ in range(1 + (i % 2)):
+            msgs.append({"role": "user", "content": _words(rng, rng.randint(1, max_words))})
+            msgs.append({"role": "assistant", "content": _words(rng, rng.randint(1, max_words))})
+        lines.append(json.dumps({"messages": msgs}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

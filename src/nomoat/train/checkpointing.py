@@ -101,7 +101,7 @@ def save_checkpoint(
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     rng_tensors, py_rng = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    sched = scheduler.state_dict()  # plain numbers; a lambda is stored as None and rebuilt by the run
     payload = {"step": step, "scheduler": sched, "python_rng": py_rng, **state}
     (tmp / "state.json").write_text(json.dumps(payload, indent=1))
     for f in tmp.iterdir():  # durable before it becomes visible

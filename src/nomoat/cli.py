@@ -120,7 +120,8 @@ def convert(
     typer.echo(f"wrote {dest / 'model.safetensors'}")
 
 
-def _load_for_inference(model: Path, quantize: str | None, dtype: str, device: str):  # noqa: ANN202
+def _load_for_inference(model: Path, quantize: str | None, dtype: str, device: str,  # noqa: ANN202
+                        adapters: list[str] | None = None):
     """Load a model and tokenizer for generation, optionally quantized; exits with a clear error on bad input."""
     import nomoat
     from nomoat.models.checkpoint import CheckpointError
@@ -131,6 +132,7 @@ def _load_for_inference(model: Path, quantize: str | None, dtype: str, device: s
         m, tok = nomoat.load(model, dtype=dtype, device=device)
     except (CheckpointError, UnsupportedModelError, TokenizerNotFoundError, ValueError) as e:
         _fail(str(e))
+    _apply_adapters(m, adapters)
     if quantize:
         from nomoat.models.quantize import quantize_model
 
@@ -157,9 +159,40 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, min
         _fail(str(e))
 
 
-def _no_adapters(adapter: list[str] | None) -> None:
-    if adapter:
-        _fail("LoRA adapters are not supported by this version yet (they arrive with `nomoat train`)")
+def _parse_adapter(spec: str) -> tuple[str, float]:
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _apply_adapters(m, adapters: list[str] | None) -> None:  # noqa: ANN001
+    """Merge each adapter (PATH or PATH:WEIGHT) into the base weights: W + sum_i weight_i * scale_i * B_i A_i."""
+    if not adapters:
+        return
+    import torch
+
+    from nomoat.lora import AdapterError, load_adapter, lora_layers, merge_lora, unload_lora
+
+    for spec in adapters:
+        path, weight = _parse_adapter(spec)
+        if not Path(path).expanduser().is_dir():
+            _fail(f"adapter {path!r} not found: give the adapter folder (with adapter_config.json)")
+        try:
+            cfg = load_adapter(m, Path(path).expanduser())
+        except (AdapterError, ValueError) as e:
+            _fail(str(e))
+        if weight != 1.0:
+            if cfg.use_dora:
+                _fail(f"{path}: a DoRA adapter cannot be weighted (its magnitude does not scale); use weight 1")
+            with torch.no_grad():
+                for layer in lora_layers(m).values():
+                    layer.lora_B.weight.mul_(weight)
+        merge_lora(m)
+        unload_lora(m)
 
 
 Model = Annotated[Path, typer.Argument(help="A Hugging Face-format model folder.")]
@@ -170,7 +203,10 @@ TopK = Annotated[int, typer.Option("--top-k", help="Keep the K most likely token
 MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the most likely one.")]
 Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop before this string (repeatable).")]
-Adapter = Annotated[list[str] | None, typer.Option("--adapter", help="Adapter NAME or NAME:WEIGHT (repeatable).")]
+Adapter = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", help="Adapter folder, or FOLDER:WEIGHT; repeat to stack adapters (merged in order)."),
+]
 Quantize = Annotated[str | None, typer.Option(help="Weight-only quantization: int8 or int4.")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
@@ -199,9 +235,8 @@ def generate(
     """Generate a completion for one prompt, streamed to the terminal."""
     from nomoat.generate.engine import Completion, Engine
 
-    _no_adapters(adapter)
     params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
-    m, tok = _load_for_inference(model, quantize, dtype, device)
+    m, tok = _load_for_inference(model, quantize, dtype, device, adapter)
     text = prompt
     if chat:
         if tok.chat_template is None:
@@ -250,9 +285,8 @@ def chat(
     from nomoat.generate.chat import ChatSession, run_terminal_chat
     from nomoat.generate.engine import Engine
 
-    _no_adapters(adapter)
     params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, None)
-    m, tok = _load_for_inference(model, quantize, dtype, device)
+    m, tok = _load_for_inference(model, quantize, dtype, device, adapter)
     if tok.chat_template is None:
         _fail(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja); use `nomoat generate`")
     engine = Engine(m, tok, max_running=1, compile=compile_decode)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_utils import make_chat_model, write_chat_data
 
 from nomoat.config.train import TrainConfig, load_train_config
+
+from train_utils import make_chat_model, write_chat_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

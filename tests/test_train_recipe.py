@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 from rich.console import Console
-from train_utils import make_chat_model, write_chat_data
 
 from nomoat.config.train import ConfigError, TrainConfig, load_train_config
 from nomoat.data import NoTrainableTokensError
 from nomoat.lora import save_adapter
 from nomoat.train.recipe import SFTRecipe, TrainingDivergedError
+
+from train_utils import make_chat_model, write_chat_data
 
 QUIET = Console(quiet=True)
 

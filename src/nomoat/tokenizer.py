@@ -297,6 +297,21 @@ class Tokenizer:
         """
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(
+        self, text: str, add_special_tokens: bool = False
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Encode `text` and return each token's character span in `text` (used to mask labels by text spans).
+
+        Args:
+            text: The text.
+            add_special_tokens: Apply the tokenizer's post-processor (added tokens get the span (0, 0)).
+
+        Returns:
+            The ids and, for each, its `(start, end)` character offsets into `text`.
+        """
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, [(int(a), int(b)) for a, b in enc.offsets]
+
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Encode several texts (in parallel in the backend); one list of ids per text.
 

@@ -98,7 +98,7 @@ def _quantize_nf4(model: torch.nn.Module) -> None:
     """Replace every linear layer except the output head by a frozen 4-bit NormalFloat one (QLoRA's base)."""
     from nomoat.lora import NF4Linear
 
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
                 setattr(module, child_name, NF4Linear.from_linear(child))

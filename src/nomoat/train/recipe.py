@@ -34,7 +34,7 @@ from nomoat.data import (
     summarize,
     tokenize_example,
 )
-from nomoat.lora import count_parameters, inject_lora, save_adapter, trainable_parameters
+from nomoat.lora import count_parameters, inject_lora, quantize_model_nf4, save_adapter, trainable_parameters
 from nomoat.models.checkpoint import load_model, resolve_device
 from nomoat.models.quantize import quantize_model
 from nomoat.tokenizer import Tokenizer
@@ -94,16 +94,6 @@ def model_content_hash(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def _quantize_nf4(model: torch.nn.Module) -> None:
-    """Replace every linear layer except the output head by a frozen 4-bit NormalFloat one (QLoRA's base)."""
-    from nomoat.lora import NF4Linear
-
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
-                setattr(module, child_name, NF4Linear.from_linear(child))
-
-
 def _default_name(cfg: TrainConfig) -> str:
     data = Path(cfg.data[0]).stem if cfg.data else "data"
     return f"{Path(cfg.model).name or 'model'}-{data}"
@@ -150,7 +140,7 @@ class SFTRecipe:
         if cfg.quantize_base in ("int8", "int4"):
             quantize_model(self.model, cfg.quantize_base, include_lm_head=False)
         elif cfg.quantize_base == "nf4":
-            _quantize_nf4(self.model)
+            quantize_model_nf4(self.model)
         inject_lora(self.model, cfg.lora)
         for p in self.model.parameters():  # adapters train in fp32 even over a bf16 base
             if p.requires_grad and p.dtype != torch.float32:

@@ -1,0 +1,50 @@
+"""LoRA, rsLoRA, DoRA and QLoRA adapters: layers, placement by name, merging, and PEFT-format files.
+
+Typical use:
+    >>> model = load_model(path)
+    >>> inject_lora(model, LoRAConfig(r=8, alpha=16))
+    >>> ...train the parameters in trainable_parameters(model)...
+    >>> save_adapter(model, "out/adapter", model.lora_config, base_model_name_or_path=path)
+"""
+
+from nomoat.config.lora import LoRAConfig
+from nomoat.lora.inject import (
+    count_parameters,
+    inject_lora,
+    lora_layers,
+    lora_parameters,
+    match_targets,
+    trainable_parameters,
+    unload_lora,
+)
+from nomoat.lora.layers import LoRALinear, QuantizedBaseMatmul
+from nomoat.lora.merge import disable_lora, lora_state_dict, merge_lora, unmerge_lora
+from nomoat.lora.nf4 import NF4_CODEBOOK, NF4Linear, dequantize_nf4, quantize_model_nf4, quantize_nf4
+from nomoat.lora.peft_format import AdapterError, load_adapter, read_adapter_config, read_provenance, save_adapter
+
+__all__ = [
+    "AdapterError",
+    "LoRAConfig",
+    "LoRALinear",
+    "NF4Linear",
+    "NF4_CODEBOOK",
+    "QuantizedBaseMatmul",
+    "count_parameters",
+    "dequantize_nf4",
+    "disable_lora",
+    "inject_lora",
+    "load_adapter",
+    "lora_layers",
+    "lora_parameters",
+    "lora_state_dict",
+    "match_targets",
+    "merge_lora",
+    "quantize_model_nf4",
+    "quantize_nf4",
+    "read_adapter_config",
+    "read_provenance",
+    "save_adapter",
+    "trainable_parameters",
+    "unload_lora",
+    "unmerge_lora",
+]

@@ -1,0 +1,173 @@
+"""4-bit NormalFloat (NF4) weights for a frozen QLoRA base, in plain torch (any device).
+
+NF4 (Dettmers et al., 2023, "QLoRA", section 3) maps each weight, divided by the absolute maximum of its block of 64
+consecutive weights, to the nearest of 16 values that are quantiles of a standard normal distribution rescaled to
+[-1, 1], with an exact zero. Two 4-bit codes are packed per byte and each block keeps one fp32 absmax, so a weight
+costs 0.5 byte plus 4/64 byte for the absmax (the paper's second-level "double quantization" of the absmax values
+is not done). Only used for frozen weights: the adapter on top stays in full precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NF4_BLOCK_SIZE = 64
+# The 16 NF4 values (QLoRA paper, appendix E; bitsandbytes `create_normal_map`), lowest code first.
+NF4_CODEBOOK = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+# Weights dequantized per chunk in `NF4Linear.forward`: bounds the temporary full-precision matrix.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def nf4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16 NF4 values as an fp32 tensor, lowest first."""
+    return torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
+
+
+def quantize_nf4(weight: torch.Tensor, block_size: int = NF4_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a tensor to NF4 in blocks of `block_size` consecutive elements (row-major order).
+
+    Args:
+        weight: Any floating-point tensor whose element count is divisible by `block_size`.
+        block_size: Elements per absmax block (even).
+
+    Returns:
+        `(packed, absmax)`: uint8 `(numel / 2,)` with element `2i` in the high nibble of byte `i` and `2i+1` in the
+        low nibble (bitsandbytes' order), and fp32 `(numel / block_size,)` block absmax values.
+    """
+    n = weight.numel()
+    if block_size % 2 or n % block_size:
+        raise ValueError(f"NF4 needs an even block size dividing the element count; got {n} elements, {block_size}")
+    blocks = weight.detach().float().reshape(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    normed = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+    book = nf4_codebook(weight.device)
+    # Nearest value: count the midpoints between neighbouring values that lie below (ties go to the upper value).
+    codes = torch.bucketize(normed, (book[1:] + book[:-1]) / 2).to(torch.uint8).reshape(-1)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed.contiguous(), absmax.contiguous()
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    block_size: int = NF4_BLOCK_SIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The tensor of `shape` that NF4 `packed`/`absmax` stand for, in `dtype` (computed in fp32)."""
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1, block_size).long()  # (blocks, block)
+    values = nf4_codebook(packed.device)[codes] * absmax[:, None]
+    return values.reshape(shape).to(dtype)
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer with NF4 weights (QLoRA's base layer format); computes in the input's dtype.
+
+    The packed codes and block absmax values are buffers, so they follow `.to(device)` and appear in `state_dict`.
+    The bias, if any, stays a full-precision parameter. `out_features * in_features` must be divisible by the block
+    size (64 by default), which holds for every transformer projection.
+
+    Args:
+        in_features: Input width.
+        out_features: Output width.
+        bias: Whether the layer has a bias.
+        block_size: Elements per absmax block.
+        dtype: Dtype of the bias.
+        device: Where to allocate.
+    """
+
+    mode = "nf4"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        block_size: int = NF4_BLOCK_SIZE,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        n = in_features * out_features
+        if block_size % 2 or n % block_size:
+            raise ValueError(f"NF4Linear: {out_features}x{in_features} weights do not split into {block_size}-blocks")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = block_size
+        self.register_buffer("qweight", torch.zeros(n // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.ones(n // block_size, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = NF4_BLOCK_SIZE) -> NF4Linear:
+        """Quantize a linear layer's weight to NF4 (the layer itself is left unchanged)."""
+        w = linear.weight
+        new = cls(w.shape[1], w.shape[0], linear.bias is not None, block_size, w.dtype, device="meta")
+        with torch.no_grad():
+            new.qweight, new.absmax = quantize_nf4(w, block_size)
+            if linear.bias is not None:
+                new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return new
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight these codes stand for, in `dtype`."""
+        shape = (self.out_features, self.in_features)
+        return dequantize_nf4(self.qweight, self.absmax, shape, self.block_size, dtype)
+
+    def _rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized output rows `[start, end)`: (end - start, in)."""
+        k = self.in_features
+        lo, hi = start * k, end * k  # element range; row boundaries are block boundaries when k % block == 0
+        if lo % self.block_size or hi % self.block_size:
+            return self.dequantize(dtype)[start:end]
+        q = self.qweight[lo // 2 : hi // 2]
+        a = self.absmax[lo // self.block_size : hi // self.block_size]
+        return dequantize_nf4(q, a, (end - start, k), self.block_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer to `x` (..., in_features), dequantizing at most `CHUNK_ELEMENTS` weights at a time."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        step = max(1, CHUNK_ELEMENTS // self.in_features)
+        if step >= self.out_features or self.in_features % self.block_size:
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        out = torch.cat([F.linear(x, self._rows(i, min(i + step, self.out_features), x.dtype))
+                         for i in range(0, self.out_features, step)], dim=-1)  # fmt: skip
+        return out if bias is None else out + bias
+
+    def extra_repr(self) -> str:
+        """Shape and block size, for `print(model)`."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, mode=nf4, "
+            f"block_size={self.block_size}, bias={self.bias is not None}"
+        )
+
+
+def quantize_model_nf4(model: nn.Module, include_lm_head: bool = False, block_size: int = NF4_BLOCK_SIZE) -> nn.Module:
+    """Replace every `nn.Linear` of `model` in place by an `NF4Linear` (a QLoRA base), under the same name.
+
+    Args:
+        model: Any module; changed in place. Attach LoRA adapters after quantizing (`inject_lora` wraps the NF4
+            layers it targets).
+        include_lm_head: Quantize the module named `lm_head` too (default False: QLoRA keeps the head in 16/32 bit).
+        block_size: Elements per absmax block.
+
+    Returns:
+        The same model, for chaining.
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (include_lm_head or name.rsplit(".", 1)[-1] != "lm_head")
+    ]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, NF4Linear.from_linear(linear, block_size))
+    return model

@@ -1,0 +1,250 @@
+"""LoRA invariants on nomoat's decoder: B=0 is the base, merge == unmerged, only adapters train, state-dict keys."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nomoat.config import LoRAConfig
+from nomoat.lora import (
+    LoRALinear,
+    count_parameters,
+    disable_lora,
+    inject_lora,
+    lora_layers,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    trainable_parameters,
+    unload_lora,
+    unmerge_lora,
+)
+from nomoat.models.checkpoint import load_model
+
+from hf_models import make_hf_model, padded_batch
+
+FAMILIES = ["llama3", "llama_bias", "qwen2", "gemma2", "phi3"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_models")
+    out = {}
+    for name in FAMILIES + ["llama_tied_mqa"]:
+        make_hf_model(name, root / name)
+        out[name] = root / name
+    return out
+
+
+def randomize(model: nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * std)
+            if layer.lora_magnitude_vector is not None:
+                m = layer.lora_magnitude_vector
+                m.mul_(1 + 0.1 * torch.randn(m.shape, generator=g))
+
+
+def logits(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dora", [False, True])
+def test_zero_B_is_base_and_merge_roundtrip(folders, family, dora):
+    ids, mask = padded_batch()
+    model = load_model(folders[family], dtype=torch.float32, device="cpu")
+    base = logits(model, ids, mask)
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inject_lora(model, LoRAConfig(r=4, alpha=8, use_dora=dora))
+    # B = 0 at init: exactly the base (DoRA's magnitude equals the row norms, so its factor is exactly 1 too).
+    torch.testing.assert_close(logits(model, ids, mask), base, rtol=0, atol=1e-6 if dora else 0)
+    randomize(model)
+    unmerged = logits(model, ids, mask)
+    assert (unmerged - base).abs().max() > 1e-3
+    merge_lora(model)
+    assert all(layer.merged for layer in lora_layers(model).values())
+    merged = logits(model, ids, mask)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    w_once = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merge_lora(model)  # no-op
+    for n, p in model.named_parameters():
+        assert torch.equal(p, w_once[n]), n
+    with disable_lora(model):
+        torch.testing.assert_close(logits(model, ids, mask), base, rtol=0, atol=1e-5)
+    assert all(layer.merged for layer in lora_layers(model).values())
+    torch.testing.assert_close(logits(model, ids, mask), merged, rtol=0, atol=1e-6)
+    unmerge_lora(model)
+    unmerge_lora(model)  # no-op
+    for n, p in model.named_parameters():
+        if n in base_weights:
+            torch.testing.assert_close(p, base_weights[n], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(model, ids, mask), unmerged, rtol=0, atol=1e-5)
+
+
+def test_disable_context_restores_after_exception(folders):
+    ids, mask = padded_batch()
+    model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
+    base = logits(model, ids, mask)
+    inject_lora(model, LoRAConfig(r=4))
+    randomize(model)
+    adapted = logits(model, ids, mask)
+    with pytest.raises(KeyError), disable_lora(model):
+        torch.testing.assert_close(logits(model, ids, mask), base, rtol=0, atol=0)
+        raise KeyError("boom")
+    torch.testing.assert_close(logits(model, ids, mask), adapted, rtol=0, atol=0)
+
+
+def test_base_names_and_weight_sharing(folders):
+    model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
+    q = model.model.layers[0].self_attn.q_proj
+    w = q.weight
+    base_keys = set(model.state_dict())
+    inject_lora(model, LoRAConfig(r=4))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.weight is w  # shared, not copied
+    keys = set(model.state_dict())
+    assert base_keys <= keys  # a base checkpoint's names still name the base weights
+    assert "model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert not w.requires_grad
+    # PEFT's init: B zero, A Kaiming-uniform with a = sqrt(5), i.e. bound 1/sqrt(in).
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    assert layer.lora_A.weight.abs().max() <= 1 / math.sqrt(layer.in_features)
+    assert layer.lora_A.weight.std() > 0.3 / math.sqrt(layer.in_features)
+
+
+def test_only_adapters_get_gradients(folders):
+    ids, mask = padded_batch()
+    model = load_model(folders["llama_bias"], dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(r=4, use_dora=True, modules_to_save=["lm_head"]))
+    randomize(model)
+    model.train()
+    model(ids, attention_mask=mask).logsumexp(-1).mean().backward()
+    trainable = trainable_parameters(model)
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    assert set(trainable) == set(lora_parameters(model)) | {"lm_head.weight"}
+    n_adapter = sum(p.numel() for p in lora_parameters(model).values())
+    t, total = count_parameters(model)
+    assert t == n_adapter + model.lm_head.weight.numel()
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_tied_modules_to_save_untied_with_warning(folders, caplog):
+    model = load_model(folders["llama_tied_mqa"], dtype=torch.float32, device="cpu")
+    emb = model.model.embed_tokens.weight
+    assert model.lm_head.weight is emb
+    with caplog.at_level(logging.WARNING):
+        inject_lora(model, LoRAConfig(r=2, modules_to_save=["lm_head"]))
+    assert "tied" in caplog.text
+    assert model.lm_head.weight is not emb and torch.equal(model.lm_head.weight, emb)
+    assert model.lm_head.weight.requires_grad and not emb.requires_grad
+    # Both listed: they stay tied and train as one.
+    model = load_model(folders["llama_tied_mqa"], dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(r=2, modules_to_save=["lm_head", "embed_tokens"]))
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.requires_grad
+
+
+def test_rslora_scaling():
+    cfg = LoRAConfig(r=16, alpha=32, use_rslora=True)
+    assert cfg.scaling == pytest.approx(32 / 4)
+    assert LoRAConfig(r=16, alpha=32).scaling == pytest.approx(2.0)
+    lin = nn.Linear(8, 6)
+    layer = LoRALinear.from_linear(lin, cfg)
+    assert layer.scaling == pytest.approx(8.0)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 8)
+    expected = lin(x) + (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T) * 8.0
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_train_vs_eval():
+    lin = nn.Linear(16, 16)
+    layer = LoRALinear.from_linear(lin, LoRAConfig(r=4, dropout=0.5))
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(4, 16)
+    layer.eval()
+    e1, e2 = layer(x), layer(x)
+    assert torch.equal(e1, e2)
+    layer.train()
+    t1, t2 = layer(x), layer(x)
+    assert not torch.equal(t1, e1) and not torch.equal(t1, t2)
+
+
+def test_all_linear_excludes_head(folders):
+    model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(r=2, target_modules="all-linear"))
+    names = set(lora_layers(model))
+    assert len(names) == 2 * 7 and "lm_head" not in names
+    model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert set(lora_layers(model)) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"}
+
+
+def test_bad_target_and_config_errors(folders):
+    model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"c_attn.*named: .*down_proj.*q_proj"):
+        inject_lora(model, LoRAConfig(target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="modules_to_save entry 'wte'"):
+        inject_lora(model, LoRAConfig(r=2, modules_to_save=["wte"]))
+    model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(r=2))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        inject_lora(model, LoRAConfig(r=2))
+    for kwargs, msg in [
+        (dict(r=0), "r must be a positive integer"),
+        (dict(alpha=0), "alpha must be a positive"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(bias="all"), "bias must be 'none'"),
+        (dict(init="pissa"), "init must be one of"),
+        (dict(target_modules=[]), "target_modules"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            LoRAConfig(**kwargs)
+    with pytest.raises(ValueError, match="unknown LoRAConfig keys: rank"):
+        LoRAConfig.from_dict({"rank": 4})
+    cfg = LoRAConfig(r=4, alpha=8.0, use_dora=True, modules_to_save=["lm_head"])
+    assert LoRAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_state_dict_keys_and_unload(folders):
+    ids, mask = padded_batch()
+    model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
+    base = logits(model, ids, mask)
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                  modules_to_save=["lm_head"]))  # fmt: skip
+    sd = lora_state_dict(model)
+    expected = {f"model.layers.{i}.self_attn.{p}.{t}" for i in range(2) for p in ("q_proj", "v_proj")
+                for t in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")} | {"lm_head.weight"}  # fmt: skip
+    assert set(sd) == expected
+    randomize(model)
+    adapted = logits(model, ids, mask)
+    merge_lora(model)
+    unload_lora(model)
+    assert not lora_layers(model) and isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    torch.testing.assert_close(logits(model, ids, mask), adapted, rtol=0, atol=1e-5)
+    model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(r=2))
+    randomize(model)
+    unload_lora(model)  # unmerged: back to the base
+    torch.testing.assert_close(logits(model, ids, mask), base, rtol=0, atol=0)
+
+
+def test_phi3_parts_share_lora_A(folders):
+    model = load_model(folders["phi3"], dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(r=2))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.lora_A is attn.k_proj.lora_A is attn.v_proj.lora_A
+    assert mlp.gate_proj.lora_A is mlp.up_proj.lora_A and mlp.down_proj.lora_A is not mlp.up_proj.lora_A
+    assert attn.o_proj.lora_A is not attn.q_proj.lora_A

@@ -22,6 +22,33 @@ from nomoat.models.kv_cache import KVCache
 CacheArgs = tuple[KVCache, "slice | torch.Tensor", torch.Tensor, int]
 
 
+class Segments:
+    """Where the examples of packed (or right-padded) rows lie: `spans[b]` lists `(start, end)` per example of row b.
+
+    Attention over segments runs causal attention inside each example on its own (block-diagonal attention without
+    a mask): no work is spent on the blocks a mask would hide, and no (T, T) mask is stored for the backward pass.
+    Positions outside every span (padding) get zero outputs.
+    """
+
+    def __init__(self, segment_ids: torch.Tensor) -> None:
+        ids = segment_ids.tolist()
+        self.spans: list[list[tuple[int, int]]] = []
+        for row in ids:
+            spans, start = [], 0
+            for t in range(1, len(row) + 1):
+                if t == len(row) or row[t] != row[start]:
+                    if row[start] != 0:
+                        spans.append((start, t))
+                    start = t
+            self.spans.append(spans)
+        self.T = segment_ids.shape[1]
+
+    @property
+    def trivial(self) -> bool:
+        """Every row is one example covering the whole row: plain causal attention does it in one call."""
+        return all(len(s) == 1 and s[0] == (0, self.T) for s in self.spans)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32.
 
@@ -88,7 +115,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | Segments | None,
         cache: CacheArgs | None = None,
     ) -> torch.Tensor:
         """Attend over the sequence (and the cached positions before it).
@@ -97,7 +124,8 @@ class Attention(nn.Module):
             x: Hidden states (B, T, D).
             cos: Rotary cosine table (B, T, rd) in the activation dtype.
             sin: Rotary sine table (B, T, rd) in the activation dtype.
-            mask: Boolean (B, 1, T, S), True where a query may attend to a key; None means plain causal (S == T).
+            mask: Boolean (B, 1, T, S), True where a query may attend to a key; None means plain causal (S == T);
+                `Segments` means causal attention within each packed example.
             cache: With a KV cache: `(cache, rows, positions, kv_len)`; keys and values are written, then read back.
         """
         cfg = self.cfg
@@ -112,15 +140,46 @@ class Attention(nn.Module):
         if cache is not None:
             kv, rows, positions, kv_len = cache
             k, v = kv.update(self.layer_idx, k, v, rows, positions, kv_len)  # (B, n_kv, S, hd)
-        if cfg.attn_logit_softcap is not None:
-            y = _softcapped_attention(q, k, v, mask, cfg.query_scale, cfg.attn_logit_softcap)
+        if isinstance(mask, Segments):
+            y = self._segment_attention(q, k, v, mask)  # (B, T, H, hd)
         else:
-            gqa = cfg.num_kv_heads != cfg.num_heads
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=cfg.query_scale, enable_gqa=gqa
-            )
-        y = y.transpose(1, 2).reshape(B, T, cfg.q_size)
-        return self.o_proj(y)
+            y = self._attend(q, k, v, mask).transpose(1, 2)
+        return self.o_proj(y.reshape(B, T, cfg.q_size))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention (B, H, T, hd) under a boolean mask, or causal when `mask` is None."""
+        cfg = self.cfg
+        if cfg.attn_logit_softcap is not None:
+            return _softcapped_attention(q, k, v, mask, cfg.query_scale, cfg.attn_logit_softcap)
+        gqa = cfg.num_kv_heads != cfg.num_heads
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=cfg.query_scale, enable_gqa=gqa
+        )
+
+    def _segment_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
+        """Causal attention within each example of each row: (B, T, H, hd), zeros at padding."""
+        cfg = self.cfg
+        window = cfg.sliding_window if cfg.layer_types[self.layer_idx] == "sliding_attention" else None
+        if seg.trivial and (window is None or seg.T <= window):
+            return self._attend(q, k, v, None).transpose(1, 2)
+        rows = []
+        for b, spans in enumerate(seg.spans):
+            pieces, at = [], 0
+            for start, end in spans:
+                if start > at:
+                    pieces.append(q.new_zeros(1, start - at, q.shape[1], q.shape[3]))
+                mask = None
+                if window is not None and end - start > window:
+                    idx = torch.arange(end - start, device=q.device)
+                    mask = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
+                sl = slice(start, end)
+                out = self._attend(q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], mask)
+                pieces.append(out.transpose(1, 2))  # (1, L, H, hd)
+                at = end
+            if at < seg.T:
+                pieces.append(q.new_zeros(1, seg.T - at, q.shape[1], q.shape[3]))
+            rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+        return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
 
 def _softcapped_attention(
@@ -268,21 +327,15 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None,
         T: int,
         device: torch.device,
-        segment_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         cfg = self.config
         window = cfg.sliding_window
         needs_window = window is not None and T > window
-        if attention_mask is None and segment_ids is None and not needs_window:
+        if attention_mask is None and not needs_window:
             return {kind: None for kind in self.rope_types}  # plain causal: SDPA's fast path
         idx = torch.arange(T, device=device)
         causal = idx[None, :] <= idx[:, None]  # (T, S)
-        if segment_ids is not None:
-            # Packed rows: a token sees only earlier tokens of its own example; segment 0 is padding.
-            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, S)
-            keep = same & (segment_ids[:, None, None, :] != 0)
-        else:
-            keep = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, S)
+        keep = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, S)
         out: dict[str, torch.Tensor | None] = {}
         for kind in self.rope_types:
             allowed = causal
@@ -357,7 +410,11 @@ class Transformer(nn.Module):
             cache_args = (cache, slice(0, B) if rows is None else rows, position_ids, kv_len)
             masks = self._cached_masks(position_ids, kv_len)
         else:
-            masks = self._masks(attention_mask, T, device, segment_ids)
+            if segment_ids is not None:
+                segments = Segments(segment_ids)
+                masks = {kind: segments for kind in self.rope_types}
+            else:
+                masks = self._masks(attention_mask, T, device)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             cos, sin = ropes[layer.layer_type]

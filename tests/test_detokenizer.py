@@ -116,8 +116,9 @@ def test_window_stays_small(pair: tuple[Tokenizer, object]) -> None:
         longest = max(longest, len(det._ids))
     assert "".join(out) + det.flush() == hf.decode(ids)
     # Each step decodes the last delta's tokens plus the pending ones, never the whole sequence: with byte-level
-    # BPE that is a handful of tokens; a byte-fallback run is cut once it reaches max_byte_run (64) tokens.
-    assert longest <= (72 if ours._byte_ids else 12)
+    # BPE that is a handful of tokens; a byte-fallback run is cut once it reaches max_byte_run (64) tokens, plus
+    # the tokens of the last delta (the test vocabulary is trained anew each run, so that part varies a little).
+    assert longest <= (64 + 16 if ours._byte_ids else 12)
 
 
 def test_flush_resets(pair: tuple[Tokenizer, object]) -> None:

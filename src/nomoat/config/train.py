@@ -64,7 +64,8 @@ class TrainConfig:
         keep_checkpoints: Most recent checkpoints kept on disk.
         log_every: Optimizer steps between lines of `metrics.jsonl`.
         seed: Seed of the adapter's initialisation, dropout, data order and validation split.
-        dtype: `auto` (fp32 on CPU, bf16 autocast on CUDA), `float32` or `bfloat16`.
+        dtype: `auto` (fp32 on CPU, bf16 autocast on CUDA), `float32`, or `bfloat16` (bf16 autocast over a bf16
+            frozen base, adapters and optimizer in fp32; on CPU worth it where the CPU has bf16 instructions).
         device: `auto`, `cpu` or `cuda[:N]`.
         quantize_base: Quantize the frozen base (`int8`, `int4`, `nf4`) while the adapter trains in full precision.
         limit: Use only the first N examples of the data (quick experiments).
@@ -94,7 +95,7 @@ class TrainConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = False
-    loss_chunk: int = 1024
+    loss_chunk: int = 256
     train_on: str = "assistant"
     val_fraction: float = 0.0
     val_size: int | None = None

@@ -222,6 +222,11 @@ class LoRALinear(nn.Module):
             return result
         out_dtype = result.dtype
         xa = x.to(self.lora_A.weight.dtype)
+        if self.lora_magnitude_vector is None and result.dtype == xa.dtype:
+            # result + scaling * (A x) B^T in one addmm: no (tokens, out) temporaries for the product and the scaling.
+            a = self.lora_A(self.lora_dropout(xa)).reshape(-1, self.lora_A.weight.shape[0])  # (N, r)
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), a, self.lora_B.weight.t(), alpha=self.scaling)
+            return out.view(result.shape)
         if self.lora_magnitude_vector is None:
             result = result + self.lora_B(self.lora_A(self.lora_dropout(xa))) * self.scaling
         else:

@@ -64,11 +64,60 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dimension."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps, self.offset)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
             return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.to(x.dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm for training that keeps only its input and the per-token `1/rms` for the backward pass.
+
+    Autograd over the plain expression would also keep the fp32 normalised copy; with LoRA every saved activation
+    counts, since the base weights need no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:  # noqa: ANN001
+        h = x.float()
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = offset
+        if offset:
+            return (h * rstd * (1.0 + weight.float())).type_as(x)
+        return weight * (h * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        x, weight, rstd = ctx.saved_tensors
+        hn = x.float() * rstd
+        scale = (1.0 + weight.float()) if ctx.offset else weight.float()
+        gy = grad.float() * scale  # gradient with respect to the normalised input
+        grad_x = rstd * (gy - hn * (gy * hn).mean(-1, keepdim=True))
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad.float() * hn).reshape(-1, hn.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x.to(x.dtype), grad_w, None, None
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    """`silu(gate) * up` for training, keeping only `gate` and `up` (the activation is recomputed in backward)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        act = gate * sig
+        grad_gate = grad * up * sig * (1.0 + gate * (1.0 - sig))
+        return grad_gate, grad * act
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +258,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the gated MLP."""
-        return self.down_proj(_act(self.act, self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act == "silu" and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.down_proj(_SwiGLUFn.apply(gate, up))
+        return self.down_proj(_act(self.act, gate) * up)
 
 
 class Block(nn.Module):

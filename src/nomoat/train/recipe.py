@@ -194,14 +194,20 @@ class SFTRecipe:
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.dataset = load_dataset(cfg.data, format=cfg.format, columns=cfg.columns or None, limit=cfg.limit)
-        examples = self.dataset.examples
-        val_count = cfg.val_size if cfg.val_size is not None else cfg.val_fraction
-        train_ex, val_ex = split_validation(examples, val_count, seed=cfg.seed) if val_count else (examples, [])
-        tok = [tokenize_example(e, self.tokenizer, cfg.seq_len, train_on=cfg.train_on) for e in train_ex]
-        tok = [t for chunk in tok for t in (chunk if isinstance(chunk, list) else [chunk])]
-        self.summary = summarize(self.dataset, tok, cfg.seq_len)
+        # Tokenize every example once (a text may give several windows), summarise them all, then split by example.
+        per_example = [tokenize_example(e, self.tokenizer, cfg.seq_len, train_on=cfg.train_on)
+                       for e in self.dataset.examples]  # fmt: skip
+        self.summary = summarize(self.dataset, [t for seqs in per_example for t in seqs], cfg.seq_len)
         self.summary.render(self.console)
-        tok = [t for t in tok if any(label != -100 for label in t.labels[1:])]
+        val_count = cfg.val_size if cfg.val_size is not None else cfg.val_fraction
+        train_seqs, val_seqs = (per_example, [])
+        if val_count:
+            train_seqs, val_seqs = split_validation(per_example, val_count, seed=cfg.seed)
+        tok = [t for seqs in train_seqs for t in seqs if t.num_label_tokens]
+        vtok = [t for seqs in val_seqs for t in seqs if t.num_label_tokens]
+        if val_seqs:
+            self.console.print(f"[bold]split[/bold] {len(train_seqs)} examples for training, {len(val_seqs)} held out "
+                               "for validation")  # fmt: skip
         if not tok:
             raise NoTrainableTokensError(
                 "no example has a trainable token: check --train-on (assistant turns only by default) and --seq-len"
@@ -216,10 +222,7 @@ class SFTRecipe:
             self.stream = BatchStream(batches, 1, seed=cfg.seed, pad_id=pad)
         self._batches = None
         self.val_batches: list[dict[str, torch.Tensor]] = []
-        if val_ex:
-            vtok = [tokenize_example(e, self.tokenizer, cfg.seq_len, train_on=cfg.train_on) for e in val_ex]
-            vtok = [t for chunk in vtok for t in (chunk if isinstance(chunk, list) else [chunk])]
-            vtok = [t for t in vtok if any(label != -100 for label in t.labels[1:])]
+        if vtok:
             vrows = pack(vtok, cfg.seq_len, seed=cfg.seed) if cfg.packing else [Row.single(t) for t in vtok]
             bs = cfg.batch_size
             self.val_batches = [collate(vrows[i : i + bs], pad) for i in range(0, len(vrows), bs)]

@@ -248,3 +248,34 @@ def test_phi3_parts_share_lora_A(folders):
     assert attn.q_proj.lora_A is attn.k_proj.lora_A is attn.v_proj.lora_A
     assert mlp.gate_proj.lora_A is mlp.up_proj.lora_A and mlp.down_proj.lora_A is not mlp.up_proj.lora_A
     assert attn.o_proj.lora_A is not attn.q_proj.lora_A
+
+
+def test_fused_swiglu_down_matches_plain_autograd(tmp_path):
+    """The MLP path that recomputes silu(gate) * up in backward gives the same output and gradients."""
+    from nomoat.lora import LoRAConfig, inject_lora, lora_parameters
+    from nomoat.models.checkpoint import load_model
+
+    from hf_models import make_hf_model
+
+    make_hf_model("llama_bias", tmp_path)  # MLP biases too
+    model = load_model(tmp_path, dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.normal_(0, 0.05)
+    model.train()
+    ids = torch.randint(3, 500, (2, 12))
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        for layer in model.model.layers:
+            if not fused:
+                layer.mlp.down_proj.swiglu_forward = lambda gate, up: None  # force the plain path
+        out = model(ids)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in lora_parameters(model).items()}))
+    (out_f, g_f), (out_p, g_p) = results
+    torch.testing.assert_close(out_f, out_p, atol=1e-6, rtol=1e-5)
+    assert g_f.keys() == g_p.keys()
+    for name in g_f:
+        torch.testing.assert_close(g_f[name], g_p[name], atol=1e-7, rtol=1e-4)

@@ -260,7 +260,10 @@ class MLP(nn.Module):
         """Apply the gated MLP."""
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.act == "silu" and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(_SwiGLUFn.apply(gate, up))
+            # A LoRA `down_proj` can take the product's two factors and keep only them for backward.
+            fused = getattr(self.down_proj, "swiglu_forward", None)
+            y = fused(gate, up) if fused is not None else None
+            return y if y is not None else self.down_proj(_SwiGLUFn.apply(gate, up))
         return self.down_proj(_act(self.act, gate) * up)
 
 

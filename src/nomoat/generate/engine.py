@@ -12,6 +12,7 @@ Threading: every public method is safe to call from any thread. Either call `ste
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -19,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ import torch
 from nomoat.generate.prefix_cache import PrefixCache
 from nomoat.generate.sampling import SamplingParams, SamplingState, make_generator, sample
 from nomoat.generate.stopping import StopStringMatcher
+from nomoat.lora.bank import AdapterBank, group_rows
 from nomoat.models.kv_cache import KVCache
 from nomoat.models.transformer import Transformer
 from nomoat.tokenizer import Tokenizer
@@ -151,7 +154,10 @@ class Engine:
         prefix_cache_bytes: Memory budget for cached prompt prefixes' keys and values (0 disables prefix caching).
         prefix_block: Granularity of prefix matching, in tokens.
         compile: Run the decode step through `torch.compile` (dynamic shapes). Off by default: on a 2-core CPU it
-            measured +8% decode speed for a 60 s compile (SmolLM2-135M shape); on GPUs it is worth trying.
+            measured +8% decode speed for a 60 s compile (SmolLM2-135M shape); on GPUs it is worth trying. Steps
+            with adapter rows run eagerly.
+        adapters: LoRA adapters to load, name -> PEFT-format folder (more with `add_adapter`). Each request picks
+            its own selection; rows of one batch may use different adapters.
     """
 
     def __init__(
@@ -164,8 +170,10 @@ class Engine:
         prefix_cache_bytes: int = 256 * 2**20,
         prefix_block: int = 16,
         compile: bool = False,
+        adapters: dict[str, str | Path] | None = None,
     ) -> None:
         self.model = model.eval()
+        self.bank: AdapterBank | None = None
         self.tokenizer = tokenizer
         self.max_running = max_running
         self.max_queue = max_queue
@@ -181,6 +189,31 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        for name, folder in (adapters or {}).items():
+            self.add_adapter(name, folder)
+
+    # ---- adapters ---------------------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, folder: str | Path) -> None:
+        """Load a LoRA adapter (PEFT format) that requests can then select by `name`.
+
+        Raises:
+            AdapterError: The folder is not a usable adapter for this model (see `AdapterBank.add`).
+        """
+        with self.lock:
+            if self.bank is None:
+                self.bank = AdapterBank(self.model)
+            self.bank.add(name, folder)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return self.bank.names if self.bank is not None else []
+
+    def _plan(self, reqs: Sequence[_Request]) -> contextlib.AbstractContextManager:
+        if self.bank is None or not any(r.adapter for r in reqs):
+            return contextlib.nullcontext()
+        return self.bank.plan(group_rows([r.adapter for r in reqs], self.model.device))
 
     # ---- submitting -------------------------------------------------------------------------------------------
 
@@ -210,7 +243,9 @@ class Engine:
         if len(ids) >= self.max_seq_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine holds at most {self.max_seq_len - 1}")
         if adapter:
-            raise ValueError("adapters are not available in this engine yet (no LoRA adapter is loaded)")
+            if self.bank is None:
+                raise ValueError("no adapter is loaded in this engine (add one with add_adapter)")
+            adapter = self.bank.check(adapter)
         rid = request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(self, rid)
         stop_ids = set(params.stop_token_ids)
@@ -312,19 +347,24 @@ class Engine:
         self.running.append(req)
         self.sampling.reset_row(row, req.prompt, req.params)
         start = 0
+        # Keys and values depend on the adapter: cached prefixes are kept apart per selection.
         if self.prefix_cache is not None:
-            start = self.prefix_cache.restore(req.prompt, self.cache, row)
+            start = self.prefix_cache.restore(req.prompt, self.cache, row, namespace=req.adapter)
         req.cached = start
-        logits = prefill(self.model, self.cache, row, req.prompt, start)
+        with self._plan([req]):
+            logits = prefill(self.model, self.cache, row, req.prompt, start)
         if self.prefix_cache is not None:
-            self.prefix_cache.store(req.prompt, self.cache, row)
+            self.prefix_cache.store(req.prompt, self.cache, row, namespace=req.adapter)
         self._sample_and_emit([req], logits[None])
 
     def _decode(self) -> None:
         reqs = self.running
         tokens = torch.tensor([[r.next_token] for r in reqs], device=self.model.device)
         positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
-        logits = decode_one_token(self._forward, self.cache, tokens, positions)
+        plan = self._plan(reqs)
+        forward = self._forward if isinstance(plan, contextlib.nullcontext) else self.model.forward
+        with plan:
+            logits = decode_one_token(forward, self.cache, tokens, positions)
         self._sample_and_emit(list(reqs), logits)
 
     def _sample_and_emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ runs only the rest of the prompt. Blocks are evicted least recently used first w
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -33,14 +33,19 @@ class PrefixCache:
         self.bytes = 0
         self.hits = 0  # prompt tokens served from the cache, for metrics
 
-    def _hashes(self, prompt: Sequence[int], n_blocks: int) -> list[int]:
-        out, h = [], 0
+    @staticmethod
+    def _root(namespace: Hashable) -> int:
+        """The chain's starting hash: prompts under different namespaces (adapter selections) never share blocks."""
+        return hash(("namespace", namespace)) if namespace else 0
+
+    def _hashes(self, prompt: Sequence[int], n_blocks: int, namespace: Hashable = ()) -> list[int]:
+        out, h = [], self._root(namespace)
         for i in range(n_blocks):
             h = hash((h, tuple(prompt[i * self.block : (i + 1) * self.block])))
             out.append(h)
         return out
 
-    def restore(self, prompt: Sequence[int], cache: KVCache, row: int) -> int:
+    def restore(self, prompt: Sequence[int], cache: KVCache, row: int, namespace: Hashable = ()) -> int:
         """Copy the longest cached prefix of `prompt` into cache row `row`.
 
         At least the last prompt token is always left to compute (its logits start the completion).
@@ -49,8 +54,8 @@ class PrefixCache:
             How many leading prompt tokens are now in the row.
         """
         usable = (len(prompt) - 1) // self.block
-        n, parent = 0, 0
-        for i, h in enumerate(self._hashes(prompt, usable)):
+        n, parent = 0, self._root(namespace)
+        for i, h in enumerate(self._hashes(prompt, usable, namespace)):
             entry = self.blocks.get(h)
             lo, hi = i * self.block, (i + 1) * self.block
             if entry is None or entry[0] != parent or entry[1] != tuple(prompt[lo:hi]):
@@ -65,10 +70,10 @@ class PrefixCache:
         self.hits += n
         return n
 
-    def store(self, prompt: Sequence[int], cache: KVCache, row: int) -> None:
-        """Remember the full prompt blocks of a freshly prefilled row."""
-        parent = 0
-        for i, h in enumerate(self._hashes(prompt, len(prompt) // self.block)):
+    def store(self, prompt: Sequence[int], cache: KVCache, row: int, namespace: Hashable = ()) -> None:
+        """Remember the full prompt blocks of a freshly prefilled row (under `namespace`, e.g. its adapters)."""
+        parent = self._root(namespace)
+        for i, h in enumerate(self._hashes(prompt, len(prompt) // self.block, namespace)):
             parent, prev = h, parent
             if h in self.blocks:
                 self.blocks.move_to_end(h)

@@ -1,0 +1,119 @@
+"""Many adapters in one batch: each request decodes what transformers + peft decode with its own adapter."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+from nomoat.generate.engine import Engine
+from nomoat.generate.sampling import SamplingParams
+from nomoat.lora import AdapterError, LoRAConfig, inject_lora, lora_parameters, merge_lora, save_adapter, unload_lora
+from nomoat.lora.peft_format import load_adapter
+from nomoat.models.checkpoint import load_model
+from nomoat.tokenizer import Tokenizer
+
+from hf_models import load_hf, make_hf_model, save_word_tokenizer
+
+PROMPT = [5, 17, 99, 3, 250, 8, 41, 77, 12, 6, 300, 9, 14, 201, 33, 7, 18, 90, 4, 66]  # > one 16-token block
+N = 10
+
+
+def _adapter(model_dir, out, seed: int, **cfg) -> None:
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(**{"r": 4, "alpha": 8, **cfg}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(model, out, LoRAConfig(**{"r": 4, "alpha": 8, **cfg}), base_model_name_or_path=str(model_dir))
+
+
+@pytest.fixture(scope="module", params=["llama3", "phi3"])
+def setup(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = root / "model"
+    make_hf_model(request.param, model_dir)
+    save_word_tokenizer(model_dir)
+    _adapter(model_dir, root / "a", seed=1)
+    _adapter(model_dir, root / "b", seed=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    return model_dir, root
+
+
+def _peft_greedy(model_dir, adapter_dir) -> list[int]:
+    hf = load_hf(model_dir)
+    model = peft.PeftModel.from_pretrained(hf, adapter_dir).eval() if adapter_dir else hf
+    out = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=N, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)  # fmt: skip
+    return out[0, len(PROMPT) :].tolist()
+
+
+def _merged_greedy(model_dir, stack) -> list[int]:
+    """The reference for a weighted stack: the adapters merged into the base weights one after another."""
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    for folder, weight in stack:
+        load_adapter(model, folder)
+        with torch.no_grad():
+            for name, p in lora_parameters(model).items():
+                if name.endswith("lora_B.weight"):
+                    p.mul_(weight)
+        merge_lora(model)
+        unload_lora(model)
+    engine = Engine(model, Tokenizer.from_dir(model_dir), max_running=1, prefix_cache_bytes=0)
+    return engine.generate(PROMPT, SamplingParams(max_new_tokens=N, ignore_eos=True, temperature=0)).token_ids
+
+
+def test_rows_with_different_adapters_in_one_batch(setup):
+    model_dir, root = setup
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    engine = Engine(model, Tokenizer.from_dir(model_dir), max_running=4, adapters={"a": root / "a", "b": root / "b"})
+    assert engine.adapters == ["a", "b"]
+    params = SamplingParams(max_new_tokens=N, ignore_eos=True, temperature=0)
+    selections = [(), (("a", 1.0),), (("b", 1.0),), (("a", 1.0), ("b", 0.5))]
+    handles = [engine.submit(PROMPT, params, adapter=sel) for sel in selections]  # same prompt: prefix cache shared?
+    while engine.step():
+        pass
+    got = [h.result().token_ids for h in handles]
+    assert got[0] == _peft_greedy(model_dir, None)
+    assert got[1] == _peft_greedy(model_dir, root / "a")
+    assert got[2] == _peft_greedy(model_dir, root / "b")
+    assert got[3] == _merged_greedy(model_dir, [(root / "a", 1.0), (root / "b", 0.5)])
+    assert len({tuple(g) for g in got}) == 4  # the adapters really change the outputs
+    # A request alone later (prefix cache warm for every selection) decodes the same.
+    again = engine.generate(PROMPT, params, adapter=(("b", 1.0),))
+    assert again.token_ids == got[2]
+
+
+def test_bad_selections_and_adapters(setup, tmp_path):
+    model_dir, root = setup
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    engine = Engine(model, Tokenizer.from_dir(model_dir), max_running=2)
+    with pytest.raises(ValueError, match="no adapter is loaded"):
+        engine.submit(PROMPT, adapter=(("a", 1.0),))
+    engine.add_adapter("a", root / "a")
+    with pytest.raises(ValueError, match="unknown adapter 'zz'.*loaded: a"):
+        engine.submit(PROMPT, adapter=(("zz", 1.0),))
+    with pytest.raises(AdapterError, match="already loaded"):
+        engine.add_adapter("a", root / "a")
+    _adapter(model_dir, tmp_path / "dora", seed=3, use_dora=True)
+    with pytest.raises(AdapterError, match="DoRA"):
+        engine.add_adapter("d", tmp_path / "dora")
+
+
+def test_non_contiguous_rows_share_an_adapter(setup):
+    """Rows 0 and 2 use the same adapter (an index-tensor group), row 1 the base, with different prompts."""
+    model_dir, root = setup
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    engine = Engine(model, Tokenizer.from_dir(model_dir), max_running=3, adapters={"a": root / "a"})
+    params = SamplingParams(max_new_tokens=N, ignore_eos=True, temperature=0)
+    other = PROMPT[:7]
+    handles = [engine.submit(PROMPT, params, adapter=(("a", 1.0),)), engine.submit(PROMPT, params),
+               engine.submit(other, params, adapter=(("a", 1.0),))]  # fmt: skip
+    while engine.step():
+        pass
+    got = [h.result().token_ids for h in handles]
+    assert got[0] == _peft_greedy(model_dir, root / "a")
+    assert got[1] == _peft_greedy(model_dir, None)
+    alone = Engine(load_model(model_dir, dtype=torch.float32, device="cpu"), Tokenizer.from_dir(model_dir),
+                   max_running=1, adapters={"a": root / "a"})  # fmt: skip
+    assert got[2] == alone.generate(other, params, adapter=(("a", 1.0),)).token_ids

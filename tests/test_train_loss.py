@@ -61,14 +61,17 @@ def test_chunked_loss_equals_plain_cross_entropy(model):
     logits = model.logits(hidden)
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                           reduction="sum", ignore_index=-100)  # fmt: skip
-    (g_ref,) = torch.autograd.grad(ref, hidden)
+    head = model.lm_head.weight
+    g_ref, gw_ref = torch.autograd.grad(ref, (hidden, head))
     for chunk in (1, 5, 1024):
         h = hidden.detach().requires_grad_(True)
+        head.grad = None
         total, n = causal_lm_loss_sum(model, h, labels, chunk=chunk)
         assert n == int((labels[:, 1:] != -100).sum())
         torch.testing.assert_close(total, ref, atol=1e-4, rtol=1e-5)
         total.backward()
         torch.testing.assert_close(h.grad, g_ref, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(head.grad, gw_ref, atol=1e-6, rtol=1e-4)  # a trained (modules_to_save) head
 
 
 def test_gradient_checkpointing_same_gradients(model):

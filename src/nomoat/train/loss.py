@@ -20,6 +20,55 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `h W^T` whose gradients are computed in the forward pass, a chunk at a time.
+
+    Each chunk's logits are formed once: the loss and `dloss/dlogits = softmax - onehot` come from the same
+    logits, and `dloss/dh` (and `dloss/dW` when the head trains) are accumulated at once. The backward pass only
+    scales them, so the output head costs two matmuls per labelled token instead of three (forward, recompute,
+    backward), and at most one chunk of logits exists at any time.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, softcap):  # noqa: ANN001, ANN205
+        grad_h = torch.empty_like(h)  # (n, D)
+        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        total = h.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start : start + chunk], targets[start : start + chunk]
+            logits = (hc @ weight.t()).float()  # (c, V)
+            dcap = None
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+                dcap = 1.0 - (logits / softcap).pow_(2)  # d(cap * tanh(l / cap))/dl = 1 - tanh^2
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(len(yc), device=g.device), yc] -= 1.0
+            if dcap is not None:
+                g.mul_(dcap)
+            g = g.to(h.dtype)
+            grad_h[start : start + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ctx.has_w = grad_w is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad, (grad_w * grad if ctx.has_w else None), None, None, None
+
+
+def _fused_head(model: torch.nn.Module) -> torch.Tensor | None:
+    """The output head's weight when the fused loss applies (a plain bias-free linear head, no autocast)."""
+    head = getattr(model, "lm_head", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or torch.is_autocast_enabled():
+        return None
+    return head.weight
+
+
 def causal_lm_loss_sum(
     model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024
 ) -> tuple[torch.Tensor, int]:
@@ -44,6 +93,10 @@ def causal_lm_loss_sum(
         return hidden.sum() * 0.0, 0
     h = hidden[:, :-1][keep]  # (n, D): only the positions that have a label
     y = targets[keep]  # (n,)
+    weight = _fused_head(model)
+    if weight is not None and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        softcap = getattr(getattr(model, "config", None), "final_logit_softcap", None)
+        return _LinearCrossEntropy.apply(h, weight, y, chunk, softcap), n
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk):
         hc, yc = h[start : start + chunk], y[start : start + chunk]

@@ -20,6 +20,23 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _logits_buffer(rows: int, chunk: int, weight: torch.Tensor) -> torch.Tensor:
+    """A reused (rows, V) fp32 buffer for one chunk's logits.
+
+    A fresh 50-150 MB tensor per chunk would be mapped and page-faulted anew each time (large allocations bypass
+    the heap); reusing one keeps the head's matmul at full speed.
+    """
+    key = (chunk, weight.shape[0], weight.device)
+    buf = _BUFFERS.get(key)
+    if buf is None:
+        _BUFFERS.clear()  # one size at a time: a new run or chunk size replaces the old buffer
+        buf = _BUFFERS[key] = torch.empty(chunk, weight.shape[0], dtype=torch.float32, device=weight.device)
+    return buf[:rows]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `h W^T` whose gradients are computed in the forward pass, a chunk at a time.
 
@@ -36,7 +53,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], targets[start : start + chunk]
-            logits = (hc @ weight.t()).float()  # (c, V)
+            if weight.dtype == torch.float32:
+                logits = torch.mm(hc, weight.t(), out=_logits_buffer(len(yc), chunk, weight))  # (c, V)
+            else:
+                logits = (hc @ weight.t()).float()
             dcap = None
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap

@@ -216,7 +216,7 @@ Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling."
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop before this string (repeatable).")]
 Adapter = Annotated[
     list[str] | None,
-    typer.Option("--adapter", help="Adapter folder, or FOLDER:WEIGHT; repeat to stack adapters (merged in order)."),
+    typer.Option("--adapter", help="Adapter folder or registry name, with :WEIGHT; repeat to stack (merged in order)."),
 ]
 Quantize = Annotated[str | None, typer.Option(help="Weight-only quantization: int8 or int4.")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]

@@ -31,6 +31,7 @@ from nomoat.lora.peft_format import (
     PROVENANCE_FILE,
     WEIGHTS_FILE,
     AdapterError,
+    _replace_dir,
     read_adapter_config,
 )
 
@@ -337,20 +338,8 @@ class Registry:
     def _publish(self, tmp: Path, dest: Path) -> None:
         """Rename the complete folder `tmp` to `dest`; an existing `dest` is moved aside first, deleted after."""
         _fsync_tree(tmp)
-        old = None
-        if dest.exists():
-            old = self._tmp(dest.name, "old")
-            os.rmdir(old)
-            os.replace(dest, old)
-        try:
-            os.replace(tmp, dest)
-        except BaseException:
-            if old is not None:
-                os.replace(old, dest)
-            raise
+        _replace_dir(tmp, dest)
         _fsync_dir(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
     def import_adapter(self, src_dir: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> Path:
         """Copy a PEFT LoRA adapter folder (made by nomoat, by `peft`, or downloaded) into the registry.
@@ -439,19 +428,7 @@ class Registry:
         try:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             _fsync_tree(tmp)
-            old = None
-            if dest.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-                os.rmdir(old)
-                os.replace(dest, old)
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                if old is not None:
-                    os.replace(old, dest)
-                raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            _replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -162,3 +162,28 @@ def test_python_train_then_generate_with_adapter_equals_peft(folder, tmp_path):
     assert generate("--adapter", f"{result.adapter_dir}:0") == base
     bad = CliRunner().invoke(app, ["generate", str(model), "-p", "w5", "--adapter", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "not found" in bad.output
+
+
+def test_adapter_carries_the_default_template_for_a_model_without_one(tmp_path):
+    """Trained with nomoat's ChatML default, the adapter brings that template to `nomoat chat`."""
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import nomoat
+    from nomoat.cli import app
+    from nomoat.data import DEFAULT_CHAT_TEMPLATE
+
+    from hf_models import make_hf_model, save_word_tokenizer
+
+    model = tmp_path / "model"
+    make_hf_model("qwen2", model)
+    save_word_tokenizer(model)  # no chat template
+    data = write_chat_data(tmp_path / "chat.jsonl", n=8)
+    result = nomoat.train(str(model), data=str(data), output_dir=str(tmp_path / "runs"), name="t", max_steps=2,
+                          seq_len=128, batch_size=2, lora={"r": 2}, progress=False, console=Console(quiet=True))
+    assert (result.adapter_dir / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
+    no_adapter = CliRunner().invoke(app, ["chat", str(model)], input="/exit\n")
+    assert no_adapter.exit_code == 2 and "no chat template" in no_adapter.output
+    with_adapter = CliRunner().invoke(app, ["chat", str(model), "--adapter", str(result.adapter_dir),
+                                            "--max-tokens", "3"], input="w5 w6\n/exit\n")  # fmt: skip
+    assert with_adapter.exit_code == 0, with_adapter.output

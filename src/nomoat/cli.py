@@ -132,7 +132,7 @@ def _load_for_inference(model: Path, quantize: str | None, dtype: str, device: s
         m, tok = nomoat.load(model, dtype=dtype, device=device)
     except (CheckpointError, UnsupportedModelError, TokenizerNotFoundError, ValueError) as e:
         _fail(str(e))
-    _apply_adapters(m, adapters)
+    _apply_adapters(m, adapters, tok)
     if quantize:
         from nomoat.models.quantize import quantize_model
 
@@ -169,10 +169,11 @@ def _parse_adapter(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _apply_adapters(m, adapters: list[str] | None) -> None:  # noqa: ANN001
+def _apply_adapters(m, adapters: list[str] | None, tok=None) -> None:  # noqa: ANN001
     """Merge each adapter (FOLDER or registry NAME, with an optional :WEIGHT) into the base weights.
 
-    W + sum_i weight_i * scale_i * B_i A_i. An existing folder wins over a registry name.
+    W + sum_i weight_i * scale_i * B_i A_i. An existing folder wins over a registry name. A model without a chat
+    template takes the one an adapter was trained with (`chat_template.jinja` in the adapter folder).
     """
     if not adapters:
         return
@@ -196,6 +197,8 @@ def _apply_adapters(m, adapters: list[str] | None) -> None:  # noqa: ANN001
             cfg = load_adapter(m, folder)
         except (AdapterError, ValueError) as e:
             _fail(str(e))
+        if tok is not None and tok.chat_template is None and (folder / "chat_template.jinja").is_file():
+            tok.chat_templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         if weight != 1.0:
             if cfg.use_dora:
                 _fail(f"{path}: a DoRA adapter cannot be weighted (its magnitude does not scale); use weight 1")

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from nomoat.config.train import TrainConfig
 from nomoat.data import (
+    DEFAULT_CHAT_TEMPLATE,
     BatchStream,
     NoTrainableTokensError,
     Row,
@@ -365,8 +366,15 @@ class SFTRecipe:
                         "tokens": self.tokens_seen, "seconds": round(result.seconds, 2)},
             "run_dir": str(self.run_dir.resolve()),
         }  # fmt: skip
+        fallback = self.tokenizer.chat_template is None and self.dataset.format != "text"
+        if fallback:  # the data was rendered with nomoat's default template: inference must use it too
+            provenance["chat_template"] = "nomoat default (ChatML); the base model has none"
         save_adapter(self.model, result.adapter_dir, cfg.lora, base_model_name_or_path=cfg.model,
                      provenance=provenance)  # fmt: skip
+        if fallback:
+            tmp = result.adapter_dir / ".chat_template.jinja.tmp"
+            tmp.write_text(DEFAULT_CHAT_TEMPLATE, encoding="utf-8")
+            tmp.replace(result.adapter_dir / "chat_template.jinja")
         plot_loss_curve(read_metrics(self.metrics.path), self.run_dir / "loss.png", title=self.name)
         return result.adapter_dir
 

@@ -169,20 +169,12 @@ def _parse_adapter(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _apply_adapters(m, adapters: list[str] | None, tok=None) -> None:  # noqa: ANN001
-    """Merge each adapter (FOLDER or registry NAME, with an optional :WEIGHT) into the base weights.
-
-    W + sum_i weight_i * scale_i * B_i A_i. An existing folder wins over a registry name. A model without a chat
-    template takes the one an adapter was trained with (`chat_template.jinja` in the adapter folder).
-    """
-    if not adapters:
-        return
-    import torch
-
-    from nomoat.lora import AdapterError, load_adapter, lora_layers, merge_lora, unload_lora
+def _resolve_adapters(adapters: list[str] | None) -> list[tuple[Path, float]]:
+    """FOLDER or registry NAME, each with an optional :WEIGHT, as (folder, weight); exits on an unknown one."""
     from nomoat.lora.registry import AdapterNotFoundError, Registry, validate_name
 
-    for spec in adapters:
+    out = []
+    for spec in adapters or []:
         path, weight = _parse_adapter(spec)
         folder = Path(path).expanduser()
         if not folder.is_dir():  # not a folder: a name in the adapter registry (`nomoat adapters list`)?
@@ -193,21 +185,28 @@ def _apply_adapters(m, adapters: list[str] | None, tok=None) -> None:  # noqa: A
                       "registry name (`nomoat adapters list`)")  # fmt: skip
             except AdapterNotFoundError as e:
                 _fail(f"adapter {path!r} not found: it is not a folder, and {e}")
-        try:
-            cfg = load_adapter(m, folder)
-        except (AdapterError, ValueError) as e:
-            _fail(str(e))
-        if tok is not None and tok.chat_template is None and (folder / "chat_template.jinja").is_file():
-            tok.chat_templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        if weight != 1.0:
-            if cfg.use_dora:
-                _fail(f"{path}: a DoRA adapter cannot be weighted (its magnitude does not scale); use weight 1")
-            with torch.no_grad():
-                for layer in lora_layers(m).values():
-                    layer.lora_B.weight.mul_(weight)
-        merge_lora(m)
-        unload_lora(m)
+        out.append((folder, weight))
+    return out
 
+
+def _apply_adapters(m, adapters: list[str] | None, tok=None) -> None:  # noqa: ANN001
+    """Merge each adapter (FOLDER or registry NAME, with an optional :WEIGHT) into the base weights.
+
+    W + sum_i weight_i * scale_i * B_i A_i. An existing folder wins over a registry name. A model without a chat
+    template takes the one an adapter was trained with (`chat_template.jinja` in the adapter folder).
+    """
+    if not adapters:
+        return
+    from nomoat.lora import AdapterError
+    from nomoat.lora.apply import merge_adapters
+
+    try:
+        merged = merge_adapters(m, _resolve_adapters(adapters))
+    except (AdapterError, ValueError) as e:
+        _fail(str(e))
+    template = next((a.chat_template for a in merged if a.chat_template), None)
+    if tok is not None and tok.chat_template is None and template:
+        tok.chat_templates["default"] = template
 
 Model = Annotated[Path, typer.Argument(help="A Hugging Face-format model folder.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")]
@@ -612,6 +611,35 @@ def adapters_rm(
 
 app.add_typer(adapters_app, name="adapters")
 
+
+
+@app.command()
+def export(
+    model: Model,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (created; must not exist unless --force).")],
+    adapter: Adapter = None,
+    format: Annotated[str, typer.Option(help="Output format: hf (a merged Hugging Face safetensors folder).")] = "hf",
+    dtype: Annotated[str, typer.Option(help="auto (the base checkpoint's dtype), float32, bfloat16 or float16.")] = (
+        "auto"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
+) -> None:
+    """Write the base model with adapters merged in, as a folder that transformers (and nomoat) load.
+
+    Adapters merge in order, each scaled by its weight (`--adapter a --adapter b:0.5`). Tokenizer files and the chat
+    template come along (an adapter's own template when the base has none).
+    """
+    from nomoat.export.merged import ExportError, export_merged
+
+    if format != "hf":
+        _fail(f"format {format!r} is not available yet; use --format hf (GGUF export is planned)")
+    if out.exists() and any(out.iterdir()) and not force:
+        _fail(f"{out} exists and is not empty; choose another --out or pass --force")
+    try:
+        written = export_merged(model, _resolve_adapters(adapter), out, dtype=dtype)
+    except (ExportError, ValueError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {written}")
 
 def main() -> None:
     """Entry point of the `nomoat` console script."""

@@ -74,11 +74,15 @@ class _SwiGLUDownLoRA(torch.autograd.Function):
         grad_a_out = (g2 @ lora_b) * s  # (N, r)
         sig = torch.sigmoid(gate)
         act = gate * sig
-        p2 = (act * up).reshape(-1, gate.shape[-1])  # recomputed (N, I)
-        grad_lora_a = grad_a_out.t() @ p2 if ctx.needs_input_grad[4] else None  # (r, I)
+        grad_lora_a = None
+        if ctx.needs_input_grad[4]:
+            grad_lora_a = grad_a_out.t() @ (act * up).reshape(-1, gate.shape[-1])  # (r, I), p recomputed
         grad_p = torch.addmm(g2 @ weight, grad_a_out, lora_a).view(gate.shape)  # (..., I)
-        grad_gate = grad_p * up * sig * (1.0 + gate * (1.0 - sig))
-        return grad_gate, grad_p * act, None, None, grad_lora_a, grad_b, None
+        grad_up = grad_p * act
+        # silu'(g) = sig * (1 + g * (1 - sig)) = sig + act * (1 - sig); in place, to spare (N, I) temporaries.
+        dsilu = torch.rsub(sig, 1.0).mul_(act).add_(sig)
+        grad_gate = grad_p.mul_(up).mul_(dsilu)
+        return grad_gate, grad_up, None, None, grad_lora_a, grad_b, None
 
 
 def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:

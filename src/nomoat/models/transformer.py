@@ -95,11 +95,12 @@ class _RMSNormFn(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         hn = x.float() * rstd
         scale = (1.0 + weight.float()) if ctx.offset else weight.float()
-        gy = grad.float() * scale  # gradient with respect to the normalised input
-        grad_x = rstd * (gy - hn * (gy * hn).mean(-1, keepdim=True))
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = (grad.float() * hn).reshape(-1, hn.shape[-1]).sum(0).to(weight.dtype)
+        gy = grad.float() * scale  # gradient with respect to the normalised input
+        mean = (gy * hn).mean(-1, keepdim=True)
+        grad_x = gy.sub_(hn.mul_(mean)).mul_(rstd)  # rstd * (gy - hn * mean), in place
         return grad_x.to(x.dtype), grad_w, None, None
 
 

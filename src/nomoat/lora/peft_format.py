@@ -326,7 +326,12 @@ def _replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def weights_file(path: Path) -> Path:
+    """An adapter folder's safetensors file.
+
+    Raises:
+        AdapterError: It is missing; for a pickle `adapter_model.bin`, the message says how to convert it.
+    """
     file = path / WEIGHTS_FILE
     if not file.is_file():
         if (path / PICKLE_FILE).is_file():
@@ -337,7 +342,11 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                 "`safetensors.torch.save_file(torch.load(f, weights_only=True), 'adapter_model.safetensors')`"
             )
         raise AdapterError(f"{path}: no {WEIGHTS_FILE}")
-    with safe_open(str(file), framework="pt") as f:
+    return file
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(weights_file(path)), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
 

@@ -27,12 +27,11 @@ from typing import Any
 
 from nomoat.lora.peft_format import (
     CONFIG_FILE,
-    PICKLE_FILE,
     PROVENANCE_FILE,
-    WEIGHTS_FILE,
     AdapterError,
     _replace_dir,
     read_adapter_config,
+    weights_file,
 )
 
 HOME_ENV = "NOMOAT_HOME"
@@ -184,14 +183,7 @@ def check_adapter_folder(folder: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise AdapterError(f"{path}: not a folder (give a PEFT adapter folder with {CONFIG_FILE})")
     read_adapter_config(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        if (path / PICKLE_FILE).is_file():
-            raise AdapterError(
-                f"{path}: the weights are {PICKLE_FILE}, a pickle file; nomoat only keeps safetensors adapters. "
-                "Convert it once with peft (`save_pretrained(out, safe_serialization=True)`) if you trust it"
-            )
-        raise AdapterError(f"{path}: no {WEIGHTS_FILE}")
+    weights = weights_file(path)
     from safetensors import safe_open
 
     try:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import track
 
 from nomoat.config.train import TrainConfig
 from nomoat.data import (
@@ -196,8 +197,9 @@ class SFTRecipe:
         cfg = self.cfg
         self.dataset = load_dataset(cfg.data, format=cfg.format, columns=cfg.columns or None, limit=cfg.limit)
         # Tokenize every example once (a text may give several windows), summarise them all, then split by example.
-        per_example = [tokenize_example(e, self.tokenizer, cfg.seq_len, train_on=cfg.train_on)
-                       for e in self.dataset.examples]  # fmt: skip
+        examples = track(self.dataset.examples, description="tokenizing", console=self.console, transient=True,
+                         disable=not self.show_progress or len(self.dataset.examples) < 2000)  # fmt: skip
+        per_example = [tokenize_example(e, self.tokenizer, cfg.seq_len, train_on=cfg.train_on) for e in examples]
         self.summary = summarize(self.dataset, [t for seqs in per_example for t in seqs], cfg.seq_len)
         self.summary.render(self.console)
         val_count = cfg.val_size if cfg.val_size is not None else cfg.val_fraction

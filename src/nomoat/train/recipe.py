@@ -136,6 +136,8 @@ class SFTRecipe:
         self.autocast = bf16
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        # Read and validate the data before the (possibly large) model: bad records fail in seconds.
+        self.dataset = load_dataset(cfg.data, format=cfg.format, columns=cfg.columns or None, limit=cfg.limit)
         self.run_dir = self._run_dir()
         base_dtype = torch.bfloat16 if self.autocast else torch.float32
         self.console.print(f"[bold]model[/bold] {cfg.model}")
@@ -195,7 +197,6 @@ class SFTRecipe:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        self.dataset = load_dataset(cfg.data, format=cfg.format, columns=cfg.columns or None, limit=cfg.limit)
         # Tokenize every example once (a text may give several windows), summarise them all, then split by example.
         examples = track(self.dataset.examples, description="tokenizing", console=self.console, transient=True,
                          disable=not self.show_progress or len(self.dataset.examples) < 2000)  # fmt: skip

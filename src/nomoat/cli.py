@@ -9,6 +9,37 @@ from typing import Annotated
 
 import typer
 
+from nomoat.commands._common import (
+    Adapter,
+    Compile,
+    Device,
+    Dtype,
+    MaxTokens,
+    MinP,
+    Model,
+    Quantize,
+    Seed,
+    Stop,
+    Temperature,
+    TopK,
+    TopP,
+)
+from nomoat.commands._common import (
+    fail as _fail,
+)
+from nomoat.commands._common import (
+    human as _human,
+)
+from nomoat.commands._common import (
+    load_for_inference as _load_for_inference,
+)
+from nomoat.commands._common import (
+    resolve_adapters as _resolve_adapters,
+)
+from nomoat.commands._common import (
+    sampling as _sampling,
+)
+
 app = typer.Typer(
     name="nomoat",
     help="Load open-weight LLMs, fine-tune them with LoRA, keep and stack adapters, serve them privately. Offline.",
@@ -16,19 +47,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "B", "T"):
-        if abs(n) < 1000:
-            return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
-        n /= 1000
-    return f"{n:.1f}P{unit}"
 
 
 @app.command()
@@ -118,112 +136,6 @@ def convert(
     except Exception as e:  # torch's weights_only unpickler refusing a global, for instance
         _fail(f"could not read the pickle weights safely: {str(e).splitlines()[0]}")
     typer.echo(f"wrote {dest / 'model.safetensors'}")
-
-
-def _load_for_inference(model: Path, quantize: str | None, dtype: str, device: str,  # noqa: ANN202
-                        adapters: list[str] | None = None):
-    """Load a model and tokenizer for generation, optionally quantized; exits with a clear error on bad input."""
-    import nomoat
-    from nomoat.models.checkpoint import CheckpointError
-    from nomoat.models.families import UnsupportedModelError
-    from nomoat.tokenizer import TokenizerNotFoundError
-
-    try:
-        m, tok = nomoat.load(model, dtype=dtype, device=device)
-    except (CheckpointError, UnsupportedModelError, TokenizerNotFoundError, ValueError) as e:
-        _fail(str(e))
-    _apply_adapters(m, adapters, tok)
-    if quantize:
-        from nomoat.models.quantize import quantize_model
-
-        try:
-            quantize_model(m, quantize)
-        except ValueError as e:
-            _fail(str(e))
-    from nomoat.models.packed import pack_model
-
-    pack_model(m)  # generation only: the remaining fp32 CPU linears get oneDNN-packed weights (about 1.4x faster)
-    return m, tok
-
-
-def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None,
-              stop: list[str] | None, repetition_penalty: float = 1.0):  # noqa: ANN202
-    from nomoat.generate.sampling import SamplingParams
-
-    try:
-        return SamplingParams(
-            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-            stop=list(stop or []), repetition_penalty=repetition_penalty,
-        )  # fmt: skip
-    except ValueError as e:
-        _fail(str(e))
-
-
-def _parse_adapter(spec: str) -> tuple[str, float]:
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
-def _resolve_adapters(adapters: list[str] | None) -> list[tuple[Path, float]]:
-    """FOLDER or registry NAME, each with an optional :WEIGHT, as (folder, weight); exits on an unknown one."""
-    from nomoat.lora.registry import AdapterNotFoundError, Registry, validate_name
-
-    out = []
-    for spec in adapters or []:
-        path, weight = _parse_adapter(spec)
-        folder = Path(path).expanduser()
-        if not folder.is_dir():  # not a folder: a name in the adapter registry (`nomoat adapters list`)?
-            try:
-                folder = Registry().path(validate_name(path))
-            except ValueError:
-                _fail(f"adapter {path!r} not found: give the adapter folder (with adapter_config.json) or a "
-                      "registry name (`nomoat adapters list`)")  # fmt: skip
-            except AdapterNotFoundError as e:
-                _fail(f"adapter {path!r} not found: it is not a folder, and {e}")
-        out.append((folder, weight))
-    return out
-
-
-def _apply_adapters(m, adapters: list[str] | None, tok=None) -> None:  # noqa: ANN001
-    """Merge each adapter (FOLDER or registry NAME, with an optional :WEIGHT) into the base weights.
-
-    W + sum_i weight_i * scale_i * B_i A_i. An existing folder wins over a registry name. A model without a chat
-    template takes the one an adapter was trained with (`chat_template.jinja` in the adapter folder).
-    """
-    if not adapters:
-        return
-    from nomoat.lora import AdapterError
-    from nomoat.lora.apply import merge_adapters
-
-    try:
-        merged = merge_adapters(m, _resolve_adapters(adapters))
-    except (AdapterError, ValueError) as e:
-        _fail(str(e))
-    template = next((a.chat_template for a in merged if a.chat_template), None)
-    if tok is not None and tok.chat_template is None and template:
-        tok.chat_templates["default"] = template
-
-Model = Annotated[Path, typer.Argument(help="A Hugging Face-format model folder.")]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")]
-Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
-TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the top tokens holding this mass.")]
-TopK = Annotated[int, typer.Option("--top-k", help="Keep the K most likely tokens (0: off).")]
-MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the most likely one.")]
-Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
-Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop before this string (repeatable).")]
-Adapter = Annotated[
-    list[str] | None,
-    typer.Option("--adapter", help="Adapter folder or registry name, with :WEIGHT; repeat to stack (merged in order)."),
-]
-Quantize = Annotated[str | None, typer.Option(help="Weight-only quantization: int8 or int4.")]
-Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (slow to start).")]
 
 
 @app.command()
@@ -324,15 +236,18 @@ Opt = typer.Option
 @app.command()
 def train(
     model: Annotated[
-        str | None, typer.Argument(help="Base model folder (Hugging Face format); or set `model:` in --config."),
+        str | None,
+        typer.Argument(help="Base model folder (Hugging Face format); or set `model:` in --config."),
     ] = None,
     data: Annotated[
-        list[str] | None, Opt("--data", "-d", help="Dataset file: JSON, JSONL, CSV or Parquet (repeatable)."),
+        list[str] | None,
+        Opt("--data", "-d", help="Dataset file: JSON, JSONL, CSV or Parquet (repeatable)."),
     ] = None,
     config: Annotated[Path | None, Opt("--config", "-c", help="YAML run file; options given here override it.")] = None,
     format: Annotated[str | None, Opt(help="Data format: auto, alpaca, dolly, sharegpt, messages, text.")] = None,
     columns: Annotated[
-        list[str] | None, Opt("--columns", help="Map a format field to your column: FIELD=COLUMN (repeatable)."),
+        list[str] | None,
+        Opt("--columns", help="Map a format field to your column: FIELD=COLUMN (repeatable)."),
     ] = None,
     name: Annotated[str | None, Opt(help="Run name (folder under --output-dir); needed to --resume.")] = None,
     output_dir: Annotated[str | None, Opt("--output-dir", help="Parent folder of run folders [default: runs].")] = None,
@@ -341,32 +256,32 @@ def train(
     dropout: Annotated[float | None, Opt(help="LoRA dropout [default: 0].")] = None,
     target: Annotated[
         list[str] | None,
-        Opt("--target", help=
-            "Module name to adapt (repeatable), or all-linear [default: attention and MLP projections]."
+        Opt(
+            "--target",
+            help="Module name to adapt (repeatable), or all-linear [default: attention and MLP projections].",
         ),
     ] = None,
     dora: Annotated[
-        bool | None, Opt("--dora/--no-dora", help="Weight-decomposed LoRA (DoRA).", show_default=False),
+        bool | None,
+        Opt("--dora/--no-dora", help="Weight-decomposed LoRA (DoRA).", show_default=False),
     ] = None,
     rslora: Annotated[
-        bool | None, Opt("--rslora/--no-rslora", help="Rank-stabilised scaling alpha/sqrt(r).", show_default=False),
+        bool | None,
+        Opt("--rslora/--no-rslora", help="Rank-stabilised scaling alpha/sqrt(r).", show_default=False),
     ] = None,
     train_module: Annotated[
         list[str] | None,
-        Opt("--train-module", help=
-            "Also train this module fully: embed_tokens or lm_head (repeatable)."
-        ),
+        Opt("--train-module", help="Also train this module fully: embed_tokens or lm_head (repeatable)."),
     ] = None,
     seq_len: Annotated[int | None, Opt("--seq-len", help="Longest training row in tokens [default: 1024].")] = None,
     packing: Annotated[
         bool | None,
-        Opt("--packing/--no-packing", help=
-            "Pack short examples into full rows [default: on]."
-       , show_default=False),
+        Opt("--packing/--no-packing", help="Pack short examples into full rows [default: on].", show_default=False),
     ] = None,
     batch_size: Annotated[int | None, Opt("--batch-size", "-b", help="Rows per micro-batch [default: 4].")] = None,
     grad_accum: Annotated[
-        int | None, Opt("--grad-accum", help="Micro-batches per optimizer step [default: 1]."),
+        int | None,
+        Opt("--grad-accum", help="Micro-batches per optimizer step [default: 1]."),
     ] = None,
     epochs: Annotated[float | None, Opt(help="Passes over the data [default: 1].")] = None,
     max_steps: Annotated[int | None, Opt("--max-steps", help="Optimizer steps (overrides --epochs).")] = None,
@@ -375,34 +290,42 @@ def train(
     warmup_steps: Annotated[int | None, Opt("--warmup-steps", help="Warmup steps [default: 3% of the steps].")] = None,
     weight_decay: Annotated[float | None, Opt("--weight-decay", help="AdamW weight decay [default: 0].")] = None,
     max_grad_norm: Annotated[
-        float | None, Opt("--max-grad-norm", help="Gradient clipping norm, 0 to disable [default: 1]."),
+        float | None,
+        Opt("--max-grad-norm", help="Gradient clipping norm, 0 to disable [default: 1]."),
     ] = None,
     grad_checkpointing: Annotated[
         bool | None,
-        Opt("--grad-checkpointing/--no-grad-checkpointing", help=
-            "Recompute activations in backward: less memory, slower."
-       , show_default=False),
+        Opt(
+            "--grad-checkpointing/--no-grad-checkpointing",
+            help="Recompute activations in backward: less memory, slower.",
+            show_default=False,
+        ),
     ] = None,
     train_on: Annotated[
-        str | None, Opt("--train-on", help="Tokens with a loss: assistant, all or last [default: assistant]."),
+        str | None,
+        Opt("--train-on", help="Tokens with a loss: assistant, all or last [default: assistant]."),
     ] = None,
     val_fraction: Annotated[
-        float | None, Opt("--val-fraction", help="Fraction of examples held out for validation."),
+        float | None,
+        Opt("--val-fraction", help="Fraction of examples held out for validation."),
     ] = None,
     val_size: Annotated[int | None, Opt("--val-size", help="Number of examples held out for validation.")] = None,
     eval_every: Annotated[int | None, Opt("--eval-every", help="Steps between validation losses.")] = None,
     save_every: Annotated[
-        int | None, Opt("--save-every", help="Steps between checkpoints (0: only at the end)."),
+        int | None,
+        Opt("--save-every", help="Steps between checkpoints (0: only at the end)."),
     ] = None,
     seed: Annotated[int | None, Opt(help="Seed for initialisation, dropout and data order [default: 42].")] = None,
     dtype: Annotated[str | None, Opt(help="auto (fp32 on CPU, bf16 autocast on CUDA), float32 or bfloat16.")] = None,
     device: Annotated[str | None, Opt(help="auto, cpu or cuda.")] = None,
     quantize_base: Annotated[
-        str | None, Opt("--quantize-base", help="QLoRA: quantize the frozen base to int8, int4 or nf4."),
+        str | None,
+        Opt("--quantize-base", help="QLoRA: quantize the frozen base to int8, int4 or nf4."),
     ] = None,
     limit: Annotated[int | None, Opt(help="Use only the first N examples.")] = None,
     resume: Annotated[
-        bool, Opt("--resume", help="Continue the run named by --name from its newest checkpoint."),
+        bool,
+        Opt("--resume", help="Continue the run named by --name from its newest checkpoint."),
     ] = False,
     progress: Annotated[bool, Opt("--progress/--no-progress", help="Show the live progress bar.")] = True,
 ) -> None:
@@ -500,8 +423,16 @@ def adapters_list(
         table.add_column(column, overflow="fold")
     for i in infos:
         base = Path(i.base_model).name if i.base_model and "/" in i.base_model else i.base_model
-        table.add_row(i.name, _fmt(base) if not i.error else f"unreadable: {i.error}", _fmt(i.r), _fmt(i.alpha),
-                      "yes" if i.dora else "no", _human(i.size_bytes, "B"), _fmt(i.created), _fmt(i.final_loss))
+        table.add_row(
+            i.name,
+            _fmt(base) if not i.error else f"unreadable: {i.error}",
+            _fmt(i.r),
+            _fmt(i.alpha),
+            "yes" if i.dora else "no",
+            _human(i.size_bytes, "B"),
+            _fmt(i.created),
+            _fmt(i.final_loss),
+        )
     Console(width=max(120, Console().width)).print(table)
 
 
@@ -612,7 +543,6 @@ def adapters_rm(
 app.add_typer(adapters_app, name="adapters")
 
 
-
 @app.command()
 def export(
     model: Model,
@@ -640,6 +570,17 @@ def export(
     except (ExportError, ValueError, OSError) as e:
         _fail(str(e))
     typer.echo(f"wrote {written}")
+
+
+# Commands that live in their own modules (each has `register(app)`).
+from nomoat.commands import demo as _demo_cmd  # noqa: E402
+from nomoat.commands import evaluate as _eval_cmd  # noqa: E402
+from nomoat.commands import merge as _merge_cmd  # noqa: E402
+from nomoat.commands import serve as _serve_cmd  # noqa: E402
+
+for _mod in (_demo_cmd, _eval_cmd, _merge_cmd, _serve_cmd):
+    _mod.register(app)
+
 
 def main() -> None:
     """Entry point of the `nomoat` console script."""

@@ -221,7 +221,7 @@ SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidde
             eos_token_id=2)  # fmt: skip
 
 
-def bench_decode(root: Path, dev: str, new: int) -> None:
+def bench_decode(root: Path, dev: str, new: int, engines: set[str]) -> None:
     """Decode tokens/s at batch 1 and batch 8 on a SmolLM2-135M-shaped model: nomoat variants vs transformers."""
     import transformers
 
@@ -244,8 +244,10 @@ def bench_decode(root: Path, dev: str, new: int) -> None:
             quantize_model(m, quant)
         t0 = time.perf_counter()
         e = Engine(m, _Tok(), max_running=8, max_seq_len=512, prefix_cache_bytes=0, compile=compile_)
-        for _ in range(2):  # warm-up (and compile)
-            e.generate(prompt, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
+        warm = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+        for _ in range(2):  # warm-up, and compile: batch 1 and then any batch size (one recompile, for B > 1)
+            e.generate(prompt, warm)
+            [h.result() for h in [e.submit(p, warm) for p in prompts8]]
         warm_s = time.perf_counter() - t0
         out = e.generate(prompt, SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True))
         p8 = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
@@ -257,6 +259,8 @@ def bench_decode(root: Path, dev: str, new: int) -> None:
                warmup_s=warm_s)  # fmt: skip
 
     for dtype in (torch.float32, torch.bfloat16):
+        if engines and f"transformers-{str(dtype).removeprefix('torch.')}" not in engines:
+            continue
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
         kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
         x = torch.tensor([prompt], device=dev)
@@ -279,12 +283,15 @@ def bench_decode(root: Path, dev: str, new: int) -> None:
         record("decode", engine=f"transformers-{str(dtype).removeprefix('torch.')}", device=dev, batch1_tok_s=b1,
                batch8_tok_s=b8)  # fmt: skip
         del hf
-    for label, dtype, quant, comp in (("nomoat-fp32", torch.float32, None, False),
-                                      ("nomoat-bf16", torch.bfloat16, None, False),
-                                      ("nomoat-int8", torch.bfloat16, "int8", False),
-                                      ("nomoat-int4", torch.bfloat16, "int4", False),
-                                      ("nomoat-fp32-compile", torch.float32, None, True),
-                                      ("nomoat-bf16-compile", torch.bfloat16, None, True)):  # fmt: skip
+    variants = (("nomoat-fp32", torch.float32, None, False),
+                ("nomoat-bf16", torch.bfloat16, None, False),
+                ("nomoat-int8", torch.bfloat16, "int8", False),
+                ("nomoat-int4", torch.bfloat16, "int4", False),
+                ("nomoat-fp32-compile", torch.float32, None, True),
+                ("nomoat-bf16-compile", torch.bfloat16, None, True))  # fmt: skip
+    for label, dtype, quant, comp in variants:
+        if engines and label not in engines:
+            continue
         try:
             run_engine(label, dtype, quant, comp)
         except Exception as e:  # a failing variant is reported, the others still run
@@ -367,7 +374,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer decode tokens and training steps")
     ap.add_argument("--only", default="parity,quantize,training,decode,train_speed", help="comma-separated parts")
     ap.add_argument("--device", default="cuda", help="cuda (cpu only to try the script itself)")
+    ap.add_argument("--decode-engines", default="", help="comma-separated decode variants (default: all)")
     a = ap.parse_args()
+    engines = set(filter(None, a.decode_engines.split(",")))
     if not torch.cuda.is_available() and a.device == "cuda":
         print(json.dumps({"benchmark": "cuda_check", "error": "no CUDA device"}))
         return
@@ -377,7 +386,7 @@ def main() -> None:
         root = Path(d)
         for name, fn in (("parity", lambda: check_parity(root, dev)), ("quantize", lambda: check_quantize(root, dev)),
                          ("training", lambda: check_training(root, dev)),
-                         ("decode", lambda: bench_decode(root, dev, 64 if a.quick else 128)),
+                         ("decode", lambda: bench_decode(root, dev, 64 if a.quick else 128, engines)),
                          ("train_speed", lambda: bench_train(root, dev, 5 if a.quick else 20))):  # fmt: skip
             if name not in parts:
                 continue
@@ -395,18 +404,29 @@ def main() -> None:
     ratios: dict[str, float] = {}
     for dt in ("float32", "bfloat16"):
         if f"nomoat-{dt}" in speed and f"peft-{dt}" in speed:
-            ratios[f"train_tokens_per_s_vs_peft_{dt}"] = speed[f"nomoat-{dt}"]["tokens_per_s"] / speed[
-                f"peft-{dt}"]["tokens_per_s"]
-            ratios[f"train_peak_gpu_mem_vs_peft_{dt}"] = speed[f"nomoat-{dt}"]["peak_gpu_mib"] / speed[
-                f"peft-{dt}"]["peak_gpu_mib"]
+            ratios[f"train_tokens_per_s_vs_peft_{dt}"] = (
+                speed[f"nomoat-{dt}"]["tokens_per_s"] / speed[f"peft-{dt}"]["tokens_per_s"]
+            )
+            ratios[f"train_peak_gpu_mem_vs_peft_{dt}"] = (
+                speed[f"nomoat-{dt}"]["peak_gpu_mib"] / speed[f"peft-{dt}"]["peak_gpu_mib"]
+            )
     for ours, peer in (("nomoat-fp32", "transformers-float32"), ("nomoat-bf16", "transformers-bfloat16"),
                        ("nomoat-bf16-compile", "transformers-bfloat16")):  # fmt: skip
         if ours in dec and peer in dec:
             ratios[f"decode_b1_{ours}_vs_{peer}"] = dec[ours]["batch1_tok_s"] / dec[peer]["batch1_tok_s"]
             ratios[f"decode_b8_{ours}_vs_{peer}"] = dec[ours]["batch8_tok_s"] / dec[peer]["batch8_tok_s"]
     ratios = {k: round(v, 3) for k, v in ratios.items() if math.isfinite(v)}
-    print(json.dumps({"benchmark": "cuda_check", "machine": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
-                      "torch": torch.__version__, "results": RESULTS, "ratios": ratios}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "cuda_check",
+                "machine": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "results": RESULTS,
+                "ratios": ratios,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Typical use:
 """
 
 from nomoat.config.lora import LoRAConfig
+from nomoat.lora.combine import METHODS as MERGE_METHODS
+from nomoat.lora.combine import CombineError, Parent, combine, combine_adapters, save_combined
 from nomoat.lora.inject import (
     count_parameters,
     inject_lora,
@@ -24,6 +26,12 @@ from nomoat.lora.peft_format import AdapterError, load_adapter, read_adapter_con
 
 __all__ = [
     "AdapterError",
+    "CombineError",
+    "MERGE_METHODS",
+    "Parent",
+    "combine",
+    "combine_adapters",
+    "save_combined",
     "LoRAConfig",
     "LoRALinear",
     "NF4Linear",

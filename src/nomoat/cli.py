@@ -188,7 +188,10 @@ def generate(
 
 @app.command()
 def chat(
-    model: Model,
+    model: Annotated[
+        Path | None,
+        typer.Argument(help="A Hugging Face-format model folder; with --server, a model name on the server."),
+    ] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     adapter: Adapter = None,
     max_tokens: MaxTokens = 512,
@@ -201,16 +204,53 @@ def chat(
     dtype: Dtype = "auto",
     device: Device = "auto",
     compile_decode: Compile = False,
+    server: Annotated[
+        str | None,
+        typer.Option(help="Chat with a running `nomoat serve` (or any OpenAI-compatible server) at this URL."),
+    ] = None,
+    server_model: Annotated[
+        str | None,
+        typer.Option("--model", help="With --server: the base (default), an adapter, or a stack base+a:1.0+b:0.5."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="With --server: the server's API key.", envvar="NOMOAT_API_KEY", show_envvar=True),
+    ] = None,
 ) -> None:
     """Chat with a model in the terminal, with its chat template, streaming and history.
 
     Type a message and press Enter. End a line with a backslash to continue on the next line, or wrap a block in
     triple quotes. Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit.
+
+    With --server URL the model runs on that server (`nomoat serve`), not here: MODEL or --model names it there,
+    --adapter names adapters there to stack on it.
     """
     from nomoat.generate.chat import ChatSession, run_terminal_chat
-    from nomoat.generate.engine import Engine
 
     params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, None)
+    if server:
+        from nomoat.generate.remote import RemoteChatSession, RemoteError
+
+        if quantize or compile_decode or dtype != "auto" or device != "auto":
+            typer.secho("note: --quantize, --compile, --dtype and --device are the server's business; ignored",
+                        dim=True, err=True)  # fmt: skip
+        if model is not None and server_model is not None:
+            _fail("give the server's model once: as MODEL or as --model")
+        wanted = server_model if server_model is not None else (str(model) if model is not None else None)
+        with RemoteChatSession(server, params, system=system, api_key=api_key) as session:
+            try:
+                name = session.connect(wanted, adapter)
+            except RemoteError as e:
+                _fail(str(e))
+            typer.secho(f"(model {name} on {session.base_url})", dim=True, err=True)
+            run_terminal_chat(session)
+        return
+    if model is None:
+        _fail("give a model folder, or --server URL to chat with a running server")
+    if server_model is not None:
+        _fail("--model picks a model on a server: use it with --server (a local model is the MODEL argument)")
+    from nomoat.generate.engine import Engine
+
     m, tok = _load_for_inference(model, quantize, dtype, device, adapter)
     if tok.chat_template is None:
         _fail(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja); use `nomoat generate`")
@@ -546,27 +586,81 @@ app.add_typer(adapters_app, name="adapters")
 @app.command()
 def export(
     model: Model,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (created; must not exist unless --force).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="hf: the folder to write; gguf, gguf-lora: the .gguf file to write."),
+    ],
     adapter: Adapter = None,
-    format: Annotated[str, typer.Option(help="Output format: hf (a merged Hugging Face safetensors folder).")] = "hf",
-    dtype: Annotated[str, typer.Option(help="auto (the base checkpoint's dtype), float32, bfloat16 or float16.")] = (
+    format: Annotated[
+        str,
+        typer.Option(
+            help="hf (merged Hugging Face folder), gguf (merged GGUF for llama.cpp/Ollama) or gguf-lora "
+            "(one adapter as a GGUF LoRA, for llama.cpp --lora / Ollama ADAPTER)."
+        ),
+    ] = "hf",
+    dtype: Annotated[str, typer.Option(help="hf only: auto (the checkpoint's dtype), float32, bfloat16, float16.")] = (
         "auto"
     ),
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
+    outtype: Annotated[
+        str | None, typer.Option("--outtype", help="gguf, gguf-lora: f32, f16 (default) or q8_0.")
+    ] = None,
+    tokenizer_pre: Annotated[
+        str | None,
+        typer.Option("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name, overriding the detection."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing folder or file.")] = False,
 ) -> None:
-    """Write the base model with adapters merged in, as a folder that transformers (and nomoat) load.
+    """Write the base model with adapters merged in (a Hugging Face folder or a GGUF file), or an adapter as GGUF.
 
-    Adapters merge in order, each scaled by its weight (`--adapter a --adapter b:0.5`). Tokenizer files and the chat
-    template come along (an adapter's own template when the base has none).
+    Adapters merge in order, each scaled by its weight (`--adapter a --adapter b:0.5`). `--format hf` keeps the
+    tokenizer files and chat template (an adapter's own template when the base has none); `--format gguf` writes
+    them into the file. `--format gguf-lora` writes one adapter (`--adapter`) for a GGUF of the same base model.
     """
     from nomoat.export.merged import ExportError, export_merged
 
-    if format != "hf":
-        _fail(f"format {format!r} is not available yet; use --format hf (GGUF export is planned)")
-    if out.exists() and any(out.iterdir()) and not force:
-        _fail(f"{out} exists and is not empty; choose another --out or pass --force")
+    formats = ("hf", "gguf", "gguf-lora")
+    if format not in formats:
+        _fail(f"unknown format {format!r}; use one of {', '.join(formats)}")
+    if format == "hf" and (outtype is not None or tokenizer_pre is not None):
+        _fail("--outtype and --tokenizer-pre are for GGUF; with --format hf use --dtype")
+    if format != "hf" and dtype != "auto":
+        _fail("--dtype is for --format hf; GGUF uses --outtype f32, f16 or q8_0")
+    if format == "gguf-lora" and tokenizer_pre is not None:
+        _fail("--tokenizer-pre is for --format gguf (a GGUF LoRA has no tokenizer)")
+    if format == "hf":
+        if out.exists() and any(out.iterdir()) and not force:
+            _fail(f"{out} exists and is not empty; choose another --out or pass --force")
+    elif out.is_dir():
+        _fail(f"{out} is a folder; GGUF export writes one file, e.g. --out {out / 'model.gguf'}")
+    elif out.exists() and not force:
+        _fail(f"{out} exists; choose another --out or pass --force")
+    adapters = _resolve_adapters(adapter)
+    if format == "gguf-lora" and len(adapters) != 1:
+        _fail("--format gguf-lora writes exactly one adapter: pass one --adapter (to stack several, merge them with "
+              "--format gguf)")  # fmt: skip
     try:
-        written = export_merged(model, _resolve_adapters(adapter), out, dtype=dtype)
+        if format == "hf":
+            written = export_merged(model, adapters, out, dtype=dtype)
+        else:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+            from nomoat.export.gguf import export_gguf
+            from nomoat.export.gguf_lora import export_gguf_lora
+
+            columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn())
+            with Progress(*columns, transient=True) as bar:
+                task = bar.add_task(f"writing {out.name}", total=None)
+
+                def progress(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                if format == "gguf":
+                    written = export_gguf(model, adapters, out, outtype=outtype or "f16", tokenizer_pre=tokenizer_pre,
+                                          progress=progress)  # fmt: skip
+                else:
+                    ((folder, weight),) = adapters
+                    written = export_gguf_lora(model, folder, out, outtype=outtype or "f16", scale=weight,
+                                               progress=progress)  # fmt: skip
     except (ExportError, ValueError, OSError) as e:
         _fail(str(e))
     typer.echo(f"wrote {written}")

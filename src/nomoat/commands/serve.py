@@ -2,8 +2,141 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from nomoat.commands._common import Device, Dtype, Model, Quantize, fail
+
+Opt = typer.Option
+
+
+def _adapter_specs(specs: list[str] | None) -> dict[str, Path]:
+    """`--adapter` values (`DIR`, `NAME=DIR` or a registry `NAME`) as name -> folder; exits on a bad one."""
+    from nomoat.lora.registry import AdapterNotFoundError, Registry, validate_name
+
+    out: dict[str, Path] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "", spec
+        folder = Path(path).expanduser()
+        try:
+            if folder.is_dir():
+                name = validate_name(name or folder.resolve().name)
+            else:
+                if name:
+                    fail(f"--adapter {spec}: {folder} is not a folder")
+                name, folder = path, Registry().path(validate_name(path))
+        except ValueError as e:
+            fail(f"--adapter {spec}: {e} (give NAME=DIR to name a folder)")
+        except AdapterNotFoundError as e:
+            fail(f"--adapter {spec}: not a folder, and {e}")
+        if name in out:
+            fail(f"--adapter {spec}: two adapters are named {name!r} (give NAME=DIR)")
+        out[name] = folder
+    return out
+
+
+def serve(
+    model: Model,
+    adapter: Annotated[
+        list[str] | None,
+        Opt(
+            "--adapter",
+            help="Adapter to load at start: a folder, NAME=FOLDER, or a registry name (repeatable). "
+            "Registry adapters also load on first use.",
+        ),
+    ] = None,  # fmt: skip
+    host: Annotated[str, Opt(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, Opt(help="Port.")] = 8000,
+    api_key: Annotated[
+        str | None, Opt("--api-key", envvar="NOMOAT_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    name: Annotated[str | None, Opt(help="The base model's name in the API [default: the folder's name].")] = None,
+    max_running: Annotated[int, Opt("--max-running", help="Requests decoded together (batch rows).")] = 8,
+    max_queue: Annotated[int, Opt("--max-queue", help="Requests allowed to wait; beyond it 429.")] = 64,
+    max_loaded_adapters: Annotated[int, Opt("--max-loaded-adapters", help="Adapters kept in memory (LRU).")] = 8,
+    max_seq_len: Annotated[
+        int | None, Opt("--max-seq-len", help="Tokens per request, prompt + completion [default: context, <= 4096].")
+    ] = None,
+    max_prompt_tokens: Annotated[int | None, Opt("--max-prompt-tokens", help="Longest prompt accepted.")] = None,
+    max_completion_tokens: Annotated[
+        int, Opt("--max-completion-tokens", help="Largest max_tokens accepted (and the default).")
+    ] = 2048,
+    max_body_bytes: Annotated[int, Opt("--max-body-bytes", help="Largest request body.")] = 2 * 2**20,
+    quantize: Quantize = None,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+) -> None:
+    """Serve a model and its adapters over an OpenAI-compatible HTTP API (chat, completions, streaming).
+
+    Requests pick the base model, an adapter, or a stack (`base+a:1.0+b:0.5`) in their `model` field; requests
+    for different adapters are batched together. GET /health is 503 while the model loads, then 200.
+    """
+    # OpenMP reads OMP_WAIT_POLICY once, when torch loads its runtime: only effective if torch is not loaded yet
+    # (it is not, when run from the command line). Passive waiting stops idle threads spinning on small VMs.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not (model / "config.json").is_file():
+        fail(f"{model} is not a model folder (no config.json)")
+    for flag, value in (("--max-running", max_running), ("--max-queue", max_queue),
+                        ("--max-loaded-adapters", max_loaded_adapters), ("--max-completion-tokens",
+                                                                          max_completion_tokens)):  # fmt: skip
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
+    adapters = _adapter_specs(adapter)
+
+    import uvicorn
+
+    from nomoat.serve.app import ServerState, ServeSettings, create_app
+
+    base = name or model.resolve().name
+    settings = ServeSettings(
+        model_name=base, api_key=api_key, adapters=adapters, max_loaded_adapters=max_loaded_adapters,
+        max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens,
+        max_body_bytes=max_body_bytes,
+    )  # fmt: skip
+
+    def load():  # noqa: ANN202
+        from nomoat.commands._common import load_for_inference
+        from nomoat.generate.engine import Engine
+
+        m, tok = load_for_inference(model, quantize, dtype, device)
+        return Engine(m, tok, max_running=max_running, max_queue=max_queue, max_seq_len=max_seq_len)
+
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    server: uvicorn.Server | None = None
+
+    def ready(state: ServerState) -> None:
+        names = [base, *(n for n, _ in state.manager.names())] if state.manager else [base]
+        auth = f' -H "Authorization: Bearer {"$NOMOAT_API_KEY"}"' if api_key else ""
+        typer.echo(f"nomoat serve: ready at {url}/v1  models: {', '.join(names)}", err=True)
+        typer.echo(f"  try: curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
+                   f"-d '{{\"model\": \"{base}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+                   err=True)  # fmt: skip
+        typer.echo(f"  or:  OpenAI(base_url='{url}/v1', api_key={'your key' if api_key else repr('none')})"
+                   f".chat.completions.create(model='{base}', messages=[...])", err=True)  # fmt: skip
+
+    def failed(exc: BaseException) -> None:
+        if not isinstance(exc, typer.Exit):  # `fail` already printed its message
+            typer.secho(f"error: could not load {model}: {exc}", fg=typer.colors.RED, err=True)
+        if server is not None:
+            server.should_exit = True
+
+    typer.echo(f"nomoat serve: loading {model} ({base}); listening on {url} (/health is 503 until ready)", err=True)
+    app = create_app(load, settings, on_ready=ready, on_error=failed)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    server.should_exit = app.state.error is not None  # loading may already have failed
+    server.run()
+    if app.state.error:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's command(s) to the `nomoat` app."""
+    app.command()(serve)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from nomoat.generate.engine import Completion, Delta, Engine
 from nomoat.generate.sampling import SamplingParams
@@ -12,6 +12,25 @@ from nomoat.models.transformer import Transformer
 from nomoat.tokenizer import Tokenizer
 
 HELP = "Commands: /reset  forget the conversation · /system TEXT  set the system prompt · /exit  quit"
+
+
+class ChatTurnError(RuntimeError):
+    """One turn failed (a server refused it, say): the terminal reports it and the conversation goes on."""
+
+
+class ChatBackend(Protocol):
+    """What the terminal chat needs from a conversation: `ChatSession` (local) or `RemoteChatSession` (a server)."""
+
+    system: str | None
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+
+    def set_system(self, text: str | None) -> None:
+        """Set (or clear, with None or "") the system prompt."""
+
+    def send(self, text: str) -> Iterator[Delta | Completion]:
+        """Add a user message and stream the answer: `Delta`s, then one `Completion`."""
 
 
 class ChatSession:
@@ -96,8 +115,14 @@ def read_message(read: Callable[[str], str]) -> str | None:
     return "\n".join(lines)
 
 
-def run_terminal_chat(session: ChatSession, read: Callable[[str], str] = input, out: TextIO | None = None) -> None:
-    """The interactive loop of `nomoat chat`."""
+def run_terminal_chat(session: ChatBackend, read: Callable[[str], str] = input, out: TextIO | None = None) -> None:
+    """The interactive loop of `nomoat chat`, over a local model or a server.
+
+    Args:
+        session: The conversation: a local `ChatSession` or a `nomoat.generate.remote.RemoteChatSession`.
+        read: Reads one line after printing a prompt (`input` by default; raises EOFError at the end).
+        out: Where answers go (default: stdout).
+    """
     out = out or sys.stdout
     out.write(f"{HELP}\n")
     if session.system:
@@ -124,10 +149,13 @@ def run_terminal_chat(session: ChatSession, read: Callable[[str], str] = input, 
             out.write(f"(unknown command {stripped.split()[0]}) {HELP}\n")
             continue
         out.write("bot> ")
-        for event in session.send(message):
-            if isinstance(event, Delta):
-                out.write(event.text)
-                out.flush()
-            else:
-                rate = f"{event.decode_tokens_per_s:.1f} tok/s" if event.decode_tokens_per_s else "-"
-                out.write(f"\n[{event.completion_tokens} tokens · {rate} · {event.finish_reason}]\n")
+        try:
+            for event in session.send(message):
+                if isinstance(event, Delta):
+                    out.write(event.text)
+                    out.flush()
+                else:
+                    rate = f"{event.decode_tokens_per_s:.1f} tok/s" if event.decode_tokens_per_s else "-"
+                    out.write(f"\n[{event.completion_tokens} tokens · {rate} · {event.finish_reason}]\n")
+        except ChatTurnError as e:
+            out.write(f"\n(error: {e})\n")

@@ -78,10 +78,10 @@ class Completion:
 class RequestHandle:
     """What `Engine.submit` returns: iterate it for `Delta`s then one `Completion`; `cancel()` to stop early."""
 
-    def __init__(self, engine: Engine, request_id: str) -> None:
+    def __init__(self, engine: Engine, request_id: str, events: queue.Queue | None = None) -> None:
         self.engine = engine
         self.request_id = request_id
-        self.events: queue.Queue[Delta | Completion] = queue.Queue()
+        self.events: queue.Queue[Delta | Completion] = queue.Queue() if events is None else events
         self.completion: Completion | None = None
 
     def cancel(self) -> None:
@@ -205,6 +205,19 @@ class Engine:
                 self.bank = AdapterBank(self.model)
             self.bank.add(name, folder)
 
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; requests can no longer select it.
+
+        Raises:
+            ValueError: A waiting or running request uses it.
+        """
+        with self.lock:
+            users = [r.id for r in (*self.waiting, *self.running) if any(a == name for a, _ in r.adapter)]
+            if users:
+                raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
+            if self.bank is not None:
+                self.bank.remove(name)
+
     @property
     def adapters(self) -> list[str]:
         """Names of the loaded adapters."""
@@ -223,6 +236,7 @@ class Engine:
         params: SamplingParams | None = None,
         adapter: AdapterSelection = (),
         request_id: str | None = None,
+        events: queue.Queue | None = None,
     ) -> RequestHandle:
         """Queue a request; returns its handle at once.
 
@@ -231,6 +245,8 @@ class Engine:
             params: Sampling parameters (default: `SamplingParams()`).
             adapter: The adapter selection for this request (empty: the base model).
             request_id: A name for the request (default: a counter).
+            events: The queue the request's `Delta`s and `Completion` are put into (default: a new `queue.Queue`);
+                a server passes one whose `put` wakes its event loop.
 
         Raises:
             QueueFullError: `max_queue` requests are already waiting.
@@ -247,7 +263,7 @@ class Engine:
                 raise ValueError("no adapter is loaded in this engine (add one with add_adapter)")
             adapter = self.bank.check(adapter)
         rid = request_id or f"req-{next(self._ids)}"
-        handle = RequestHandle(self, rid)
+        handle = RequestHandle(self, rid, events)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= set(self.tokenizer.eos_token_ids)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `create_app(engine, settings)` (see `nomoat.serve.app`)."""

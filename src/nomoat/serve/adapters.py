@@ -1,0 +1,257 @@
+"""Which adapters the server knows, which are in memory, and the model-name syntax that selects them.
+
+A request's `model` is the base model's name, an adapter's name, or a stack `base+a:1.0+b:0.5` (an adapter's
+weight defaults to 1.0; the base's name may be left out: `a+b:0.5`). Adapters come from `--adapter` at start, from
+`POST /v1/adapters`, or from the adapter registry (`$NOMOAT_HOME/adapters`) on first use. At most `max_loaded` stay
+in memory: the least recently used one that no request is using is evicted to make room, and one in use never is.
+
+Each load gets a fresh engine-side name (`name@N`): the engine's prefix cache keys cached prompts by adapter name,
+so an adapter reloaded from a different folder under the same public name can never see another's cached keys.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from nomoat.lora.peft_format import AdapterError
+from nomoat.lora.registry import AdapterNotFoundError, Registry, validate_name
+
+
+class AdapterHost(Protocol):
+    """What the manager needs from the engine."""
+
+    def add_adapter(self, name: str, folder: str | Path) -> None:
+        """Load a PEFT adapter folder under `name`."""
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter."""
+
+
+class UnknownModelError(LookupError):
+    """The model name names no base and no adapter (404)."""
+
+
+class BadModelError(ValueError):
+    """The model name is malformed, e.g. a bad weight (400)."""
+
+
+class AdapterBusyError(RuntimeError):
+    """Every adapter slot is used by running requests (429: retry later)."""
+
+
+class AdapterConflictError(RuntimeError):
+    """The name is taken by another folder, or the adapter to unload is in use (409)."""
+
+
+def parse_model(model: str, base: str) -> list[tuple[str, float]]:
+    """Split a model name into its adapters and weights.
+
+    Args:
+        model: `base`, `adapter`, `adapter:0.5`, or `base+a:1.0+b:0.5`.
+        base: The base model's name.
+
+    Returns:
+        `(adapter name, weight)` pairs in order; empty for the base alone.
+
+    Raises:
+        UnknownModelError: A part is not a valid adapter name.
+        BadModelError: A weight is not a finite number, or a part is empty.
+    """
+    if model == base:
+        return []
+    rest = model[len(base) + 1 :] if model.startswith(base + "+") else model
+    out = []
+    for part in rest.split("+"):
+        name, sep, weight_text = part.partition(":")
+        weight = 1.0
+        if sep:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise BadModelError(f"model {model!r}: {weight_text!r} is not a weight (NAME:WEIGHT)") from None
+            if not math.isfinite(weight):
+                raise BadModelError(f"model {model!r}: the weight of {name!r} is not finite")
+        if not name:
+            raise BadModelError(f"model {model!r}: an empty adapter name (use base+a:1.0+b:0.5)")
+        try:
+            validate_name(name)
+        except ValueError:
+            raise UnknownModelError(f"The model `{model}` does not exist: {name!r} is not an adapter name") from None
+        out.append((name, weight))
+    return out
+
+
+class AdapterManager:
+    """Known adapters, the loaded ones in LRU order, and how many requests use each.
+
+    Args:
+        host: The engine (`add_adapter` / `remove_adapter`).
+        max_loaded: Most adapters in memory at once.
+        registry: Where unknown names are looked up (default: `$NOMOAT_HOME`).
+        on_event: Called with "load" or "evict" (metrics).
+    """
+
+    def __init__(
+        self,
+        host: AdapterHost,
+        max_loaded: int = 8,
+        registry: Registry | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
+        self.host = host
+        self.max_loaded = max_loaded
+        self.registry = registry or Registry()
+        self.on_event = on_event or (lambda _: None)
+        self.known: dict[str, Path] = {}  # registered (start-up or POST): name -> folder
+        self.loaded: OrderedDict[str, str] = OrderedDict()  # name -> engine-side name, least recently used first
+        self.users: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self._loads = 0
+
+    # ---- names --------------------------------------------------------------------------------------------------
+
+    def register(self, name: str, folder: str | Path) -> None:
+        """Make `name` resolve to `folder` (not loaded yet).
+
+        Raises:
+            ValueError: An invalid name.
+            AdapterConflictError: The name is taken by another folder.
+        """
+        validate_name(name)
+        folder = Path(folder).expanduser().resolve()
+        with self.lock:
+            if name in self.known and self.known[name] != folder:
+                raise AdapterConflictError(f"an adapter named {name!r} is already registered ({self.known[name]})")
+            self.known[name] = folder
+
+    def folder(self, name: str) -> Path:
+        """The folder of a registered or registry adapter.
+
+        Raises:
+            UnknownModelError: Neither registered nor in the registry.
+        """
+        if name in self.known:
+            return self.known[name]
+        try:
+            return self.registry.path(name)
+        except (AdapterNotFoundError, ValueError):
+            raise UnknownModelError(f"The model `{name}` does not exist (no such adapter)") from None
+
+    def names(self) -> list[tuple[str, bool]]:
+        """Every adapter a request may name (registered, loaded, in the registry), with whether it is loaded."""
+        with self.lock:
+            names = set(self.known) | set(self.loaded)
+            loaded = set(self.loaded)
+        names |= set(self.registry.names())
+        return [(n, n in loaded) for n in sorted(names)]
+
+    # ---- loading --------------------------------------------------------------------------------------------------
+
+    def acquire(self, names: list[str]) -> dict[str, str]:
+        """Load what is missing (evicting idle adapters if needed) and mark the adapters in use.
+
+        Args:
+            names: The adapters of one request.
+
+        Returns:
+            Public name -> engine-side name. Pair with `release(names)`.
+
+        Raises:
+            UnknownModelError: An adapter is unknown.
+            AdapterBusyError: Not enough idle slots to load the missing adapters.
+            AdapterError: A folder is not a usable adapter.
+        """
+        wanted = list(dict.fromkeys(names))
+        if len(wanted) > self.max_loaded:
+            raise BadModelError(f"the stack has {len(wanted)} adapters; this server holds at most {self.max_loaded}")
+        with self.lock:
+            missing = [n for n in wanted if n not in self.loaded]
+            folders = {n: self.folder(n) for n in missing}
+            idle = [n for n in self.loaded if not self.users.get(n) and n not in wanted]
+            excess = len(self.loaded) + len(missing) - self.max_loaded
+            if excess > len(idle):
+                raise AdapterBusyError(
+                    f"all {self.max_loaded} adapter slots are in use by running requests; retry later"
+                )
+            for name in idle[: max(excess, 0)]:
+                self._evict(name)
+            for name in missing:
+                self._loads += 1
+                engine_name = f"{name}@{self._loads}"
+                self.host.add_adapter(engine_name, folders[name])
+                self.loaded[name] = engine_name
+                self.on_event("load")
+            for name in wanted:
+                self.loaded.move_to_end(name)
+                self.users[name] = self.users.get(name, 0) + 1
+            return {n: self.loaded[n] for n in wanted}
+
+    def release(self, names: list[str]) -> None:
+        """A request that `acquire`d these adapters has finished."""
+        with self.lock:
+            for name in dict.fromkeys(names):
+                left = self.users.get(name, 0) - 1
+                if left > 0:
+                    self.users[name] = left
+                else:
+                    self.users.pop(name, None)
+
+    def load(self, name: str, folder: str | Path | None = None) -> None:
+        """Register (when `folder` is given) and load an adapter now, e.g. for `POST /v1/adapters`.
+
+        Raises:
+            ValueError: An invalid name.
+            UnknownModelError: No folder given and the name is not known.
+            AdapterConflictError: The name is taken by another folder.
+            AdapterBusyError: No slot is idle.
+            AdapterError: The folder is not a usable adapter.
+        """
+        validate_name(name)
+        if folder is not None:
+            path = Path(folder).expanduser()
+            if not path.is_dir():
+                raise AdapterError(f"{folder} is not a folder on the server")
+            self.register(name, path)
+        try:
+            self.acquire([name])
+        except AdapterError:
+            with self.lock:
+                if folder is not None:
+                    self.known.pop(name, None)
+            raise
+        self.release([name])
+
+    def unload(self, name: str) -> bool:
+        """Evict an adapter from memory and forget its registration (registry files are never touched).
+
+        Returns:
+            Whether there was anything to unload or forget.
+
+        Raises:
+            AdapterConflictError: A request is using it.
+        """
+        with self.lock:
+            if self.users.get(name):
+                raise AdapterConflictError(f"adapter {name!r} is in use by {self.users[name]} request(s)")
+            found = name in self.loaded or name in self.known
+            if name in self.loaded:
+                self._evict(name)
+            self.known.pop(name, None)
+            return found
+
+    def _evict(self, name: str) -> None:
+        engine_name = self.loaded.pop(name)
+        self.host.remove_adapter(engine_name)
+        self.on_event("evict")
+
+    @property
+    def num_loaded(self) -> int:
+        """Adapters in memory."""
+        return len(self.loaded)

@@ -1,2 +1,1 @@
-"""Export: models with adapters merged in, as Hugging Face folders or GGUF files (llama.cpp, Ollama), and adapters
-as GGUF LoRA files."""
+"""Export: merged models as Hugging Face folders or GGUF files (llama.cpp, Ollama); adapters as GGUF LoRA."""

@@ -117,3 +117,40 @@ def test_non_contiguous_rows_share_an_adapter(setup):
     alone = Engine(load_model(model_dir, dtype=torch.float32, device="cpu"), Tokenizer.from_dir(model_dir),
                    max_running=1, adapters={"a": root / "a"})  # fmt: skip
     assert got[2] == alone.generate(other, params, adapter=(("a", 1.0),)).token_ids
+
+
+def test_grouped_matmul_path_equals_loop_and_merged(setup, tmp_path, monkeypatch):
+    """Several row groups (slice, index rows, a weighted stack, adapters of different ranks and targets), over
+    several tokens per row: the grouped-matmul path equals the per-group loop and each row's merged model."""
+    from nomoat.lora import bank as bank_mod
+    from nomoat.lora.apply import merge_adapters
+
+    model_dir, root = setup
+    _adapter(model_dir, tmp_path / "c", seed=3, r=8, alpha=4)  # another rank: stacks are zero-padded
+    folders = {"a": root / "a", "b": root / "b", "c": tmp_path / "c"}
+    model = load_model(model_dir, dtype=torch.float32, device="cpu").eval()
+    bank = bank_mod.AdapterBank(model)
+    for name, folder in folders.items():
+        bank.add(name, folder)
+    selections = [(("a", 1.0),), (("c", 0.7),), (), (("a", 1.0),), (("b", 0.5), ("c", -1.0)), (("c", 0.7),)]
+    ids = torch.randint(3, 500, (len(selections), 7), generator=torch.Generator().manual_seed(0))
+    plan = bank_mod.group_rows(selections, torch.device("cpu"))
+    assert bank_mod.GROUPED_MM  # torch >= 2.8 on CPU: the grouped path is what runs here
+    with torch.no_grad(), bank.plan(plan):
+        grouped = model(ids)
+    monkeypatch.setattr(bank_mod, "GROUPED_MM", False)
+    with torch.no_grad(), bank.plan(plan):
+        loop = model(ids)
+    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+    for row, sel in enumerate(selections):
+        merged = load_model(model_dir, dtype=torch.float32, device="cpu").eval()
+        merge_adapters(merged, [(folders[name], weight) for name, weight in sel])
+        with torch.no_grad():
+            ref = merged(ids[row : row + 1])
+        torch.testing.assert_close(grouped[row : row + 1], ref, rtol=1e-4, atol=1e-4)
+    bank.remove("a")  # the stacks are rebuilt without it; the others still apply
+    plan = bank_mod.group_rows(selections[1:3] + selections[4:], torch.device("cpu"))
+    monkeypatch.setattr(bank_mod, "GROUPED_MM", True)
+    with torch.no_grad(), bank.plan(plan):
+        after = model(torch.cat([ids[1:3], ids[4:]]))
+    torch.testing.assert_close(after, torch.cat([grouped[1:3], grouped[4:]]), rtol=1e-5, atol=1e-5)

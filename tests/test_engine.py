@@ -204,6 +204,33 @@ def test_background_loop(llama):
         assert out.token_ids == _alone(model, tok, _prompt(4, i)).token_ids
 
 
+def test_a_failing_step_ends_requests_with_error_and_the_loop_goes_on(llama):
+    """A step that raises (e.g. out of memory) ends the requests in flight with finish_reason "error" instead of
+    leaving their clients waiting on a dead thread; later requests are served normally."""
+    _, model, tok = llama
+    engine = Engine(model, tok, max_running=2, prefix_cache_bytes=0)
+    calls = {"n": 0}
+    forward = engine._forward
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated failure")
+        return forward(*args, **kwargs)
+
+    engine._forward = flaky
+    engine.start()
+    try:
+        failed = [engine.submit(_prompt(4, i), GREEDY) for i in range(3)]
+        outs = [h.result() for h in failed]
+        assert {o.finish_reason for o in outs} == {"error"}
+        assert engine.num_running == 0 and engine.num_waiting == 0
+        again = engine.submit(_prompt(4, 0), GREEDY).result()
+    finally:
+        engine.stop()
+    assert again.finish_reason == "length" and again.token_ids == _alone(model, tok, _prompt(4, 0)).token_ids
+
+
 def test_compiled_decode_equals_eager(llama):
     _, model, tok = llama
     compiled = Engine(model, tok, max_running=2, compile=True)

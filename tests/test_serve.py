@@ -542,6 +542,45 @@ def test_health_is_503_while_loading(world):
     asyncio.run(probe())
 
 
+def test_a_failing_generation_answers_500_and_ends_streams_with_an_error(world):
+    """When the engine's step fails, a plain request gets a 500 in OpenAI's error shape, a stream ends with an error
+    event and [DONE]; the server keeps serving."""
+    import asyncio
+
+    from nomoat.serve.app import ServeSettings, create_app
+
+    engine = Engine(load_model(world["model"], dtype=torch.float32, device="cpu"), Tokenizer.from_dir(world["model"]),
+                    max_running=2, max_seq_len=256, prefix_cache_bytes=0)  # fmt: skip
+    forward, fail = engine._forward, {"on": True}
+
+    def flaky(*args, **kwargs):
+        if fail["on"]:
+            raise RuntimeError("simulated failure")
+        return forward(*args, **kwargs)
+
+    engine._forward = flaky
+    app = create_app(engine, ServeSettings(model_name="tiny"))
+    body = {"model": "tiny", "prompt": "w5 w6", "max_tokens": 4}
+
+    async def probe():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            for _ in range(200):
+                if (await c.get("/health")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+            r = await c.post("/v1/completions", json={**body, "stream": True})
+            events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+            assert json.loads(events[-2])["error"]["code"] == "engine_error" and events[-1] == "[DONE]"
+            fail["on"] = False
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+    asyncio.run(probe())
+
+
 def test_schemathesis_finds_no_server_errors(world):
     import hypothesis
     import schemathesis

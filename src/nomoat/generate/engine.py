@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -35,6 +36,9 @@ from nomoat.tokenizer import Tokenizer
 
 # An adapter selection: () for the base model, or (name, weight) pairs applied together (a stack).
 AdapterSelection = tuple[tuple[str, float], ...]
+
+
+logger = logging.getLogger(__name__)
 
 
 class QueueFullError(RuntimeError):
@@ -66,7 +70,7 @@ class Completion:
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "cancelled", or "error" (the engine failed; see its log)
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token_s: float | None
@@ -335,9 +339,23 @@ class Engine:
 
     def _loop(self) -> None:
         while self.running_loop:
-            if not self.step():
+            try:
+                worked = self.step()
+            except Exception:  # a failed step must not leave clients waiting forever on a dead thread
+                logger.exception("a generation step failed; the requests in flight end with finish_reason 'error'")
+                self._fail_all()
+                worked = True
+            if not worked:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
+
+    def _fail_all(self) -> None:
+        """End every running and waiting request with `finish_reason="error"` and free all rows."""
+        with self.lock:
+            failed = self.running + list(self.waiting)
+            self.running, self.waiting = [], deque()
+            for req in failed:
+                self._finish(req, "error")
 
     @torch.inference_mode()
     def step(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import threading
 import time
@@ -254,6 +255,15 @@ class _SSE(StreamingResponse):
             self.gen.close()
 
 
+ENGINE_ERROR = "The generation failed inside the server (its log has the details); the request was not completed."
+
+
+def _engine_error_event() -> str:
+    """The SSE event that ends a stream whose generation failed (OpenAI's error shape), then `[DONE]`."""
+    error = {"error": {"message": ENGINE_ERROR, "type": "server_error", "param": None, "code": "engine_error"}}
+    return f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
+
+
 def _sse(obj: Any) -> str:
     return f"data: {obj.model_dump_json()}\n\n"
 
@@ -271,6 +281,9 @@ async def _chat_stream(gen: _Generation, rid: str, model: str, body: ChatComplet
                 yield _sse(convert.chat_chunk(rid, model, created, delta=convert.ChatDelta(content=event.text),
                                               logprobs=lps))  # fmt: skip
             continue
+        if event.finish_reason == "error":
+            yield _engine_error_event()
+            return
         yield _sse(convert.chat_chunk(rid, model, created, finish_reason=event.finish_reason))
         if body.stream_options and body.stream_options.include_usage:
             yield _sse(convert.ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
@@ -292,6 +305,9 @@ async def _text_stream(gen: _Generation, rid: str, model: str, body: CompletionR
                 offset += len(event.text)
                 yield _sse(convert.text_chunk(rid, model, created, text=event.text, logprobs=lps))
             continue
+        if event.finish_reason == "error":
+            yield _engine_error_event()
+            return
         yield _sse(convert.text_chunk(rid, model, created, finish_reason=event.finish_reason))
         if body.stream_options and body.stream_options.include_usage:
             yield _sse(convert.TextCompletion(id=rid, created=created, model=model, choices=[],
@@ -349,6 +365,8 @@ async def _generate(state: ServerState, request: Request, body: ChatCompletionRe
         gen.close()
     if done is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
+    if done.finish_reason == "error":
+        raise APIError(500, ENGINE_ERROR, None, "engine_error")
     text = state.token_text if (body.logprobs if chat else body.logprobs is not None) else None
     if chat:
         out = convert.chat_response(rid, body.model, done, text)

@@ -378,6 +378,8 @@ def test_cli_registry_names_weights_and_out(made, home, tmp_path):
     prov = reg.show("mixed")["provenance"]
     assert [p["name"] for p in prov["parents"]] == ["math", "chat"] and prov["weights"] == [1.0, 0.5]
     assert prov["name"] == "mixed" and prov["method"] == "ties"
+    shown = CliRunner().invoke(app, ["adapters", "show", "mixed"])
+    assert shown.exit_code == 0 and "math (w 1.0), chat (w 0.5) by ties (density=0.5" in shown.output, shown.output
     api = combine_adapters([(ads["a"], 1.0), (ads["b"], 0.5)], "ties", density=0.5).tensors
     saved = load_file(reg.path("mixed") / "adapter_model.safetensors")
     assert all(torch.equal(saved[k], api[k]) for k in api)

@@ -503,6 +503,10 @@ def _show_lines(report: dict) -> list[tuple[str, str]]:
     summary = " ".join(f"{k}={training[k]}" for k in keys if training.get(k) is not None)
     if summary:
         rows.append(("training", summary))
+    if prov.get("parents"):  # a `nomoat merge` result: what it was combined from, and how
+        parents = ", ".join(f"{q.get('name')} (w {q.get('weight')})" for q in prov["parents"])
+        opts = " ".join(f"{k}={prov[k]}" for k in ("density", "seed", "majority_sign") if prov.get(k) is not None)
+        rows.append(("merged from", f"{parents} by {prov.get('method')}" + (f" ({opts})" if opts else "")))
     metrics = prov.get("metrics") or {}
     if metrics:
         rows.append(("metrics", " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())))

@@ -1,29 +1,55 @@
-"""Decode speed at batch 1 by linear-layer kernel, in one run: plain fp32 `F.linear`, oneDNN-packed fp32, int8.
+"""Decode speed at batch 1 by linear-layer kernel, in one run: torch's paths against nomoat's compiled kernels.
 
 Loads a SmolLM2-135M-shaped random model (built by transformers, as in bench_generate.py), prefills 32 tokens, then
-decodes 64 through the KV cache; best of 3 runs per kernel. Prints one JSON object as its last line.
+decodes 64 through the KV cache; best of 3 runs per variant, variants interleaved (the machine may be shared):
+- `fp32_linear`: plain `F.linear` (MKL) and torch attention, no compiled kernels;
+- `fp32_onednn`: weights packed for oneDNN, torch attention (what nomoat ran before the kernels);
+- `fp32_kernels`: nomoat's kernels (fp32 panels, fused q/k/v and gate/up, one-call decode attention);
+- `int8_fbgemm`: weight-only int8 through fbgemm's embedding-bag kernels, torch attention;
+- `int8_kernels`: weight-only int8 through nomoat's kernels.
+Also times the matmuls alone (the 211 matrices at one row, fp32 and int8) as GB/s of weights read.
+`OMP_WAIT_POLICY=PASSIVE` is set unless already set (as bench_generate.py). Prints one JSON object as its last line.
 
     python benchmarks/bench_decode_kernels.py [--quick]
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_generate import make_model  # noqa: E402
 
+from nomoat.models import kernels  # noqa: E402
 from nomoat.models.checkpoint import load_model  # noqa: E402
 from nomoat.models.kv_cache import KVCache  # noqa: E402
 from nomoat.models.packed import pack_model  # noqa: E402
 from nomoat.models.quantize import quantize_model  # noqa: E402
+
+
+@contextlib.contextmanager
+def torch_paths() -> Iterator[None]:
+    """Run as if the kernels had not built (every layer and attention take their torch fallback)."""
+    saved = dict(kernels._state)
+    kernels._state["module"] = None
+    try:
+        yield
+    finally:
+        kernels._state.clear()
+        kernels._state.update(saved)
 
 
 def decode_tok_s(model: torch.nn.Module, steps: int, runs: int) -> float:
@@ -42,30 +68,76 @@ def decode_tok_s(model: torch.nn.Module, steps: int, runs: int) -> float:
     return best
 
 
+def matmul_gbs(plain: torch.nn.Module, runs: int) -> dict[str, float]:
+    """GB/s of weights read by one row through every linear layer: F.linear, oneDNN, nomoat fp32 and int8 kernels."""
+    ws = [m.weight.detach() for m in plain.modules() if isinstance(m, torch.nn.Linear)]
+    fp32_bytes = sum(w.numel() * 4 for w in ws)
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None) for w in ws]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in ws}
+    calls = {
+        "linear": lambda i, w: F.linear(xs[w.shape[1]], w),
+        "onednn": lambda i, w: torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], onednn[i], None, "none", [], ""),
+    }
+    if kernels.available():
+        panels = [kernels.pack_fp32(w) for w in ws]
+        q = [(w / (w.abs().amax(1, keepdim=True) / 127)).round().to(torch.int8) for w in ws]
+        qp, sc = [kernels.pack_int8(t.t()) for t in q], [w.abs().amax(1) / 127 for w in ws]
+        calls["kernels_fp32"] = lambda i, w: kernels.linear_fp32(xs[w.shape[1]], panels[i], w.shape[0])
+        calls["kernels_int8"] = lambda i, w: kernels.linear_int8(xs[w.shape[1]], qp[i], sc[i], w.shape[0])
+    best = dict.fromkeys(calls, 0.0)
+    for _ in range(runs):
+        for name, call in calls.items():
+            t = time.perf_counter()
+            for i, w in enumerate(ws):
+                call(i, w)
+            nbytes = fp32_bytes / 4 if name == "kernels_int8" else fp32_bytes
+            best[name] = max(best[name], nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
     torch.set_num_threads(2)
     steps, runs = (32, 2) if quick else (64, 3)
-    results = {}
+    if not kernels.available():
+        print("nomoat's kernels did not build: only torch's paths are measured", file=sys.stderr)
+    results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "smollm2-135m"
         make_model("smollm2-135m", path)
         plain = load_model(path, "float32", "cpu")
-        results["fp32_linear"] = decode_tok_s(plain, steps, runs)
-        pack_model(plain)
-        results["fp32_packed"] = decode_tok_s(plain, steps, runs)
-        del plain
-        q = quantize_model(load_model(path, "float32", "cpu"), "int8")
-        results["int8"] = decode_tok_s(q, steps, runs)
+        gbs = matmul_gbs(plain, 5)
+        with torch_paths():
+            onednn = load_model(path, "float32", "cpu")
+            pack_model(onednn)
+            fbgemm = quantize_model(load_model(path, "float32", "cpu"), "int8")
+        packed = load_model(path, "float32", "cpu")
+        pack_model(packed)
+        int8 = quantize_model(load_model(path, "float32", "cpu"), "int8")
+        variants = {"fp32_linear": (plain, True), "fp32_onednn": (onednn, True), "fp32_kernels": (packed, False),
+                    "int8_fbgemm": (fbgemm, True), "int8_kernels": (int8, False)}  # fmt: skip
+        for _ in range(runs):  # interleaved, best of `runs`
+            for name, (model, fallback) in variants.items():
+                if not fallback and not kernels.available():
+                    continue
+                with torch_paths() if fallback else contextlib.nullcontext():
+                    results[name] = max(results.get(name, 0.0), decode_tok_s(model, steps, 1))
     for k, v in results.items():
-        print(f"{k:12s} {v:6.1f} tok/s", file=sys.stderr)
-    ratios = {
-        "packed_decode_speed_vs_linear": round(results["fp32_packed"] / results["fp32_linear"], 3),
-        "int8_decode_speed_vs_packed_fp32": round(results["int8"] / results["fp32_packed"], 3),
-        "int8_decode_speed_vs_linear_fp32": round(results["int8"] / results["fp32_linear"], 3),
-    }
-    print(json.dumps({"benchmark": "decode_kernels", "machine": "cpu, torch threads 2",
-                      "results": [{"kernel": k, "decode_tok_s": v} for k, v in results.items()], "ratios": ratios}))
+        print(f"{k:14s} {v:6.1f} tok/s", file=sys.stderr)
+    for k, v in gbs.items():
+        print(f"matmuls {k:14s} {v:5.1f} GB/s of weights at one row", file=sys.stderr)
+    ratios = {"onednn_decode_speed_vs_linear": round(results["fp32_onednn"] / results["fp32_linear"], 3)}
+    if "fp32_kernels" in results:
+        ratios["kernels_fp32_decode_speed_vs_onednn"] = round(results["fp32_kernels"] / results["fp32_onednn"], 3)
+        ratios["kernels_int8_decode_speed_vs_fbgemm"] = round(results["int8_kernels"] / results["int8_fbgemm"], 3)
+        ratios["kernels_int8_decode_speed_vs_kernels_fp32"] = round(
+            results["int8_kernels"] / results["fp32_kernels"], 3
+        )
+    machine = f"cpu, torch threads 2, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    isa = kernels.get().isa() if kernels.available() else None
+    print(json.dumps({"benchmark": "decode_kernels", "machine": machine, "kernels_isa": isa,
+                      "results": [{"kernel": k, "decode_tok_s": v} for k, v in results.items()],
+                      "matmul_weight_gbs_at_one_row": gbs, "ratios": ratios}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""nomoat's compiled decode kernels against `F.linear`, and the torch fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nomoat.models import kernels, packed, quantize
+from nomoat.models.packed import PackedLinear, pack_model
+from nomoat.models.quantize import QuantizedLinear, dequantize_int8, int8_panels, quantize_int8
+
+# Odd widths (not multiples of 8, 16 or the 64-channel panel) next to model-like ones.
+SHAPES = [(1, 1), (7, 13), (19, 37), (64, 64), (65, 130), (100, 577), (576, 192)]
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    """The kernels must build here (the test machines have a compiler); a failure would silently hide them."""
+    assert kernels.available(), "nomoat's decode kernels did not build: see the log for the compiler error"
+
+
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_matches_linear(built, k, n, bias):
+    g = torch.Generator().manual_seed(k * 1000 + n)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    panels = kernels.pack_fp32(w)
+    for m in range(1, 10):  # 9: two blocks of rows
+        x = torch.randn(m, k, generator=g)
+        y = kernels.linear_fp32(x, panels, n, b)
+        assert y.shape == (m, n)
+        assert _rel_err(y, F.linear(x, w, b)) < 1e-5
+
+
+def test_fp32_non_contiguous_input(built):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(45, 70, generator=g)
+    panels = kernels.pack_fp32(w)
+    big = torch.randn(6, 140, generator=g)
+    for x in (big[:, ::2], big[:, :70], big[::2, 10:80], torch.randn(70, 5, generator=g).t()):
+        assert not x.is_contiguous()
+        assert _rel_err(kernels.linear_fp32(x, panels, 45), F.linear(x, w)) < 1e-5
+
+
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_matches_dequantized(built, k, n, bias):
+    g = torch.Generator().manual_seed(k * 7 + n)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    packed_rows, scale = quantize_int8(w)
+    ref_w = dequantize_int8(packed_rows, scale)  # independent: plain torch ops
+    panels = int8_panels(packed_rows)
+    for m in range(1, 10):
+        x = torch.randn(m, k, generator=g)
+        y = kernels.linear_int8(x, panels, scale, n, b)
+        assert _rel_err(y, F.linear(x, ref_w, b)) < 1e-5
+    x = torch.randn(3, 2 * k, generator=g)[:, ::2]  # non-contiguous
+    assert _rel_err(kernels.linear_int8(x, panels, scale, n), F.linear(x, ref_w)) < 1e-5
+
+
+def test_layers_use_kernels_and_match(built):
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(83, 141, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(141, 83, generator=g))
+    p = PackedLinear(lin)
+    assert p.panels is not None and p.packed_weight is not None
+    q = QuantizedLinear.from_linear(lin, "int8")
+    ref_q = F.linear  # against the dequantized weight
+    with torch.inference_mode():
+        for shape in ((1, 1, 83), (2, 3, 83), (1, 20, 83)):  # decode rows (kernels) and prefill rows (torch paths)
+            x = torch.randn(*shape, generator=g)
+            torch.testing.assert_close(p(x), lin(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(q(x), ref_q(x, q.dequantize(), lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_lazy_onednn_head(built):
+    lin = nn.Linear(40, 300, bias=False)
+    p = PackedLinear(lin, lazy_onednn=True)
+    assert p.packed_weight is None
+    x = torch.randn(12, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(p(x[:1]), lin(x[:1]), rtol=1e-5, atol=1e-5)
+        assert p.packed_weight is None  # one row: the kernels only
+        torch.testing.assert_close(p(x), lin(x), rtol=1e-5, atol=1e-5)
+        assert p.packed_weight is not None
+
+
+def test_int8_panels_follow_load_state_dict(built):
+    a, b = nn.Linear(30, 50), nn.Linear(30, 50)
+    qa, qb = QuantizedLinear.from_linear(a, "int8"), QuantizedLinear.from_linear(b, "int8")
+    x = torch.randn(1, 30)
+    with torch.inference_mode():
+        qa(x)  # builds and caches qa's panels
+        qa.load_state_dict(qb.state_dict())  # in-place copy: the cached panels are stale
+        torch.testing.assert_close(qa(x), F.linear(x, qb.dequantize(), qb.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_when_build_fails(monkeypatch):
+    """A failed build (no compiler, a compiler error) leaves the torch paths, with the same results."""
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(cpp, "load_inline", broken)
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.get() is None and not kernels.available()
+    with pytest.raises(RuntimeError):
+        kernels.linear_fp32(torch.randn(1, 4), torch.zeros(1, 4, 64), 3)
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(37, 70), nn.Linear(70, 19, bias=False))
+    qmodel = nn.Sequential(nn.Linear(37, 70), nn.Linear(70, 19, bias=False))
+    qmodel.load_state_dict(model.state_dict())
+    quantize.quantize_model(qmodel, "int8")
+    ref_q = [m.dequantize() for m in qmodel]
+    xs = [torch.randn(m, 37, generator=g) for m in (1, 3, 12)]
+    with torch.inference_mode():
+        refs = [model(x) for x in xs]
+        assert pack_model(model) == 2
+        assert all(m.panels is None and m.packed_weight is not None for m in model)
+        for x, ref in zip(xs, refs):
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+            h = F.linear(x, ref_q[0], qmodel[0].bias)
+            torch.testing.assert_close(qmodel(x), F.linear(h, ref_q[1]), rtol=1e-5, atol=1e-5)
+        assert all(getattr(m, "_panels", None) is None for m in qmodel)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("NOMOAT_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_state", {})
+    assert not kernels.available()
+    assert packed.KERNEL_MAX_ROWS >= 1
+
+
+def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate-half rotary embedding of the first `rd` channels, in plain torch ops: x (B, H, hd)."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2 :]
+    return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1)
+
+
+@pytest.mark.parametrize("heads, kv_heads, hd, rd, window", [(4, 2, 16, 16, 0), (3, 3, 10, 6, 0), (6, 1, 8, 8, 5)])
+def test_decode_attention_matches_sdpa(built, heads, kv_heads, hd, rd, window):
+    g = torch.Generator().manual_seed(heads * 100 + hd)
+    B, rows, S, row0 = 3, 5, 24, 1
+    k_cache = torch.randn(rows, kv_heads, S, hd, generator=g)
+    v_cache = torch.randn(rows, kv_heads, S, hd, generator=g)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    positions = torch.tensor([[7], [0], [15]])
+    kv_len = 16
+    qkv = torch.randn(B, 1, (heads + 2 * kv_heads) * hd + 3, generator=g)  # strided views, as the fused projection
+    q = qkv[..., : heads * hd].view(B, 1, heads, hd)
+    k = qkv[..., heads * hd : (heads + kv_heads) * hd].view(B, 1, kv_heads, hd)
+    v = qkv[..., (heads + kv_heads) * hd : (heads + 2 * kv_heads) * hd].view(B, 1, kv_heads, hd)
+    angles = positions[..., None].float() * torch.rand(rd // 2, generator=g)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()  # (B, 1, rd)
+    scale = 0.3
+    out = kernels.decode_attention(q, k, v, cos, sin, k_cache, v_cache, row0, positions, kv_len, window, scale)
+    # Reference: write rotated keys and values, then SDPA under the boolean mask the model builds.
+    for b in range(B):
+        p = int(positions[b])
+        ref_k[row0 + b, :, p] = _rope_ref(k[b, 0], cos[b], sin[b])
+        ref_v[row0 + b, :, p] = v[b, 0]
+    keys = torch.arange(kv_len)[None, :]
+    allowed = keys <= positions  # (B, S)
+    if window:
+        allowed &= keys > positions - window
+    qr = torch.stack([_rope_ref(q[b, 0], cos[b], sin[b]) for b in range(B)])[:, :, None]  # (B, H, 1, hd)
+    kk = ref_k[row0 : row0 + B, :, :kv_len].repeat_interleave(heads // kv_heads, dim=1)
+    vv = ref_v[row0 : row0 + B, :, :kv_len].repeat_interleave(heads // kv_heads, dim=1)
+    ref = F.scaled_dot_product_attention(qr, kk, vv, attn_mask=allowed[:, None, None], scale=scale)
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(B, 1, heads * hd), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, ref_k, rtol=1e-6, atol=1e-6)  # the cache holds the rotated keys
+    torch.testing.assert_close(v_cache, ref_v)

@@ -329,7 +329,7 @@ def _build() -> Any:
         with contextlib.suppress(Exception):  # a private torch helper: only used to say that a build is coming
             from torch.utils.cpp_extension import _get_build_directory
 
-            if not os.path.isdir(_get_build_directory(name, False)):
+            if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
                 logger.warning("compiling nomoat's decode kernels for this CPU (once, about a minute)...")
         flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
         module = load_inline(name=name, cpp_sources=_SOURCE, functions=_FUNCTIONS,

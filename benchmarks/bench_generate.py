@@ -52,6 +52,22 @@ SHAPES = {
 RUNS = 3
 
 
+class NullTokenizer:
+    """What the engine needs of a tokenizer (eos ids, a detokenizer) for random models timed on token ids."""
+
+    eos_token_ids: list[int] = []
+
+    def stream_decoder(self, skip_special_tokens: bool = False):
+        class _D:
+            def add(self, t: int) -> str:
+                return ""
+
+            def flush(self) -> str:
+                return ""
+
+        return _D()
+
+
 def make_model(shape: str, path: Path) -> None:
     """Save a random model of the given shape (llama family for SmolLM2, qwen2 for Qwen2.5)."""
     import transformers
@@ -118,20 +134,7 @@ def bench_nomoat(path: Path, new: int, batch8_new: int, prefill_len: int, mode: 
     else:
         pack_model(model)  # what `nomoat generate` / `chat` run
 
-    class _Tok:  # the engine needs eos ids and a detokenizer; random models have no tokenizer
-        eos_token_ids: list[int] = []
-
-        def stream_decoder(self, skip_special_tokens: bool = False):
-            class _D:
-                def add(self, t: int) -> str:
-                    return ""
-
-                def flush(self) -> str:
-                    return ""
-
-            return _D()
-
-    engine = Engine(model, _Tok(), max_running=8, max_seq_len=1024, prefix_cache_bytes=0)
+    engine = Engine(model, NullTokenizer(), max_running=8, max_seq_len=1024, prefix_cache_bytes=0)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 1000, (32,), generator=g).tolist()
     params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)

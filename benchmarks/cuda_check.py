@@ -32,6 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench_generate import NullTokenizer as _Tok  # noqa: E402  (benchmarks/ is the script's folder)
+
 RESULTS: list[dict[str, Any]] = []
 
 
@@ -56,22 +58,6 @@ def log(msg: str) -> None:
 def record(kind: str, **kw: Any) -> None:
     RESULTS.append({"check": kind, **kw})
     log(json.dumps({"check": kind, **kw}))
-
-
-class _Tok:
-    """The engine needs eos ids and a detokenizer; random models have no tokenizer."""
-
-    eos_token_ids: list[int] = []
-
-    def stream_decoder(self, skip_special_tokens: bool = False):  # noqa: ANN201
-        class _D:
-            def add(self, t: int) -> str:
-                return ""
-
-            def flush(self) -> str:
-                return ""
-
-        return _D()
 
 
 def check_parity(root: Path, dev: str) -> None:

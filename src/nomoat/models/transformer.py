@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nomoat.config.model import ModelConfig
-from nomoat.models import kernels
+from nomoat.models import fused_ops, kernels
 from nomoat.models.families import rope_inv_freq
 from nomoat.models.kv_cache import KVCache
 
@@ -114,11 +114,15 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(gate, up)
+        if fused_ops.applicable(gate, up):
+            return fused_ops.swiglu_forward(gate, up)
         return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         gate, up = ctx.saved_tensors
+        if fused_ops.applicable(gate, up, grad):
+            return fused_ops.swiglu_backward(gate, up, grad.clone())  # one pass (the clone becomes grad_gate)
         sig = torch.sigmoid(gate)
         act = gate * sig
         grad_gate = grad * up * sig * (1.0 + gate * (1.0 - sig))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nomoat.models import fused_ops
+
 IGNORE_INDEX = -100
 
 
@@ -57,6 +59,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = torch.mm(hc, weight.t(), out=_logits_buffer(len(yc), chunk, weight))  # (c, V)
             else:
                 logits = (hc @ weight.t()).float()
+            if softcap is None and fused_ops.applicable(logits, yc):
+                # One pass per row (L2-resident): the loss, and softmax - onehot in place of the logits.
+                total += fused_ops.softmax_xent_(logits, yc).sum()
+                g = logits.to(h.dtype)
+                grad_h[start : start + chunk] = g @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(g.t(), hc)
+                continue
             dcap = None
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap

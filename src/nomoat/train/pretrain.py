@@ -36,6 +36,7 @@ from nomoat.models.checkpoint import DTYPE_NAMES, load_model, resolve_device, sa
 from nomoat.models.families import config_from_hf
 from nomoat.models.transformer import Transformer
 from nomoat.tokenizer import Tokenizer
+from nomoat.train.allocator import tune_cpu_allocator
 from nomoat.train.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from nomoat.train.loss import causal_lm_loss_sum
 from nomoat.train.metrics import MetricsWriter, make_progress
@@ -171,6 +172,8 @@ class PretrainRecipe:
         """Build or load the model, read and tokenize the data, build optimizer, scheduler and batch stream."""
         cfg = self.cfg
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         self.autocast = cfg.dtype in ("bfloat16", "bf16") or (cfg.dtype == "auto" and self.device.type == "cuda")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)

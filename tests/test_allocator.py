@@ -1,0 +1,43 @@
+"""`tune_cpu_allocator`: freed activations are reused instead of page-faulted anew (glibc only)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import resource, torch
+from nomoat.train.allocator import tune_cpu_allocator
+tuned = tune_cpu_allocator()
+x = torch.randn(1024, 1536)
+def step():  # like a training step's activations: several 6 MB blocks live at once, then all freed
+    ys = [x * float(i) for i in range(6)]
+    return sum(float(y[0, 0]) for y in ys)
+for _ in range(3):  # warm up: the first blocks are always new pages
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(int(tuned), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _run(env_value: str) -> tuple[bool, int]:
+    env = {**os.environ, "NOMOAT_MALLOC_TUNING": env_value}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True)
+    tuned, faults = out.stdout.split()
+    return tuned == "1", int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_tuned_allocator_reuses_freed_blocks() -> None:
+    tuned, faults = _run("1")
+    untuned, faults_default = _run("0")
+    assert tuned and not untuned
+    # 20 steps x 6 blocks x 6 MB is 184,320 pages: glibc's default maps and unmaps each block (measured 183,680
+    # faults); the tuned heap keeps and reuses them (measured 1,536).
+    assert faults < 20_000, faults
+    assert faults_default > 100_000, faults_default

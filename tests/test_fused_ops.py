@@ -1,0 +1,75 @@
+"""The compiled training kernels (`models/fused_ops.py`) against torch's own ops and autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nomoat.models import fused_ops
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert fused_ops.get() is not None, "nomoat's training kernels did not build: see the log for the compiler error"
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 129), (1024, 64), (5,)])
+def test_swiglu_forward_matches_torch(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    gate = torch.randn(shape, generator=gen) * 4
+    up = torch.randn(shape, generator=gen)
+    torch.testing.assert_close(fused_ops.swiglu_forward(gate, up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def test_silu_tails_saturate_like_torch() -> None:
+    x = torch.linspace(-120, 120, 4097)
+    ours = fused_ops.swiglu_forward(x, torch.ones_like(x))
+    torch.testing.assert_close(ours, F.silu(x), rtol=1e-6, atol=1e-30)
+    assert torch.isnan(fused_ops.swiglu_forward(torch.tensor([float("nan")] * 17), torch.ones(17))).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 50, 97), (256, 1536)])
+def test_swiglu_backward_matches_autograd(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    gate = torch.randn(shape, generator=gen) * 3
+    up = torch.randn(shape, generator=gen)
+    grad = torch.randn(shape, generator=gen)
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    p_ref = F.silu(g) * u
+    p_ref.backward(grad)
+    p = torch.empty_like(gate)
+    grad_in = grad.clone()
+    grad_gate, grad_up = fused_ops.swiglu_backward(gate, up, grad_in, p)
+    assert grad_gate.data_ptr() == grad_in.data_ptr()  # in place, as documented
+    torch.testing.assert_close(grad_gate, g.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_up, u.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p, p_ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [49152, 1001])
+def test_softmax_xent_matches_cross_entropy(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(33, vocab, generator=gen) * 6
+    logits[0, :] = 0.0  # a flat row
+    logits[1, 7] = 80.0  # a confident row
+    targets = torch.randint(0, vocab, (33,), generator=gen)
+    targets[1] = 7
+    ref = logits.clone().requires_grad_()
+    F.cross_entropy(ref, targets, reduction="sum").backward()
+    loss = fused_ops.softmax_xent_(logits, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(ref.detach(), targets, reduction="none"), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(logits, ref.grad, rtol=1e-5, atol=1e-7)  # logits became softmax - onehot
+
+
+def test_softmax_xent_rejects_bad_targets() -> None:
+    with pytest.raises(RuntimeError, match="target outside the vocabulary"):
+        fused_ops.softmax_xent_(torch.zeros(2, 10), torch.tensor([3, 10]))
+
+
+def test_applicable_only_for_fp32_contiguous_cpu() -> None:
+    x = torch.zeros(4, 8)
+    assert fused_ops.applicable(x, x)
+    assert not fused_ops.applicable(x.double())
+    assert not fused_ops.applicable(x.t())
+    assert not fused_ops.applicable(x.bfloat16())

@@ -73,3 +73,30 @@ def test_applicable_only_for_fp32_contiguous_cpu() -> None:
     assert not fused_ops.applicable(x.double())
     assert not fused_ops.applicable(x.t())
     assert not fused_ops.applicable(x.bfloat16())
+
+
+def test_linear_cross_entropy_uses_the_kernel_and_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nomoat.train import loss as loss_mod
+
+    calls = []
+    real = fused_ops.softmax_xent_
+    monkeypatch.setattr(fused_ops, "softmax_xent_", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(3)
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(32, 500, bias=False)  # trainable: its gradient is checked too
+    ref_head = torch.nn.Linear(32, 500, bias=False)
+    ref_head.load_state_dict(model.lm_head.state_dict())
+    hidden = torch.randn(2, 40, 32, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 500, (2, 40), generator=gen)
+    labels[:, :7] = -100
+    total, n = loss_mod.causal_lm_loss_sum(model, hidden, labels, chunk=16)
+    total.backward()
+    assert len(calls) == 5, "the fused cross-entropy did not run the compiled kernel once per chunk"
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    logits = ref_head(ref_hidden[:, :-1]).reshape(-1, 500)
+    ref = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert n == int((labels[:, 1:] != -100).sum()) == 66
+    torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref_head.weight.grad, rtol=1e-4, atol=1e-6)

@@ -59,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = torch.mm(hc, weight.t(), out=_logits_buffer(len(yc), chunk, weight))  # (c, V)
             else:
                 logits = (hc @ weight.t()).float()
-            if softcap is None and fused_ops.applicable(logits, yc):
+            if softcap is None and fused_ops.applicable(logits):
                 # One pass per row (L2-resident): the loss, and softmax - onehot in place of the logits.
                 total += fused_ops.softmax_xent_(logits, yc).sum()
                 g = logits.to(h.dtype)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nomoat.config.lora import ALL_LINEAR, LoRAConfig
+from nomoat.lora.group import attach_groups, detach_groups
 from nomoat.lora.layers import LoRALinear
 from nomoat.lora.nf4 import NF4Linear
 from nomoat.models.quantize import QuantizedLinear
@@ -204,6 +205,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if has_fused_projections(model):
         _share_fused_A(layers)
     saved = _modules_to_save(model, cfg)
+    attach_groups(model)  # q/k/v and gate/up train as groups (one adapter product each); see lora/group.py
     model.lora_config = cfg
     model.lora_modules_to_save = saved
     return model
@@ -215,6 +217,7 @@ def unload_lora(model: nn.Module) -> nn.Module:
     Full-precision bases come back as `nn.Linear` sharing the same weight tensor, quantized ones as the original
     quantized module. Trainable flags of other parameters are left as they are.
     """
+    detach_groups(model)
     for name, layer in lora_layers(model).items():
         _set_module(model, name, layer.to_base())
     for attr in ("lora_config", "lora_modules_to_save"):

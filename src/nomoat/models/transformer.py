@@ -158,6 +158,9 @@ class Attention(nn.Module):
     # Set on inference-only models by `pack_model` / `quantize_model`: q/k/v as one kernel call at decode
     # (`kernels.FusedDecodeLinear`; it returns None wherever it does not apply, e.g. once an adapter wraps q_proj).
     _decode_qkv = None
+    # Set on LoRA-trained models by `inject_lora` (`lora.group.LoRAGroup`): q/k/v trained as one group (one adapter
+    # product for the three); it returns None wherever it does not apply.
+    _train_qkv = None
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -193,6 +196,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = None if self._decode_qkv is None else self._decode_qkv(x, (self.q_proj, self.k_proj, self.v_proj))
+        if qkv is None and self._train_qkv is not None:
+            qkv = self._train_qkv(x, (self.q_proj, self.k_proj, self.v_proj))
         if qkv is None:
             qkv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = qkv[0].view(B, T, cfg.num_heads, cfg.head_dim)
@@ -308,6 +313,7 @@ class MLP(nn.Module):
     """Gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU or GeGLU)."""
 
     _decode_gate_up = None  # gate/up as one kernel call at decode (see `Attention._decode_qkv`)
+    _train_gate_up = None  # gate/up as one LoRA group in training (see `Attention._train_qkv`)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -321,7 +327,8 @@ class MLP(nn.Module):
         fused = None if self._decode_gate_up is None else self._decode_gate_up(x, (self.gate_proj, self.up_proj))
         if fused is not None:
             return self.down_proj(_act(self.act, fused[0]) * fused[1])
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        grouped = None if self._train_gate_up is None else self._train_gate_up(x, (self.gate_proj, self.up_proj))
+        gate, up = grouped if grouped is not None else (self.gate_proj(x), self.up_proj(x))
         if self.act == "silu" and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
             # A LoRA `down_proj` can take the product's two factors and keep only them for backward.
             fused = getattr(self.down_proj, "swiglu_forward", None)

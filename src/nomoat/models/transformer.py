@@ -257,6 +257,16 @@ class Attention(nn.Module):
         window = cfg.sliding_window if cfg.layer_types[self.layer_idx] == "sliding_attention" else None
         if seg.trivial and (window is None or seg.T <= window):
             return self._attend(q, k, v, None).transpose(1, 2)
+        longest = max((e - s for spans in seg.spans for s, e in spans), default=0)
+        if (
+            _FLASH_CPU_BACKWARD is not None
+            and q.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.bfloat16)
+            and cfg.attn_logit_softcap is None
+            and (window is None or longest <= window)
+        ):
+            padded = any(sum(e - s for s, e in spans) < seg.T for spans in seg.spans)
+            return _SegmentAttentionFn.apply(q, k, v, seg.spans, cfg.query_scale, padded)
         rows = []
         for b, spans in enumerate(seg.spans):
             pieces, at = [], 0
@@ -275,6 +285,53 @@ class Attention(nn.Module):
                 pieces.append(q.new_zeros(1, seg.T - at, q.shape[1], q.shape[3]))
             rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
         return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _SegmentAttentionFn(torch.autograd.Function):
+    """Causal attention within each packed example, as one autograd node over torch's CPU flash-attention kernels.
+
+    Run through autograd, each example's attention is a slice of q/k/v, an SDPA call and a concatenation, and the
+    backward pass of every slice allocates a zero-filled gradient of the whole (B, H, T, hd) tensor to add into: three
+    per example and layer. Here the forward writes each example's output into one (B, T, H, hd) tensor and the
+    backward writes each example's q/k/v gradients into one tensor each; the kernels and their arithmetic are the
+    same as `F.scaled_dot_product_attention(is_causal=True)` on CPU, so the results are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, spans, scale, padded):  # noqa: ANN001, ANN205
+        B, H, T, hd = q.shape
+        out = q.new_zeros(B, T, H, hd) if padded else q.new_empty(B, T, H, hd)
+        lses = []
+        for b, row in enumerate(spans):
+            for start, end in row:
+                sl = slice(start, end)
+                o, lse = _FLASH_CPU(q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], 0.0, True,
+                                    scale=scale)  # fmt: skip
+                out[b : b + 1, sl] = o.transpose(1, 2)
+                lses.append(lse)
+        ctx.save_for_backward(q, k, v, out, *lses)
+        ctx.spans, ctx.scale, ctx.padded = spans, scale, padded
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        q, k, v, out, *lses = ctx.saved_tensors
+        new = torch.zeros_like if ctx.padded else torch.empty_like
+        gq, gk, gv = new(q), new(k), new(v)
+        i = 0
+        for b, row in enumerate(ctx.spans):
+            for start, end in row:
+                sl = slice(start, end)
+                g = _FLASH_CPU_BACKWARD(grad[b : b + 1, sl].transpose(1, 2), q[b : b + 1, :, sl], k[b : b + 1, :, sl],
+                                        v[b : b + 1, :, sl], out[b : b + 1, sl].transpose(1, 2), lses[i], 0.0, True,
+                                        scale=ctx.scale)  # fmt: skip
+                gq[b : b + 1, :, sl], gk[b : b + 1, :, sl], gv[b : b + 1, :, sl] = g
+                i += 1
+        return gq, gk, gv, None, None, None
 
 
 def _decode_attention(

@@ -100,3 +100,24 @@ def test_linear_cross_entropy_uses_the_kernel_and_matches_torch(monkeypatch: pyt
     torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(model.lm_head.weight.grad, ref_head.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rd", [64, 32])
+def test_rope_forward_and_backward_match_torch(rd: int) -> None:
+    from nomoat.models import transformer as tr
+
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 12, 9, 64, generator=gen)  # (B, T, H, hd): q as the projections lay it out
+    cos, sin = torch.randn(2, 12, rd, generator=gen), torch.randn(2, 12, rd, generator=gen)
+    x = base.clone().requires_grad_()
+    ours = tr.apply_rope(x.transpose(1, 2), cos, sin)
+    assert ours.grad_fn is not None and type(ours.grad_fn).__name__ == "_RopeFnBackward"
+    ref_x = base.clone().requires_grad_()
+    xv, c, s = ref_x.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1)
+    rot = xv[..., :rd] * c + tr._rotate_half(xv[..., :rd]) * s
+    ref = torch.cat((rot, xv[..., rd:]), dim=-1)
+    grad = torch.randn(ref.shape, generator=gen)
+    ours.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,8 @@ which torch runs as a chain of separate ops, each a full pass over memory and mo
   (1024, 1536) tensors per layer: sigmoid, products, `1 - sig`, in-place updates; here it is one pass that reads
   `gate`, `up` and the incoming gradient and writes the two input gradients and the product (which the LoRA-A
   gradient of `down_proj` needs), in place where it can;
+- rotary embeddings: `x * cos + rotate_half(x) * sin` is five ops (two of them allocating copies that autograd
+  keeps); here one pass forward and one backward, keeping only the tables;
 - the fused linear cross-entropy (`train/loss.py`) turned each chunk of full-vocabulary logits into
   `softmax - onehot` through `logsumexp` (which allocates a logits-sized temporary), `gather`, `sub_`, `exp_` and
   an indexed write; here one call does it row by row while the row (49,152-151,936 floats) sits in L2.
@@ -133,6 +135,43 @@ torch::Tensor swiglu_backward(torch::Tensor gate, torch::Tensor up, torch::Tenso
   return grad_up;
 }
 
+// Rotary embedding (Hugging Face's rotate_half convention) of x (B, H, T, hd) with any strides but a unit last one,
+// by cos/sin (B, T, rd) contiguous: the first rd channels rotate, the rest are copied. backward=true applies the
+// transposed rotation (the gradient of the forward one). The output has x's shape, contiguous as (B, T, H, hd).
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, bool backward) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.scalar_type() == torch::kFloat, "x: (B, H, T, hd) fp32");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.dim() == 3, "cos/sin");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), hd = x.size(3), rd = cos.size(2), half = rd / 2;
+  TORCH_CHECK(cos.size(0) == B && cos.size(1) == T && rd <= hd && rd % 2 == 0, "cos/sin: (B, T, rd), rd <= hd");
+  auto out = torch::empty({B, T, H, hd}, x.options()).transpose(1, 2);
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
+  at::parallel_for(0, B * T, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t bt = lo; bt < hi; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      const float *c = cp + bt * rd, *s = sp + bt * rd;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xi = xp + b * sb + h * sh + t * st;
+        float* o = op + ((b * T + t) * H + h) * hd;
+        if (!backward) {
+          for (int64_t i = 0; i < half; ++i) {
+            o[i] = xi[i] * c[i] - xi[i + half] * s[i];
+            o[i + half] = xi[i + half] * c[i + half] + xi[i] * s[i + half];
+          }
+        } else {
+          for (int64_t i = 0; i < half; ++i) {
+            o[i] = xi[i] * c[i] + xi[i + half] * s[i + half];
+            o[i + half] = xi[i + half] * c[i + half] - xi[i] * s[i];
+          }
+        }
+        for (int64_t i = rd; i < hd; ++i) o[i] = xi[i];
+      }
+    }
+  });
+  return out;
+}
+
 // Cross-entropy of each row of logits (c, V) against targets (c,): returns the per-row loss lse - logit[y] and turns
 // the logits, in place, into the gradient softmax - onehot(y). One row at a time: max, exp and sum, scale.
 torch::Tensor softmax_xent_(torch::Tensor logits, torch::Tensor targets) {
@@ -172,7 +211,7 @@ torch::Tensor softmax_xent_(torch::Tensor logits, torch::Tensor targets) {
 }
 """
 
-_FUNCTIONS = ["swiglu_forward", "swiglu_backward", "softmax_xent_"]
+_FUNCTIONS = ["swiglu_forward", "swiglu_backward", "softmax_xent_", "rope"]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -234,6 +273,15 @@ def swiglu_backward(
     """
     grad_up = get().swiglu_backward(gate, up, grad, p_out)
     return grad, grad_up
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
+    """Rotary embedding of `x` (B, H, T, hd) by `cos`/`sin` (B, T, rd) in one pass (`backward`: its gradient).
+
+    The first `rd` channels rotate (rotate_half convention), the rest pass through. The result is laid out as
+    (B, T, H, hd) in memory (a transposed view), like torch's elementwise ops on a transposed `x`.
+    """
+    return get().rope(x, cos.contiguous(), sin.contiguous(), backward)
 
 
 def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

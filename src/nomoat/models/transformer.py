@@ -142,8 +142,32 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class _RopeFn(torch.autograd.Function):
+    """`apply_rope` through the compiled one-pass kernel; keeps only the tables for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(cos, sin)
+        return fused_ops.rope(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        cos, sin = ctx.saved_tensors
+        return fused_ops.rope(grad.contiguous() if grad.stride(-1) != 1 else grad, cos, sin, backward=True), None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first `cos.shape[-1]` channels of `x` (B, H, T, hd) by positions; the rest pass through."""
+    if (
+        x.requires_grad
+        and torch.is_grad_enabled()
+        and x.stride(-1) == 1
+        and cos.dim() == 3
+        and not cos.requires_grad
+        and fused_ops.applicable(cos, sin)
+        and x.dtype == torch.float32
+    ):
+        return _RopeFn.apply(x, cos, sin)  # training: one pass each way instead of five ops keeping two copies
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rd)
     rd = cos.shape[-1]
     if rd == x.shape[-1]:

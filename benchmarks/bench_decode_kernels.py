@@ -1,20 +1,25 @@
-"""Decode speed at batch 1 by linear-layer kernel, in one run: torch's paths against nomoat's compiled kernels.
+"""Decode speed by linear-layer kernel, in one run: torch's paths against nomoat's compiled kernels.
 
-Loads a SmolLM2-135M-shaped random model (built by transformers, as in bench_generate.py), prefills 32 tokens, then
-decodes 64 through the KV cache; best of 3 runs per variant, variants interleaved (the machine may be shared):
+Loads a SmolLM2-135M-shaped random model (or `--shape qwen2.5-0.5b`; built by transformers, as in
+bench_generate.py), prefills 32 tokens per row, then decodes 64 through the KV cache (`--batch` rows at once,
+default 1); best of 3 runs per variant, variants interleaved (the machine may be shared):
 - `fp32_linear`: plain `F.linear` (MKL) and torch attention, no compiled kernels;
 - `fp32_onednn`: weights packed for oneDNN, torch attention (what nomoat ran before the kernels);
-- `fp32_kernels`: nomoat's kernels (fp32 panels, fused q/k/v and gate/up, one-call decode attention);
+- `fp32_kernels`: nomoat's kernels layer by layer (fp32 panels, fused q/k/v and gate/up, one-call decode
+  attention), with the one-call decode stack switched off (`NOMOAT_DECODE_STACK=0`);
+- `fp32_stack`: the same model with the decode stack (`decode_stack.py`: all layers in one compiled call);
 - `int8_fbgemm`: weight-only int8 through fbgemm's embedding-bag kernels, torch attention;
-- `int8_kernels`: weight-only int8 through nomoat's kernels.
-Also times the matmuls alone (the 211 matrices at one row, fp32 and int8) as GB/s of weights read.
+- `int8_kernels` / `int8_stack`: weight-only int8 through nomoat's kernels, layer by layer / the decode stack.
+Also times the matmuls alone (every matrix at one row, fp32 and int8) as GB/s of weights read. `--kernels-only`
+measures only the four kernel variants (and no matmuls), for a quicker stack A/B.
 `OMP_WAIT_POLICY=PASSIVE` is set unless already set (as bench_generate.py). Prints one JSON object as its last line.
 
-    python benchmarks/bench_decode_kernels.py [--quick]
+    python benchmarks/bench_decode_kernels.py [--quick] [--kernels-only] [--shape S] [--batch B]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -23,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -31,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_generate import make_model  # noqa: E402
+from bench_generate import SHAPES, make_model  # noqa: E402
 
 from nomoat.models import kernels  # noqa: E402
 from nomoat.models.checkpoint import load_model  # noqa: E402
@@ -52,19 +58,35 @@ def torch_paths() -> Iterator[None]:
         kernels._state.update(saved)
 
 
-def decode_tok_s(model: torch.nn.Module, steps: int, runs: int) -> float:
-    """Best decode tokens/s over `runs` runs of `steps` greedy steps after a 32-token prefill."""
+@contextlib.contextmanager
+def stack_off() -> Iterator[None]:
+    """Run the kernels layer by layer (the one-call decode stack switched off)."""
+    saved = os.environ.get("NOMOAT_DECODE_STACK")
+    os.environ["NOMOAT_DECODE_STACK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["NOMOAT_DECODE_STACK"]
+        else:
+            os.environ["NOMOAT_DECODE_STACK"] = saved
+
+
+def decode_tok_s(model: torch.nn.Module, steps: int, runs: int, batch: int = 1) -> float:
+    """Best decode tokens/s (all rows) over `runs` runs of `steps` greedy steps after a 32-token prefill per row."""
     best = 0.0
+    vocab = model.config.vocab_size
     for _ in range(runs):
-        cache = KVCache(model.config, 1, 256, torch.float32, "cpu")
+        cache = KVCache(model.config, batch, 256, torch.float32, "cpu")
         with torch.inference_mode():
-            out = model(torch.randint(0, 49152, (1, 32)), position_ids=torch.arange(32)[None], cache=cache)
+            out = model(torch.randint(0, vocab, (batch, 32)), position_ids=torch.arange(32)[None].expand(batch, 32),
+                        cache=cache)  # fmt: skip
             tok = out[:, -1].argmax(-1, keepdim=True)
             t = time.perf_counter()
             for i in range(steps):
-                pos = torch.tensor([[32 + i]])
+                pos = torch.full((batch, 1), 32 + i)
                 tok = model(tok, position_ids=pos, cache=cache, kv_len=33 + i)[:, -1].argmax(-1, keepdim=True)
-            best = max(best, steps / (time.perf_counter() - t))
+            best = max(best, batch * steps / (time.perf_counter() - t))
     return best
 
 
@@ -96,48 +118,66 @@ def matmul_gbs(plain: torch.nn.Module, runs: int) -> dict[str, float]:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="32 steps, best of 2 (default 64, best of 3)")
+    ap.add_argument("--kernels-only", action="store_true", help="only nomoat's kernel variants (stack on and off)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m", help="model shape (random weights)")
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
+    args = ap.parse_args()
     torch.set_num_threads(2)
-    steps, runs = (32, 2) if quick else (64, 3)
+    steps, runs = (32, 2) if args.quick else (64, 3)
     if not kernels.available():
         print("nomoat's kernels did not build: only torch's paths are measured", file=sys.stderr)
     results: dict[str, float] = {}
+    gbs: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "smollm2-135m"
-        make_model("smollm2-135m", path)
-        plain = load_model(path, "float32", "cpu")
-        gbs = matmul_gbs(plain, 5)
-        with torch_paths():
-            onednn = load_model(path, "float32", "cpu")
-            pack_model(onednn)
-            fbgemm = quantize_model(load_model(path, "float32", "cpu"), "int8")
-        packed = load_model(path, "float32", "cpu")
-        pack_model(packed)
-        int8 = quantize_model(load_model(path, "float32", "cpu"), "int8")
-        variants = {"fp32_linear": (plain, True), "fp32_onednn": (onednn, True), "fp32_kernels": (packed, False),
-                    "int8_fbgemm": (fbgemm, True), "int8_kernels": (int8, False)}  # fmt: skip
+        path = Path(tmp) / args.shape
+        make_model(args.shape, path)
+        variants: dict[str, tuple[torch.nn.Module, Any]] = {}
+        if not args.kernels_only:
+            plain = load_model(path, "float32", "cpu")
+            gbs = matmul_gbs(plain, 5)
+            with torch_paths():
+                onednn = load_model(path, "float32", "cpu")
+                pack_model(onednn)
+                fbgemm = quantize_model(load_model(path, "float32", "cpu"), "int8")
+            variants = {"fp32_linear": (plain, torch_paths), "fp32_onednn": (onednn, torch_paths),
+                        "int8_fbgemm": (fbgemm, torch_paths)}  # fmt: skip
+        if kernels.available():
+            packed = load_model(path, "float32", "cpu")
+            pack_model(packed)
+            int8 = quantize_model(load_model(path, "float32", "cpu"), "int8")
+            variants |= {"fp32_kernels": (packed, stack_off), "fp32_stack": (packed, contextlib.nullcontext),
+                         "int8_kernels": (int8, stack_off), "int8_stack": (int8, contextlib.nullcontext)}  # fmt: skip
+        stack_used: dict[str, int] = {}  # decode steps that went through the one-call stack, per variant
         for _ in range(runs):  # interleaved, best of `runs`
-            for name, (model, fallback) in variants.items():
-                if not fallback and not kernels.available():
-                    continue
-                with torch_paths() if fallback else contextlib.nullcontext():
-                    results[name] = max(results.get(name, 0.0), decode_tok_s(model, steps, 1))
+            for name, (model, context) in variants.items():
+                used = model._decode_stack.used if model._decode_stack is not None else 0
+                with context():
+                    results[name] = max(results.get(name, 0.0), decode_tok_s(model, steps, 1, args.batch))
+                after = model._decode_stack.used if model._decode_stack is not None else 0
+                stack_used[name] = stack_used.get(name, 0) + after - used
     for k, v in results.items():
         print(f"{k:14s} {v:6.1f} tok/s", file=sys.stderr)
     for k, v in gbs.items():
         print(f"matmuls {k:14s} {v:5.1f} GB/s of weights at one row", file=sys.stderr)
-    ratios = {"onednn_decode_speed_vs_linear": round(results["fp32_onednn"] / results["fp32_linear"], 3)}
+    ratios = {}
+    if "fp32_onednn" in results:
+        ratios["onednn_decode_speed_vs_linear"] = round(results["fp32_onednn"] / results["fp32_linear"], 3)
     if "fp32_kernels" in results:
-        ratios["kernels_fp32_decode_speed_vs_onednn"] = round(results["fp32_kernels"] / results["fp32_onednn"], 3)
-        ratios["kernels_int8_decode_speed_vs_fbgemm"] = round(results["int8_kernels"] / results["int8_fbgemm"], 3)
+        if "fp32_onednn" in results:
+            ratios["kernels_fp32_decode_speed_vs_onednn"] = round(results["fp32_kernels"] / results["fp32_onednn"], 3)
+            ratios["kernels_int8_decode_speed_vs_fbgemm"] = round(results["int8_kernels"] / results["int8_fbgemm"], 3)
         ratios["kernels_int8_decode_speed_vs_kernels_fp32"] = round(
             results["int8_kernels"] / results["fp32_kernels"], 3
         )
+        ratios["stack_fp32_speed_vs_kernels"] = round(results["fp32_stack"] / results["fp32_kernels"], 3)
+        ratios["stack_int8_speed_vs_kernels"] = round(results["int8_stack"] / results["int8_kernels"], 3)
     machine = f"cpu, torch threads 2, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     isa = kernels.get().isa() if kernels.available() else None
-    print(json.dumps({"benchmark": "decode_kernels", "machine": machine, "kernels_isa": isa,
-                      "results": [{"kernel": k, "decode_tok_s": v} for k, v in results.items()],
-                      "matmul_weight_gbs_at_one_row": gbs, "ratios": ratios}))  # fmt: skip
+    print(json.dumps({"benchmark": "decode_kernels", "machine": machine, "kernels_isa": isa, "shape": args.shape,
+                      "batch": args.batch, "results": [{"kernel": k, "decode_tok_s": v} for k, v in results.items()],
+                      "stack_calls": stack_used, "matmul_weight_gbs_at_one_row": gbs, "ratios": ratios}))  # fmt: skip
 
 
 if __name__ == "__main__":

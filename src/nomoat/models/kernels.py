@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 PANEL = 64  # output channels per panel (4 AVX-512 vectors / 8 AVX2 vectors of fp32)
 MAX_ROWS = 8  # activation rows the kernel holds in registers at once; more rows are processed 8 at a time
 
-_SOURCE = r"""
+# The panel GEMV templates (`panel_any<I8>` and what it uses), shared with `decode_stack.py`'s extension.
+_GEMV_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -147,7 +148,9 @@ static void panel_any(int m, const float* x, int64_t ldx, const void* w, int64_t
   }
 }
 
-template <bool I8>
+"""
+
+_OPS_SOURCE = r"""template <bool I8>
 static torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& wp,
                                  const c10::optional<torch::Tensor>& scale, const c10::optional<torch::Tensor>& bias,
                                  int64_t N) {
@@ -279,6 +282,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 
 std::string isa() { return W == 16 ? "avx512" : W == 8 ? "avx2" : "sse"; }
 """
+_SOURCE = _GEMV_SOURCE + _OPS_SOURCE
 
 _FUNCTIONS = ["linear_f32", "linear_i8", "decode_attention", "isa"]
 _lock = threading.Lock()

@@ -12,7 +12,8 @@ compute-bound and 1.4x faster than the kernels' layout through `bmm` at 512 rows
 (twice its fp32 weight bytes). A layer named `lm_head` builds its oneDNN copy only when first called with more rows:
 generation computes logits for one position per row, so the output head (21% of SmolLM2's weights) is stored once.
 `pack_model` also fuses each layer's q/k/v and gate/up projections for decode (`kernels.FusedDecodeLinear`: one
-kernel call over one shared panel tensor, the layers' own panels being views of it, so no extra memory).
+kernel call over one shared panel tensor, the layers' own panels being views of it, so no extra memory), and gives a
+`Transformer` its one-call decode stack (`decode_stack.py`: every layer of a decode step in one compiled call).
 
 Packed layers have no autograd and no `weight` tensor in Hugging Face layout, so they are for generation only: pack a
 model you will not train or save (the CLI's inference commands do). `pack_model` leaves a model unchanged where
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nomoat.models import kernels
+from nomoat.models import decode_stack, kernels
 
 # Rows per call up to which the compiled kernels beat oneDNN (measured, 28 of SmolLM2's matrices, 2 threads):
 # 6 rows 2.2 vs 3.6 ms, 16 rows 7.5 vs 6.2 ms; all 211 matrices at 8 rows, 1 thread: 32 vs 40-43 ms.
@@ -102,6 +103,7 @@ def pack_model(model: nn.Module) -> int:
                 n += 1
     if n and kernels.available():
         _fuse(model)
+        decode_stack.attach(model)  # a Transformer's decode steps then run all layers in one call
     return n
 
 

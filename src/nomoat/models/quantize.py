@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nomoat.models import kernels
+from nomoat.models import decode_stack, kernels
 
 logger = logging.getLogger(__name__)
 
@@ -471,6 +471,7 @@ def quantize_model(
     model.quantization = info
     if kernels.available():
         _fuse_int8(model)
+        decode_stack.attach(model)  # int8 decode steps then run all layers in one call (int4: plan not eligible)
     logger.info("quantized %d linear layers to %s: weights %.1f MB -> %.1f MB", len(layers), mode, before / 1e6,
                 after / 1e6)  # fmt: skip
     return model

@@ -480,6 +480,10 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # recompute each layer in backward (training memory for time)
         self.reset_rope()
 
+    # Set by `pack_model` / `quantize_model` (`decode_stack.attach`): runs a decode step's layers in one compiled call
+    # (`decode_stack.DecodeStack`; it returns None wherever it does not apply, and the layer loop runs).
+    _decode_stack = None
+
     # ---- setup ------------------------------------------------------------------------------------------------
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
@@ -611,10 +615,13 @@ class Transformer(nn.Module):
             h = h * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(h.dtype)
         ropes = {kind: self._rope_tables(kind, position_ids, h.dtype) for kind in self.rope_types}
         cache_args: CacheArgs | None = None
+        stacked = None
         if cache is not None:
             kv_len = int(position_ids.max()) + 1 if kv_len is None else kv_len
             cache_args = (cache, slice(0, B) if rows is None else rows, position_ids, kv_len)
-            masks = self._cached_masks(position_ids, kv_len)
+            if T == 1 and self._decode_stack is not None:
+                stacked = self._decode_stack(self, h, ropes, cache_args)
+            masks = self._cached_masks(position_ids, kv_len) if stacked is None else {}
         else:
             if segment_ids is not None:
                 segments = Segments(segment_ids)
@@ -622,14 +629,14 @@ class Transformer(nn.Module):
             else:
                 masks = self._masks(attention_mask, T, device)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.model.layers:
+        for layer in self.model.layers if stacked is None else ():
             cos, sin = ropes[layer.layer_type]
             if checkpointing:
                 # Keep only each layer's input; recompute its activations in the backward pass.
                 h = checkpoint(layer, h, cos, sin, masks[layer.layer_type], cache_args, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, masks[layer.layer_type], cache_args)
-        h = self.model.norm(h)
+        h = self.model.norm(h if stacked is None else stacked)
         if return_hidden:
             return h
         return self.logits(h)

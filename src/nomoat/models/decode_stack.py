@@ -1,0 +1,736 @@
+"""One decode step of the whole decoder stack in one compiled call (fp32 activations, CPU, 1-8 rows).
+
+With `kernels.py`, a decode step of a SmolLM2-135M-shaped model still made about 7 kernel calls and 15 torch ops
+per layer from Python (5 ms of a 33 ms token in dispatch), and each kernel call opened its own OpenMP parallel
+region: under `OMP_WAIT_POLICY=PASSIVE` every region wakes a sleeping worker thread (about 120 wake-ups a token,
+a quarter of the step). Here one C++ call runs every layer of a Llama/Mistral/Qwen2-style pre-norm block stack for
+M <= 8 rows, one new token each, and returns the hidden states before the final norm:
+
+    for each layer:  x_n = rmsnorm(x) * w_in;  qkv = x_n Wqkv^T (+ bias);  rope on q, k;  write k, v into the cache
+                     attention over the cached keys 0..pos (GQA, sliding window);  x += attn Wo^T (+ bias)
+                     x_n = rmsnorm(x) * w_post;  x += (silu(x_n Wg^T) * (x_n Wu^T)) Wd^T
+
+Weights are the layers' own panels (`PackedLinear.panels`, int8 `QuantizedLinear` panels with their per-channel
+scales; the fused q/k/v and gate/up tensors of `pack_model` / `quantize_model` are views of them), so the plan costs
+no weight memory. The matmuls use `kernels.py`'s panel GEMV templates (compiled again into this extension).
+
+Threading: ONE OpenMP parallel region per step. Each layer is five phases (q/k/v panels; attention over
+(row, head); output-projection panels added to the residual; gate/up panel pairs with SiLU; down panels added to the
+residual). A phase's work units are claimed one at a time from an atomic counter, and a unit runs once the previous
+phase has *finished all its units* (per-unit done flags and a count, not a barrier of threads). A thread that finds
+a phase fully claimed skips it without waiting, so a thread that the shared VM deschedules holds nobody back unless
+it holds a unit. And even then only briefly: a thread that needs a phase finished spins (`_mm_pause`) for 20 us
+plus twice its own last time for such a unit, then runs the unfinished units itself. A unit may thus run twice, even
+concurrently, so every unit is idempotent: each step's intermediates have one buffer per layer (and the residual one
+per half layer: `x_next = x + projection`, never `x += ...`), and every shared write stores a final value (attention
+accumulates in private scratch). Measured with a busy-loop process and another job sharing the 2 cores, a
+SmolLM2-135M step took 92-116 ms on 2 threads that waited for each other (spinning, then yielding or sleeping), 35-42
+on 1 thread, and 30-32 on 2 threads with helping (about 5 of the step's 2,000 units helped; when idle, 2 threads
+take 16 ms, 1 thread 21). No thread ever sleeps inside the region; only its end waits for a descheduled thread
+(OpenMP's join). The workspace (a few MB at 8 rows) belongs to the plan; a mutex serialises calls. The RMSNorm of
+a phase's input is computed by each thread that runs a unit of it (M x hidden values: cheaper than synchronising).
+New keys are rotated by every (row, head) unit that needs them and written to the cache by the group's first head;
+the others use their own copy of the new key, so attention needs no extra phase.
+
+Numerics follow the unfused path (`Transformer` layers with `kernels.py`): the same GEMV code and accumulation order,
+RMSNorm's mean of squares in double (F.rms_norm's fp32 result to rounding), rotate-half rope, fp32 softmax. Logits
+agree with the unfused path to about 1e-6 relative.
+
+Where it applies (else `Transformer.forward` runs its layers as before): a cached forward of one token per row,
+rows a slice, at most `MAX_ROWS` rows, fp32 on CPU, gradients off, not under `torch.compile`; every layer a plain
+pre-norm `Block` (no sandwich norm, q/k norm, soft-capping, Gemma norm offset or MLP bias; SiLU), every projection a
+`PackedLinear` with panels or an int8 `QuantizedLinear`, and every module and weight still the one the plan was built
+from (LoRA injection or an adapter bank replaces modules, which turns it off: `DecodeStack.fallbacks` counts those
+calls). `NOMOAT_KERNELS=0` disables it with the other kernels, `NOMOAT_DECODE_STACK=0` disables only it (for A/B).
+
+Measured on the 2-core AMD EPYC (AVX-512) VM while its neighbours were idle, 2 threads, OMP_WAIT_POLICY=PASSIVE,
+random weights; `benchmarks/bench_decode_kernels.py --kernels-only [--shape S] [--batch B]` (64 greedy steps after a
+32-token prefill, best of 3 interleaved runs), tokens/s of all rows, layer by layer (`NOMOAT_DECODE_STACK=0`) ->
+stack:
+    SmolLM2-135M  batch 1: fp32 30.9 -> 46.6, int8 59.9 -> 109.6;  batch 8: fp32 178 -> 276, int8 225 -> 356
+    Qwen2.5-0.5B  batch 1: fp32 13.9 -> 17.8, int8 32.5 -> 50.6;   batch 8: fp32 71 -> 93,   int8 103 -> 134
+The layers' fp32 weights then stream at 26-27 GB/s (the machine reads about 26-29): the stack's part of a SmolLM2
+step is about 16 ms of 21, the output head (outside the stack) 4. Through the engine (`bench_generate.py --quick`):
+SmolLM2 fp32 decode 29.2 -> 47.7 tok/s (transformers 13.9: 3.4x), int8 47.5 -> 112.6 (llama.cpp q8_0 112.4).
+Machine speed drifts by 10-30% over minutes here, so compare only interleaved runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+import os
+import shutil
+import threading
+from typing import Any
+
+import torch
+
+from nomoat.models import kernels
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 8  # rows per call (the GEMV templates hold at most 8 rows in registers)
+
+_STACK_SOURCE = r"""
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <omp.h>
+
+#ifndef SPIN_NS
+#define SPIN_NS 20000
+#endif
+
+static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+static inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+struct alignas(64) Counter {
+  std::atomic<int> v{0};
+};
+
+// One matrix: panels (P, K, 64) fp32 or int8, optional per-channel scale (int8) and bias.
+struct Seg {
+  const char* w = nullptr;
+  bool i8 = false;
+  int64_t P = 0, K = 0, N = 0;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+};
+
+struct LayerPlan {
+  const float* w_in = nullptr;
+  const float* w_post = nullptr;
+  Seg q, k, v, o, gate, up, down;
+  int64_t window = 0, kind = 0;
+};
+
+// Rotary embedding (Hugging Face's rotate_half convention) of one head: the first rd channels, the rest copied.
+static inline void rope_one(const float* x, const float* c, const float* s, int64_t rd, int64_t hd, float* out) {
+  const int64_t half = rd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = x[i] * c[i] - x[i + half] * s[i];
+    out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+  }
+  for (int64_t i = rd; i < hd; ++i) out[i] = x[i];
+}
+
+// buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
+static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf) {
+  if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.K, buf);
+  else panel_any<false>(M, x, ldx, s.w + p * s.K * PANEL * 4, s.K, buf);
+}
+
+static Seg make_seg(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& bias, int64_t K,
+                    int64_t N, const char* what) {
+  Seg s;
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == PANEL && w.is_contiguous() && w.size(1) == K && w.size(0) * PANEL >= N,
+              what, ": panels (P, K, 64) contiguous expected");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kChar, what, ": fp32 or int8 panels");
+  s.i8 = w.scalar_type() == torch::kChar;
+  s.w = (const char*)w.data_ptr();
+  s.P = w.size(0);
+  s.K = K;
+  s.N = N;
+  if (s.i8) {
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() >= N,
+                what, ": int8 panels need fp32 scales (N,)");
+    s.scale = scale.data_ptr<float>();
+  }
+  if (bias.numel() > 0) {
+    TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.is_contiguous() && bias.numel() >= N,
+                what, ": bias fp32 (N,)");
+    s.bias = bias.data_ptr<float>();
+  }
+  return s;
+}
+
+class StackPlan {
+ public:
+  StackPlan(int64_t D, int64_t H, int64_t nkv, int64_t hd, int64_t I, double eps, double scale)
+      : D_(D), H_(H), nkv_(nkv), hd_(hd), I_(I), eps_(eps), scale_((float)scale) {
+    TORCH_CHECK(H > 0 && nkv > 0 && H % nkv == 0 && hd > 0 && D > 0 && I > 0, "bad shapes");
+  }
+
+  // t: w_in, w_post, then (panels, scale, bias) for q, k, v, o and (panels, scale) for gate, up, down; an absent
+  // scale or bias is an empty tensor. window: sliding window or 0; kind: index of the layer's rope table.
+  void add_layer(std::vector<torch::Tensor> t, int64_t window, int64_t kind) {
+    TORCH_CHECK(t.size() == 20, "add_layer: 20 tensors expected");
+    const int64_t Q = H_ * hd_, KV = nkv_ * hd_;
+    for (int i = 0; i < 2; ++i)
+      TORCH_CHECK(t[i].scalar_type() == torch::kFloat && t[i].is_contiguous() && t[i].numel() == D_, "norm weight");
+    LayerPlan L;
+    L.w_in = t[0].data_ptr<float>();
+    L.w_post = t[1].data_ptr<float>();
+    L.q = make_seg(t[2], t[3], t[4], D_, Q, "q_proj");
+    L.k = make_seg(t[5], t[6], t[7], D_, KV, "k_proj");
+    L.v = make_seg(t[8], t[9], t[10], D_, KV, "v_proj");
+    L.o = make_seg(t[11], t[12], t[13], Q, D_, "o_proj");
+    L.gate = make_seg(t[14], t[15], torch::empty({0}), D_, I_, "gate_proj");
+    L.up = make_seg(t[16], t[17], torch::empty({0}), D_, I_, "up_proj");
+    L.down = make_seg(t[18], t[19], torch::empty({0}), I_, D_, "down_proj");
+    TORCH_CHECK(L.gate.P == L.up.P, "gate/up panel counts differ");
+    L.window = window;
+    L.kind = kind;
+    layers_.push_back(L);
+    for (auto& x : t) keep_.push_back(x);
+  }
+
+  int64_t num_layers() const { return (int64_t)layers_.size(); }
+
+  // Units run by a thread that gave up waiting for the thread holding them (so twice, or first by the helper).
+  int64_t helped() const { return helped_.load(); }
+
+  // How long a thread waits for a unit another thread holds before running it itself: spin_ns plus unit_factor
+  // times its own last duration of such a unit (defaults SPIN_NS and 2; 0 and 0 help at once). For tests, a
+  // negative spin_ns makes every thread run every unit of every phase again once it is complete.
+  void set_spin(int64_t spin_ns, int64_t unit_factor) {
+    spin_ns_ = spin_ns;
+    unit_factor_ = unit_factor;
+  }
+
+  // Runs every layer on x (M, 1, D) for one token per row; returns the new hidden states (M, 1, D).
+  torch::Tensor run(torch::Tensor x, std::vector<torch::Tensor> cos, std::vector<torch::Tensor> sin,
+                    torch::Tensor positions, int64_t row0, int64_t kv_len, std::vector<torch::Tensor> kcache,
+                    std::vector<torch::Tensor> vcache) {
+    const int64_t L = num_layers(), D = D_, H = H_, nkv = nkv_, hd = hd_, I = I_;
+    const int64_t Q = H * hd, KV = nkv * hd, NQKV = Q + 2 * KV, rep = H / nkv;
+    TORCH_CHECK(L > 0, "no layers");
+    TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 3 && x.size(1) == 1 && x.size(2) == D, "x: (M, 1, D)");
+    const int64_t M = x.size(0);
+    TORCH_CHECK(M >= 1 && M <= 8, "1 to 8 rows");
+    TORCH_CHECK((int64_t)kcache.size() == L && (int64_t)vcache.size() == L, "one key and value cache per layer");
+    TORCH_CHECK(cos.size() == sin.size() && !cos.empty(), "rope tables");
+    std::vector<torch::Tensor> cs, ss;
+    std::vector<const float*> cptr, sptr;
+    const int64_t rd = cos[0].size(-1);
+    TORCH_CHECK(rd <= hd && rd % 2 == 0, "rope width");
+    for (size_t i = 0; i < cos.size(); ++i) {
+      cs.push_back(cos[i].contiguous());
+      ss.push_back(sin[i].contiguous());
+      TORCH_CHECK(cs[i].scalar_type() == torch::kFloat && ss[i].scalar_type() == torch::kFloat &&
+                  cs[i].numel() == M * rd && ss[i].numel() == M * rd, "rope tables: fp32 (M, 1, rd)");
+      cptr.push_back(cs[i].data_ptr<float>());
+      sptr.push_back(ss[i].data_ptr<float>());
+    }
+    const int64_t S = kcache[0].size(2);
+    std::vector<float*> kc(L), vc(L);
+    for (int64_t l = 0; l < L; ++l) {
+      for (auto* c : {&kcache[l], &vcache[l]}) {
+        TORCH_CHECK(c->scalar_type() == torch::kFloat && c->is_contiguous() && c->dim() == 4 && c->size(1) == nkv &&
+                    c->size(2) == S && c->size(3) == hd && row0 >= 0 && row0 + M <= c->size(0), "cache layout");
+      }
+      TORCH_CHECK(layers_[l].kind >= 0 && layers_[l].kind < (int64_t)cs.size(), "rope kind");
+      kc[l] = kcache[l].data_ptr<float>();
+      vc[l] = vcache[l].data_ptr<float>();
+    }
+    TORCH_CHECK(kv_len >= 1 && kv_len <= S, "kv_len");
+    TORCH_CHECK(positions.scalar_type() == torch::kLong && positions.numel() == M, "positions: int64 (M, 1)");
+    auto pos_c = positions.contiguous();
+    const int64_t* pos = pos_c.data_ptr<int64_t>();
+    for (int64_t b = 0; b < M; ++b) TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "position outside the cache");
+
+    std::lock_guard<std::mutex> lock(mu_);  // the workspace is the plan's: one call at a time
+    const int nt = std::max(1, at::get_num_threads());
+    // Every intermediate has one buffer per layer (and the residual one per half-layer), so that running a unit
+    // twice (a thread helping a descheduled one) writes the same values where the first run would have.
+    const int64_t per_thread = M * D + kv_len + 3 * hd + 16;
+    const size_t need = (size_t)((2 * L + 1) * M * D + L * M * (NQKV + Q + I) + nt * per_thread);
+    if (ws_.size() < need) ws_.resize(need);
+    float* X = ws_.data();                    // (2L + 1) residual states (M, D)
+    float* QKV = X + (2 * L + 1) * M * D;     // per layer (M, NQKV)
+    float* ATT = QKV + L * M * NQKV;          // per layer (M, Q)
+    float* ACT = ATT + L * M * Q;             // per layer (M, I)
+    float* TLS = ACT + L * M * I;             // per thread: normed input (M, D), rope and score scratch
+    std::memcpy(X, x.contiguous().data_ptr<float>(), M * D * sizeof(float));
+
+    const int64_t NP = L * 5;
+    std::vector<int> total(NP);
+    std::vector<int64_t> first(NP + 1, 0);
+    for (int64_t l = 0; l < L; ++l) {
+      const LayerPlan& ly = layers_[l];
+      const int64_t t5[5] = {ly.q.P + ly.k.P + ly.v.P, M * H, ly.o.P, ly.gate.P, ly.down.P};
+      for (int ph = 0; ph < 5; ++ph) total[l * 5 + ph] = (int)t5[ph];
+    }
+    for (int64_t i = 0; i < NP; ++i) first[i + 1] = first[i] + total[i];
+    std::unique_ptr<Counter[]> next(new Counter[NP]), done(new Counter[NP]);
+    std::unique_ptr<std::atomic<unsigned char>[]> flag(new std::atomic<unsigned char>[first[NP]]);
+    for (int64_t i = 0; i < first[NP]; ++i) flag[i].store(0, std::memory_order_relaxed);
+
+    auto body = [&](int tid) {
+      float* xn = TLS + (int64_t)tid * per_thread;
+      float* qrot = xn + M * D;
+      float* knew = qrot + hd;
+      float* obuf = knew + hd;
+      float* w = obuf + hd;
+      int64_t xn_for = -1;          // the phase whose normed input xn holds
+      int64_t frontier = 0;         // every phase below it is known complete
+      int64_t unit_ns[5] = {0, 0, 0, 0, 0};  // this thread's last duration of a unit, per phase kind
+      alignas(64) float buf[8 * PANEL];
+      alignas(64) float buf2[8 * PANEL];
+
+      auto norm_into = [&](const float* src, const float* wt) {
+        for (int64_t m = 0; m < M; ++m) {
+          const float* r = src + m * D;
+          double ss2 = 0.0;
+          for (int64_t i = 0; i < D; ++i) ss2 += (double)r[i] * (double)r[i];
+          const float rstd = (float)(1.0 / std::sqrt(ss2 / (double)D + eps_));
+          for (int64_t i = 0; i < D; ++i) xn[m * D + i] = wt[i] * (r[i] * rstd);
+        }
+      };
+
+      // Unit u of phase idx; its inputs (the previous phases) are complete. Idempotent.
+      auto run_unit = [&](int64_t idx, int u) {
+        const int64_t l = idx / 5;
+        const int ph = (int)(idx % 5);
+        const LayerPlan& ly = layers_[l];
+        const int64_t t0 = now_ns();
+        if ((ph == 0 || ph == 3) && xn_for != idx) {
+          norm_into(X + (2 * l + (ph == 3)) * M * D, ph == 0 ? ly.w_in : ly.w_post);
+          xn_for = idx;
+        }
+        if (ph == 0) {  // q/k/v panel -> qkv (M, NQKV)
+          const Seg* s = &ly.q;
+          int64_t p = u, off = 0;
+          if (p >= ly.q.P) {
+            p -= ly.q.P;
+            s = &ly.k;
+            off = Q;
+            if (p >= ly.k.P) {
+              p -= ly.k.P;
+              s = &ly.v;
+              off = Q + KV;
+            }
+          }
+          panel_gemv(*s, p, (int)M, xn, D, buf);
+          const int64_t n0 = p * PANEL, nn = std::min<int64_t>(PANEL, s->N - n0);
+          for (int64_t m = 0; m < M; ++m) {
+            float* dst = QKV + (l * M + m) * NQKV + off + n0;
+            const float* src = buf + m * PANEL;
+            for (int64_t j = 0; j < nn; ++j) {
+              float v = s->scale ? src[j] * s->scale[n0 + j] : src[j];
+              dst[j] = s->bias ? v + s->bias[n0 + j] : v;
+            }
+          }
+        } else if (ph == 1) {  // attention of (row b, head h)
+          const int64_t b = u / H, h = u % H, g = h / rep, p = pos[b];
+          const float* c = cptr[ly.kind] + b * rd;
+          const float* sn = sptr[ly.kind] + b * rd;
+          const float* row = QKV + (l * M + b) * NQKV;
+          rope_one(row + h * hd, c, sn, rd, hd, qrot);
+          rope_one(row + Q + g * hd, c, sn, rd, hd, knew);
+          const float* vnew = row + Q + KV + g * hd;
+          const int64_t base = ((row0 + b) * nkv + g) * S * hd;
+          const float* kb = kc[l] + base;
+          const float* vb = vc[l] + base;
+          if (h % rep == 0) {  // the group's first head writes the new key and value
+            std::memcpy(kc[l] + base + p * hd, knew, hd * sizeof(float));
+            std::memcpy(vc[l] + base + p * hd, vnew, hd * sizeof(float));
+          }
+          const int64_t hi = std::min(p, kv_len - 1);
+          const int64_t lo = ly.window > 0 ? std::max<int64_t>(0, p - ly.window + 1) : 0;
+          float* o = obuf;  // accumulated privately: a second run must never expose a partial sum
+          float mx = -INFINITY;
+          for (int64_t t = lo; t <= hi; ++t) {
+            const float* kt = t == p ? knew : kb + t * hd;  // the new key from this unit's own copy
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t i = 0; i < hd; ++i) acc += qrot[i] * kt[i];
+            w[t - lo] = acc * scale_;
+            mx = std::max(mx, w[t - lo]);
+          }
+          float sum = 0.f;
+          for (int64_t t = lo; t <= hi; ++t) sum += (w[t - lo] = std::exp(w[t - lo] - mx));
+          for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
+          for (int64_t t = lo; t <= hi; ++t) {
+            const float pr = w[t - lo] / sum;
+            const float* vt = t == p ? vnew : vb + t * hd;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; ++i) o[i] += pr * vt[i];
+          }
+          std::memcpy(ATT + (l * M + b) * Q + h * hd, o, hd * sizeof(float));
+        } else if (ph == 2 || ph == 4) {  // o_proj / down_proj panel: next residual = residual + projection
+          const Seg& s = ph == 2 ? ly.o : ly.down;
+          const float* in = ph == 2 ? ATT + l * M * Q : ACT + l * M * I;
+          panel_gemv(s, u, (int)M, in, ph == 2 ? Q : I, buf);
+          const float* xin = X + (2 * l + (ph == 4)) * M * D;
+          float* xout = X + (2 * l + 1 + (ph == 4)) * M * D;
+          const int64_t n0 = (int64_t)u * PANEL, nn = std::min<int64_t>(PANEL, D - n0);
+          for (int64_t m = 0; m < M; ++m) {
+            const float* src = buf + m * PANEL;
+            for (int64_t j = 0; j < nn; ++j) {
+              float v = s.scale ? src[j] * s.scale[n0 + j] : src[j];
+              v = s.bias ? v + s.bias[n0 + j] : v;
+              xout[m * D + n0 + j] = xin[m * D + n0 + j] + v;
+            }
+          }
+        } else {  // gate and up panel u -> silu(gate) * up
+          panel_gemv(ly.gate, u, (int)M, xn, D, buf);
+          panel_gemv(ly.up, u, (int)M, xn, D, buf2);
+          const int64_t n0 = (int64_t)u * PANEL, nn = std::min<int64_t>(PANEL, I - n0);
+          for (int64_t m = 0; m < M; ++m) {
+            float* dst = ACT + (l * M + m) * I + n0;
+            for (int64_t j = 0; j < nn; ++j) {
+              const float gv = ly.gate.scale ? buf[m * PANEL + j] * ly.gate.scale[n0 + j] : buf[m * PANEL + j];
+              const float uv = ly.up.scale ? buf2[m * PANEL + j] * ly.up.scale[n0 + j] : buf2[m * PANEL + j];
+              dst[j] = gv / (1.f + std::exp(-gv)) * uv;
+            }
+          }
+        }
+        if (flag[first[idx] + u].exchange(1, std::memory_order_acq_rel) == 0)
+          done[idx].v.fetch_add(1, std::memory_order_release);
+        unit_ns[ph] = now_ns() - t0;
+      };
+
+      // Returns once every phase up to idx is complete: waits briefly for the units other threads hold, then
+      // runs the ones still unfinished itself (a descheduled thread must not stall the step).
+      auto ensure = [&](int64_t idx) {
+        for (; frontier <= idx; ++frontier) {
+          const int64_t j = frontier;
+          if (spin_ns_ < 0) {  // test mode: every unit runs again (all must be idempotent)
+            while (done[j].v.load(std::memory_order_acquire) < total[j]) cpu_relax();
+            for (int u = 0; u < total[j]; ++u) run_unit(j, u);
+            helped_.fetch_add(total[j], std::memory_order_relaxed);
+            continue;
+          }
+          if (done[j].v.load(std::memory_order_acquire) >= total[j]) continue;
+          const int64_t budget = spin_ns_ + unit_factor_ * unit_ns[j % 5];
+          const int64_t t0 = now_ns();
+          bool ok = false;
+          while (!ok && budget > 0) {
+            for (int i = 0; i < 32 && !ok; ++i) {
+              cpu_relax();
+              ok = done[j].v.load(std::memory_order_acquire) >= total[j];
+            }
+            if (now_ns() - t0 > budget) break;
+          }
+          if (ok) continue;
+          for (int u = 0; u < total[j]; ++u)  // help: run what is not finished yet (maybe a second time)
+            if (flag[first[j] + u].load(std::memory_order_acquire) == 0) {
+              run_unit(j, u);
+              helped_.fetch_add(1, std::memory_order_relaxed);
+            }
+        }
+      };
+
+      for (int64_t idx = 0; idx < NP; ++idx) {
+        int u;
+        while ((u = next[idx].v.fetch_add(1, std::memory_order_acq_rel)) < total[idx]) {
+          if (idx > 0) ensure(idx - 1);
+          if (flag[first[idx] + u].load(std::memory_order_acquire) == 0) run_unit(idx, u);  // else: helped
+        }
+      }
+    };
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+      body(omp_get_thread_num());
+    } else {
+      body(0);
+    }
+    auto out = torch::empty({M, 1, D}, x.options());
+    std::memcpy(out.data_ptr<float>(), X + 2 * L * M * D, M * D * sizeof(float));
+    return out;
+  }
+
+ private:
+  int64_t D_, H_, nkv_, hd_, I_;
+  double eps_;
+  float scale_;
+  std::vector<LayerPlan> layers_;
+  std::vector<torch::Tensor> keep_;
+  std::vector<float> ws_;
+  std::mutex mu_;
+  std::atomic<int64_t> helped_{0};
+  int64_t spin_ns_ = SPIN_NS, unit_factor_ = 2;
+};
+
+std::string isa() { return W == 16 ? "avx512" : W == 8 ? "avx2" : "sse"; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<StackPlan>(m, "StackPlan", pybind11::module_local())
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double>())
+      .def("add_layer", &StackPlan::add_layer)
+      .def("num_layers", &StackPlan::num_layers)
+      .def("helped", &StackPlan::helped)
+      .def("set_spin", &StackPlan::set_spin)
+      .def("run", &StackPlan::run, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("isa", &isa);
+}
+"""
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _build() -> Any:
+    """Compile (or load the cached build of) the stack extension; None when that is not possible (logged)."""
+    if os.environ.get("NOMOAT_KERNELS", "1") == "0":
+        return None
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        logger.warning("no C++ compiler found: decode steps run layer by layer (slower)")
+        return None
+    kernels._ninja_on_path()
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        name = f"nomoat_decode_stack_{kernels._cpu_tag()}"
+        with contextlib.suppress(Exception):  # a private torch helper: only used to say that a build is coming
+            from torch.utils.cpp_extension import _get_build_directory
+
+            if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
+                logger.warning("compiling nomoat's decode stack kernel for this CPU (once, about a minute)...")
+        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+        module = load_inline(name=name, cpp_sources=kernels._GEMV_SOURCE + _STACK_SOURCE, extra_cflags=flags,
+                             extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
+        logger.info("nomoat decode stack kernel loaded (%s)", module.isa())
+        return module
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means: run the layers one by one
+        logger.warning("could not build nomoat's decode stack kernel (%s: %s); decoding layer by layer (slower)",
+                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+        return None
+
+
+def get() -> Any:
+    """The compiled stack extension, building it on first call; None where unavailable (logged once)."""
+    if "module" not in _state:
+        with _lock:
+            if "module" not in _state:
+                _state["module"] = _build()
+    return _state["module"]
+
+
+def available() -> bool:
+    """Whether the stack kernel (and the panel kernels it needs) can be used; builds them on first call."""
+    return kernels.available() and get() is not None
+
+
+def config_eligible(cfg: Any) -> bool:
+    """Whether a `ModelConfig` describes blocks the stack kernel computes (Llama/Mistral/Qwen2-style, SiLU)."""
+    return (
+        not cfg.sandwich_norm
+        and not cfg.qk_norm
+        and cfg.attn_logit_softcap is None
+        and cfg.hidden_act == "silu"
+        and not cfg.norm_offset
+        and not cfg.mlp_bias
+    )
+
+
+def attach(model: torch.nn.Module) -> bool:
+    """Give a packed or int8-quantized `Transformer` a `DecodeStack` (its `_decode_stack`); False where not eligible.
+
+    Called by `pack_model` and `quantize_model`. The plan is built at the first eligible decode step.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(type(model), "_decode_stack") or not config_eligible(cfg):
+        return False
+    if not kernels.available():
+        return False
+    if not isinstance(getattr(model, "_decode_stack", None), DecodeStack):
+        model._decode_stack = DecodeStack()
+    return True
+
+
+_VERSION = torch.Tensor._version.__get__  # a tensor's in-place write counter, callable from map()
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _slot(obj: torch.nn.Module, name: str) -> tuple[dict[str, Any], str]:
+    """The dict that holds `obj.name` (parameters, buffers, submodules or the instance dict), for identity guards."""
+    for store in ("_parameters", "_buffers", "_modules"):
+        d = obj.__dict__.get(store)
+        if d is not None and name in d:
+            return d, name
+    return obj.__dict__, name
+
+
+class _Plan:
+    """The compiled plan of one model plus the guards that say whether it still describes the model."""
+
+    def __init__(self, native: Any, guards: list[tuple[dict[str, Any], str, Any]], versions: list[tuple[Any, int]],
+                 params: list[torch.Tensor], kinds: list[str]) -> None:  # fmt: skip
+        self.native = native
+        self.kinds = kinds
+        # Kept as parallel tuples so that `valid` iterates in C (map): about 1,000 guards of SmolLM2 in ~50 us.
+        self._dicts, self._keys, self._expected = (tuple(c) for c in zip(*guards))
+        self._tensors = tuple(t for t, _ in versions)
+        self._versions = tuple(v for _, v in versions)
+        self._params = tuple(params)  # parameters whose storage can be swapped under them (`p.data = ...`)
+        self._ptrs = tuple(map(_DATA_PTR, params))
+
+    def valid(self) -> bool:
+        """Every module and weight is still the one the plan points at (and int8 codes unchanged in place)."""
+        if not all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._expected)):
+            return False
+        return (
+            tuple(map(_VERSION, self._tensors)) == self._versions and tuple(map(_DATA_PTR, self._params)) == self._ptrs
+        )
+
+
+def _linear(m: torch.nn.Module, guards: list, versions: list, params: list) -> list[torch.Tensor] | None:
+    """[panels, scale, bias] of a packed fp32 or int8-quantized layer (empty tensors where absent), or None."""
+    from nomoat.models.packed import PackedLinear
+    from nomoat.models.quantize import QuantizedLinear
+
+    empty = torch.empty(0)
+    if type(m) is PackedLinear:
+        if m.panels is None or m.panels.dtype != torch.float32:
+            return None
+        guards += [(*_slot(m, "panels"), m.panels), (*_slot(m, "bias"), m.bias)]
+        bias = m.bias
+    elif type(m) is QuantizedLinear and m.mode == "int8":
+        panels = m._kernel_panels(torch.empty(1, m.in_features))
+        if panels is None or m.qweight.device.type != "cpu":
+            return None
+        guards += [(*_slot(m, n), getattr(m, n)) for n in ("qweight", "scale", "bias", "_panels")]
+        for t in (m.qweight, m.scale):
+            with contextlib.suppress(RuntimeError):  # inference tensors keep no version counter
+                versions.append((t, t._version))
+        bias = m.bias
+        if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+            return None
+        if bias is not None:
+            params.append(bias)
+        return [panels, m.scale, empty if bias is None else bias.detach()]
+    else:
+        return None
+    if bias is not None and bias.dtype != torch.float32:
+        return None
+    return [m.panels, empty, empty if bias is None else bias]
+
+
+def build_plan(model: torch.nn.Module) -> _Plan | None:
+    """The stack plan of a `Transformer` whose layers all qualify (see the module docstring), else None."""
+    from nomoat.models.transformer import MLP, Attention, Block, RMSNorm
+
+    mod = get()
+    cfg = model.config
+    if mod is None or not config_eligible(cfg):
+        return None
+    guards: list[tuple[dict[str, Any], str, Any]] = []
+    versions: list[tuple[Any, int]] = []
+    params: list[torch.Tensor] = []
+    decoder = model.model
+    layers = decoder.layers
+    guards.append((*_slot(decoder, "layers"), layers))
+    kinds = sorted(set(cfg.layer_types))
+    native = mod.StackPlan(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                           float(cfg.rms_norm_eps), float(cfg.query_scale))  # fmt: skip
+    for i, block in enumerate(layers):
+        if type(block) is not Block or block.sandwich or block._forward_hooks or block._forward_pre_hooks:
+            return None
+        attn, mlp = block.self_attn, block.mlp
+        n_in, n_post = block.input_layernorm, block.post_attention_layernorm
+        if type(attn) is not Attention or type(mlp) is not MLP or mlp.act != "silu":
+            return None
+        if type(n_in) is not RMSNorm or type(n_post) is not RMSNorm or n_in.offset or n_post.offset:
+            return None
+        if n_in.eps != cfg.rms_norm_eps or n_post.eps != cfg.rms_norm_eps:
+            return None
+        if any(n.weight.dtype != torch.float32 or n.weight.device.type != "cpu" for n in (n_in, n_post)):
+            return None
+        guards.append((*_slot(layers, str(i)), block))
+        for owner, names in ((block, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
+                             (attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             (mlp, ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
+            guards += [(*_slot(owner, n), getattr(owner, n)) for n in names]
+        guards += [(*_slot(n, "weight"), n.weight) for n in (n_in, n_post)]
+        params += [n_in.weight, n_post.weight]
+        tensors = [n_in.weight.detach(), n_post.weight.detach()]
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            parts = _linear(m, guards, versions, params)
+            if parts is None:
+                return None
+            tensors += parts
+        if any(t.numel() for t in (tensors[16], tensors[19], tensors[22])):
+            return None  # an MLP bias (mlp_bias is off in the config, but a layer could carry one)
+        tensors = tensors[:16] + tensors[17:19] + tensors[20:22]  # gate, up, down: panels and scales only
+        kind = cfg.layer_types[i]
+        window = (cfg.sliding_window or 0) if kind == "sliding_attention" else 0
+        native.add_layer(tensors, int(window), kinds.index(kind))
+    return _Plan(native, guards, versions, params, kinds)
+
+
+class DecodeStack:
+    """Runs a decode step's layers in one compiled call where possible (see the module docstring).
+
+    Set on a model as `model._decode_stack` by `attach`; `Transformer.forward` calls it and runs its own layer
+    loop when it returns None. `used` and `fallbacks` count the calls it took and declined; `reason` says why the
+    last one was declined.
+    """
+
+    def __init__(self) -> None:
+        self.plan: _Plan | None = None
+        self.used = 0
+        self.fallbacks = 0
+        self.reason: str | None = None
+
+    def _decline(self, reason: str) -> None:
+        self.fallbacks += 1
+        self.reason = reason
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        h: torch.Tensor,
+        ropes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        cache_args: tuple[Any, Any, torch.Tensor, int],
+    ) -> torch.Tensor | None:
+        """Hidden states (B, 1, D) after every layer (before the final norm), or None where the stack does not apply.
+
+        Args:
+            model: The `Transformer`.
+            h: Input hidden states (B, 1, D) (the embeddings).
+            ropes: Rotary (cos, sin) tables (B, 1, rd) per layer type.
+            cache_args: `(cache, rows, positions, kv_len)` as the layers get them.
+        """
+        if os.environ.get("NOMOAT_DECODE_STACK", "1") == "0":
+            self._decline("disabled by NOMOAT_DECODE_STACK=0")
+            return None
+        kv, rows, positions, kv_len = cache_args
+        if (
+            h.dim() != 3
+            or h.shape[1] != 1
+            or h.shape[0] > MAX_ROWS
+            or h.dtype != torch.float32
+            or h.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or not isinstance(rows, slice)
+            or rows.step not in (None, 1)
+            or positions.dtype != torch.int64
+            or kv.k[0].dtype != torch.float32
+            or torch.compiler.is_compiling()
+        ):
+            self._decline("inputs not eligible")
+            return None
+        plan = self.plan
+        if plan is None or not plan.valid():
+            self.plan = None  # drop references to replaced modules' tensors
+            plan = self.plan = build_plan(model)
+            if plan is None:
+                self._decline("layers not eligible (adapters, unsupported modules, or no kernels)")
+                return None
+        self.used += 1
+        cos = [ropes[k][0] for k in plan.kinds]
+        sin = [ropes[k][1] for k in plan.kinds]
+        return plan.native.run(h, cos, sin, positions, rows.start or 0, int(kv_len), kv.k, kv.v)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DecodeStack:
+        """A copied model gets a fresh stack (the plan points at the original's tensors)."""
+        return DecodeStack()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the plan (a compiled object; rebuilt at the next decode step)."""
+        return {**self.__dict__, "plan": None}

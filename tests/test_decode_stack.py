@@ -1,0 +1,310 @@
+"""The one-call decode stack (`decode_stack.py`) against the layer-by-layer decode path and transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from nomoat.generate.engine import Engine
+from nomoat.generate.sampling import SamplingParams
+from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter, unload_lora
+from nomoat.models import decode_stack, kernels
+from nomoat.models.checkpoint import load_model
+from nomoat.models.kv_cache import KVCache
+from nomoat.models.packed import pack_model
+from nomoat.models.quantize import quantize_model
+from nomoat.tokenizer import Tokenizer
+
+from hf_models import hf_config, save_word_tokenizer
+
+# name -> (family in hf_models, config overrides). The base tiny models have 32-wide k/v projections (not whole
+# 64-channel panels, so q/k/v run as three matrices); "wide" shapes make every projection whole panels (fused).
+MODELS = {
+    "llama": ("llama3", {}),
+    "llama_wide": ("llama3", dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                                  intermediate_size=256)),
+    "qwen2": ("qwen2", {}),  # q/k/v biases
+    "qwen2_wide": ("qwen2", dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)),
+    "mistral": ("mistral", {}),  # sliding window 8
+    "llama_o_bias": ("llama3", dict(attention_bias=True)),  # q/k/v and o biases
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    """The stack kernel must build here (the test machines have a compiler): a failure must not hide as a skip."""
+    assert kernels.available(), "nomoat's decode kernels did not build: see the log for the compiler error"
+    assert decode_stack.available(), "nomoat's decode stack kernel did not build: see the log"
+
+
+def _make(name: str, path: Path, seed: int = 0):
+    """A random tiny transformers model saved to `path` (norms randomised too); returns it (fp32, eval, eager)."""
+    family, overrides = MODELS[name]
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **overrides)
+    cfg._attn_implementation = "eager"
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or "bias" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.eval().save_pretrained(path)
+    save_word_tokenizer(path)
+    return hf
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _decode_logits(model, prompts: list[list[int]], steps: int, row0: int = 0, stack: bool = True, mp=None):
+    """Prefill each prompt into its own cache row (row0 + i), then decode `steps` greedy tokens for all rows at once
+    (rows at different positions); returns the logits (steps, B, V) of the decode steps."""
+    B = len(prompts)
+    cache = KVCache(model.config, row0 + B, 64, torch.float32, "cpu")
+    out = []
+    with torch.inference_mode():
+        toks = []
+        if not stack:
+            mp.setenv("NOMOAT_DECODE_STACK", "0")
+        for i, p in enumerate(prompts):  # prefill: the layer loop (the stack for a 1-token prompt)
+            logits = model(torch.tensor([p]), position_ids=torch.arange(len(p))[None], cache=cache,
+                           rows=slice(row0 + i, row0 + i + 1))  # fmt: skip
+            toks.append(int(logits[0, -1].argmax()))
+        lengths = [len(p) for p in prompts]
+        for _ in range(steps):
+            ids = torch.tensor(toks)[:, None]
+            pos = torch.tensor(lengths)[:, None]
+            if not stack:
+                mp.setenv("NOMOAT_DECODE_STACK", "0")
+            logits = model(ids, position_ids=pos, cache=cache, rows=slice(row0, row0 + B))[:, -1]
+            mp.delenv("NOMOAT_DECODE_STACK", raising=False)
+            out.append(logits)
+            toks = logits.argmax(-1).tolist()
+            lengths = [n + 1 for n in lengths]
+    return torch.stack(out)
+
+
+def _check_stack_matches(model, prompts, steps, monkeypatch, row0=0):
+    stack = model._decode_stack
+    assert isinstance(stack, decode_stack.DecodeStack)
+    used = stack.used
+    ref = _decode_logits(model, prompts, steps, row0, stack=False, mp=monkeypatch)
+    assert stack.used == used and stack.reason == "disabled by NOMOAT_DECODE_STACK=0"
+    got = _decode_logits(model, prompts, steps, row0, stack=True, mp=monkeypatch)
+    one_token_prefills = sum(len(p) == 1 for p in prompts)  # a 1-token prefill is a decode-shaped step too
+    assert stack.used == used + steps + one_token_prefills, stack.reason  # every decode step took the stack
+    assert _rel(got, ref) < 1e-5
+    return got
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fp32_stack_matches_layers(built, name, tmp_path, monkeypatch):
+    _make(name, tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    pack_model(model)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 512, (13,), generator=g).tolist()
+    # 13 + 12 positions: past the mistral window of 8 while decoding.
+    _check_stack_matches(model, [prompt], 12, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_wide", "mistral"])
+def test_rows_at_different_positions(built, name, tmp_path, monkeypatch):
+    _make(name, tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    pack_model(model)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 11, 1, 17, 6)]
+    batch = _check_stack_matches(model, prompts, 6, monkeypatch, row0=2)  # cache rows 2..6 of 7
+    # Each row alone (batch 1, row 0) gives the same logits as inside the batch.
+    for i, p in enumerate(prompts):
+        alone = _decode_logits(model, [p], 6, mp=monkeypatch)
+        assert _rel(batch[:, i], alone[:, 0]) < 1e-5
+
+
+def test_eight_rows_and_more(built, tmp_path, monkeypatch):
+    """Up to 8 rows take the stack; 9 rows fall back to the layers (and agree)."""
+    _make("llama_wide", tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    pack_model(model)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (2, 5, 9, 4, 7, 3, 8, 6)]
+    _check_stack_matches(model, prompts, 3, monkeypatch)
+    stack = model._decode_stack
+    used, fallbacks = stack.used, stack.fallbacks
+    _decode_logits(model, prompts + [[7, 8]], 2, mp=monkeypatch)
+    assert stack.used == used and stack.fallbacks == fallbacks + 2
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama_wide"])
+def test_int8_stack_matches_int8_layers(built, name, tmp_path, monkeypatch):
+    _make(name, tmp_path)
+    model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (12, 4)]
+    _check_stack_matches(model, prompts, 10, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+def test_greedy_equals_transformers(built, name, tmp_path):
+    hf = _make(name, tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    pack_model(model)
+    prompt = torch.randint(3, 512, (1, 8), generator=torch.Generator().manual_seed(5))
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 8:].tolist()
+    out = Engine(model, Tokenizer.from_dir(tmp_path), max_running=2, prefix_cache_bytes=0).generate(
+        prompt[0].tolist(), SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    )
+    assert out.token_ids == ref
+    assert model._decode_stack.used >= 19
+
+
+def test_lora_injection_falls_back(built, tmp_path, monkeypatch):
+    """An injected LoRA adapter replaces layers: the stack steps aside (counted), outputs stay right; once the
+    adapter is unloaded the stack runs again."""
+    _make("llama", tmp_path)
+    model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
+    prompt = [5, 9, 33, 100, 7]
+    stack = model._decode_stack
+    before = _decode_logits(model, [prompt], 4, mp=monkeypatch)
+    assert stack.used == 4
+    inject_lora(model, LoRAConfig(r=4, alpha=8))  # B starts at zero: same function, different modules
+    fallbacks = stack.fallbacks
+    with torch.no_grad():
+        lora = _decode_logits(model, [prompt], 4, mp=monkeypatch)
+    assert stack.used == 4 and stack.fallbacks == fallbacks + 4 and "not eligible" in stack.reason
+    assert _rel(lora, before) < 1e-5
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    changed = _decode_logits(model, [prompt], 4, mp=monkeypatch)
+    assert _rel(changed, before) > 1e-3  # the adapter really applies (the stack would have ignored it)
+    unload_lora(model)
+    again = _decode_logits(model, [prompt], 4, mp=monkeypatch)
+    assert stack.used == 8
+    assert _rel(again, before) < 1e-5
+
+
+def test_adapter_bank_falls_back(built, tmp_path):
+    """An engine with adapters wraps layers in the bank's layers: the stack steps aside, tokens match an unpacked
+    engine with the same adapter."""
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    _make("llama", model_dir)
+    lora_model = load_model(model_dir, "float32", "cpu")
+    cfg = LoRAConfig(r=4, alpha=8)
+    inject_lora(lora_model, cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in lora_parameters(lora_model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(lora_model, adapter_dir, cfg, base_model_name_or_path=str(model_dir))
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    prompt = [5, 17, 99, 3, 250, 8]
+    plain = Engine(load_model(model_dir, "float32", "cpu"), Tokenizer.from_dir(model_dir), max_running=2,
+                   adapters={"a": adapter_dir}, prefix_cache_bytes=0)  # fmt: skip
+    ref_a = plain.generate(prompt, params, adapter=(("a", 1.0),)).token_ids
+    ref_base = plain.generate(prompt, params).token_ids
+    assert ref_a != ref_base
+    packed = load_model(model_dir, "float32", "cpu")
+    pack_model(packed)
+    stack = packed._decode_stack
+    engine = Engine(packed, Tokenizer.from_dir(model_dir), max_running=2, adapters={"a": adapter_dir},
+                    prefix_cache_bytes=0)  # fmt: skip
+    assert engine.generate(prompt, params, adapter=(("a", 1.0),)).token_ids == ref_a
+    assert engine.generate(prompt, params).token_ids == ref_base
+    assert stack.used == 0 and stack.fallbacks >= 14
+
+
+def test_ineligible_families_are_not_attached(built, tmp_path):
+    """Gemma 2 (sandwich norms, soft-capping, norm offset) keeps the layer loop: no stack is attached."""
+    from hf_models import make_hf_model
+
+    make_hf_model("gemma2", tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    pack_model(model)
+    assert model._decode_stack is None
+
+
+def test_disabled_with_kernels(monkeypatch):
+    monkeypatch.setenv("NOMOAT_KERNELS", "0")
+    monkeypatch.setattr(decode_stack, "_state", {})
+    monkeypatch.setattr(kernels, "_state", {})
+    assert not decode_stack.available()
+
+
+@pytest.mark.parametrize("threads, spin", [(1, 20000), (3, 0), (3, -1)])
+def test_thread_counts_and_helping(built, threads, spin, tmp_path, monkeypatch):
+    """One thread; more threads than cores that run the units they wait for themselves at once (spin 0); and every
+    unit run again by every thread once complete (spin -1, a test mode). A unit run twice, even concurrently, must
+    write what it wrote the first time, so the logits stay those of the layer loop."""
+    _make("qwen2", tmp_path)
+    model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 4, 14)]
+    ref = _decode_logits(model, prompts, 8, stack=False, mp=monkeypatch)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _decode_logits(model, prompts, 1, mp=monkeypatch)  # builds the plan
+        native = model._decode_stack.plan.native
+        native.set_spin(spin, 0 if spin <= 0 else 2)
+        helped = native.helped()
+        got = _decode_logits(model, prompts, 8, mp=monkeypatch)
+    finally:
+        torch.set_num_threads(saved)
+        native.set_spin(20000, 2)
+    assert _rel(got, ref) < 1e-5
+    if threads == 1:
+        assert native.helped() == helped  # nobody to wait for
+    if spin < 0:
+        assert native.helped() > helped
+
+
+def test_weight_changes_are_seen(built, tmp_path, monkeypatch):
+    """Norm weights changed in place or swapped (`p.data = ...`), and int8 codes reloaded in place
+    (`load_state_dict`): the stack computes with the new weights, as the layer loop does."""
+    _make("qwen2", tmp_path)
+    other = tmp_path / "other"
+    _make("qwen2", other, seed=1)
+    model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
+    donor = quantize_model(load_model(other, "float32", "cpu"), "int8")
+    prompts = [[5, 9, 33, 100, 7], [8, 1]]
+    first = _check_stack_matches(model, prompts, 3, monkeypatch)
+    norm = model.model.layers[1].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.mul_(1.5)  # in place: the plan reads the same storage
+    _check_stack_matches(model, prompts, 3, monkeypatch)
+    norm.weight.data = norm.weight.data * 0.5  # new storage under the same parameter
+    _check_stack_matches(model, prompts, 3, monkeypatch)
+    model.load_state_dict(donor.state_dict())  # every weight copied in place, int8 codes included
+    last = _check_stack_matches(model, prompts, 3, monkeypatch)
+    assert _rel(last, first) > 1e-2
+
+
+def test_engine_batch_with_retiring_rows(built, tmp_path, monkeypatch):
+    """Continuous batching (rows finishing at different steps, the last row moving into a freed one): each request
+    gets the tokens it gets alone through the layer loop."""
+    _make("mistral", tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    pack_model(model)
+    tok = Tokenizer.from_dir(tmp_path)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 12, 3, 9)]
+    lengths = [6, 14, 3, 10]
+    engine = Engine(model, tok, max_running=3, prefix_cache_bytes=0)
+    handles = [engine.submit(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+               for p, n in zip(prompts, lengths)]  # fmt: skip
+    while engine.step():
+        pass
+    got = [h.result().token_ids for h in handles]
+    assert model._decode_stack.used > 0
+    monkeypatch.setenv("NOMOAT_DECODE_STACK", "0")
+    alone = Engine(model, tok, max_running=1, prefix_cache_bytes=0)
+    for p, n, tokens in zip(prompts, lengths, got):
+        assert alone.generate(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)).token_ids == tokens

@@ -61,7 +61,6 @@ import contextlib
 import logging
 import operator
 import os
-import shutil
 import threading
 from typing import Any
 
@@ -116,16 +115,6 @@ struct LayerPlan {
   Seg q, k, v, o, gate, up, down;
   int64_t window = 0, kind = 0;
 };
-
-// Rotary embedding (Hugging Face's rotate_half convention) of one head: the first rd channels, the rest copied.
-static inline void rope_one(const float* x, const float* c, const float* s, int64_t rd, int64_t hd, float* out) {
-  const int64_t half = rd / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    out[i] = x[i] * c[i] - x[i + half] * s[i];
-    out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
-  }
-  for (int64_t i = rd; i < hd; ++i) out[i] = x[i];
-}
 
 // buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
 static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf) {
@@ -329,8 +318,8 @@ class StackPlan {
           const float* c = cptr[ly.kind] + b * rd;
           const float* sn = sptr[ly.kind] + b * rd;
           const float* row = QKV + (l * M + b) * NQKV;
-          rope_one(row + h * hd, c, sn, rd, hd, qrot);
-          rope_one(row + Q + g * hd, c, sn, rd, hd, knew);
+          rope_head(row + h * hd, c, sn, rd, hd, qrot);
+          rope_head(row + Q + g * hd, c, sn, rd, hd, knew);
           const float* vnew = row + Q + KV + g * hd;
           const int64_t base = ((row0 + b) * nkv + g) * S * hd;
           const float* kb = kc[l] + base;
@@ -474,41 +463,11 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
-def _build() -> Any:
-    """Compile (or load the cached build of) the stack extension; None when that is not possible (logged)."""
-    if os.environ.get("NOMOAT_KERNELS", "1") == "0":
-        return None
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        logger.warning("no C++ compiler found: decode steps run layer by layer (slower)")
-        return None
-    kernels._ninja_on_path()
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        name = f"nomoat_decode_stack_{kernels._cpu_tag()}"
-        with contextlib.suppress(Exception):  # a private torch helper: only used to say that a build is coming
-            from torch.utils.cpp_extension import _get_build_directory
-
-            if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
-                logger.warning("compiling nomoat's decode stack kernel for this CPU (once, about a minute)...")
-        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-        module = load_inline(name=name, cpp_sources=kernels._GEMV_SOURCE + _STACK_SOURCE, extra_cflags=flags,
-                             extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
-        logger.info("nomoat decode stack kernel loaded (%s)", module.isa())
-        return module
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: run the layers one by one
-        logger.warning("could not build nomoat's decode stack kernel (%s: %s); decoding layer by layer (slower)",
-                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
-        return None
-
-
 def get() -> Any:
     """The compiled stack extension, building it on first call; None where unavailable (logged once)."""
-    if "module" not in _state:
-        with _lock:
-            if "module" not in _state:
-                _state["module"] = _build()
-    return _state["module"]
+    return kernels.build_once(_state, _lock, lambda: kernels.build_extension(
+        "nomoat_decode_stack", "decode stack kernel", "decoding layer by layer (slower)",
+        kernels._GEMV_SOURCE + _STACK_SOURCE))
 
 
 def available() -> bool:

@@ -20,10 +20,7 @@ torch's to ~1e-7 relative. The code uses GCC/Clang vector extensions like `kerne
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
 import threading
 from typing import Any
 
@@ -216,39 +213,11 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
-def _build() -> Any:
-    """Compile (or load the cached build of) the extension; None when that is not possible."""
-    if os.environ.get("NOMOAT_KERNELS", "1") == "0":
-        return None
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        logger.warning("no C++ compiler found: training's elementwise steps use torch's kernels (slower)")
-        return None
-    kernels._ninja_on_path()
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        name = f"nomoat_fused_ops_{kernels._cpu_tag()}"
-        with contextlib.suppress(Exception):  # a private torch helper: only used to say that a build is coming
-            from torch.utils.cpp_extension import _get_build_directory
-
-            if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
-                logger.warning("compiling nomoat's training kernels for this CPU (once, about a minute)...")
-        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-        return load_inline(name=name, cpp_sources=_SOURCE, functions=_FUNCTIONS, extra_cflags=flags,
-                           extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: use torch's kernels
-        logger.warning("could not build nomoat's training kernels (%s: %s); using torch's kernels (slower)",
-                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
-        return None
-
-
 def get() -> Any:
     """The compiled module, building it on first call; None where unavailable (logged once)."""
-    if "module" not in _state:
-        with _lock:
-            if "module" not in _state:
-                _state["module"] = _build()
-    return _state["module"]
+    return kernels.build_once(_state, _lock, lambda: kernels.build_extension(
+        "nomoat_fused_ops", "training kernels", "training's elementwise steps use torch's kernels (slower)",
+        _SOURCE, _FUNCTIONS))
 
 
 def applicable(*tensors: torch.Tensor) -> bool:

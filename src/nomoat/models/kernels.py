@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 PANEL = 64  # output channels per panel (4 AVX-512 vectors / 8 AVX2 vectors of fp32)
 MAX_ROWS = 8  # activation rows the kernel holds in registers at once; more rows are processed 8 at a time
 
-# The panel GEMV templates (`panel_any<I8>` and what it uses), shared with `decode_stack.py`'s extension.
+# The panel GEMV templates (`panel_any<I8>` and what it uses) and `rope_head`, shared with `decode_stack.py`'s
+# extension.
 _GEMV_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -148,6 +149,15 @@ static void panel_any(int m, const float* x, int64_t ldx, const void* w, int64_t
   }
 }
 
+// Rotary embedding (Hugging Face's rotate_half convention) of one head: the first rd channels, the rest copied.
+static inline void rope_head(const float* x, const float* c, const float* s, int64_t rd, int64_t hd, float* out) {
+  const int64_t half = rd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = x[i] * c[i] - x[i + half] * s[i];
+    out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+  }
+  for (int64_t i = rd; i < hd; ++i) out[i] = x[i];
+}
 """
 
 _OPS_SOURCE = r"""template <bool I8>
@@ -205,16 +215,6 @@ torch::Tensor linear_i8(torch::Tensor x, torch::Tensor wp, torch::Tensor scale, 
   TORCH_CHECK(wp.scalar_type() == torch::kChar, "int8 panels expected");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() >= n, "scale: fp32 (n,)");
   return linear_impl<true>(x, wp, scale, bias, n);
-}
-
-// Rotary embedding (Hugging Face's rotate_half convention) of one head: the first rd channels, the rest copied.
-static inline void rope_head(const float* x, const float* c, const float* s, int64_t rd, int64_t hd, float* out) {
-  const int64_t half = rd / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    out[i] = x[i] * c[i] - x[i + half] * s[i];
-    out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
-  }
-  for (int64_t i = rd; i < hd; ++i) out[i] = x[i];
 }
 
 // One decode step of attention for B rows (one new token each): rotate q and k, write k and v into the cache rows
@@ -318,41 +318,59 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _build() -> Any:
-    """Compile (or load the cached build of) the extension; None when that is not possible."""
+def build_extension(prefix: str, what: str, fallback: str, source: str, functions: list[str] | None = None) -> Any:
+    """Compile (or load the cached build of) one of nomoat's C++ extensions for this CPU; None where not possible.
+
+    The build is named `{prefix}_{cpu tag}` (see `_cpu_tag`), compiled with `-O3 -march=native -fopenmp` by
+    `torch.utils.cpp_extension.load_inline` and cached by torch. Without a compiler, with `NOMOAT_KERNELS=0` or on
+    any build or load failure it returns None and logs a warning ending in `fallback` (what runs instead).
+
+    Args:
+        prefix: The extension's name without the CPU tag.
+        what: What it is, for the log ("decode kernels").
+        fallback: What callers do without it, for the log ("using torch's kernels (slower)").
+        source: The C++ source.
+        functions: Functions to bind (None: the source has its own `PYBIND11_MODULE`).
+    """
     if os.environ.get("NOMOAT_KERNELS", "1") == "0":
         return None
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        logger.warning("no C++ compiler found: decode matmuls use torch's kernels (slower)")
+        logger.warning("no C++ compiler found for nomoat's %s: %s", what, fallback)
         return None
     _ninja_on_path()
     try:
         from torch.utils.cpp_extension import load_inline
 
-        name = f"nomoat_decode_kernels_{_cpu_tag()}"
+        name = f"{prefix}_{_cpu_tag()}"
         with contextlib.suppress(Exception):  # a private torch helper: only used to say that a build is coming
             from torch.utils.cpp_extension import _get_build_directory
 
             if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
-                logger.warning("compiling nomoat's decode kernels for this CPU (once, about a minute)...")
+                logger.warning("compiling nomoat's %s for this CPU (once, about a minute)...", what)
         flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-        module = load_inline(name=name, cpp_sources=_SOURCE, functions=_FUNCTIONS,
+        module = load_inline(name=name, cpp_sources=source, functions=functions,
                              extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
-        logger.info("nomoat decode kernels loaded (%s)", module.isa())
+        logger.info("nomoat %s loaded", what)
         return module
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: use torch's kernels
-        logger.warning("could not build nomoat's decode kernels (%s: %s); using torch's kernels (slower)",
-                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means: the torch paths
+        logger.warning("could not build nomoat's %s (%s: %s); %s", what, type(exc).__name__,
+                       str(exc).splitlines()[0] if str(exc) else "", fallback)  # fmt: skip
         return None
+
+
+def build_once(state: dict[str, Any], lock: threading.Lock, build: Any) -> Any:
+    """`state["module"]`, set by calling `build()` the first time (thread-safe); a None result is kept too."""
+    if "module" not in state:
+        with lock:
+            if "module" not in state:
+                state["module"] = build()
+    return state["module"]
 
 
 def get() -> Any:
     """The compiled kernel module, building it on first call; None where unavailable (logged once)."""
-    if "module" not in _state:
-        with _lock:
-            if "module" not in _state:
-                _state["module"] = _build()
-    return _state["module"]
+    return build_once(_state, _lock, lambda: build_extension(
+        "nomoat_decode_kernels", "decode kernels", "decode matmuls use torch's kernels (slower)", _SOURCE, _FUNCTIONS))
 
 
 def available() -> bool:

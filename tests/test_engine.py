@@ -57,6 +57,26 @@ def test_batch_of_different_lengths_equals_alone(llama):
         assert r.token_ids == _alone(model, tok, p).token_ids
 
 
+def test_requests_admitted_together_prefill_in_one_forward(llama, monkeypatch):
+    """Waiting requests are prefilled as right-padded rows of one forward, with the tokens transformers gives."""
+    import nomoat.generate.engine as engine_mod
+
+    hf, model, tok = llama
+    calls = []
+    real = engine_mod.prefill_rows
+    monkeypatch.setattr(engine_mod, "prefill_rows", lambda m, c, r, ps: calls.append(len(ps)) or real(m, c, r, ps))
+    prompts = [_prompt(n, 10 + i) for i, n in enumerate((7, 19, 3))]
+    engine = Engine(model, tok, max_running=4, prefix_cache_bytes=0)
+    handles = [engine.submit(p, GREEDY) for p in prompts]
+    while engine.step():  # no background loop: all three are waiting when the first step admits them
+        pass
+    assert calls == [3]
+    hf.generation_config.eos_token_id = None
+    for p, h in zip(prompts, handles):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, pad_token_id=0)[0, len(p) :]
+        assert h.result().token_ids == ref.tolist()
+
+
 def test_requests_join_and_leave_midway(llama):
     _, model, tok = llama
     engine = Engine(model, tok, max_running=3, prefix_cache_bytes=0)

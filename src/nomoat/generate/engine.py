@@ -365,16 +365,37 @@ class Engine:
             Whether there was any work.
         """
         with self.lock:
-            worked = False
-            while self.waiting and len(self.running) < self.max_running:
-                self._admit(self.waiting.popleft())
-                worked = True
+            admitted = []
+            while self.waiting and len(self.running) + len(admitted) < self.max_running:
+                admitted.append(self.waiting.popleft())
+            self._admit_all(admitted)
+            worked = bool(admitted)
             if self.running:
                 self._decode()
                 worked = True
             return worked
 
     # ---- prefill, decode, sample --------------------------------------------------------------------------------
+
+    def _admit_all(self, reqs: list[_Request]) -> None:
+        """Prefill newly admitted requests: several plain ones (no adapter, no prefix cache) in one forward.
+
+        One forward over right-padded rows instead of one per request: 8 prompts of 32 tokens arriving together
+        were 8 small forwards, each paying every layer's fixed costs. Padding writes keys and values past a
+        shorter prompt's end; no query sees them (a row's first decode token overwrites its own position first,
+        and attention reads keys up to the query's position only).
+        """
+        if len(reqs) < 2 or self.prefix_cache is not None or any(r.adapter for r in reqs):
+            for req in reqs:
+                self._admit(req)
+            return
+        row0 = len(self.running)
+        for req in reqs:
+            self.sampling.reset_row(len(self.running), req.prompt, req.params)
+            self.running.append(req)
+            req.cached = 0
+        logits = prefill_rows(self.model, self.cache, row0, [r.prompt for r in reqs])
+        self._sample_and_emit(reqs, logits)
 
     def _admit(self, req: _Request) -> None:
         row = len(self.running)
@@ -489,6 +510,22 @@ def prefill(model: Transformer, cache: KVCache, row: int, prompt: Sequence[int],
     positions = torch.arange(start, len(prompt), device=device)[None]
     hidden = model(ids, position_ids=positions, cache=cache, rows=slice(row, row + 1), return_hidden=True)
     return model.logits(hidden[:, -1])[0]
+
+
+def prefill_rows(model: Transformer, cache: KVCache, row0: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Run several prompts into cache rows `row0..` in one forward, right-padded to the longest (positions from 0).
+
+    Returns each prompt's last-position logits (B, V). Positions past a prompt's end hold padding's keys and values
+    until its decode steps overwrite them; attention over the cache never reads a key beyond the query's position.
+    """
+    device = model.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    hidden = model(ids, position_ids=positions, cache=cache, rows=slice(row0, row0 + len(prompts)), return_hidden=True)
+    return model.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])
 
 
 def decode_one_token(

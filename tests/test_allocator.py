@@ -37,7 +37,8 @@ def test_tuned_allocator_reuses_freed_blocks() -> None:
     tuned, faults = _run("1")
     untuned, faults_default = _run("0")
     assert tuned and not untuned
-    # 20 steps x 6 blocks x 6 MB is 184,320 pages: glibc's default maps and unmaps each block (measured 183,680
-    # faults); the tuned heap keeps and reuses them (measured 1,536).
+    # 20 steps x 6 blocks x 6 MB write 184,320 pages. The tuned heap keeps and reuses the blocks (measured 1,536
+    # faults). glibc's default depends on its adaptive thresholds and the process's history: it trimmed and
+    # re-faulted every block in one environment (183,680 faults) and about 6% of them in another (10,688).
     assert faults < 20_000, faults
-    assert faults_default > 100_000, faults_default
+    assert faults <= faults_default, (faults, faults_default)

@@ -64,7 +64,7 @@ def _decode_logits(model, prompts: list[list[int]], steps: int, row0: int = 0, s
     """Prefill each prompt into its own cache row (row0 + i), then decode `steps` greedy tokens for all rows at once
     (rows at different positions); returns the logits (steps, B, V) of the decode steps."""
     B = len(prompts)
-    cache = KVCache(model.config, row0 + B, 64, torch.float32, "cpu")
+    cache = KVCache(model.config, row0 + B, max(64, max(map(len, prompts)) + steps + 1), torch.float32, "cpu")
     out = []
     with torch.inference_mode():
         toks = []
@@ -124,6 +124,17 @@ def test_rows_at_different_positions(built, name, tmp_path, monkeypatch):
     for i, p in enumerate(prompts):
         alone = _decode_logits(model, [p], 6, mp=monkeypatch)
         assert _rel(batch[:, i], alone[:, 0]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama_wide", "mistral"])
+def test_long_rows(built, name, tmp_path, monkeypatch):
+    """Rows past 64 keys (several vectors of attention scores, and a tail) at 64-wide heads and in a window."""
+    _make(name, tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    pack_model(model)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (75, 40, 91)]
+    _check_stack_matches(model, prompts, 5, monkeypatch)
 
 
 def test_eight_rows_and_more(built, tmp_path, monkeypatch):

@@ -149,15 +149,18 @@ def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1)
 
 
-@pytest.mark.parametrize("heads, kv_heads, hd, rd, window", [(4, 2, 16, 16, 0), (3, 3, 10, 6, 0), (6, 1, 8, 8, 5)])
+# Head sizes: vector-width multiples (16, 64, 128: the vectorised path) and others (10, 8: the scalar one); windows
+# and long rows (over 64 keys: several vectors of scores, and a tail).
+@pytest.mark.parametrize("heads, kv_heads, hd, rd, window", [(4, 2, 16, 16, 0), (3, 3, 10, 6, 0), (6, 1, 8, 8, 5),
+                                                             (9, 3, 64, 64, 0), (4, 2, 128, 64, 37)])  # fmt: skip
 def test_decode_attention_matches_sdpa(built, heads, kv_heads, hd, rd, window):
     g = torch.Generator().manual_seed(heads * 100 + hd)
-    B, rows, S, row0 = 3, 5, 24, 1
+    B, rows, S, row0 = 3, 5, 96, 1
     k_cache = torch.randn(rows, kv_heads, S, hd, generator=g)
     v_cache = torch.randn(rows, kv_heads, S, hd, generator=g)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    positions = torch.tensor([[7], [0], [15]])
-    kv_len = 16
+    positions = torch.tensor([[7], [0], [83]])
+    kv_len = 84
     qkv = torch.randn(B, 1, (heads + 2 * kv_heads) * hd + 3, generator=g)  # strided views, as the fused projection
     q = qkv[..., : heads * hd].view(B, 1, heads, hd)
     k = qkv[..., heads * hd : (heads + kv_heads) * hd].view(B, 1, kv_heads, hd)

@@ -14,23 +14,24 @@ Weights are the layers' own panels (`PackedLinear.panels`, int8 `QuantizedLinear
 scales; the fused q/k/v and gate/up tensors of `pack_model` / `quantize_model` are views of them), so the plan costs
 no weight memory. The matmuls use `kernels.py`'s panel GEMV templates (compiled again into this extension).
 
-Threading: ONE OpenMP parallel region per step. Each layer is five phases (q/k/v panels; attention over
-(row, head); output-projection panels added to the residual; gate/up panel pairs with SiLU; down panels added to the
-residual). A phase's work units are claimed one at a time from an atomic counter, and a unit runs once the previous
-phase has *finished all its units* (per-unit done flags and a count, not a barrier of threads). A thread that finds
-a phase fully claimed skips it without waiting, so a thread that the shared VM deschedules holds nobody back unless
-it holds a unit. And even then only briefly: a thread that needs a phase finished spins (`_mm_pause`) for 20 us
-plus twice its own last time for such a unit, then runs the unfinished units itself. A unit may thus run twice, even
-concurrently, so every unit is idempotent: each step's intermediates have one buffer per layer (and the residual one
-per half layer: `x_next = x + projection`, never `x += ...`), and every shared write stores a final value (attention
-accumulates in private scratch). Measured with a busy-loop process and another job sharing the 2 cores, a
-SmolLM2-135M step took 92-116 ms on 2 threads that waited for each other (spinning, then yielding or sleeping), 35-42
-on 1 thread, and 30-32 on 2 threads with helping (about 5 of the step's 2,000 units helped; when idle, 2 threads
-take 16 ms, 1 thread 21). No thread ever sleeps inside the region; only its end waits for a descheduled thread
-(OpenMP's join). The workspace (a few MB at 8 rows) belongs to the plan; a mutex serialises calls. The RMSNorm of
-a phase's input is computed by each thread that runs a unit of it (M x hidden values: cheaper than synchronising).
-New keys are rotated by every (row, head) unit that needs them and written to the cache by the group's first head;
-the others use their own copy of the new key, so attention needs no extra phase.
+Threading: ONE OpenMP parallel region per step. Each layer is five phases (q/k/v panels; attention over (row,
+key/value head); output-projection panels added to the residual; gate/up panel pairs with SiLU; down panels added to
+the residual). A phase's work units are claimed one at a time from an atomic counter, and a unit runs once the
+previous phase has *finished all its units* (per-unit done flags and a count, not a barrier of threads). A thread
+that finds a phase fully claimed skips it without waiting, so a thread that the shared VM deschedules holds nobody
+back unless it holds a unit. And even then only briefly: a thread that needs a phase finished spins (`_mm_pause`)
+for 20 us plus twice its own last time for such a unit, then runs the unfinished units itself. A unit may thus run
+twice, even concurrently, so every unit is idempotent: each step's intermediates have one buffer per layer (and the
+residual one per half layer: `x_next = x + projection`, never `x += ...`), and every shared write stores a final
+value (attention accumulates in private scratch). Measured with a busy-loop process and another job sharing the 2
+cores, a SmolLM2-135M step took 92-116 ms on 2 threads that waited for each other (spinning, then yielding or
+sleeping), 35-42 on 1 thread, and 30-32 on 2 threads with helping (about 5 of the step's 2,000 units helped; when
+idle, 2 threads take 16 ms, 1 thread 21). No thread ever sleeps inside the region; only its end waits for a
+descheduled thread (OpenMP's join). The workspace (a few MB at 8 rows) belongs to the plan; a mutex serialises
+calls. The RMSNorm of a phase's input is computed by each thread that runs a unit of it (M x hidden values: cheaper
+than synchronising). An attention unit is a (row, key/value head): it rotates the new key, writes it and the new
+value into the cache, and attends each query head of the group (`attend_head`: vectorised scores, exp and weighted
+sum) reading the new key and value from its own copies, so attention needs no extra phase.
 
 Numerics follow the unfused path (`Transformer` layers with `kernels.py`): the same GEMV code and accumulation order,
 RMSNorm's mean of squares in double (F.rms_norm's fp32 result to rounding), rotate-half rope, fp32 softmax. Logits
@@ -250,7 +251,7 @@ class StackPlan {
     std::vector<int64_t> first(NP + 1, 0);
     for (int64_t l = 0; l < L; ++l) {
       const LayerPlan& ly = layers_[l];
-      const int64_t t5[5] = {ly.q.P + ly.k.P + ly.v.P, M * H, ly.o.P, ly.gate.P, ly.down.P};
+      const int64_t t5[5] = {ly.q.P + ly.k.P + ly.v.P, M * nkv, ly.o.P, ly.gate.P, ly.down.P};
       for (int ph = 0; ph < 5; ++ph) total[l * 5 + ph] = (int)t5[ph];
     }
     for (int64_t i = 0; i < NP; ++i) first[i + 1] = first[i] + total[i];
@@ -313,43 +314,25 @@ class StackPlan {
               dst[j] = s->bias ? v + s->bias[n0 + j] : v;
             }
           }
-        } else if (ph == 1) {  // attention of (row b, head h)
-          const int64_t b = u / H, h = u % H, g = h / rep, p = pos[b];
+        } else if (ph == 1) {  // attention of (row b, key/value head g) for the group's query heads
+          const int64_t b = u / nkv, g = u % nkv, p = pos[b];
           const float* c = cptr[ly.kind] + b * rd;
           const float* sn = sptr[ly.kind] + b * rd;
           const float* row = QKV + (l * M + b) * NQKV;
-          rope_head(row + h * hd, c, sn, rd, hd, qrot);
           rope_head(row + Q + g * hd, c, sn, rd, hd, knew);
           const float* vnew = row + Q + KV + g * hd;
           const int64_t base = ((row0 + b) * nkv + g) * S * hd;
-          const float* kb = kc[l] + base;
-          const float* vb = vc[l] + base;
-          if (h % rep == 0) {  // the group's first head writes the new key and value
-            std::memcpy(kc[l] + base + p * hd, knew, hd * sizeof(float));
-            std::memcpy(vc[l] + base + p * hd, vnew, hd * sizeof(float));
-          }
+          std::memcpy(kc[l] + base + p * hd, knew, hd * sizeof(float));
+          std::memcpy(vc[l] + base + p * hd, vnew, hd * sizeof(float));
           const int64_t hi = std::min(p, kv_len - 1);
           const int64_t lo = ly.window > 0 ? std::max<int64_t>(0, p - ly.window + 1) : 0;
-          float* o = obuf;  // accumulated privately: a second run must never expose a partial sum
-          float mx = -INFINITY;
-          for (int64_t t = lo; t <= hi; ++t) {
-            const float* kt = t == p ? knew : kb + t * hd;  // the new key from this unit's own copy
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < hd; ++i) acc += qrot[i] * kt[i];
-            w[t - lo] = acc * scale_;
-            mx = std::max(mx, w[t - lo]);
+          for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+            rope_head(row + h * hd, c, sn, rd, hd, qrot);
+            // out: private, then stored whole (a second run must never expose a partial sum); the new key and
+            // value come from this unit's own copies
+            attend_head(qrot, kc[l] + base, vc[l] + base, lo, hi, p, knew, vnew, hd, scale_, w, obuf);
+            std::memcpy(ATT + (l * M + b) * Q + h * hd, obuf, hd * sizeof(float));
           }
-          float sum = 0.f;
-          for (int64_t t = lo; t <= hi; ++t) sum += (w[t - lo] = std::exp(w[t - lo] - mx));
-          for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
-          for (int64_t t = lo; t <= hi; ++t) {
-            const float pr = w[t - lo] / sum;
-            const float* vt = t == p ? vnew : vb + t * hd;
-#pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) o[i] += pr * vt[i];
-          }
-          std::memcpy(ATT + (l * M + b) * Q + h * hd, o, hd * sizeof(float));
         } else if (ph == 2 || ph == 4) {  // o_proj / down_proj panel: next residual = residual + projection
           const Seg& s = ph == 2 ? ly.o : ly.down;
           const float* in = ph == 2 ? ATT + l * M * Q : ACT + l * M * I;

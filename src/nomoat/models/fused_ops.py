@@ -30,49 +30,7 @@ from nomoat.models import kernels
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cmath>
-
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#elif defined(__AVX__)
-constexpr int W = 8;
-#else
-constexpr int W = 4;
-#endif
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int vi __attribute__((vector_size(W * 4)));
-typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
-
-static inline vf ld(const float* p) { return *(const vfu*)p; }
-static inline void st(float* p, vf v) { *(vfu*)p = v; }
-static inline vf splat(float x) { return vf{} + x; }
-
-// exp(x) for W lanes: Cephes' expf (range reduction by ln 2, degree-5 polynomial), about 1 ulp on [-88, 88].
-static inline vf vexp(vf x) {
-  const vf hi = splat(88.3762626647949f), lo = splat(-88.3762626647949f);
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  vf fx = x * 1.44269504088896341f + 0.5f;
-  vi n = __builtin_convertvector(fx, vi);  // toward zero
-  n += (vi)(__builtin_convertvector(n, vf) > fx);  // floor: minus one where truncation rounded up
-  const vf t = __builtin_convertvector(n, vf);
-  x = x - t * 0.693359375f + t * 2.12194440e-4f;
-  const vf z = x * x;
-  vf y = splat(1.9875691500e-4f);
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
-  return y * (vf)((n + 127) << 23);
-}
-
-static inline float sexp(float x) { vf v = splat(x); return vexp(v)[0]; }
-
+_SOURCE = kernels._VEC_SOURCE + r"""
 // p = silu(gate) * up, one pass.
 torch::Tensor swiglu_forward(torch::Tensor gate, torch::Tensor up) {
   TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes(), "gate/up: contiguous");

@@ -54,7 +54,7 @@ MAX_ROWS = 8  # activation rows the kernel holds in registers at once; more rows
 
 # The panel GEMV templates (`panel_any<I8>` and what it uses) and `rope_head`, shared with `decode_stack.py`'s
 # extension.
-_GEMV_SOURCE = r"""
+_VEC_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -69,13 +69,56 @@ constexpr int W = 8, NREG = 16;
 #else
 constexpr int W = 4, NREG = 16;
 #endif
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int vi __attribute__((vector_size(W * 4)));
+typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
+
+static inline vf ld(const float* p) { return *(const vfu*)p; }
+static inline void st(float* p, vf v) { *(vfu*)p = v; }
+static inline vf splat(float x) { return vf{} + x; }
+
+// exp(x) for W lanes: Cephes' expf (range reduction by ln 2, degree-5 polynomial), about 1 ulp on [-88, 88].
+static inline vf vexp(vf x) {
+  const vf hi = splat(88.3762626647949f), lo = splat(-88.3762626647949f);
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(fx, vi);  // toward zero
+  n += (vi)(__builtin_convertvector(n, vf) > fx);  // floor: minus one where truncation rounded up
+  const vf t = __builtin_convertvector(n, vf);
+  x = x - t * 0.693359375f + t * 2.12194440e-4f;
+  const vf z = x * x;
+  vf y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  return y * (vf)((n + 127) << 23);
+}
+
+static inline float sexp(float x) { vf v = splat(x); return vexp(v)[0]; }
+
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+#endif
+}
+"""
+
+# The panel GEMV templates (`panel_any<I8>` and what it uses), `rope_head` and `attend_head`, shared with
+# `decode_stack.py`'s extension.
+_GEMV_SOURCE = _VEC_SOURCE + r"""
 constexpr int PANEL = 64, NV = PANEL / W;  // vectors per panel row
 #ifndef SERIAL_BYTES_LOG2
 #define SERIAL_BYTES_LOG2 21
 #endif
-
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
 
 template <bool I8> static inline vf load_w(const void* base, int64_t off) {
   if constexpr (I8) {
@@ -159,6 +202,84 @@ static inline void rope_head(const float* x, const float* c, const float* s, int
     out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
   }
   for (int64_t i = rd; i < hd; ++i) out[i] = x[i];
+}
+// Decode attention of one query head over positions lo..hi of one key/value head (keys and values at kb/vb +
+// t * hd); the key and value at position `p` are knew/vnew instead when those are non-null (a private copy of the
+// new token's). Scores in `w` (hi - lo + 1 floats of scratch), softmax with the max subtracted, vectorised exp;
+// out (hd) = sum_t exp(s_t - max) v_t / sum_t exp(s_t - max), written once with final values.
+template <int NVH>
+static void attend_fixed(const float* q, const float* kb, const float* vb, int64_t lo, int64_t hi, int64_t p,
+                         const float* knew, const float* vnew, float scale, float* w, float* out) {
+  vf qv[NVH];
+#pragma GCC unroll 16
+  for (int j = 0; j < NVH; ++j) qv[j] = ld(q + j * W) * scale;
+  constexpr int64_t hd = NVH * W;
+  const int64_t T = hi - lo + 1;
+  float mx = -INFINITY;
+  for (int64_t t = lo; t <= hi; ++t) {
+    const float* kt = (knew && t == p) ? knew : kb + t * hd;
+    vf acc = qv[0] * ld(kt);
+#pragma GCC unroll 16
+    for (int j = 1; j < NVH; ++j) acc += qv[j] * ld(kt + j * W);
+    const float sc = hsum(acc);
+    w[t - lo] = sc;
+    mx = sc > mx ? sc : mx;
+  }
+  vf vs = vf{};
+  int64_t i = 0;
+  for (; i + W <= T; i += W) {
+    const vf e = vexp(ld(w + i) - mx);
+    st(w + i, e);
+    vs += e;
+  }
+  float sum = hsum(vs);
+  for (; i < T; ++i) sum += (w[i] = sexp(w[i] - mx));
+  vf acc[NVH];
+#pragma GCC unroll 16
+  for (int j = 0; j < NVH; ++j) acc[j] = vf{};
+  for (int64_t t = lo; t <= hi; ++t) {
+    const float* vt = (vnew && t == p) ? vnew : vb + t * hd;
+    const vf e = splat(w[t - lo]);
+#pragma GCC unroll 16
+    for (int j = 0; j < NVH; ++j) acc[j] += e * ld(vt + j * W);
+  }
+  const float inv = 1.f / sum;
+#pragma GCC unroll 16
+  for (int j = 0; j < NVH; ++j) st(out + j * W, acc[j] * inv);
+}
+
+// The same for any head size (scalar loops; hd not a multiple of the vector width).
+static void attend_any(const float* q, const float* kb, const float* vb, int64_t lo, int64_t hi, int64_t p,
+                       const float* knew, const float* vnew, int64_t hd, float scale, float* w, float* out) {
+  float mx = -INFINITY;
+  for (int64_t t = lo; t <= hi; ++t) {
+    const float* kt = (knew && t == p) ? knew : kb + t * hd;
+    float acc = 0.f;
+    for (int64_t i = 0; i < hd; ++i) acc += q[i] * scale * kt[i];
+    w[t - lo] = acc;
+    mx = std::max(mx, acc);
+  }
+  float sum = 0.f;
+  for (int64_t t = lo; t <= hi; ++t) sum += (w[t - lo] = sexp(w[t - lo] - mx));
+  for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+  const float inv = 1.f / sum;
+  for (int64_t t = lo; t <= hi; ++t) {
+    const float* vt = (vnew && t == p) ? vnew : vb + t * hd;
+    for (int64_t i = 0; i < hd; ++i) out[i] += w[t - lo] * vt[i];
+  }
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+}
+
+static void attend_head(const float* q, const float* kb, const float* vb, int64_t lo, int64_t hi, int64_t p,
+                        const float* knew, const float* vnew, int64_t hd, float scale, float* w, float* out) {
+  switch (hd == W * (hd / W) ? hd / W : 0) {
+    case 1: attend_fixed<1>(q, kb, vb, lo, hi, p, knew, vnew, scale, w, out); break;
+    case 2: attend_fixed<2>(q, kb, vb, lo, hi, p, knew, vnew, scale, w, out); break;
+    case 4: attend_fixed<4>(q, kb, vb, lo, hi, p, knew, vnew, scale, w, out); break;
+    case 8: attend_fixed<8>(q, kb, vb, lo, hi, p, knew, vnew, scale, w, out); break;
+    case 16: attend_fixed<16>(q, kb, vb, lo, hi, p, knew, vnew, scale, w, out); break;
+    default: attend_any(q, kb, vb, lo, hi, p, knew, vnew, hd, scale, w, out); break;
+  }
 }
 """
 
@@ -257,27 +378,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const int64_t b = bh / H, h = bh % H, g = h / rep;
     const int64_t hi = std::min(pos[b], kv_len - 1), lo = window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0;
-    const float* qh = qrp + bh * hd;
     const float* kb = kcp + ((row0 + b) * nkv + g) * S * hd;
     const float* vb = vcp + ((row0 + b) * nkv + g) * S * hd;
-    float* o = op + bh * hd;
     std::vector<float> w(std::max<int64_t>(hi - lo + 1, 1));
-    float mx = -INFINITY;
-    for (int64_t t = lo; t <= hi; ++t) {
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * kb[t * hd + i];
-      w[t - lo] = acc * sc;
-      mx = std::max(mx, w[t - lo]);
-    }
-    float sum = 0.f;
-    for (int64_t t = lo; t <= hi; ++t) sum += (w[t - lo] = std::exp(w[t - lo] - mx));
-    for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
-    for (int64_t t = lo; t <= hi; ++t) {
-      const float p = w[t - lo] / sum;
-#pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) o[i] += p * vb[t * hd + i];
-    }
+    attend_head(qrp + bh * hd, kb, vb, lo, hi, pos[b], nullptr, nullptr, hd, sc, w.data(), op + bh * hd);
   }
   return out;
 }

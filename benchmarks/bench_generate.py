@@ -5,11 +5,15 @@ loads them in fp32. Measured, with 2 threads:
 - decode tokens/s at batch 1 (128 new tokens after a 32-token prompt; prefill time excluded),
 - prefill tokens/s for a 512-token prompt,
 - batch-8 throughput (8 prompts of 32 tokens, 128 new tokens each, all generated tokens per second),
-- the memory-bandwidth roofline: measured read bandwidth / weight bytes read per token, and each engine's fraction.
+- the memory-bandwidth roofline: measured copy bandwidth / fp32 weight bytes read per token, and each engine's
+  decode as a fraction of it; the bandwidth is measured around each engine's own decode runs (`around`), as the
+  machine's speed drifts. The fraction of the read (`sum`) bandwidth is reported beside it.
 Engines: nomoat fp32 (packed weights, what `nomoat generate` runs), nomoat int8 (weight-only), transformers fp32, and
 llama.cpp (llama-cpp-python, a benchmark extra; reported as absent when not installed) in f32 and q8_0 on GGUF files
-written from the same folder by nomoat's own exporter (`nomoat.export.gguf.export_gguf`; llama.cpp's converter is not
-installed here). The random folders get a small trained byte-level BPE tokenizer so that the exporter can write one.
+that llama.cpp's own converter writes from the same folder (`llamacpp_converter.py`: `convert_hf_to_gguf.py` from the
+installed llama-cpp-python's sources, fetched from PyPI once; where it cannot run, nomoat's exporter writes them and
+each result's `gguf` says so). The random folders get a small trained byte-level BPE tokenizer (`tokenizer.json`, for
+nomoat's exporter) and a SentencePiece one (`tokenizer.model`, for llama.cpp's converter).
 llama.cpp is measured at batch 1 (decode, greedy by argmax over its logits) and on a 512-token prompt, in a child
 process with OpenMP's default (spinning) wait policy, its fastest; `llama.cpp-*-passive` rows repeat it under
 `OMP_WAIT_POLICY=PASSIVE`, nomoat's setting. The ratios use the faster, default one.
@@ -38,6 +42,10 @@ if "--llamacpp-child" not in sys.argv:  # the llama.cpp child keeps the policy i
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import llamacpp_converter  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -98,19 +106,34 @@ def save_tokenizer(path: Path) -> None:
                                                             "bos_token": "<s>", "eos_token": "</s>"}))  # fmt: skip
 
 
-def bandwidth_gbs(repeats: int = 10) -> float:
-    """Read bandwidth of fp32 `sum` over a 512 MiB tensor (what decode is bound by), best of `repeats` passes.
+def bandwidth_gbs(repeats: int = 6) -> dict[str, float]:
+    """Memory bandwidth in GB/s, 2 threads, best of `repeats` passes of about 0.1 s each over 512 MiB tensors.
 
-    The best pass, since a neighbour's burst on a shared VM can halve one pass (the roofline must not drop with it).
+    `copy`: `y.copy_(x)`, counting the bytes read and written (STREAM's convention), the roofline's bandwidth;
+    `read`: `x.sum()`, bytes read (what decode does; reported beside it). The best pass, since a neighbour's burst on
+    a shared VM can halve one; each engine's roofline uses the bandwidth measured just before and after its own
+    decode runs, as the machine's speed drifts by tens of percent over minutes.
     """
     x = torch.ones(128 * 2**20)
+    y = torch.empty_like(x)
     x.sum()
-    best = 0.0
+    y.copy_(x)
+    best = {"copy": 0.0, "read": 0.0}
     for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        for kind, op, nbytes in (("copy", lambda: y.copy_(x), 8), ("read", x.sum, 4)):
+            t = time.perf_counter()
+            for _ in range(4):
+                op()
+            best[kind] = max(best[kind], 4 * x.numel() * nbytes / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def around(measure):
+    """`measure()`, and the bandwidth (`bandwidth_gbs`, the better of a measurement just before and just after it)."""
+    before = bandwidth_gbs(3)
+    out = measure()
+    after = bandwidth_gbs(3)
+    return out, {k: max(before[k], after[k]) for k in before}
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -139,7 +162,7 @@ def bench_nomoat(path: Path, new: int, batch8_new: int, prefill_len: int, mode: 
     prompt = torch.randint(3, 1000, (32,), generator=g).tolist()
     params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
     engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))  # warm-up
-    decode = max(engine.generate(prompt, params).decode_tokens_per_s for _ in range(RUNS))
+    decode, bw = around(lambda: max(engine.generate(prompt, params).decode_tokens_per_s for _ in range(RUNS)))
     long_prompt = torch.randint(3, 1000, (prefill_len,), generator=g).tolist()
     prefill = 0.0
     for _ in range(RUNS):
@@ -152,7 +175,13 @@ def bench_nomoat(path: Path, new: int, batch8_new: int, prefill_len: int, mode: 
     handles = [engine.submit(p, p8) for p in prompts]
     n = sum(h.result().completion_tokens for h in handles)
     batch8 = n / (time.perf_counter() - t)
-    return {"decode_tok_s": decode, "prefill_tok_s": prefill, "batch8_tok_s": batch8, "weight_bytes_per_token": weights}
+    return {
+        "decode_tok_s": decode,
+        "prefill_tok_s": prefill,
+        "batch8_tok_s": batch8,
+        "weight_bytes_per_token": weights,
+        "bandwidth_gbs": bw,
+    }
 
 
 def bench_transformers(path: Path, new: int, batch8_new: int, prefill_len: int) -> dict:
@@ -169,11 +198,16 @@ def bench_transformers(path: Path, new: int, batch8_new: int, prefill_len: int) 
         t = time.perf_counter()
         model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
         t_prefill = time.perf_counter() - t
-        decode = 0.0
-        for _ in range(RUNS - 1):
-            t = time.perf_counter()
-            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kw)
-            decode = max(decode, (new - 1) / (time.perf_counter() - t - t_prefill))
+
+        def decode_runs() -> float:
+            best = 0.0
+            for _ in range(RUNS - 1):
+                t = time.perf_counter()
+                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kw)
+                best = max(best, (new - 1) / (time.perf_counter() - t - t_prefill))
+            return best
+
+        decode, bw = around(decode_runs)
         long_prompt = torch.randint(3, 1000, (1, prefill_len), generator=g)
         prefill = 0.0
         for _ in range(RUNS):
@@ -184,7 +218,7 @@ def bench_transformers(path: Path, new: int, batch8_new: int, prefill_len: int) 
         t = time.perf_counter()
         out = model.generate(prompts, max_new_tokens=batch8_new, min_new_tokens=batch8_new, **kw)
         batch8 = (out.shape[1] - 32) * 8 / (time.perf_counter() - t)
-    return {"decode_tok_s": decode, "prefill_tok_s": prefill, "batch8_tok_s": batch8}
+    return {"decode_tok_s": decode, "prefill_tok_s": prefill, "batch8_tok_s": batch8, "bandwidth_gbs": bw}
 
 
 def bench_llamacpp(gguf_file: Path, new: int, prefill_len: int) -> dict:
@@ -206,7 +240,7 @@ def bench_llamacpp(gguf_file: Path, new: int, prefill_len: int) -> dict:
         return steps / (time.perf_counter() - t)
 
     decode(8)  # warm-up
-    dec = max(decode(new) for _ in range(RUNS))
+    dec, bw = around(lambda: max(decode(new) for _ in range(RUNS)))
     long_prompt = torch.randint(3, 1000, (prefill_len,), generator=g).tolist()
     best = 0.0
     for _ in range(RUNS):
@@ -215,7 +249,7 @@ def bench_llamacpp(gguf_file: Path, new: int, prefill_len: int) -> dict:
         llm.eval(long_prompt)
         best = max(best, prefill_len / (time.perf_counter() - t))
     llm.close()
-    return {"decode_tok_s": dec, "prefill_tok_s": best, "batch8_tok_s": None}
+    return {"decode_tok_s": dec, "prefill_tok_s": best, "batch8_tok_s": None, "bandwidth_gbs": bw}
 
 
 def bench_llamacpp_process(gguf_file: Path, new: int, prefill_len: int, wait_policy: str | None) -> dict:
@@ -234,6 +268,22 @@ def bench_llamacpp_process(gguf_file: Path, new: int, prefill_len: int, wait_pol
     result = json.loads(out.strip().splitlines()[-1])
     result["omp_wait_policy"] = wait_policy or "default (spin)"
     return result
+
+
+def make_gguf(folder: Path, out: Path, outtype: str) -> str:
+    """Write `folder` as GGUF with llama.cpp's own converter; where it cannot run, with nomoat's exporter (said).
+
+    Returns which tool wrote the file (and why not llama.cpp's converter, when not).
+    """
+    try:
+        llamacpp_converter.convert(folder, out, outtype)
+        return f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {llamacpp_converter.installed_version()} sources)"
+    except (RuntimeError, ImportError) as e:
+        from nomoat.export.gguf import export_gguf
+
+        print(f"warning: llama.cpp's converter unavailable, GGUF written by nomoat's exporter: {e}", file=sys.stderr)
+        export_gguf(folder, [], out, outtype=outtype)
+        return f"nomoat.export.gguf.export_gguf (llama.cpp's converter unavailable: {str(e).splitlines()[0]})"
 
 
 def llamacpp_status() -> str | None:
@@ -258,37 +308,33 @@ def main() -> None:
     torch.set_num_threads(2)
     shapes = ["smollm2-135m"] if args.quick else list(SHAPES)
     new, batch8_new, prefill_len = (64, 32, 256) if args.quick else (128, 128, 512)
-    bw = bandwidth_gbs()
     results, ratios = [], {}
     absent = llamacpp_status()
-    llama = (
-        absent or "llama-cpp-python, on GGUF files written by nomoat's exporter (nomoat.export.gguf) from the folder"
-    )
+    llama = absent or "llama-cpp-python, on GGUF files written from the same folder (each result's `gguf` says by what)"
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
             path = Path(tmp) / shape
             make_model(shape, path)
-            bw = max(bw, bandwidth_gbs())  # again, in case a neighbour's burst hit the first measurement
             runs = {"nomoat": bench_nomoat(path, new, batch8_new, prefill_len)}
             runs["nomoat-int8"] = bench_nomoat(path, new, batch8_new, prefill_len, mode="int8")
             runs["transformers"] = bench_transformers(path, new, batch8_new, prefill_len)
             if absent is None:
-                from nomoat.export.gguf import export_gguf
-
                 for outtype in ("f32", "q8_0"):
                     gguf_file = Path(tmp) / f"{shape}-{outtype}.gguf"
-                    export_gguf(path, [], gguf_file, outtype=outtype)
+                    source = make_gguf(path, gguf_file, outtype)
                     runs[f"llama.cpp-{outtype}"] = bench_llamacpp_process(gguf_file, new, prefill_len, None)
                     runs[f"llama.cpp-{outtype}-passive"] = bench_llamacpp_process(
                         gguf_file, new, prefill_len, "PASSIVE"
                     )
                     for name in (f"llama.cpp-{outtype}", f"llama.cpp-{outtype}-passive"):
-                        runs[name]["gguf"] = "nomoat.export.gguf.export_gguf"
+                        runs[name]["gguf"] = source
                     gguf_file.unlink()
             ours = runs["nomoat"]
-            roof = bw * 1e9 / ours["weight_bytes_per_token"]
-            for name, r in runs.items():
-                r.update(engine=name, shape=shape, roofline_tok_s=roof, roofline_fraction=r["decode_tok_s"] / roof)
+            for name, r in runs.items():  # each engine against the bandwidth measured around its own decode runs
+                roof = r["bandwidth_gbs"]["copy"] * 1e9 / ours["weight_bytes_per_token"]
+                read_roof = r["bandwidth_gbs"]["read"] * 1e9 / ours["weight_bytes_per_token"]
+                r.update(engine=name, shape=shape, roofline_tok_s=roof, roofline_fraction=r["decode_tok_s"] / roof,
+                         read_roofline_fraction=r["decode_tok_s"] / read_roof)  # fmt: skip
                 results.append(r)
                 b8 = f"{r['batch8_tok_s']:6.1f}" if r["batch8_tok_s"] else "     -"
                 print(f"{shape:14s} {name:16s} decode {r['decode_tok_s']:6.1f} tok/s ({r['roofline_fraction']:4.0%} "
@@ -299,6 +345,7 @@ def main() -> None:
             ratios[f"{shape}_prefill_speed_vs_transformers"] = round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 3)
             ratios[f"{shape}_batch8_speed_vs_transformers"] = round(ours["batch8_tok_s"] / peer["batch8_tok_s"], 3)
             ratios[f"{shape}_roofline_fraction"] = round(ours["roofline_fraction"], 3)
+            ratios[f"{shape}_read_roofline_fraction"] = round(ours["read_roofline_fraction"], 3)
             ratios[f"{shape}_batch8_vs_batch1"] = round(ours["batch8_tok_s"] / ours["decode_tok_s"], 3)
             ratios[f"{shape}_decode_int8_vs_fp32"] = round(q8["decode_tok_s"] / ours["decode_tok_s"], 3)
             if absent is None:
@@ -306,7 +353,9 @@ def main() -> None:
                 ratios[f"{shape}_decode_b1_vs_llamacpp_f32"] = round(ours["decode_tok_s"] / f32["decode_tok_s"], 3)
                 ratios[f"{shape}_decode_int8_vs_llamacpp_q8_0"] = round(q8["decode_tok_s"] / lq8["decode_tok_s"], 3)
                 ratios[f"{shape}_prefill_vs_llamacpp_f32"] = round(ours["prefill_tok_s"] / f32["prefill_tok_s"], 3)
-    machine = (f"{platform.machine()} {os.cpu_count()} cores, {bw:.1f} GB/s read bandwidth, threads 2, "
+    bws = [r["bandwidth_gbs"]["copy"] for r in results]
+    machine = (f"{platform.machine()} {os.cpu_count()} cores, copy bandwidth {min(bws):.1f}-{max(bws):.1f} GB/s, "
+               f"threads 2, "
                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")  # fmt: skip
     print(
         json.dumps(

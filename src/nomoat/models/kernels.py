@@ -47,6 +47,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nomoat.models import hugepages
+
 logger = logging.getLogger(__name__)
 
 PANEL = 64  # output channels per panel (4 AVX-512 vectors / 8 AVX2 vectors of fp32)
@@ -490,7 +492,7 @@ def _panels(w_t: torch.Tensor) -> torch.Tensor:
     pad = -n % PANEL
     if pad:
         w_t = F.pad(w_t, (0, pad))
-    return w_t.reshape(k, -1, PANEL).permute(1, 0, 2).contiguous()
+    return hugepages.copy(w_t.reshape(k, -1, PANEL).permute(1, 0, 2))  # streamed every token: huge pages
 
 
 def pack_fp32(weight: torch.Tensor) -> torch.Tensor:

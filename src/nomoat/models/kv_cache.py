@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from nomoat.config.model import ModelConfig
+from nomoat.models import hugepages
 
 
 class KVCache:
@@ -29,8 +30,8 @@ class KVCache:
         self, cfg: ModelConfig, max_batch: int, max_seq_len: int, dtype: torch.dtype, device: torch.device | str
     ) -> None:
         shape = (max_batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.k = [_zeros(shape, dtype, device) for _ in range(cfg.num_layers)]
+        self.v = [_zeros(shape, dtype, device) for _ in range(cfg.num_layers)]
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
 
@@ -67,3 +68,10 @@ class KVCache:
         kc[rows[:, None], :, positions] = k.transpose(1, 2)
         vc[rows[:, None], :, positions] = v.transpose(1, 2)
         return kc[rows, :, :kv_len], vc[rows, :, :kv_len]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros; on the CPU in huge pages where possible (decode attention streams the cache every token)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return hugepages.empty(shape, dtype).zero_()

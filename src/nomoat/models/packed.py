@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nomoat.models import decode_stack, kernels
+from nomoat.models import decode_stack, hugepages, kernels
 
 # Rows per call up to which the compiled kernels beat oneDNN (measured, 28 of SmolLM2's matrices, 2 threads):
 # 6 rows 2.2 vs 3.6 ms, 16 rows 7.5 vs 6.2 ms; all 211 matrices at 8 rows, 1 thread: 32 vs 40-43 ms.
@@ -112,7 +112,9 @@ def _fuse(model: nn.Module) -> None:
     for owner, attr, layers in kernels.fusable_groups(model):
         if not all(type(m) is PackedLinear and m.panels is not None for m in layers):
             continue
-        fused = torch.cat([m.panels for m in layers])
+        parts = [m.panels for m in layers]
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        fused = torch.cat(parts, out=hugepages.empty(shape, torch.float32))  # streamed every token: huge pages
         at = 0
         for m in layers:  # the layers' own panels become views: no extra memory
             size = m.panels.shape[0]

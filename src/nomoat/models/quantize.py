@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nomoat.models import decode_stack, kernels
+from nomoat.models import decode_stack, hugepages, kernels
 
 logger = logging.getLogger(__name__)
 
@@ -493,7 +493,8 @@ def _fuse_int8(model: nn.Module) -> None:
         if any(m.qweight.device.type != "cpu" or m.scale.dtype != torch.float32 for m in layers):
             continue
         panels = [int8_panels(m.qweight) for m in layers]
-        fused = torch.cat(panels)
+        shape = (sum(p.shape[0] for p in panels), *panels[0].shape[1:])
+        fused = torch.cat(panels, out=hugepages.empty(shape, torch.int8))  # streamed every token: huge pages
         keys, at = [], 0
         for m, p in zip(layers, panels):
             keys.append(_int8_key(m))

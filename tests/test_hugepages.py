@@ -1,0 +1,94 @@
+"""Huge-page tensors (`nomoat.models.hugepages`): alignment, contents, release, fallbacks, and real huge pages."""
+
+from __future__ import annotations
+
+import gc
+import re
+from pathlib import Path
+
+import torch
+
+from nomoat.models import hugepages
+
+
+def _mapping_of(ptr: int) -> dict[str, int] | None:
+    """The /proc/self/smaps fields (kB) of the mapping holding address `ptr`, or None."""
+    fields: dict[str, int] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            if fields is not None:
+                return fields
+            fields = {} if int(m.group(1), 16) <= ptr < int(m.group(2), 16) else None
+        elif fields is not None and ":" in line:
+            key, _, rest = line.partition(":")
+            value = rest.split()
+            if value and value[0].isdigit():
+                fields[key] = int(value[0])
+    return fields
+
+
+def _thp_mode() -> str:
+    text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    return re.search(r"\[(\w+)\]", text).group(1)
+
+
+def test_empty_is_aligned_writable_and_sized() -> None:
+    t = hugepages.empty((3, 1000, 777), torch.float32)
+    assert t.shape == (3, 1000, 777) and t.dtype == torch.float32 and t.is_contiguous()
+    assert t.data_ptr() % hugepages.HUGE == 0
+    t.copy_(torch.arange(t.numel(), dtype=torch.float32).view(t.shape))
+    assert t[2, 999, 776].item() == t.numel() - 1
+    m = _mapping_of(t.data_ptr())
+    assert m is not None and m["Size"] * 1024 == -(-t.numel() * 4 // 4096) * 4096  # trimmed to the tensor
+
+
+def test_huge_pages_back_the_tensor_where_the_kernel_allows() -> None:
+    t = hugepages.copy(torch.ones(4 << 20, dtype=torch.int8))  # 4 MiB: two whole huge pages
+    m = _mapping_of(t.data_ptr())
+    assert m is not None
+    if _thp_mode() in ("madvise", "always"):
+        assert m["AnonHugePages"] == 4096
+    else:
+        assert m["AnonHugePages"] == 0
+    assert int(t.sum()) == 4 << 20
+
+
+def test_memory_is_released_with_the_last_view() -> None:
+    t = hugepages.empty((1 << 20,), torch.float32)
+    ptr = t.data_ptr()
+    view = t[10:20]
+    del t
+    gc.collect()
+    assert _mapping_of(ptr) is not None  # a view keeps it
+    del view
+    gc.collect()
+    assert _mapping_of(ptr) is None
+
+
+def test_small_tensors_and_switch_off_use_plain_memory(monkeypatch) -> None:
+    def no_mapping(nbytes: int) -> None:
+        raise AssertionError(f"mapped {nbytes} bytes")
+
+    monkeypatch.setattr(hugepages, "_mapping", no_mapping)
+    small = hugepages.empty((100, 100), torch.float32)  # under 2 MiB
+    assert small.shape == (100, 100)
+    monkeypatch.setenv("NOMOAT_HUGE_PAGES", "0")
+    assert not hugepages.enabled()
+    big = hugepages.copy(torch.ones(1 << 20))
+    assert big.sum().item() == 1 << 20
+
+
+def test_packed_panels_and_kv_cache_use_huge_pages() -> None:
+    from nomoat.models import kernels
+    from nomoat.models.kv_cache import KVCache
+
+    w = torch.randn(2048, 512)
+    if kernels.available():
+        panels = kernels.pack_fp32(w)
+        assert panels.data_ptr() % hugepages.HUGE == 0
+        x = torch.randn(3, 512)
+        torch.testing.assert_close(kernels.linear_fp32(x, panels, 2048), x @ w.T, rtol=1e-5, atol=1e-4)
+    cfg = type("Cfg", (), {"num_kv_heads": 4, "head_dim": 64, "num_layers": 2})()
+    cache = KVCache(cfg, 4, 1024, torch.float32, "cpu")
+    assert cache.k[0].data_ptr() % hugepages.HUGE == 0 and not cache.k[0].any() and not cache.v[1].any()

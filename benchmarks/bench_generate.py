@@ -6,17 +6,21 @@ loads them in fp32. Measured, with 2 threads:
 - prefill tokens/s for a 512-token prompt,
 - batch-8 throughput (8 prompts of 32 tokens, 128 new tokens each, all generated tokens per second),
 - the memory-bandwidth roofline: measured copy bandwidth / fp32 weight bytes read per token, and each engine's
-  decode as a fraction of it; the bandwidth is measured around each engine's own decode runs (`around`), as the
-  machine's speed drifts. The fraction of the read (`sum`) bandwidth is reported beside it.
+  decode as a fraction of it. The machine's bandwidth drifts by tens of percent within seconds, so it is measured
+  before each engine's first decode run and after every one (`around_each`). Two fractions: `roofline_fraction`, the
+  best decode run over the best bandwidth seen around them; `roofline_fraction_paired`, the median over runs of each
+  run against the bandwidth measured next to it (the steadier one). The fraction of the read (`sum`) bandwidth is
+  reported beside them.
 Engines: nomoat fp32 (packed weights, what `nomoat generate` runs), nomoat int8 (weight-only), transformers fp32, and
 llama.cpp (llama-cpp-python, a benchmark extra; reported as absent when not installed) in f32 and q8_0 on GGUF files
 that llama.cpp's own converter writes from the same folder (`llamacpp_converter.py`: `convert_hf_to_gguf.py` from the
 installed llama-cpp-python's sources, fetched from PyPI once; where it cannot run, nomoat's exporter writes them and
 each result's `gguf` says so). The random folders get a small trained byte-level BPE tokenizer (`tokenizer.json`, for
 nomoat's exporter) and a SentencePiece one (`tokenizer.model`, for llama.cpp's converter).
-llama.cpp is measured at batch 1 (decode, greedy by argmax over its logits) and on a 512-token prompt, in a child
-process with OpenMP's default (spinning) wait policy, its fastest; `llama.cpp-*-passive` rows repeat it under
-`OMP_WAIT_POLICY=PASSIVE`, nomoat's setting. The ratios use the faster, default one.
+llama.cpp is measured at batch 1 (decode, greedy by argmax over its logits) and on a 512-token prompt. Both peers
+run in child processes of their own (`bench_child`), once under OpenMP's default wait policy (spinning a while, then
+sleeping) and once under `OMP_WAIT_POLICY=PASSIVE`, nomoat's setting (the `*-passive` rows); the ratios take the
+peer's faster result of the two for each speed.
 
 Threads: 2 everywhere. `OMP_WAIT_POLICY=PASSIVE` is set before torch loads unless already set (as `nomoat serve`
 does): on a 2-core VM with a busy neighbour, spinning OpenMP threads stall each other for milliseconds.
@@ -32,13 +36,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-if "--llamacpp-child" not in sys.argv:  # the llama.cpp child keeps the policy its parent chose
+if "--child" not in sys.argv:  # a peer's child process keeps the policy its parent chose
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -128,12 +133,21 @@ def bandwidth_gbs(repeats: int = 6) -> dict[str, float]:
     return best
 
 
-def around(measure):
-    """`measure()`, and the bandwidth (`bandwidth_gbs`, the better of a measurement just before and just after it)."""
-    before = bandwidth_gbs(3)
-    out = measure()
-    after = bandwidth_gbs(3)
-    return out, {k: max(before[k], after[k]) for k in before}
+def around_each(run_once, runs: int) -> tuple[float, dict[str, float], list[dict[str, float]]]:
+    """Call `run_once()` (it returns tokens/s) `runs` times, measuring the bandwidth before the first call and after
+    each one (`bandwidth_gbs`).
+
+    Returns the best tokens/s, the best bandwidth seen, and per call its tokens/s with the better of the bandwidths
+    measured just before and just after it (`tok_s`, `copy`, `read`): the pairs the paired roofline fraction uses.
+    """
+    bws = [bandwidth_gbs(3)]
+    pairs = []
+    for _ in range(runs):
+        tok_s = run_once()
+        bws.append(bandwidth_gbs(3))
+        pairs.append({"tok_s": tok_s, **{k: max(bws[-2][k], bws[-1][k]) for k in ("copy", "read")}})
+    best_bw = {k: max(b[k] for b in bws) for k in ("copy", "read")}
+    return max(p["tok_s"] for p in pairs), best_bw, pairs
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -162,7 +176,7 @@ def bench_nomoat(path: Path, new: int, batch8_new: int, prefill_len: int, mode: 
     prompt = torch.randint(3, 1000, (32,), generator=g).tolist()
     params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
     engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))  # warm-up
-    decode, bw = around(lambda: max(engine.generate(prompt, params).decode_tokens_per_s for _ in range(RUNS)))
+    decode, bw, pairs = around_each(lambda: engine.generate(prompt, params).decode_tokens_per_s, RUNS)
     long_prompt = torch.randint(3, 1000, (prefill_len,), generator=g).tolist()
     prefill = 0.0
     for _ in range(RUNS):
@@ -181,6 +195,7 @@ def bench_nomoat(path: Path, new: int, batch8_new: int, prefill_len: int, mode: 
         "batch8_tok_s": batch8,
         "weight_bytes_per_token": weights,
         "bandwidth_gbs": bw,
+        "decode_runs": pairs,
     }
 
 
@@ -199,15 +214,12 @@ def bench_transformers(path: Path, new: int, batch8_new: int, prefill_len: int) 
         model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
         t_prefill = time.perf_counter() - t
 
-        def decode_runs() -> float:
-            best = 0.0
-            for _ in range(RUNS - 1):
-                t = time.perf_counter()
-                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kw)
-                best = max(best, (new - 1) / (time.perf_counter() - t - t_prefill))
-            return best
+        def decode_run() -> float:
+            t = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kw)
+            return (new - 1) / (time.perf_counter() - t - t_prefill)
 
-        decode, bw = around(decode_runs)
+        decode, bw, pairs = around_each(decode_run, RUNS - 1)
         long_prompt = torch.randint(3, 1000, (1, prefill_len), generator=g)
         prefill = 0.0
         for _ in range(RUNS):
@@ -218,7 +230,8 @@ def bench_transformers(path: Path, new: int, batch8_new: int, prefill_len: int) 
         t = time.perf_counter()
         out = model.generate(prompts, max_new_tokens=batch8_new, min_new_tokens=batch8_new, **kw)
         batch8 = (out.shape[1] - 32) * 8 / (time.perf_counter() - t)
-    return {"decode_tok_s": decode, "prefill_tok_s": prefill, "batch8_tok_s": batch8, "bandwidth_gbs": bw}
+    return {"decode_tok_s": decode, "prefill_tok_s": prefill, "batch8_tok_s": batch8, "bandwidth_gbs": bw,
+            "decode_runs": pairs}  # fmt: skip
 
 
 def bench_llamacpp(gguf_file: Path, new: int, prefill_len: int) -> dict:
@@ -240,7 +253,7 @@ def bench_llamacpp(gguf_file: Path, new: int, prefill_len: int) -> dict:
         return steps / (time.perf_counter() - t)
 
     decode(8)  # warm-up
-    dec, bw = around(lambda: max(decode(new) for _ in range(RUNS)))
+    dec, bw, pairs = around_each(lambda: decode(new), RUNS)
     long_prompt = torch.randint(3, 1000, (prefill_len,), generator=g).tolist()
     best = 0.0
     for _ in range(RUNS):
@@ -249,25 +262,33 @@ def bench_llamacpp(gguf_file: Path, new: int, prefill_len: int) -> dict:
         llm.eval(long_prompt)
         best = max(best, prefill_len / (time.perf_counter() - t))
     llm.close()
-    return {"decode_tok_s": dec, "prefill_tok_s": best, "batch8_tok_s": None, "bandwidth_gbs": bw}
+    return {"decode_tok_s": dec, "prefill_tok_s": best, "batch8_tok_s": None, "bandwidth_gbs": bw, "decode_runs": pairs}
 
 
-def bench_llamacpp_process(gguf_file: Path, new: int, prefill_len: int, wait_policy: str | None) -> dict:
-    """`bench_llamacpp` in a child process whose OpenMP runtime reads `wait_policy` (None: libgomp's default).
+def bench_child(kind: str, args: list, wait_policy: str | None) -> dict:
+    """`bench_transformers(*args)` or `bench_llamacpp(*args)` (`kind`) in a child process whose OpenMP runtime reads
+    `wait_policy` (None: libgomp's default, spinning a while before sleeping).
 
-    llama.cpp's CPU backend runs on the same libgomp as torch, which reads `OMP_WAIT_POLICY` once per process: with
-    PASSIVE, its decode measured 24-26 tok/s (f32) and 32-36 (q8_0) against 44 and 111 with spinning threads on a
-    quiet machine. The peer is therefore timed in its own process, with its default (spinning) policy.
+    llama.cpp's CPU backend and torch share libgomp, which reads `OMP_WAIT_POLICY` once per process: with PASSIVE,
+    llama.cpp's decode measured 24-26 tok/s (f32) and 32-36 (q8_0) against 44 and 111 with spinning threads on a
+    quiet machine. So each peer is timed in processes of its own, under its default policy and under PASSIVE
+    (nomoat's setting), and the ratios take the peer's faster result.
     """
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     if wait_policy is not None:
         env["OMP_WAIT_POLICY"] = wait_policy
-    cmd = [sys.executable, __file__, "--llamacpp-child", str(gguf_file), str(new), str(prefill_len)]
+    cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["omp_wait_policy"] = wait_policy or "default (spin)"
     return result
+
+
+def best_of(*runs: dict) -> dict:
+    """A peer's best decode, prefill and batch-8 speeds over its runs (one per OpenMP wait policy)."""
+    keys = ("decode_tok_s", "prefill_tok_s", "batch8_tok_s")
+    return {k: max((r[k] for r in runs if r[k] is not None), default=None) for k in keys}
 
 
 def make_gguf(folder: Path, out: Path, outtype: str) -> str:
@@ -299,13 +320,14 @@ def llamacpp_status() -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shape only, fewer tokens (about 2 minutes)")
-    ap.add_argument("--llamacpp-child", nargs=3, metavar=("GGUF", "NEW", "PREFILL"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # KIND ARG...: a child of bench_child
     args = ap.parse_args()
-    if args.llamacpp_child:  # a child of bench_llamacpp_process: one JSON line
-        gguf_file, n_new, n_prefill = args.llamacpp_child
-        print(json.dumps(bench_llamacpp(Path(gguf_file), int(n_new), int(n_prefill))))
-        return
     torch.set_num_threads(2)
+    if args.child:  # one JSON line
+        kind, path, *numbers = args.child
+        bench = {"transformers": bench_transformers, "llamacpp": bench_llamacpp}[kind]
+        print(json.dumps(bench(Path(path), *map(int, numbers))))
+        return
     shapes = ["smollm2-135m"] if args.quick else list(SHAPES)
     new, batch8_new, prefill_len = (64, 32, 256) if args.quick else (128, 128, 512)
     results, ratios = [], {}
@@ -317,15 +339,14 @@ def main() -> None:
             make_model(shape, path)
             runs = {"nomoat": bench_nomoat(path, new, batch8_new, prefill_len)}
             runs["nomoat-int8"] = bench_nomoat(path, new, batch8_new, prefill_len, mode="int8")
-            runs["transformers"] = bench_transformers(path, new, batch8_new, prefill_len)
+            for policy, name in ((None, "transformers"), ("PASSIVE", "transformers-passive")):
+                runs[name] = bench_child("transformers", [path, new, batch8_new, prefill_len], policy)
             if absent is None:
                 for outtype in ("f32", "q8_0"):
                     gguf_file = Path(tmp) / f"{shape}-{outtype}.gguf"
                     source = make_gguf(path, gguf_file, outtype)
-                    runs[f"llama.cpp-{outtype}"] = bench_llamacpp_process(gguf_file, new, prefill_len, None)
-                    runs[f"llama.cpp-{outtype}-passive"] = bench_llamacpp_process(
-                        gguf_file, new, prefill_len, "PASSIVE"
-                    )
+                    for policy, name in ((None, f"llama.cpp-{outtype}"), ("PASSIVE", f"llama.cpp-{outtype}-passive")):
+                        runs[name] = bench_child("llamacpp", [gguf_file, new, prefill_len], policy)
                     for name in (f"llama.cpp-{outtype}", f"llama.cpp-{outtype}-passive"):
                         runs[name]["gguf"] = source
                     gguf_file.unlink()
@@ -333,23 +354,30 @@ def main() -> None:
             for name, r in runs.items():  # each engine against the bandwidth measured around its own decode runs
                 roof = r["bandwidth_gbs"]["copy"] * 1e9 / ours["weight_bytes_per_token"]
                 read_roof = r["bandwidth_gbs"]["read"] * 1e9 / ours["weight_bytes_per_token"]
+                paired = statistics.median(
+                    p["tok_s"] * ours["weight_bytes_per_token"] / (p["copy"] * 1e9) for p in r["decode_runs"]
+                )
                 r.update(engine=name, shape=shape, roofline_tok_s=roof, roofline_fraction=r["decode_tok_s"] / roof,
+                         roofline_fraction_paired=paired,
                          read_roofline_fraction=r["decode_tok_s"] / read_roof)  # fmt: skip
                 results.append(r)
                 b8 = f"{r['batch8_tok_s']:6.1f}" if r["batch8_tok_s"] else "     -"
-                print(f"{shape:14s} {name:16s} decode {r['decode_tok_s']:6.1f} tok/s ({r['roofline_fraction']:4.0%} "
-                      f"of fp32 roofline {roof:.0f})  prefill {r['prefill_tok_s']:7.1f} tok/s  batch-8 {b8} tok/s",
-                      file=sys.stderr)  # fmt: skip
-            peer, q8 = runs["transformers"], runs["nomoat-int8"]
+                print(f"{shape:14s} {name:20s} decode {r['decode_tok_s']:6.1f} tok/s ({r['roofline_fraction']:4.0%} "
+                      f"of fp32 roofline {roof:.0f}, paired {paired:4.0%})  prefill {r['prefill_tok_s']:7.1f} tok/s  "
+                      f"batch-8 {b8} tok/s", file=sys.stderr)  # fmt: skip
+            q8 = runs["nomoat-int8"]
+            peer = best_of(runs["transformers"], runs["transformers-passive"])
             ratios[f"{shape}_decode_speed_vs_transformers"] = round(ours["decode_tok_s"] / peer["decode_tok_s"], 3)
             ratios[f"{shape}_prefill_speed_vs_transformers"] = round(ours["prefill_tok_s"] / peer["prefill_tok_s"], 3)
             ratios[f"{shape}_batch8_speed_vs_transformers"] = round(ours["batch8_tok_s"] / peer["batch8_tok_s"], 3)
             ratios[f"{shape}_roofline_fraction"] = round(ours["roofline_fraction"], 3)
+            ratios[f"{shape}_roofline_fraction_paired"] = round(ours["roofline_fraction_paired"], 3)
             ratios[f"{shape}_read_roofline_fraction"] = round(ours["read_roofline_fraction"], 3)
             ratios[f"{shape}_batch8_vs_batch1"] = round(ours["batch8_tok_s"] / ours["decode_tok_s"], 3)
             ratios[f"{shape}_decode_int8_vs_fp32"] = round(q8["decode_tok_s"] / ours["decode_tok_s"], 3)
             if absent is None:
-                f32, lq8 = runs["llama.cpp-f32"], runs["llama.cpp-q8_0"]
+                f32 = best_of(runs["llama.cpp-f32"], runs["llama.cpp-f32-passive"])
+                lq8 = best_of(runs["llama.cpp-q8_0"], runs["llama.cpp-q8_0-passive"])
                 ratios[f"{shape}_decode_b1_vs_llamacpp_f32"] = round(ours["decode_tok_s"] / f32["decode_tok_s"], 3)
                 ratios[f"{shape}_decode_int8_vs_llamacpp_q8_0"] = round(q8["decode_tok_s"] / lq8["decode_tok_s"], 3)
                 ratios[f"{shape}_prefill_vs_llamacpp_f32"] = round(ours["prefill_tok_s"] / f32["prefill_tok_s"], 3)

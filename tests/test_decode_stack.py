@@ -319,3 +319,36 @@ def test_engine_batch_with_retiring_rows(built, tmp_path, monkeypatch):
     alone = Engine(model, tok, max_running=1, prefix_cache_bytes=0)
     for p, n, tokens in zip(prompts, lengths, got):
         assert alone.generate(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)).token_ids == tokens
+
+
+def test_guards_see_every_change(built, tmp_path, monkeypatch):
+    """The plan's C++ guards agree with their Python form: valid until a module is swapped, int8 codes are written
+    in place or a parameter gets new storage, and then invalid (a rebuilt plan is valid again)."""
+    _make("qwen2", tmp_path)
+    model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
+    _decode_logits(model, [[5, 9, 33]], 1, mp=monkeypatch)  # builds the plan
+
+    def fresh() -> decode_stack._Plan:
+        plan = decode_stack.build_plan(model)
+        assert plan.valid() and plan.valid_py()
+        return plan
+
+    attn = model.model.layers[1].self_attn
+    plan = fresh()
+    attn.o_proj, saved = torch.nn.Identity(), attn.o_proj
+    assert not plan.valid() and not plan.valid_py()
+    attn.o_proj = saved
+    assert plan.valid() and plan.valid_py()  # the same module again
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.qweight.add_(0)  # an in-place write bumps the version
+    assert not plan.valid() and not plan.valid_py()
+    plan = fresh()
+    norm = model.model.layers[1].input_layernorm
+    with torch.no_grad():
+        norm.weight.mul_(1.0)  # in place on a norm: the plan reads the same storage, still valid
+    assert plan.valid() and plan.valid_py()
+    norm.weight.data = norm.weight.data.clone()
+    assert not plan.valid() and not plan.valid_py()
+    plan = fresh()
+    del model.model.layers[1].mlp._modules["up_proj"]  # a slot emptied
+    assert not plan.valid() and not plan.valid_py()

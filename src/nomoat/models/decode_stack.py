@@ -428,9 +428,53 @@ class StackPlan {
   int64_t spin_ns_ = SPIN_NS, unit_factor_ = 2;
 };
 
+// The plan's guards, checked before every step: each slot (a dict and key: a module's parameters, buffers,
+// submodules or instance dict) still holds the object the plan was built from, each tensor's in-place write counter
+// is unchanged, and each parameter still has its storage. About 1,300 checks for SmolLM2-135M int8: 0.45 ms a token
+// as Python `map`s, a few microseconds here.
+class Guards {
+ public:
+  Guards(pybind11::list dicts, pybind11::list keys, pybind11::list expected, std::vector<torch::Tensor> tensors,
+         std::vector<int64_t> versions, std::vector<torch::Tensor> params)
+      : tensors_(std::move(tensors)), versions_(std::move(versions)), params_(std::move(params)) {
+    TORCH_CHECK(dicts.size() == keys.size() && keys.size() == expected.size(), "guards: parallel lists");
+    TORCH_CHECK(tensors_.size() == versions_.size(), "guards: one version per tensor");
+    for (size_t i = 0; i < dicts.size(); ++i) {
+      TORCH_CHECK(PyDict_Check(dicts[i].ptr()), "guards: a slot's holder must be a dict");
+      slots_.emplace_back(pybind11::reinterpret_borrow<pybind11::object>(dicts[i]),
+                          pybind11::reinterpret_borrow<pybind11::object>(keys[i]),
+                          pybind11::reinterpret_borrow<pybind11::object>(expected[i]));
+    }
+    for (auto& p : params_) ptrs_.push_back(p.data_ptr());
+  }
+
+  bool valid() const {  // with the GIL (dict lookups)
+    for (const auto& s : slots_) {
+      PyObject* now = PyDict_GetItem(std::get<0>(s).ptr(), std::get<1>(s).ptr());  // borrowed; NULL if absent
+      if (now != std::get<2>(s).ptr()) return false;
+    }
+    for (size_t i = 0; i < tensors_.size(); ++i)
+      if ((int64_t)tensors_[i]._version() != versions_[i]) return false;
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (params_[i].data_ptr() != ptrs_[i]) return false;
+    return true;
+  }
+
+ private:
+  std::vector<std::tuple<pybind11::object, pybind11::object, pybind11::object>> slots_;
+  std::vector<torch::Tensor> tensors_;
+  std::vector<int64_t> versions_;
+  std::vector<torch::Tensor> params_;
+  std::vector<void*> ptrs_;
+};
+
 std::string isa() { return W == 16 ? "avx512" : W == 8 ? "avx2" : "sse"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Guards>(m, "Guards", pybind11::module_local())
+      .def(pybind11::init<pybind11::list, pybind11::list, pybind11::list, std::vector<torch::Tensor>,
+                          std::vector<int64_t>, std::vector<torch::Tensor>>())
+      .def("valid", &Guards::valid);
   pybind11::class_<StackPlan>(m, "StackPlan", pybind11::module_local())
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double>())
       .def("add_layer", &StackPlan::add_layer)
@@ -505,8 +549,12 @@ class _Plan:
                  params: list[torch.Tensor], kinds: list[str]) -> None:  # fmt: skip
         self.native = native
         self.kinds = kinds
-        # Kept as parallel tuples so that `valid` iterates in C (map): about 1,000 guards of SmolLM2 in ~50 us.
-        self._dicts, self._keys, self._expected = (tuple(c) for c in zip(*guards))
+        dicts, keys, expected = (list(c) for c in zip(*guards))
+        # Checked in C++ before every step (`Guards`): the same checks as `valid_py`, 0.45 ms a token there.
+        self._guards = get().Guards(dicts, keys, expected, [t for t, _ in versions], [v for _, v in versions],
+                                    list(params))  # fmt: skip
+        # The Python form, kept for tests that check both agree.
+        self._dicts, self._keys, self._expected = tuple(dicts), tuple(keys), tuple(expected)
         self._tensors = tuple(t for t, _ in versions)
         self._versions = tuple(v for _, v in versions)
         self._params = tuple(params)  # parameters whose storage can be swapped under them (`p.data = ...`)
@@ -514,6 +562,10 @@ class _Plan:
 
     def valid(self) -> bool:
         """Every module and weight is still the one the plan points at (and int8 codes unchanged in place)."""
+        return self._guards.valid()
+
+    def valid_py(self) -> bool:
+        """`valid`, computed in Python (a reference for tests)."""
         if not all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._expected)):
             return False
         return (

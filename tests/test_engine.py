@@ -258,3 +258,30 @@ def test_compiled_decode_equals_eager(llama):
     handles = [compiled.submit(p, GREEDY) for p in prompts]
     for h, p in zip(handles, prompts):
         assert h.result().token_ids == _alone(model, tok, p).token_ids
+
+
+def test_repetition_penalty_in_a_changing_batch_equals_transformers(llama):
+    """Penalised greedy rows read their own history (prompt and output) while rows without penalties join, leave
+    and move theirs: each request equals transformers' `generate` with the same repetition penalty."""
+    hf, model, tok = llama
+    hf.generation_config.eos_token_id = None
+
+    def ref(prompt, n, penalty):
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                          repetition_penalty=penalty)  # fmt: skip
+        return out[0, len(prompt) :].tolist()
+
+    engine = Engine(model, tok, max_running=3, prefix_cache_bytes=0)
+    short = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+    pen = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True, repetition_penalty=1.8)
+    a = engine.submit(_prompt(6, 20), short)  # leaves early: the penalised row behind it moves into its row
+    b = engine.submit(_prompt(11, 21), pen)
+    for _ in range(7):
+        engine.step()
+    assert [r.handle for r in engine.running] == [b]  # a left; b moved into row 0
+    c = engine.submit(_prompt(8, 22), GREEDY)  # joins mid-way without penalties, into the row b left
+    assert a.result().token_ids == ref(_prompt(6, 20), 5, 1.0)
+    penalised = b.result().token_ids
+    assert penalised == ref(_prompt(11, 21), 20, 1.8)
+    assert penalised != ref(_prompt(11, 21), 20, 1.0)  # the penalty changes this output
+    assert c.result().token_ids == ref(_prompt(8, 22), 24, 1.0)

@@ -13,6 +13,7 @@ Threading: every public method is safe to call from any thread. Either call `ste
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from nomoat.generate.prefix_cache import PrefixCache
-from nomoat.generate.sampling import SamplingParams, SamplingState, make_generator, sample
+from nomoat.generate.sampling import SamplingBatch, SamplingParams, SamplingState, make_generator, sample
 from nomoat.generate.stopping import StopStringMatcher
 from nomoat.lora.bank import AdapterBank, group_rows
 from nomoat.models.kv_cache import KVCache
@@ -187,6 +188,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []  # request i owns cache row i
         self.sampling = SamplingState(max_running, model.config.vocab_size, model.device)
+        self._last_batch: SamplingBatch | None = None
         self.lock = threading.RLock()
         self.running_loop = False
         self._wake = threading.Event()
@@ -256,7 +258,7 @@ class Engine:
             QueueFullError: `max_queue` requests are already waiting.
             ValueError: the prompt is empty or does not fit in a cache row.
         """
-        params = params or SamplingParams()
+        params = dataclasses.replace(params) if params else SamplingParams()  # read at submission, kept
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -425,9 +427,11 @@ class Engine:
     def _sample_and_emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         """Sample the next token of each request (its logits row i), emit its text, retire finished ones."""
         rows = [self.running.index(r) for r in reqs]
-        params = [r.params for r in reqs]
-        result = sample(logits.float(), self.sampling, rows, params, [r.generator for r in reqs])
-        self.sampling.record(rows, result.tokens)
+        batch = self._sampling_batch([r.params for r in reqs])
+        result = sample(logits.float(), self.sampling, rows, batch, [r.generator for r in reqs])
+        if batch.penalties is not None:  # only rows with a penalty read their history
+            self.sampling.record(rows, result.tokens)
+        params = batch.params
         logprobs = result.logprob_lists(params)
         tokens = result.tokens.tolist()
         now = time.perf_counter()
@@ -451,6 +455,13 @@ class Engine:
                 finished.append((req, "length"))
         for req, reason in finished:  # after the loop: retiring moves rows
             self._retire(req, reason)
+
+    def _sampling_batch(self, params: list[SamplingParams]) -> SamplingBatch:
+        """The batch's parameter tensors, rebuilt only when its requests change (about 0.1 ms a step)."""
+        last = self._last_batch
+        if last is None or len(last.params) != len(params) or any(a is not b for a, b in zip(last.params, params)):
+            last = self._last_batch = SamplingBatch.build(params, self.model.device)
+        return last
 
     def _emit(self, req: _Request, text: str, tokens: list[int], lp: TokenLogprob | None, final: bool = False) -> bool:
         """Pass text through the stop strings and send what is final; True when a stop string was hit."""

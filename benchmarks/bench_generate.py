@@ -27,6 +27,7 @@ Threads: 2 everywhere. `OMP_WAIT_POLICY=PASSIVE` is set before torch loads unles
 does): on a 2-core VM with a busy neighbour, spinning OpenMP threads stall each other for milliseconds.
 
     python benchmarks/bench_generate.py [--quick]
+    python benchmarks/bench_generate.py --pairs 6 [--shape S]   # interleaved nomoat/transformers decode pairs
 
 Prints one JSON object as its last line (see DESIGN.md, Benchmarks).
 """
@@ -290,6 +291,59 @@ def bench_child(kind: str, args: list, wait_policy: str | None) -> dict:
     return result
 
 
+def decode_only_nomoat(path: Path, new: int) -> dict:
+    """One batch-1 greedy decode run of `new` tokens after a 32-token prompt through nomoat's engine (fp32, packed)."""
+    from nomoat.generate.engine import Engine
+    from nomoat.generate.sampling import SamplingParams
+    from nomoat.models.checkpoint import load_model
+    from nomoat.models.packed import pack_model
+
+    model = load_model(path, dtype=torch.float32, device="cpu")
+    pack_model(model)
+    engine = Engine(model, NullTokenizer(), max_running=1, max_seq_len=1024, prefix_cache_bytes=0)
+    prompt = torch.randint(3, 1000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))  # warm-up
+    params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
+    return {"decode_tok_s": engine.generate(prompt, params).decode_tokens_per_s}
+
+
+def decode_only_transformers(path: Path, new: int) -> dict:
+    """One batch-1 greedy decode run of `new` tokens after a 32-token prompt through transformers `generate`
+    (prefill time, measured on its own just before, subtracted)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
+        t = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
+        t_prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kw)
+        return {"decode_tok_s": (new - 1) / (time.perf_counter() - t - t_prefill)}
+
+
+def decode_pairs(shape: str, n: int, new: int = 128) -> None:
+    """`--pairs`: n alternating decode runs of nomoat and transformers, each in a fresh process, so that each pair
+    meets the same machine (its bandwidth drifts by tens of percent over seconds). Prints one JSON object."""
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / shape
+        make_model(shape, path)
+        for i in range(n):
+            ours = bench_child("nomoat-decode", [path, new], "PASSIVE")["decode_tok_s"]
+            peer = bench_child("transformers-decode", [path, new], None)["decode_tok_s"]
+            pairs.append({"nomoat_tok_s": ours, "transformers_tok_s": peer, "ratio": ours / peer})
+            print(f"pair {i + 1}: nomoat {ours:.1f} tok/s, transformers {peer:.1f} tok/s, {ours / peer:.2f}x",
+                  file=sys.stderr)  # fmt: skip
+    ratio = statistics.median(p["ratio"] for p in pairs)
+    print(json.dumps({"benchmark": "generate-decode-pairs", "shape": shape, "new_tokens": new, "pairs": pairs,
+                      "ratios": {f"{shape}_decode_speed_vs_transformers_median_of_pairs": round(ratio, 3)}}))
+
+
 def best_of(*runs: dict) -> dict:
     """A peer's best decode, prefill and batch-8 speeds over its runs (one per OpenMP wait policy)."""
     keys = ("decode_tok_s", "prefill_tok_s", "batch8_tok_s")
@@ -325,14 +379,22 @@ def llamacpp_status() -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shape only, fewer tokens (about 2 minutes)")
+    ap.add_argument("--pairs", type=int, default=0, metavar="N",
+                    help="instead: N alternating batch-1 decode runs of nomoat fp32 and transformers, each in a fresh "
+                         "process under its faster policy (PASSIVE / default), on the Qwen2.5 shape; prints each "
+                         "pair's ratio and their median")  # fmt: skip
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b", help="the shape for --pairs")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # KIND ARG...: a child of bench_child
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.child:  # one JSON line
         kind, path, *numbers = args.child
-        bench = {"transformers": bench_transformers, "llamacpp": bench_llamacpp}[kind]
+        bench = {"transformers": bench_transformers, "llamacpp": bench_llamacpp, "nomoat-decode": decode_only_nomoat,
+                 "transformers-decode": decode_only_transformers}[kind]  # fmt: skip
         print(json.dumps(bench(Path(path), *map(int, numbers))))
         return
+    if args.pairs:
+        return decode_pairs(args.shape, args.pairs)
     shapes = ["smollm2-135m"] if args.quick else list(SHAPES)
     new, batch8_new, prefill_len = (64, 32, 256) if args.quick else (128, 128, 512)
     results, ratios = [], {}

@@ -93,7 +93,8 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
         return torch.empty(shape, dtype=dtype)
     start, length = mapped
     buf = (ctypes.c_char * length).from_address(start)
-    weakref.finalize(buf, _libc().munmap, start, length)  # the storage holds `buf`; freed with it
+    release = weakref.finalize(buf, _libc().munmap, start, length)  # the storage holds `buf`; freed with it
+    release.atexit = False  # at exit the process's memory goes anyway; unmapping then could pull it from under a tensor
     return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)
 
 

@@ -202,9 +202,9 @@ def test_lora_injection_falls_back(built, tmp_path, monkeypatch):
     assert _rel(again, before) < 1e-5
 
 
-def test_adapter_bank_falls_back(built, tmp_path):
-    """An engine with adapters wraps layers in the bank's layers: the stack steps aside, tokens match an unpacked
-    engine with the same adapter."""
+def test_adapter_bank_steps_with_adapter_rows_fall_back(built, tmp_path):
+    """An engine with adapters wraps layers in the bank's layers: steps with an adapter row run the layer loop, steps
+    without run the stack through the bank's base layers; tokens match an unpacked engine with the same adapter."""
     model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
     _make("llama", model_dir)
     lora_model = load_model(model_dir, "float32", "cpu")
@@ -228,8 +228,12 @@ def test_adapter_bank_falls_back(built, tmp_path):
     engine = Engine(packed, Tokenizer.from_dir(model_dir), max_running=2, adapters={"a": adapter_dir},
                     prefix_cache_bytes=0)  # fmt: skip
     assert engine.generate(prompt, params, adapter=(("a", 1.0),)).token_ids == ref_a
+    assert stack.used == 0 and stack.fallbacks == 7 and "adapters apply" in stack.reason  # 7 decode steps
     assert engine.generate(prompt, params).token_ids == ref_base
-    assert stack.used == 0 and stack.fallbacks >= 14
+    assert stack.used == 7 and stack.fallbacks == 7  # no adapter row: the stack, through the bank's base layers
+    both = [engine.submit(prompt, params, adapter=(("a", 1.0),)), engine.submit(prompt, params)]
+    assert [h.result().token_ids for h in both] == [ref_a, ref_base]
+    assert stack.used == 7 and stack.fallbacks == 14  # a mixed batch: the layer loop
 
 
 def test_ineligible_families_are_not_attached(built, tmp_path):

@@ -87,6 +87,13 @@ class MultiLoRALinear(nn.Module):
                     y.index_add_(0, rows, delta.to(y.dtype))
         return y
 
+    def decode_passthrough(self) -> tuple[nn.Module, AdapterBank]:
+        """The base layer, and the bank whose `current` plan says whether adapters apply to a step.
+
+        The decode stack (`nomoat.models.decode_stack`) runs the base layers of a step with no adapter rows.
+        """
+        return self.base, self._bank[0]
+
     def rebuild(self) -> None:
         """Stack this layer's adapters into `a_stack` (N, r, in) and `bt_stack` (N, r, out).
 

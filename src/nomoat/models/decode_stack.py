@@ -41,8 +41,10 @@ Where it applies (else `Transformer.forward` runs its layers as before): a cache
 rows a slice, at most `MAX_ROWS` rows, fp32 on CPU, gradients off, not under `torch.compile`; every layer a plain
 pre-norm `Block` (no sandwich norm, q/k norm, soft-capping, Gemma norm offset or MLP bias; SiLU), every projection a
 `PackedLinear` with panels or an int8 `QuantizedLinear`, and every module and weight still the one the plan was built
-from (LoRA injection or an adapter bank replaces modules, which turns it off: `DecodeStack.fallbacks` counts those
-calls). `NOMOAT_KERNELS=0` disables it with the other kernels, `NOMOAT_DECODE_STACK=0` disables only it (for A/B).
+from (LoRA injection replaces modules, which turns it off: `DecodeStack.fallbacks` counts those calls). An adapter
+bank's layers (`nomoat.lora.bank`) are seen through to their base layers: a step whose rows use no adapter runs here,
+a step with adapter rows runs the layer loop. `NOMOAT_KERNELS=0` disables it with the other kernels,
+`NOMOAT_DECODE_STACK=0` disables only it (for A/B).
 
 Measured on the 2-core AMD EPYC (AVX-512) VM while its neighbours were idle, 2 threads, OMP_WAIT_POLICY=PASSIVE,
 random weights; `benchmarks/bench_decode_kernels.py --kernels-only [--shape S] [--batch B]` (64 greedy steps after a
@@ -546,9 +548,10 @@ class _Plan:
     """The compiled plan of one model plus the guards that say whether it still describes the model."""
 
     def __init__(self, native: Any, guards: list[tuple[dict[str, Any], str, Any]], versions: list[tuple[Any, int]],
-                 params: list[torch.Tensor], kinds: list[str]) -> None:  # fmt: skip
+                 params: list[torch.Tensor], kinds: list[str], sources: list[Any] | None = None) -> None:  # fmt: skip
         self.native = native
         self.kinds = kinds
+        self.sources = tuple(sources or ())  # adapter banks: the plan applies only while none has a current plan
         dicts, keys, expected = (list(c) for c in zip(*guards))
         # Checked in C++ before every step (`Guards`): the same checks as `valid_py`, 0.45 ms a token there.
         self._guards = get().Guards(dicts, keys, expected, [t for t, _ in versions], [v for _, v in versions],
@@ -573,11 +576,25 @@ class _Plan:
         )
 
 
-def _linear(m: torch.nn.Module, guards: list, versions: list, params: list) -> list[torch.Tensor] | None:
-    """[panels, scale, bias] of a packed fp32 or int8-quantized layer (empty tensors where absent), or None."""
+def _linear(
+    m: torch.nn.Module, guards: list, versions: list, params: list, sources: list | None = None
+) -> list[torch.Tensor] | None:
+    """[panels, scale, bias] of a packed fp32 or int8-quantized layer (empty tensors where absent), or None.
+
+    A wrapper with `decode_passthrough()` (an adapter bank's layer) gives its base layer and the object whose
+    `current` says whether adapters apply to this step: the plan uses the base and steps aside while they do
+    (the object is added to `sources`).
+    """
     from nomoat.models.packed import PackedLinear
     from nomoat.models.quantize import QuantizedLinear
 
+    passthrough = getattr(m, "decode_passthrough", None)
+    if passthrough is not None and sources is not None:
+        base, source = passthrough()
+        guards.append((*_slot(m, "base"), base))
+        if all(s is not source for s in sources):
+            sources.append(source)
+        return _linear(base, guards, versions, params)
     empty = torch.empty(0)
     if type(m) is PackedLinear:
         if m.panels is None or m.panels.dtype != torch.float32:
@@ -616,6 +633,7 @@ def build_plan(model: torch.nn.Module) -> _Plan | None:
     guards: list[tuple[dict[str, Any], str, Any]] = []
     versions: list[tuple[Any, int]] = []
     params: list[torch.Tensor] = []
+    sources: list[Any] = []  # adapter banks whose layers the plan sees through
     decoder = model.model
     layers = decoder.layers
     guards.append((*_slot(decoder, "layers"), layers))
@@ -644,7 +662,7 @@ def build_plan(model: torch.nn.Module) -> _Plan | None:
         params += [n_in.weight, n_post.weight]
         tensors = [n_in.weight.detach(), n_post.weight.detach()]
         for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            parts = _linear(m, guards, versions, params)
+            parts = _linear(m, guards, versions, params, sources)
             if parts is None:
                 return None
             tensors += parts
@@ -654,7 +672,7 @@ def build_plan(model: torch.nn.Module) -> _Plan | None:
         kind = cfg.layer_types[i]
         window = (cfg.sliding_window or 0) if kind == "sliding_attention" else 0
         native.add_layer(tensors, int(window), kinds.index(kind))
-    return _Plan(native, guards, versions, params, kinds)
+    return _Plan(native, guards, versions, params, kinds, sources)
 
 
 class DecodeStack:
@@ -716,6 +734,9 @@ class DecodeStack:
             if plan is None:
                 self._decline("layers not eligible (adapters, unsupported modules, or no kernels)")
                 return None
+        if plan.sources and any(source.current for source in plan.sources):
+            self._decline("adapters apply to rows of this step")
+            return None
         self.used += 1
         cos = [ropes[k][0] for k in plan.kinds]
         sin = [ropes[k][1] for k in plan.kinds]

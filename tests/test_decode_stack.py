@@ -202,38 +202,49 @@ def test_lora_injection_falls_back(built, tmp_path, monkeypatch):
     assert _rel(again, before) < 1e-5
 
 
-def test_adapter_bank_steps_with_adapter_rows_fall_back(built, tmp_path):
-    """An engine with adapters wraps layers in the bank's layers: steps with an adapter row run the layer loop, steps
-    without run the stack through the bank's base layers; tokens match an unpacked engine with the same adapter."""
-    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
-    _make("llama", model_dir)
+def _adapter(model_dir, out, seed, r):
     lora_model = load_model(model_dir, "float32", "cpu")
-    cfg = LoRAConfig(r=4, alpha=8)
+    cfg = LoRAConfig(r=r, alpha=2 * r)
     inject_lora(lora_model, cfg)
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora_parameters(lora_model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(lora_model, adapter_dir, cfg, base_model_name_or_path=str(model_dir))
+    save_adapter(lora_model, out, cfg, base_model_name_or_path=str(model_dir))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_adapter_bank_rows_run_in_the_stack(built, mode, tmp_path):
+    """An engine with adapters wraps layers in the bank's layers; the stack sees through them and adds each row's
+    LoRA terms (one adapter, a weighted stack of two of different ranks, or none) in the same call. Tokens equal an
+    engine whose layers run one by one (the bank's own grouped path), alone and in mixed batches."""
+    model_dir = tmp_path / "model"
+    _make("llama", model_dir)
+    adapters = {"a": _adapter(model_dir, tmp_path / "a", 7, 4), "b": _adapter(model_dir, tmp_path / "b", 8, 8)}
     params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
-    prompt = [5, 17, 99, 3, 250, 8]
-    plain = Engine(load_model(model_dir, "float32", "cpu"), Tokenizer.from_dir(model_dir), max_running=2,
-                   adapters={"a": adapter_dir}, prefix_cache_bytes=0)  # fmt: skip
-    ref_a = plain.generate(prompt, params, adapter=(("a", 1.0),)).token_ids
-    ref_base = plain.generate(prompt, params).token_ids
-    assert ref_a != ref_base
-    packed = load_model(model_dir, "float32", "cpu")
-    pack_model(packed)
-    stack = packed._decode_stack
-    engine = Engine(packed, Tokenizer.from_dir(model_dir), max_running=2, adapters={"a": adapter_dir},
-                    prefix_cache_bytes=0)  # fmt: skip
-    assert engine.generate(prompt, params, adapter=(("a", 1.0),)).token_ids == ref_a
-    assert stack.used == 0 and stack.fallbacks == 7 and "adapters apply" in stack.reason  # 7 decode steps
-    assert engine.generate(prompt, params).token_ids == ref_base
-    assert stack.used == 7 and stack.fallbacks == 7  # no adapter row: the stack, through the bank's base layers
-    both = [engine.submit(prompt, params, adapter=(("a", 1.0),)), engine.submit(prompt, params)]
-    assert [h.result().token_ids for h in both] == [ref_a, ref_base]
-    assert stack.used == 7 and stack.fallbacks == 14  # a mixed batch: the layer loop
+    prompts = [[5, 17, 99, 3, 250, 8], [9, 4, 4, 120], [77, 3, 19, 200, 41, 6, 2]]
+    selections = [(("a", 1.0),), (("a", 0.7), ("b", -0.5)), ()]
+
+    def engine():
+        model = load_model(model_dir, "float32", "cpu")
+        quantize_model(model, "int8") if mode == "int8" else pack_model(model)
+        return model, Engine(model, Tokenizer.from_dir(model_dir), max_running=3, adapters=adapters,
+                             prefix_cache_bytes=0)  # fmt: skip
+
+    ref_model, ref = engine()
+    ref_model._decode_stack = None  # the layer loop with the bank's layers
+    alone = [ref.generate(p, params, adapter=sel).token_ids for p, sel in zip(prompts, selections)]
+    assert len({tuple(t) for t in alone}) == 3
+    assert alone[0] != ref.generate(prompts[0], params).token_ids  # the adapter changes the output
+    model, eng = engine()
+    stack = model._decode_stack
+    for p, sel, want in zip(prompts, selections, alone):
+        assert eng.generate(p, params, adapter=sel).token_ids == want
+    assert stack.used == 21 and stack.fallbacks == 0  # 7 decode steps each, all in the stack
+    handles = [eng.submit(p, params, adapter=sel) for p, sel in zip(prompts, selections)]
+    assert [h.result().token_ids for h in handles] == alone  # one batch mixing the three
+    assert stack.used == 28 and stack.fallbacks == 0
 
 
 def test_ineligible_families_are_not_attached(built, tmp_path):

@@ -239,9 +239,9 @@ def test_a_failing_step_ends_requests_with_error_and_the_loop_goes_on(llama):
         return forward(*args, **kwargs)
 
     engine._forward = flaky
+    failed = [engine.submit(_prompt(4, i), GREEDY) for i in range(3)]  # all queued before the loop's first step
     engine.start()
     try:
-        failed = [engine.submit(_prompt(4, i), GREEDY) for i in range(3)]
         outs = [h.result() for h in failed]
         assert {o.finish_reason for o in outs} == {"error"}
         assert engine.num_running == 0 and engine.num_waiting == 0

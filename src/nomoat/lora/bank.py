@@ -94,6 +94,15 @@ class MultiLoRALinear(nn.Module):
         """
         return self.base, self._bank[0]
 
+    def decode_adapters(self) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+        """(adapter name, A (r, in), Bt (r, out), scaling) of each adapter on this layer, for the decode stack.
+
+        Views of `a_stack` / `bt_stack` (ranks zero-padded to the largest), so they change when `rebuild` runs.
+        """
+        if self.a_stack is None:
+            return []
+        return [(name, self.a_stack[i], self.bt_stack[i], scaling) for i, (name, _, scaling) in enumerate(self.layout)]
+
     def rebuild(self) -> None:
         """Stack this layer's adapters into `a_stack` (N, r, in) and `bt_stack` (N, r, out).
 

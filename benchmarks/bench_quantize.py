@@ -8,8 +8,8 @@
    modules, and ATen's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with fp32 activations), the evidence
    for the kernel choices in `nomoat/models/quantize.py`.
 3. Perplexity: random weights have no meaningful perplexity, so a tiny character-level llama is trained for 200
-   steps on the fixed text below (`train_tiny_lm`, shared with tests/test_quantize.py) and evaluated on held-out
-   text in fp32, int8 and int4.
+   steps on the fixed text below (`train_tiny_lm`, shared with tests/inference/test_quantize.py) and evaluated on
+   held-out text in fp32, int8 and int4.
 
 Threads: 2 (`torch.set_num_threads(2)`). `OMP_WAIT_POLICY=PASSIVE` is set before torch loads unless already set: with
 OpenMP's default spinning, ops with little work per thread (attention at decode) stall for milliseconds on this VM.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-if __name__ == "__main__":  # before torch loads OpenMP; not when tests/test_quantize.py imports the recipe
+if __name__ == "__main__":  # before torch loads OpenMP; not when tests/inference/test_quantize.py imports the recipe
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402

@@ -9,18 +9,19 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nomoat"
 
 # Each top-level part of the package and the parts it may import. Stages hand over through files on disk.
 ALLOWED: dict[str, set[str]] = {
-    "config": set(),
-    "tokenizer": set(),
-    "models": {"config"},
-    "lora": {"config", "models"},
-    "data": {"config", "tokenizer"},
-    "train": {"config", "models", "lora", "data", "tokenizer"},
-    "generate": {"config", "models", "lora", "tokenizer"},
-    "eval": {"config", "models", "lora", "data", "tokenizer", "generate"},
-    "serve": {"config", "models", "lora", "tokenizer", "generate"},
-    "export": {"config", "models", "lora", "tokenizer"},
-    "demo": {"config", "models", "lora", "data", "tokenizer", "generate", "train", "eval"},
-    "__init__": {"config", "models", "tokenizer", "train"},
+    "util": set(),
+    "config": {"util"},
+    "tokenizer": {"util"},
+    "models": {"util", "config"},
+    "lora": {"util", "config", "models"},
+    "data": {"util", "config", "tokenizer"},
+    "train": {"util", "config", "models", "lora", "data", "tokenizer"},
+    "generate": {"util", "config", "models", "lora", "tokenizer"},
+    "eval": {"util", "config", "models", "lora", "data", "tokenizer", "generate"},
+    "serve": {"util", "config", "models", "lora", "tokenizer", "generate"},
+    "export": {"util", "config", "models", "lora", "tokenizer"},
+    "demo": {"util", "config", "models", "lora", "data", "tokenizer", "generate", "train", "eval"},
+    "__init__": {"util", "config", "models", "tokenizer", "train"},
     "cli": None,  # the top: may import anything
     "commands": None,  # subcommands, part of the cli
 }

@@ -37,7 +37,7 @@ from train_utils import WORD_TEMPLATE
 KEY = "sk-test-0123456789"
 PROMPT_IDS = [1, 5, 17, 99, 3, 250, 8, 41, 77, 12, 6, 300, 9, 14, 201, 33, 7, 18]
 ADAPTERS = ["a", "b", "c", "d"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- fixtures: a tiny model, PEFT adapters, the server process -------------------------------------------------------

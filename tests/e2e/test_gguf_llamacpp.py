@@ -18,12 +18,12 @@ import pytest
 import torch
 import transformers
 
+from gguf_cases import CASES, SPECIALS, build
 from nomoat.export.gguf import export_gguf
 from nomoat.export.gguf_lora import export_gguf_lora
 from nomoat.lora.apply import merge_adapters
 from nomoat.models.checkpoint import load_model
 from nomoat.tokenizer import Tokenizer
-from test_gguf import CASES, SPECIALS, build
 
 from hf_models import hf_config
 from tokenizer_utils import CORPUS, TEXTS, sentencepiece_bpe, write_folder

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from test_chat_remote import KEY, MAX_TOKENS, reference, start_server, stop_server
 
 CHROMIUM = os.environ.get("NOMOAT_CHROMIUM", "/usr/bin/chromium")  # Debian's package; no playwright download

@@ -17,7 +17,7 @@ from nomoat.config.train import TrainConfig, load_train_config
 
 from train_utils import make_chat_model, write_chat_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

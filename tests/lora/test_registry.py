@@ -22,7 +22,7 @@ from nomoat.models.checkpoint import load_model
 
 from hf_models import make_hf_model, save_word_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROVENANCE = {
     "base_model": {"path": "/models/tiny", "sha256": "ab" * 32, "family": "llama"},
     "data": [{"path": "/data/chat.jsonl", "sha256": "cd" * 32, "records": 24}],

@@ -15,7 +15,7 @@ import pytest
 from nomoat.data import FORMATS, Conversation, DataError, Preference, Text, detect_format, load_dataset
 from nomoat.data.formats import Source, register_format
 
-DATA = Path(__file__).parent / "fixtures" / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 
 SYS = {"role": "system", "content": "Be brief."}
 Q = {"role": "user", "content": "Capital of France?"}

@@ -38,7 +38,7 @@ from nomoat.models.quantize import QuantizationError, QuantizedLinear, quantize_
 
 from hf_models import VOCAB, make_hf_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_quantize  # noqa: E402
 
 FAMILIES = ["llama3", "qwen2", "gemma2", "phi3"]

@@ -1,0 +1,154 @@
+"""Files written atomically, hashed and read as JSON: the one implementation of each that nomoat uses.
+
+A file or folder is written under a temporary name beside its destination, flushed to disk and renamed into place
+(`os.replace`), so a crash leaves either the old version or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from nomoat.util.errors import NomoatError
+
+_CHUNK = 1 << 22
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` (and the folder itself) to disk, so a rename that follows publishes it whole."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and not f.is_symlink():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file path beside `path`; renamed onto `path` when the block ends without an exception.
+
+    For writers that want a file name (safetensors' `save_file`, `Figure.savefig`). The temporary file is removed
+    when the block raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (temporary file, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2, **dumps: Any) -> None:
+    """Write `data` as JSON (with a final newline) to `path` atomically; `dumps` go to `json.dumps`."""
+    atomic_write_text(path, json.dumps(data, indent=indent, **dumps) + "\n")
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Rename folder `src` onto `dest`; an existing `dest` is moved aside first, deleted after (restored on error)."""
+    if not dest.exists():
+        os.replace(src, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dest, old)
+    try:
+        os.replace(src, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, prefix: str = ".tmp-") -> Iterator[Path]:
+    """A temporary folder beside `dest`, flushed and renamed onto `dest` when the block ends without an exception.
+
+    An existing `dest` is replaced whole; on an exception the temporary folder is removed and `dest` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = _CHUNK) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(
+    path: str | os.PathLike,
+    *,
+    missing_ok: bool = False,
+    error: Callable[[str], Exception] = NomoatError,
+) -> dict[str, Any]:
+    """Read a JSON object from `path`.
+
+    Args:
+        path: The file.
+        missing_ok: Return {} when the file does not exist (instead of raising).
+        error: The exception type raised, with a message naming the file (and line) and what is wrong.
+
+    Raises:
+        The `error` type: the file cannot be read, is not valid JSON, or holds something other than an object.
+    """
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every non-empty line of a JSON-lines file, parsed."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

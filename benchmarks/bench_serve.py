@@ -14,7 +14,10 @@ every request generates exactly that many). Scenarios:
   flatters the peer). It runs through the same server, so HTTP and engine costs are the same on both sides.
 
 Reported: generated tokens/s over the scenario's wall time, and p50/p99 request latency (for one_at_a_time: from the
-moment every client has its request ready, as the clients would see it).
+moment every client has its request ready, as the clients would see it). A last scenario, ttft64, opens 64 streaming
+clients at once (each on its own adapter of the 32, `stream=True`) and reports the median and p99 time to the first
+streamed token. The server runs with its default number of running rows (chosen from memory) unless
+`--max-running` is given.
 
     python benchmarks/bench_serve.py [--quick]
 
@@ -30,6 +33,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,27 +105,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, adapters: list[Path], clients: int, log_file: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: Path, adapters: list[Path], max_running: int | None, log_file: Path
+) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "nomoat.cli",
-        "serve",
-        str(model),
-        "--port",
-        str(port),
-        "--max-running",
-        str(clients),
-        "--max-queue",
-        "1024",
-        "--max-loaded-adapters",
-        str(len(adapters)),
-        "--max-seq-len",
-        "512",
-    ]
+    cmd = [sys.executable, "-m", "nomoat.cli", "serve", str(model), "--port", str(port), "--max-queue", "1024",
+           "--max-loaded-adapters", str(len(adapters)), "--max-seq-len", "512"]  # fmt: skip
+    if max_running:
+        cmd += ["--max-running", str(max_running)]
     for i, folder in enumerate(adapters):
         cmd += ["--adapter", f"a{i}={folder}"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -172,6 +165,28 @@ def run_concurrent(client, prompts: list[list[int]], models: list[str], rounds: 
     return sum(t for t, _ in results), wall, [lat for _, lat in results]
 
 
+def run_ttft(client, prompts: list[list[int]], models: list[str], max_tokens: int) -> tuple:
+    """Every client opens one streaming request at the same moment; returns (tokens, wall, times to first token)."""
+    barrier = threading.Barrier(len(models))
+
+    def one_client(i: int) -> tuple[int, float]:
+        barrier.wait()
+        t = time.perf_counter()
+        first, tokens = None, 0
+        stream = client.completions.create(model=models[i], prompt=prompts[i % len(prompts)], max_tokens=max_tokens,
+                                           temperature=0, stream=True)  # fmt: skip
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                first = first if first is not None else time.perf_counter() - t
+                tokens += 1
+        return tokens, first if first is not None else float("nan")
+
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(models)) as pool:
+        results = list(pool.map(one_client, range(len(models))))
+    return sum(t for t, _ in results), time.perf_counter() - start, [f for _, f in results]
+
+
 def run_one_at_a_time(client, prompts: list[list[int]], models: list[str], rounds: int, max_tokens: int) -> tuple:
     """The same requests, one adapter's batch at a time (one request each: one pending request per client)."""
     tokens, latencies = 0, []
@@ -205,6 +220,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-running", type=int, default=None, help="Server batch rows (default: the server's own).")
+    p.add_argument("--ttft-clients", type=int, default=64, help="Streaming clients of the ttft scenario.")
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -219,7 +236,7 @@ def main() -> None:
     adapters = ensure_adapters(a.cache_dir, model, a.clients)
     log_file = a.cache_dir / "bench_serve-server.log"
     log(f"starting nomoat serve with {len(adapters)} adapters (log: {log_file})")
-    proc, url = start_server(model, adapters, a.clients, log_file)
+    proc, url = start_server(model, adapters, a.max_running, log_file)
     results = []
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
@@ -238,6 +255,13 @@ def main() -> None:
         tokens, wall, lat = run_one_at_a_time(client, prompts, names, rounds, max_tokens)
         results.append(summary("one_at_a_time", tokens, wall, lat, 1))
         log(json.dumps(results[-1]))
+        n = a.ttft_clients
+        log(f"ttft{n}: {n} streaming clients at once, each on adapter i % {len(names)}")
+        tokens, wall, ttft = run_ttft(client, prompts, [names[i % len(names)] for i in range(n)], max_tokens)
+        row = summary(f"ttft{n}", tokens, wall, ttft, min(n, len(names)))
+        row.update(p50_ttft_s=round(percentile(ttft, 50), 2), p99_ttft_s=round(percentile(ttft, 99), 2))
+        results.append(row)
+        log(json.dumps(results[-1]))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -250,9 +274,12 @@ def main() -> None:
         "distinct32_p50_latency_vs_one_adapter_at_a_time": round(
             by["distinct32"]["p50_latency_s"] / by["one_at_a_time"]["p50_latency_s"], 3),
     }  # fmt: skip
-    targets = {"distinct32_vs_single": 0.8, "distinct32_vs_one_at_a_time": 3.0}
+    row = next(r for r in results if r["scenario"].startswith("ttft"))
+    ttft = {"clients": a.ttft_clients, "p50_s": row["p50_ttft_s"], "p99_s": row["p99_ttft_s"]}
+    targets = {"distinct32_vs_single": 0.9, "distinct32_vs_one_at_a_time": 3.0, "ttft_p50_s": 5.0}
     print(json.dumps({"benchmark": "serve_multi_adapter", "machine": machine(), "quick": a.quick, "rounds": rounds,
-                      "max_tokens": max_tokens, "targets": targets, "results": results, "ratios": ratios}))  # fmt: skip
+                      "max_tokens": max_tokens, "targets": targets, "ttft": ttft, "results": results,
+                      "ratios": ratios}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""nomoat: load open-weight LLMs, fine-tune them with LoRA, keep and serve adapters, all offline."""
+"""nomoat: load open-weight LLMs, fine-tune them with LoRA, keep and serve adapters, all offline.
+
+The package root holds only the Python entry points: `load(path)` returns the trainable model (a plain `nn.Module`
+with Hugging Face names, `nomoat.models.transformer`) and its `Tokenizer`; `nomoat.train(...)` (lazy) fine-tunes an
+adapter. Each stage lives in its own subpackage (`data`, `train`, `lora`, `generate`, `serve`, `eval`, `export`).
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Tokenizer, chat templates and streaming detokenizer for Hugging Face model folders.
+"""Tokenizers and chat templates for Hugging Face model folders, equal to what transformers' `AutoTokenizer` gives.
 
-Everything here aims to give exactly what transformers' `AutoTokenizer` gives for the same folder, while only
-depending on `tokenizers` and `jinja2`: `tokenizer.json` is the source of truth for encoding and decoding, the
-folder's config files supply the special tokens, and chat templates are rendered with the same sandboxed Jinja
-environment, filters, globals and post-processing as `transformers.PreTrainedTokenizerBase.apply_chat_template`.
+`Tokenizer.from_dir(folder)` reads `tokenizer.json` (the source of truth for encoding and decoding, through the
+`tokenizers` library) and the folder's config files (special tokens, chat templates); `apply_chat_template` renders
+with the same sandboxed Jinja environment, filters, globals and post-processing as transformers. An
+`IncrementalDetokenizer` (`Tokenizer.stream_decoder`) turns a stream of token ids into text deltas that never split
+a character. Only `tokenizers` and `jinja2` are needed: transformers is a test oracle, never a dependency.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Datasets: read files in many formats, tokenize with chat-template masking, pack, batch, summarize.
 
-The training side uses: `load_dataset` -> `split_validation` -> `tokenize_dataset` (or `tokenize_example` per
-example) -> `pack` or `length_grouped_batches` -> `BatchStream` (collated batches, resumable) -> `summarize`.
+The first stage of the data flow; `train` and `eval` consume what it yields. The training side runs
+`load_dataset` -> `split_validation` -> `tokenize_dataset` (or `tokenize_example` per example) -> `pack` or
+`length_grouped_batches` -> `BatchStream` (collated batches, resumable) -> `summarize`.
 """
 
 from nomoat.data.formats import (

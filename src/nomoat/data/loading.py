@@ -1,7 +1,8 @@
-"""Read dataset files (JSON, JSONL, CSV, Parquet, or a folder of them) into validated examples.
+"""Read dataset files (JSON, JSONL, CSV, Parquet, or a folder of them) into a validated `Dataset` of examples.
 
-Every problem is reported with its place: `file:line` for JSONL, CSV (the header is line 1) and JSON arrays
-(the line where the record starts), `file row N` (0-based, as pyarrow and pandas count) for Parquet. Up to
+`load_dataset` detects or applies a format (`nomoat.data.formats`) and records each file's SHA-256 for provenance;
+`read_records` yields the raw records of one file. Every problem names its place: `file:line` for JSONL, CSV (the
+header is line 1) and JSON arrays (the line where the record starts), `file row N` (0-based) for Parquet; up to
 `max_errors` problems are collected before giving up, so one run shows several of them.
 """
 

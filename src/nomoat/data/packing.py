@@ -1,10 +1,9 @@
-"""Batching: packing examples into rows, length-grouped batches, collation, and a resumable batch stream.
+"""Batching: `pack` examples into rows, `length_grouped_batches`, `collate`, `BatchStream`, `split_validation`.
 
-Rows carry `position_ids` (restarting at 0 for each example) and `segment_ids` (1, 2, 3, ... per example within
-a row, 0 for padding). The model builds a block-diagonal causal mask from `segment_ids`, so a token attends only
-to earlier tokens of its own example; with the positions restarting, a packed example's loss equals its loss
-alone. Labels follow `render`: unshifted, with -100 on masked tokens and on every example's first token (so the
-shifted loss never asks one example's last token to predict the next example's first).
+Rows carry `position_ids` (restarting at 0 for each example) and `segment_ids` (1, 2, 3, ... per example within a
+row, 0 for padding); the model builds a block-diagonal causal mask from `segment_ids`, so a packed example's loss
+equals its loss alone. Labels are `render`'s (unshifted, -100 on masked tokens and on each example's first token).
+`BatchStream`'s order depends only on its seed and the epoch, so its `state_dict()` resumes at the exact next batch.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Turn examples into token ids and labels, masking what the model should not learn to produce.
 
-Label convention (the transformers one): `labels` has the length of `input_ids`, equals it where a token is
-trained and is `IGNORE_INDEX` (-100) elsewhere; the loss shifts (logits at position i-1 predict labels[i]).
-`labels[0]` is always -100: nothing predicts an example's first token. That is what makes packing safe: when
-examples are concatenated into one row, the last token of one example never gets the next example's first
-token as its target.
-
-Which tokens are trained in a conversation (`train_on="assistant"`): each assistant turn's content and the
-template's end-of-turn marker right after it (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, `<|end|>`):
-the model must learn to stop. Concretely the span starts where the template's generation prompt ends (the
-text of `messages[:i]` rendered with `add_generation_prompt=True`) and ends after the first special token that
-follows the content (or, for a template without special tokens, at the end of the turn minus trailing
-whitespace). Whitespace after the end-of-turn marker (the newline of ChatML) is not trained: generation stops
-at the marker, so the model never produces it. The character spans are mapped to tokens with the tokenizer's
-offsets on the whole rendered text, so the ids are exactly `apply_chat_template(messages, tokenize=True)`.
+`tokenize_example` / `tokenize_dataset` give `Tokenized` sequences (`tokenize_preference` a chosen/rejected pair);
+`assistant_spans` locates the trained characters of a conversation. Labels follow transformers: as long as
+`input_ids`, the id where trained and `IGNORE_INDEX` (-100) elsewhere, unshifted (the loss shifts), and `labels[0]`
+is always masked, which is what makes packing examples into one row safe. With `train_on="assistant"` each assistant
+turn's content and the template's end-of-turn marker after it are trained (the model must learn to stop), and the ids
+are exactly `apply_chat_template(messages, tokenize=True)`: spans are mapped to tokens through the offsets of the
+whole rendered text.
 """
 
 from __future__ import annotations
@@ -136,6 +129,8 @@ def assistant_spans(
     specials = _specials(tokenizer)
     where = f"{source}: " if source else ""
     spans = []
+    # A turn's span starts where the generation prompt of `messages[:i]` ends and stops after the first special token
+    # past its content (`_end_of_turn`); whitespace after that marker is never generated, so it is never trained.
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue

@@ -1,4 +1,4 @@
-"""What a dataset looks like once tokenized: counts, lengths, a histogram, and what was cut or dropped."""
+"""What a tokenized dataset looks like (`summarize` -> `DataSummary`): counts, lengths, a histogram, what was cut."""
 
 from __future__ import annotations
 

@@ -1,25 +1,17 @@
-"""Rebuild the embedded demo model end to end: data, tokenizer, pretraining, evaluation.
+r"""Rebuild the embedded demo model end to end: data, tokenizer, pretraining, evaluation.
 
-The shipped model was built in two stages (each one command, each seeded; the data of both comes only from
-`tasks.py`):
+The shipped model is built in two seeded stages, with data only from `nomoat.demo.tasks` (no outside text):
 
-    # stage 1, from scratch, core tasks (measured: 219 s of training, ~5 min in all, on one H100)
+    # stage 1, from scratch, core tasks (slow on a CPU: use a GPU)
     python -m nomoat.demo.build --out /tmp/demo-stage1 --steps 6500 --chats 200000 --device cuda
-    # stage 2, continued from stage 1, adds the office-memo task (measured: ~40 min on the 2-core CPU)
+    # stage 2, continued from stage 1, adds the office-memo task
     python -m nomoat.demo.build --base /tmp/demo-stage1 --out src/nomoat/demo/model --steps 1200 --chats 40000 \
         --batch-size 32 --lr 1e-3 --device cpu
 
-What each stage does:
-
-1. `tasks.py` generates the pretraining data (chats over every task, multi-task conversations, atlas paragraphs)
-   from a fixed seed: no outside text;
-2. stage 1 trains a byte-level BPE tokenizer (digits split one by one, so arithmetic sees digits) on that text with
-   the `tokenizers` library; stage 2 keeps it;
-3. `nomoat.train.pretrain` trains every weight of a small Llama-architecture model (from scratch, then continued);
-4. the result is scored on held-out generated items of every task; the record goes to `accuracy.json`.
-
-Every step is seeded, so a rebuild on the same device and software gives the same model (GPU kernels may differ in
-the last bits between devices and library versions). Stage 1 on a CPU is possible but slow (~25x the GPU time).
+Each stage generates its data (`make_data`), trains a byte-level BPE tokenizer with digits split one by one
+(`train_tokenizer`; stage 2 keeps stage 1's), trains every weight of a small Llama (`nomoat.train.pretrain`), and
+scores held-out items of every task into `accuracy.json`. Every step is seeded, so a rebuild on the same device and
+software gives the same model (GPU kernels may differ in the last bits between devices and library versions).
 """
 
 from __future__ import annotations

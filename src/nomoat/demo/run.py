@@ -1,9 +1,8 @@
-"""The `nomoat demo` flow: base model -> score -> LoRA fine-tune -> score again -> registry -> next commands.
+"""`run_demo`, the `nomoat demo` flow: base model -> score -> LoRA fine-tune -> score again -> registry.
 
-The new task is a generated company handbook (Brightloom's offices: Wi-Fi passwords, managers, floors, meeting
-rooms) that the embedded model never saw in pretraining. The adapter trains on five phrasings of every question
-and is scored on two other phrasings of the same facts, so the score measures learnt knowledge, not memorised
-strings.
+The new task is a generated company handbook (offices' Wi-Fi passwords, managers, floors, meeting rooms) that the
+embedded model never saw. The adapter trains on five phrasings of every question and is scored on two others, so the
+score measures learnt facts, not memorised strings. `DemoSettings` sets the scale (`FULL`, or `QUICK` for CI).
 """
 
 from __future__ import annotations

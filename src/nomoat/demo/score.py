@@ -1,7 +1,7 @@
-"""Self-contained scoring for the demo: greedy answers to generated items, exact match after normalisation.
+"""The demo's own scoring: greedy answers to generated items, exact match after normalisation.
 
-Kept inside `nomoat.demo` (rather than `nomoat.eval`) so the demo works on its own; the answers are short, so one
-batched greedy pass through the generation engine scores a hundred items in a few seconds on a CPU.
+`answer` decodes a batch of chats greedily in the engine; `score_items` and `evaluate_model` give accuracy per task.
+It lives in `demo` rather than `eval` so the demo stands on its own.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 """A procedural world of instruction tasks with checkable answers: the only data the demo model ever sees.
 
-Everything here is generated from seeds, no outside text: a fixed fictional atlas (countries, capitals, currencies,
-languages, continents), arithmetic on small numbers, word-list transformations, unit conversions, calendar
-sequences, multi-turn follow-ups and system prompts that name the assistant. Each task is a function
-`(rng) -> Item`; an `Item` is a conversation whose last assistant turn is the checkable answer.
-
-The fine-tuning task of `nomoat demo` (a generated company handbook) is here too, but never part of pretraining:
-`handbook_items(split="train")` and `handbook_items(split="eval")` ask about the same facts with disjoint phrasings.
-
-Answers are short and formatted consistently (a number, a word, a comma-separated list) because the model is tiny:
-the demo is about the path, not about the model's wits.
+Everything comes from seeds, no outside text: a fictional atlas (`WORLD`: countries, capitals, currencies, languages),
+arithmetic, word-list transformations, unit conversions, calendar sequences, follow-ups and system prompts. Each task
+in `TASKS` is a function `(rng) -> Item`, a conversation whose last assistant turn is the checkable answer (`is_correct`
+after `normalize`); `generate_items`, `multi_task_chat` and `atlas_texts` make the pretraining data. The fine-tuning
+task of `nomoat demo`, a generated company handbook, is never part of pretraining: `handbook_items(split="train")` and
+`handbook_items(split="eval")` ask about the same facts with disjoint phrasings. Answers are short and uniformly
+formatted because the model is tiny: the demo shows the path, not the model's wits.
 """
 
 from __future__ import annotations

@@ -1,34 +1,14 @@
-r"""Measure what each adapter changed: perplexity, task accuracy and multiple choice, base and adapters side by side.
+"""Measure what each adapter changed: perplexity, task accuracy and multiple choice, base and adapters side by side.
 
-Python API (the base model is loaded once; every function takes `adapters={name: folder or (folder, weight)}` and
-reports the base model as column `"base"` next to one column per adapter):
+Every entry point takes the base model once and `adapters={name: folder or (folder, weight)}`, and reports the base
+as column `"base"` beside one column per adapter. `compare` (what `nomoat eval` runs) -> `Report`, shown by
+`print_report`, `write_json` and `plot_report`; `evaluate_tasks` -> `TaskResult` (generation items scored by
+`score_answer`, multiple choice by log-likelihood); `evaluate_perplexity` -> `{column: PerplexityResult}`;
+`score_sequences` is the batched log-likelihood scorer. Item files are read by `load_task_items` (format in
+`nomoat.eval.items`). A `Columns` (one engine with every adapter loaded) can be passed as `adapters=` to reuse it:
 
-    >>> model, tok = nomoat.load("models/SmolLM2-135M-Instruct")
-    >>> result = evaluate_tasks(model, tok, [{"prompt": "2+2=", "answer": "4", "match": "contains"}],
-    ...                         adapters={"math": "runs/math/adapter"})
-    >>> result.accuracy                 # {"base": 0.0, "math": 1.0}
-    >>> result.items[0].predictions     # {"base": "...", "math": "4"}
-    >>> score_answer(" 4\n", "4")       # True: "exact" compares after stripping whitespace
-    >>> evaluate_perplexity(model, tok, load_dataset("val.jsonl").examples, adapters={...})["math"].perplexity
-    >>> report = compare(model, tok, ["qa.jsonl", "val.jsonl"], adapters={...})   # what `nomoat eval` runs
-    >>> print_report(report); write_json(report, "eval.json"); plot_report(report, "eval.png")
-
-- `evaluate_tasks(model, tokenizer, items, adapters=None, max_new_tokens=64, system=None, chat=None)` ->
-  `TaskResult` (`columns`, `items`: one `ItemResult` per item with `predictions`, `correct`, and for choice items
-  `correct_norm` and `logprobs`; `accuracy` and `metrics` per column). Items are `TaskItem`s (`load_task_items`)
-  or dicts: `{"prompt", "answer", "match": "exact"|"contains"|"regex", "system"?, "messages"?, "extract"?,
-  "ignore_case"?}` generated greedily, or `{"prompt", "choices": [...], "answer": index or text}` scored by
-  log-likelihood (`acc` and `acc_norm`, as lm-evaluation-harness).
-- `score_answer(prediction, answer, match="exact", extract=None, ignore_case=False)` -> bool.
-- `load_task_items(path, match=None, limit=None)` -> list of `TaskItem` (errors as `file:line: ...`).
-- `perplexity(model, data, tokenizer)` (one model) and `evaluate_perplexity(model, tokenizer, data, adapters)`
-  -> `{column: PerplexityResult}` (`perplexity`, `nll`, `tokens`): text scored on every token, chat on the
-  assistant's tokens.
-- `score_sequences(model, [(input_ids, labels), ...])` -> `[(sum logprob, n labels), ...]`: the batched scorer.
-- `compare(model, tokenizer, files, adapters, kind="auto")` -> `Report`; `print_report`, `write_json`,
-  `plot_report` show it.
-- `Columns(model, tokenizer, adapters)`: the engine with all adapters loaded, shared by the calls above (pass it
-  as `adapters=` to reuse it).
+    >>> result = evaluate_tasks(model, tok, [{"prompt": "2+2=", "answer": "4"}], adapters={"math": "runs/math"})
+    >>> result.accuracy  # {"base": 0.0, "math": 1.0}
 """
 
 from nomoat.eval.columns import BASE, Column, Columns

@@ -1,10 +1,10 @@
-"""The base model and each adapter as columns of one comparison, all over a single loaded base model.
+"""The base model and each adapter as columns of one comparison (`Columns`, `Column`), over one loaded base model.
 
-One `Engine` holds every adapter it can apply per row (plain LoRA) in its `AdapterBank`: generation requests of
-all those columns share one continuous batch, and a log-likelihood forward selects its column with the bank's row
-plan. Adapters a shared base cannot apply per row (DoRA, `modules_to_save`) are merged into the base weights for
-their turn and taken back out afterwards (the touched tensors are snapshotted and restored exactly), so the base
-model is never reloaded.
+One `Engine` holds every adapter it can apply per row (plain LoRA) in its `AdapterBank`: generation requests of all
+columns share one continuous batch, and a log-likelihood forward selects its column with the bank's row plan.
+Adapters a shared base cannot apply per row (DoRA, `modules_to_save`) are merged into the base weights for their turn
+and taken back out afterwards (the touched tensors are snapshotted and restored exactly), so the base is never
+reloaded.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""The base model and several adapters side by side on several data files: what each adapter changed.
+"""`compare`: the base model and several adapters side by side on several data files, as a `Report` (`nomoat eval`).
 
-One `Columns` (one engine, every per-row adapter loaded once) serves every file and metric, so the base model is
-loaded once. A file's kind is detected from its first record unless given: `choices` makes it multiple choice,
-`answer` with `prompt` or `messages` makes it a task file, anything else is scored by perplexity (text, chat,
-alpaca, ... any format the data module reads).
+One `Columns` serves every file and metric, so the base model is loaded once. `detect_kind` reads a file's first
+record unless the kind is given: `choices` makes it multiple choice, `answer` with `prompt` or `messages` a task file,
+anything else is scored by perplexity (any format `nomoat.data` reads).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Task items: reading and validating them, scoring an answer, and rendering an item's prompt.
+"""Task items (`TaskItem`, `load_task_items`): reading and validating them, `score_answer`, and their prompts.
 
 A generation item is `{"prompt": ..., "answer": ..., "match": "exact"|"contains"|"regex"}`, with optional `system`
 (a system prompt), `messages` (earlier turns: a multi-turn conversation that `prompt`, when given, continues as

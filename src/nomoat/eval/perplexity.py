@@ -1,13 +1,10 @@
-"""Log-likelihood scoring and perplexity on text or chat data.
+"""Log-likelihood scoring (`score_sequences`) and perplexity (`perplexity`, `evaluate_perplexity`) on text or chat data.
 
-Perplexity is `exp(total NLL / label tokens)`: the token-weighted mean negative log-likelihood over every label
-token of the dataset (not a mean of per-example perplexities). The data module decides which tokens are labels:
-a text is `bos + text + eos`, every token after the first scored, cut into non-overlapping windows of `max_length`
-tokens (each window's first token is context only); a conversation is rendered with the chat template and scored
-on its assistant turns and their end-of-turn markers, exactly the tokens that training puts a loss on.
-
-Batches are grouped by length under a token budget, and logits are computed only at labelled positions, a chunk
-at a time, so the full-vocabulary logits of a batch never exist at once.
+Perplexity is `exp(total NLL / label tokens)` over every label token of the dataset (not a mean of per-example
+perplexities), and the labels are the data module's: a text is `bos + text + eos` cut into non-overlapping windows
+of `max_length` (each window's first token is context only); a conversation is scored on its assistant turns and
+end-of-turn markers, exactly the tokens training puts a loss on. Logits are computed only at labelled positions, a
+chunk at a time, so a batch's full-vocabulary logits never exist at once.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A comparison's results: a table printed with rich, a JSON file, and a grouped bar chart (PNG, matplotlib Agg)."""
+"""A comparison's results (`Report` of `MetricRow`s): a rich table, JSON, a grouped bar chart (PNG, matplotlib)."""
 
 from __future__ import annotations
 

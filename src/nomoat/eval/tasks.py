@@ -1,15 +1,11 @@
-"""Task accuracy: greedy generation scored against answers, and multiple choice by log-likelihood.
+"""Task accuracy (`evaluate_tasks` -> `TaskResult`): greedy generation scored against answers, and multiple choice.
 
-Generation items are decoded greedily by the engine, every column's requests in one continuous batch (rows with
-different adapters decode together), and each completion is scored with `score_answer`.
-
-Multiple-choice items are scored as lm-evaluation-harness does: for each choice, the sum of the log-probabilities
-of its tokens given the prompt. `acc` takes the choice with the highest sum; `acc_norm` divides each sum by the
-choice's length in characters first (so long options are not penalised for having more tokens). Without a chat
-template the choice follows the prompt after a space (lm-evaluation-harness's target delimiter); with one, it is
-the assistant's answer right after the generation prompt. Trailing whitespace of the prompt moves to the choice, and
-the choice's tokens are those of `encode(prompt + choice)` past `encode(prompt)`, as lm-evaluation-harness splits
-them.
+Generation items decode greedily in the engine, every column's requests in one continuous batch, and each completion
+is scored with `score_answer`. Multiple choice is scored as lm-evaluation-harness does: per choice, the sum of its
+tokens' log-probabilities given the prompt; `acc` takes the highest sum, `acc_norm` divides by the choice's length in
+characters first. The choice follows the prompt after a space (no chat template) or as the assistant's answer (with
+one); its tokens are those of `encode(prompt + choice)` past `encode(prompt)` (`choice_sequences`), as the harness
+splits them.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
-"""A base model with adapters merged in, written as one GGUF file for llama.cpp and Ollama.
+"""`export_gguf`: a base model with adapters merged in, written as one GGUF file for llama.cpp and Ollama.
 
-The tensors and metadata are what llama.cpp's own converter (`convert_hf_to_gguf.py`) writes for the same model:
-tensor names from the `gguf` package's name map, q/k projections permuted for the `llama` architecture (Hugging Face
-stores the two rotary halves of each head apart, llama.cpp interleaves them), 1-D tensors (norms, biases) kept in f32,
-a `rope_freqs` tensor for Llama 3 rope scaling, no `output.weight` when the head is tied to the embeddings.
-
-The tokenizer is written from `tokenizer.json`. llama.cpp's converter identifies a BPE pre-tokenizer by hashing the
-tokens of a fixed text, which rejects any tokenizer it has not seen (a freshly trained one, even when its
-pre-tokenizer is SmolLM2's or Qwen2's). Here the pre-tokenizer is identified from its structure instead (its split
-regex and byte-level settings), and anything not recognised is refused rather than guessed, since a wrong
-pre-tokenizer silently changes how llama.cpp tokenizes.
+Tensors and metadata are what llama.cpp's `convert_hf_to_gguf.py` writes for the same model: names from the `gguf`
+package's map, q/k rows permuted for the `llama` architecture (`permute_qk`), 1-D tensors in f32, `rope_freqs` for
+Llama 3 rope scaling, no `output.weight` when the head is tied; `gguf_vocab` / `write_vocab` write the tokenizer
+from `tokenizer.json`. The BPE pre-tokenizer is named from its structure (`bpe_pre_tokenizer`), not by hashing sample
+tokens as llama.cpp's converter does (which rejects any freshly trained tokenizer), and anything unrecognised is
+refused: a wrong pre-tokenizer silently changes how llama.cpp tokenizes. `gguf_lora` reuses the layout helpers.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
-"""A PEFT LoRA adapter as a GGUF adapter file: llama.cpp's `--lora` and Ollama's `ADAPTER` apply it to a base GGUF.
+"""`export_gguf_lora`: a PEFT LoRA adapter as a GGUF adapter file (llama.cpp's `--lora`, Ollama's `ADAPTER`).
 
 The layout is what llama.cpp's `convert_lora_to_gguf.py` writes: `general.type = "adapter"`, `adapter.type = "lora"`,
-`adapter.lora.alpha`, and for every adapted weight `W` of the base GGUF two tensors, `<W>.lora_a` (A, `r x in`) and
-`<W>.lora_b` (B, `out x r`). llama.cpp computes `W x + (alpha / r) * B A x`, where `r` is read from A's shape, so:
-
-- rsLoRA's `alpha / sqrt(r)` is written as the equivalent alpha (`alpha * sqrt(r)`), which llama.cpp's converter
-  does not do (it writes the raw alpha and gets rsLoRA adapters wrong);
-- B of q_proj/k_proj gets the same row permutation as the base weights of the `llama` architecture;
-- DoRA adapters and trained full modules (`modules_to_save`) have no llama.cpp equivalent and are refused: export a
-  merged model (`export_gguf`) for those.
+`adapter.lora.alpha`, and for each adapted base weight `W`, `<W>.lora_a` (A, `r x in`) and `<W>.lora_b` (B,
+`out x r`). llama.cpp computes `W x + (alpha / r) * B A x` with `r` from A's shape, so rsLoRA's scaling is written as
+the equivalent alpha (`alpha * sqrt(r)`; llama.cpp's own converter gets this wrong), and B of q/k gets the base's row
+permutation. DoRA and `modules_to_save` have no llama.cpp equivalent and are refused: export a merged model instead.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""A base model with adapters merged in, written as a Hugging Face safetensors folder with its tokenizer files."""
+"""`export_merged`: a base model with adapters merged in, saved as a Hugging Face safetensors folder.
+
+The merge runs in fp32 and the result is cast once to the chosen dtype; the base's tokenizer and side files
+(`SIDE_FILES`) and an adapter's trained chat template are copied alongside. `ExportError` is raised across `export`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""A chat session over the engine (history, system prompt, chat template) and its terminal front end."""
+"""A chat session over the engine and its terminal front end (`nomoat chat`).
+
+`ChatSession` keeps the history and system prompt and renders each turn with the model's chat template (the engine's
+prefix cache spares earlier turns); `run_terminal_chat` drives any `ChatBackend` (this one, or
+`nomoat.generate.remote.RemoteChatSession`) with `/reset`, `/system` and `/exit`.
+"""
 
 from __future__ import annotations
 

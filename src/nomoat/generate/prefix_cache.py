@@ -1,9 +1,9 @@
-"""Prefix caching: keys and values of prompt prefixes shared by requests are computed once and reused.
+"""`PrefixCache`: keys and values of prompt prefixes shared by requests, computed once and reused by the engine.
 
-Prompts are cut into blocks of `block` tokens; block i is identified by a hash chained over blocks 0..i, so two
-prompts share a cached block exactly when they share every token up to its end. After a prefill the engine stores the
-row's full prompt blocks; before the next prefill it copies the longest cached run of blocks into the new row and
-runs only the rest of the prompt. Blocks are evicted least recently used first within a byte budget.
+Prompts are cut into blocks of `block` tokens; block i is identified by a hash chained over blocks 0..i (and rooted in
+the adapter selection), so two prompts share a cached block exactly when they share every token up to its end. After
+a prefill the engine stores the row's full prompt blocks; before the next it copies the longest cached run into the
+new row and runs only the rest of the prompt. Blocks are evicted least recently used first within a byte budget.
 """
 
 from __future__ import annotations

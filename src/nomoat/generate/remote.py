@@ -1,9 +1,9 @@
-"""A chat session over a running `nomoat serve` (or any OpenAI-compatible server), streamed over HTTP.
+"""`RemoteChatSession`: a chat session over a running `nomoat serve` (or any OpenAI-compatible server), streamed.
 
-`nomoat chat --server URL` drives the same terminal loop as local chat (`nomoat.generate.chat.run_terminal_chat`)
-with a `RemoteChatSession` instead of a `ChatSession`: the history stays here, each turn posts the whole conversation
-to `/v1/chat/completions` with `stream: true`, and the server-sent events come back as the engine's `Delta` and
-`Completion` records. Only HTTP crosses the boundary: this module never imports the server.
+`nomoat chat --server URL` drives the same terminal loop as local chat (`chat.run_terminal_chat`): the history stays
+here, each turn posts the whole conversation to `/v1/chat/completions` with `stream: true`, and the server-sent
+events come back as the engine's `Delta` and `Completion` records. The key comes from `NOMOAT_API_KEY` unless given.
+Only HTTP crosses the boundary: this module never imports the server.
 """
 
 from __future__ import annotations

@@ -1,24 +1,12 @@
 """The sampling step of a batched decoder: per-row penalties, warpers, seeded draws and raw logprobs.
 
-Every row of a decode batch belongs to a different request with its own `SamplingParams`. One step is:
-
-1. penalties: repetition (CTRL / transformers, over prompt and output), then frequency and presence (OpenAI, over
-   the output only);
-2. warpers, for sampling rows only, in transformers' order: temperature, top-k, top-p, min-p;
-3. the draw: greedy rows take the argmax of their (penalised) logits, sampling rows draw from the softmax of their
-   processed logits with the row's own `torch.Generator` (Gumbel-max: the argmax of `logits - log(E)` with
-   `E ~ Exp(1)`, exactly a draw from the softmax, with no cumulative sum to round and no reduction whose rounding
-   could depend on the batch);
-4. logprobs, when asked: from the log-softmax of the RAW model logits, before penalties and temperature (vLLM's
-   default "raw logprobs"), so they describe the model, not the sampler's settings.
-
-Each step runs only on the rows whose parameters enable it (selected by row indices computed on the host, so no
-device sync), so a row whose params disable a step comes out of it bit for bit unchanged, and the work of a step
-scales with the rows that use it. The per-row parameter tensors are built once per batch composition
-(`SamplingBatch.build`), not per step.
-
-Token histories for the penalties are kept incrementally (`SamplingState`, one slot per engine row): an (R, V)
-count of generated tokens and an (R, V) "seen in prompt or output" mask, updated with one scatter per decode step.
+Each decode row has its own `SamplingParams`. `sample` runs `process_logits` (penalties: repetition as transformers,
+then OpenAI's frequency and presence; then, for sampling rows only, temperature, top-k, top-p, min-p in transformers'
+order), takes the argmax for greedy rows and a Gumbel-max draw from each sampling row's own `torch.Generator`
+(`make_generator`), so a seeded request gives the same tokens whatever shares its batch. Logprobs come from the RAW
+model logits (vLLM's default), describing the model, not the sampler. A step runs only on the rows that enable it and
+leaves the others bit for bit unchanged. `SamplingBatch.build` makes the per-row tensors once per batch composition;
+`SamplingState` keeps each row's (R, V) token counts and seen-mask for the penalties, one scatter per step.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
-"""Stop strings over a stream of text deltas (OpenAI / vLLM semantics).
+"""`StopStringMatcher`: stop strings over a stream of text deltas (OpenAI / vLLM semantics).
 
-The output ends right before the first stop string, which is never emitted. Text is streamed as soon as it is safe:
-only a tail that could still grow into a stop string is held back, and it is released as soon as the next delta
-shows it cannot. Stop strings may straddle any number of deltas.
-
-"First" is decided the way a character-by-character stream would: generation stops at the first moment any stop
-string is complete, and the output is cut at the earliest start among the stop strings complete at that moment.
-This does not depend on how the text is split into deltas. It equals `text[:min(text.find(s))]` over the final text
-except when one stop string lies strictly inside another (say "bc" in "abcd"): "abc" already completes "bc", and
-waiting to see whether "abcd" completes would mean generating past a stop string.
-
-Stop token ids are the engine's business, not this module's.
+The output ends right before the first stop string, which is never emitted; only a tail that could still grow into
+a stop string is held back, and stop strings may straddle any number of deltas. "First" is decided as a
+character-by-character stream would, independent of how text is split into deltas: this equals cutting at the
+earliest stop string in the final text, except when one stop string lies strictly inside another ("bc" in "abcd"):
+the inner one completes first and wins. Stop token ids are the engine's business, not this module's.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""LoRA, rsLoRA, DoRA and QLoRA adapters: layers, placement by name, merging, and PEFT-format files.
+"""LoRA, rsLoRA, DoRA and QLoRA adapters: the layer, placement by name, merging, combining, and PEFT-format files.
 
-Typical use:
-    >>> model = load_model(path)
-    >>> inject_lora(model, LoRAConfig(r=8, alpha=16))
-    >>> ...train the parameters in trainable_parameters(model)...
-    >>> save_adapter(model, "out/adapter", model.lora_config, base_model_name_or_path=path)
+`layers` (`LoRALinear`), `inject` (`inject_lora` places layers by target-module name), `merge` (pure merge, unmerge,
+disable, adapter state dict), `peft_format` (`save_adapter` / `load_adapter`: the adapter folder that hands over
+between train, generate, serve and export), `combine` (several adapters into one), `nf4` (QLoRA base weights).
+Imported from their own paths (not re-exported here): `bank` (many adapters per batch), `apply` (merge saved
+adapters into a base), `group` (grouped training of q/k/v and gate/up) and `registry` (named adapters).
 """
 
 from nomoat.config.lora import LoRAConfig

@@ -1,4 +1,8 @@
-"""Merge saved adapters into a base model's weights, in order and with weights (a stack made permanent)."""
+"""Merge saved adapters into a base model's weights, in order and with weights (a stack made permanent).
+
+`merge_adapters(model, [(folder, weight), ...])` leaves a plain model (no LoRA layers) that quantizes, packs and saves
+like any base; `export` and `eval.columns` use it.
+"""
 
 from __future__ import annotations
 

@@ -1,19 +1,12 @@
-"""Many LoRA adapters over one frozen base model, applied per row group of a batch (for serving).
+"""Many LoRA adapters over one frozen base model, chosen per row group of a batch (multi-adapter serving).
 
-`AdapterBank(model)` wraps every linear layer that an added adapter targets in a `MultiLoRALinear`. A forward pass
-then runs the base matmul once for the whole batch, and for each group of rows that share an adapter selection adds
-`weight * scaling * (x A^T) B^T` for every adapter of the selection: the CPU form of the segmented-gather kernels of
-S-LoRA and Punica. Each layer keeps its adapters stacked (`a_stack` (N, r, in), `bt_stack` (N, r, out)); with several
-row groups, the rows are sorted by adapter and two grouped matmuls (`torch._grouped_mm`, a segmented GEMM) do every
-group at once, instead of a loop of small ops per group. Adapter tensors are loaded once and never copied per
-token; the base weights are never changed, so any base works (plain, oneDNN-packed, int8/int4-quantized).
-
-The plan of a forward pass (which rows use which selection) is set with `bank.plan(...)` around the call:
-
-    >>> bank = AdapterBank(model)
-    >>> bank.add("sql", "adapters/sql")
-    >>> with bank.plan([(slice(0, 2), (("sql", 1.0),))]):
-    ...     logits = model(ids)  # rows 0-1 with the "sql" adapter, the others with the base alone
+`AdapterBank(model)` wraps each linear layer an added adapter targets in a `MultiLoRALinear`: the base matmul runs
+once for the whole batch, and each group of rows sharing an adapter selection adds `weight * scaling * (x A^T) B^T`
+for every adapter of its selection (the CPU form of S-LoRA's and Punica's segmented kernels). A layer holds its
+adapters stacked once (`a_stack` (N, r, in), `bt_stack` (N, r, out)); base weights are never changed, so any base
+works (plain, packed, quantized). Around each forward pass the engine sets which rows use which selection with
+`with bank.plan([(rows, (("sql", 1.0),)), ...]):` (`group_rows` builds the entries); the decode stack reads the
+same stacks through `MultiLoRALinear.decode_adapters`.
 """
 
 from __future__ import annotations

@@ -1,32 +1,17 @@
 """Combine several LoRA adapters into one new adapter, with the semantics of peft's `add_weighted_adapter`.
 
-Every method computes, module by module, exactly what peft 0.21's `LoraModel.add_weighted_adapter` computes (same
-operations in the same order, so the results agree to the last bit or, for SVD, to float rounding):
+`combine_adapters(parents, method)` returns a `CombinedAdapter` (tensors under PEFT keys, config, provenance),
+`save_combined` writes it as an adapter folder, `combine` does both (`nomoat merge`). Every method computes, module by
+module, what peft 0.21 computes in the same order (equal to the last bit; SVD to float rounding):
 
-    linear, ties, dare_linear, dare_ties, magnitude_prune: the A matrices and the B matrices are mixed separately
-        (task arithmetic, TIES, DARE, magnitude pruning on each), with `sqrt(|w_i * s_i|)` folded into both and the
-        sign of `w_i * s_i` into A only (`s_i` is parent i's scaling). The delta is therefore NOT the weighted sum
-        of the parents' deltas (cross terms B_i A_j appear): a cheap approximation. All parents need the same rank.
-    cat: A = concat_i(A_i * w_i * s_i), B = concat_i(B_i): the delta is exactly `sum_i w_i s_i B_i A_i`; the rank
-        is the sum of the parents' ranks.
-    svd (and ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd): the parents' full deltas
-        `s_i B_i A_i` are mixed (weighted sum, TIES, ...), then truncated to `rank` by SVD (`B = U S`, `A = Vh`).
+- linear, ties, dare_linear, dare_ties, magnitude_prune mix the A and B matrices separately, with `sqrt(|w_i s_i|)`
+  folded into both and its sign into A only (`s_i`: parent i's scaling). Cross terms `B_i A_j` appear, so the delta
+  is NOT the weighted sum of the parents' deltas; all parents need the same rank.
+- cat: `A = concat_i(w_i s_i A_i)`, `B = concat_i(B_i)`: exactly `sum_i w_i s_i B_i A_i`, of rank the sum of ranks.
+- svd and the `*_svd` forms mix the full deltas `s_i B_i A_i`, then truncate to `rank` by SVD (`B = U S`, `A = Vh`).
 
-The new adapter has `lora_alpha = r` (scaling 1), as peft's has. With one parent every method is `linear` (peft's
-rule). A module that only some parents adapt is combined from those parents alone, as peft does (for the
-deterministic methods this equals treating the others as a zero update there).
-
-"Same seed" for DARE: the result equals peft's when peft runs, on CPU in fp32, with the parents loaded in the same
-order as given here:
-
-    torch.manual_seed(seed); peft_model.add_weighted_adapter(adapters, weights, name, "dare_ties", density=d)
-
-peft draws its masks from torch's global generator; before that, `add_weighted_adapter` initialises the new
-adapter's layers (two `nn.Linear` inits and a LoRA reset per module), which consumes random numbers too. nomoat
-replays those draws on a private `torch.Generator` seeded with `seed` (the global generator is left alone), then
-draws the Bernoulli masks module by module in the model's own module order (layers by number; within a layer
-attention before MLP, q, k, v, o, then gate, up, down; Phi-3's `o_proj` before `qkv_proj`), for A then B, parent
-by parent, as peft's loops do.
+The result has `lora_alpha = r` (scaling 1); with one parent every method is linear, and a module that only some
+parents adapt is combined from those alone (both peft's rules). DARE with a given seed draws exactly peft's masks.
 """
 
 from __future__ import annotations
@@ -434,6 +419,10 @@ def combine_adapters(
     new_rank = sum(ranks) if effective == "cat" else (rank or max(ranks)) if effective in SVD_METHODS else ranks[0]
     modules = sorted({m for p in loaded for m in p.modules}, key=_module_sort_key)
     gen = None
+    # DARE equals peft run on CPU in fp32 after `torch.manual_seed(seed)` with the parents in the same order: peft
+    # first initialises the new adapter's layers (two `nn.Linear` inits and a LoRA reset per module), so those draws
+    # are replayed on a private generator (the global one is left alone), then the Bernoulli masks are drawn module
+    # by module in `named_modules()` order (`_MODULE_RANK`), A then B, parent by parent, as peft's loops do.
     if effective in RANDOM_METHODS:
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
         shapes = [next((p.modules[m][0].shape[1], p.modules[m][1].shape[0]) for p in loaded if m in p.modules)

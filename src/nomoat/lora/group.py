@@ -1,18 +1,13 @@
 """LoRA layers that read the same input (q/k/v, gate/up) trained as one group: one `A` product, one input gradient.
 
-Each `LoRALinear` alone runs, per step, three rank-r products (`x A^T` forward; `g B` and `(g B) A` backward) plus the
-`A` gradient, and autograd sums the input gradients of the layers that share `x` with separate additions. Those
-products are skinny (1024 x 576 x 16 for SmolLM2): MKL runs them at a third of its speed on square ones, and each is
-a separate call. A group concatenates its layers' `A` matrices (rank 3r for q/k/v) and runs each of those products
-once for the whole group, and accumulates the input gradient of the base products and the adapters in place into
-one tensor. The base products stay one per layer (their weights are separate tensors; concatenating them would
-copy the frozen weights every step or keep a second copy).
-
-The arithmetic is the layers' own (`result + scaling * (x A^T) B^T`; the same gradients), so a model trains the same
-with or without groups, to fp32 rounding. `inject_lora` sets a `LoRAGroup` on every attention and MLP block
-(`Attention._train_qkv`, `MLP._train_gate_up`); it steps aside (returns None, and the layers run one by one)
-wherever it does not apply: no gradient being recorded, DoRA, dropout, a quantized, merged, disabled or trainable
-base, mixed dtypes, or autocast.
+A `LoRAGroup` concatenates its layers' `A` matrices (rank 3r for q/k/v) so that `x A^T`, `g B` and the `A` gradient
+run once per group instead of once per layer as skinny matmuls, and accumulates the input gradient of the base and
+adapter products in place into one tensor; the base products stay one per layer (concatenating frozen weights would
+copy them every step or keep a second copy). The arithmetic is the layers' own, so a model trains the same with or
+without groups, to fp32 rounding. `inject_lora` calls `attach_groups`, which sets the group on every attention and MLP
+block (`Attention._train_qkv`, `MLP._train_gate_up`); a group returns None, and the layers run one by one, wherever
+it does not apply: no gradient recorded, DoRA, dropout, a quantized, merged, disabled or trainable base, mixed
+dtypes, or autocast.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Placing LoRA layers in a model by target-module name (PEFT's matching rules), and taking them out again.
 
-`inject_lora(model, cfg)` replaces each targeted `nn.Linear` by a `LoRALinear` (and each targeted quantized layer
-by a QLoRA `LoRALinear`) under the same module path, freezes every other parameter, and makes `modules_to_save`
-fully trainable. The model is changed in place and returned; `model.lora_config` records the config.
+`inject_lora(model, cfg)` replaces each targeted `nn.Linear` (or quantized layer, for QLoRA) by a `LoRALinear` under
+the same module path, freezes every other parameter, makes `modules_to_save` trainable and records the config as
+`model.lora_config`; it changes the model in place. `unload_lora` takes the layers out; `lora_layers`,
+`lora_parameters`, `trainable_parameters` and `count_parameters` inspect them.
 
-Phi-3 checkpoints fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, which nomoat keeps split. A LoRA on a
-fused layer is exactly a LoRA on each of its parts with one shared `A` and `B` split by rows, so on such families the
-parts of a group share their `lora_A` module (the shared parameter gets the summed gradient, as the fused one would),
-targets may use the fused names, and `nomoat.lora.peft_format` saves and loads PEFT adapters in the fused layout.
+Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, which nomoat keeps split: a LoRA on a fused layer
+is exactly a LoRA on each part with one shared `A` and `B` split by rows, so there the parts share their `lora_A`
+module, targets may use the fused names, and `peft_format` saves and loads the fused layout.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """`LoRALinear`: a drop-in `nn.Linear` with a low-rank adapter (LoRA, rsLoRA, DoRA) over a frozen base.
 
-The layer keeps the base `weight` and `bias` parameters on itself, under those names, so that
-`model.layers.0.self_attn.q_proj.weight` still names the frozen base weight and a base checkpoint loads unchanged;
-the adapter lives beside it as `lora_A` (in -> r), `lora_B` (r -> out) and, for DoRA, `lora_magnitude_vector`,
-the names PEFT uses. The arithmetic follows PEFT 0.21 (`peft/tuners/lora/layer.py` and `dora.py`) operation by
-operation, so that fp32 outputs agree with `peft` to rounding.
-
-A quantized base (QLoRA) is a frozen `QuantizedLinear` (int8/int4) or `NF4Linear` held as `qbase` (then `weight` is
-None). Its output goes through `QuantizedBaseMatmul`, an autograd function that keeps no dequantized weight between
-forward and backward: the backward dequantizes again to produce the input gradient (quantized weights never train).
+The base `weight` and `bias` stay on the layer under those names, so a base checkpoint loads unchanged; the adapter
+sits beside it under PEFT's names, `lora_A` (in -> r), `lora_B` (r -> out) and, for DoRA, `lora_magnitude_vector`.
+The arithmetic follows PEFT 0.21 (`tuners/lora/layer.py`, `dora.py`) operation by operation, so fp32 outputs agree
+with `peft` to rounding. A quantized base (QLoRA: `QuantizedLinear` int8/int4 or `NF4Linear`) is held as `qbase`
+(`weight` is None) and runs through `QuantizedBaseMatmul`, which keeps no dequantized weight between forward and
+backward: the backward dequantizes again for the input gradient.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Pure functions over a model with LoRA layers: merge, unmerge, disable, and the adapter's state dict.
+"""Pure functions over a model with LoRA layers: `merge_lora`, `unmerge_lora`, `disable_lora`, `lora_state_dict`.
 
 Merging adds each layer's update into its base weight (DoRA: rescales rows to the learned magnitude) so that
-inference runs plain linear layers; merging twice is a no-op and `unmerge_lora` takes it back out (exact up to
+inference runs plain linear layers; merging twice is a no-op, and `unmerge_lora` takes it back out (exact up to
 floating-point rounding).
 """
 

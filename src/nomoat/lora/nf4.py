@@ -1,10 +1,10 @@
 """4-bit NormalFloat (NF4) weights for a frozen QLoRA base, in plain torch (any device).
 
-NF4 (Dettmers et al., 2023, "QLoRA", section 3) maps each weight, divided by the absolute maximum of its block of 64
-consecutive weights, to the nearest of 16 values that are quantiles of a standard normal distribution rescaled to
-[-1, 1], with an exact zero. Two 4-bit codes are packed per byte and each block keeps one fp32 absmax, so a weight
-costs 0.5 byte plus 4/64 byte for the absmax (the paper's second-level "double quantization" of the absmax values
-is not done). Only used for frozen weights: the adapter on top stays in full precision.
+`quantize_nf4` / `dequantize_nf4` convert tensors, `NF4Linear` is the frozen layer, `quantize_model_nf4` converts a
+model's linear layers. Format (QLoRA paper, section 3, without its double quantization): each weight divided by the
+absmax of its block of 64 consecutive weights maps to the nearest of the 16 `NF4_CODEBOOK` values (normal quantiles
+in [-1, 1], with an exact zero); two codes per byte, one fp32 absmax per block. The adapter on top stays in full
+precision.
 """
 
 from __future__ import annotations

@@ -1,18 +1,16 @@
-"""Adapters on disk in PEFT's format, so that `peft.PeftModel.from_pretrained` loads what nomoat saves, and back.
+"""Adapters on disk in PEFT's format, the folder that hands an adapter over between train, generate, serve and export.
 
-An adapter folder holds:
-    adapter_config.json: PEFT 0.21's `LoraConfig` fields (`peft_type` "LORA", `task_type` "CAUSAL_LM", r,
-        lora_alpha, target_modules, ...).
-    adapter_model.safetensors: tensors under PEFT's keys, i.e. `base_model.model.` + the module path:
-        `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, `...q_proj.lora_magnitude_vector` (DoRA),
-        `base_model.model.lm_head.weight` (modules_to_save).
-    nomoat.json: provenance (what the caller passes: data, recipe, ...), nomoat's version, creation time (UTC).
+`save_adapter` writes what `peft.PeftModel.from_pretrained` loads and `load_adapter` reads it back into a model
+(`read_adapter_config`, `read_provenance` read single files). A folder holds:
 
-Phi-3 checkpoints fuse q/k/v (`qkv_proj`) and gate/up (`gate_up_proj`); nomoat's layers are split and their LoRA
-parts share `lora_A` (see `nomoat.lora.inject`), so saving concatenates `lora_B` rows (and DoRA magnitudes) under the
-fused name and loading splits them: exact both ways. A part without an adapter saves as zero rows of `lora_B` (and,
-for DoRA, the base rows' norms as magnitude, which makes DoRA's rescaling 1 there). Weights are only ever read from
-safetensors: a pickled `adapter_model.bin` is refused.
+    adapter_config.json        PEFT 0.21's `LoraConfig` fields (`peft_type` "LORA", `task_type` "CAUSAL_LM", ...).
+    adapter_model.safetensors  tensors under `base_model.model.` + module path: `...q_proj.lora_A.weight`,
+                               `...q_proj.lora_magnitude_vector` (DoRA), `base_model.model.lm_head.weight` (saved).
+    nomoat.json                provenance (what the caller passes), nomoat's version, creation time (UTC).
+
+Phi-3's fused `qkv_proj` / `gate_up_proj` save as PEFT expects (the split parts' `lora_B` rows concatenated under the
+fused name; a part without an adapter as zero rows) and load split again, exactly. Writes are atomic (a temporary
+sibling folder renamed into place); a pickled `adapter_model.bin` is refused.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
-"""A local registry of adapters (and, later, models) under `NOMOAT_HOME` (default `~/.nomoat`).
+"""A local registry of named adapters under `$NOMOAT_HOME` (default `~/.nomoat`): `Registry` and `AdapterInfo`.
 
-Layout:
-    $NOMOAT_HOME/adapters/NAME/   a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors, nomoat.json)
-    $NOMOAT_HOME/models/          reserved for model folders
-
-Every write is atomic: files are copied into a temporary folder inside `adapters/` whose name starts with `.tmp-`,
-flushed to disk, and renamed into place with `os.replace`, so a crash never leaves a half-written adapter under its
-final name. Temporary folders are never listed, and ones left by a crashed process are removed by the next write.
-Names are plain words (`[A-Za-z0-9._-]`, 1-64 characters, not starting with `.` or `-`), so a name can never be a
-path and never reaches outside the registry.
+Layout: `$NOMOAT_HOME/adapters/NAME/` is a PEFT adapter folder (`peft_format`); `$NOMOAT_HOME/models/` is reserved.
+`Registry` imports, lists, shows, exports and removes adapters; `serve` and `demo` look names up in it. Every write is
+atomic: files go to a `.tmp-*` folder inside `adapters/`, are flushed, and are renamed into place, so a crash never
+leaves a half-written adapter under its final name (temporary folders are never listed; stale ones are removed by the
+next write). Names are plain words (`NAME_RULES`), so a name can never be a path or reach outside the registry.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Checkpoint IO in Hugging Face format: `config.json` plus safetensors (single file or sharded with an index).
 
-Loading is memory-mapped and goes straight into the target dtype: each tensor is viewed in place in the mapped
-file, copied (and converted) into the model's preallocated parameter, then the mapped pages are released with
-`madvise(MADV_DONTNEED)`, so peak resident memory stays near the size of the model in the target dtype. Weights only
-ever come from safetensors: pickle checkpoints (`*.bin`, `*.pt`) are refused unless converted explicitly with
-`convert_pickle_checkpoint`, which uses `torch.load(weights_only=True)`.
+`load_model(folder, dtype, device)` builds the trainable `Transformer` (what `nomoat.load` returns) and `save_model`
+writes one back (atomically, in the family's own tensor layout); `load_config`, `iter_safetensors` and
+`checkpoint_summary` read without building. Loading is memory-mapped and converts straight into the target dtype,
+releasing mapped pages as it goes, so peak memory stays near the model's size in that dtype. Weights only ever come
+from safetensors: pickle checkpoints are refused unless converted with `convert_pickle_checkpoint`
+(`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Model families: from a Hugging Face `config.json` to a `ModelConfig`, and the checkpoint-name maps.
+"""Model families: from a Hugging Face `config.json` to a `ModelConfig` (`config_from_hf`), and the checkpoint maps.
 
-Each family is a small function that reads the keys its `transformers` config class reads, with the same defaults,
-so that a `config.json` that omits a key means the same thing here as in `transformers`. The decoder itself is one
-config-driven module (`nomoat.models.transformer`); nothing here builds layers.
+`FAMILIES` maps each supported `model_type` (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3) to a small
+function that reads the keys its `transformers` config class reads, with the same defaults, so an omitted key means
+the same thing here. `rope_inv_freq` computes rotary frequencies (`ROPE_TYPES`); `split_fused` / `fuse_for_save` map
+Phi-3's fused checkpoint tensors to nomoat's split names and back. Nothing here builds layers.
 """
 
 from __future__ import annotations

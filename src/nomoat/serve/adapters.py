@@ -1,12 +1,10 @@
-"""Which adapters the server knows, which are in memory, and the model-name syntax that selects them.
+"""Which adapters the server knows and keeps in memory (`AdapterManager`), and the model-name syntax (`parse_model`).
 
-A request's `model` is the base model's name, an adapter's name, or a stack `base+a:1.0+b:0.5` (an adapter's
-weight defaults to 1.0; the base's name may be left out: `a+b:0.5`). Adapters come from `--adapter` at start, from
-`POST /v1/adapters`, or from the adapter registry (`$NOMOAT_HOME/adapters`) on first use. At most `max_loaded` stay
-in memory: the least recently used one that no request is using is evicted to make room, and one in use never is.
-
-Each load gets a fresh engine-side name (`name@N`): the engine's prefix cache keys cached prompts by adapter name,
-so an adapter reloaded from a different folder under the same public name can never see another's cached keys.
+A request's `model` is the base model's name, an adapter's name, or a stack `base+a:1.0+b:0.5` (weights default to
+1.0; the base's name may be left out: `a+b:0.5`). Adapters come from `--adapter` at start, `POST /v1/adapters`, or
+the registry (`$NOMOAT_HOME/adapters`) on first use. At most `max_loaded` stay in memory: the least recently used
+one that no request is using is evicted, one in use never is. Each load gets a fresh engine-side name (`name@N`)
+because the engine's prefix cache keys prompts by adapter name: a reload from another folder must not see old keys.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
-"""The OpenAI-compatible HTTP server: `create_app(engine, settings)` returns a FastAPI app over a generation engine.
+"""The HTTP server: `create_app(engine, settings)` returns a FastAPI app over a `ServingEngine`, with `ServeSettings`.
 
 Requests go straight into the engine's bounded queue (continuous batching: requests for different adapters share the
 running batch); a full queue answers 429 with `Retry-After`. Each request gets an event queue whose `put` (called
 from the engine's thread) wakes the event loop, so no thread waits per request. A client that disconnects, streamed
-or not, cancels its generation at once and frees its row.
-
-The engine may be given as a zero-argument loader: it then runs in a thread while the server already answers,
-`/health` saying 503 until the model is ready (llama.cpp's semantics).
+or not, cancels its generation at once and frees its row. The engine may be given as a zero-argument loader: it then
+loads in a thread while the server already answers, `/health` saying 503 until it is ready (llama.cpp's semantics).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""From OpenAI requests to engine inputs (token ids, `SamplingParams`), and from engine outputs to OpenAI responses."""
+"""OpenAI requests to engine inputs (`prompt_ids`, `sampling_params`), and engine outputs to OpenAI responses."""
 
 from __future__ import annotations
 

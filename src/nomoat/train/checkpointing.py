@@ -182,8 +182,8 @@ def load_checkpoint(
     device = next(iter(params.values())).device
     opt_tensors = {k: v.to(device) if not k.endswith(".step") else v for k, v in
                    load_file(str(path / "optimizer.safetensors")).items()}  # fmt: skip
-    _optimizer_from_files(optimizer, opt_tensors, read_json(path / "optimizer.json"))
-    state = read_json(path / "state.json")
+    _optimizer_from_files(optimizer, opt_tensors, read_json(path / "optimizer.json", error=InputError))
+    state = read_json(path / "state.json", error=InputError)
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from nomoat.util.files import atomic_path, atomic_write_text, read_jsonl
+from nomoat.util.files import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,6 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-read_metrics = read_jsonl  # all records of a `metrics.jsonl` file
 
 
 def plot_loss_curve(metrics: list[dict[str, Any]], out: str | Path, title: str = "") -> Path | None:

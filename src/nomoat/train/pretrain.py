@@ -37,7 +37,7 @@ from nomoat.train.checkpointing import RunExistsError, list_checkpoints
 from nomoat.train.loop import LoopResult, TrainingLoop
 from nomoat.train.loss import causal_lm_loss_sum
 from nomoat.train.optim import build_optimizer
-from nomoat.util.errors import UsageError
+from nomoat.util.errors import InputError, UsageError
 from nomoat.util.files import atomic_write_text, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -177,7 +177,8 @@ class PretrainRecipe(TrainingLoop):
             self.model = load_model(cfg.model, dtype=torch.float32, device=self.device)
             self.tokenizer_dir = Path(cfg.model)
         else:
-            hf = cfg.model_config if isinstance(cfg.model_config, dict) else read_json(cfg.model_config)
+            hf = cfg.model_config
+            hf = hf if isinstance(hf, dict) else read_json(hf, error=InputError)
             mcfg = config_from_hf(dict(hf))
             mcfg.hf_config = dict(hf)
             self.model = Transformer(mcfg)

@@ -23,9 +23,9 @@ Optional hooks: `units(batch)` (what the step normalises by, known before the fo
 How the other methods fit:
 
 - Preference tuning (DPO and its family): each batch holds the chosen and rejected sequences of its pairs;
-  `units` counts pairs; `loss` runs the policy on both sequences, runs the frozen reference (the same model with
-  its adapters disabled, under `torch.no_grad()`) on both, and returns the summed pair losses. Nothing of the
-  reference is trained or checkpointed, since `params` holds the adapter only.
+  `units` counts pairs; `loss` runs the policy on both sequences, runs the frozen reference (the same model under
+  `nomoat.lora.disable_lora` and `torch.no_grad()`) on both, and returns the summed pair losses. The reference
+  costs no memory of its own and is never trained or checkpointed, since `params` holds the adapter only.
 - RL (GRPO, RLOO): `stream` yields prompt batches; `prepare_step` generates the rollouts of the whole step with
   the current policy (no grad), scores them and computes group-normalised advantages (a group can span
   micro-batches, which is why it sees them all); `units` counts completion tokens (or sequences) and `loss` is the

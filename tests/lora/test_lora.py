@@ -250,12 +250,23 @@ def test_phi3_parts_share_lora_A(folders):
     assert attn.o_proj.lora_A is not attn.q_proj.lora_A
 
 
-def test_fused_swiglu_down_matches_plain_autograd(tmp_path):
+def test_fused_swiglu_down_matches_plain_autograd(tmp_path, monkeypatch):
     """The MLP path that recomputes silu(gate) * up in backward gives the same output and gradients."""
-    from nomoat.lora import LoRAConfig, inject_lora, lora_parameters
+    from nomoat.lora import LoRAConfig, inject_lora, layers, lora_parameters
     from nomoat.models.checkpoint import load_model
 
     from hf_models import make_hf_model
+
+    # Count the fused path's forward and backward passes, so the test fails when it does not run.
+    calls = {"forward": 0, "backward": 0}
+    fn = layers._SwiGLUDownLoRA
+    real_forward, real_backward = fn.forward, fn.backward
+
+    def counted(kind, real):
+        return staticmethod(lambda *a: calls.__setitem__(kind, calls[kind] + 1) or real(*a))
+
+    monkeypatch.setattr(fn, "forward", counted("forward", real_forward))
+    monkeypatch.setattr(fn, "backward", counted("backward", real_backward))
 
     make_hf_model("llama_bias", tmp_path)  # MLP biases too
     model = load_model(tmp_path, dtype=torch.float32, device="cpu")
@@ -265,6 +276,7 @@ def test_fused_swiglu_down_matches_plain_autograd(tmp_path):
             p.normal_(0, 0.05)
     model.train()
     ids = torch.randint(3, 500, (2, 12))
+    n_layers = len(model.model.layers)
     results = []
     for fused in (True, False):
         model.zero_grad(set_to_none=True)
@@ -274,6 +286,8 @@ def test_fused_swiglu_down_matches_plain_autograd(tmp_path):
         out = model(ids)
         out.square().mean().backward()
         results.append((out.detach(), {n: p.grad.clone() for n, p in lora_parameters(model).items()}))
+        # The fused path ran in every layer, forward and backward, and only when it was not switched off.
+        assert calls == {"forward": n_layers, "backward": n_layers}, (fused, calls)
     (out_f, g_f), (out_p, g_p) = results
     torch.testing.assert_close(out_f, out_p, atol=1e-6, rtol=1e-5)
     assert g_f.keys() == g_p.keys()

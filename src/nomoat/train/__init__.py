@@ -1,8 +1,9 @@
-"""Training: the LoRA fine-tuning recipe, its loss, optimizer, schedule, checkpoints and metrics.
+"""Training: one loop (`loop.py`) and the recipes on it (`sft.py`: LoRA fine-tuning, `pretrain.py`: every weight).
 
-The package itself is callable, so that `nomoat.train(...)` (the Python form of `nomoat train`) and
-`import nomoat.train` name the same thing: `nomoat.train(model, data=..., max_steps=...)` runs
-`nomoat.train.recipe.train`. The recipe is imported on first use, so `nomoat.train.loss` and friends stay light.
+The loop owns precision, accumulation, the schedule, checkpoints and exact resume, metrics and signals; a recipe
+supplies its model, data and loss. The package itself is callable, so that `nomoat.train(...)` (the Python form of
+`nomoat train`) and `import nomoat.train` name the same thing: `nomoat.train(model, data=..., max_steps=...)` runs
+`nomoat.train.sft.train`. The recipes are imported on first use, so `nomoat.train.loss` and friends stay light.
 """
 
 import importlib
@@ -10,18 +11,19 @@ import sys
 import types
 from typing import Any
 
-_LAZY = {"SFTRecipe", "TrainResult", "TrainingDivergedError", "train"}
+_LAZY = {"SFTRecipe": "nomoat.train.sft", "TrainResult": "nomoat.train.sft", "train": "nomoat.train.sft",
+         "TrainingDivergedError": "nomoat.train.loop"}  # fmt: skip
 
 
 class _CallableModule(types.ModuleType):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run `nomoat.train.recipe.train` (see its docstring)."""
-        return importlib.import_module("nomoat.train.recipe").train(*args, **kwargs)
+        """Run `nomoat.train.sft.train` (see its docstring)."""
+        return importlib.import_module("nomoat.train.sft").train(*args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module("nomoat.train.recipe"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'nomoat.train' has no attribute {name!r}")
 
 

@@ -3,11 +3,8 @@
 torch allocates CPU tensors with `malloc`. glibc serves large blocks (above a threshold that adapts up to 32 MB) with
 fresh `mmap`s and gives them back to the kernel on free, and trims the top of the heap whenever more than twice that
 threshold is free. A training step allocates and frees the same few hundred MB of activations and gradients every
-step, so every step touches new pages: the kernel zero-fills each 4 KB page on first write. Measured on a
-SmolLM2-135M-shaped LoRA step (2 x 512 tokens, 2 cores): 34,000-56,000 minor page faults and 0.5-0.6 s of system
-time per step; with the thresholds raised, 2,500 faults and 0.3 s, at the same peak RSS (2,650 MiB either way),
-since the memory freed in one step is what the next reuses. Single ops showed it most: an out-of-place (1024, 1536)
-elementwise product took 8-9 ms in a training step against 0.2-1.7 ms in a quiet process.
+step, so without tuning every step touches new pages, which the kernel zero-fills on first write; with the
+thresholds raised, the memory freed in one step is what the next reuses, at the same peak RSS.
 
 `tune_cpu_allocator()` raises the mmap and trim thresholds once per process (`mallopt`); elsewhere than glibc it
 does nothing. `NOMOAT_MALLOC_TUNING=0` leaves the allocator as it is.

@@ -9,12 +9,12 @@ A checkpoint is a folder `checkpoints/step-000120/` holding:
 
 The folder is written under a temporary name and renamed into place, so a run killed at any moment leaves either
 the previous checkpoint or the new one, never half of one. Tensors load from safetensors only (no unpickling).
+This module also owns the errors about a run folder's state (one to resume, one already there).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -23,11 +23,22 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from nomoat.util.errors import InputError, UsageError
+from nomoat.util.files import atomic_dir, read_json
+
 PREFIX = "step-"
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(InputError, FileNotFoundError):
     """No checkpoint to resume from."""
+
+
+class RunNotFoundError(InputError, FileNotFoundError):
+    """A run to resume does not exist."""
+
+
+class RunExistsError(UsageError, FileExistsError):
+    """A new run would overwrite one already in its folder."""
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -89,27 +100,20 @@ def save_checkpoint(
         The checkpoint folder.
     """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    rng_tensors, py_rng = _rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    sched = scheduler.state_dict()  # plain numbers; a lambda is stored as None and rebuilt by the run
-    payload = {"step": step, "scheduler": sched, "python_rng": py_rng, **state}
-    (tmp / "state.json").write_text(json.dumps(payload, indent=1))
-    for f in tmp.iterdir():  # durable before it becomes visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:  # flushed to disk before it becomes visible
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        rng_tensors, py_rng = _rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        sched = scheduler.state_dict()  # plain numbers; a lambda is stored as None and rebuilt by the run
+        payload = {"step": step, "scheduler": sched, "python_rng": py_rng, **state}
+        (tmp / "state.json").write_text(json.dumps(payload, indent=1))
+    for stale in root.iterdir():  # temporary folders of writes a killed process left half done
+        if stale.name.startswith(".") and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -133,8 +137,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointNotFoundError(
-            f"{run_dir}: no checkpoint to resume from (checkpoints are written every save_every steps); "
-            "start the run without --resume"
+            f"{run_dir}: no checkpoint to resume from (checkpoints are written every save_every steps)",
+            hint="start the run without --resume",
         )
     return found[-1]
 
@@ -157,28 +161,29 @@ def load_checkpoint(
         The saved run state (`state.json`): step, data position, counters.
 
     Raises:
-        ValueError: The checkpoint's tensors do not match the model's trainable parameters.
+        InputError: The checkpoint's tensors do not match the model's trainable parameters.
     """
     path = Path(path)
     trainable = load_file(str(path / "trainable.safetensors"))
     missing = sorted(set(params) - set(trainable))
     extra = sorted(set(trainable) - set(params))
     if missing or extra:
-        raise ValueError(
-            f"{path}: checkpoint does not match this run's adapter (missing {missing[:3]}, unexpected {extra[:3]}); "
-            "resume with the same model and LoRA settings"
+        raise InputError(
+            f"{path}: checkpoint does not match this run's adapter (missing {missing[:3]}, unexpected {extra[:3]})",
+            hint="resume with the same model and LoRA settings",
         )
     with torch.no_grad():
         for name, tensor in trainable.items():
             if params[name].shape != tensor.shape:
                 shapes = f"{tuple(tensor.shape)}, the model {tuple(params[name].shape)}"
-                raise ValueError(f"{path}: {name} has shape {shapes}")
+                raise InputError(f"{path}: {name} has shape {shapes}",
+                                 hint="resume with the same model and LoRA settings")  # fmt: skip
             params[name].copy_(tensor)
     device = next(iter(params.values())).device
     opt_tensors = {k: v.to(device) if not k.endswith(".step") else v for k, v in
                    load_file(str(path / "optimizer.safetensors")).items()}  # fmt: skip
-    _optimizer_from_files(optimizer, opt_tensors, json.loads((path / "optimizer.json").read_text()))
-    state = json.loads((path / "state.json").read_text())
+    _optimizer_from_files(optimizer, opt_tensors, read_json(path / "optimizer.json", error=InputError))
+    state = read_json(path / "state.json", error=InputError)
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])

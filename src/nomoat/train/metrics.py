@@ -1,7 +1,7 @@
 """What a run reports: metrics, TensorBoard events, a loss-curve PNG and a live progress line.
 
 `metrics.jsonl` has one JSON object per logged step; TensorBoard events are written when `tensorboard` is
-installed; the PNG is drawn at the end of the run.
+installed; the PNG is drawn at the end of the run. The training loop (`nomoat.train.loop`) drives all of them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
+
+from nomoat.util.files import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip()
                     and json.loads(line).get("step", 0) <= resume_step]  # fmt: skip
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
         self._tb = None
         try:
@@ -64,11 +66,6 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a `metrics.jsonl` file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def plot_loss_curve(metrics: list[dict[str, Any]], out: str | Path, title: str = "") -> Path | None:
     """Draw training (and validation) loss against steps into a PNG; None when matplotlib is missing."""
     try:
@@ -93,7 +90,8 @@ def plot_loss_curve(metrics: list[dict[str, Any]], out: str | Path, title: str =
     ax.legend()
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
     return out
 

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 import torch
 
+from nomoat.util.errors import UsageError
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
     """The multiplier of the peak learning rate at optimizer step `step` (0-based).
@@ -32,7 +34,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     elif schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(f"unknown schedule {schedule!r}: use cosine, linear or constant")
+        raise UsageError(f"unknown schedule {schedule!r}", hint="use cosine, linear or constant")
     return min_ratio + (1.0 - min_ratio) * decay
 
 
@@ -54,7 +56,7 @@ def build_optimizer(
     """
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ValueError("no trainable parameters: inject a LoRA adapter (or name modules to train) first")
+        raise UsageError("no trainable parameters", hint="inject a LoRA adapter (or name modules to train) first")
     # The fused kernel updates each tensor in one pass (CPU and CUDA); the foreach path is a loop of ~10 ops per
     # tensor on CPU, which costs more than the adapter's matmuls for small ranks.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)

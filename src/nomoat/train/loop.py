@@ -1,0 +1,408 @@
+"""The one training loop: every training method is a recipe on top of `TrainingLoop`.
+
+The loop owns what every method shares: device and precision (bf16 autocast), seeding, gradient accumulation (the
+loss of an optimizer step is normalised over all the units, e.g. label tokens, of its micro-batches), clipping,
+the NaN stop (`TrainingDivergedError`), AdamW and the learning-rate schedule, atomic checkpoints and exact resume
+(trained tensors, optimizer, schedule, RNG states, data position), metrics (`metrics.jsonl`, TensorBoard, the loss
+PNG), the progress bar, and Ctrl-C / SIGTERM (the step in flight finishes, a checkpoint is written, then
+`KeyboardInterrupt` is raised; a second Ctrl-C stops at once and leaves the last checkpoint as it was).
+
+A recipe subclasses `TrainingLoop` and supplies what is its own:
+
+- `build()`: the run folder (`run_dir`, `name`), the model, `params` (name -> every tensor that trains and is
+  checkpointed), `stream` (restartable micro-batches with `state_dict()` / `load_state_dict()`; iterating it yields
+  the rest of an epoch), `total_steps`, and optionally `val_batches`;
+- `loss(batch) -> (loss_sum, count)`: the summed loss of one micro-batch (already on the device, run under the
+  loop's autocast) and how many units it sums over;
+- `finish(result)`: what a finished run saves and returns (an adapter, a model folder).
+
+Optional hooks: `units(batch)` (what the step normalises by, known before the forward pass; default
+`num_label_tokens`), `prepare_step(micro)` (turns the step's micro-batches into what `loss` takes), `tokens(batch)`,
+`step_metrics(micro, units)`, `build_optimizer()`, `write_run_config()`.
+
+How the other methods fit:
+
+- Preference tuning (DPO and its family): each batch holds the chosen and rejected sequences of its pairs;
+  `units` counts pairs; `loss` runs the policy on both sequences, runs the frozen reference (the same model under
+  `nomoat.lora.disable_lora` and `torch.no_grad()`) on both, and returns the summed pair losses. The reference
+  costs no memory of its own and is never trained or checkpointed, since `params` holds the adapter only.
+- RL (GRPO, RLOO): `stream` yields prompt batches; `prepare_step` generates the rollouts of the whole step with
+  the current policy (no grad), scores them and computes group-normalised advantages (a group can span
+  micro-batches, which is why it sees them all); `units` counts completion tokens (or sequences) and `loss` is the
+  policy-gradient loss with an optional KL term against the adapter-disabled reference. Sampling draws from the
+  torch RNG, which checkpoints restore, so a resumed run regenerates the same rollouts; a stream that keeps a
+  buffer puts it in its `state_dict()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from nomoat.data import NoTrainableTokensError
+from nomoat.models.checkpoint import resolve_device
+from nomoat.train.allocator import tune_cpu_allocator
+from nomoat.train.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nomoat.train.metrics import MetricsWriter, make_progress, plot_loss_curve
+from nomoat.train.optim import build_optimizer, build_scheduler
+from nomoat.util.errors import NomoatError
+from nomoat.util.files import read_jsonl
+
+Batch = dict[str, Any]
+
+
+class TrainingDivergedError(NomoatError, RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; the run stops without saving the broken state."""
+
+
+@dataclass
+class LoopSettings:
+    """The knobs the loop reads, taken by name from a recipe's config (`LoopSettings.of`); absent ones default.
+
+    Attributes:
+        device: `auto`, `cpu` or `cuda[:N]`.
+        dtype: `auto` (bf16 autocast on CUDA), `float32` or `bfloat16` (bf16 autocast anywhere).
+        seed: Seed of torch's and Python's generators, set before the recipe builds anything.
+        grad_accum: Micro-batches per optimizer step.
+        max_grad_norm: Global gradient-norm clipping (0: off).
+        lr: Peak learning rate.
+        schedule: `cosine`, `linear` or `constant`.
+        warmup_steps: Linear warmup steps; None: `warmup_ratio` of the run.
+        warmup_ratio: Warmup as a fraction of the run when `warmup_steps` is None.
+        min_lr_ratio: Final learning rate as a fraction of `lr`.
+        weight_decay: AdamW decoupled weight decay.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        eval_every: Steps between validations (0: only at the end, when there is a validation set).
+        save_every: Steps between checkpoints (0: only at the end).
+        keep_checkpoints: Checkpoints kept.
+        log_every: Steps between metric lines.
+        resume: Continue from the run's newest checkpoint.
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = False
+
+    @classmethod
+    def of(cls, config: Any) -> LoopSettings:
+        """The settings of `config`: each field read from the attribute of the same name, where it has one."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
+
+
+@dataclass
+class LoopResult:
+    """What `TrainingLoop.train` did in this process.
+
+    Attributes:
+        steps: Optimizer steps taken in total (resumed ones included).
+        losses: Training loss of every step of this process.
+        last: The last step's metrics record.
+        val_loss: Last validation loss, if any.
+        tokens: Tokens processed in this process.
+        seconds: Wall time of the loop in this process.
+    """
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    last: dict[str, Any] = field(default_factory=dict)
+    val_loss: float | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+class TrainingLoop:
+    """The shared loop; subclass it with a recipe (see the module docstring for what a recipe supplies).
+
+    Args:
+        config: The recipe's configuration (the loop reads `LoopSettings` from it by name).
+        console: Where progress and messages go (a quiet console silences them).
+        progress: Show the live progress bar.
+    """
+
+    label = "train"  # the progress task's name
+    resume_requires_checkpoint = True  # False: resuming a run without a checkpoint starts it afresh
+    log_tokens_per_s = True  # metric lines carry the step's throughput
+
+    def __init__(self, config: Any, console: Console | None = None, progress: bool = True) -> None:
+        self.cfg = config
+        self.settings = LoopSettings.of(config)
+        self.console = console or Console(stderr=True)
+        self.show_progress = progress
+        self.step = 0
+        self.tokens_seen = 0
+        self.losses: list[float] = []
+        self.val_batches: list[Batch] = []
+        self.name = ""
+        self._batches: Iterator[Batch] | None = None
+        self._consistent = True  # False while a step is half done (its state must not be checkpointed)
+        self._stop: str | None = None
+        self._saved_step = -1
+
+    # ---- what a recipe supplies -------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Set `run_dir`, `name`, `model`, `params`, `stream`, `total_steps` (and `val_batches`)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """The summed loss of one micro-batch (a 0-dim tensor with grad) and the units it sums over."""
+        raise NotImplementedError
+
+    def finish(self, result: LoopResult) -> Any:
+        """Save what the run produced and return the recipe's result (default: the loop's)."""
+        return result
+
+    def units(self, batch: Batch) -> int:
+        """What a step's loss is averaged over, counted before the forward pass (default: label tokens)."""
+        return int(batch["num_label_tokens"])
+
+    def prepare_step(self, micro: list[Batch]) -> list[Batch]:
+        """Turn a step's micro-batches into what `loss` takes (RL: rollouts, rewards, advantages)."""
+        return micro
+
+    def tokens(self, batch: Batch) -> int:
+        """Input tokens of a micro-batch, padding excluded."""
+        return int((batch["segment_ids"] != 0).sum())
+
+    def step_metrics(self, micro: list[Batch], units: int) -> dict[str, Any]:
+        """Extra fields of a step's metrics record."""
+        return {}
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over `params`."""
+        s = self.settings
+        return build_optimizer(self.params.values(), s.lr, s.weight_decay, s.betas, s.eps)
+
+    def write_run_config(self) -> None:
+        """Record the run's configuration in `run_dir`."""
+
+    @property
+    def resume_flags(self) -> str:
+        """What to add to the same command to continue an interrupted run."""
+        return "--resume"
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Pick device and precision, seed, let the recipe build, then optimizer, schedule, resume and metrics."""
+        s = self.settings
+        self.device = resolve_device(s.device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # activations reuse freed memory instead of page-faulting anew each step
+        # bf16 autocast: the default on CUDA; on CPU when asked (fast where the CPU has bf16 instructions).
+        self.autocast = s.dtype in ("bfloat16", "bf16") or (s.dtype == "auto" and self.device.type == "cuda")
+        torch.manual_seed(s.seed)
+        random.seed(s.seed)
+        self.build()
+        self.optimizer = self.build_optimizer()
+        warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, s.schedule, s.min_lr_ratio)
+        resume_step = self._resume()
+        self._batches = None
+        self.metrics = MetricsWriter(self.run_dir, resume_step=resume_step)
+        self.write_run_config()
+
+    def _resume(self) -> int | None:
+        if not self.settings.resume or (not self.resume_requires_checkpoint and not list_checkpoints(self.run_dir)):
+            return None
+        ckpt = latest_checkpoint(self.run_dir)
+        state = load_checkpoint(ckpt, self.params, self.optimizer, self.scheduler)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.stream.load_state_dict(state["data"])
+        self.console.print(f"[bold]resumed[/bold] from {ckpt} (step {self.step}/{self.total_steps})")
+        return self.step
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+
+    def _next_batch(self) -> Batch:
+        """The next micro-batch; epochs follow one another without end (the step count decides when to stop)."""
+        for _ in range(2):
+            if self._batches is None:
+                self._batches = iter(self.stream)
+            batch = next(self._batches, None)
+            if batch is not None:
+                return batch
+            self._batches = None
+        raise RuntimeError("the batch stream is empty")
+
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        """The loop's precision: bf16 autocast on the device, or nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
+    def loss_step(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """`loss` of one micro-batch, its tensors moved to the device, under the loop's precision."""
+        b = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with self.autocast_context():
+            return self.loss(b)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their units."""
+        self._consistent = False
+        micro = self.prepare_step([self._next_batch() for _ in range(self.settings.grad_accum)])
+        n_total = sum(self.units(b) for b in micro)
+        if n_total == 0:
+            raise NoTrainableTokensError(
+                f"step {self.step + 1}: no label in this batch has a loss (all tokens masked); check --train-on and "
+                "that examples are not truncated away by --seq-len"
+            )
+        loss_total = 0.0
+        for b in micro:
+            loss_sum, _ = self.loss_step(b)
+            (loss_sum / n_total).backward()
+            loss_total += float(loss_sum.detach())
+        loss = loss_total / n_total
+        grad_norm = self._clip_gradients()
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise TrainingDivergedError(
+                f"step {self.step + 1}: loss {loss} and gradient norm {grad_norm} are not finite; stopped without "
+                "saving this state",
+                hint="lower the learning rate, keep gradient clipping on, or check the data; the last checkpoint "
+                "(if any) is intact",
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = sum(self.tokens(b) for b in micro)
+        self.tokens_seen += tokens
+        self._consistent = True
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                **self.step_metrics(micro, n_total)}  # fmt: skip
+
+    def _clip_gradients(self) -> float:
+        """Clip to `max_grad_norm` (when > 0) and return the global gradient norm before clipping."""
+        params = list(self.params.values())
+        if self.settings.max_grad_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+        return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss per unit (dropout off), or None without validation batches."""
+        if not self.val_batches:
+            return None
+        self.model.eval()
+        total, n = 0.0, 0
+        for b in self.val_batches:
+            loss_sum, count = self.loss_step(b)
+            total, n = total + float(loss_sum), n + count
+        self.model.train()
+        return total / max(n, 1)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, last: dict[str, Any]) -> None:
+        """Write the checkpoint of the current step (atomically; older ones beyond `keep_checkpoints` go)."""
+        state = {"tokens_seen": self.tokens_seen, "data": self.stream.state_dict(), "last": last}
+        save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler, state,
+                        keep=self.settings.keep_checkpoints)  # fmt: skip
+        self._saved_step = self.step
+
+    def train(self) -> LoopResult:
+        """Run optimizer steps until `total_steps`, with metrics, validation, checkpoints and the stop signals."""
+        s = self.settings
+        start, t0, last, val_loss = self.step, time.perf_counter(), {}, None
+        tokens_at_start = self.tokens_seen
+        progress = make_progress(self.console, enabled=self.show_progress)
+        try:
+            with progress, self._stop_on_signals():
+                task = progress.add_task(self.label, total=self.total_steps, completed=self.step)
+                while self.step < self.total_steps:
+                    ts = time.perf_counter()
+                    record = self.train_step()
+                    if self.log_tokens_per_s:
+                        record["tokens_per_s"] = record["tokens"] / max(time.perf_counter() - ts, 1e-9)
+                    self.losses.append(record["loss"])
+                    final = self.step == self.total_steps
+                    if (s.eval_every and self.step % s.eval_every == 0) or (final and self.val_batches):
+                        val_loss = record["val_loss"] = self.evaluate()
+                    elapsed = time.perf_counter() - t0
+                    record["elapsed_s"] = elapsed
+                    if self.step % s.log_every == 0 or final or "val_loss" in record:
+                        self.metrics.write(record)
+                    last = record
+                    tps = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+                    progress.update(task, completed=self.step, loss=record["loss"], lr=record["lr"], tps=tps,
+                                    val_loss=val_loss)  # fmt: skip
+                    if s.save_every and self.step % s.save_every == 0 and not final:
+                        self.save_checkpoint(last)
+                    if self._stop is not None and not final:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if self.step > start and self._consistent:
+                if self._saved_step != self.step:
+                    self.save_checkpoint(last)
+                self.console.print(f"[yellow]interrupted at step {self.step}: checkpoint saved; continue with the "
+                                   f"same command and {self.resume_flags}[/yellow]")  # fmt: skip
+            raise
+        finally:
+            self.metrics.close()
+        self.save_checkpoint(last)
+        return LoopResult(steps=self.step, losses=list(self.losses), last=last, val_loss=val_loss,
+                          tokens=self.tokens_seen - tokens_at_start, seconds=time.perf_counter() - t0)  # fmt: skip
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training, Ctrl-C or SIGTERM asks the loop to stop after the step in flight.
+
+        A second Ctrl-C stops at once. Signal handlers can only be set from the main thread; elsewhere nothing changes.
+        """
+        self._stop = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop = signal.Signals(signum).name
+            self.console.print("[yellow]stopping after this step (Ctrl-C again to stop at once)[/yellow]")
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+    def write_loss_curve(self) -> Path | None:
+        """Draw `run_dir/loss.png` from the run's metrics (None without matplotlib)."""
+        return plot_loss_curve(read_jsonl(self.metrics.path), self.run_dir / "loss.png", title=self.name)
+
+    def run(self) -> Any:
+        """Set up, train, and let the recipe save and report (`finish`)."""
+        self.setup()
+        return self.finish(self.train())
+
+
+__all__ = ["LoopResult", "LoopSettings", "TrainingDivergedError", "TrainingLoop"]

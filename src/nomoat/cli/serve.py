@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from nomoat.commands._common import Device, Dtype, Model, Quantize, fail
+from nomoat.cli._common import Device, Dtype, Model, Quantize, fail
 
 Opt = typer.Option
 
@@ -102,7 +102,7 @@ def serve(
     )  # fmt: skip
 
     def load():  # noqa: ANN202
-        from nomoat.commands._common import load_for_inference
+        from nomoat.cli._common import load_for_inference
         from nomoat.generate.engine import Engine
 
         m, tok = load_for_inference(model, quantize, dtype, device)
@@ -135,8 +135,3 @@ def serve(
     server.run()
     if app.state.error:
         raise typer.Exit(1)
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the `nomoat` app."""
-    app.command()(serve)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from nomoat.commands._common import fail, parse_adapter, resolve_adapters
+from nomoat.cli._common import fail, parse_adapter, resolve_adapters
 
 METHOD_HELP = (
     "How to combine (peft's add_weighted_adapter semantics): cat (exact weighted sum of the updates, rank = sum of "
@@ -174,8 +174,3 @@ def merge(
             typer.echo(f"merged {what} into the registry as {name!r} ({dest})")
     except (AdapterError, ValueError, OSError) as e:
         fail(str(e))
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the `nomoat` app."""
-    app.command("merge")(merge)

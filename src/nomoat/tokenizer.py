@@ -26,6 +26,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from nomoat.util.errors import InputError, ModelError
+
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerNotFoundError"]
 
 # The named special tokens transformers keeps in `special_tokens_map`, in its order.
@@ -38,11 +40,11 @@ _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
-class TokenizerNotFoundError(FileNotFoundError):
+class TokenizerNotFoundError(ModelError, FileNotFoundError):
     """Raised when a model folder has no `tokenizer.json`."""
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InputError, ValueError):
     """Raised for a missing chat template, a template's `raise_exception(...)`, or a template that fails to render."""
 
 

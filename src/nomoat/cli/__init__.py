@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from nomoat.cli import adapters, demo, evaluate, export, generate, merge, models, serve, train
+from nomoat.cli._common import Group
 
 app = typer.Typer(
     name="nomoat",
@@ -16,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
 
 

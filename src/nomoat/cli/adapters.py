@@ -21,15 +21,15 @@ AdapterName = Annotated[str, typer.Argument(help="The adapter's name in the regi
 
 
 def _registry_call(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-    """Run a registry operation, turning its errors into clean `error:` lines (exit code 2)."""
-    from nomoat.lora.registry import AdapterNotFoundError
+    """Run a registry operation, turning its errors into clean `error:` lines (exit code 2).
 
+    AdapterNotFoundError and AdapterError are NomoatErrors (the handler reports them); the registry also raises
+    plain ValueError (a bad name) and OSError (FileExistsError, a disk error).
+    """
     try:
         return fn(*args, **kwargs)
-    except AdapterNotFoundError as e:
-        _fail(str(e))
-    except (ValueError, OSError) as e:  # AdapterError is a ValueError; FileExistsError an OSError
-        _fail(str(e))
+    except (ValueError, OSError) as e:
+        _fail(e)
 
 
 def _fmt(value: object, digits: int = 4) -> str:

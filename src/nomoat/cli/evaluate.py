@@ -94,20 +94,15 @@ def evaluate(
     (text on every token, chat on the assistant's tokens).
     """
     import nomoat
-    from nomoat.data import DataError
     from nomoat.eval import compare, plot_report, print_report, write_json
-    from nomoat.lora import AdapterError
-    from nomoat.models.checkpoint import CheckpointError
-    from nomoat.models.families import UnsupportedModelError
-    from nomoat.tokenizer import TokenizerNotFoundError
 
     resolved = resolve_adapters(adapter)
     folders, weights = [f for f, _ in resolved], [w for _, w in resolved]
     names = _column_names(list(adapter or []), folders)
     try:
         m, tok = nomoat.load(model, dtype=dtype, device=device)
-    except (CheckpointError, UnsupportedModelError, TokenizerNotFoundError, ValueError) as e:
-        fail(str(e))
+    except ValueError as e:  # a model-loading error (CheckpointError, UnsupportedModelError...) or a bad option
+        fail(e)
     if tok.chat_template is None:  # a base without a template: prompt as the adapters were trained
         templates = [f / "chat_template.jinja" for f in folders if (f / "chat_template.jinja").is_file()]
         if templates:
@@ -119,8 +114,8 @@ def evaluate(
                 max_new_tokens=max_tokens, system=system, chat=chat, match=match, model_name=str(model),
                 progress=bar,
             )  # fmt: skip
-    except (DataError, AdapterError, ValueError) as e:
-        fail(str(e))
+    except ValueError as e:  # DataError, AdapterError, or a plain ValueError from the library
+        fail(e)
     print_report(report)
     if json_out is not None:
         typer.echo(f"wrote {write_json(report, json_out)}")

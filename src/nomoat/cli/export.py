@@ -44,7 +44,7 @@ def export(
     tokenizer files and chat template (an adapter's own template when the base has none); `--format gguf` writes
     them into the file. `--format gguf-lora` writes one adapter (`--adapter`) for a GGUF of the same base model.
     """
-    from nomoat.export.merged import ExportError, export_merged
+    from nomoat.export.merged import export_merged
 
     formats = ("hf", "gguf", "gguf-lora")
     if format not in formats:
@@ -89,6 +89,6 @@ def export(
                     ((folder, weight),) = adapters
                     written = export_gguf_lora(model, folder, out, outtype=outtype or "f16", scale=weight,
                                                progress=progress)  # fmt: skip
-    except (ExportError, ValueError, OSError) as e:
-        _fail(str(e))
+    except (ValueError, OSError) as e:  # ExportError (a NomoatError) goes on as it is
+        _fail(e)
     typer.echo(f"wrote {written}")

@@ -61,7 +61,7 @@ def generate(
     try:
         handle = engine.submit(ids, params)
     except ValueError as e:
-        _fail(str(e))
+        _fail(e)
     for event in handle:
         if isinstance(event, Completion):
             if as_json:
@@ -129,7 +129,7 @@ def chat(
             try:
                 name = session.connect(wanted, adapter)
             except RemoteError as e:
-                _fail(str(e))
+                _fail(e)
             typer.secho(f"(model {name} on {session.base_url})", dim=True, err=True)
             run_terminal_chat(session)
         return

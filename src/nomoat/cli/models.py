@@ -24,7 +24,7 @@ def info(
         cfg = load_config(path)
         summary = checkpoint_summary(path)
     except (CheckpointError, UnsupportedModelError) as e:
-        _fail(str(e))
+        _fail(e)
     chat_template, tokenizer_error = _chat_template_state(path)
     report = {
         "path": str(path),
@@ -93,7 +93,7 @@ def convert(
     try:
         dest = convert_pickle_checkpoint(path, out)
     except (CheckpointError, OSError) as e:
-        _fail(str(e))
+        _fail(e)
     except Exception as e:  # torch's weights_only unpickler refusing a global, for instance
         _fail(f"could not read the pickle weights safely: {str(e).splitlines()[0]}")
     typer.echo(f"wrote {dest / 'model.safetensors'}")

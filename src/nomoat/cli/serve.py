@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from nomoat.cli._common import Device, Dtype, Model, Quantize, fail
+from nomoat.cli._common import Device, Dtype, Model, Quantize, fail, report
+from nomoat.util.errors import NomoatError
 
 Opt = typer.Option
 
@@ -122,7 +123,9 @@ def serve(
                    f".chat.completions.create(model='{base}', messages=[...])", err=True)  # fmt: skip
 
     def failed(exc: BaseException) -> None:
-        if not isinstance(exc, typer.Exit):  # `fail` already printed its message
+        if isinstance(exc, NomoatError):  # raised in the loading thread: reported as the handler would
+            report(exc)
+        else:
             typer.secho(f"error: could not load {model}: {exc}", fg=typer.colors.RED, err=True)
         if server is not None:
             server.should_exit = True

@@ -126,11 +126,8 @@ def train(
     with a nomoat.json provenance record. Every option can also be set in a YAML file given with --config.
     """
     from nomoat.config.train import ConfigError, load_train_config
-    from nomoat.data import DataError
-    from nomoat.lora import AdapterError
     from nomoat.models.checkpoint import CheckpointError
     from nomoat.models.families import UnsupportedModelError
-    from nomoat.tokenizer import ChatTemplateError, TokenizerNotFoundError
     from nomoat.train import SFTRecipe, TrainingDivergedError
 
     lora = {"r": rank, "alpha": alpha, "dropout": dropout, "target_modules": target, "use_dora": dora,
@@ -148,9 +145,9 @@ def train(
         SFTRecipe(cfg, progress=progress).run()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    except (ConfigError, DataError, AdapterError, CheckpointError, UnsupportedModelError, TokenizerNotFoundError,
-            ChatTemplateError, TrainingDivergedError, FileExistsError, FileNotFoundError, ValueError) as e:  # fmt: skip
-        _fail(str(e))
+    except (ConfigError, CheckpointError, UnsupportedModelError, TrainingDivergedError, FileExistsError,
+            FileNotFoundError, ValueError) as e:  # fmt: skip
+        _fail(e)  # a NomoatError (DataError, AdapterError...) goes on as it is, with its hint
 
 
 def pretrain(
@@ -197,4 +194,4 @@ def pretrain(
                              resume=resume)  # fmt: skip
         PretrainRecipe(cfg).run()
     except (ValueError, FileExistsError, FileNotFoundError) as e:
-        _fail(str(e))
+        _fail(e)

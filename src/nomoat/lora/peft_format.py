@@ -34,6 +34,7 @@ from nomoat import __version__
 from nomoat.config.lora import LoRAConfig
 from nomoat.lora.inject import FUSED_GROUPS, has_fused_projections, inject_lora, lora_layers
 from nomoat.lora.merge import lora_state_dict
+from nomoat.util.errors import InputError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -50,7 +51,7 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError, ValueError):
     """An adapter folder that cannot be written or loaded: missing files, unsupported options, misfitting tensors."""
 
 

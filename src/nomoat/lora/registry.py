@@ -33,6 +33,7 @@ from nomoat.lora.peft_format import (
     read_adapter_config,
     weights_file,
 )
+from nomoat.util.errors import NotFoundError
 
 HOME_ENV = "NOMOAT_HOME"
 TMP_PREFIX = ".tmp-"
@@ -42,15 +43,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 NAME_RULES = f"1-{MAX_NAME} characters from A-Z a-z 0-9 . _ -, not starting with '.' or '-' (a name, never a path)"
 
 
-class AdapterNotFoundError(KeyError):
+class AdapterNotFoundError(NotFoundError, KeyError):
     """No adapter of this name in the registry; the message lists the known names and a close match."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def validate_name(name: str) -> str:

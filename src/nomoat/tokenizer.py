@@ -27,6 +27,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from nomoat.util.errors import InputError, ModelError
+from nomoat.util.files import read_json
 
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerNotFoundError"]
 
@@ -59,8 +60,7 @@ def _token_content(value: Any) -> str | None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """Load a JSON object from `path`, or return {} when the file does not exist."""
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return data if isinstance(data, dict) else {}
+    return read_json(path, missing_ok=True, error=ModelError)
 
 
 def _has_decoder_type(node: Any, name: str) -> bool:

@@ -140,7 +140,7 @@ def adapters_show(
 def adapters_import(
     folder: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder, e.g. runs/NAME/adapter.")],
     name: Annotated[
-        str | None, typer.Option(help="Registry name [default: the folder's name, or NAME for runs/NAME/adapter].")
+        str | None, typer.Option(help="Registry name.", show_default="the folder's name, or NAME for runs/NAME/adapter")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an adapter of the same name.")] = False,
 ) -> None:

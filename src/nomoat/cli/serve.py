@@ -57,12 +57,13 @@ def serve(
     api_key: Annotated[
         str | None, Opt("--api-key", envvar="NOMOAT_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
-    name: Annotated[str | None, Opt(help="The base model's name in the API [default: the folder's name].")] = None,
+    name: Annotated[str | None, Opt(help="The base model's name in the API.", show_default="the folder's name")] = None,
     max_running: Annotated[int, Opt("--max-running", help="Requests decoded together (batch rows).")] = 8,
     max_queue: Annotated[int, Opt("--max-queue", help="Requests allowed to wait; beyond it 429.")] = 64,
     max_loaded_adapters: Annotated[int, Opt("--max-loaded-adapters", help="Adapters kept in memory (LRU).")] = 8,
     max_seq_len: Annotated[
-        int | None, Opt("--max-seq-len", help="Tokens per request, prompt + completion [default: context, <= 4096].")
+        int | None,
+        Opt("--max-seq-len", help="Tokens per request, prompt + completion.", show_default="context, <= 4096"),
     ] = None,
     max_prompt_tokens: Annotated[int | None, Opt("--max-prompt-tokens", help="Longest prompt accepted.")] = None,
     max_completion_tokens: Annotated[

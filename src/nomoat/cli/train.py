@@ -41,15 +41,18 @@ def train(
         Opt("--columns", help="Map a format field to your column: FIELD=COLUMN (repeatable)."),
     ] = None,
     name: Annotated[str | None, Opt(help="Run name (folder under --output-dir); needed to --resume.")] = None,
-    output_dir: Annotated[str | None, Opt("--output-dir", help="Parent folder of run folders [default: runs].")] = None,
-    rank: Annotated[int | None, Opt("--rank", "-r", help="LoRA rank [default: 16].")] = None,
-    alpha: Annotated[float | None, Opt(help="LoRA alpha [default: 32].")] = None,
-    dropout: Annotated[float | None, Opt(help="LoRA dropout [default: 0].")] = None,
+    output_dir: Annotated[
+        str | None, Opt("--output-dir", help="Parent folder of run folders.", show_default="runs")
+    ] = None,
+    rank: Annotated[int | None, Opt("--rank", "-r", help="LoRA rank.", show_default="16")] = None,
+    alpha: Annotated[float | None, Opt(help="LoRA alpha.", show_default="32")] = None,
+    dropout: Annotated[float | None, Opt(help="LoRA dropout.", show_default="0")] = None,
     target: Annotated[
         list[str] | None,
         Opt(
             "--target",
-            help="Module name to adapt (repeatable), or all-linear [default: attention and MLP projections].",
+            help="Module name to adapt (repeatable), or all-linear.",
+            show_default="attention and MLP projections",
         ),
     ] = None,
     dora: Annotated[
@@ -64,25 +67,29 @@ def train(
         list[str] | None,
         Opt("--train-module", help="Also train this module fully: embed_tokens or lm_head (repeatable)."),
     ] = None,
-    seq_len: Annotated[int | None, Opt("--seq-len", help="Longest training row in tokens [default: 1024].")] = None,
+    seq_len: Annotated[
+        int | None, Opt("--seq-len", help="Longest training row in tokens.", show_default="1024")
+    ] = None,
     packing: Annotated[
         bool | None,
-        Opt("--packing/--no-packing", help="Pack short examples into full rows [default: on].", show_default=False),
+        Opt("--packing/--no-packing", help="Pack short examples into full rows.", show_default="on"),
     ] = None,
-    batch_size: Annotated[int | None, Opt("--batch-size", "-b", help="Rows per micro-batch [default: 4].")] = None,
+    batch_size: Annotated[int | None, Opt("--batch-size", "-b", help="Rows per micro-batch.", show_default="4")] = None,
     grad_accum: Annotated[
         int | None,
-        Opt("--grad-accum", help="Micro-batches per optimizer step [default: 1]."),
+        Opt("--grad-accum", help="Micro-batches per optimizer step.", show_default="1"),
     ] = None,
-    epochs: Annotated[float | None, Opt(help="Passes over the data [default: 1].")] = None,
+    epochs: Annotated[float | None, Opt(help="Passes over the data.", show_default="1")] = None,
     max_steps: Annotated[int | None, Opt("--max-steps", help="Optimizer steps (overrides --epochs).")] = None,
-    lr: Annotated[float | None, Opt(help="Peak learning rate [default: 2e-4].")] = None,
-    schedule: Annotated[str | None, Opt(help="cosine, linear or constant [default: cosine].")] = None,
-    warmup_steps: Annotated[int | None, Opt("--warmup-steps", help="Warmup steps [default: 3% of the steps].")] = None,
-    weight_decay: Annotated[float | None, Opt("--weight-decay", help="AdamW weight decay [default: 0].")] = None,
+    lr: Annotated[float | None, Opt(help="Peak learning rate.", show_default="2e-4")] = None,
+    schedule: Annotated[str | None, Opt(help="cosine, linear or constant.", show_default="cosine")] = None,
+    warmup_steps: Annotated[
+        int | None, Opt("--warmup-steps", help="Warmup steps.", show_default="3% of the steps")
+    ] = None,
+    weight_decay: Annotated[float | None, Opt("--weight-decay", help="AdamW weight decay.", show_default="0")] = None,
     max_grad_norm: Annotated[
         float | None,
-        Opt("--max-grad-norm", help="Gradient clipping norm, 0 to disable [default: 1]."),
+        Opt("--max-grad-norm", help="Gradient clipping norm, 0 to disable.", show_default="1"),
     ] = None,
     grad_checkpointing: Annotated[
         bool | None,
@@ -94,7 +101,7 @@ def train(
     ] = None,
     train_on: Annotated[
         str | None,
-        Opt("--train-on", help="Tokens with a loss: assistant, all or last [default: assistant]."),
+        Opt("--train-on", help="Tokens with a loss: assistant, all or last.", show_default="assistant"),
     ] = None,
     val_fraction: Annotated[
         float | None,
@@ -106,7 +113,7 @@ def train(
         int | None,
         Opt("--save-every", help="Steps between checkpoints (0: only at the end)."),
     ] = None,
-    seed: Annotated[int | None, Opt(help="Seed for initialisation, dropout and data order [default: 42].")] = None,
+    seed: Annotated[int | None, Opt(help="Seed for initialisation, dropout and data order.", show_default="42")] = None,
     dtype: Annotated[str | None, Opt(help="auto (fp32 on CPU, bf16 autocast on CUDA), float32 or bfloat16.")] = None,
     device: Annotated[str | None, Opt(help="auto, cpu or cuda.")] = None,
     quantize_base: Annotated[

@@ -38,9 +38,10 @@ def fail(message: str | Exception, hint: str | None = None) -> NoReturn:
 
 def report(error: NomoatError) -> None:
     """Print an error for the user: `error: MESSAGE` in red on stderr, then `hint: HINT` when there is one."""
-    typer.secho(f"error: {error.message}", fg=typer.colors.RED, err=True)
-    if error.hint:
-        typer.secho(f"hint: {error.hint}", err=True)
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    hint = getattr(error, "hint", None)  # a subclass with its own __init__ may not have set it
+    if hint:
+        typer.secho(f"hint: {hint}", err=True)
 
 
 @contextmanager

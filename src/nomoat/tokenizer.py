@@ -27,6 +27,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from nomoat.util.errors import InputError, ModelError
+from nomoat.util.files import read_json
+
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerNotFoundError"]
 
 # The named special tokens transformers keeps in `special_tokens_map`, in its order.
@@ -39,11 +42,11 @@ _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
-class TokenizerNotFoundError(FileNotFoundError):
+class TokenizerNotFoundError(ModelError, FileNotFoundError):
     """Raised when a model folder has no `tokenizer.json`."""
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InputError, ValueError):
     """Raised for a missing chat template, a template's `raise_exception(...)`, or a template that fails to render."""
 
 
@@ -58,8 +61,7 @@ def _token_content(value: Any) -> str | None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """Load a JSON object from `path`, or return {} when the file does not exist."""
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return data if isinstance(data, dict) else {}
+    return read_json(path, missing_ok=True, error=ModelError)
 
 
 def _has_decoder_type(node: Any, name: str) -> bool:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from nomoat.util import errors as util_errors
+
 __all__ = [
     "FORMATS", "ROLES", "Conversation", "DataError", "Example", "FormatSpec", "NoTrainableTokensError", "Preference",
     "RecordError", "Source", "Text", "detect_format", "parse_record", "register_format", "rename_columns",
@@ -40,7 +42,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(util_errors.DataError, ValueError):
     """A dataset problem; the message names the file, line (or row), field, what is wrong and what to do.
 
     Attributes:

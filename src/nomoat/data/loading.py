@@ -9,7 +9,6 @@ header is line 1) and JSON arrays (the line where the record starts), `file row 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import itertools
 import json
@@ -30,6 +29,7 @@ from nomoat.data.formats import (
     detect_format,
     parse_record,
 )
+from nomoat.util.files import sha256_file
 
 __all__ = ["SUFFIXES", "Dataset", "load_dataset", "read_records"]
 
@@ -59,14 +59,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.examples)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _expand(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -280,7 +272,7 @@ def load_dataset(
                 raise DataError(errors, more=True)
         if count == 0:
             raise DataError(f"{path}: no records in the file" + (" (only a header)" if path.suffix == ".csv" else ""))
-        info.append({"path": str(path), "sha256": _sha256(path), "records": count})
+        info.append({"path": str(path), "sha256": sha256_file(path), "records": count})
     if errors:
         raise DataError(errors)
     for w in warnings:

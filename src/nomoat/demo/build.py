@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from nomoat.demo import tasks
+from nomoat.util.files import read_json
 
 SEED = 0
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -121,7 +122,7 @@ def train_tokenizer(corpus: list[str], folder: Path, vocab_size: int = VOCAB_SIZ
 
 def model_config(tokenizer_dir: Path) -> dict[str, Any]:
     """The Hugging Face `config.json` of the demo model, with the tokenizer's vocabulary and special ids."""
-    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tok = read_json(tokenizer_dir / "tokenizer.json")
     vocab = len(tok["model"]["vocab"])
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
     return {**MODEL_CONFIG, "vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"],

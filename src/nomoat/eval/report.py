@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nomoat.util.files import atomic_write_json
 
 __all__ = ["MetricRow", "Report", "plot_report", "print_report", "write_json"]
 
@@ -121,7 +122,6 @@ def print_report(report: Report, console: Any = None) -> None:
 def write_json(report: Report, path: str | Path) -> Path:
     """Write `report.to_dict()` as indented JSON (NaN and infinities as null); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not math.isfinite(x):
@@ -132,7 +132,7 @@ def write_json(report: Report, path: str | Path) -> Path:
             return [clean(v) for v in x]
         return x
 
-    path.write_text(json.dumps(clean(report.to_dict()), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_json(path, clean(report.to_dict()), ensure_ascii=False)
     return path
 
 

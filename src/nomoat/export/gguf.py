@@ -10,9 +10,6 @@ refused: a wrong pre-tokenizer silently changes how llama.cpp tokenizes. `gguf_l
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +27,7 @@ from nomoat.lora.peft_format import AdapterError
 from nomoat.models.checkpoint import CheckpointError, load_config, load_model
 from nomoat.models.families import UnsupportedModelError, rope_inv_freq
 from nomoat.tokenizer import Tokenizer, TokenizerNotFoundError
+from nomoat.util.files import atomic_path, read_json
 
 QT = gguf.GGMLQuantizationType
 # --outtype -> (general.file_type, the type of 2-D weights).
@@ -190,7 +188,7 @@ def gguf_vocab(model_dir: str | Path, vocab_size: int, tokenizer_pre: str | None
         tokenizer = Tokenizer.from_dir(folder)
     except TokenizerNotFoundError as e:
         raise ExportError(str(e)) from e
-    tok_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tok_json = read_json(folder / "tokenizer.json", error=ExportError)
     model = tok_json.get("model", {})
     if model.get("type") != "BPE":
         raise ExportError(
@@ -405,16 +403,8 @@ def write_atomically(out: str | Path, write: Callable[[Path], None]) -> Path:
     out = Path(out).expanduser()
     if out.is_dir():
         raise ExportError(f"{out} is a folder; a GGUF export writes one file (e.g. {out / 'model.gguf'})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(out) as tmp:
         write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 

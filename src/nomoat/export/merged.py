@@ -15,13 +15,14 @@ import torch
 from nomoat.lora.apply import merge_adapters
 from nomoat.lora.peft_format import AdapterError
 from nomoat.models.checkpoint import CheckpointError, load_model, resolve_dtype, save_model
+from nomoat.util.errors import ModelError
 
 # Files besides the weights that make a model folder usable: tokenizer, chat template, generation defaults.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
               "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
 
 
-class ExportError(ValueError):
+class ExportError(ModelError, ValueError):
     """The model or an adapter cannot be exported; the message says why."""
 
 

@@ -17,13 +17,10 @@ parents adapt is combined from those alone (both peft's rules). DARE with a give
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,12 +41,11 @@ from nomoat.lora.peft_format import (
     AdapterError,
     _normalise_peft_key,
     _peft_config,
-    _read_json,
-    _replace_dir,
     read_adapter_config,
     read_provenance,
     weights_file,
 )
+from nomoat.util.files import atomic_dir, read_json, sha256_file
 
 # peft's combination types. Those mixing A and B separately need equal ranks; the *_svd ones mix full deltas.
 AB_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -155,14 +151,6 @@ def _check_options(method: str, n: int, density: float | None, rank: int | None,
         raise CombineError("no adapters to combine: give at least one")
 
 
-def _sha256(file: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load(parent: Parent) -> _Loaded:
     """Read one parent folder; refuse what peft's combination cannot express (DoRA, modules_to_save, embeddings)."""
     path = Path(parent.path).expanduser()
@@ -194,9 +182,9 @@ def _load(parent: Parent) -> _Loaded:
         modules[module] = (ab["A"], ab["B"])
     if not modules:
         raise CombineError(f"{file}: holds no LoRA tensors")
-    raw = _read_json(path / CONFIG_FILE)
+    raw = read_json(path / CONFIG_FILE, error=AdapterError)
     return _Loaded(Parent(path, float(parent.weight), parent.name or path.name), cfg, raw, read_provenance(path),
-                   modules, _sha256(file))  # fmt: skip
+                   modules, sha256_file(file))  # fmt: skip
 
 
 def _base_of(p: _Loaded) -> tuple[str | None, str | None]:
@@ -487,22 +475,16 @@ def save_combined(combined: CombinedAdapter, folder: str | os.PathLike) -> Path:
         The folder's path.
     """
     dest = Path(folder).expanduser()
-    dest.parent.mkdir(parents=True, exist_ok=True)
     prov = {
         **combined.provenance,
         "nomoat_version": __version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "lora_config": combined.lora_config.to_dict(),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         save_file(combined.tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(combined.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2, default=str) + "\n", encoding="utf-8")
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,8 @@ from nomoat import __version__
 from nomoat.config.lora import LoRAConfig
 from nomoat.lora.inject import FUSED_GROUPS, has_fused_projections, inject_lora, lora_layers
 from nomoat.lora.merge import lora_state_dict
+from nomoat.util.errors import InputError
+from nomoat.util.files import atomic_dir, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -48,7 +48,7 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError, ValueError):
     """An adapter folder that cannot be written or loaded: missing files, unsupported options, misfitting tensors."""
 
 
@@ -73,16 +73,6 @@ def _peft_config(cfg: LoRAConfig, target_modules: list[str], base_model_name_or_
     }  # fmt: skip
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from e
-    if not isinstance(data, dict):
-        raise AdapterError(f"{file}: expected a JSON object")
-    return data
-
-
 def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:
     """Read a PEFT `adapter_config.json` as a `LoRAConfig`; unknown fields are ignored.
 
@@ -94,7 +84,7 @@ def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise AdapterError(f"{path}: no {CONFIG_FILE}, so this is not a PEFT adapter folder")
-    data = _read_json(file)
+    data = read_json(file, error=AdapterError)
     peft_type = str(data.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"{file}: peft_type is {peft_type!r}; nomoat loads LoRA (and DoRA) adapters only")
@@ -126,7 +116,7 @@ def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:
 def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
     """The contents of an adapter folder's `nomoat.json`, or `{}` for an adapter made elsewhere."""
     file = Path(folder) / PROVENANCE_FILE
-    return _read_json(file) if file.is_file() else {}
+    return read_json(file, missing_ok=True, error=AdapterError)
 
 
 # ---- key maps ---------------------------------------------------------------------------------------------------
@@ -296,32 +286,11 @@ def save_adapter(
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "lora_config": {**cfg.to_dict(), "target_modules": cfg.target_modules},
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2, default=str) + "\n", encoding="utf-8")
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename `src` to `dest`; an existing `dest` is moved aside first and deleted only after the swap."""
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.rmdir(old)
-    os.replace(dest, old)
-    try:
-        os.replace(src, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def weights_file(path: Path) -> Path:

@@ -25,10 +25,11 @@ from nomoat.lora.peft_format import (
     CONFIG_FILE,
     PROVENANCE_FILE,
     AdapterError,
-    _replace_dir,
     read_adapter_config,
     weights_file,
 )
+from nomoat.util.errors import NotFoundError
+from nomoat.util.files import atomic_dir, fsync_dir, fsync_tree, read_json, replace_dir
 
 HOME_ENV = "NOMOAT_HOME"
 TMP_PREFIX = ".tmp-"
@@ -38,15 +39,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 NAME_RULES = f"1-{MAX_NAME} characters from A-Z a-z 0-9 . _ -, not starting with '.' or '-' (a name, never a path)"
 
 
-class AdapterNotFoundError(KeyError):
+class AdapterNotFoundError(NotFoundError, KeyError):
     """No adapter of this name in the registry; the message lists the known names and a close match."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def validate_name(name: str) -> str:
@@ -113,40 +107,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{file}: cannot read JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise AdapterError(f"{file}: expected a JSON object")
-    return data
-
-
 def _folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file (and the folder) to disk, so the rename that follows publishes complete data."""
-    for f in sorted(folder.rglob("*")):
-        if f.is_file() and not f.is_symlink():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform can open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -252,8 +214,8 @@ class Registry:
         size = _folder_size(folder)
         created = datetime.fromtimestamp(folder.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
         try:
-            config = _read_json(folder / CONFIG_FILE)
-            prov = _read_json(folder / PROVENANCE_FILE) if (folder / PROVENANCE_FILE).is_file() else {}
+            config = read_json(folder / CONFIG_FILE, error=AdapterError)
+            prov = read_json(folder / PROVENANCE_FILE, missing_ok=True, error=AdapterError)
         except AdapterError as e:
             return AdapterInfo(name, folder, None, None, None, False, created, size, error=str(e))
         base = prov.get("base_model")
@@ -288,8 +250,8 @@ class Registry:
             "path": str(folder),
             "size_bytes": _folder_size(folder),
             "files": sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()),
-            "adapter_config": _read_json(folder / CONFIG_FILE),
-            "provenance": _read_json(prov_file) if prov_file.is_file() else {},
+            "adapter_config": read_json(folder / CONFIG_FILE, error=AdapterError),
+            "provenance": read_json(prov_file, missing_ok=True, error=AdapterError),
         }
 
     # ---- writing -----------------------------------------------------------------------------------------------
@@ -325,9 +287,9 @@ class Registry:
 
     def _publish(self, tmp: Path, dest: Path) -> None:
         """Rename the complete folder `tmp` to `dest`; an existing `dest` is moved aside first, deleted after."""
-        _fsync_tree(tmp)
-        _replace_dir(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_tree(tmp)
+        replace_dir(tmp, dest)
+        fsync_dir(dest.parent)
 
     def import_adapter(self, src_dir: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> Path:
         """Copy a PEFT LoRA adapter folder (made by nomoat, by `peft`, or downloaded) into the registry.
@@ -411,15 +373,8 @@ class Registry:
             raise FileExistsError(f"{dest} is not empty; choose an empty or new folder, or overwrite it (--force)")
         if dest.resolve() == src.resolve() or src.resolve() in dest.resolve().parents:
             raise ValueError(f"cannot export {name!r} into itself ({dest})")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        try:
+        with atomic_dir(dest) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-            _fsync_tree(tmp)
-            _replace_dir(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dest
 
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from nomoat.lora.peft_format import AdapterError
 from nomoat.lora.registry import AdapterNotFoundError, Registry, validate_name
+from nomoat.util.errors import BusyError, NomoatError, NotFoundError, UsageError
 
 
 class AdapterHost(Protocol):
@@ -30,19 +31,19 @@ class AdapterHost(Protocol):
         """Unload an adapter."""
 
 
-class UnknownModelError(LookupError):
+class UnknownModelError(NotFoundError, LookupError):
     """The model name names no base and no adapter (404)."""
 
 
-class BadModelError(ValueError):
+class BadModelError(UsageError, ValueError):
     """The model name is malformed, e.g. a bad weight (400)."""
 
 
-class AdapterBusyError(RuntimeError):
+class AdapterBusyError(BusyError, RuntimeError):
     """Every adapter slot is used by running requests (429: retry later)."""
 
 
-class AdapterConflictError(RuntimeError):
+class AdapterConflictError(NomoatError, RuntimeError):
     """The name is taken by another folder, or the adapter to unload is in use (409)."""
 
 

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,16 +22,22 @@ from nomoat.util.errors import NomoatError
 _CHUNK = 1 << 22
 
 
-def fsync_tree(folder: Path) -> None:
+# POSIX flushes a file through a read-only handle (a copied read-only file too); Windows needs write access.
+_FSYNC_MODE = "rb+" if os.name == "nt" else "rb"
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
     """Flush every file under `folder` (and the folder itself) to disk, so a rename that follows publishes it whole."""
+    folder = Path(folder)
     for f in sorted(folder.rglob("*")):
         if f.is_file() and not f.is_symlink():
-            with open(f, "rb+") as fh:
+            with open(f, _FSYNC_MODE) as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it, say) to disk, where the platform allows it."""
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -44,21 +51,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file path beside `path`; renamed onto `path` when the block ends without an exception.
 
     For writers that want a file name (safetensors' `save_file`, `Figure.savefig`). The temporary file is removed
-    when the block raises.
+    when the block raises. The file gets the permissions a plain `open(path, "w")` would give it (umask applied).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_file(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
+        with open(tmp, _FSYNC_MODE) as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _new_file(path: Path) -> Path:
+    """Create an empty file `.NAME.XXXXXXXX.tmp` beside `path`, mode 0o666 less the umask (mkstemp's is 0o600)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

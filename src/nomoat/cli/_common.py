@@ -1,17 +1,65 @@
-"""What the command modules share: error exit, number formatting, model loading, adapter resolution, options."""
+"""What the command modules share: the error handler, number formatting, model loading, adapter resolution, options.
+
+Errors: library code raises `NomoatError`s (message + hint); a command refuses bad options with `fail`. Either way
+`Group.invoke`, the one handler, prints `error: MESSAGE` (and `hint: HINT`) on stderr and exits with the error's
+`exit_code`, without a traceback.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
+
+from nomoat.util.errors import NomoatError
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print `error: MESSAGE` in red on stderr and exit with `code` (no traceback)."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+class CommandError(NomoatError):
+    """A command's own refusal (options that do not fit together, a value out of range); raised by `fail`.
+
+    Not a ValueError, so a command's `except ValueError` around a library call never catches its own refusal.
+    """
+
+
+def fail(message: str | Exception, hint: str | None = None) -> NoReturn:
+    """Stop the command: the handler prints `error: MESSAGE` (and the hint) on stderr and exits with code 2.
+
+    Given a caught exception, a `NomoatError` goes on as it is (with its own hint and exit code); any other
+    becomes a `CommandError` with its text.
+    """
+    if isinstance(message, NomoatError):
+        raise message
+    raise CommandError(str(message), hint)
+
+
+def report(error: NomoatError) -> None:
+    """Print an error for the user: `error: MESSAGE` in red on stderr, then `hint: HINT` when there is one."""
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    hint = getattr(error, "hint", None)  # a subclass with its own __init__ may not have set it
+    if hint:
+        typer.secho(f"hint: {hint}", err=True)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a `NomoatError` raised in the block into its printed report and exit code (no traceback)."""
+    try:
+        yield
+    except NomoatError as e:
+        report(e)
+        raise typer.Exit(e.exit_code) from None
+
+
+class Group(TyperGroup):
+    """The `nomoat` command group: every command (and subcommand) runs inside the one error handler."""
+
+    def invoke(self, ctx: Any) -> Any:  # noqa: D102
+        with user_errors():
+            return super().invoke(ctx)
 
 
 def human(n: float, unit: str = "") -> str:
@@ -32,14 +80,11 @@ def load_for_inference(
 ):
     """Load a model and tokenizer for generation, optionally quantized; exits with a clear error on bad input."""
     import nomoat
-    from nomoat.models.checkpoint import CheckpointError
-    from nomoat.models.families import UnsupportedModelError
-    from nomoat.tokenizer import TokenizerNotFoundError
 
     try:
         m, tok = nomoat.load(model, dtype=dtype, device=device)
-    except (CheckpointError, UnsupportedModelError, TokenizerNotFoundError, ValueError) as e:
-        fail(str(e))
+    except ValueError as e:  # a model-loading error (CheckpointError, UnsupportedModelError...) or a bad option
+        fail(e)
     apply_adapters(m, adapters, tok)
     if quantize:
         from nomoat.models.quantize import quantize_model
@@ -47,7 +92,7 @@ def load_for_inference(
         try:
             quantize_model(m, quantize)
         except ValueError as e:
-            fail(str(e))
+            fail(e)
     from nomoat.models.packed import pack_model
 
     pack_model(m)  # generation only: the remaining fp32 CPU linears get oneDNN-packed weights (about 1.4x faster)
@@ -73,7 +118,7 @@ def sampling(
             stop=list(stop or []), repetition_penalty=repetition_penalty,
         )  # fmt: skip
     except ValueError as e:
-        fail(str(e))
+        fail(e)
 
 
 def parse_adapter(spec: str) -> tuple[str, float]:
@@ -115,13 +160,12 @@ def apply_adapters(m, adapters: list[str] | None, tok=None) -> None:  # noqa: AN
     """
     if not adapters:
         return
-    from nomoat.lora import AdapterError
     from nomoat.lora.apply import merge_adapters
 
     try:
         merged = merge_adapters(m, resolve_adapters(adapters))
-    except (AdapterError, ValueError) as e:
-        fail(str(e))
+    except ValueError as e:  # AdapterError, or a plain ValueError from the library
+        fail(e)
     template = next((a.chat_template for a in merged if a.chat_template), None)
     if tok is not None and tok.chat_template is None and template:
         tok.chat_templates["default"] = template

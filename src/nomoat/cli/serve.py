@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from nomoat.commands._common import Device, Dtype, Model, Quantize, fail
+from nomoat.cli._common import Device, Dtype, Model, Quantize, fail, report
+from nomoat.util.errors import NomoatError
 
 Opt = typer.Option
 
@@ -56,12 +57,13 @@ def serve(
     api_key: Annotated[
         str | None, Opt("--api-key", envvar="NOMOAT_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
-    name: Annotated[str | None, Opt(help="The base model's name in the API [default: the folder's name].")] = None,
+    name: Annotated[str | None, Opt(help="The base model's name in the API.", show_default="the folder's name")] = None,
     max_running: Annotated[int, Opt("--max-running", help="Requests decoded together (batch rows).")] = 8,
     max_queue: Annotated[int, Opt("--max-queue", help="Requests allowed to wait; beyond it 429.")] = 64,
     max_loaded_adapters: Annotated[int, Opt("--max-loaded-adapters", help="Adapters kept in memory (LRU).")] = 8,
     max_seq_len: Annotated[
-        int | None, Opt("--max-seq-len", help="Tokens per request, prompt + completion [default: context, <= 4096].")
+        int | None,
+        Opt("--max-seq-len", help="Tokens per request, prompt + completion.", show_default="context, <= 4096"),
     ] = None,
     max_prompt_tokens: Annotated[int | None, Opt("--max-prompt-tokens", help="Longest prompt accepted.")] = None,
     max_completion_tokens: Annotated[
@@ -102,7 +104,7 @@ def serve(
     )  # fmt: skip
 
     def load():  # noqa: ANN202
-        from nomoat.commands._common import load_for_inference
+        from nomoat.cli._common import load_for_inference
         from nomoat.generate.engine import Engine
 
         m, tok = load_for_inference(model, quantize, dtype, device)
@@ -122,7 +124,9 @@ def serve(
                    f".chat.completions.create(model='{base}', messages=[...])", err=True)  # fmt: skip
 
     def failed(exc: BaseException) -> None:
-        if not isinstance(exc, typer.Exit):  # `fail` already printed its message
+        if isinstance(exc, NomoatError):  # raised in the loading thread: reported as the handler would
+            report(exc)
+        else:
             typer.secho(f"error: could not load {model}: {exc}", fg=typer.colors.RED, err=True)
         if server is not None:
             server.should_exit = True
@@ -135,8 +139,3 @@ def serve(
     server.run()
     if app.state.error:
         raise typer.Exit(1)
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the `nomoat` app."""
-    app.command()(serve)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from nomoat.commands._common import fail, parse_adapter, resolve_adapters
+from nomoat.cli._common import fail, parse_adapter, resolve_adapters
 
 METHOD_HELP = (
     "How to combine (peft's add_weighted_adapter semantics): cat (exact weighted sum of the updates, rank = sum of "
@@ -108,14 +108,10 @@ def merge(
 
         nomoat merge a b --method svd --rank 8 --into-base models/llama --out merged/
     """
-    from nomoat.lora.combine import CombineError, Parent, check_method, combine_adapters, save_combined
-    from nomoat.lora.peft_format import AdapterError
+    from nomoat.lora.combine import Parent, check_method, combine_adapters, save_combined
     from nomoat.lora.registry import Registry, validate_name
 
-    try:
-        check_method(method)
-    except CombineError as e:
-        fail(str(e))
+    check_method(method)  # a CombineError (a NomoatError) for an unknown method
     if into_base is not None and out is None:
         fail("--into-base writes a full model: say where with --out DIR")
     if into_base is not None and name is not None:
@@ -130,7 +126,7 @@ def merge(
         try:
             validate_name(name)
         except ValueError as e:
-            fail(str(e))
+            fail(e)
         if name in registry and not force:
             fail(f"an adapter named {name!r} is already in the registry; choose another --name or pass --force")
     values = _weights(adapters, weights)
@@ -147,22 +143,19 @@ def merge(
             majority_sign=majority_sign,
             allow_different_bases=allow_different_bases,
         )
-    except (AdapterError, ValueError, OSError) as e:
-        fail(str(e))
+    except (ValueError, OSError) as e:  # AdapterError and CombineError are ValueErrors
+        fail(e)
     for warning in combined.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     plural = "s" * (len(parents) != 1)
     what = f"{len(parents)} adapter{plural} with {combined.provenance['effective_method']} (r={combined.lora_config.r})"
     try:
         if into_base is not None:
-            from nomoat.export.merged import ExportError, export_merged
+            from nomoat.export.merged import export_merged
 
             with tempfile.TemporaryDirectory(prefix="nomoat-merge-") as tmp:
                 adapter = save_combined(combined, Path(tmp) / "adapter")
-                try:
-                    written = export_merged(into_base, [(adapter, 1.0)], out, dtype=dtype)
-                except ExportError as e:
-                    fail(str(e))
+                written = export_merged(into_base, [(adapter, 1.0)], out, dtype=dtype)
             typer.echo(f"merged {what} into {into_base}: wrote {written}")
         elif out is not None:
             combined.provenance["name"] = name
@@ -172,10 +165,5 @@ def merge(
             with tempfile.TemporaryDirectory(prefix="nomoat-merge-") as tmp:
                 dest = registry.import_adapter(save_combined(combined, Path(tmp) / name), name=name, overwrite=force)
             typer.echo(f"merged {what} into the registry as {name!r} ({dest})")
-    except (AdapterError, ValueError, OSError) as e:
-        fail(str(e))
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the `nomoat` app."""
-    app.command("merge")(merge)
+    except (ValueError, OSError) as e:  # AdapterError and ExportError are ValueErrors
+        fail(e)

@@ -1,0 +1,123 @@
+"""`nomoat eval`: perplexity, task accuracy and multiple choice, base and adapters side by side."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nomoat.cli._common import Device, Dtype, MaxTokens, Model, fail, parse_adapter, resolve_adapters
+
+EvalAdapter = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", "-a", help="Adapter folder or registry name, with :WEIGHT; repeat for more columns."),
+]
+
+
+def _column_names(specs: list[str], folders: list[Path]) -> list[str]:
+    """A column name per adapter: its registry name or folder name (`runs/NAME/adapter` -> NAME), plus `:WEIGHT`."""
+    names: list[str] = []
+    for spec, folder in zip(specs, folders):
+        path, weight = parse_adapter(spec)
+        name = folder.parent.name if folder.name == "adapter" and folder.parent.name else folder.name
+        name = name if Path(path).expanduser().is_dir() else path  # a registry name stays as typed
+        name += f":{weight:g}" if weight != 1.0 else ""
+        name = "base-adapter" if name == "base" else name
+        unique, k = name, 2
+        while unique in names:
+            unique, k = f"{name}-{k}", k + 1
+        names.append(unique)
+    return names
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+
+        def start(description: str, total: int) -> Callable[[int], None]:
+            task = bar.add_task(description, total=total)
+            return lambda n: bar.advance(task, n)
+
+        yield start
+
+
+def evaluate(
+    model: Model,
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            "--data",
+            "-d",
+            help="Data file (repeatable): task items (JSONL: prompt/answer, or "
+            "prompt/choices/answer) or text/chat data for perplexity.",
+        ),
+    ],
+    adapter: EvalAdapter = None,
+    kind: Annotated[
+        str, typer.Option(help="auto (per file, from its first record), perplexity, tasks or choice.")
+    ] = "auto",
+    limit: Annotated[int | None, typer.Option(help="Use at most N items (records) per file.")] = None,
+    max_tokens: MaxTokens = 64,
+    system: Annotated[str | None, typer.Option(help="System prompt for task items without their own.")] = None,
+    match: Annotated[
+        str | None, typer.Option(help="Default match mode of generation items: exact, contains or regex.")
+    ] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Prompt through the chat template (default: when the model has one).",
+            show_default=False,
+        ),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON to this file.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a grouped bar chart (PNG) to this file.")] = None,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Score the base model and each adapter side by side: task accuracy, multiple choice, perplexity.
+
+    Each --adapter (a folder or registry name, with an optional :WEIGHT) is a column next to `base`. Task items
+    are generated greedily and matched against their answers (exact, contains or regex); multiple-choice items
+    are scored by the log-likelihood of each choice (acc and acc_norm); other data is scored by perplexity
+    (text on every token, chat on the assistant's tokens).
+    """
+    import nomoat
+    from nomoat.eval import compare, plot_report, print_report, write_json
+
+    resolved = resolve_adapters(adapter)
+    folders, weights = [f for f, _ in resolved], [w for _, w in resolved]
+    names = _column_names(list(adapter or []), folders)
+    try:
+        m, tok = nomoat.load(model, dtype=dtype, device=device)
+    except ValueError as e:  # a model-loading error (CheckpointError, UnsupportedModelError...) or a bad option
+        fail(e)
+    if tok.chat_template is None:  # a base without a template: prompt as the adapters were trained
+        templates = [f / "chat_template.jinja" for f in folders if (f / "chat_template.jinja").is_file()]
+        if templates:
+            tok.chat_templates["default"] = templates[0].read_text(encoding="utf-8")
+    try:
+        with _progress_bar(progress) as bar:
+            report = compare(
+                m, tok, data, dict(zip(names, zip(folders, weights))), kind=kind, limit=limit,
+                max_new_tokens=max_tokens, system=system, chat=chat, match=match, model_name=str(model),
+                progress=bar,
+            )  # fmt: skip
+    except ValueError as e:  # DataError, AdapterError, or a plain ValueError from the library
+        fail(e)
+    print_report(report)
+    if json_out is not None:
+        typer.echo(f"wrote {write_json(report, json_out)}")
+    if plot is not None:
+        typer.echo(f"wrote {plot_report(report, plot)}")

@@ -1,0 +1,146 @@
+"""`nomoat generate` (one prompt, streamed) and `nomoat chat` (a terminal chat, local or against a server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nomoat.cli._common import (
+    Adapter,
+    Compile,
+    Device,
+    Dtype,
+    MaxTokens,
+    MinP,
+    Model,
+    Quantize,
+    Seed,
+    Stop,
+    Temperature,
+    TopK,
+    TopP,
+)
+from nomoat.cli._common import fail as _fail
+from nomoat.cli._common import load_for_inference as _load_for_inference
+from nomoat.cli._common import sampling as _sampling
+
+
+def generate(
+    model: Model,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")],
+    max_tokens: MaxTokens = 128,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    adapter: Adapter = None,
+    quantize: Quantize = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user message in the chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")] = False,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    compile_decode: Compile = False,
+) -> None:
+    """Generate a completion for one prompt, streamed to the terminal."""
+    from nomoat.generate.engine import Completion, Engine
+
+    params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
+    m, tok = _load_for_inference(model, quantize, dtype, device, adapter)
+    text = prompt
+    if chat:
+        if tok.chat_template is None:
+            _fail(f"{model} has no chat template; run without --chat")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=not chat)
+    engine = Engine(m, tok, max_running=1, prefix_cache_bytes=0, compile=compile_decode)
+    try:
+        handle = engine.submit(ids, params)
+    except ValueError as e:
+        _fail(e)
+    for event in handle:
+        if isinstance(event, Completion):
+            if as_json:
+                record = {k: v for k, v in vars(event).items() if k != "logprobs"}
+                typer.echo(json.dumps(record, ensure_ascii=False))
+            else:
+                typer.echo()
+                rate = f"{event.decode_tokens_per_s:.1f} tok/s" if event.decode_tokens_per_s else "-"
+                typer.secho(f"[{event.completion_tokens} tokens, {event.finish_reason}, {rate}]", dim=True, err=True)
+        elif not as_json:
+            typer.echo(event.text, nl=False)
+
+
+def chat(
+    model: Annotated[
+        Path | None,
+        typer.Argument(help="A Hugging Face-format model folder; with --server, a model name on the server."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    adapter: Adapter = None,
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.95,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    seed: Seed = None,
+    quantize: Quantize = None,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    compile_decode: Compile = False,
+    server: Annotated[
+        str | None,
+        typer.Option(help="Chat with a running `nomoat serve` (or any OpenAI-compatible server) at this URL."),
+    ] = None,
+    server_model: Annotated[
+        str | None,
+        typer.Option("--model", help="With --server: the base (default), an adapter, or a stack base+a:1.0+b:0.5."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="With --server: the server's API key.", envvar="NOMOAT_API_KEY", show_envvar=True),
+    ] = None,
+) -> None:
+    """Chat with a model in the terminal, with its chat template, streaming and history.
+
+    Type a message and press Enter. End a line with a backslash to continue on the next line, or wrap a block in
+    triple quotes. Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit.
+
+    With --server URL the model runs on that server (`nomoat serve`), not here: MODEL or --model names it there,
+    --adapter names adapters there to stack on it.
+    """
+    from nomoat.generate.chat import ChatSession, run_terminal_chat
+
+    params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, None)
+    if server:
+        from nomoat.generate.remote import RemoteChatSession, RemoteError
+
+        if quantize or compile_decode or dtype != "auto" or device != "auto":
+            typer.secho("note: --quantize, --compile, --dtype and --device are the server's business; ignored",
+                        dim=True, err=True)  # fmt: skip
+        if model is not None and server_model is not None:
+            _fail("give the server's model once: as MODEL or as --model")
+        wanted = server_model if server_model is not None else (str(model) if model is not None else None)
+        with RemoteChatSession(server, params, system=system, api_key=api_key) as session:
+            try:
+                name = session.connect(wanted, adapter)
+            except RemoteError as e:
+                _fail(e)
+            typer.secho(f"(model {name} on {session.base_url})", dim=True, err=True)
+            run_terminal_chat(session)
+        return
+    if model is None:
+        _fail("give a model folder, or --server URL to chat with a running server")
+    if server_model is not None:
+        _fail("--model picks a model on a server: use it with --server (a local model is the MODEL argument)")
+    from nomoat.generate.engine import Engine
+
+    m, tok = _load_for_inference(model, quantize, dtype, device, adapter)
+    if tok.chat_template is None:
+        _fail(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja); use `nomoat generate`")
+    engine = Engine(m, tok, max_running=1, compile=compile_decode)
+    run_terminal_chat(ChatSession(m, tok, params, system=system, engine=engine))

@@ -1,33 +1,23 @@
-"""Tokenizers and chat templates for Hugging Face model folders, equal to what transformers' `AutoTokenizer` gives.
+"""The `Tokenizer` of a Hugging Face model folder, equal to what transformers' `AutoTokenizer` gives.
 
 `Tokenizer.from_dir(folder)` reads `tokenizer.json` (the source of truth for encoding and decoding, through the
-`tokenizers` library) and the folder's config files (special tokens, chat templates); `apply_chat_template` renders
-with the same sandboxed Jinja environment, filters, globals and post-processing as transformers. An
-`IncrementalDetokenizer` (`Tokenizer.stream_decoder`) turns a stream of token ids into text deltas that never split
-a character. Only `tokenizers` and `jinja2` are needed: transformers is a test oracle, never a dependency.
+`tokenizers` library) and the folder's config files (special tokens, chat templates). An `IncrementalDetokenizer`
+(`Tokenizer.stream_decoder`) turns a stream of token ids into text deltas that never split a character.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
+from collections.abc import Iterable, Mapping, Sequence
 from os.path import commonprefix
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.parser
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from nomoat.util.errors import InputError, ModelError
+from nomoat.tokenizer.chat_template import ChatTemplateError, plain_data, render_chat
+from nomoat.util.errors import ModelError
 from nomoat.util.files import read_json
 
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerNotFoundError"]
@@ -35,8 +25,6 @@ __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "Tokenize
 # The named special tokens transformers keeps in `special_tokens_map`, in its order.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Names a message's reasoning is passed under; the first is the standard one templates read (as in transformers).
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # transformers' `clean_up_tokenization` replacements, in order.
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -46,8 +34,6 @@ class TokenizerNotFoundError(ModelError, FileNotFoundError):
     """Raised when a model folder has no `tokenizer.json`."""
 
 
-class ChatTemplateError(InputError, ValueError):
-    """Raised for a missing chat template, a template's `raise_exception(...)`, or a template that fails to render."""
 
 
 def _token_content(value: Any) -> str | None:
@@ -416,9 +402,9 @@ class Tokenizer:
             raise TypeError("Tools must be JSON schemas (dicts); nomoat does not convert Python functions to schemas.")
         if any(not isinstance(document, Mapping) for document in documents or []):
             raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
-        context = _plain({**self.special_tokens_map, **kwargs})
-        tools, documents = _plain(tools), _plain(documents)
-        rendered = [_render(template, c, tools, documents, add_generation_prompt, continue_final_message, context)
+        context = plain_data({**self.special_tokens_map, **kwargs})
+        tools, documents = plain_data(tools), plain_data(documents)
+        rendered = [render_chat(template, c, tools, documents, add_generation_prompt, continue_final_message, context)
                     for c in chats]
         out: list[Any] = [self.encode(r, add_special_tokens=False) for r in rendered] if tokenize else rendered
         return out if batched else out[0]
@@ -426,181 +412,6 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={self.special_tokens_map}, "
                 f"eos_token_ids={self.eos_token_ids}, chat_templates={sorted(self.chat_templates)})")
-
-
-# --------------------------------------------------------------------------------------------------- chat rendering
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON-like types, as transformers' `_plain_template_data` does.
-
-    Sandboxed templates must not reach methods of rich objects (arrays, images, ...), so anything unknown becomes an
-    inert placeholder such as "<ndarray>"; subclasses of str/int/float (enums, numpy scalars) lose their methods.
-    """
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if type(value).__module__ == "numpy" and type(value).__name__ != "ndarray" and hasattr(value, "item"):
-        return _plain(value.item())  # numpy scalar: np.bool_(False) must stay falsy
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):  # pydantic models
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-def _render(
-    template: str,
-    chat: list[Any],
-    tools: Any,
-    documents: Any,
-    add_generation_prompt: bool,
-    continue_final_message: bool | str,
-    context: dict[str, Any],
-) -> str:
-    """Render one conversation (transformers' `render_jinja_template` for a single chat)."""
-    chat = _plain(chat)
-    for message in chat:
-        if not isinstance(message, dict):
-            raise TypeError(f"Chat messages should be dicts, dataclasses or pydantic models, but got {message!r}.")
-    # Older names for reasoning are copied to `reasoning_content` (and `thinking`, which gpt-oss templates read).
-    reasonings = [next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None) for m in chat]
-    chat = [m if r is None else {"thinking": r, **m, "reasoning_content": r} for m, r in zip(chat, reasonings)]
-    final_message: Any = None
-    if continue_final_message:
-        if not chat:
-            raise ValueError("continue_final_message is set but the conversation is empty!")
-        field = continue_final_message if isinstance(continue_final_message, str) else "content"
-        final_message = chat[-1].get(field)
-        if final_message is None:
-            raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue!')
-        fields = [field]
-        if field in _REASONING_FIELDS:  # reasoning is copied under several names: tag every copy
-            fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final_message]
-        if not any(f in template for f in fields):
-            raise ValueError(f'continue_final_message is set to "{field}" but this is not an accepted field in '
-                             "the chat_template")
-        if isinstance(final_message, (list, tuple)):
-            for block in reversed(final_message):
-                if "text" in block:  # continue the last text block
-                    final_message = block["text"]
-                    block["text"] = block["text"] + _CONTINUE_TAG
-                    break
-            else:
-                raise ValueError("continue_final_message is set but we could not find any text to continue in the "
-                                 "final message!")
-        else:
-            for f in fields:
-                chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
-    try:
-        rendered = _compile(template).render(
-            messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **context
-        )
-    except ChatTemplateError:
-        raise
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"Chat template failed: {e}") from e
-    if continue_final_message:
-        if final_message.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:
-            raise ValueError(
-                "continue_final_message is set but the final message does not appear in the chat after applying "
-                "the chat template! This can happen if the chat template deletes portions of the final message. "
-                f"Final message to continue: {final_message.strip()}\nRendered chat:\n{rendered}"
-            )
-        loc = rendered.rindex(_CONTINUE_TAG.strip())
-        # If the template kept the tag's trailing space it preserves spacing; else trailing spaces were trimmed.
-        kept = rendered[loc:loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG
-        rendered = rendered[:loc] if kept else rendered[:loc].rstrip()
-    return rendered
-
-
-def _raise_exception(message: str) -> None:
-    """The `raise_exception` global of chat templates."""
-    raise ChatTemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    """The `tojson` filter of transformers: plain `json.dumps` (Jinja's own escapes HTML characters)."""
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    """The `strftime_now` global: the current local time, formatted."""
-    return datetime.now().strftime(format)
-
-
-class _TemplateDict:
-    """The `dict` global: a limited stand-in so templates cannot reach the real type through attributes."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        """Same as `dict.fromkeys`."""
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """A Jinja `namespace` that refuses underscore-prefixed attributes (no route to CPython internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        # Same signature trick as Jinja's Namespace, so that `namespace(self=...)` still works.
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}."
-            )
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """Accept `{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker) and render its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        """Parse the block into a call that just renders its body."""
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller: Callable[[], str]) -> str:
-        return caller()
-
-
-@lru_cache(maxsize=64)
-def _compile(template: str) -> jinja2.Template:
-    """Compile a chat template in transformers' sandboxed environment (cached: templates are re-used a lot)."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_TemplateNamespace)
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"Chat template has a syntax error: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------- streaming decode
@@ -701,5 +512,3 @@ class IncrementalDetokenizer:
         delta = self._clean(text[len(commonprefix([text, self._prefix_text])):], final=True)
         self._ids, self._read, self._prefix_text = [], 0, ""
         return delta
-
-

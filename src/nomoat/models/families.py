@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from nomoat.config.model import ModelConfig
+from nomoat.util.errors import ModelError
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ModelError, ValueError):
     """Raised for a `config.json` nomoat cannot run: an unknown family or an unsupported feature."""
 
 

@@ -378,3 +378,35 @@ def test_cli_eval_registry_adapter_is_a_column(plain, tmp_path, monkeypatch):
     model, tok = _load(model_dir)
     api = evaluate_tasks(model, tok, [{"prompt": "w5 w6", "choices": ["w7", "w8 w9"], "answer": 0}], {"a": root / "a"})
     assert report["details"]["mc.jsonl"][0]["logprobs"]["sql"] == pytest.approx(api.items[0].logprobs["a"], abs=1e-6)
+
+
+def test_adapters_are_never_merged_unless_asked(plain, tmp_path, monkeypatch):
+    """By default plain adapters decode from the engine's bank, DoRA in LoRA layers, and scoring runs LoRA layers:
+    nothing is merged. `merge=True` (`--merge`) merges each adapter in its turn, with the same results."""
+    import nomoat.eval.columns as columns_mod
+
+    model_dir, root = plain
+    model, tok = _load(model_dir)
+    tasks = _write(tmp_path / "qa.jsonl", [{"prompt": "w5 w17 w99", "answer": "w1"},
+                                           {"prompt": "w7 w8", "answer": "x"}])  # fmt: skip
+    choice = _write(tmp_path / "mc.jsonl", [{"prompt": "w5 w6", "choices": ["w7", "w8 w9"], "answer": 0}])
+    text = _write(tmp_path / "val.jsonl", [{"text": "w5 w6 w7 w8"}, {"text": "w9 w10 w11"}])
+    specs = {"a": (root / "a", 0.5), "d": root / "d"}
+    merges = []
+    real = columns_mod.merge_adapters
+    monkeypatch.setattr(columns_mod, "merge_adapters", lambda m, a: merges.append(a) or real(m, a))
+    banked = compare(model, tok, [tasks, choice, text], specs, max_new_tokens=4)
+    assert merges == []
+    merged = compare(model, tok, [tasks, choice, text], specs, max_new_tokens=4, merge=True)
+    assert len(merges) == 2 * 3  # each adapter, once per file
+    for a, b in zip(banked.rows, merged.rows):
+        assert (a.data, a.metric) == (b.data, b.metric)
+        for name in ("base", "a", "d"):
+            assert a.values[name] == pytest.approx(b.values[name], rel=1e-5), (a.metric, name)
+    assert banked.details["qa.jsonl"][0]["predictions"] == merged.details["qa.jsonl"][0]["predictions"]
+    assert perplexity(model, ["w5 w6 w7 w8", "w9 w10 w11"], tok).perplexity == banked.rows[-1].values["base"]
+    result = runner.invoke(app, ["eval", str(model_dir), "--adapter", str(root / "a"), "--merge", "--data", text,
+                                 "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stack = runner.invoke(app, ["eval", str(model_dir), "--adapter", f"{root / 'a'}+{root / 'd'}", "--data", text])
+    assert stack.exit_code == 2 and "a stack; give one adapter here" in stack.output

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from nomoat.commands._common import Device, Dtype, MaxTokens, Model, fail, parse_adapter, resolve_adapters
+from nomoat.commands._common import Device, Dtype, MaxTokens, Merge, Model, fail, parse_adapter, resolve_adapters
 
 EvalAdapter = Annotated[
     list[str] | None,
@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
             ),
         ],
         adapter: EvalAdapter = None,
+        merge: Merge = False,
         kind: Annotated[
             str, typer.Option(help="auto (per file, from its first record), perplexity, tasks or choice.")
         ] = "auto",
@@ -107,6 +108,8 @@ def register(app: typer.Typer) -> None:
         from nomoat.models.families import UnsupportedModelError
         from nomoat.tokenizer import TokenizerNotFoundError
 
+        for spec in adapter or []:
+            parse_adapter(spec)  # one adapter per column: a stack exits here
         resolved = resolve_adapters(adapter)
         folders, weights = [f for f, _ in resolved], [w for _, w in resolved]
         names = _column_names(list(adapter or []), folders)
@@ -123,7 +126,7 @@ def register(app: typer.Typer) -> None:
                 report = compare(
                     m, tok, data, dict(zip(names, zip(folders, weights))), kind=kind, limit=limit,
                     max_new_tokens=max_tokens, system=system, chat=chat, match=match, model_name=str(model),
-                    progress=bar,
+                    progress=bar, merge=merge,
                 )  # fmt: skip
         except (DataError, AdapterError, ValueError) as e:
             fail(str(e))

@@ -1,15 +1,16 @@
 """The LoRA update, written once: on activations (`lora_delta`, every forward pass) and as a weight (`delta_weight`).
 
-`lora_delta` is what the training layer (`LoRALinear`) and the serving bank (`AdapterBank`'s layers) add to their base
-output; `delta_weight` is what merging adds to a base weight. Both keep PEFT's order of operations (`x A^T`, then
-`B`, then the scaling), so outputs agree with `peft` to rounding.
+`lora_delta` is what the training layer (`LoRALinear`) and the serving bank (`AdapterBank`'s layers) add to their
+base output; `lora_up` is its second half, for training's fused functions that keep `x A^T` for their backward pass.
+`delta_weight` is what merging adds to a base weight. All keep PEFT's order of operations (`x A^T`, then `B`, then
+the scaling), so outputs agree with `peft` to rounding.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["delta_weight", "lora_delta"]
+__all__ = ["delta_weight", "lora_delta", "lora_up"]
 
 
 def lora_delta(
@@ -28,7 +29,15 @@ def lora_delta(
     Returns:
         The update (..., out) in `x`'s dtype, or `out` with the update added.
     """
-    xa = x @ a.t()  # (..., r)
+    return lora_up(x @ a.t(), b, scaling, out)  # x A^T: (..., r)
+
+
+def lora_up(xa: torch.Tensor, b: torch.Tensor, scaling: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The second half of `lora_delta`, for callers that keep the rank-r product `xa = x A^T` (..., r) themselves.
+
+    Training's fused autograd functions (`lora.group`, the SwiGLU down projection in `lora.layers`) need `xa` for
+    their backward pass, so they compute it once and pass it here. Arguments as in `lora_delta`.
+    """
     if out is None:
         return (xa @ b.t()) * scaling  # (..., out)
     if out._base is not None:

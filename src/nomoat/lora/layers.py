@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nomoat.config.lora import LoRAConfig
-from nomoat.lora.delta import delta_weight, lora_delta
+from nomoat.lora.delta import delta_weight, lora_delta, lora_up
 from nomoat.lora.nf4 import NF4Linear
 from nomoat.models import fused_ops
 from nomoat.models.quantize import QuantizedLinear
@@ -62,7 +62,7 @@ class _SwiGLUDownLoRA(torch.autograd.Function):
         lead = p.shape[:-1]
         p2 = p.reshape(-1, p.shape[-1])  # (N, I)
         a = p2 @ lora_a.t()  # (N, r)
-        y = F.linear(p2, weight, bias).addmm_(a, lora_b.t(), alpha=scaling)  # (N, out), the update in place
+        y = lora_up(a, lora_b, scaling, out=F.linear(p2, weight, bias))  # (N, out), the update in place
         ctx.save_for_backward(gate, up, a, weight, lora_a, lora_b)
         ctx.scaling = scaling
         return y.view(*lead, y.shape[-1])

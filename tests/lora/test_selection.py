@@ -112,7 +112,7 @@ def test_names_only_where_paths_are_not_allowed():
     for bad in ("runs/a", "../a", ".hidden", "-a", "a b", "x" * 65):
         with pytest.raises(AdapterNameError, match="is not an adapter name") as info:
             parse_selection(bad, paths=False)
-        assert "no folder paths here" in info.value.hint
+        assert "a name, never a path" in info.value.hint
 
 
 def test_server_model_field_keeps_what_clients_send():

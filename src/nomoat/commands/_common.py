@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from nomoat.lora.selection import AdapterSelection
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -29,12 +32,12 @@ class InferenceAdapters:
     """How a loaded model runs its adapters: what the engine's bank loads, and what each request selects.
 
     Attributes:
-        bank: Name -> folder of each adapter to load into the engine's bank (empty when they were merged).
         selection: The selection every request runs with (empty when merged: the base weights hold them).
+        bank: Name -> folder of each adapter to load into the engine's bank (empty when they were merged).
     """
 
+    selection: AdapterSelection
     bank: dict[str, Path] = field(default_factory=dict)
-    selection: Any = None
 
 
 def load_for_inference(
@@ -87,9 +90,9 @@ def load_with_adapters(
                     "weights (as --merge does)", dim=True, err=True)  # fmt: skip
     if folders and (merge or unbankable):
         _merge_into(m, folders)
-        out = InferenceAdapters({}, type(selection)())
+        out = InferenceAdapters(type(selection)())
     else:
-        out = InferenceAdapters(dict(zip(selection.names, (f for f, _ in folders))), selection)
+        out = InferenceAdapters(selection, dict(zip(selection.names, (f for f, _ in folders))))
     if quantize:
         from nomoat.models.quantize import quantize_model
 
@@ -168,7 +171,7 @@ def _selection_error(e: Exception) -> None:
     fail(f"{e}; {hint}" if hint else str(e))
 
 
-def parse_selection(specs: list[str] | None):  # noqa: ANN201
+def parse_selection(specs: list[str] | None) -> AdapterSelection:
     """The `--adapter` values (each in the grammar of `nomoat.lora.selection`) as one `AdapterSelection`, in order."""
     from nomoat.lora.selection import AdapterSelection, SelectionError
 
@@ -190,7 +193,7 @@ def parse_adapter(spec: str) -> tuple[str, float]:
     return selection.items[0]
 
 
-def resolve_selection(selection) -> list[tuple[Path, float]]:  # noqa: ANN001
+def resolve_selection(selection: AdapterSelection) -> list[tuple[Path, float]]:
     """Each adapter of a selection as (folder, weight): a folder as given, else a registry name; exits when unknown."""
     from nomoat.util.errors import InputError
 

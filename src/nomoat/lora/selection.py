@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from nomoat.lora.registry import NAME_RULES, AdapterNotFoundError, Registry, validate_name
 from nomoat.util.errors import InputError, UsageError
 
 __all__ = ["BASE", "AdapterNameError", "AdapterSelection", "SelectionError", "parse_selection"]
 
 BASE = "none"
 EXAMPLES = "NAME, NAME:0.5, a:1+b:0.5, a folder path, or none for the base model"
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -123,7 +123,7 @@ class AdapterSelection:
 
     # ---- finding the folders ------------------------------------------------------------------------------------
 
-    def folders(self, registry: object | None = None) -> list[tuple[Path, float]]:
+    def folders(self, registry: Registry | None = None) -> list[tuple[Path, float]]:
         """Each adapter's folder with its weight: an existing folder as given, else the registry's adapter of that name.
 
         Args:
@@ -132,21 +132,28 @@ class AdapterSelection:
         Raises:
             InputError: An adapter is neither a folder nor a registry name (the message names close matches).
         """
-        from nomoat.lora.registry import AdapterNotFoundError, Registry
-
         out = []
         for adapter, weight in self.items:
             folder = Path(adapter).expanduser()
             if not folder.is_dir():  # not a folder: a name in the adapter registry (`nomoat adapters list`)?
-                if not _NAME.fullmatch(adapter) or adapter.startswith((".", "-")):
+                if not _is_name(adapter):
                     raise InputError(f"adapter {adapter!r} not found: give the adapter folder (with "
                                      "adapter_config.json) or a registry name (`nomoat adapters list`)")  # fmt: skip
                 try:
-                    folder = (registry or Registry()).path(adapter)  # type: ignore[attr-defined]
+                    folder = (registry or Registry()).path(adapter)
                 except AdapterNotFoundError as e:
                     raise InputError(f"adapter {adapter!r} not found: it is not a folder, and {e.message}") from None
             out.append((folder, weight))
         return out
+
+
+def _is_name(text: str) -> bool:
+    """Whether `text` is a valid adapter name (the registry's rule)."""
+    try:
+        validate_name(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_dir(text: str) -> bool:
@@ -181,9 +188,8 @@ def _part(part: str, text: str, paths: bool) -> tuple[str, float]:
         raise SelectionError(f"adapter selection {text!r}: {ref!r} is neither an adapter name nor an existing folder",
                              "a folder path may contain ':' or '+' only when that folder exists, and then alone "
                              "(with an optional :WEIGHT); check the path")  # fmt: skip
-    if not paths and not (_NAME.fullmatch(ref) and not ref.startswith((".", "-"))):
-        raise AdapterNameError(f"{ref!r} is not an adapter name",
-                               "a name has 1-64 characters from A-Z a-z 0-9 . _ - (no folder paths here)")  # fmt: skip
+    if not paths and not _is_name(ref):
+        raise AdapterNameError(f"{ref!r} is not an adapter name", f"an adapter name has {NAME_RULES}")
     if ref == BASE:
         raise SelectionError(f"adapter selection {text!r}: {BASE!r} (the base model) cannot be stacked or weighted",
                              f"leave it out, or write ./{BASE} for a folder of that name")  # fmt: skip

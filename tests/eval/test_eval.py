@@ -410,3 +410,31 @@ def test_adapters_are_never_merged_unless_asked(plain, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     stack = runner.invoke(app, ["eval", str(model_dir), "--adapter", f"{root / 'a'}+{root / 'd'}", "--data", text])
     assert stack.exit_code == 2 and "a stack; give one adapter here" in stack.output
+
+
+def test_fully_trained_module_adapter_scores_as_peft_and_leaves_the_base(plain, tmp_path):
+    """An adapter with `modules_to_save` (lm_head trained fully) is scored in LoRA layers, as peft scores it, and
+    the model's own lm_head comes back unchanged (merged or not)."""
+    model_dir, _ = plain
+    _adapter(model_dir, tmp_path / "m", seed=4, modules_to_save=["lm_head"])
+    with torch.no_grad():  # give the fully trained lm_head different values, so that it matters
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(tmp_path / "m" / "adapter_model.safetensors")
+        for key in tensors:
+            if "lm_head" in key:
+                tensors[key] = tensors[key] + 0.05 * torch.randn(tensors[key].shape,
+                                                                 generator=torch.Generator().manual_seed(5))
+        save_file(tensors, tmp_path / "m" / "adapter_model.safetensors", metadata={"format": "pt"})
+    model, tok = _load(model_dir)
+    head = model.lm_head.weight.detach().clone()
+    texts = ["w5 w6 w7 w8 w9", "w40 w41 w42"]
+    layers = evaluate_perplexity(model, tok, texts, adapters={"m": tmp_path / "m"})
+    merged = evaluate_perplexity(model, tok, texts, adapters={"m": tmp_path / "m"}, merge=True)
+    assert torch.equal(model.lm_head.weight, head)
+    ref_model = peft.PeftModel.from_pretrained(load_hf(model_dir), tmp_path / "m").eval()
+    ref = [_hf_sum_logprob(ref_model, ids, ids) for ids in ([1, *tok.encode(t, False), 2] for t in texts)]
+    expected = -sum(s for s, _ in ref) / sum(n for _, n in ref)
+    assert layers["m"].nll == pytest.approx(expected, rel=1e-5) and merged["m"].nll == pytest.approx(expected, rel=1e-5)
+    assert layers["m"].nll != layers["base"].nll
+    assert perplexity(model, texts, tok).nll == layers["base"].nll

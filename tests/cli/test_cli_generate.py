@@ -101,3 +101,131 @@ def test_generate_quantized(model_dir, mode):
     assert json.loads(result.output.strip().splitlines()[-1])["completion_tokens"] >= 1
     bad = runner.invoke(app, ["generate", str(path), "-p", "w5", "--quantize", "int3"])
     assert bad.exit_code == 2 and "int3" in bad.output
+
+
+# ---- adapters: the engine's bank by default, merged into the base with --merge --------------------------------------
+
+
+def _adapter(model_dir, out, seed: int, **cfg):
+    """A LoRA adapter with random A and B (so it changes the model), saved in PEFT format."""
+    from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter
+    from nomoat.models.checkpoint import load_model
+
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    config = LoRAConfig(**{"r": 4, "alpha": 8, **cfg})
+    inject_lora(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(model, out, config, base_model_name_or_path=str(model_dir))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir, tmp_path_factory):
+    path, _ = model_dir
+    root = tmp_path_factory.mktemp("adapters")
+    return {"a": _adapter(path, root / "a", seed=1), "b": _adapter(path, root / "b", seed=2, target_modules=["v_proj"]),
+            "d": _adapter(path, root / "d", seed=3, use_dora=True)}  # fmt: skip
+
+
+def _tokens(path, *args):
+    result = runner.invoke(app, ["generate", str(path), "-p", "w5 w77 w300", "--max-tokens", "10", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])["token_ids"]
+
+
+def _peft_tokens(path, adapter_dir, n=10):
+    import peft
+
+    from hf_models import load_hf
+
+    model = peft.PeftModel.from_pretrained(load_hf(path), adapter_dir).eval()
+    out = model.generate(torch.tensor([[5, 77, 300]]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         eos_token_id=2)[0, 3:].tolist()  # fmt: skip
+    return out[: out.index(2)] if 2 in out else out
+
+
+def test_generate_adapter_in_the_bank_equals_merge_and_peft(model_dir, adapters, monkeypatch):
+    """The default decodes with the adapter in the engine's bank (nothing is merged); --merge merges first."""
+    import nomoat.lora.apply as apply_mod
+
+    path, _ = model_dir
+    ref = _peft_tokens(path, adapters["a"])
+    assert ref != _tokens(path)  # the adapter changes the output
+    merges = []
+    real = apply_mod.merge_adapters
+    monkeypatch.setattr(apply_mod, "merge_adapters", lambda m, a: merges.append(a) or real(m, a))
+    assert _tokens(path, "--adapter", str(adapters["a"])) == ref
+    assert merges == []  # the bank applied it
+    assert _tokens(path, "--adapter", str(adapters["a"]), "--merge") == ref
+    assert merges == [[(adapters["a"], 1.0)]]
+
+
+def test_generate_stack_bank_equals_merge(model_dir, adapters):
+    """A weighted stack, written with + or as repeated options, gives the merged model's greedy tokens."""
+    path, _ = model_dir
+    a, b = adapters["a"], adapters["b"]
+    merged = _tokens(path, "--adapter", f"{a}:0.7", "--adapter", f"{b}:-0.5", "--merge")
+    assert merged != _tokens(path, "--adapter", f"{a}:0.7", "--merge")  # the second adapter matters
+    assert _tokens(path, "--adapter", f"{a}:0.7+{b}:-0.5") == merged
+    assert _tokens(path, "--adapter", f"{a}:0.7", "--adapter", f"{b}:-0.5") == merged
+    assert _tokens(path, "--adapter", f"{a}:0") == _tokens(path)  # weight 0 is the base
+    assert _tokens(path, "--adapter", "none") == _tokens(path)
+    bad = runner.invoke(app, ["generate", str(path), "-p", "w5", "--adapter", f"{a}:x"])
+    assert bad.exit_code == 2 and "is not a weight" in bad.output and "write" in bad.output
+    twice = runner.invoke(app, ["generate", str(path), "-p", "w5", "--adapter", str(a), "--adapter", str(a)])
+    assert twice.exit_code == 2 and "appears twice" in twice.output
+
+
+def test_generate_dora_adapter_is_merged_with_a_note(model_dir, adapters):
+    """The bank cannot apply DoRA per request: the adapters are merged (the note says so), as peft decodes."""
+    path, _ = model_dir
+    ref = _peft_tokens(path, adapters["d"])
+    result = runner.invoke(app, ["generate", str(path), "-p", "w5 w77 w300", "--max-tokens", "10", "--json",
+                                 "--adapter", str(adapters["d"])])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "is a DoRA adapter" in result.output and "merging the adapters" in result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["token_ids"] == ref
+    assert _tokens(path, "--adapter", str(adapters["d"]), "--merge") == ref
+
+
+def test_generate_quantized_base_with_adapter_in_the_bank(model_dir, adapters):
+    path, _ = model_dir
+    base = _tokens(path, "--quantize", "int8")
+    tuned = _tokens(path, "--quantize", "int8", "--adapter", str(adapters["a"]))
+    assert tuned != base and len(tuned) >= 1
+
+
+def test_chat_with_adapter_bank_equals_merge(model_dir, adapters):
+    path, _ = model_dir
+    lines = "w5 w6\nw7\n/exit\n"
+
+    def transcript(*args):
+        result = runner.invoke(app, ["chat", str(path), "--max-tokens", "6", "--temperature", "0", *args], input=lines)
+        assert result.exit_code == 0, result.output
+        answers = [part.split("\n[", 1)[0] for part in result.output.split("bot> ")[1:]]
+        assert len(answers) == 2
+        return answers
+
+    banked = transcript("--adapter", f"{adapters['a']}:0.8")
+    assert banked == transcript("--adapter", f"{adapters['a']}:0.8", "--merge")
+    assert banked != transcript()
+
+
+def test_chat_session_runs_its_selection(model_dir, adapters):
+    import nomoat
+    from nomoat.generate.chat import ChatSession
+    from nomoat.generate.engine import Engine
+    from nomoat.generate.sampling import SamplingParams
+    from nomoat.lora.selection import parse_selection
+
+    path, _ = model_dir
+    model, tok = nomoat.load(path, dtype="float32", device="cpu")
+    engine = Engine(model, tok, max_running=1, adapters={"a": adapters["a"]})
+    params = SamplingParams(temperature=0, max_new_tokens=5)
+    tuned = list(ChatSession(model, tok, params, engine=engine, adapter=parse_selection("a")).send("w5"))[-1]
+    base = list(ChatSession(model, tok, params, engine=engine).send("w5"))[-1]
+    again = list(ChatSession(model, tok, params, engine=engine, adapter=parse_selection("a")).send("w5"))[-1]
+    assert tuned.token_ids == again.token_ids != base.token_ids

@@ -378,3 +378,63 @@ def test_cli_eval_registry_adapter_is_a_column(plain, tmp_path, monkeypatch):
     model, tok = _load(model_dir)
     api = evaluate_tasks(model, tok, [{"prompt": "w5 w6", "choices": ["w7", "w8 w9"], "answer": 0}], {"a": root / "a"})
     assert report["details"]["mc.jsonl"][0]["logprobs"]["sql"] == pytest.approx(api.items[0].logprobs["a"], abs=1e-6)
+
+
+def test_adapters_are_never_merged_unless_asked(plain, tmp_path, monkeypatch):
+    """By default plain adapters decode from the engine's bank, DoRA in LoRA layers, and scoring runs LoRA layers:
+    nothing is merged. `merge=True` (`--merge`) merges each adapter in its turn, with the same results."""
+    import nomoat.eval.columns as columns_mod
+
+    model_dir, root = plain
+    model, tok = _load(model_dir)
+    tasks = _write(tmp_path / "qa.jsonl", [{"prompt": "w5 w17 w99", "answer": "w1"},
+                                           {"prompt": "w7 w8", "answer": "x"}])  # fmt: skip
+    choice = _write(tmp_path / "mc.jsonl", [{"prompt": "w5 w6", "choices": ["w7", "w8 w9"], "answer": 0}])
+    text = _write(tmp_path / "val.jsonl", [{"text": "w5 w6 w7 w8"}, {"text": "w9 w10 w11"}])
+    specs = {"a": (root / "a", 0.5), "d": root / "d"}
+    merges = []
+    real = columns_mod.merge_adapters
+    monkeypatch.setattr(columns_mod, "merge_adapters", lambda m, a: merges.append(a) or real(m, a))
+    banked = compare(model, tok, [tasks, choice, text], specs, max_new_tokens=4)
+    assert merges == []
+    merged = compare(model, tok, [tasks, choice, text], specs, max_new_tokens=4, merge=True)
+    assert len(merges) == 2 * 3  # each adapter, once per file
+    for a, b in zip(banked.rows, merged.rows):
+        assert (a.data, a.metric) == (b.data, b.metric)
+        for name in ("base", "a", "d"):
+            assert a.values[name] == pytest.approx(b.values[name], rel=1e-5), (a.metric, name)
+    assert banked.details["qa.jsonl"][0]["predictions"] == merged.details["qa.jsonl"][0]["predictions"]
+    assert perplexity(model, ["w5 w6 w7 w8", "w9 w10 w11"], tok).perplexity == banked.rows[-1].values["base"]
+    result = runner.invoke(app, ["eval", str(model_dir), "--adapter", str(root / "a"), "--merge", "--data", text,
+                                 "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stack = runner.invoke(app, ["eval", str(model_dir), "--adapter", f"{root / 'a'}+{root / 'd'}", "--data", text])
+    assert stack.exit_code == 2 and "a stack; give one adapter here" in stack.output
+
+
+def test_fully_trained_module_adapter_scores_as_peft_and_leaves_the_base(plain, tmp_path):
+    """An adapter with `modules_to_save` (lm_head trained fully) is scored in LoRA layers, as peft scores it, and
+    the model's own lm_head comes back unchanged (merged or not)."""
+    model_dir, _ = plain
+    _adapter(model_dir, tmp_path / "m", seed=4, modules_to_save=["lm_head"])
+    with torch.no_grad():  # give the fully trained lm_head different values, so that it matters
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(tmp_path / "m" / "adapter_model.safetensors")
+        for key in tensors:
+            if "lm_head" in key:
+                tensors[key] = tensors[key] + 0.05 * torch.randn(tensors[key].shape,
+                                                                 generator=torch.Generator().manual_seed(5))
+        save_file(tensors, tmp_path / "m" / "adapter_model.safetensors", metadata={"format": "pt"})
+    model, tok = _load(model_dir)
+    head = model.lm_head.weight.detach().clone()
+    texts = ["w5 w6 w7 w8 w9", "w40 w41 w42"]
+    layers = evaluate_perplexity(model, tok, texts, adapters={"m": tmp_path / "m"})
+    merged = evaluate_perplexity(model, tok, texts, adapters={"m": tmp_path / "m"}, merge=True)
+    assert torch.equal(model.lm_head.weight, head)
+    ref_model = peft.PeftModel.from_pretrained(load_hf(model_dir), tmp_path / "m").eval()
+    ref = [_hf_sum_logprob(ref_model, ids, ids) for ids in ([1, *tok.encode(t, False), 2] for t in texts)]
+    expected = -sum(s for s, _ in ref) / sum(n for _, n in ref)
+    assert layers["m"].nll == pytest.approx(expected, rel=1e-5) and merged["m"].nll == pytest.approx(expected, rel=1e-5)
+    assert layers["m"].nll != layers["base"].nll
+    assert perplexity(model, texts, tok).nll == layers["base"].nll

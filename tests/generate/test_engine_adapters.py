@@ -154,3 +154,19 @@ def test_grouped_matmul_path_equals_loop_and_merged(setup, tmp_path, monkeypatch
     with torch.no_grad(), bank.plan(plan):
         after = model(torch.cat([ids[1:3], ids[4:]]))
     torch.testing.assert_close(after, torch.cat([grouped[1:3], grouped[4:]]), rtol=1e-5, atol=1e-5)
+
+
+def test_requests_take_parsed_selections(setup):
+    """A selection parsed from the one grammar goes to `submit` as it is, and decodes as its `(name, weight)` pairs."""
+    from nomoat.lora.selection import SelectionError, parse_selection
+
+    model_dir, root = setup
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    engine = Engine(model, Tokenizer.from_dir(model_dir), max_running=2, adapters={"a": root / "a", "b": root / "b"})
+    params = SamplingParams(max_new_tokens=N, ignore_eos=True, temperature=0)
+    parsed = engine.generate(PROMPT, params, adapter=parse_selection("a+b:0.5")).token_ids
+    assert parsed == engine.generate(PROMPT, params, adapter=(("a", 1.0), ("b", 0.5))).token_ids
+    assert parsed == _merged_greedy(model_dir, [(root / "a", 1.0), (root / "b", 0.5)])
+    assert engine.generate(PROMPT, params, adapter=parse_selection("none")).token_ids == _peft_greedy(model_dir, None)
+    with pytest.raises(SelectionError, match="unknown adapter 'c'"):
+        engine.submit(PROMPT, params, adapter=parse_selection("a+c"))

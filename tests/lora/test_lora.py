@@ -293,3 +293,41 @@ def test_fused_swiglu_down_matches_plain_autograd(tmp_path, monkeypatch):
     assert g_f.keys() == g_p.keys()
     for name in g_f:
         torch.testing.assert_close(g_f[name], g_p[name], atol=1e-7, rtol=1e-4)
+
+
+def test_one_delta_function_serves_the_training_layer_and_the_bank(monkeypatch):
+    """`LoRALinear` and the bank's per-row layer both add `lora_delta` (the same numbers), and it is the textbook
+    `scaling * x A^T B^T`; `delta_weight` is `scaling * B A`, the update merging adds."""
+    import nomoat.lora.bank as bank_mod
+    import nomoat.lora.layers as layers_mod
+    from nomoat.lora.delta import delta_weight, lora_delta
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = LoRALinear.from_linear(base, LoRAConfig(r=3, alpha=6))
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    a, b, s = layer.lora_A.weight, layer.lora_B.weight, layer.scaling
+    x = torch.randn(5, 12)
+    ref = (x.double() @ a.double().t() @ b.double().t() * s).float()
+    torch.testing.assert_close(lora_delta(x, a, b, s), ref, rtol=1e-5, atol=1e-6)
+    out = base(x)
+    assert lora_delta(x, a, b, s, out=out) is out  # in place
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), base(x) + ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(delta_weight(a, b, s), (b @ a) * s)
+        torch.testing.assert_close(layer.delta_weight(), delta_weight(a, b, s))
+    calls = []
+    for mod in (layers_mod, bank_mod):
+        monkeypatch.setattr(mod, "lora_delta", lambda *args, _f=lora_delta, **kw: calls.append(1) or _f(*args, **kw))
+    with torch.no_grad():
+        y_layer = layer(x)
+    bank = bank_mod.AdapterBank(nn.Sequential(base))
+    bank.tensors["t"] = {"0": (a.detach().clone(), b.detach().t().contiguous(), s)}
+    wrapped = bank._wrap("0")
+    wrapped.rebuild()
+    monkeypatch.setattr(bank_mod, "GROUPED_MM", False)
+    with torch.no_grad(), bank.plan([(slice(0, 5), (("t", 1.0),))]):
+        y_bank = bank.model(x)
+    assert len(calls) == 2  # one call from each
+    torch.testing.assert_close(y_bank, y_layer, rtol=1e-6, atol=1e-6)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
 
 from nomoat.util.errors import NomoatError
+
+if TYPE_CHECKING:
+    from nomoat.lora.selection import AdapterSelection
 
 
 class CommandError(NomoatError):
@@ -71,6 +75,19 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.1f}P{unit}"
 
 
+@dataclass
+class InferenceAdapters:
+    """How a loaded model runs its adapters: what the engine's bank loads, and what each request selects.
+
+    Attributes:
+        selection: The selection every request runs with (empty when merged: the base weights hold them).
+        bank: Name -> folder of each adapter to load into the engine's bank (empty when they were merged).
+    """
+
+    selection: AdapterSelection
+    bank: dict[str, Path] = field(default_factory=dict)
+
+
 def load_for_inference(
     model: Path,
     quantize: str | None,
@@ -78,14 +95,49 @@ def load_for_inference(
     device: str,  # noqa: ANN202
     adapters: list[str] | None = None,
 ):
-    """Load a model and tokenizer for generation, optionally quantized; exits with a clear error on bad input."""
+    """Load a model and tokenizer for generation, optionally quantized, with `adapters` merged into the base weights.
+
+    Exits with a clear error on bad input. `load_with_adapters` keeps adapters apart, for the engine's bank.
+    """
+    m, tok, _ = load_with_adapters(model, quantize, dtype, device, adapters, merge=True)
+    return m, tok
+
+
+def load_with_adapters(
+    model: Path,
+    quantize: str | None,
+    dtype: str,
+    device: str,  # noqa: ANN202
+    adapters: list[str] | None = None,
+    merge: bool = False,
+):
+    """Load a model and tokenizer for generation, optionally quantized; exits with a clear error on bad input.
+
+    Returns `(model, tokenizer, InferenceAdapters)`. The adapters go into the engine's bank (`engine_for`) and each
+    request selects them; with `merge` they are merged into the base weights first (before quantizing), and so are
+    adapters the bank cannot apply per request (DoRA, fully trained modules), with a note saying so.
+    """
     import nomoat
 
+    selection = parse_selection(adapters)
+    folders = resolve_selection(selection)
     try:
         m, tok = nomoat.load(model, dtype=dtype, device=device)
     except ValueError as e:  # a model-loading error (CheckpointError, UnsupportedModelError...) or a bad option
         fail(e)
-    apply_adapters(m, adapters, tok)
+    template = next((t.read_text(encoding="utf-8") for t in (f / "chat_template.jinja" for f, _ in folders)
+                     if t.is_file()), None)  # fmt: skip
+    if tok.chat_template is None and template:  # a base without a template takes the one an adapter trained with
+        tok.chat_templates["default"] = template
+    unbankable = _unbankable(folders)
+    if folders and not merge and unbankable:
+        typer.secho(f"note: {unbankable}, which cannot be applied per request: merging the adapters into the base "
+                    "weights (as --merge does)", dim=True, err=True)  # fmt: skip
+    if folders and (merge or unbankable):
+        _merge_into(m, folders)
+        out = InferenceAdapters(type(selection)())
+    else:
+        out = InferenceAdapters(selection, dict(zip(selection.names, (f for f, _ in folders))))
     if quantize:
         from nomoat.models.quantize import quantize_model
 
@@ -96,7 +148,45 @@ def load_for_inference(
     from nomoat.models.packed import pack_model
 
     pack_model(m)  # generation only: the remaining fp32 CPU linears get oneDNN-packed weights (about 1.4x faster)
-    return m, tok
+    return m, tok, out
+
+
+def engine_for(m, tok, adapters: InferenceAdapters, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    """An `Engine` over the model with `adapters.bank` loaded (exits with the reason when one does not fit)."""
+    from nomoat.generate.engine import Engine
+    from nomoat.lora import AdapterError
+
+    try:
+        return Engine(m, tok, adapters=adapters.bank, **kwargs)
+    except (AdapterError, ValueError) as e:
+        fail(e)
+
+
+def _unbankable(folders: list[tuple[Path, float]]) -> str | None:
+    """Why one of the adapters must be merged (DoRA, fully trained modules), or None when the bank takes them all."""
+    from nomoat.lora import AdapterError, read_adapter_config
+
+    for folder, _ in folders:
+        try:
+            cfg = read_adapter_config(folder)
+        except (AdapterError, ValueError) as e:
+            fail(e)
+        if cfg.use_dora:
+            return f"{folder} is a DoRA adapter"
+        if cfg.modules_to_save:
+            return f"{folder} trains {', '.join(cfg.modules_to_save)} fully"
+    return None
+
+
+def _merge_into(m, folders: list[tuple[Path, float]]) -> None:  # noqa: ANN001
+    """Merge the adapters into the base weights, in order: W + sum_i weight_i * scale_i * B_i A_i."""
+    from nomoat.lora import AdapterError
+    from nomoat.lora.apply import merge_adapters
+
+    try:
+        merge_adapters(m, folders)
+    except (AdapterError, ValueError) as e:
+        fail(e)
 
 
 def sampling(
@@ -121,54 +211,41 @@ def sampling(
         fail(e)
 
 
+def parse_selection(specs: list[str] | None) -> AdapterSelection:
+    """The `--adapter` values (each in the grammar of `nomoat.lora.selection`) as one `AdapterSelection`, in order."""
+    from nomoat.lora.selection import AdapterSelection, SelectionError
+
+    selection = AdapterSelection()
+    try:
+        for spec in specs or []:
+            selection = selection + AdapterSelection.parse(spec)
+    except SelectionError as e:
+        fail(e)
+    return selection
+
+
 def parse_adapter(spec: str) -> tuple[str, float]:
-    """`NAME_OR_FOLDER[:WEIGHT]` -> (name or folder, weight); the weight defaults to 1.0."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
+    """One adapter `NAME_OR_FOLDER[:WEIGHT]` -> (name or folder, weight); exits on a stack, `none` or bad syntax."""
+    selection = parse_selection([spec])
+    if len(selection) != 1:
+        fail(f"{spec!r} is {'the base model' if not selection else 'a stack'}; give one adapter here (NAME, NAME:0.5 "
+             "or a folder)")  # fmt: skip
+    return selection.items[0]
+
+
+def resolve_selection(selection: AdapterSelection) -> list[tuple[Path, float]]:
+    """Each adapter of a selection as (folder, weight): a folder as given, else a registry name; exits when unknown."""
+    from nomoat.util.errors import InputError
+
+    try:
+        return selection.folders()
+    except InputError as e:
+        fail(e)
 
 
 def resolve_adapters(adapters: list[str] | None) -> list[tuple[Path, float]]:
-    """FOLDER or registry NAME, each with an optional :WEIGHT, as (folder, weight); exits on an unknown one."""
-    from nomoat.lora.registry import AdapterNotFoundError, Registry, validate_name
-
-    out = []
-    for spec in adapters or []:
-        path, weight = parse_adapter(spec)
-        folder = Path(path).expanduser()
-        if not folder.is_dir():  # not a folder: a name in the adapter registry (`nomoat adapters list`)?
-            try:
-                folder = Registry().path(validate_name(path))
-            except ValueError:
-                fail(f"adapter {path!r} not found: give the adapter folder (with adapter_config.json) or a "
-                      "registry name (`nomoat adapters list`)")  # fmt: skip
-            except AdapterNotFoundError as e:
-                fail(f"adapter {path!r} not found: it is not a folder, and {e}")
-        out.append((folder, weight))
-    return out
-
-
-def apply_adapters(m, adapters: list[str] | None, tok=None) -> None:  # noqa: ANN001
-    """Merge each adapter (FOLDER or registry NAME, with an optional :WEIGHT) into the base weights.
-
-    W + sum_i weight_i * scale_i * B_i A_i. An existing folder wins over a registry name. A model without a chat
-    template takes the one an adapter was trained with (`chat_template.jinja` in the adapter folder).
-    """
-    if not adapters:
-        return
-    from nomoat.lora.apply import merge_adapters
-
-    try:
-        merged = merge_adapters(m, resolve_adapters(adapters))
-    except ValueError as e:  # AdapterError, or a plain ValueError from the library
-        fail(e)
-    template = next((a.chat_template for a in merged if a.chat_template), None)
-    if tok is not None and tok.chat_template is None and template:
-        tok.chat_templates["default"] = template
+    """FOLDER or registry NAME, each with an optional :WEIGHT (stacks with +), as (folder, weight); exits if bad."""
+    return resolve_selection(parse_selection(adapters))
 
 
 Model = Annotated[Path, typer.Argument(help="A Hugging Face-format model folder.")]
@@ -181,7 +258,12 @@ Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling."
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop before this string (repeatable).")]
 Adapter = Annotated[
     list[str] | None,
-    typer.Option("--adapter", help="Adapter folder or registry name, with :WEIGHT; repeat to stack (merged in order)."),
+    typer.Option("--adapter", help="Adapter folder or registry name, with :WEIGHT; stack with + (a:1+b:0.5) or repeat"),
+]
+Merge = Annotated[
+    bool,
+    typer.Option("--merge", help="Merge the adapters into the base weights before decoding: faster for a single fixed "
+                 "adapter, but one adapter set per process."),
 ]
 Quantize = Annotated[str | None, typer.Option(help="Weight-only quantization: int8 or int4.")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]

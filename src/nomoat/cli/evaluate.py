@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from nomoat.cli._common import Device, Dtype, MaxTokens, Model, fail, parse_adapter, resolve_adapters
+from nomoat.cli._common import Device, Dtype, MaxTokens, Merge, Model, fail, parse_adapter, resolve_adapters
 
 EvalAdapter = Annotated[
     list[str] | None,
@@ -63,6 +63,7 @@ def evaluate(
         ),
     ],
     adapter: EvalAdapter = None,
+    merge: Merge = False,
     kind: Annotated[
         str, typer.Option(help="auto (per file, from its first record), perplexity, tasks or choice.")
     ] = "auto",
@@ -96,6 +97,8 @@ def evaluate(
     import nomoat
     from nomoat.eval import compare, plot_report, print_report, write_json
 
+    for spec in adapter or []:
+        parse_adapter(spec)  # one adapter per column: a stack exits here
     resolved = resolve_adapters(adapter)
     folders, weights = [f for f, _ in resolved], [w for _, w in resolved]
     names = _column_names(list(adapter or []), folders)
@@ -112,7 +115,7 @@ def evaluate(
             report = compare(
                 m, tok, data, dict(zip(names, zip(folders, weights))), kind=kind, limit=limit,
                 max_new_tokens=max_tokens, system=system, chat=chat, match=match, model_name=str(model),
-                progress=bar,
+                progress=bar, merge=merge,
             )  # fmt: skip
     except ValueError as e:  # DataError, AdapterError, or a plain ValueError from the library
         fail(e)

@@ -14,6 +14,7 @@ from nomoat.cli._common import (
     Device,
     Dtype,
     MaxTokens,
+    Merge,
     MinP,
     Model,
     Quantize,
@@ -23,8 +24,9 @@ from nomoat.cli._common import (
     TopK,
     TopP,
 )
+from nomoat.cli._common import engine_for as _engine_for
 from nomoat.cli._common import fail as _fail
-from nomoat.cli._common import load_for_inference as _load_for_inference
+from nomoat.cli._common import load_with_adapters as _load_with_adapters
 from nomoat.cli._common import sampling as _sampling
 
 
@@ -39,6 +41,7 @@ def generate(
     seed: Seed = None,
     stop: Stop = None,
     adapter: Adapter = None,
+    merge: Merge = False,
     quantize: Quantize = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user message in the chat template.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record instead of streaming text.")] = False,
@@ -47,19 +50,19 @@ def generate(
     compile_decode: Compile = False,
 ) -> None:
     """Generate a completion for one prompt, streamed to the terminal."""
-    from nomoat.generate.engine import Completion, Engine
+    from nomoat.generate.engine import Completion
 
     params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
-    m, tok = _load_for_inference(model, quantize, dtype, device, adapter)
+    m, tok, adapters = _load_with_adapters(model, quantize, dtype, device, adapter, merge)
     text = prompt
     if chat:
         if tok.chat_template is None:
             _fail(f"{model} has no chat template; run without --chat")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = tok.encode(text, add_special_tokens=not chat)
-    engine = Engine(m, tok, max_running=1, prefix_cache_bytes=0, compile=compile_decode)
+    engine = _engine_for(m, tok, adapters, max_running=1, prefix_cache_bytes=0, compile=compile_decode)
     try:
-        handle = engine.submit(ids, params)
+        handle = engine.submit(ids, params, adapter=adapters.selection)
     except ValueError as e:
         _fail(e)
     for event in handle:
@@ -82,6 +85,7 @@ def chat(
     ] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     adapter: Adapter = None,
+    merge: Merge = False,
     max_tokens: MaxTokens = 512,
     temperature: Temperature = 0.7,
     top_p: TopP = 0.95,
@@ -119,8 +123,8 @@ def chat(
     if server:
         from nomoat.generate.remote import RemoteChatSession, RemoteError
 
-        if quantize or compile_decode or dtype != "auto" or device != "auto":
-            typer.secho("note: --quantize, --compile, --dtype and --device are the server's business; ignored",
+        if quantize or compile_decode or merge or dtype != "auto" or device != "auto":
+            typer.secho("note: --quantize, --compile, --merge, --dtype and --device are the server's business; ignored",
                         dim=True, err=True)  # fmt: skip
         if model is not None and server_model is not None:
             _fail("give the server's model once: as MODEL or as --model")
@@ -137,10 +141,8 @@ def chat(
         _fail("give a model folder, or --server URL to chat with a running server")
     if server_model is not None:
         _fail("--model picks a model on a server: use it with --server (a local model is the MODEL argument)")
-    from nomoat.generate.engine import Engine
-
-    m, tok = _load_for_inference(model, quantize, dtype, device, adapter)
+    m, tok, adapters = _load_with_adapters(model, quantize, dtype, device, adapter, merge)
     if tok.chat_template is None:
         _fail(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja); use `nomoat generate`")
-    engine = Engine(m, tok, max_running=1, compile=compile_decode)
-    run_terminal_chat(ChatSession(m, tok, params, system=system, engine=engine))
+    engine = _engine_for(m, tok, adapters, max_running=1, compile=compile_decode)
+    run_terminal_chat(ChatSession(m, tok, params, system=system, engine=engine, adapter=adapters.selection))

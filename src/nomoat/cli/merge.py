@@ -130,9 +130,10 @@ def merge(
         if name in registry and not force:
             fail(f"an adapter named {name!r} is already in the registry; choose another --name or pass --force")
     values = _weights(adapters, weights)
+    specs = [parse_adapter(spec) for spec in adapters]  # one adapter per argument: a stack exits here
     resolved = resolve_adapters(adapters)
-    parents = [Parent(folder, w if values is None else values[i], parse_adapter(spec)[0])
-               for i, (spec, (folder, w)) in enumerate(zip(adapters, resolved))]  # fmt: skip
+    parents = [Parent(folder, w if values is None else values[i], spec[0])
+               for i, (spec, (folder, w)) in enumerate(zip(specs, resolved))]  # fmt: skip
     try:
         combined = combine_adapters(
             parents,

@@ -14,19 +14,21 @@ from typing import Any
 from nomoat.demo.tasks import SCORED, Item, generate_items, is_correct
 from nomoat.generate.engine import Engine
 from nomoat.generate.sampling import SamplingParams
+from nomoat.lora.selection import AdapterSelection
 
 EVAL_SEED = 10_000
 """Seed of the held-out items (pretraining data uses seeds below it)."""
 
 
-def answer(engine: Engine, prompts: Sequence[list[dict[str, str]]], adapter: str | None = None,
+def answer(engine: Engine, prompts: Sequence[list[dict[str, str]]], adapter: str | AdapterSelection | None = None,
            max_new_tokens: int = 24) -> list[str]:  # fmt: skip
     """Greedy answers of `engine` to chats (each ends with a user turn), batched.
 
     Args:
         engine: A generation engine over the model (with `adapter` loaded, if given).
         prompts: The chats.
-        adapter: The name of a loaded adapter to answer with, or None for the base model.
+        adapter: The loaded adapters to answer with (a name, or a selection such as `a:1+b:0.5`), or None for the
+            base model.
         max_new_tokens: Longest answer.
 
     Returns:
@@ -34,7 +36,7 @@ def answer(engine: Engine, prompts: Sequence[list[dict[str, str]]], adapter: str
     """
     tok = engine.tokenizer
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    sel = ((adapter, 1.0),) if adapter else ()
+    sel = AdapterSelection.of(adapter)
     handles = []
     for chat in prompts:
         ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
@@ -43,7 +45,7 @@ def answer(engine: Engine, prompts: Sequence[list[dict[str, str]]], adapter: str
 
 
 def score_items(
-    engine: Engine, items: Sequence[Item], adapter: str | None = None
+    engine: Engine, items: Sequence[Item], adapter: str | AdapterSelection | None = None
 ) -> tuple[dict[str, float], list[str]]:
     """Accuracy per task (exact match after normalisation) and the answers themselves."""
     answers = answer(engine, [it.prompt for it in items], adapter)

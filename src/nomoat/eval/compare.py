@@ -67,6 +67,7 @@ def compare(
     max_running: int = 8,
     model_name: str = "",
     progress: Progress | None = None,
+    merge: bool = False,
 ) -> Report:
     """Evaluate the base model and each adapter on each data file.
 
@@ -87,6 +88,8 @@ def compare(
         max_running: Requests the engine decodes together.
         model_name: How to name the base model in the report.
         progress: See `Progress`.
+        merge: Merge each adapter into the base weights for its turn (generation and scoring) instead of
+            decoding it from the engine's bank and scoring it in `LoRALinear` layers.
 
     Returns:
         The report (rows of metrics, per-item details).
@@ -114,7 +117,7 @@ def compare(
                 if bad:
                     raise DataError(bad[:10], more=len(bad) > 10)
             plan.append((Path(file), file_kind, items))
-    with Columns(model, tokenizer, specs, max_running=max_running) as columns:
+    with Columns(model, tokenizer, specs, max_running=max_running, merge=merge) as columns:
         return _run(model, tokenizer, plan, columns, specs, max_new_tokens, system, chat, model_name, progress)
 
 

@@ -227,6 +227,7 @@ def evaluate_perplexity(
     max_length: int | None = None,
     max_batch_tokens: int = 4096,
     progress: Callable[[int], None] | None = None,
+    merge: bool = False,
 ) -> dict[str, PerplexityResult]:
     """Perplexity of the base model and of each adapter over the same data.
 
@@ -238,17 +239,19 @@ def evaluate_perplexity(
         max_length: Longest sequence (default: the model's context, at most 2048).
         max_batch_tokens: Padded tokens per forward pass.
         progress: Called with the number of sequences each batch finished (for every column).
+        merge: Score each adapter merged into the base weights instead of in `LoRALinear` layers (ignored when
+            `adapters` is prepared `Columns`).
 
     Returns:
         `{"base": result, adapter name: result, ...}`.
     """
-    columns = adapters if isinstance(adapters, Columns) else Columns(model, tokenizer, adapters)
+    columns = adapters if isinstance(adapters, Columns) else Columns(model, tokenizer, adapters, merge=merge)
     tokenized = _tokenized(data, tokenizer, max_length or default_max_length(model))
     sequences = [(t.input_ids, t.labels) for t in tokenized]
     out: dict[str, PerplexityResult] = {}
     try:
         for name in columns.names:
-            with columns.use(name) as column:
+            with columns.scoring(name) as column:
                 scores = score_sequences(model, sequences, max_batch_tokens, column.forward, progress)
             out[name] = _result(scores, tokenized)
     finally:

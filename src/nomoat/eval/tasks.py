@@ -150,6 +150,7 @@ def evaluate_tasks(
     chat: bool | None = None,
     max_batch_tokens: int = 4096,
     progress: Callable[[int], None] | None = None,
+    merge: bool = False,
 ) -> TaskResult:
     """Accuracy of the base model and of each adapter on task items.
 
@@ -163,6 +164,8 @@ def evaluate_tasks(
         chat: Prompt through the chat template (default: when the tokenizer has one).
         max_batch_tokens: Padded tokens per forward pass when scoring choices.
         progress: Called with the number of (item, column) pairs done.
+        merge: Merge each adapter into the base weights for its turn instead of decoding it from the engine's bank
+            (ignored when `adapters` is prepared `Columns`).
 
     Returns:
         The per-item predictions and per-column accuracies.
@@ -171,7 +174,7 @@ def evaluate_tasks(
         DataError: A bad item, or a prompt too long for the engine.
     """
     items = _as_items(items)
-    columns = adapters if isinstance(adapters, Columns) else Columns(model, tokenizer, adapters)
+    columns = adapters if isinstance(adapters, Columns) else Columns(model, tokenizer, adapters, merge=merge)
     try:
         results = [ItemResult(item) for item in items]
         generate = [i for i, item in enumerate(items) if item.kind == "generate"]
@@ -199,9 +202,9 @@ def evaluate_tasks(
 
 
 def _phases(columns: Columns) -> list[list[str]]:
-    """Columns that can run at the same time: the shared engine's, then each merged adapter alone."""
+    """Columns that can run at the same time: the shared engine's, then each adapter that decodes alone."""
     shared = columns.shared
-    return ([shared] if shared else []) + [[name] for name in columns.names if name in columns.merged]
+    return ([shared] if shared else []) + [[name] for name in columns.names if name in columns.alone]
 
 
 def _generate(
@@ -249,7 +252,7 @@ def _score_choices(
         sequences += seqs
         owners += [i] * len(seqs)
     for name in columns.names:
-        with columns.use(name) as column:
+        with columns.scoring(name) as column:
             scores = score_sequences(model, sequences, max_batch_tokens, column.forward)
         by_item: dict[int, list[float]] = {}
         for i, (logprob, _) in zip(owners, scores):

@@ -13,6 +13,7 @@ from typing import Protocol, TextIO
 
 from nomoat.generate.engine import Completion, Delta, Engine
 from nomoat.generate.sampling import SamplingParams
+from nomoat.lora.selection import AdapterSelection
 from nomoat.models.transformer import Transformer
 from nomoat.tokenizer import Tokenizer
 
@@ -49,6 +50,7 @@ class ChatSession:
         params: Sampling parameters for every answer.
         system: Optional system prompt.
         engine: An engine to reuse (default: a one-row engine with prefix caching).
+        adapter: The adapters every answer runs with, loaded in the engine's bank (default: the base model).
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class ChatSession:
         params: SamplingParams,
         system: str | None = None,
         engine: Engine | None = None,
+        adapter: AdapterSelection | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.adapter = AdapterSelection.of(adapter)
         self.params = params
         self.system = system
         self.messages: list[dict[str, str]] = []
@@ -83,7 +87,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         prompt = self.tokenizer.apply_chat_template(self.conversation(), add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        for event in self.engine.stream(ids, self.params):
+        for event in self.engine.stream(ids, self.params, adapter=self.adapter):
             if isinstance(event, Completion):
                 self.messages.append({"role": "assistant", "content": event.text})
             yield event

@@ -10,6 +10,7 @@ adapters into a base), `group` (grouped training of q/k/v and gate/up) and `regi
 from nomoat.config.lora import LoRAConfig
 from nomoat.lora.combine import METHODS as MERGE_METHODS
 from nomoat.lora.combine import CombineError, Parent, combine, combine_adapters, save_combined
+from nomoat.lora.delta import delta_weight, lora_delta
 from nomoat.lora.inject import (
     count_parameters,
     inject_lora,
@@ -23,9 +24,15 @@ from nomoat.lora.layers import LoRALinear, QuantizedBaseMatmul
 from nomoat.lora.merge import disable_lora, lora_state_dict, merge_lora, unmerge_lora
 from nomoat.lora.nf4 import NF4_CODEBOOK, NF4Linear, dequantize_nf4, quantize_model_nf4, quantize_nf4
 from nomoat.lora.peft_format import AdapterError, load_adapter, read_adapter_config, read_provenance, save_adapter
+from nomoat.lora.selection import AdapterSelection, SelectionError, parse_selection
 
 __all__ = [
     "AdapterError",
+    "AdapterSelection",
+    "SelectionError",
+    "delta_weight",
+    "lora_delta",
+    "parse_selection",
     "CombineError",
     "MERGE_METHODS",
     "Parent",

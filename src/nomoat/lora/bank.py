@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from nomoat.config.lora import LoRAConfig
+from nomoat.lora.delta import lora_delta
 from nomoat.lora.peft_format import WEIGHTS_FILE, AdapterError, _from_peft_state, _read_tensors, read_adapter_config
+from nomoat.lora.selection import AdapterSelection, SelectionError
 
 # (rows of the batch, ((adapter name, weight), ...)): rows as a slice or a 1-D index tensor.
 # Several row groups run as two grouped matmuls over the layer's stacked adapters (a segmented GEMM, as Punica's
@@ -70,8 +72,7 @@ class MultiLoRALinear(nn.Module):
                 if ab is None:  # this adapter does not target this layer
                     continue
                 a, bt, scaling = ab
-                d = (x[rows] @ a.t()) @ bt  # (rows, T, r) -> (rows, T, out)
-                d = d * (scaling * weight)
+                d = lora_delta(x[rows], a, bt.t(), scaling * weight)  # (rows, T, out)
                 delta = d if delta is None else delta + d
             if delta is not None:
                 if isinstance(rows, slice):
@@ -151,10 +152,10 @@ class AdapterBank:
         cfg = read_adapter_config(path)
         if cfg.use_dora:
             raise AdapterError(f"{path}: a DoRA adapter cannot be applied per request on a shared base; merge it "
-                               "into the model instead (nomoat generate/chat --adapter)")  # fmt: skip
+                               "into the model instead (nomoat generate/chat/eval --merge)")  # fmt: skip
         if cfg.modules_to_save:
             raise AdapterError(f"{path}: the adapter trains {', '.join(cfg.modules_to_save)} fully, which cannot be "
-                               "switched per request; merge it into the model instead")  # fmt: skip
+                               "switched per request; merge it into the model instead (--merge)")  # fmt: skip
         modules = dict(self.model.named_modules())
         incoming = _from_peft_state(self.model, _read_tensors(path), path / WEIGHTS_FILE)
         pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -203,22 +204,19 @@ class AdapterBank:
             setattr(parent, child, current)
         return current
 
-    def check(self, selection: Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
-        """Validate a selection: known names, finite weights; returns it as a tuple.
+    def check(self, selection: AdapterSelection | Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+        """Validate a selection against the loaded adapters; returns its `(name, weight)` pairs as a tuple.
 
         Raises:
-            ValueError: An unknown adapter (listing the loaded ones) or a bad weight.
+            SelectionError: An unknown adapter (listing the loaded ones), a weight that is not finite, or an adapter
+                named twice.
         """
-        out = []
-        for name, weight in selection:
+        selection = AdapterSelection.of(selection)
+        for name in selection.names:
             if name not in self.tensors:
                 known = ", ".join(self.names) or "none"
-                raise ValueError(f"unknown adapter {name!r} (loaded: {known})")
-            weight = float(weight)
-            if not torch.isfinite(torch.tensor(weight)):
-                raise ValueError(f"adapter {name!r}: weight {weight} is not finite")
-            out.append((name, weight))
-        return tuple(out)
+                raise SelectionError(f"unknown adapter {name!r} (loaded: {known})", "select a loaded adapter by name")
+        return selection.items
 
     @contextlib.contextmanager
     def plan(self, entries: Sequence[PlanEntry]) -> Iterator[None]:
@@ -276,12 +274,14 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def group_rows(selections: Sequence[tuple[tuple[str, float], ...]], device: torch.device) -> list[PlanEntry]:
+def group_rows(
+    selections: Sequence[AdapterSelection | tuple[tuple[str, float], ...]], device: torch.device
+) -> list[PlanEntry]:
     """A plan from each batch row's selection: rows sharing a selection form one group (a slice when contiguous)."""
     groups: dict[tuple[tuple[str, float], ...], list[int]] = {}
     for row, sel in enumerate(selections):
         if sel:
-            groups.setdefault(sel, []).append(row)
+            groups.setdefault(tuple(sel), []).append(row)
     plan: list[PlanEntry] = []
     for sel, rows in groups.items():
         if rows == list(range(rows[0], rows[-1] + 1)):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nomoat.lora.delta import lora_up
 from nomoat.lora.layers import LoRALinear
 
 
@@ -31,7 +32,7 @@ class _LoRAGroupFn(torch.autograd.Function):
         outs, at = [], 0
         for w, b, lora_a, lora_b, s in zip(ws, bs, As, Bs, scalings):
             r = lora_a.shape[0]
-            outs.append(F.linear(x, w, b).addmm_(a[:, at : at + r], lora_b.t(), alpha=s))
+            outs.append(lora_up(a[:, at : at + r], lora_b, s, out=F.linear(x, w, b)))
             at += r
         ctx.save_for_backward(x, a, a_cat, *ws, *Bs)
         ctx.scalings = scalings

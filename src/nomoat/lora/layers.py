@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nomoat.config.lora import LoRAConfig
+from nomoat.lora.delta import delta_weight, lora_delta, lora_up
 from nomoat.lora.nf4 import NF4Linear
 from nomoat.models import fused_ops
 from nomoat.models.quantize import QuantizedLinear
@@ -58,7 +59,7 @@ class _SwiGLUDownLoRA(torch.autograd.Function):
         lead = p.shape[:-1]
         p2 = p.reshape(-1, p.shape[-1])  # (N, I)
         a = p2 @ lora_a.t()  # (N, r)
-        y = F.linear(p2, weight, bias).addmm_(a, lora_b.t(), alpha=scaling)  # (N, out), the update in place
+        y = lora_up(a, lora_b, scaling, out=F.linear(p2, weight, bias))  # (N, out), the update in place
         ctx.save_for_backward(gate, up, a, weight, lora_a, lora_b)
         ctx.scaling = scaling
         return y.view(*lead, y.shape[-1])
@@ -196,7 +197,7 @@ class LoRALinear(nn.Module):
         self.use_dora = True
         with torch.no_grad():
             w = self.base_weight(torch.float32)
-            lora_weight = (self.lora_B.weight.float() @ self.lora_A.weight.float()).to(w.device)
+            lora_weight = delta_weight(self.lora_A.weight.float(), self.lora_B.weight.float(), 1.0).to(w.device)
             norm = torch.linalg.norm(w + self.scaling * lora_weight, dim=1)
         self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.weight.dtype))
 
@@ -223,7 +224,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The plain LoRA update `scaling * B @ A` (out, in) in the adapter dtype (without DoRA's rescaling)."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's own tensors by their names in this layer (`lora_A.weight`, `lora_B.weight`, ...)."""
@@ -273,12 +274,10 @@ class LoRALinear(nn.Module):
             # result += scaling * (A x) B^T in place, one addmm: no (tokens, out) temporary, copy or fresh pages (an
             # out-of-place addmm copies `result` first: measured 8 ms per (1024, 1536) product in training). The base
             # product's backward needs its inputs, not its output, so autograd allows the in-place update.
-            a = self.lora_A(self.lora_dropout(xa))  # (N, r)
-            if result._base is not None:  # a view (a quantized base's output): autograd forbids the in-place form
-                return torch.addmm(result, a, self.lora_B.weight.t(), alpha=self.scaling)
-            return result.addmm_(a, self.lora_B.weight.t(), alpha=self.scaling)
+            # A quantized base's output is a view: `lora_delta` then adds out of place (autograd forbids in place).
+            return lora_delta(self.lora_dropout(xa), self.lora_A.weight, self.lora_B.weight, self.scaling, out=result)
         if self.lora_magnitude_vector is None:
-            result = result + self.lora_B(self.lora_A(self.lora_dropout(xa))) * self.scaling
+            result = result + lora_delta(self.lora_dropout(xa), self.lora_A.weight, self.lora_B.weight, self.scaling)
         else:
             result = result + self._dora_term(xa, result)
         return result.to(out_dtype)
@@ -308,12 +307,12 @@ class LoRALinear(nn.Module):
             base_result = self._base_matmul(x)
         with torch.no_grad():
             # ||W + s BA|| per output channel, treated as a constant (DoRA paper, section 4.3).
-            lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)  # (out, in)
+            lora_weight = delta_weight(self.lora_A.weight, self.lora_B.weight, 1.0).to(x.dtype)  # (out, in)
             w = self.base_weight(x.dtype)
             weight_norm = torch.linalg.norm(w + self.scaling * lora_weight, dim=1).to(w.dtype)
             del w, lora_weight
         mag_norm_scale = (self.lora_magnitude_vector / weight_norm).view(1, -1)
-        lora_result = self.lora_B(self.lora_A(x))
+        lora_result = lora_delta(x, self.lora_A.weight, self.lora_B.weight, 1.0)  # (N, out), unscaled
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
 
     # ---- merging --------------------------------------------------------------------------------------------------

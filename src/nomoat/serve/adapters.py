@@ -9,7 +9,6 @@ because the engine's prefix cache keys prompts by adapter name: a reload from an
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Protocol
 
 from nomoat.lora.peft_format import AdapterError
 from nomoat.lora.registry import AdapterNotFoundError, Registry, validate_name
+from nomoat.lora.selection import AdapterNameError, AdapterSelection, SelectionError, parse_selection
 from nomoat.util.errors import BusyError, NomoatError, NotFoundError, UsageError
 
 
@@ -47,42 +47,26 @@ class AdapterConflictError(NomoatError, RuntimeError):
     """The name is taken by another folder, or the adapter to unload is in use (409)."""
 
 
-def parse_model(model: str, base: str) -> list[tuple[str, float]]:
-    """Split a model name into its adapters and weights.
+def parse_model(model: str, base: str) -> AdapterSelection:
+    """The adapter selection a request's `model` names (the grammar of `nomoat.lora.selection`, names only).
 
     Args:
-        model: `base`, `adapter`, `adapter:0.5`, or `base+a:1.0+b:0.5`.
+        model: `base`, `adapter`, `adapter:0.5`, `a:1.0+b:0.5`, or `base+a:1.0+b:0.5` (`none` is the base too).
         base: The base model's name.
 
     Returns:
-        `(adapter name, weight)` pairs in order; empty for the base alone.
+        The `(adapter name, weight)` stack in order; empty for the base alone.
 
     Raises:
-        UnknownModelError: A part is not a valid adapter name.
-        BadModelError: A weight is not a finite number, or a part is empty.
+        UnknownModelError: A part is not a valid adapter name (a folder path, say).
+        BadModelError: A weight is not a finite number, a part is empty, or an adapter is named twice.
     """
-    if model == base:
-        return []
-    rest = model[len(base) + 1 :] if model.startswith(base + "+") else model
-    out = []
-    for part in rest.split("+"):
-        name, sep, weight_text = part.partition(":")
-        weight = 1.0
-        if sep:
-            try:
-                weight = float(weight_text)
-            except ValueError:
-                raise BadModelError(f"model {model!r}: {weight_text!r} is not a weight (NAME:WEIGHT)") from None
-            if not math.isfinite(weight):
-                raise BadModelError(f"model {model!r}: the weight of {name!r} is not finite")
-        if not name:
-            raise BadModelError(f"model {model!r}: an empty adapter name (use base+a:1.0+b:0.5)")
-        try:
-            validate_name(name)
-        except ValueError:
-            raise UnknownModelError(f"The model `{model}` does not exist: {name!r} is not an adapter name") from None
-        out.append((name, weight))
-    return out
+    try:
+        return parse_selection(model, base=base, paths=False)
+    except AdapterNameError as e:
+        raise UnknownModelError(f"The model `{model}` does not exist: {e} ({e.hint})") from None
+    except SelectionError as e:
+        raise BadModelError(f"model {model!r}: {e} ({e.hint})" if e.hint else f"model {model!r}: {e}") from None
 
 
 class AdapterManager:

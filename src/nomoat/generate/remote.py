@@ -17,6 +17,7 @@ from typing import Any
 from nomoat.generate.chat import ChatTurnError
 from nomoat.generate.engine import Completion, Delta
 from nomoat.generate.sampling import SamplingParams
+from nomoat.lora.selection import parse_selection
 
 API_KEY_ENV = "NOMOAT_API_KEY"
 
@@ -127,13 +128,15 @@ def resolve_model(cards: list[dict[str, Any]], wanted: str | None, adapters: lis
     Args:
         cards: `GET /v1/models`'s `data`: dicts with an `id`, adapters with a `parent`.
         wanted: A name on the server, a folder path whose last part the server serves, a stack, or None (the base).
-        adapters: `NAME[:WEIGHT]` adapter names to stack on the model (`base+a:1.0+b:0.5`).
+        adapters: Adapter names in the selection grammar (`NAME`, `NAME:0.5`, `a+b:0.5`) to stack on the model
+            (`base+a:1.0+b:0.5`).
 
     Returns:
         The name; one the server does not list (a stack, say) goes as it is, for the server to accept or refuse.
 
     Raises:
         RemoteError: The server serves no model and none was asked for.
+        SelectionError: An adapter spec is not in the grammar (a UsageError, with a hint).
     """
     ids = [c["id"] for c in cards]
     if wanted is None:
@@ -146,9 +149,9 @@ def resolve_model(cards: list[dict[str, Any]], wanted: str | None, adapters: lis
     else:
         tail = wanted.rstrip("/").rsplit("/", 1)[-1]
         name = tail if tail in ids else wanted
-    for spec in adapters or []:
-        adapter, sep, weight = spec.rpartition(":")
-        name += f"+{spec}" if sep and adapter else f"+{spec}:1.0"
+    for spec in adapters or []:  # the one selection grammar, names only (a server never reads a client's path)
+        for adapter, weight in parse_selection(spec, paths=False):
+            name += f"+{adapter}:{weight!r}"
     return name
 
 

@@ -220,7 +220,7 @@ def work_nomoat(a: argparse.Namespace, packing: bool, dtype: str = "float32") ->
     from rich.console import Console
 
     from nomoat.config.train import TrainConfig
-    from nomoat.train.recipe import SFTRecipe
+    from nomoat.train.sft import SFTRecipe
 
     torch.set_num_threads(a.threads)
     total = a.warmup + a.steps

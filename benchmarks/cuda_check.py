@@ -132,7 +132,7 @@ def check_training(root: Path, dev: str) -> None:
 
     from nomoat.config.train import TrainConfig
     from nomoat.lora import save_adapter
-    from nomoat.train.recipe import SFTRecipe
+    from nomoat.train.sft import SFTRecipe
 
     from train_utils import make_chat_model, write_chat_data
 
@@ -291,7 +291,7 @@ def bench_train(root: Path, dev: str, steps: int) -> None:
     from rich.console import Console
 
     from nomoat.config.train import TrainConfig
-    from nomoat.train.recipe import SFTRecipe
+    from nomoat.train.sft import SFTRecipe
 
     from train_utils import make_chat_model, write_chat_data
 

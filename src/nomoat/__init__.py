@@ -40,7 +40,7 @@ def load(path: str, dtype: Any = "auto", device: Any = "auto") -> tuple[Transfor
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy attributes: `nomoat.train(...)` fine-tunes an adapter (see `nomoat.train.recipe.train`)."""
+    """Lazy attributes: `nomoat.train(...)` fine-tunes an adapter (see `nomoat.train.sft.train`)."""
     if name == "train":
         import importlib
 

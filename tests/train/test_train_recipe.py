@@ -15,7 +15,8 @@ from rich.console import Console
 from nomoat.config.train import ConfigError, TrainConfig, load_train_config
 from nomoat.data import NoTrainableTokensError
 from nomoat.lora import save_adapter
-from nomoat.train.recipe import SFTRecipe, TrainingDivergedError
+from nomoat.train.loop import TrainingDivergedError
+from nomoat.train.sft import SFTRecipe
 
 from train_utils import make_chat_model, write_chat_data
 

@@ -127,9 +127,10 @@ def _run(quick: bool, name: str, model_dir: str | Path | None, console: Console,
     import torch
 
     import nomoat
+    from nomoat.config.train import TrainConfig
     from nomoat.generate.engine import Engine
     from nomoat.lora.registry import Registry
-    from nomoat.train.recipe import SFTRecipe, TrainConfig
+    from nomoat.train.sft import SFTRecipe
 
     s = settings or (QUICK if quick else FULL)
     model_dir = Path(model_dir or MODEL_DIR)

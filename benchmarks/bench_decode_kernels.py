@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_generate import SHAPES, make_model  # noqa: E402
 
-from nomoat.models import kernels  # noqa: E402
+from nomoat import kernels  # noqa: E402
+from nomoat.kernels import build  # noqa: E402
 from nomoat.models.checkpoint import load_model  # noqa: E402
 from nomoat.models.kv_cache import KVCache  # noqa: E402
 from nomoat.models.packed import pack_model  # noqa: E402
@@ -49,13 +50,13 @@ from nomoat.models.quantize import quantize_model  # noqa: E402
 @contextlib.contextmanager
 def torch_paths() -> Iterator[None]:
     """Run as if the kernels had not built (every layer and attention take their torch fallback)."""
-    saved = dict(kernels._state)
-    kernels._state["module"] = None
+    saved = dict(build._state)
+    build._state["ok"] = False
     try:
         yield
     finally:
-        kernels._state.clear()
-        kernels._state.update(saved)
+        build._state.clear()
+        build._state.update(saved)
 
 
 @contextlib.contextmanager
@@ -174,7 +175,7 @@ def main() -> None:
         ratios["stack_fp32_speed_vs_kernels"] = round(results["fp32_stack"] / results["fp32_kernels"], 3)
         ratios["stack_int8_speed_vs_kernels"] = round(results["int8_stack"] / results["int8_kernels"], 3)
     machine = f"cpu, torch threads 2, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
-    isa = kernels.get().isa() if kernels.available() else None
+    isa = kernels.isa()
     print(json.dumps({"benchmark": "decode_kernels", "machine": machine, "kernels_isa": isa, "shape": args.shape,
                       "batch": args.batch, "results": [{"kernel": k, "decode_tok_s": v} for k, v in results.items()],
                       "stack_calls": stack_used, "matmul_weight_gbs_at_one_row": gbs, "ratios": ratios}))  # fmt: skip

@@ -10,6 +10,7 @@ import transformers
 
 from nomoat.generate.engine import Engine
 from nomoat.generate.sampling import SamplingParams
+from nomoat.kernels import build
 from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter, unload_lora
 from nomoat.models import decode_stack, kernels
 from nomoat.models.checkpoint import load_model
@@ -259,8 +260,7 @@ def test_ineligible_families_are_not_attached(built, tmp_path):
 
 def test_disabled_with_kernels(monkeypatch):
     monkeypatch.setenv("NOMOAT_KERNELS", "0")
-    monkeypatch.setattr(decode_stack, "_state", {})
-    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(build, "_state", {})
     assert not decode_stack.available()
 
 

@@ -1,4 +1,4 @@
-"""The compiled training kernels (`models/fused_ops.py`) against torch's own ops and autograd."""
+"""The compiled training kernels (`torch.ops.nomoat`, as `models/fused_ops.py` gives them to training) against torch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""nomoat's compiled decode kernels against `F.linear`, and the torch fallback when they cannot be built."""
+"""nomoat's compiled decode kernels (`torch.ops.nomoat`) against `F.linear`, their references, and the torch
+fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nomoat.models import kernels, packed, quantize
+from nomoat import kernels
+from nomoat.kernels import build
+from nomoat.models import quantize
 from nomoat.models.packed import PackedLinear, pack_model
 from nomoat.models.quantize import QuantizedLinear, dequantize_int8, int8_panels, quantize_int8
 
@@ -104,18 +107,22 @@ def test_int8_panels_follow_load_state_dict(built):
         torch.testing.assert_close(qa(x), F.linear(x, qb.dequantize(), qb.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_fallback_when_build_fails(monkeypatch):
-    """A failed build (no compiler, a compiler error) leaves the torch paths, with the same results."""
+def test_fallback_when_build_fails(monkeypatch, caplog):
+    """A failed build (no compiler, a compiler error) leaves the torch paths, with the same results; the ops run
+    their references (with a one-line notice)."""
     import torch.utils.cpp_extension as cpp
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated compiler failure")
 
-    monkeypatch.setattr(cpp, "load_inline", broken)
-    monkeypatch.setattr(kernels, "_state", {})
-    assert kernels.get() is None and not kernels.available()
-    with pytest.raises(RuntimeError):
-        kernels.linear_fp32(torch.randn(1, 4), torch.zeros(1, 4, 64), 3)
+    monkeypatch.setattr(cpp, "load", broken)
+    monkeypatch.setattr(build, "_state", {})
+    with caplog.at_level("WARNING", logger="nomoat.kernels.build"):
+        assert not kernels.available()
+    assert any("could not build nomoat's kernels" in r.message and "simulated" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    w, x = torch.randn(3, 4), torch.randn(1, 4)
+    torch.testing.assert_close(kernels.linear_fp32(x, kernels.pack_fp32(w), 3), F.linear(x, w))  # the reference
     g = torch.Generator().manual_seed(5)
     model = nn.Sequential(nn.Linear(37, 70), nn.Linear(70, 19, bias=False))
     qmodel = nn.Sequential(nn.Linear(37, 70), nn.Linear(70, 19, bias=False))
@@ -135,10 +142,28 @@ def test_fallback_when_build_fails(monkeypatch):
 
 
 def test_disabled_by_environment(monkeypatch):
+    """NOMOAT_KERNELS=0: nothing is built or called; the ops give their references' results and layers keep torch's
+    layouts (no panels), with unchanged outputs."""
+    import torch.utils.cpp_extension as cpp
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("NOMOAT_KERNELS=0 must not build the kernels")
+
     monkeypatch.setenv("NOMOAT_KERNELS", "0")
-    monkeypatch.setattr(kernels, "_state", {})
-    assert not kernels.available()
-    assert packed.KERNEL_MAX_ROWS >= 1
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setattr(cpp, "load", must_not_build)
+    assert not kernels.available() and kernels.isa() is None
+    g = torch.Generator().manual_seed(11)
+    w, b, x = torch.randn(70, 33, generator=g), torch.randn(70, generator=g), torch.randn(5, 33, generator=g)
+    called = []
+    monkeypatch.setattr(torch.ops.nomoat, "linear_f32", lambda *a: called.append(a), raising=False)
+    torch.testing.assert_close(kernels.linear_fp32(x, kernels.pack_fp32(w), 70, b), F.linear(x, w, b))
+    assert not called  # the reference ran, not the compiled op
+    lin = nn.Linear(33, 70)
+    p = PackedLinear(lin)
+    assert p.panels is None and p.packed_weight is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(p(x), lin(x), rtol=1e-5, atol=1e-5)
 
 
 def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,216 +1,29 @@
-"""Compiled CPU kernels for the elementwise parts of LoRA training: SwiGLU forward/backward and softmax cross-entropy.
+"""The compiled training kernels (SwiGLU forward/backward, rope, softmax cross-entropy), as training code calls them.
 
-In a LoRA step the big matmuls are torch's (MKL); what is left is elementwise work over the largest activations,
-which torch runs as a chain of separate ops, each a full pass over memory and most a fresh allocation:
-- the SwiGLU backward (`silu(gate) * up` of a (tokens, intermediate) MLP) took about ten passes over three
-  (1024, 1536) tensors per layer: sigmoid, products, `1 - sig`, in-place updates; here it is one pass that reads
-  `gate`, `up` and the incoming gradient and writes the two input gradients and the product (which the LoRA-A
-  gradient of `down_proj` needs), in place where it can;
-- rotary embeddings: `x * cos + rotate_half(x) * sin` is five ops (two of them allocating copies that autograd
-  keeps); here one pass forward and one backward, keeping only the tables;
-- the fused linear cross-entropy (`train/loss.py`) turned each chunk of full-vocabulary logits into
-  `softmax - onehot` through `logsumexp` (which allocates a logits-sized temporary), `gather`, `sub_`, `exp_` and
-  an indexed write; here one call does it row by row while the row (49,152-151,936 floats) sits in L2.
-
-Numerics: fp32 throughout, `exp` by the Cephes single-precision polynomial (about 1 ulp), so results agree with
-torch's to ~1e-7 relative. The code uses GCC/Clang vector extensions like `kernels.py` and is built the same way
-(at first use, cached per CPU); where it cannot build, `get()` returns None and callers keep their torch code.
-`NOMOAT_KERNELS=0` disables it.
+The ops live in `nomoat.kernels` (C++ in `nomoat/kernels/csrc/fused_ops.cpp`, `torch.ops.nomoat.*`); this module
+keeps the names training imports and says whether the compiled kernels take given tensors (`applicable`): where they
+do not, callers keep their own torch code.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from typing import Any
 
 import torch
 
-from nomoat.models import kernels
+from nomoat.kernels import ops
+from nomoat.kernels.ops import rope, softmax_xent_, swiglu_backward, swiglu_forward
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = kernels._VEC_SOURCE + r"""
-// p = silu(gate) * up, one pass.
-torch::Tensor swiglu_forward(torch::Tensor gate, torch::Tensor up) {
-  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes(), "gate/up: contiguous");
-  TORCH_CHECK(gate.scalar_type() == torch::kFloat && up.scalar_type() == torch::kFloat, "fp32 expected");
-  auto out = torch::empty_like(gate);
-  const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const int64_t n = gate.numel();
-  at::parallel_for(0, (n + W - 1) / W, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t i = b * W; i < std::min(e * W, n); i += W) {
-      if (i + W <= n) {
-        const vf gv = ld(g + i);
-        st(o + i, gv / (1.0f + vexp(-gv)) * ld(u + i));
-      } else {
-        for (int64_t j = i; j < n; ++j) o[j] = g[j] / (1.0f + sexp(-g[j])) * u[j];
-      }
-    }
-  });
-  return out;
-}
-
-// SwiGLU backward in one pass. grad (dL/dp) becomes dL/dgate in place; returns dL/dup; writes p = silu(gate) * up
-// into p_out when given (for the LoRA-A gradient of the layer that consumed p).
-torch::Tensor swiglu_backward(torch::Tensor gate, torch::Tensor up, torch::Tensor grad,
-                              c10::optional<torch::Tensor> p_out) {
-  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && grad.is_contiguous(), "contiguous tensors expected");
-  TORCH_CHECK(gate.sizes() == up.sizes() && gate.sizes() == grad.sizes(), "gate, up and grad: same shape");
-  TORCH_CHECK(gate.scalar_type() == torch::kFloat && up.scalar_type() == torch::kFloat &&
-              grad.scalar_type() == torch::kFloat, "fp32 expected");
-  const bool want_p = p_out.has_value() && p_out->defined();
-  if (want_p)
-    TORCH_CHECK(p_out->is_contiguous() && p_out->numel() == gate.numel() && p_out->scalar_type() == torch::kFloat,
-                "p_out: fp32, contiguous, gate's size");
-  auto grad_up = torch::empty_like(gate);
-  const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
-  float *gp = grad.data_ptr<float>(), *gu = grad_up.data_ptr<float>(), *p = want_p ? p_out->data_ptr<float>() : nullptr;
-  const int64_t n = gate.numel();
-  at::parallel_for(0, (n + W - 1) / W, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t i = b * W; i < std::min(e * W, n); i += W) {
-      if (i + W <= n) {
-        const vf gv = ld(g + i), uv = ld(u + i), dv = ld(gp + i);
-        const vf sig = 1.0f / (1.0f + vexp(-gv));
-        const vf act = gv * sig;
-        st(gu + i, dv * act);
-        st(gp + i, dv * uv * sig * (1.0f + gv * (1.0f - sig)));
-        if (p) st(p + i, act * uv);
-      } else {
-        for (int64_t j = i; j < n; ++j) {
-          const float sig = 1.0f / (1.0f + sexp(-g[j])), act = g[j] * sig, d = gp[j];
-          gu[j] = d * act;
-          gp[j] = d * u[j] * sig * (1.0f + g[j] * (1.0f - sig));
-          if (p) p[j] = act * u[j];
-        }
-      }
-    }
-  });
-  return grad_up;
-}
-
-// Rotary embedding (Hugging Face's rotate_half convention) of x (B, H, T, hd) with any strides but a unit last one,
-// by cos/sin (B, T, rd) contiguous: the first rd channels rotate, the rest are copied. backward=true applies the
-// transposed rotation (the gradient of the forward one). The output has x's shape, contiguous as (B, T, H, hd).
-torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, bool backward) {
-  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.scalar_type() == torch::kFloat, "x: (B, H, T, hd) fp32");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.dim() == 3, "cos/sin");
-  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), hd = x.size(3), rd = cos.size(2), half = rd / 2;
-  TORCH_CHECK(cos.size(0) == B && cos.size(1) == T && rd <= hd && rd % 2 == 0, "cos/sin: (B, T, rd), rd <= hd");
-  auto out = torch::empty({B, T, H, hd}, x.options()).transpose(1, 2);
-  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
-  at::parallel_for(0, B * T, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t bt = lo; bt < hi; ++bt) {
-      const int64_t b = bt / T, t = bt % T;
-      const float *c = cp + bt * rd, *s = sp + bt * rd;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* xi = xp + b * sb + h * sh + t * st;
-        float* o = op + ((b * T + t) * H + h) * hd;
-        if (!backward) {
-          for (int64_t i = 0; i < half; ++i) {
-            o[i] = xi[i] * c[i] - xi[i + half] * s[i];
-            o[i + half] = xi[i + half] * c[i + half] + xi[i] * s[i + half];
-          }
-        } else {
-          for (int64_t i = 0; i < half; ++i) {
-            o[i] = xi[i] * c[i] + xi[i + half] * s[i + half];
-            o[i + half] = xi[i + half] * c[i + half] - xi[i] * s[i];
-          }
-        }
-        for (int64_t i = rd; i < hd; ++i) o[i] = xi[i];
-      }
-    }
-  });
-  return out;
-}
-
-// Cross-entropy of each row of logits (c, V) against targets (c,): returns the per-row loss lse - logit[y] and turns
-// the logits, in place, into the gradient softmax - onehot(y). One row at a time: max, exp and sum, scale.
-torch::Tensor softmax_xent_(torch::Tensor logits, torch::Tensor targets) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == torch::kFloat,
-              "logits: (c, V) fp32");
-  TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == torch::kLong && targets.size(0) == logits.size(0),
-              "targets: int64 (c,)");
-  const int64_t c = logits.size(0), V = logits.size(1);
-  auto tc = targets.contiguous();
-  const int64_t* y = tc.data_ptr<int64_t>();
-  for (int64_t r = 0; r < c; ++r) TORCH_CHECK(y[r] >= 0 && y[r] < V, "target outside the vocabulary");
-  auto loss = torch::empty({c}, logits.options());
-  float *L = logits.data_ptr<float>(), *out = loss.data_ptr<float>();
-  const int64_t vend = V / W * W;
-  at::parallel_for(0, c, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      float* x = L + r * V;
-      vf m = splat(-INFINITY);
-      for (int64_t i = 0; i < vend; i += W) { const vf v = ld(x + i); m = v > m ? v : m; }
-      float mx = -INFINITY;
-      for (int k = 0; k < W; ++k) mx = std::max(mx, m[k]);
-      for (int64_t i = vend; i < V; ++i) mx = std::max(mx, x[i]);
-      const float ly = x[y[r]];
-      vf s = vf{};
-      for (int64_t i = 0; i < vend; i += W) { const vf v = vexp(ld(x + i) - mx); st(x + i, v); s += v; }
-      float sum = 0.f;
-      for (int k = 0; k < W; ++k) sum += s[k];
-      for (int64_t i = vend; i < V; ++i) { x[i] = sexp(x[i] - mx); sum += x[i]; }
-      out[r] = mx + std::log(sum) - ly;
-      const float inv = 1.0f / sum;
-      for (int64_t i = 0; i < vend; i += W) st(x + i, ld(x + i) * inv);
-      for (int64_t i = vend; i < V; ++i) x[i] *= inv;
-      x[y[r]] -= 1.0f;
-    }
-  });
-  return loss;
-}
-"""
-
-_FUNCTIONS = ["swiglu_forward", "swiglu_backward", "softmax_xent_", "rope"]
-_lock = threading.Lock()
-_state: dict[str, Any] = {}
+__all__ = ["applicable", "get", "rope", "softmax_xent_", "swiglu_backward", "swiglu_forward"]
 
 
 def get() -> Any:
-    """The compiled module, building it on first call; None where unavailable (logged once)."""
-    return kernels.build_once(_state, _lock, lambda: kernels.build_extension(
-        "nomoat_fused_ops", "training kernels", "training's elementwise steps use torch's kernels (slower)",
-        _SOURCE, _FUNCTIONS))
+    """The compiled ops (`torch.ops.nomoat`), building them on first call; None where unavailable (logged once)."""
+    return torch.ops.nomoat if ops.available() else None
 
 
 def applicable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can take these tensors: fp32, CPU, contiguous, and the extension built."""
+    """Whether the kernels can take these tensors: fp32, CPU, contiguous, and the kernels built."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) and (
-        get() is not None
+        ops.available()
     )
-
-
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`silu(gate) * up` in one pass (no gradient is recorded; call under an autograd Function or no_grad)."""
-    return get().swiglu_forward(gate, up)
-
-
-def swiglu_backward(
-    gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, p_out: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `p = silu(gate) * up` in one pass: `(grad_gate, grad_up)`.
-
-    `grad` (dL/dp) is overwritten with dL/dgate and returned as `grad_gate`; when `p_out` is given, `p` is written
-    into it (recomputed, for a gradient that needs the product).
-    """
-    grad_up = get().swiglu_backward(gate, up, grad, p_out)
-    return grad, grad_up
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
-    """Rotary embedding of `x` (B, H, T, hd) by `cos`/`sin` (B, T, rd) in one pass (`backward`: its gradient).
-
-    The first `rd` channels rotate (rotate_half convention), the rest pass through. The result is laid out as
-    (B, T, H, hd) in memory (a transposed view), like torch's elementwise ops on a transposed `x`.
-    """
-    return get().rope(x, cos.contiguous(), sin.contiguous(), backward)
-
-
-def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy `logsumexp(row) - row[target]` (c,); `logits` (c, V) becomes `softmax - onehot`."""
-    return get().softmax_xent_(logits, targets)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from nomoat.config.model import ModelConfig
-from nomoat.models import hugepages
+from nomoat.kernels import hugepages
 
 
 class KVCache:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nomoat.models import decode_stack, hugepages, kernels
+from nomoat.kernels import hugepages
+from nomoat.models import decode_stack, kernels
 
 # Rows per call up to which the compiled kernels beat oneDNN (measured, 28 of SmolLM2's matrices, 2 threads):
 # 6 rows 2.2 vs 3.6 ms, 16 rows 7.5 vs 6.2 ms; all 211 matrices at 8 rows, 1 thread: 32 vs 40-43 ms.

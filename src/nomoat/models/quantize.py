@@ -73,7 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nomoat.models import decode_stack, hugepages, kernels
+from nomoat.kernels import hugepages
+from nomoat.models import decode_stack, kernels
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Huge-page tensors (`nomoat.models.hugepages`): alignment, contents, release, fallbacks, and real huge pages."""
+"""Huge-page tensors (`nomoat.kernels.hugepages`): alignment, contents, release, fallbacks, and real huge pages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from nomoat.models import hugepages
+from nomoat.kernels import hugepages
 
 
 def _mapping_of(ptr: int) -> dict[str, int] | None:
@@ -80,7 +80,7 @@ def test_small_tensors_and_switch_off_use_plain_memory(monkeypatch) -> None:
 
 
 def test_packed_panels_and_kv_cache_use_huge_pages() -> None:
-    from nomoat.models import kernels
+    from nomoat import kernels
     from nomoat.models.kv_cache import KVCache
 
     w = torch.randn(2048, 512)

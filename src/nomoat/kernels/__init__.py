@@ -1,0 +1,40 @@
+"""nomoat's compiled CPU kernels as torch operators (`torch.ops.nomoat.*`), each with a plain-PyTorch reference.
+
+What it owns: the C++ sources (`csrc/`: vector helpers, panel GEMV templates, one file per op family, one registration
+file), their build for this CPU (`build.py`: run-time CPU feature detection, `torch.utils.cpp_extension.load`), the
+ops' Python face (`ops.py`: the compiled op, or its reference where the build is impossible), the references
+(`reference.py`), the panel weight layout (`layout.py`) and huge-page tensors (`hugepages.py`). It knows nothing of
+models: `models` and `inference` call it. `NOMOAT_KERNELS=0` turns the compiled kernels off.
+"""
+
+from nomoat.kernels.layout import MAX_ROWS, PANEL, pack_fp32, pack_int8, unpack
+from nomoat.kernels.ops import (
+    available,
+    decode_attention,
+    isa,
+    linear_fp32,
+    linear_int8,
+    rope,
+    softmax_xent_,
+    stack_plan,
+    swiglu_backward,
+    swiglu_forward,
+)
+
+__all__ = [
+    "MAX_ROWS",
+    "PANEL",
+    "available",
+    "decode_attention",
+    "isa",
+    "linear_fp32",
+    "linear_int8",
+    "pack_fp32",
+    "pack_int8",
+    "rope",
+    "softmax_xent_",
+    "stack_plan",
+    "swiglu_backward",
+    "swiglu_forward",
+    "unpack",
+]

@@ -1,0 +1,497 @@
+// Every layer of a Llama/Mistral/Qwen2-style pre-norm decoder stack for one decode step, in one call (fp32
+// activations, fp32 or int8 panel weights, optional per-row LoRA adapters), for any number of rows (one new token
+// each); returns the hidden states before the final norm:
+//
+//   for each layer:  x_n = rmsnorm(x) * w_in;  qkv = x_n Wqkv^T (+ bias);  rope on q, k;  write k, v into the cache
+//                    attention over the cached keys 0..pos (GQA, sliding window);  x += attn Wo^T (+ bias)
+//                    x_n = rmsnorm(x) * w_post;  x += (silu(x_n Wg^T) * (x_n Wu^T)) Wd^T
+//
+// Threading: ONE OpenMP parallel region per step. Each layer is five phases (q/k/v panels; attention over (row,
+// key/value head); output-projection panels added to the residual; gate/up panel pairs with SiLU; down panels added
+// to the residual). A phase's units are claimed one at a time from an atomic counter, and a unit runs once the
+// previous phase has finished all its units (per-unit done flags and a count, not a barrier of threads). A thread that
+// needs a phase finished spins for SPIN_NS plus twice its own last time for such a unit, then runs the unfinished
+// units itself (a descheduled thread must not stall the step). A unit may thus run twice, even concurrently, so every
+// unit is idempotent: each intermediate has one buffer per layer (the residual one per half layer: x_next = x +
+// projection, never x += ...), and every shared write stores a final value. A panel unit runs its rows in blocks of
+// MAX_ROWS (the panel stays in L2 between blocks, so memory sees each weight once per step).
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "attend.h"
+#include "gemv.h"
+#include "ops.h"
+
+#ifndef SPIN_NS
+#define SPIN_NS 20000
+#endif
+
+static inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+struct alignas(64) Counter {
+  std::atomic<int> v{0};
+};
+
+// One matrix: panels (P, K, 64) fp32 or int8, optional per-channel scale (int8) and bias.
+struct Seg {
+  const char* w = nullptr;
+  bool i8 = false;
+  int64_t P = 0, K = 0, N = 0;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+};
+
+// One adapter's LoRA factors on one projection: delta(x) = coef[row][slot] * scale * (x A^T) Bt.
+struct Lora {
+  int64_t slot = 0, r = 0, in = 0, out = 0;
+  float scale = 1.f;
+  const float* A = nullptr;   // (r, in)
+  const float* Bt = nullptr;  // (r, out)
+};
+constexpr int MAX_LORA_RANK = 256;
+
+struct LayerPlan {
+  const float* w_in = nullptr;
+  const float* w_post = nullptr;
+  Seg q, k, v, o, gate, up, down;
+  int64_t window = 0, kind = 0;
+  std::vector<Lora> lora[7];  // per projection: q, k, v, o, gate, up, down
+};
+
+// buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
+static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf) {
+  if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.K, buf);
+  else panel_any<false>(M, x, ldx, s.w + p * s.K * PANEL * 4, s.K, buf);
+}
+
+static Seg make_seg(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias, int64_t K,
+                    int64_t N, const char* what) {
+  Seg s;
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == PANEL && w.is_contiguous() && w.size(1) == K && w.size(0) * PANEL >= N,
+              what, ": panels (P, K, 64) contiguous expected");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar, what, ": fp32 or int8 panels");
+  s.i8 = w.scalar_type() == at::kChar;
+  s.w = (const char*)w.data_ptr();
+  s.P = w.size(0);
+  s.K = K;
+  s.N = N;
+  if (s.i8) {
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() >= N,
+                what, ": int8 panels need fp32 scales (N,)");
+    s.scale = scale.data_ptr<float>();
+  }
+  if (bias.numel() > 0) {
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() >= N,
+                what, ": bias fp32 (N,)");
+    s.bias = bias.data_ptr<float>();
+  }
+  return s;
+}
+
+struct StackPlan : torch::CustomClassHolder {
+ public:
+  StackPlan(int64_t D, int64_t H, int64_t nkv, int64_t hd, int64_t I, double eps, double scale)
+      : D_(D), H_(H), nkv_(nkv), hd_(hd), I_(I), eps_(eps), scale_((float)scale) {
+    TORCH_CHECK(H > 0 && nkv > 0 && H % nkv == 0 && hd > 0 && D > 0 && I > 0, "bad shapes");
+  }
+
+  // t: w_in, w_post, then (panels, scale, bias) for q, k, v, o and (panels, scale) for gate, up, down; an absent
+  // scale or bias is an empty tensor. window: sliding window or 0; kind: index of the layer's rope table.
+  void add_layer(std::vector<at::Tensor> t, int64_t window, int64_t kind) {
+    TORCH_CHECK(t.size() == 20, "add_layer: 20 tensors expected");
+    const int64_t Q = H_ * hd_, KV = nkv_ * hd_;
+    for (int i = 0; i < 2; ++i)
+      TORCH_CHECK(t[i].scalar_type() == at::kFloat && t[i].is_contiguous() && t[i].numel() == D_, "norm weight");
+    LayerPlan L;
+    L.w_in = t[0].data_ptr<float>();
+    L.w_post = t[1].data_ptr<float>();
+    L.q = make_seg(t[2], t[3], t[4], D_, Q, "q_proj");
+    L.k = make_seg(t[5], t[6], t[7], D_, KV, "k_proj");
+    L.v = make_seg(t[8], t[9], t[10], D_, KV, "v_proj");
+    L.o = make_seg(t[11], t[12], t[13], Q, D_, "o_proj");
+    L.gate = make_seg(t[14], t[15], at::empty({0}), D_, I_, "gate_proj");
+    L.up = make_seg(t[16], t[17], at::empty({0}), D_, I_, "up_proj");
+    L.down = make_seg(t[18], t[19], at::empty({0}), I_, D_, "down_proj");
+    TORCH_CHECK(L.gate.P == L.up.P, "gate/up panel counts differ");
+    L.window = window;
+    L.kind = kind;
+    layers_.push_back(L);
+    for (auto& x : t) keep_.push_back(x);
+  }
+
+  int64_t num_layers() const { return (int64_t)layers_.size(); }
+
+  // Registers adapter `slot`'s factors on projection `proj` (0-6: q, k, v, o, gate, up, down) of layer `layer`:
+  // A (r, in) and Bt (r, out) fp32 contiguous; `scale` multiplies the per-row coefficient given to `run`.
+  void add_lora(int64_t layer, int64_t proj, int64_t slot, at::Tensor A, at::Tensor Bt, double scale) {
+    TORCH_CHECK(layer >= 0 && layer < num_layers() && proj >= 0 && proj < 7 && slot >= 0, "add_lora: indices");
+    TORCH_CHECK(A.scalar_type() == at::kFloat && Bt.scalar_type() == at::kFloat && A.is_contiguous() &&
+                Bt.is_contiguous() && A.dim() == 2 && Bt.dim() == 2 && A.size(0) == Bt.size(0),
+                "add_lora: A (r, in) and Bt (r, out), fp32 contiguous");
+    TORCH_CHECK(A.size(0) <= MAX_LORA_RANK, "add_lora: rank above ", MAX_LORA_RANK);
+    const LayerPlan& L = layers_[layer];
+    const Seg* segs[7] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+    TORCH_CHECK(A.size(1) == segs[proj]->K && Bt.size(1) == segs[proj]->N, "add_lora: shapes do not match the layer");
+    Lora e;
+    e.slot = slot;
+    e.r = A.size(0);
+    e.in = A.size(1);
+    e.out = Bt.size(1);
+    e.scale = (float)scale;
+    e.A = A.data_ptr<float>();
+    e.Bt = Bt.data_ptr<float>();
+    layers_[layer].lora[proj].push_back(e);
+    lora_slots_ = std::max(lora_slots_, slot + 1);
+    keep_.push_back(A);
+    keep_.push_back(Bt);
+  }
+
+  // Units run by a thread that gave up waiting for the thread holding them (so twice, or first by the helper).
+  int64_t helped() const { return helped_.load(); }
+
+  // How long a thread waits for a unit another thread holds before running it itself: spin_ns plus unit_factor
+  // times its own last duration of such a unit (defaults SPIN_NS and 2; 0 and 0 help at once). For tests, a
+  // negative spin_ns makes every thread run every unit of every phase again once it is complete.
+  void set_spin(int64_t spin_ns, int64_t unit_factor) {
+    spin_ns_ = spin_ns;
+    unit_factor_ = unit_factor;
+  }
+
+  // Runs every layer on x (M, 1, D) for one token per row; returns the new hidden states (M, 1, D).
+  at::Tensor run(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
+                    at::Tensor positions, int64_t row0, int64_t kv_len, std::vector<at::Tensor> kcache,
+                    std::vector<at::Tensor> vcache, at::Tensor coef) {
+    const int64_t L = num_layers(), D = D_, H = H_, nkv = nkv_, hd = hd_, I = I_;
+    const int64_t Q = H * hd, KV = nkv * hd, NQKV = Q + 2 * KV, rep = H / nkv;
+    TORCH_CHECK(L > 0, "no layers");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1 && x.size(2) == D, "x: (M, 1, D)");
+    const int64_t M = x.size(0);
+    TORCH_CHECK(M >= 1, "at least one row");
+    TORCH_CHECK((int64_t)kcache.size() == L && (int64_t)vcache.size() == L, "one key and value cache per layer");
+    TORCH_CHECK(cos.size() == sin.size() && !cos.empty(), "rope tables");
+    std::vector<at::Tensor> cs, ss;
+    std::vector<const float*> cptr, sptr;
+    const int64_t rd = cos[0].size(-1);
+    TORCH_CHECK(rd <= hd && rd % 2 == 0, "rope width");
+    for (size_t i = 0; i < cos.size(); ++i) {
+      cs.push_back(cos[i].contiguous());
+      ss.push_back(sin[i].contiguous());
+      TORCH_CHECK(cs[i].scalar_type() == at::kFloat && ss[i].scalar_type() == at::kFloat &&
+                  cs[i].numel() == M * rd && ss[i].numel() == M * rd, "rope tables: fp32 (M, 1, rd)");
+      cptr.push_back(cs[i].data_ptr<float>());
+      sptr.push_back(ss[i].data_ptr<float>());
+    }
+    const int64_t S = kcache[0].size(2);
+    std::vector<float*> kc(L), vc(L);
+    for (int64_t l = 0; l < L; ++l) {
+      for (auto* c : {&kcache[l], &vcache[l]}) {
+        TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 && c->size(1) == nkv &&
+                    c->size(2) == S && c->size(3) == hd && row0 >= 0 && row0 + M <= c->size(0), "cache layout");
+      }
+      TORCH_CHECK(layers_[l].kind >= 0 && layers_[l].kind < (int64_t)cs.size(), "rope kind");
+      kc[l] = kcache[l].data_ptr<float>();
+      vc[l] = vcache[l].data_ptr<float>();
+    }
+    TORCH_CHECK(kv_len >= 1 && kv_len <= S, "kv_len");
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == M, "positions: int64 (M, 1)");
+    auto pos_c = positions.contiguous();
+    const int64_t* pos = pos_c.data_ptr<int64_t>();
+    for (int64_t b = 0; b < M; ++b) TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "position outside the cache");
+    // coef (M, slots): each row's weight for each registered adapter slot; empty: no adapter applies
+    const float* cf = nullptr;
+    at::Tensor coef_c;
+    if (coef.numel() > 0) {
+      TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.size(0) == M &&
+                  coef.size(1) >= lora_slots_, "coef: fp32 (M, slots)");
+      coef_c = coef.contiguous();
+      cf = coef_c.data_ptr<float>();
+    }
+    const int64_t ncf = coef.numel() > 0 ? coef.size(1) : 0;
+
+    std::lock_guard<std::mutex> lock(mu_);  // the workspace is the plan's: one call at a time
+    const int nt = std::max(1, at::get_num_threads());
+    // Every intermediate has one buffer per layer (and the residual one per half-layer), so that running a unit
+    // twice (a thread helping a descheduled one) writes the same values where the first run would have.
+    const int64_t per_thread = M * D + kv_len + 3 * hd + 16;
+    const size_t need = (size_t)((2 * L + 1) * M * D + L * M * (NQKV + Q + I) + nt * per_thread);
+    if (ws_.size() < need) ws_.resize(need);
+    float* X = ws_.data();                    // (2L + 1) residual states (M, D)
+    float* QKV = X + (2 * L + 1) * M * D;     // per layer (M, NQKV)
+    float* ATT = QKV + L * M * NQKV;          // per layer (M, Q)
+    float* ACT = ATT + L * M * Q;             // per layer (M, I)
+    float* TLS = ACT + L * M * I;             // per thread: normed input (M, D), rope and score scratch
+    std::memcpy(X, x.contiguous().data_ptr<float>(), M * D * sizeof(float));
+
+    const int64_t NP = L * 5;
+    std::vector<int> total(NP);
+    std::vector<int64_t> first(NP + 1, 0);
+    for (int64_t l = 0; l < L; ++l) {
+      const LayerPlan& ly = layers_[l];
+      const int64_t t5[5] = {ly.q.P + ly.k.P + ly.v.P, M * nkv, ly.o.P, ly.gate.P, ly.down.P};
+      for (int ph = 0; ph < 5; ++ph) total[l * 5 + ph] = (int)t5[ph];
+    }
+    for (int64_t i = 0; i < NP; ++i) first[i + 1] = first[i] + total[i];
+    std::unique_ptr<Counter[]> next(new Counter[NP]), done(new Counter[NP]);
+    std::unique_ptr<std::atomic<unsigned char>[]> flag(new std::atomic<unsigned char>[first[NP]]);
+    for (int64_t i = 0; i < first[NP]; ++i) flag[i].store(0, std::memory_order_relaxed);
+
+    auto body = [&](int tid) {
+      float* xn = TLS + (int64_t)tid * per_thread;
+      float* qrot = xn + M * D;
+      float* knew = qrot + hd;
+      float* obuf = knew + hd;
+      float* w = obuf + hd;
+      int64_t xn_for = -1;          // the phase whose normed input xn holds
+      int64_t frontier = 0;         // every phase below it is known complete
+      int64_t unit_ns[5] = {0, 0, 0, 0, 0};  // this thread's last duration of a unit, per phase kind
+      alignas(64) float buf[MAX_ROWS * PANEL];
+      alignas(64) float buf2[MAX_ROWS * PANEL];
+
+      auto norm_into = [&](const float* src, const float* wt) {
+        for (int64_t m = 0; m < M; ++m) {
+          const float* r = src + m * D;
+          double ss2 = 0.0;
+          for (int64_t i = 0; i < D; ++i) ss2 += (double)r[i] * (double)r[i];
+          const float rstd = (float)(1.0 / std::sqrt(ss2 / (double)D + eps_));
+          for (int64_t i = 0; i < D; ++i) xn[m * D + i] = wt[i] * (r[i] * rstd);
+        }
+      };
+
+      // dl (mm x 64) = the adapters' delta on columns n0.. (nn of them) of projection `proj` for rows m0..m0+mm of
+      // the step, whose inputs start at x (row stride ldx); false when no adapter applies to them (dl untouched).
+      alignas(64) float xa[MAX_LORA_RANK];
+      auto lora_delta = [&](const LayerPlan& ly, int proj, const float* x, int64_t ldx, int64_t n0, int64_t nn,
+                            float* dl, int64_t m0, int mm) -> bool {
+        if (cf == nullptr || ly.lora[proj].empty()) return false;
+        bool any = false;
+        for (const Lora& e : ly.lora[proj]) {
+          for (int64_t m = 0; m < mm; ++m) {
+            const float c = cf[(m0 + m) * ncf + e.slot] * e.scale;
+            if (c == 0.f) continue;
+            if (!any) {
+              std::memset(dl, 0, sizeof(float) * MAX_ROWS * PANEL);
+              any = true;
+            }
+            const float* xm = x + m * ldx;
+            for (int64_t i = 0; i < e.r; ++i) {
+              const float* a = e.A + i * e.in;
+              vf acc = vf{};
+              int64_t k = 0;
+              for (; k + W <= e.in; k += W) acc += ld(xm + k) * ld(a + k);
+              float sum = hsum(acc);
+              for (; k < e.in; ++k) sum += xm[k] * a[k];
+              xa[i] = sum * c;
+            }
+            float* d = dl + m * PANEL;
+            for (int64_t i = 0; i < e.r; ++i) {
+              const float* b = e.Bt + i * e.out + n0;
+              const float w = xa[i];
+              for (int64_t j = 0; j < nn; ++j) d[j] += w * b[j];
+            }
+          }
+        }
+        return any;
+      };
+      alignas(64) float dl[MAX_ROWS * PANEL];
+      alignas(64) float dl2[MAX_ROWS * PANEL];
+
+      // Unit u of phase idx; its inputs (the previous phases) are complete. Idempotent.
+      auto run_unit = [&](int64_t idx, int u) {
+        const int64_t l = idx / 5;
+        const int ph = (int)(idx % 5);
+        const LayerPlan& ly = layers_[l];
+        const int64_t t0 = now_ns();
+        if ((ph == 0 || ph == 3) && xn_for != idx) {
+          norm_into(X + (2 * l + (ph == 3)) * M * D, ph == 0 ? ly.w_in : ly.w_post);
+          xn_for = idx;
+        }
+        if (ph == 0) {  // q/k/v panel -> qkv (M, NQKV)
+          const Seg* s = &ly.q;
+          int64_t p = u, off = 0;
+          if (p >= ly.q.P) {
+            p -= ly.q.P;
+            s = &ly.k;
+            off = Q;
+            if (p >= ly.k.P) {
+              p -= ly.k.P;
+              s = &ly.v;
+              off = Q + KV;
+            }
+          }
+          const int64_t n0 = p * PANEL, nn = std::min<int64_t>(PANEL, s->N - n0);
+          const int proj = s == &ly.q ? 0 : s == &ly.k ? 1 : 2;
+          for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // row blocks: the panel stays in L2 between them
+            const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
+            panel_gemv(*s, p, mm, xn + m0 * D, D, buf);
+            const bool has_d = lora_delta(ly, proj, xn + m0 * D, D, n0, nn, dl, m0, mm);
+            for (int64_t m = 0; m < mm; ++m) {
+              float* dst = QKV + (l * M + m0 + m) * NQKV + off + n0;
+              const float* src = buf + m * PANEL;
+              for (int64_t j = 0; j < nn; ++j) {
+                float v = s->scale ? src[j] * s->scale[n0 + j] : src[j];
+                v = s->bias ? v + s->bias[n0 + j] : v;
+                dst[j] = has_d ? v + dl[m * PANEL + j] : v;
+              }
+            }
+          }
+        } else if (ph == 1) {  // attention of (row b, key/value head g) for the group's query heads
+          const int64_t b = u / nkv, g = u % nkv, p = pos[b];
+          const float* c = cptr[ly.kind] + b * rd;
+          const float* sn = sptr[ly.kind] + b * rd;
+          const float* row = QKV + (l * M + b) * NQKV;
+          rope_head(row + Q + g * hd, c, sn, rd, hd, knew);
+          const float* vnew = row + Q + KV + g * hd;
+          const int64_t base = ((row0 + b) * nkv + g) * S * hd;
+          std::memcpy(kc[l] + base + p * hd, knew, hd * sizeof(float));
+          std::memcpy(vc[l] + base + p * hd, vnew, hd * sizeof(float));
+          const int64_t hi = std::min(p, kv_len - 1);
+          const int64_t lo = ly.window > 0 ? std::max<int64_t>(0, p - ly.window + 1) : 0;
+          for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+            rope_head(row + h * hd, c, sn, rd, hd, qrot);
+            // out: private, then stored whole (a second run must never expose a partial sum); the new key and
+            // value come from this unit's own copies
+            attend_head(qrot, kc[l] + base, vc[l] + base, lo, hi, p, knew, vnew, hd, scale_, w, obuf);
+            std::memcpy(ATT + (l * M + b) * Q + h * hd, obuf, hd * sizeof(float));
+          }
+        } else if (ph == 2 || ph == 4) {  // o_proj / down_proj panel: next residual = residual + projection
+          const Seg& s = ph == 2 ? ly.o : ly.down;
+          const float* in = ph == 2 ? ATT + l * M * Q : ACT + l * M * I;
+          const int64_t K = ph == 2 ? Q : I;
+          const float* xin = X + (2 * l + (ph == 4)) * M * D;
+          float* xout = X + (2 * l + 1 + (ph == 4)) * M * D;
+          const int64_t n0 = (int64_t)u * PANEL, nn = std::min<int64_t>(PANEL, D - n0);
+          for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
+            panel_gemv(s, u, mm, in + m0 * K, K, buf);
+            const bool has_d = lora_delta(ly, ph == 2 ? 3 : 6, in + m0 * K, K, n0, nn, dl, m0, mm);
+            for (int64_t m = 0; m < mm; ++m) {
+              const float* src = buf + m * PANEL;
+              const int64_t r = (m0 + m) * D + n0;
+              for (int64_t j = 0; j < nn; ++j) {
+                float v = s.scale ? src[j] * s.scale[n0 + j] : src[j];
+                v = s.bias ? v + s.bias[n0 + j] : v;
+                if (has_d) v += dl[m * PANEL + j];
+                xout[r + j] = xin[r + j] + v;
+              }
+            }
+          }
+        } else {  // gate and up panel u -> silu(gate) * up
+          const int64_t n0 = (int64_t)u * PANEL, nn = std::min<int64_t>(PANEL, I - n0);
+          for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
+            const float* x = xn + m0 * D;
+            panel_gemv(ly.gate, u, mm, x, D, buf);
+            panel_gemv(ly.up, u, mm, x, D, buf2);
+            const bool has_g = lora_delta(ly, 4, x, D, n0, nn, dl, m0, mm);
+            const bool has_u = lora_delta(ly, 5, x, D, n0, nn, dl2, m0, mm);
+            for (int64_t m = 0; m < mm; ++m) {
+              float* dst = ACT + (l * M + m0 + m) * I + n0;
+              for (int64_t j = 0; j < nn; ++j) {
+                float gv = ly.gate.scale ? buf[m * PANEL + j] * ly.gate.scale[n0 + j] : buf[m * PANEL + j];
+                float uv = ly.up.scale ? buf2[m * PANEL + j] * ly.up.scale[n0 + j] : buf2[m * PANEL + j];
+                if (has_g) gv += dl[m * PANEL + j];
+                if (has_u) uv += dl2[m * PANEL + j];
+                dst[j] = gv / (1.f + std::exp(-gv)) * uv;
+              }
+            }
+          }
+        }
+        if (flag[first[idx] + u].exchange(1, std::memory_order_acq_rel) == 0)
+          done[idx].v.fetch_add(1, std::memory_order_release);
+        unit_ns[ph] = now_ns() - t0;
+      };
+
+      // Returns once every phase up to idx is complete: waits briefly for the units other threads hold, then
+      // runs the ones still unfinished itself (a descheduled thread must not stall the step).
+      auto ensure = [&](int64_t idx) {
+        for (; frontier <= idx; ++frontier) {
+          const int64_t j = frontier;
+          if (spin_ns_ < 0) {  // test mode: every unit runs again (all must be idempotent)
+            while (done[j].v.load(std::memory_order_acquire) < total[j]) cpu_relax();
+            for (int u = 0; u < total[j]; ++u) run_unit(j, u);
+            helped_.fetch_add(total[j], std::memory_order_relaxed);
+            continue;
+          }
+          if (done[j].v.load(std::memory_order_acquire) >= total[j]) continue;
+          const int64_t budget = spin_ns_ + unit_factor_ * unit_ns[j % 5];
+          const int64_t t0 = now_ns();
+          bool ok = false;
+          while (!ok && budget > 0) {
+            for (int i = 0; i < 32 && !ok; ++i) {
+              cpu_relax();
+              ok = done[j].v.load(std::memory_order_acquire) >= total[j];
+            }
+            if (now_ns() - t0 > budget) break;
+          }
+          if (ok) continue;
+          for (int u = 0; u < total[j]; ++u)  // help: run what is not finished yet (maybe a second time)
+            if (flag[first[j] + u].load(std::memory_order_acquire) == 0) {
+              run_unit(j, u);
+              helped_.fetch_add(1, std::memory_order_relaxed);
+            }
+        }
+      };
+
+      for (int64_t idx = 0; idx < NP; ++idx) {
+        int u;
+        while ((u = next[idx].v.fetch_add(1, std::memory_order_acq_rel)) < total[idx]) {
+          if (idx > 0) ensure(idx - 1);
+          if (flag[first[idx] + u].load(std::memory_order_acquire) == 0) run_unit(idx, u);  // else: helped
+        }
+      }
+    };
+    if (nt > 1) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+      body(omp_get_thread_num());
+#else
+      body(0);
+#endif
+    } else {
+      body(0);
+    }
+    auto out = at::empty({M, 1, D}, x.options());
+    std::memcpy(out.data_ptr<float>(), X + 2 * L * M * D, M * D * sizeof(float));
+    return out;
+  }
+
+ private:
+  int64_t D_, H_, nkv_, hd_, I_;
+  double eps_;
+  float scale_;
+  std::vector<LayerPlan> layers_;
+  std::vector<at::Tensor> keep_;
+  std::vector<float> ws_;
+  std::mutex mu_;
+  std::atomic<int64_t> helped_{0};
+  int64_t spin_ns_ = SPIN_NS, unit_factor_ = 2;
+  int64_t lora_slots_ = 0;
+};
+
+
+// torch.classes.nomoat.StackPlan: built once per decode model (add_layer per layer, add_lora per adapter
+// projection), then `run` once per decode step.
+void register_decode_stack(torch::Library& m) {
+  m.class_<StackPlan>("StackPlan")
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double>())
+      .def("add_layer", &StackPlan::add_layer)
+      .def("add_lora", &StackPlan::add_lora)
+      .def("num_layers", &StackPlan::num_layers)
+      .def("helped", &StackPlan::helped)
+      .def("set_spin", &StackPlan::set_spin)
+      .def("run", &StackPlan::run);
+}

@@ -1,0 +1,100 @@
+// Panel GEMV templates: out (M x 64) = x (M x K) times one panel of a weight matrix, for M = 1..8 rows.
+//
+// Weight layout ("panels"): the (N, K) matrix is cut into panels of PANEL (64) consecutive output channels, each
+// stored k-major: panel[p, k, j] = W[p * 64 + j, k] (N padded with zero rows to a multiple of 64). A panel is one
+// contiguous stream; the kernel walks it k by k, broadcasting x[m, k] and accumulating 64 outputs per row in vector
+// registers: no horizontal sums, one FMA per weight vector per row, and the M rows share each weight load. Where M
+// rows times the panel's vectors would spill registers, a panel is swept in column halves or quarters (the panel
+// stays in L2 between sweeps, so memory still sees each weight once). int8 panels hold codes (w = q * scale[n]),
+// converted to fp32 in registers and scaled once per output by the caller.
+#pragma once
+
+#include "vec.h"
+
+constexpr int PANEL = 64, NV = PANEL / W;  // vectors per panel row
+constexpr int MAX_ROWS = 8;                // rows one sweep holds in registers; callers loop over row blocks
+#ifndef SERIAL_BYTES_LOG2
+#define SERIAL_BYTES_LOG2 21
+#endif
+
+template <bool I8>
+static inline vf load_w(const void* base, int64_t off) {
+  if constexpr (I8) {
+    // Intrinsics here: GCC 12 scalarises `__builtin_convertvector` from char to float vectors (measured 4x slower).
+    const signed char* p = (const signed char*)base + off;
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    int32_t four;
+    std::memcpy(&four, p, 4);  // exactly W = 4 codes: never read past the panel
+    const int16x8_t wide = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four)));
+    return (vf)vcvtq_f32_s32(vmovl_s16(vget_low_s16(wide)));
+#else
+    vf r;
+    for (int i = 0; i < W; ++i) r[i] = (float)p[i];
+    return r;
+#endif
+  } else {
+    return *(const vfu*)((const float*)base + off);
+  }
+}
+
+// acc[m][c] += x[m, k] * w[k, c0 + c*W ...] over all k, for M rows and C vectors of one panel; writes out[m][...].
+template <bool I8, int M, int C>
+static void sweep(const float* x, int64_t ldx, const void* w, int64_t K, int c0, float* out /* M x PANEL */) {
+  vf acc[M][C];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[m][c] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf wv[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) wv[c] = load_w<I8>(w, k * PANEL + c0 + c * W);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const float xs = x[m * ldx + k];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[m][c] += xs * wv[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) std::memcpy(out + m * PANEL + c0 + c * W, &acc[m][c], sizeof(vf));
+}
+
+// Largest C dividing NV with M*C accumulators + C weight vectors + 1 broadcast in the register file.
+template <int M>
+constexpr int cols() {
+  return (M * NV + NV + 1 <= NREG) ? NV : (M * (NV / 2) + NV / 2 + 1 <= NREG) ? NV / 2
+       : (M * (NV / 4) + NV / 4 + 1 <= NREG) ? NV / 4 : 1;
+}
+
+template <bool I8, int M>
+static void panel_rows(const float* x, int64_t ldx, const void* w, int64_t K, float* out) {
+  if constexpr (M > 4 && cols<4>() == NV) {  // two row blocks at full panel width beat column sweeps
+    panel_rows<I8, 4>(x, ldx, w, K, out);
+    panel_rows<I8, M - 4>(x + 4 * ldx, ldx, w, K, out + 4 * PANEL);
+  } else {
+    constexpr int C = cols<M>();
+    for (int c0 = 0; c0 < PANEL; c0 += C * W) sweep<I8, M, C>(x, ldx, w, K, c0, out);
+  }
+}
+
+// out (m x 64) for 1 <= m <= 8 rows.
+template <bool I8>
+static void panel_any(int m, const float* x, int64_t ldx, const void* w, int64_t K, float* out) {
+  switch (m) {
+    case 1: panel_rows<I8, 1>(x, ldx, w, K, out); break;
+    case 2: panel_rows<I8, 2>(x, ldx, w, K, out); break;
+    case 3: panel_rows<I8, 3>(x, ldx, w, K, out); break;
+    case 4: panel_rows<I8, 4>(x, ldx, w, K, out); break;
+    case 5: panel_rows<I8, 5>(x, ldx, w, K, out); break;
+    case 6: panel_rows<I8, 6>(x, ldx, w, K, out); break;
+    case 7: panel_rows<I8, 7>(x, ldx, w, K, out); break;
+    default: panel_rows<I8, 8>(x, ldx, w, K, out); break;
+  }
+}

@@ -1,0 +1,65 @@
+// y = x W^T (+ bias) for a few rows of activations over weights in panels (gemv.h), fp32 or int8 codes with
+// per-channel scales: the decode-time matmul, bound by how fast the weights stream from memory.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "gemv.h"
+#include "ops.h"
+
+template <bool I8>
+static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, const float* sp,
+                              const std::optional<at::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: 2-D fp32");
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == PANEL && wp.is_contiguous(), "w: (P, K, 64) contiguous panels");
+  const int64_t M = x.size(0), K = x.size(1), P = wp.size(0), ldx = M > 1 ? x.stride(0) : K;
+  TORCH_CHECK(wp.size(1) == K && P * PANEL >= N, "w: panel shape does not match x or N");
+  const float* xp = x.data_ptr<float>();
+  const char* wb = (const char*)wp.data_ptr();
+  const int64_t esize = I8 ? 1 : 4;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() >= N, "bias: fp32 (N,)");
+    bp = bias->data_ptr<float>();
+  }
+  auto y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  // Dynamic scheduling, one panel at a time: on a shared 2-core VM one thread is often descheduled, and a static
+  // split would make the other wait for its whole half. Small matrices run on the calling thread: waking a sleeping
+  // OpenMP worker costs tens of microseconds, about what the second core saves on 2 MB of weights.
+  const bool small = P * K * PANEL * esize * std::max<int64_t>(1, M / 4) < (int64_t(1) << SERIAL_BYTES_LOG2);
+  const int nt = small ? 1 : (int)std::min<int64_t>(at::get_num_threads(), P);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t p = 0; p < P; ++p) {
+    alignas(64) float buf[MAX_ROWS * PANEL];
+    const void* w = wb + p * K * PANEL * esize;
+    const int64_t n0 = p * PANEL, nn = std::min<int64_t>(PANEL, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // the panel stays in L2 across row blocks
+      const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
+      panel_any<I8>(mm, xp + m0 * ldx, ldx, w, K, buf);
+      for (int m = 0; m < mm; ++m) {
+        float* dst = yp + (m0 + m) * N + n0;
+        const float* src = buf + m * PANEL;
+        for (int j = 0; j < nn; ++j) {
+          float v = sp ? src[j] * sp[n0 + j] : src[j];
+          dst[j] = bp ? v + bp[n0 + j] : v;
+        }
+      }
+    }
+  }
+  return y;
+}
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
+                      int64_t n) {
+  TORCH_CHECK(panels.scalar_type() == at::kFloat, "fp32 panels expected");
+  return linear_impl<false>(x, panels, nullptr, bias, n);
+}
+
+at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& bias, int64_t n) {
+  TORCH_CHECK(panels.scalar_type() == at::kChar, "int8 panels expected");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() >= n, "scale: fp32 (n,)");
+  return linear_impl<true>(x, panels, scale.data_ptr<float>(), bias, n);
+}

@@ -1,0 +1,94 @@
+// Vector helpers shared by every nomoat kernel: a W-lane fp32 vector type (GCC/Clang vector extensions, so one source
+// compiles to AVX-512, AVX2, SSE or NEON), loads and stores, a vectorised exp, a horizontal sum, a spin-wait pause.
+// Every ISA-specific intrinsic sits behind a feature macro; without any, the portable code below is used.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+#if defined(__AVX512F__)
+constexpr int W = 16, NREG = 32;
+#elif defined(__AVX__)
+constexpr int W = 8, NREG = 16;
+#elif defined(__ARM_NEON)
+constexpr int W = 4, NREG = 32;
+#else
+constexpr int W = 4, NREG = 16;
+#endif
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int vi __attribute__((vector_size(W * 4)));
+typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
+
+static inline vf ld(const float* p) { return *(const vfu*)p; }
+static inline void st(float* p, vf v) { *(vfu*)p = v; }
+static inline vf splat(float x) { return vf{} + x; }
+
+// exp(x) for W lanes: Cephes' expf (range reduction by ln 2, degree-5 polynomial), about 1 ulp on [-88, 88].
+static inline vf vexp(vf x) {
+  const vf hi = splat(88.3762626647949f), lo = splat(-88.3762626647949f);
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(fx, vi);  // toward zero
+  n += (vi)(__builtin_convertvector(n, vf) > fx);  // floor: minus one where truncation rounded up
+  const vf t = __builtin_convertvector(n, vf);
+  x = x - t * 0.693359375f + t * 2.12194440e-4f;
+  const vf z = x * x;
+  vf y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  return y * (vf)((n + 127) << 23);
+}
+
+static inline float sexp(float x) {
+  vf v = splat(x);
+  return vexp(v)[0];
+}
+
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+  return vaddvq_f32((float32x4_t)v);
+#else
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+#endif
+}
+
+// A pause inside a spin-wait loop (lets the sibling hyperthread run, saves power).
+static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// The instruction set this translation unit was compiled for.
+static inline const char* compiled_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__x86_64__) || defined(__i386__)
+  return "sse";
+#elif defined(__ARM_NEON)
+  return "neon";
+#else
+  return "portable";
+#endif
+}

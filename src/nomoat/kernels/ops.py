@@ -1,0 +1,153 @@
+"""The Python face of nomoat's ops: the compiled `torch.ops.nomoat.<op>` where built, else its reference.
+
+Each function calls the compiled op where the kernels are built, else its plain-PyTorch reference (`reference.py`),
+with the same arguments and results.
+
+`available()` builds the kernels on first call (`build.py`) and registers each op's fake implementation (shapes and
+dtypes only, no data) with `torch.library.register_fake`, so `torch.compile` traces through the ops. The decode
+stack's plan is a `torch.classes.nomoat.StackPlan` (`stack_plan`): an object that holds pointers to the weights and a
+workspace, which torch.compile does not trace into (a compiled caller calls it between compiled regions).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from nomoat.kernels import build, reference
+
+_fakes_lock = threading.Lock()
+_fakes_registered = False
+
+
+def available() -> bool:
+    """Whether the compiled kernels run (building them on the first call); False: the references run."""
+    if not build.load():
+        return False
+    if not _fakes_registered:
+        register_fakes()
+    return True
+
+
+def isa() -> str | None:
+    """The instruction set the loaded kernels were compiled for ("avx512", "avx2", ...), or None without them."""
+    return build.VARIANTS[torch.ops.nomoat.isa()] if available() else None
+
+
+def linear_fp32(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` for 2-D fp32 `x` (M, K), any M, and `panels = layout.pack_fp32(W)`; returns (M, n)."""
+    if available():
+        return torch.ops.nomoat.linear_f32(x, panels, bias, n)
+    return reference.linear_fp32(x, panels, n, bias)
+
+
+def linear_int8(
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`x @ (q * scale[:, None]).T + bias` for 2-D fp32 `x` (M, K) and `panels = layout.pack_int8(q.T)`; (M, n)."""
+    if available():
+        return torch.ops.nomoat.linear_i8(x, panels, scale, bias, n)
+    return reference.linear_int8(x, panels, scale, n, bias)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row0: int,
+    positions: torch.Tensor,
+    kv_len: int,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step of attention in one call (fp32, CPU): rope, KV-cache write, attention over the cached keys.
+
+    Args:
+        q: New queries (B, 1, H, hd), unit stride on the last dimension (not rotated yet).
+        k: New keys (B, 1, n_kv, hd), not rotated.
+        v: New values (B, 1, n_kv, hd).
+        cos: Rotary cosines (B, 1, rd), `rd <= hd` (the first `rd` channels rotate).
+        sin: Rotary sines (B, 1, rd).
+        k_cache: One layer's key cache (max_batch, n_kv, S, hd), contiguous; row `row0 + b` gets row b's key.
+        v_cache: The layer's value cache, same shape.
+        row0: First cache row of the batch.
+        positions: int64 (B, 1): where each row's token is written; it attends to keys `0..position`.
+        kv_len: Keys beyond `kv_len - 1` are never read.
+        window: Sliding window (keys `> position - window`), or 0 for none.
+        scale: Query scale.
+
+    Returns:
+        Attention outputs (B, 1, H * hd), ready for the output projection.
+    """
+    fn = torch.ops.nomoat.decode_attention if available() else reference.decode_attention
+    return fn(q, k, v, cos, sin, k_cache, v_cache, row0, positions, kv_len, window, scale)
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` in one pass (fp32, contiguous; no gradient is recorded)."""
+    return torch.ops.nomoat.swiglu_forward(gate, up) if available() else reference.swiglu_forward(gate, up)
+
+
+def swiglu_backward(
+    gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, p_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `p = silu(gate) * up` in one pass: `(grad_gate, grad_up)`.
+
+    `grad` (dL/dp) is overwritten with dL/dgate and returned as `grad_gate`; when `p_out` is given, `p` is written
+    into it (recomputed, for a gradient that needs the product).
+    """
+    fn = torch.ops.nomoat.swiglu_backward if available() else reference.swiglu_backward
+    return grad, fn(gate, up, grad, p_out)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
+    """Rotary embedding of `x` (B, H, T, hd) by `cos`/`sin` (B, T, rd) in one pass (`backward`: its gradient).
+
+    The first `rd` channels rotate (rotate_half convention), the rest pass through. The result is laid out as
+    (B, T, H, hd) in memory (a transposed view), like torch's elementwise ops on a transposed `x`.
+    """
+    fn = torch.ops.nomoat.rope if available() else reference.rope
+    return fn(x, cos, sin, backward)
+
+
+def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy `logsumexp(row) - row[target]` (c,); `logits` (c, V) becomes `softmax - onehot`."""
+    fn = torch.ops.nomoat.softmax_xent_ if available() else reference.softmax_xent_
+    return fn(logits, targets)
+
+
+def stack_plan(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float,
+               scale: float) -> Any:  # fmt: skip
+    """A new `torch.classes.nomoat.StackPlan` (the decode stack; see `csrc/decode_stack.cpp`); None without kernels."""
+    if not available():
+        return None
+    return torch.classes.nomoat.StackPlan(hidden, heads, kv_heads, head_dim, intermediate, float(eps), float(scale))
+
+
+def register_fakes() -> None:
+    """Register each op's fake implementation (output shapes and dtypes only), once per process."""
+    global _fakes_registered
+    with _fakes_lock:
+        if _fakes_registered:
+            return
+        fake = torch.library.register_fake
+        fake("nomoat::linear_f32")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
+        fake("nomoat::linear_i8")(lambda x, panels, scale, bias, n: x.new_empty(x.shape[0], n))
+        fake("nomoat::decode_attention")(
+            lambda q, k, v, cos, sin, kc, vc, row0, positions, kv_len, window, scale: q.new_empty(
+                q.shape[0], 1, q.shape[2] * q.shape[3]
+            )
+        )
+        fake("nomoat::swiglu_forward")(lambda gate, up: torch.empty_like(gate))
+        fake("nomoat::swiglu_backward")(lambda gate, up, grad, p_out: torch.empty_like(gate))
+        fake("nomoat::rope")(
+            lambda x, cos, sin, backward: x.new_empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3]).transpose(1, 2)
+        )
+        fake("nomoat::softmax_xent_")(lambda logits, targets: logits.new_empty(logits.shape[0]))
+        _fakes_registered = True

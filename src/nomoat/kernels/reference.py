@@ -1,0 +1,109 @@
+"""Plain PyTorch references of nomoat's ops: what runs where the C++ kernels cannot be built, and the tests' oracle.
+
+Each function takes the arguments of the op of the same name in `ops.py` and returns (or writes in place) the same
+values, within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nomoat.kernels.layout import unpack
+
+
+def linear_fp32(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` for x (M, K) and fp32 panels of W (n, K); returns (M, n)."""
+    return F.linear(x, unpack(panels, n), bias)
+
+
+def linear_int8(
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`x @ (q * scale[:, None]).T + bias` for x (M, K) and int8 panels of q (n, K); returns (M, n)."""
+    return F.linear(x, unpack(panels, n).float() * scale[:n, None], bias)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of the first `cos.shape[-1]` channels of x (..., hd); cos/sin broadcast."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2 :]
+    return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row0: int,
+    positions: torch.Tensor,
+    kv_len: int,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step of attention: rotate, write rows `row0..` of the caches, attend; returns (B, 1, H * hd)."""
+    B, _, H, hd = q.shape
+    nkv = k.shape[2]
+    rows = torch.arange(row0, row0 + B)
+    pos = positions.reshape(B)
+    c, s = cos[:, 0, None], sin[:, 0, None]  # (B, 1, rd): one table per row, broadcast over heads
+    k_cache[rows, :, pos] = rotate(k[:, 0], c, s)
+    v_cache[rows, :, pos] = v[:, 0]
+    keys = torch.arange(kv_len)[None, :]  # (1, S)
+    allowed = keys <= pos[:, None]  # (B, S)
+    if window:
+        allowed &= keys > pos[:, None] - window
+    qr = rotate(q[:, 0], c, s)[:, :, None]  # (B, H, 1, hd)
+    kk = k_cache[row0 : row0 + B, :, :kv_len].repeat_interleave(H // nkv, dim=1)  # (B, H, S, hd)
+    vv = v_cache[row0 : row0 + B, :, :kv_len].repeat_interleave(H // nkv, dim=1)
+    out = F.scaled_dot_product_attention(qr, kk, vv, attn_mask=allowed[:, None, None], scale=scale)
+    return out.transpose(1, 2).reshape(B, 1, H * hd)
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up`."""
+    return F.silu(gate) * up
+
+
+def swiglu_backward(
+    gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, p_out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gradients of `silu(gate) * up`: writes dL/dgate into `grad` (and the product into `p_out`); returns dL/dup."""
+    sig = torch.sigmoid(gate)
+    act = gate * sig
+    grad_up = grad * act
+    if p_out is not None:
+        p_out.copy_(act * up)
+    grad.mul_(up * sig * (1.0 + gate * (1.0 - sig)))
+    return grad_up
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
+    """Rotary embedding of x (B, H, T, hd) by cos/sin (B, T, rd), or its gradient; laid out as (B, T, H, hd)."""
+    c, s = cos[:, None], sin[:, None]  # (B, 1, T, rd)
+    y = _rope_transposed(x, c, s) if backward else rotate(x, c, s)
+    out = torch.empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=x.dtype).transpose(1, 2)
+    return out.copy_(y)
+
+
+def _rope_transposed(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The transposed rotation (the gradient of `rotate`): `y1 = x1 c1 + x2 s2`, `y2 = x2 c2 - x1 s1`."""
+    rd = c.shape[-1]
+    half = rd // 2
+    x1, x2 = x[..., :half], x[..., half:rd]
+    y = torch.cat((x1 * c[..., :half] + x2 * s[..., half:], x2 * c[..., half:] - x1 * s[..., :half]), dim=-1)
+    return torch.cat((y, x[..., rd:]), dim=-1)
+
+
+def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row `logsumexp(row) - row[target]` (c,); `logits` (c, V) becomes `softmax - onehot(target)` in place."""
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    logits.sub_(lse[:, None]).exp_()
+    logits[torch.arange(logits.shape[0]), targets] -= 1.0
+    return loss

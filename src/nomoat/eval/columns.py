@@ -54,14 +54,17 @@ class Column:
         name: `"base"` or the adapter's name.
         engine: The engine (shared by all columns).
         selection: What to pass as `adapter=` to `engine.submit` (empty for the base and merged adapters).
-        forward: `forward(batch_size)` gives the context inside which a plain `model(...)` call over a batch of
-            that many rows computes this column's outputs.
+        forward: `forward(batch_size)` gives the context inside which a `model(...)` call over a batch of that many
+            rows computes this column's outputs.
+        model: The model to call for log-likelihoods: the base model, or the engine's decode model for an adapter
+            in the engine's bank (the bank wraps the decode model's layers, not the base model's).
     """
 
     name: str
     engine: Engine
     selection: AdapterSelection
     forward: Callable[[int], contextlib.AbstractContextManager]
+    model: nn.Module
 
 
 class Columns:
@@ -127,11 +130,13 @@ class Columns:
 
     def _bank_column(self, name: str) -> Column:
         if name == BASE:
-            return Column(name, self.engine, (), lambda _: contextlib.nullcontext())
+            return Column(name, self.engine, (), lambda _: contextlib.nullcontext(), self.model)
         selection = ((name, self.banked[name]),)
+        self.engine.refresh()  # the decode model follows the base model's weights (a merged column changes them)
         bank = self.engine.bank
         assert bank is not None
-        return Column(name, self.engine, selection, lambda b: bank.plan([(slice(0, b), selection)]))
+        return Column(name, self.engine, selection, lambda b: bank.plan([(slice(0, b), selection)]),
+                      self.engine.decode.net)  # fmt: skip
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[Column]:
@@ -149,7 +154,7 @@ class Columns:
         cache, self.engine.prefix_cache = self.engine.prefix_cache, None  # cached keys belong to other weights
         try:
             with _bank_layers_removed(self.model), _merged(self.model, folder, weight):
-                yield Column(name, self.engine, (), lambda _: contextlib.nullcontext())
+                yield Column(name, self.engine, (), lambda _: contextlib.nullcontext(), self.model)
         finally:
             self.engine.prefix_cache = cache
 

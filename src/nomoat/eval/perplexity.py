@@ -252,7 +252,7 @@ def evaluate_perplexity(
     try:
         for name in columns.names:
             with columns.use(name) as column:
-                scores = score_sequences(model, sequences, max_batch_tokens, column.forward, progress)
+                scores = score_sequences(column.model, sequences, max_batch_tokens, column.forward, progress)
             out[name] = _result(scores, tokenized)
     finally:
         if columns is not adapters:  # made here: give the model back unwrapped

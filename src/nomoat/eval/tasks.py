@@ -254,7 +254,7 @@ def _score_choices(
         owners += [i] * len(seqs)
     for name in columns.names:
         with columns.use(name) as column:
-            scores = score_sequences(model, sequences, max_batch_tokens, column.forward)
+            scores = score_sequences(column.model, sequences, max_batch_tokens, column.forward)
         by_item: dict[int, list[float]] = {}
         for i, (logprob, _) in zip(owners, scores):
             by_item.setdefault(i, []).append(logprob)

@@ -396,3 +396,29 @@ def test_staleness_sees_every_change(built, tmp_path):
     del model.model.layers[1].mlp._modules["up_proj"]  # a layer gone
     with pytest.raises(ValueError, match="up_proj"):
         dm.stale()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3_text"])
+def test_layer_loop_with_kernel_attention_equals_transformers(built, name, tmp_path):
+    """Models the stack does not take (q/k norms; Gemma 3's sandwich norms and GeGLU) decode layer by layer, with one
+    kernel attention call per layer: greedy tokens equal transformers', and equal the torch attention's."""
+    from nomoat.inference.attention import KernelAttention
+
+    from hf_models import make_hf_model
+
+    hf = make_hf_model(name, tmp_path)
+    save_word_tokenizer(tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    engine = Engine(model, Tokenizer.from_dir(tmp_path), max_running=2, prefix_cache_bytes=0)
+    assert engine.decode.plan is None
+    assert type(engine.decode.net.model.layers[0].self_attn) is KernelAttention
+    assert type(model.model.layers[0].self_attn).__name__ == "Attention"  # the user's module keeps its class
+    prompt = torch.randint(3, 512, (1, 9), generator=torch.Generator().manual_seed(12))
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    assert engine.generate(prompt[0].tolist(), params).token_ids == ref
+    ids = torch.randint(3, 512, (2, 7), generator=torch.Generator().manual_seed(13)).tolist()
+    got = _decode_logits(engine.decode, ids, 5)
+    want = _decode_logits(DecodeModel(model, model, {}, lambda m: m, stack=False), ids, 5)  # the user's layers
+    assert _rel(got, want) < 1e-5

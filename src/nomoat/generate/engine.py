@@ -6,9 +6,8 @@ steps the scheduler admits queued requests (prefilling them) and retires finishe
 and leave the running batch at any step. Running requests always occupy cache rows `0..n-1`: a leaving request's
 row is refilled by moving the last row into it, so the decode step attends over a view of the cache, never a copy.
 
-The engine decodes with a `DecodeModel` that `nomoat.inference.prepare` makes from the model it is given (packed and
-quantized weights, the one-call decode stack, adapter banks on its own layers); the given model is not changed. Each
-row's logits pass through the request's own hook (`logits_hook`, e.g. a grammar mask or a logit bias) before sampling.
+It decodes with the `DecodeModel` that `nomoat.inference.prepare` makes from the given model (which is not changed;
+adapter banks wrap the decode model's layers). Each row's logits pass through its request's `logits_hook`.
 
 Threading: every public method is safe to call from any thread. Either call `step()` yourself (what `generate` and
 `stream` do when no loop runs), or `start()` a background loop (what the server does) and consume handles.
@@ -42,8 +41,7 @@ from nomoat.tokenizer import Tokenizer
 
 # An adapter selection: () for the base model, or (name, weight) pairs applied together (a stack).
 AdapterSelection = tuple[tuple[str, float], ...]
-# A request's logits hook: gets the row's next-token logits (V,) fp32 and returns new ones, or None after changing
-# them in place (a grammar mask, a logit bias).
+# A request's logits hook (a grammar mask, a logit bias): gets the row's logits (V,) fp32, returns new ones or None.
 LogitsHook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 

@@ -8,7 +8,8 @@ the twin's layers), embeddings, norms and rotary tables are shared, and each lin
   the weights exist once;
 - int8 `QuantizedLinear`: int8 panels made from its codes;
 - anything else (int4, bf16, another device, a LoRA layer under training), or no compiled kernels: the layer itself.
-With the compiled kernels and a Llama/Mistral/Qwen2-style model, decode steps then run as one call (`stack.py`).
+With the compiled kernels and a Llama/Mistral/Qwen2-style model, decode steps then run as one call (`stack.py`);
+other fp32 models run their layers with one attention call per layer at decode (`attention.py`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import copy
 import os
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from nomoat import kernels
+from nomoat.inference.attention import KernelAttention
 from nomoat.inference.decode_model import DecodeModel
 from nomoat.inference.panel_linear import PanelLinear
 from nomoat.models.packed import PackedLinear
 from nomoat.models.quantize import QuantizedLinear, quantize_model
+from nomoat.models.transformer import Attention
 
 LINEAR_TYPES = (nn.Linear, PackedLinear, QuantizedLinear)
 
@@ -59,8 +63,13 @@ def decode_layer(layer: nn.Module, quantize: str | None = None) -> nn.Module:
     return layer
 
 
-def _twin(module: nn.Module, path: str, packed: dict[str, nn.Module], quantize: str | None) -> nn.Module:
-    """A copy of `module`'s tree down to its leaves: linear layers in decode form, other leaves shared."""
+def _twin(
+    module: nn.Module, path: str, packed: dict[str, nn.Module], quantize: str | None, fp32_cpu: bool
+) -> nn.Module:
+    """A copy of `module`'s tree down to its leaves: linear layers in decode form, other leaves shared.
+
+    `fp32_cpu`: the model computes in fp32 on the CPU (its attention layers may then decode through the kernels).
+    """
     if isinstance(module, LINEAR_TYPES):
         packed[path] = module  # the source of the twin's layer at `path` (watched by `DecodeModel.stale`)
         return decode_layer(module, quantize)
@@ -68,11 +77,13 @@ def _twin(module: nn.Module, path: str, packed: dict[str, nn.Module], quantize: 
         return module  # embeddings, norms: shared
     twin = copy.copy(module)
     twin._modules = {
-        name: None if child is None else _twin(child, f"{path}.{name}" if path else name, packed, quantize)
+        name: None if child is None else _twin(child, f"{path}.{name}" if path else name, packed, quantize, fp32_cpu)
         for name, child in module._modules.items()
     }
     twin._parameters = dict(module._parameters)
     twin._buffers = dict(module._buffers)
+    if fp32_cpu and type(module) is Attention and module.cfg.attn_logit_softcap is None and kernels.available():
+        twin.__class__ = KernelAttention  # the twin's own copy: the user's module keeps its class
     return twin
 
 
@@ -85,7 +96,8 @@ def prepare(model: nn.Module, config: DecodeConfig | None = None) -> DecodeModel
     """
     config = config or DecodeConfig()
     packed: dict[str, nn.Module] = {}
-    net = _twin(model, "", packed, config.quantize).eval()
+    fp32_cpu = model.dtype == torch.float32 and model.device.type == "cpu"
+    net = _twin(model, "", packed, config.quantize, fp32_cpu).eval()
 
     def make_layer(layer: nn.Module) -> nn.Module:
         return decode_layer(layer, config.quantize)

@@ -20,6 +20,7 @@ from torch import nn
 
 from nomoat import kernels
 from nomoat.config.model import ModelConfig
+from nomoat.inference.attention import KernelAttention
 from nomoat.inference.panel_linear import PanelLinear
 from nomoat.models.transformer import MLP, Attention, Block, RMSNorm
 
@@ -84,7 +85,7 @@ def _block_eligible(block: nn.Module, cfg: ModelConfig) -> bool:
         return False
     attn, mlp = block.self_attn, block.mlp
     norms = (block.input_layernorm, block.post_attention_layernorm)
-    if type(attn) is not Attention or type(mlp) is not MLP or mlp.act != "silu":
+    if type(attn) not in (Attention, KernelAttention) or type(mlp) is not MLP or mlp.act != "silu":
         return False
     return all(
         type(n) is RMSNorm and not n.offset and n.eps == cfg.rms_norm_eps and n.weight.dtype == torch.float32

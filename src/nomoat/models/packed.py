@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nomoat import kernels
+from nomoat.kernels import hugepages
 
 
 def packing_available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
@@ -87,10 +88,16 @@ def pack_model(model: nn.Module) -> int:
     A tied output head gets its own packed copy (the embedding keeps its matrix for lookups). Returns how many
     layers were packed (0 where packing is not available).
     """
+    # Names, not modules: no list may keep a replaced layer (and its weight) alive until the end.
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear]
     n = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and packing_available(child.weight.device, child.weight.dtype):
-                setattr(module, name, PackedLinear(child, lazy_onednn=name == "lm_head"))
-                n += 1
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        child = getattr(parent, child_name)
+        if packing_available(child.weight.device, child.weight.dtype):
+            setattr(parent, child_name, PackedLinear(child, lazy_onednn=child_name == "lm_head"))
+            del child
+            hugepages.release_freed_memory()  # the replaced weight's memory goes back now: the peak is one layer more
+            n += 1
     return n

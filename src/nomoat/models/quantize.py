@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nomoat import kernels
+from nomoat.kernels import hugepages
 
 logger = logging.getLogger(__name__)
 
@@ -414,13 +415,15 @@ def quantize_model(
         _check_group(2 * group_size, group_size)  # a bad group size is an error, not a silent int8 fallback
     before = weight_bytes(model)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # Names, not modules: no list may keep a replaced layer (and its fp32 weight) alive until the end.
     targets = [
-        (name, module)
+        name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and (include_lm_head or name.rsplit(".", 1)[-1] != "lm_head")
     ]
     layers: dict[str, str] = {}
-    for name, linear in targets:
+    for name in targets:
+        linear = model.get_submodule(name)
         layer_mode = mode
         if mode == "int4" and linear.out_features % group_size:
             layer_mode = "int8"
@@ -433,6 +436,8 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantizedLinear.from_linear(linear, layer_mode, group_size))
+        del linear
+        hugepages.release_freed_memory()  # the fp32 weight's memory goes back now: the peak is one layer more
         layers[name] = layer_mode
     after = weight_bytes(model)
     info: dict[str, Any] = {

@@ -168,7 +168,7 @@ class DecodeModel:
         h = net.model.embed_tokens(ids)  # (B, 1, D)
         if net.config.embed_scale is not None:
             h = h * torch.tensor(net.config.embed_scale, dtype=torch.float32).to(h.dtype)
-        tables = [net._rope_tables(kind, positions, h.dtype) for kind in plan.kinds]  # (B, 1, rd) each
+        tables = [net.rope_tables(kind, positions, h.dtype) for kind in plan.kinds]  # (B, 1, rd) each
         out = plan.native.run(h, [c for c, _ in tables], [s for _, s in tables], positions, row0, int(kv_len),
                               cache.k, cache.v, plan.coefficients(B))  # fmt: skip
         self.stack_steps += 1

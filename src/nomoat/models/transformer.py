@@ -436,7 +436,8 @@ class Transformer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------------
 
-    def _rope_tables(self, kind: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, kind: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary (cos, sin) tables (B, T, rd) in `dtype` for layers of type `kind` at `positions` (B, T)."""
         params = self.config.rope[kind]
         inv = getattr(self, f"_inv_freq_{kind}")
         if params["rope_type"] == "longrope" and int(positions.max()) + 1 > params["original_max_position_embeddings"]:
@@ -527,7 +528,7 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if self.config.embed_scale is not None:
             h = h * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(h.dtype)
-        ropes = {kind: self._rope_tables(kind, position_ids, h.dtype) for kind in self.rope_types}
+        ropes = {kind: self.rope_tables(kind, position_ids, h.dtype) for kind in self.rope_types}
         cache_args: CacheArgs | None = None
         if cache is not None:
             kv_len = int(position_ids.max()) + 1 if kv_len is None else kv_len

@@ -393,9 +393,13 @@ def test_staleness_sees_every_change(built, tmp_path):
     assert not dm.stale()
     norm.weight.data = norm.weight.data.clone()
     assert dm.stale() and dm.refresh() and not dm.stale()
+    model.model.layers[0].input_layernorm = torch.nn.Identity()  # a shared leaf replaced: followed too
+    assert dm.stale() and dm.refresh() and not dm.stale()
+    assert dm.net.model.layers[0].input_layernorm is model.model.layers[0].input_layernorm and dm.plan is None
     del model.model.layers[1].mlp._modules["up_proj"]  # a layer gone
+    assert dm.stale()
     with pytest.raises(ValueError, match="up_proj"):
-        dm.stale()
+        dm.refresh()
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma3_text"])

@@ -23,21 +23,24 @@ from torch import nn
 from nomoat.inference.stack import Plan, build_plan
 from nomoat.models.kv_cache import KVCache
 
+WEIGHT_NAMES = ("weight", "qweight", "scale", "panels", "bias")  # what a linear layer's decode form is made from
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be written outside inference mode)
+        return -1
+
 
 def _stamp(t: torch.Tensor | None) -> tuple[Any, ...]:
     """What identifies a tensor's contents cheaply: the object, its storage, its in-place write counter."""
-    if t is None:
-        return (None,)
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors keep no version counter (and cannot be written outside inference mode)
-        version = -1
-    return id(t), t.data_ptr(), version
+    return (None,) if t is None else (id(t), t.data_ptr(), _version(t))
 
 
 def _weights(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
     """The tensors a layer's decode form was built from."""
-    found = (getattr(module, n, None) for n in ("weight", "qweight", "scale", "panels", "bias"))
+    found = (getattr(module, n, None) for n in WEIGHT_NAMES)
     return tuple(t if isinstance(t, torch.Tensor) else None for t in found)
 
 
@@ -68,23 +71,33 @@ class DecodeModel:
         self._make_layer = make_layer
         self._packed = dict(packed)
         self._stamps = self._stamp_all()
+        self._watch()
         self.plan: Plan | None = None
         self.rebuild_plan()
 
     # ---- the snapshot -------------------------------------------------------------------------------------------
 
-    def _stamp_all(self) -> tuple[Any, ...]:
-        layers = tuple(tuple(map(_stamp, _weights(m))) for m in self._packed.values())
-        return layers, self._norm_storage()
+    def _watch(self) -> None:
+        """Record what `stale` compares: the user's model's module slots, linear tensors and norm weights.
 
-    def _norm_storage(self) -> tuple[tuple[int, int], ...]:
-        """The norm weights' objects and storage (the plan reads them in place: in-place writes are seen)."""
-        return tuple((id(p), p.data_ptr()) for n, p in self.source.named_parameters() if "norm" in n)
+        Linear layers' tensors by object, storage and write counter; norm weights by object and storage (the plan
+        reads them in place, so in-place writes need nothing).
+        """
+        src = self.source
+        self._edges = [(parent, name, child) for parent in src.modules() for name, child in parent._modules.items()]
+        self._tensors = [(m, n, t, t.data_ptr(), _version(t)) for m in self._packed.values()
+                         for n, t in zip(WEIGHT_NAMES, _weights(m)) if t is not None]
+        self._norms = [(m, m.weight, m.weight.data_ptr()) for name, m in src.named_modules()
+                       if "norm" in name.rsplit(".", 1)[-1] and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+    def _stamp_all(self) -> tuple[tuple[Any, ...], ...]:
+        """Per linear layer (in `_packed` order), the stamps of the tensors its decode form was made from."""
+        return tuple(tuple(map(_stamp, _weights(m))) for m in self._packed.values())
 
     def _changed(self) -> list[tuple[str, nn.Module]]:
         """(path, the user's layer now) of every linear layer replaced or rewritten since its decode form was made."""
         out = []
-        for (path, layer), stamps in zip(self._packed.items(), self._stamps[0]):
+        for (path, layer), stamps in zip(self._packed.items(), self._stamps):
             try:
                 now = self.source.get_submodule(path)
             except AttributeError as e:
@@ -94,15 +107,20 @@ class DecodeModel:
         return out
 
     def stale(self) -> bool:
-        """Whether the user's model changed since the decode forms were made (layers, weights, norm storage).
+        """Whether the user's model changed since the decode forms were made (modules, weights, norm storage)."""
+        if any(parent._modules.get(name) is not child for parent, name, child in self._edges):
+            return True
+        for m, name, t, ptr, version in self._tensors:
+            if getattr(m, name, None) is not t or t.data_ptr() != ptr or _version(t) != version:
+                return True
+        return any(m._parameters.get("weight") is not w or w.data_ptr() != ptr for m, w, ptr in self._norms)
+
+    def refresh(self) -> bool:
+        """Remake the decode form of every layer of the user's model that changed, then the plan; True if any did.
 
         Raises:
             ValueError: A layer the decode model was made from is gone from the model.
         """
-        return self._norm_storage() != self._stamps[1] or bool(self._changed())
-
-    def refresh(self) -> bool:
-        """Remake the decode form of every layer of the user's model that changed, then the plan; True if any did."""
         if not self.stale():
             return False
         for path, layer in self._changed():
@@ -115,9 +133,24 @@ class DecodeModel:
             else:
                 setattr(parent, child, new)
             self._packed[path] = layer
+        self._relink()
         self._stamps = self._stamp_all()
+        self._watch()
         self.rebuild_plan()
         return True
+
+    def _relink(self) -> None:
+        """Share the user's current module wherever the twin shares a leaf (a norm, an embedding) that was replaced."""
+        for path, module in self.source.named_modules():
+            if not path or module._modules or path in self._packed:
+                continue
+            parent_name, _, child = path.rpartition(".")
+            try:
+                parent = self.net.get_submodule(parent_name) if parent_name else self.net
+            except AttributeError:
+                continue
+            if parent._modules.get(child, module) is not module:
+                setattr(parent, child, module)
 
     def rebuild_plan(self) -> None:
         """(Re)build the decode stack's plan from `net`'s layers: after adapters are added to or removed from a bank."""

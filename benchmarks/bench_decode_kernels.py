@@ -5,9 +5,9 @@ bench_generate.py), prefills 32 tokens per row, then decodes 64 through the KV c
 default 1); best of 3 runs per variant, variants interleaved (the machine may be shared):
 - `fp32_linear`: plain `F.linear` (MKL) and torch attention, no compiled kernels;
 - `fp32_onednn`: weights packed for oneDNN, torch attention (what nomoat ran before the kernels);
-- `fp32_kernels`: nomoat's kernels layer by layer (fp32 panels, fused q/k/v and gate/up, one-call decode
-  attention), with the one-call decode stack switched off (`NOMOAT_DECODE_STACK=0`);
-- `fp32_stack`: the same model with the decode stack (`decode_stack.py`: all layers in one compiled call);
+- `fp32_kernels`: the decode model (`nomoat.inference.prepare`) layer by layer: fp32 panel kernels per linear layer,
+  torch attention (`DecodeConfig(stack=False)`);
+- `fp32_stack`: the same with the decode stack (`inference/stack.py`: all layers in one compiled call);
 - `int8_fbgemm`: weight-only int8 through fbgemm's embedding-bag kernels, torch attention;
 - `int8_kernels` / `int8_stack`: weight-only int8 through nomoat's kernels, layer by layer / the decode stack.
 Also times the matmuls alone (every matrix at one row, fp32 and int8) as GB/s of weights read. `--kernels-only`
@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import SHAPES, make_model  # noqa: E402
 
 from nomoat import kernels  # noqa: E402
+from nomoat.inference import DecodeConfig, prepare  # noqa: E402
 from nomoat.kernels import build  # noqa: E402
 from nomoat.models.checkpoint import load_model  # noqa: E402
 from nomoat.models.kv_cache import KVCache  # noqa: E402
@@ -59,21 +60,7 @@ def torch_paths() -> Iterator[None]:
         build._state.update(saved)
 
 
-@contextlib.contextmanager
-def stack_off() -> Iterator[None]:
-    """Run the kernels layer by layer (the one-call decode stack switched off)."""
-    saved = os.environ.get("NOMOAT_DECODE_STACK")
-    os.environ["NOMOAT_DECODE_STACK"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["NOMOAT_DECODE_STACK"]
-        else:
-            os.environ["NOMOAT_DECODE_STACK"] = saved
-
-
-def decode_tok_s(model: torch.nn.Module, steps: int, runs: int, batch: int = 1) -> float:
+def decode_tok_s(model: Any, steps: int, runs: int, batch: int = 1) -> float:
     """Best decode tokens/s (all rows) over `runs` runs of `steps` greedy steps after a 32-token prefill per row."""
     best = 0.0
     vocab = model.config.vocab_size
@@ -148,15 +135,18 @@ def main() -> None:
             packed = load_model(path, "float32", "cpu")
             pack_model(packed)
             int8 = quantize_model(load_model(path, "float32", "cpu"), "int8")
-            variants |= {"fp32_kernels": (packed, stack_off), "fp32_stack": (packed, contextlib.nullcontext),
-                         "int8_kernels": (int8, stack_off), "int8_stack": (int8, contextlib.nullcontext)}  # fmt: skip
+            layers, stack = DecodeConfig(stack=False), DecodeConfig(stack=True)
+            variants |= {"fp32_kernels": (prepare(packed, layers), contextlib.nullcontext),
+                         "fp32_stack": (prepare(packed, stack), contextlib.nullcontext),
+                         "int8_kernels": (prepare(int8, layers), contextlib.nullcontext),
+                         "int8_stack": (prepare(int8, stack), contextlib.nullcontext)}  # fmt: skip
         stack_used: dict[str, int] = {}  # decode steps that went through the one-call stack, per variant
         for _ in range(runs):  # interleaved, best of `runs`
             for name, (model, context) in variants.items():
-                used = model._decode_stack.used if model._decode_stack is not None else 0
+                used = getattr(model, "stack_steps", 0)
                 with context():
                     results[name] = max(results.get(name, 0.0), decode_tok_s(model, steps, 1, args.batch))
-                after = model._decode_stack.used if model._decode_stack is not None else 0
+                after = getattr(model, "stack_steps", 0)
                 stack_used[name] = stack_used.get(name, 0) + after - used
     for k, v in results.items():
         print(f"{k:14s} {v:6.1f} tok/s", file=sys.stderr)

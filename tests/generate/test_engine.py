@@ -285,3 +285,42 @@ def test_repetition_penalty_in_a_changing_batch_equals_transformers(llama):
     assert penalised == ref(_prompt(11, 21), 20, 1.8)
     assert penalised != ref(_prompt(11, 21), 20, 1.0)  # the penalty changes this output
     assert c.result().token_ids == ref(_prompt(8, 22), 24, 1.0)
+
+
+def test_per_row_logits_hooks(llama):
+    """Each row's logits pass through its own hook before sampling: a hook that allows one token per step forces
+    that sequence, an in-place bias hook shifts the choice, rows without a hook decode as alone; 12 rows (more than
+    8) in one batch."""
+    _, model, tok = llama
+    forced = [7, 300, 7, 41, 99, 12]
+    seen: list[tuple[int, ...]] = []
+
+    def only(step_tokens: list[int]):
+        state = {"i": 0}
+
+        def hook(logits: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(logits.shape))
+            masked = torch.full_like(logits, float("-inf"))
+            masked[step_tokens[state["i"]]] = 0.0
+            state["i"] += 1
+            return masked
+
+        return hook
+
+    def ban_argmax(logits: torch.Tensor) -> None:
+        logits[logits.argmax()] = float("-inf")  # in place: the second most likely token wins
+
+    params = SamplingParams(temperature=0, max_new_tokens=len(forced), ignore_eos=True)
+    prompts = [_prompt(4 + i, 40 + i) for i in range(12)]
+    engine = Engine(model, tok, max_running=12, prefix_cache_bytes=0)
+    hooks = [only(forced), ban_argmax] + [None] * 10
+    handles = [engine.submit(p, params, logits_hook=h) for p, h in zip(prompts, hooks)]
+    results = [h.result().token_ids for h in handles]
+    assert results[0] == forced
+    assert set(seen) == {(model.config.vocab_size,)}
+    alone = _alone(model, tok, prompts[1], params).token_ids
+    assert results[1][0] != alone[0]
+    logits = model(torch.tensor([prompts[1]]))[0, -1]
+    assert results[1][0] == int(logits.topk(2).indices[1])  # the runner-up of the unhooked logits
+    for p, r in zip(prompts[2:], results[2:]):
+        assert r == _alone(model, tok, p, params).token_ids

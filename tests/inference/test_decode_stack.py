@@ -1,4 +1,4 @@
-"""The one-call decode stack (`decode_stack.py`) against the layer-by-layer decode path and transformers."""
+"""The one-call decode stack (`inference/stack.py`) of a `DecodeModel` against its layer loop and transformers."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 import transformers
 
+from nomoat import kernels
 from nomoat.generate.engine import Engine
 from nomoat.generate.sampling import SamplingParams
+from nomoat.inference import DecodeConfig, DecodeModel, PanelLinear, prepare
 from nomoat.kernels import build
 from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter, unload_lora
-from nomoat.models import decode_stack, kernels
 from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
 from nomoat.models.packed import pack_model
@@ -37,8 +38,7 @@ MODELS = {
 @pytest.fixture(scope="module")
 def built() -> None:
     """The stack kernel must build here (the test machines have a compiler): a failure must not hide as a skip."""
-    assert kernels.available(), "nomoat's decode kernels did not build: see the log for the compiler error"
-    assert decode_stack.available(), "nomoat's decode stack kernel did not build: see the log"
+    assert kernels.available(), "nomoat's kernels did not build: see the log for the compiler error"
 
 
 def _make(name: str, path: Path, seed: int = 0):
@@ -61,104 +61,125 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _decode_logits(model, prompts: list[list[int]], steps: int, row0: int = 0, stack: bool = True, mp=None):
+def _decode_logits(dm: DecodeModel, prompts: list[list[int]], steps: int, row0: int = 0) -> torch.Tensor:
     """Prefill each prompt into its own cache row (row0 + i), then decode `steps` greedy tokens for all rows at once
     (rows at different positions); returns the logits (steps, B, V) of the decode steps."""
     B = len(prompts)
-    cache = KVCache(model.config, row0 + B, max(64, max(map(len, prompts)) + steps + 1), torch.float32, "cpu")
+    cache = KVCache(dm.config, row0 + B, max(64, max(map(len, prompts)) + steps + 1), torch.float32, "cpu")
     out = []
     with torch.inference_mode():
         toks = []
-        if not stack:
-            mp.setenv("NOMOAT_DECODE_STACK", "0")
         for i, p in enumerate(prompts):  # prefill: the layer loop (the stack for a 1-token prompt)
-            logits = model(torch.tensor([p]), position_ids=torch.arange(len(p))[None], cache=cache,
-                           rows=slice(row0 + i, row0 + i + 1))  # fmt: skip
+            logits = dm(torch.tensor([p]), torch.arange(len(p))[None], cache, rows=slice(row0 + i, row0 + i + 1))
             toks.append(int(logits[0, -1].argmax()))
         lengths = [len(p) for p in prompts]
         for _ in range(steps):
             ids = torch.tensor(toks)[:, None]
             pos = torch.tensor(lengths)[:, None]
-            if not stack:
-                mp.setenv("NOMOAT_DECODE_STACK", "0")
-            logits = model(ids, position_ids=pos, cache=cache, rows=slice(row0, row0 + B))[:, -1]
-            mp.delenv("NOMOAT_DECODE_STACK", raising=False)
+            logits = dm(ids, pos, cache, rows=slice(row0, row0 + B))[:, -1]
             out.append(logits)
             toks = logits.argmax(-1).tolist()
             lengths = [n + 1 for n in lengths]
     return torch.stack(out)
 
 
-def _check_stack_matches(model, prompts, steps, monkeypatch, row0=0):
-    stack = model._decode_stack
-    assert isinstance(stack, decode_stack.DecodeStack)
-    used = stack.used
-    ref = _decode_logits(model, prompts, steps, row0, stack=False, mp=monkeypatch)
-    assert stack.used == used and stack.reason == "disabled by NOMOAT_DECODE_STACK=0"
-    got = _decode_logits(model, prompts, steps, row0, stack=True, mp=monkeypatch)
+def _layers(model, quantize=None) -> DecodeModel:
+    """The reference: the same decode model running its layers one by one (the same panel kernels)."""
+    dm = prepare(model, DecodeConfig(quantize=quantize, stack=False))
+    assert dm.plan is None
+    return dm
+
+
+def _check_stack_matches(model, prompts, steps, row0=0, quantize=None):
+    dm = prepare(model, DecodeConfig(quantize=quantize, stack=True))
+    assert dm.plan is not None
+    ref = _decode_logits(_layers(model, quantize), prompts, steps, row0)
+    got = _decode_logits(dm, prompts, steps, row0)
     one_token_prefills = sum(len(p) == 1 for p in prompts)  # a 1-token prefill is a decode-shaped step too
-    assert stack.used == used + steps + one_token_prefills, stack.reason  # every decode step took the stack
+    assert dm.stack_steps == steps + one_token_prefills  # every decode step took the stack
     assert _rel(got, ref) < 1e-5
     return got
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_fp32_stack_matches_layers(built, name, tmp_path, monkeypatch):
+def test_fp32_stack_matches_layers(built, name, tmp_path):
     _make(name, tmp_path)
     model = load_model(tmp_path, "float32", "cpu")
     pack_model(model)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, 512, (13,), generator=g).tolist()
     # 13 + 12 positions: past the mistral window of 8 while decoding.
-    _check_stack_matches(model, [prompt], 12, monkeypatch)
+    _check_stack_matches(model, [prompt], 12)
+
+
+def test_packed_model_panels_are_shared(built, tmp_path):
+    """A packed model's decode model streams the packed layers' own panels: no second copy of any weight."""
+    _make("llama", tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    pack_model(model)
+    dm = prepare(model)
+    for name, layer in model.named_modules():
+        if hasattr(layer, "panels"):
+            twin = dm.net.get_submodule(name)
+            assert type(twin) is PanelLinear and twin.panels is layer.panels
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "PackedLinear"  # the user's model unchanged
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_wide", "mistral"])
-def test_rows_at_different_positions(built, name, tmp_path, monkeypatch):
+def test_rows_at_different_positions(built, name, tmp_path):
     _make(name, tmp_path)
     model = load_model(tmp_path, "float32", "cpu")
     pack_model(model)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 11, 1, 17, 6)]
-    batch = _check_stack_matches(model, prompts, 6, monkeypatch, row0=2)  # cache rows 2..6 of 7
+    batch = _check_stack_matches(model, prompts, 6, row0=2)  # cache rows 2..6 of 7
     # Each row alone (batch 1, row 0) gives the same logits as inside the batch.
+    dm = prepare(model)
     for i, p in enumerate(prompts):
-        alone = _decode_logits(model, [p], 6, mp=monkeypatch)
+        alone = _decode_logits(dm, [p], 6)
         assert _rel(batch[:, i], alone[:, 0]) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["llama_wide", "mistral"])
-def test_long_rows(built, name, tmp_path, monkeypatch):
+def test_long_rows(built, name, tmp_path):
     """Rows past 64 keys (several vectors of attention scores, and a tail) at 64-wide heads and in a window."""
     _make(name, tmp_path)
     model = load_model(tmp_path, "float32", "cpu")
     pack_model(model)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (75, 40, 91)]
-    _check_stack_matches(model, prompts, 5, monkeypatch)
+    _check_stack_matches(model, prompts, 5)
 
 
-def test_eight_rows_and_more(built, tmp_path, monkeypatch):
-    """Up to 8 rows take the stack; 9 rows fall back to the layers (and agree)."""
+@pytest.mark.parametrize("n_rows", [8, 9, 17])
+def test_any_number_of_rows(built, n_rows, tmp_path):
+    """8 rows, 9 and 17 (blocks of 8 and a remainder inside each panel unit) all take the stack and agree."""
     _make("llama_wide", tmp_path)
     model = load_model(tmp_path, "float32", "cpu")
     pack_model(model)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (2, 5, 9, 4, 7, 3, 8, 6)]
-    _check_stack_matches(model, prompts, 3, monkeypatch)
-    stack = model._decode_stack
-    used, fallbacks = stack.used, stack.fallbacks
-    _decode_logits(model, prompts + [[7, 8]], 2, mp=monkeypatch)
-    assert stack.used == used and stack.fallbacks == fallbacks + 2
+    prompts = [torch.randint(3, 512, (2 + i % 9,), generator=g).tolist() for i in range(n_rows)]
+    _check_stack_matches(model, prompts, 3)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama_wide"])
-def test_int8_stack_matches_int8_layers(built, name, tmp_path, monkeypatch):
+def test_int8_stack_matches_int8_layers(built, name, tmp_path):
     _make(name, tmp_path)
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (12, 4)]
-    _check_stack_matches(model, prompts, 10, monkeypatch)
+    _check_stack_matches(model, prompts, 10)
+
+
+def test_int8_quantized_by_prepare(built, tmp_path):
+    """`DecodeConfig(quantize="int8")` on a plain fp32 model gives the decode model of `quantize_model`'s."""
+    _make("qwen2", tmp_path)
+    plain = load_model(tmp_path, "float32", "cpu")
+    prompts = [[5, 9, 33, 100, 7], [8, 1]]
+    got = _check_stack_matches(plain, prompts, 4, quantize="int8")
+    want = _decode_logits(prepare(quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")), prompts, 4)
+    assert _rel(got, want) < 1e-5
+    assert all(type(m) is torch.nn.Linear for n, m in plain.named_modules() if n.endswith("proj"))  # unchanged
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
@@ -169,37 +190,37 @@ def test_greedy_equals_transformers(built, name, tmp_path):
     prompt = torch.randint(3, 512, (1, 8), generator=torch.Generator().manual_seed(5))
     hf.generation_config.eos_token_id = None
     ref = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 8:].tolist()
-    out = Engine(model, Tokenizer.from_dir(tmp_path), max_running=2, prefix_cache_bytes=0).generate(
-        prompt[0].tolist(), SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
-    )
+    engine = Engine(model, Tokenizer.from_dir(tmp_path), max_running=2, prefix_cache_bytes=0)
+    out = engine.generate(prompt[0].tolist(), SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True))
     assert out.token_ids == ref
-    assert model._decode_stack.used >= 19
+    assert engine.decode.stack_steps >= 19
 
 
-def test_lora_injection_falls_back(built, tmp_path, monkeypatch):
-    """An injected LoRA adapter replaces layers: the stack steps aside (counted), outputs stay right; once the
-    adapter is unloaded the stack runs again."""
+def test_lora_injection_is_followed(built, tmp_path):
+    """An adapter injected into the user's model replaces its layers: the decode model follows (its layer loop over
+    the LoRA layers, outputs right), and once the adapter is unloaded the stack runs again."""
     _make("llama", tmp_path)
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
     prompt = [5, 9, 33, 100, 7]
-    stack = model._decode_stack
-    before = _decode_logits(model, [prompt], 4, mp=monkeypatch)
-    assert stack.used == 4
+    dm = prepare(model)
+    before = _decode_logits(dm, [prompt], 4)
+    assert dm.stack_steps == 4 and not dm.stale()
     inject_lora(model, LoRAConfig(r=4, alpha=8))  # B starts at zero: same function, different modules
-    fallbacks = stack.fallbacks
+    assert dm.stale() and dm.refresh() and dm.plan is None
     with torch.no_grad():
-        lora = _decode_logits(model, [prompt], 4, mp=monkeypatch)
-    assert stack.used == 4 and stack.fallbacks == fallbacks + 4 and "not eligible" in stack.reason
+        lora = _decode_logits(dm, [prompt], 4)
+    assert dm.stack_steps == 4
     assert _rel(lora, before) < 1e-5
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():
         for p in lora_parameters(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    changed = _decode_logits(model, [prompt], 4, mp=monkeypatch)
+    changed = _decode_logits(dm, [prompt], 4)
     assert _rel(changed, before) > 1e-3  # the adapter really applies (the stack would have ignored it)
     unload_lora(model)
-    again = _decode_logits(model, [prompt], 4, mp=monkeypatch)
-    assert stack.used == 8
+    assert dm.refresh() and dm.plan is not None
+    again = _decode_logits(dm, [prompt], 4)
+    assert dm.stack_steps == 8
     assert _rel(again, before) < 1e-5
 
 
@@ -217,9 +238,10 @@ def _adapter(model_dir, out, seed, r):
 
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
 def test_adapter_bank_rows_run_in_the_stack(built, mode, tmp_path):
-    """An engine with adapters wraps layers in the bank's layers; the stack sees through them and adds each row's
-    LoRA terms (one adapter, a weighted stack of two of different ranks, or none) in the same call. Tokens equal an
-    engine whose layers run one by one (the bank's own grouped path), alone and in mixed batches."""
+    """An engine with adapters wraps its decode model's layers in the bank's layers (never the user's); the stack
+    sees through them and adds each row's LoRA terms (one adapter, a weighted stack of two of different ranks, or
+    none) in the same call. Tokens equal an engine whose layers run one by one (the bank's own grouped path), alone
+    and in mixed batches."""
     model_dir = tmp_path / "model"
     _make("llama", model_dir)
     adapters = {"a": _adapter(model_dir, tmp_path / "a", 7, 4), "b": _adapter(model_dir, tmp_path / "b", 8, 8)}
@@ -227,45 +249,49 @@ def test_adapter_bank_rows_run_in_the_stack(built, mode, tmp_path):
     prompts = [[5, 17, 99, 3, 250, 8], [9, 4, 4, 120], [77, 3, 19, 200, 41, 6, 2]]
     selections = [(("a", 1.0),), (("a", 0.7), ("b", -0.5)), ()]
 
-    def engine():
+    def engine(stack: bool):
         model = load_model(model_dir, "float32", "cpu")
         quantize_model(model, "int8") if mode == "int8" else pack_model(model)
         return model, Engine(model, Tokenizer.from_dir(model_dir), max_running=3, adapters=adapters,
-                             prefix_cache_bytes=0)  # fmt: skip
+                             prefix_cache_bytes=0, decode_config=DecodeConfig(stack=stack))  # fmt: skip
 
-    ref_model, ref = engine()
-    ref_model._decode_stack = None  # the layer loop with the bank's layers
+    _, ref = engine(stack=False)  # the layer loop with the bank's layers
     alone = [ref.generate(p, params, adapter=sel).token_ids for p, sel in zip(prompts, selections)]
     assert len({tuple(t) for t in alone}) == 3
     assert alone[0] != ref.generate(prompts[0], params).token_ids  # the adapter changes the output
-    model, eng = engine()
-    stack = model._decode_stack
+    model, eng = engine(stack=True)
+    assert not any("MultiLoRA" in type(m).__name__ for m in model.modules())  # the user's model is not wrapped
     for p, sel, want in zip(prompts, selections, alone):
         assert eng.generate(p, params, adapter=sel).token_ids == want
-    assert stack.used == 21 and stack.fallbacks == 0  # 7 decode steps each, all in the stack
+    assert eng.decode.stack_steps == 21  # 7 decode steps each, all in the stack
     handles = [eng.submit(p, params, adapter=sel) for p, sel in zip(prompts, selections)]
     assert [h.result().token_ids for h in handles] == alone  # one batch mixing the three
-    assert stack.used == 28 and stack.fallbacks == 0
+    assert eng.decode.stack_steps == 28
 
 
-def test_ineligible_families_are_not_attached(built, tmp_path):
-    """Gemma 2 (sandwich norms, soft-capping, norm offset) keeps the layer loop: no stack is attached."""
+def test_ineligible_families_have_no_plan(built, tmp_path):
+    """Gemma 2 (sandwich norms, soft-capping, norm offset) keeps the layer loop: no stack plan is built."""
     from hf_models import make_hf_model
 
     make_hf_model("gemma2", tmp_path)
     model = load_model(tmp_path, "float32", "cpu")
     pack_model(model)
-    assert model._decode_stack is None
+    assert prepare(model).plan is None
 
 
-def test_disabled_with_kernels(monkeypatch):
+def test_disabled_with_kernels(monkeypatch, tmp_path):
+    """NOMOAT_KERNELS=0: no plan, and the decode model decodes with the user's own layers (nothing packed)."""
+    _make("llama", tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
     monkeypatch.setenv("NOMOAT_KERNELS", "0")
     monkeypatch.setattr(build, "_state", {})
-    assert not decode_stack.available()
+    dm = prepare(model)
+    assert dm.plan is None
+    assert dm.net.model.layers[0].self_attn.q_proj is model.model.layers[0].self_attn.q_proj
 
 
 @pytest.mark.parametrize("threads, spin", [(1, 20000), (3, 0), (3, -1)])
-def test_thread_counts_and_helping(built, threads, spin, tmp_path, monkeypatch):
+def test_thread_counts_and_helping(built, threads, spin, tmp_path):
     """One thread; more threads than cores that run the units they wait for themselves at once (spin 0); and every
     unit run again by every thread once complete (spin -1, a test mode). A unit run twice, even concurrently, must
     write what it wrote the first time, so the logits stay those of the layer loop."""
@@ -273,15 +299,15 @@ def test_thread_counts_and_helping(built, threads, spin, tmp_path, monkeypatch):
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 4, 14)]
-    ref = _decode_logits(model, prompts, 8, stack=False, mp=monkeypatch)
+    ref = _decode_logits(_layers(model), prompts, 8)
+    dm = prepare(model)
+    native = dm.plan.native
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _decode_logits(model, prompts, 1, mp=monkeypatch)  # builds the plan
-        native = model._decode_stack.plan.native
         native.set_spin(spin, 0 if spin <= 0 else 2)
         helped = native.helped()
-        got = _decode_logits(model, prompts, 8, mp=monkeypatch)
+        got = _decode_logits(dm, prompts, 8)
     finally:
         torch.set_num_threads(saved)
         native.set_spin(20000, 2)
@@ -292,28 +318,39 @@ def test_thread_counts_and_helping(built, threads, spin, tmp_path, monkeypatch):
         assert native.helped() > helped
 
 
-def test_weight_changes_are_seen(built, tmp_path, monkeypatch):
-    """Norm weights changed in place or swapped (`p.data = ...`), and int8 codes reloaded in place
-    (`load_state_dict`): the stack computes with the new weights, as the layer loop does."""
+def test_weight_changes_are_seen(built, tmp_path):
+    """Norm weights changed in place are read by the stack at once; swapped (`p.data = ...`) and int8 codes reloaded
+    in place (`load_state_dict`) make the decode model stale, and `refresh` makes it compute with the new weights, as
+    the layer loop does."""
     _make("qwen2", tmp_path)
     other = tmp_path / "other"
     _make("qwen2", other, seed=1)
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
     donor = quantize_model(load_model(other, "float32", "cpu"), "int8")
     prompts = [[5, 9, 33, 100, 7], [8, 1]]
-    first = _check_stack_matches(model, prompts, 3, monkeypatch)
+    dm = prepare(model)
+
+    def check() -> torch.Tensor:
+        got = _decode_logits(dm, prompts, 3)
+        assert _rel(got, _decode_logits(_layers(model), prompts, 3)) < 1e-5
+        return got
+
+    first = check()
     norm = model.model.layers[1].post_attention_layernorm
     with torch.no_grad():
         norm.weight.mul_(1.5)  # in place: the plan reads the same storage
-    _check_stack_matches(model, prompts, 3, monkeypatch)
+    assert not dm.stale()
+    check()
     norm.weight.data = norm.weight.data * 0.5  # new storage under the same parameter
-    _check_stack_matches(model, prompts, 3, monkeypatch)
+    assert dm.stale() and dm.refresh()
+    check()
     model.load_state_dict(donor.state_dict())  # every weight copied in place, int8 codes included
-    last = _check_stack_matches(model, prompts, 3, monkeypatch)
+    assert dm.stale() and dm.refresh() and not dm.stale()
+    last = check()
     assert _rel(last, first) > 1e-2
 
 
-def test_engine_batch_with_retiring_rows(built, tmp_path, monkeypatch):
+def test_engine_batch_with_retiring_rows(built, tmp_path):
     """Continuous batching (rows finishing at different steps, the last row moving into a freed one): each request
     gets the tokens it gets alone through the layer loop."""
     _make("mistral", tmp_path)
@@ -329,41 +366,63 @@ def test_engine_batch_with_retiring_rows(built, tmp_path, monkeypatch):
     while engine.step():
         pass
     got = [h.result().token_ids for h in handles]
-    assert model._decode_stack.used > 0
-    monkeypatch.setenv("NOMOAT_DECODE_STACK", "0")
-    alone = Engine(model, tok, max_running=1, prefix_cache_bytes=0)
+    assert engine.decode.stack_steps > 0
+    alone = Engine(model, tok, max_running=1, prefix_cache_bytes=0, decode_config=DecodeConfig(stack=False))
     for p, n, tokens in zip(prompts, lengths, got):
         assert alone.generate(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)).token_ids == tokens
 
 
-def test_guards_see_every_change(built, tmp_path, monkeypatch):
-    """The plan's C++ guards agree with their Python form: valid until a module is swapped, int8 codes are written
-    in place or a parameter gets new storage, and then invalid (a rebuilt plan is valid again)."""
+def test_staleness_sees_every_change(built, tmp_path):
+    """`stale()` is False until a layer is swapped, int8 codes are written in place or a parameter gets new
+    storage (in-place writes to a norm are read by the stack directly); `refresh()` makes it current again."""
     _make("qwen2", tmp_path)
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
-    _decode_logits(model, [[5, 9, 33]], 1, mp=monkeypatch)  # builds the plan
-
-    def fresh() -> decode_stack._Plan:
-        plan = decode_stack.build_plan(model)
-        assert plan.valid() and plan.valid_py()
-        return plan
-
+    dm = prepare(model)
+    assert not dm.stale()
     attn = model.model.layers[1].self_attn
-    plan = fresh()
     attn.o_proj, saved = torch.nn.Identity(), attn.o_proj
-    assert not plan.valid() and not plan.valid_py()
+    assert dm.stale()
     attn.o_proj = saved
-    assert plan.valid() and plan.valid_py()  # the same module again
+    assert not dm.stale()  # the same module again
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.qweight.add_(0)  # an in-place write bumps the version
-    assert not plan.valid() and not plan.valid_py()
-    plan = fresh()
+    assert dm.stale() and dm.refresh() and not dm.stale()
     norm = model.model.layers[1].input_layernorm
     with torch.no_grad():
-        norm.weight.mul_(1.0)  # in place on a norm: the plan reads the same storage, still valid
-    assert plan.valid() and plan.valid_py()
+        norm.weight.mul_(1.0)  # in place on a norm: the plan reads the same storage, still current
+    assert not dm.stale()
     norm.weight.data = norm.weight.data.clone()
-    assert not plan.valid() and not plan.valid_py()
-    plan = fresh()
-    del model.model.layers[1].mlp._modules["up_proj"]  # a slot emptied
-    assert not plan.valid() and not plan.valid_py()
+    assert dm.stale() and dm.refresh() and not dm.stale()
+    model.model.layers[0].input_layernorm = torch.nn.Identity()  # a shared leaf replaced: followed too
+    assert dm.stale() and dm.refresh() and not dm.stale()
+    assert dm.net.model.layers[0].input_layernorm is model.model.layers[0].input_layernorm and dm.plan is None
+    del model.model.layers[1].mlp._modules["up_proj"]  # a layer gone
+    assert dm.stale()
+    with pytest.raises(ValueError, match="up_proj"):
+        dm.refresh()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3_text"])
+def test_layer_loop_with_kernel_attention_equals_transformers(built, name, tmp_path):
+    """Models the stack does not take (q/k norms; Gemma 3's sandwich norms and GeGLU) decode layer by layer, with one
+    kernel attention call per layer: greedy tokens equal transformers', and equal the torch attention's."""
+    from nomoat.inference.attention import KernelAttention
+
+    from hf_models import make_hf_model
+
+    hf = make_hf_model(name, tmp_path)
+    save_word_tokenizer(tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    engine = Engine(model, Tokenizer.from_dir(tmp_path), max_running=2, prefix_cache_bytes=0)
+    assert engine.decode.plan is None
+    assert type(engine.decode.net.model.layers[0].self_attn) is KernelAttention
+    assert type(model.model.layers[0].self_attn).__name__ == "Attention"  # the user's module keeps its class
+    prompt = torch.randint(3, 512, (1, 9), generator=torch.Generator().manual_seed(12))
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    assert engine.generate(prompt[0].tolist(), params).token_ids == ref
+    ids = torch.randint(3, 512, (2, 7), generator=torch.Generator().manual_seed(13)).tolist()
+    got = _decode_logits(engine.decode, ids, 5)
+    want = _decode_logits(DecodeModel(model, model, {}, lambda m: m, stack=False), ids, 5)  # the user's layers
+    assert _rel(got, want) < 1e-5

@@ -75,7 +75,8 @@ def test_layers_use_kernels_and_match(built):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(141, 83, generator=g))
     p = PackedLinear(lin)
-    assert p.panels is not None and p.packed_weight is not None
+    assert p.panels is not None and p.packed_weight is None  # the weight is stored once
+    torch.testing.assert_close(p.weight(), lin.weight.detach())  # and rebuilt from the panels on demand
     q = QuantizedLinear.from_linear(lin, "int8")
     ref_q = F.linear  # against the dequantized weight
     with torch.inference_mode():
@@ -85,7 +86,9 @@ def test_layers_use_kernels_and_match(built):
             torch.testing.assert_close(q(x), ref_q(x, q.dequantize(), lin.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_lazy_onednn_head(built):
+def test_head_weight_is_stored_once(built):
+    """An output head (lazy) and any layer keep one layout: decode rows and a prefill's many rows both run on the
+    panels, and no second (oneDNN) copy is made."""
     lin = nn.Linear(40, 300, bias=False)
     p = PackedLinear(lin, lazy_onednn=True)
     assert p.packed_weight is None
@@ -94,7 +97,7 @@ def test_lazy_onednn_head(built):
         torch.testing.assert_close(p(x[:1]), lin(x[:1]), rtol=1e-5, atol=1e-5)
         assert p.packed_weight is None  # one row: the kernels only
         torch.testing.assert_close(p(x), lin(x), rtol=1e-5, atol=1e-5)
-        assert p.packed_weight is not None
+        assert p.packed_weight is None  # twelve rows: still the panels
 
 
 def test_int8_panels_follow_load_state_dict(built):

@@ -6,6 +6,9 @@ steps the scheduler admits queued requests (prefilling them) and retires finishe
 and leave the running batch at any step. Running requests always occupy cache rows `0..n-1`: a leaving request's
 row is refilled by moving the last row into it, so the decode step attends over a view of the cache, never a copy.
 
+It decodes with the `DecodeModel` that `nomoat.inference.prepare` makes from the given model (which is not changed;
+adapter banks wrap the decode model's layers). Each row's logits pass through its request's `logits_hook`.
+
 Threading: every public method is safe to call from any thread. Either call `step()` yourself (what `generate` and
 `stream` do when no loop runs), or `start()` a background loop (what the server does) and consume handles.
 """
@@ -30,6 +33,7 @@ import torch
 from nomoat.generate.prefix_cache import PrefixCache
 from nomoat.generate.sampling import SamplingBatch, SamplingParams, SamplingState, make_generator, sample
 from nomoat.generate.stopping import StopStringMatcher
+from nomoat.inference import DecodeConfig, DecodeModel, prepare
 from nomoat.lora.bank import AdapterBank, group_rows
 from nomoat.models.kv_cache import KVCache
 from nomoat.models.transformer import Transformer
@@ -37,6 +41,8 @@ from nomoat.tokenizer import Tokenizer
 
 # An adapter selection: () for the base model, or (name, weight) pairs applied together (a stack).
 AdapterSelection = tuple[tuple[str, float], ...]
+# A request's logits hook (a grammar mask, a logit bias): gets the row's logits (V,) fp32, returns new ones or None.
+LogitsHook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 logger = logging.getLogger(__name__)
@@ -140,6 +146,7 @@ class _Request:
     cached: int = 0
     next_token: int | None = None  # sampled, not yet fed back through the model
     cancelled: bool = False
+    logits_hook: LogitsHook | None = None
 
     @property
     def length(self) -> int:
@@ -158,11 +165,13 @@ class Engine:
         max_seq_len: Tokens per row (prompt plus completion). Default: the model's context, at most 4096.
         prefix_cache_bytes: Memory budget for cached prompt prefixes' keys and values (0 disables prefix caching).
         prefix_block: Granularity of prefix matching, in tokens.
-        compile: Run the decode step through `torch.compile` (dynamic shapes). Off by default: on a 2-core CPU it
+        compile: Run the decode step's layer loop through `torch.compile` (dynamic shapes) where the one-call
+            decode stack does not apply (the stack is compiled C++ already). Off by default: on a 2-core CPU it
             measured +8% decode speed for a 60 s compile (SmolLM2-135M shape); on GPUs it is worth trying. Steps
             with adapter rows run eagerly.
         adapters: LoRA adapters to load, name -> PEFT-format folder (more with `add_adapter`). Each request picks
             its own selection; rows of one batch may use different adapters.
+        decode_config: How the decode model is prepared (`nomoat.inference.DecodeConfig`; default: its defaults).
     """
 
     def __init__(
@@ -176,14 +185,17 @@ class Engine:
         prefix_block: int = 16,
         compile: bool = False,
         adapters: dict[str, str | Path] | None = None,
+        decode_config: DecodeConfig | None = None,
     ) -> None:
         self.model = model.eval()
+        self.decode: DecodeModel = prepare(model, decode_config)
         self.bank: AdapterBank | None = None
         self.tokenizer = tokenizer
         self.max_running = max_running
         self.max_queue = max_queue
         self.max_seq_len = max_seq_len or min(model.config.max_position_embeddings, 4096)
         self.cache = KVCache(model.config, max_running, self.max_seq_len, model.dtype, model.device)
+        self._prefix_args = (prefix_cache_bytes, prefix_block)
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes else None
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []  # request i owns cache row i
@@ -194,7 +206,9 @@ class Engine:
         self._wake = threading.Event()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
-        self._forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        self._forward: Callable[..., torch.Tensor] = self.decode
+        if compile and self.decode.plan is None:
+            self._forward = torch.compile(self.decode.net.forward, dynamic=True)
         for name, folder in (adapters or {}).items():
             self.add_adapter(name, folder)
 
@@ -208,8 +222,9 @@ class Engine:
         """
         with self.lock:
             if self.bank is None:
-                self.bank = AdapterBank(self.model)
+                self.bank = AdapterBank(self.decode.net)  # the decode model's layers, never the user's
             self.bank.add(name, folder)
+            self.decode.rebuild_plan()
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter; requests can no longer select it.
@@ -223,6 +238,7 @@ class Engine:
                 raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
             if self.bank is not None:
                 self.bank.remove(name)
+                self.decode.rebuild_plan()
 
     @property
     def adapters(self) -> list[str]:
@@ -243,6 +259,7 @@ class Engine:
         adapter: AdapterSelection = (),
         request_id: str | None = None,
         events: queue.Queue | None = None,
+        logits_hook: LogitsHook | None = None,
     ) -> RequestHandle:
         """Queue a request; returns its handle at once.
 
@@ -253,6 +270,8 @@ class Engine:
             request_id: A name for the request (default: a counter).
             events: The queue the request's `Delta`s and `Completion` are put into (default: a new `queue.Queue`);
                 a server passes one whose `put` wakes its event loop.
+            logits_hook: Called with this request's next-token logits (V,) fp32 before each sampling; returns new
+                logits or None after changing them in place.
 
         Raises:
             QueueFullError: `max_queue` requests are already waiting.
@@ -277,7 +296,7 @@ class Engine:
         req = _Request(
             id=rid, prompt=ids, params=params, adapter=tuple(adapter), handle=handle, stop_ids=frozenset(stop_ids),
             detok=self.tokenizer.stream_decoder(skip_special_tokens=True), stops=StopStringMatcher(params.stop),
-            generator=gen, submitted=time.perf_counter(),
+            generator=gen, submitted=time.perf_counter(), logits_hook=logits_hook,
         )  # fmt: skip
         with self.lock:
             if len(self.waiting) >= self.max_queue:
@@ -370,12 +389,26 @@ class Engine:
             admitted = []
             while self.waiting and len(self.running) + len(admitted) < self.max_running:
                 admitted.append(self.waiting.popleft())
+            if admitted:
+                self.refresh()
             self._admit_all(admitted)
             worked = bool(admitted)
             if self.running:
                 self._decode()
                 worked = True
             return worked
+
+    def refresh(self) -> bool:
+        """Remake what changed in the model since the decode model was made; True if anything did.
+
+        `step` calls it when it admits requests (never per token), so weights merged into the model, or layers
+        replaced in it, are used from the next request on; call it before using `decode` directly.
+        """
+        with self.lock:
+            changed = self.decode.refresh()
+            if changed and self.prefix_cache is not None:
+                self.prefix_cache = PrefixCache(*self._prefix_args)  # cached keys and values belong to old weights
+            return changed
 
     # ---- prefill, decode, sample --------------------------------------------------------------------------------
 
@@ -396,7 +429,7 @@ class Engine:
             self.sampling.reset_row(len(self.running), req.prompt, req.params)
             self.running.append(req)
             req.cached = 0
-        logits = prefill_rows(self.model, self.cache, row0, [r.prompt for r in reqs])
+        logits = prefill_rows(self.decode, self.cache, row0, [r.prompt for r in reqs])
         self._sample_and_emit(reqs, logits)
 
     def _admit(self, req: _Request) -> None:
@@ -409,7 +442,7 @@ class Engine:
             start = self.prefix_cache.restore(req.prompt, self.cache, row, namespace=req.adapter)
         req.cached = start
         with self._plan([req]):
-            logits = prefill(self.model, self.cache, row, req.prompt, start)
+            logits = prefill(self.decode, self.cache, row, req.prompt, start)
         if self.prefix_cache is not None:
             self.prefix_cache.store(req.prompt, self.cache, row, namespace=req.adapter)
         self._sample_and_emit([req], logits[None])
@@ -419,7 +452,7 @@ class Engine:
         tokens = torch.tensor([[r.next_token] for r in reqs], device=self.model.device)
         positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
         plan = self._plan(reqs)
-        forward = self._forward if isinstance(plan, contextlib.nullcontext) else self.model.forward
+        forward = self._forward if isinstance(plan, contextlib.nullcontext) else self.decode
         with plan:
             logits = decode_one_token(forward, self.cache, tokens, positions)
         self._sample_and_emit(list(reqs), logits)
@@ -428,7 +461,8 @@ class Engine:
         """Sample the next token of each request (its logits row i), emit its text, retire finished ones."""
         rows = [self.running.index(r) for r in reqs]
         batch = self._sampling_batch([r.params for r in reqs])
-        result = sample(logits.float(), self.sampling, rows, batch, [r.generator for r in reqs])
+        logits = apply_logits_hooks(logits.float(), [r.logits_hook for r in reqs])
+        result = sample(logits, self.sampling, rows, batch, [r.generator for r in reqs])
         if batch.penalties is not None:  # only rows with a penalty read their history
             self.sampling.record(rows, result.tokens)
         params = batch.params
@@ -513,8 +547,21 @@ class Engine:
 
 # ---- the small functions --------------------------------------------------------------------------------------------
 
+Model = Transformer | DecodeModel
 
-def prefill(model: Transformer, cache: KVCache, row: int, prompt: Sequence[int], start: int = 0) -> torch.Tensor:
+
+def apply_logits_hooks(logits: torch.Tensor, hooks: Sequence[LogitsHook | None]) -> torch.Tensor:
+    """Pass row i of `logits` (B, V) through `hooks[i]` where it is set; returns the (possibly new) logits."""
+    for i, hook in enumerate(hooks):
+        if hook is not None:
+            out = hook(logits[i])
+            if out is not None:
+                logits[i] = out
+    return logits
+
+
+
+def prefill(model: Model, cache: KVCache, row: int, prompt: Sequence[int], start: int = 0) -> torch.Tensor:
     """Run `prompt[start:]` into cache row `row` (positions `start..`), returning the last position's logits (V,)."""
     device = model.device
     ids = torch.tensor([list(prompt[start:])], device=device)
@@ -523,7 +570,7 @@ def prefill(model: Transformer, cache: KVCache, row: int, prompt: Sequence[int],
     return model.logits(hidden[:, -1])[0]
 
 
-def prefill_rows(model: Transformer, cache: KVCache, row0: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+def prefill_rows(model: Model, cache: KVCache, row0: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
     """Run several prompts into cache rows `row0..` in one forward, right-padded to the longest (positions from 0).
 
     Returns each prompt's last-position logits (B, V). Positions past a prompt's end hold padding's keys and values
@@ -540,7 +587,7 @@ def prefill_rows(model: Transformer, cache: KVCache, row0: int, prompts: Sequenc
 
 
 def decode_one_token(
-    model: Transformer | Callable[..., torch.Tensor], cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
+    model: Model | Callable[..., torch.Tensor], cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
     """One token for each of the first B cache rows: tokens and positions (B, 1); returns logits (B, V).
 

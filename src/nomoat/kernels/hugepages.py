@@ -103,3 +103,16 @@ def copy(t: torch.Tensor) -> torch.Tensor:
     out = empty(t.shape, t.dtype)
     out.copy_(t)
     return out
+
+
+def release_freed_memory() -> None:
+    """Give memory the C heap holds but no tensor uses back to the system (glibc's `malloc_trim`).
+
+    Called after weights were copied into another layout: the freed originals (hundreds of MB) would otherwise stay
+    in the process's resident memory, because glibc keeps large freed blocks in its heap once its mmap threshold has
+    grown. A no-op where the C library has no `malloc_trim`.
+    """
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim(0)

@@ -84,7 +84,7 @@ class MultiLoRALinear(nn.Module):
     def decode_passthrough(self) -> tuple[nn.Module, AdapterBank]:
         """The base layer, and the bank whose `current` plan says whether adapters apply to a step.
 
-        The decode stack (`nomoat.models.decode_stack`) runs the base layers of a step with no adapter rows.
+        The decode stack (`nomoat.inference.stack`) runs the base layers and adds the adapters' terms itself.
         """
         return self.base, self._bank[0]
 

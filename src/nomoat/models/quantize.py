@@ -16,12 +16,9 @@ Formats (chosen for the fastest kernel available on CPU, fbgemm's embedding-bag 
         (`quantize_model` falls back to int8 for a layer where it is not, and logs it).
 
 Kernels, one per (device, mode, tokens per call), all computing in fp32 for fp32 models:
-    CPU, int8, fp32 activations, up to `INT8_BAG_MAX_ROWS` tokens (decode), where nomoat's compiled kernels build
-        (`kernels.py`): the codes are copied once, at first use, into the kernels' int8 panel layout (kept beside
-        `qweight`, which stays the stored format: int8 layers then hold their codes twice), then every call streams
-        them once for all its rows, converting to fp32 in registers. Measured (SmolLM2-135M's 211 matrices, one
-        row, 1 thread): 6.9 ms, against 22.7 ms for the same kernels in fp32 and 40-48 ms for oneDNN / `F.linear`.
-    CPU, int8, the same without the compiled kernels: `torch.ops.quantized.embedding_bag_byte_rowwise_offsets`
+    Decoding through the engine does not use these: `nomoat.inference.prepare` turns int8 layers into the compiled
+        kernels' int8 panels (`int8_panels`), which stream every code once per step for all rows.
+    CPU, int8, up to `INT8_BAG_MAX_ROWS` tokens: `torch.ops.quantized.embedding_bag_byte_rowwise_offsets`
         (fbgemm, part of every x86 torch build): one bag per token whose rows are the weight's input channels,
         weighted by the activations, i.e. `y = sum_k x[k] * q[:, k]`, dequantized and accumulated in registers as
         each int8 row streams past; then one multiply by the channel scales. Measured (SmolLM2-135M shapes,
@@ -73,8 +70,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nomoat import kernels
 from nomoat.kernels import hugepages
-from nomoat.models import decode_stack, kernels
 
 logger = logging.getLogger(__name__)
 
@@ -224,17 +221,10 @@ def int8_panels(packed: torch.Tensor) -> torch.Tensor:
     return kernels.pack_int8((packed[:, :n].to(torch.int16) - 128).to(torch.int8))
 
 
-def int8_matmul(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, panels: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`x @ dequantize_int8(packed, scale).T` for a 2-D `x`, without materialising the weight.
-
-    `panels` (`int8_panels(packed)`, CPU only) selects the compiled kernels for fp32 `x` of few rows.
-    """
+def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x @ dequantize_int8(packed, scale).T` for a 2-D `x`, without materialising the weight."""
     m, k = x.shape
     n = packed.shape[1] - 8
-    if panels is not None and m <= INT8_BAG_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
-        return kernels.linear_int8(x, panels, scale, n)
     if x.device.type == "cpu" and m <= INT8_BAG_MAX_ROWS and _HAS_BAGS:
         # One bag per token over all `in` rows, row k weighted by x[:, k]: sum_k x[k] * q[:, k], accumulated in fp32
         # as each int8 row streams through (fbgemm), then one multiply by the per-channel scales.
@@ -356,21 +346,6 @@ class QuantizedLinear(nn.Module):
             return dequantize_int8(self.qweight, self.scale, dtype)
         return dequantize_int4(self.qweight, self.out_features, self.in_features, self.group_size, dtype)
 
-    def _kernel_panels(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The int8 codes in the compiled kernels' layout, for a decode-sized fp32 CPU input; else None.
-
-        Built at first use and rebuilt when `qweight` changes (a new tensor, or in place: `load_state_dict`).
-        """
-        if x.shape[0] > INT8_BAG_MAX_ROWS or x.dtype != torch.float32 or self.qweight.device.type != "cpu":
-            return None
-        if self.scale.dtype != torch.float32 or not kernels.available():
-            return None
-        key = _int8_key(self)
-        cached = getattr(self, "_panels", None)
-        if cached is None or cached[0] != key:
-            cached = self._panels = (key, int8_panels(self.qweight))
-        return cached[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to `x` (..., in_features); the output has `x`'s dtype."""
         if x.requires_grad and torch.is_grad_enabled():
@@ -378,7 +353,7 @@ class QuantizedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.mode == "int8":
-            y = int8_matmul(x2, self.qweight, self.scale, self._kernel_panels(x2))
+            y = int8_matmul(x2, self.qweight, self.scale)
         else:
             y = int4_matmul(x2, self.qweight, self.out_features, self.group_size)
         if self.bias is not None:
@@ -440,13 +415,15 @@ def quantize_model(
         _check_group(2 * group_size, group_size)  # a bad group size is an error, not a silent int8 fallback
     before = weight_bytes(model)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # Names, not modules: no list may keep a replaced layer (and its fp32 weight) alive until the end.
     targets = [
-        (name, module)
+        name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and (include_lm_head or name.rsplit(".", 1)[-1] != "lm_head")
     ]
     layers: dict[str, str] = {}
-    for name, linear in targets:
+    for name in targets:
+        linear = model.get_submodule(name)
         layer_mode = mode
         if mode == "int4" and linear.out_features % group_size:
             layer_mode = "int8"
@@ -459,6 +436,8 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantizedLinear.from_linear(linear, layer_mode, group_size))
+        del linear
+        hugepages.release_freed_memory()  # the fp32 weight's memory goes back now: the peak is one layer more
         layers[name] = layer_mode
     after = weight_bytes(model)
     info: dict[str, Any] = {
@@ -470,41 +449,6 @@ def quantize_model(
         "layers": layers,
     }
     model.quantization = info
-    if kernels.available():
-        _fuse_int8(model)
-        decode_stack.attach(model)  # int8 decode steps then run all layers in one call (int4: plan not eligible)
     logger.info("quantized %d linear layers to %s: weights %.1f MB -> %.1f MB", len(layers), mode, before / 1e6,
                 after / 1e6)  # fmt: skip
     return model
-
-
-def _int8_key(layer: QuantizedLinear) -> tuple[int, ...]:
-    """Identifies the weights an int8 layer's cached panels were built from (changes on any in-place write)."""
-    try:
-        return layer.qweight.data_ptr(), layer.qweight._version, layer.scale.data_ptr(), layer.scale._version
-    except RuntimeError:  # inference tensors keep no version counter (and cannot be written outside inference mode)
-        return layer.qweight.data_ptr(), -1, layer.scale.data_ptr(), -1
-
-
-def _fuse_int8(model: nn.Module) -> None:
-    """Let int8 q/k/v and gate/up run as one kernel call each at decode (the layers' panels become views)."""
-    for owner, attr, layers in kernels.fusable_groups(model):
-        if not all(isinstance(m, QuantizedLinear) and m.mode == "int8" for m in layers):
-            continue
-        if any(m.qweight.device.type != "cpu" or m.scale.dtype != torch.float32 for m in layers):
-            continue
-        panels = [int8_panels(m.qweight) for m in layers]
-        shape = (sum(p.shape[0] for p in panels), *panels[0].shape[1:])
-        fused = torch.cat(panels, out=hugepages.empty(shape, torch.int8))  # streamed every token: huge pages
-        keys, at = [], 0
-        for m, p in zip(layers, panels):
-            keys.append(_int8_key(m))
-            m._panels = (keys[-1], fused[at : at + p.shape[0]])
-            at += p.shape[0]
-        scale = torch.cat([m.scale for m in layers])
-
-        def unchanged(layers: list[QuantizedLinear] = layers, keys: list[tuple[int, ...]] = keys) -> bool:
-            return all(_int8_key(m) == k for m, k in zip(layers, keys))
-
-        fused_layer = kernels.FusedDecodeLinear(layers, fused, scale, INT8_BAG_MAX_ROWS, check=unchanged)
-        setattr(owner, attr, fused_layer)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nomoat.config.model import ModelConfig
-from nomoat.models import fused_ops, kernels
+from nomoat.models import fused_ops
 from nomoat.models.families import rope_inv_freq
 from nomoat.models.kv_cache import KVCache
 
@@ -66,7 +66,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dimension."""
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _RMSNormFn.apply(x, self.weight, self.eps, self.offset)
+            return fused_ops.RMSNormFn.apply(x, self.weight, self.eps, self.offset)
         if not self.offset and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # One fused op instead of six (bit-identical in fp32): 13 -> 10 us per call at decode, 61 calls a token.
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -75,58 +75,6 @@ class RMSNorm(nn.Module):
         if self.offset:
             return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.to(x.dtype)
-
-
-class _RMSNormFn(torch.autograd.Function):
-    """RMSNorm for training that keeps only its input and the per-token `1/rms` for the backward pass.
-
-    Autograd over the plain expression would also keep the fp32 normalised copy; with LoRA every saved activation
-    counts, since the base weights need no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:  # noqa: ANN001
-        h = x.float()
-        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.offset = offset
-        if offset:
-            return (h * rstd * (1.0 + weight.float())).type_as(x)
-        return weight * (h * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        x, weight, rstd = ctx.saved_tensors
-        hn = x.float() * rstd
-        scale = (1.0 + weight.float()) if ctx.offset else weight.float()
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad.float() * hn).reshape(-1, hn.shape[-1]).sum(0).to(weight.dtype)
-        gy = grad.float() * scale  # gradient with respect to the normalised input
-        mean = (gy * hn).mean(-1, keepdim=True)
-        grad_x = gy.sub_(hn.mul_(mean)).mul_(rstd)  # rstd * (gy - hn * mean), in place
-        return grad_x.to(x.dtype), grad_w, None, None
-
-
-class _SwiGLUFn(torch.autograd.Function):
-    """`silu(gate) * up` for training, keeping only `gate` and `up` (the activation is recomputed in backward)."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(gate, up)
-        if fused_ops.applicable(gate, up):
-            return fused_ops.swiglu_forward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        gate, up = ctx.saved_tensors
-        if fused_ops.applicable(gate, up, grad):
-            return fused_ops.swiglu_backward(gate, up, grad.clone())  # one pass (the clone becomes grad_gate)
-        sig = torch.sigmoid(gate)
-        act = gate * sig
-        grad_gate = grad * up * sig * (1.0 + gate * (1.0 - sig))
-        return grad_gate, grad * act
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -179,9 +127,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Multi-head attention with GQA/MQA, optional q/k norms, soft-capping and a sliding window (via the mask)."""
 
-    # Set on inference-only models by `pack_model` / `quantize_model`: q/k/v as one kernel call at decode
-    # (`kernels.FusedDecodeLinear`; it returns None wherever it does not apply, e.g. once an adapter wraps q_proj).
-    _decode_qkv = None
     # Set on LoRA-trained models by `inject_lora` (`lora.group.LoRAGroup`): q/k/v trained as one group (one adapter
     # product for the three); it returns None wherever it does not apply.
     _train_qkv = None
@@ -219,8 +164,8 @@ class Attention(nn.Module):
         """
         cfg = self.cfg
         B, T, _ = x.shape
-        qkv = None if self._decode_qkv is None else self._decode_qkv(x, (self.q_proj, self.k_proj, self.v_proj))
-        if qkv is None and self._train_qkv is not None:
+        qkv = None
+        if self._train_qkv is not None:
             qkv = self._train_qkv(x, (self.q_proj, self.k_proj, self.v_proj))
         if qkv is None:
             qkv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -229,12 +174,6 @@ class Attention(nn.Module):
         v = qkv[2].view(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if T == 1 and cache is not None and self._fused_decode_ok(q, cache):
-            kv, rows, positions, kv_len = cache
-            window = cfg.sliding_window if cfg.layer_types[self.layer_idx] == "sliding_attention" else 0
-            y = kernels.decode_attention(q, k, v, cos, sin, kv.k[self.layer_idx], kv.v[self.layer_idx],
-                                         rows.start or 0, positions, kv_len, window or 0, cfg.query_scale)  # fmt: skip
-            return self.o_proj(y)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -245,23 +184,6 @@ class Attention(nn.Module):
         else:
             y = self._attend(q, k, v, mask).transpose(1, 2)
         return self.o_proj(y.reshape(B, T, cfg.q_size))
-
-    def _fused_decode_ok(self, q: torch.Tensor, cache: CacheArgs) -> bool:
-        """Whether this decode step can run as one `kernels.decode_attention` call (inference, fp32, CPU)."""
-        kv, rows, positions, _ = cache
-        kc = kv.k[self.layer_idx]
-        return (
-            q.dtype == torch.float32
-            and q.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and self.cfg.attn_logit_softcap is None
-            and isinstance(rows, slice)
-            and rows.step in (None, 1)
-            and positions.dtype == torch.int64
-            and kc.dtype == torch.float32
-            and kc.is_contiguous()
-            and kernels.available()
-        )
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention (B, H, T, hd) under a boolean mask, or causal when `mask` is None."""
@@ -393,7 +315,6 @@ def _softcapped_attention(
 class MLP(nn.Module):
     """Gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU or GeGLU)."""
 
-    _decode_gate_up = None  # gate/up as one kernel call at decode (see `Attention._decode_qkv`)
     _train_gate_up = None  # gate/up as one LoRA group in training (see `Attention._train_qkv`)
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -405,16 +326,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the gated MLP."""
-        fused = None if self._decode_gate_up is None else self._decode_gate_up(x, (self.gate_proj, self.up_proj))
-        if fused is not None:
-            return self.down_proj(_act(self.act, fused[0]) * fused[1])
         grouped = None if self._train_gate_up is None else self._train_gate_up(x, (self.gate_proj, self.up_proj))
         gate, up = grouped if grouped is not None else (self.gate_proj(x), self.up_proj(x))
         if self.act == "silu" and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
             # A LoRA `down_proj` can take the product's two factors and keep only them for backward.
             fused = getattr(self.down_proj, "swiglu_forward", None)
             y = fused(gate, up) if fused is not None else None
-            return y if y is not None else self.down_proj(_SwiGLUFn.apply(gate, up))
+            return y if y is not None else self.down_proj(fused_ops.SwiGLUFn.apply(gate, up))
         return self.down_proj(_act(self.act, gate) * up)
 
 
@@ -480,10 +398,6 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # recompute each layer in backward (training memory for time)
         self.reset_rope()
 
-    # Set by `pack_model` / `quantize_model` (`decode_stack.attach`): runs a decode step's layers in one compiled call
-    # (`decode_stack.DecodeStack`; it returns None wherever it does not apply, and the layer loop runs).
-    _decode_stack = None
-
     # ---- setup ------------------------------------------------------------------------------------------------
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
@@ -522,7 +436,8 @@ class Transformer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------------
 
-    def _rope_tables(self, kind: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, kind: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary (cos, sin) tables (B, T, rd) in `dtype` for layers of type `kind` at `positions` (B, T)."""
         params = self.config.rope[kind]
         inv = getattr(self, f"_inv_freq_{kind}")
         if params["rope_type"] == "longrope" and int(positions.max()) + 1 > params["original_max_position_embeddings"]:
@@ -613,15 +528,12 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if self.config.embed_scale is not None:
             h = h * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(h.dtype)
-        ropes = {kind: self._rope_tables(kind, position_ids, h.dtype) for kind in self.rope_types}
+        ropes = {kind: self.rope_tables(kind, position_ids, h.dtype) for kind in self.rope_types}
         cache_args: CacheArgs | None = None
-        stacked = None
         if cache is not None:
             kv_len = int(position_ids.max()) + 1 if kv_len is None else kv_len
             cache_args = (cache, slice(0, B) if rows is None else rows, position_ids, kv_len)
-            if T == 1 and self._decode_stack is not None:
-                stacked = self._decode_stack(self, h, ropes, cache_args)
-            masks = self._cached_masks(position_ids, kv_len) if stacked is None else {}
+            masks = self._cached_masks(position_ids, kv_len)
         else:
             if segment_ids is not None:
                 segments = Segments(segment_ids)
@@ -629,14 +541,14 @@ class Transformer(nn.Module):
             else:
                 masks = self._masks(attention_mask, T, device)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.model.layers if stacked is None else ():
+        for layer in self.model.layers:
             cos, sin = ropes[layer.layer_type]
             if checkpointing:
                 # Keep only each layer's input; recompute its activations in the backward pass.
                 h = checkpoint(layer, h, cos, sin, masks[layer.layer_type], cache_args, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, masks[layer.layer_type], cache_args)
-        h = self.model.norm(h if stacked is None else stacked)
+        h = self.model.norm(h)
         if return_hidden:
             return h
         return self.logits(h)

@@ -1,0 +1,105 @@
+"""`prepare(model, config) -> DecodeModel`: the one place that packs, quantizes and fuses weights for decoding.
+
+The user's model (what `nomoat.load` returned: plain modules, Hugging Face names, what training and export see) is
+never changed. `prepare` builds a twin of its module tree: container modules are copied (so an adapter bank can wrap
+the twin's layers), embeddings, norms and rotary tables are shared, and each linear layer gets its decode form:
+- fp32 CPU `nn.Linear`: fp32 panels (or int8 panels with `quantize="int8"`);
+- `PackedLinear` (`nomoat.models.packed.pack_model`, what the inference commands load): its own panels, shared, so
+  the weights exist once;
+- int8 `QuantizedLinear`: int8 panels made from its codes;
+- anything else (int4, bf16, another device, a LoRA layer under training), or no compiled kernels: the layer itself.
+With the compiled kernels and a Llama/Mistral/Qwen2-style model, decode steps then run as one call (`stack.py`);
+other fp32 models run their layers with one attention call per layer at decode (`attention.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nomoat import kernels
+from nomoat.inference.attention import KernelAttention
+from nomoat.inference.decode_model import DecodeModel
+from nomoat.inference.panel_linear import PanelLinear
+from nomoat.models.packed import PackedLinear
+from nomoat.models.quantize import QuantizedLinear, quantize_model
+from nomoat.models.transformer import Attention
+
+LINEAR_TYPES = (nn.Linear, PackedLinear, QuantizedLinear)
+
+
+def _stack_default() -> bool:
+    return os.environ.get("NOMOAT_DECODE_STACK", "1") != "0"
+
+
+@dataclass
+class DecodeConfig:
+    """How `prepare` makes a model's decode form.
+
+    Attributes:
+        quantize: None, or "int8" / "int4": weight-only quantization of the fp32 linear layers for decoding.
+        stack: Run decode steps through the one-call stack where the model qualifies (`NOMOAT_DECODE_STACK=0`
+            turns it off by default, for comparisons).
+    """
+
+    quantize: str | None = None
+    stack: bool = field(default_factory=_stack_default)
+
+
+def decode_layer(layer: nn.Module, quantize: str | None = None) -> nn.Module:
+    """A linear layer's decode form: a `PanelLinear` where the kernels take it, else a quantized copy or itself."""
+    if kernels.available() and quantize in (None, "int8"):
+        panel = PanelLinear.from_module(layer, quantize)
+        if panel is not None:
+            return panel
+    if quantize is not None and type(layer) is nn.Linear:
+        holder = nn.Sequential(layer)
+        quantize_model(holder, quantize)
+        return holder[0]
+    return layer
+
+
+def _twin(
+    module: nn.Module, path: str, packed: dict[str, nn.Module], quantize: str | None, fp32_cpu: bool
+) -> nn.Module:
+    """A copy of `module`'s tree down to its leaves: linear layers in decode form, other leaves shared.
+
+    `fp32_cpu`: the model computes in fp32 on the CPU (its attention layers may then decode through the kernels).
+    """
+    if isinstance(module, LINEAR_TYPES):
+        packed[path] = module  # the source of the twin's layer at `path` (watched by `DecodeModel.stale`)
+        return decode_layer(module, quantize)
+    if not module._modules:
+        return module  # embeddings, norms: shared
+    twin = copy.copy(module)
+    twin._modules = {
+        name: None if child is None else _twin(child, f"{path}.{name}" if path else name, packed, quantize, fp32_cpu)
+        for name, child in module._modules.items()
+    }
+    twin._parameters = dict(module._parameters)
+    twin._buffers = dict(module._buffers)
+    if fp32_cpu and type(module) is Attention and module.cfg.attn_logit_softcap is None and kernels.available():
+        twin.__class__ = KernelAttention  # the twin's own copy: the user's module keeps its class
+    return twin
+
+
+def prepare(model: nn.Module, config: DecodeConfig | None = None) -> DecodeModel:
+    """The decode form of a nomoat `Transformer` (see the module docstring); `model` itself is not changed.
+
+    Args:
+        model: The model to decode with (eval mode is set on the twin only).
+        config: Quantization and stack options (default: `DecodeConfig()`).
+    """
+    config = config or DecodeConfig()
+    packed: dict[str, nn.Module] = {}
+    fp32_cpu = model.dtype == torch.float32 and model.device.type == "cpu"
+    net = _twin(model, "", packed, config.quantize, fp32_cpu).eval()
+
+    def make_layer(layer: nn.Module) -> nn.Module:
+        return decode_layer(layer, config.quantize)
+
+    return DecodeModel(model, net, packed, make_layer, stack=config.stack)

@@ -1,0 +1,130 @@
+"""The decode stack's plan: every layer of a decode step in one call (`torch.classes.nomoat.StackPlan`).
+
+One C++ call runs every layer of a Llama/Mistral/Qwen2-style pre-norm block stack for any number of rows, one new
+token each, and returns the hidden states before the final norm (`nomoat/kernels/csrc/decode_stack.cpp` says how:
+one OpenMP region per step, units claimed from counters, idempotent units so a thread may help a descheduled one).
+`build_plan` makes the plan once from a decode model's layers: it points at their panels (no weight memory), the norm
+weights, and each adapter-bank layer's factors (`decode_adapters`, one coefficient column per adapter); a step gets
+each row's adapter weights from the banks' current row-group plans (`Plan.coefficients`).
+
+Where it applies: every layer a plain pre-norm `Block` (no sandwich norm, q/k norm, soft-capping, Gemma norm offset
+or MLP bias; SiLU), every projection a `PanelLinear` (fp32 or int8) or an adapter-bank layer over one, fp32 norms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nomoat import kernels
+from nomoat.config.model import ModelConfig
+from nomoat.inference.attention import KernelAttention
+from nomoat.inference.panel_linear import PanelLinear
+from nomoat.models.transformer import MLP, Attention, Block, RMSNorm
+
+_EMPTY = torch.empty(0)
+
+
+def config_eligible(cfg: ModelConfig) -> bool:
+    """Whether a `ModelConfig` describes blocks the stack kernel computes (Llama/Mistral/Qwen2-style, SiLU)."""
+    return (
+        not cfg.sandwich_norm
+        and not cfg.qk_norm
+        and cfg.attn_logit_softcap is None
+        and cfg.hidden_act == "silu"
+        and not cfg.norm_offset
+        and not cfg.mlp_bias
+    )
+
+
+class Plan:
+    """A built stack plan, the rope kinds it reads, and the adapter banks whose row groups its steps apply.
+
+    Args:
+        native: The `torch.classes.nomoat.StackPlan`.
+        kinds: Layer types, in the order of the rope tables `run` takes.
+        sources: Adapter banks (objects with `current`: (rows, ((name, weight), ...)) entries) the layers belong to.
+        slots: Adapter name -> coefficient column.
+    """
+
+    def __init__(self, native: Any, kinds: list[str], sources: list[Any], slots: dict[str, int]) -> None:
+        self.native = native
+        self.kinds = kinds
+        self.sources = tuple(sources)
+        self.slots = dict(slots)
+
+    def coefficients(self, batch: int) -> torch.Tensor:
+        """The (batch, slots) weight of each adapter for each row under the banks' current plans (empty: none)."""
+        if not any(source.current for source in self.sources):
+            return _EMPTY
+        coef = torch.zeros(batch, max(len(self.slots), 1))
+        for source in self.sources:
+            for rows, selection in source.current:
+                for name, weight in selection:
+                    coef[rows, self.slots[name]] += weight
+        return coef
+
+
+def _projection(m: nn.Module, sources: list[Any]) -> list[torch.Tensor] | None:
+    """[panels, scale, bias] of a panel layer (empty tensors where absent), seeing through an adapter-bank layer."""
+    passthrough = getattr(m, "decode_passthrough", None)
+    if passthrough is not None:
+        m, source = passthrough()
+        if all(s is not source for s in sources):
+            sources.append(source)
+    if type(m) is not PanelLinear:
+        return None
+    bias = _EMPTY if m.bias is None else m.bias
+    return [m.panels, _EMPTY if m.scale is None else m.scale, bias]
+
+
+def _block_eligible(block: nn.Module, cfg: ModelConfig) -> bool:
+    if type(block) is not Block or block.sandwich or block._forward_hooks or block._forward_pre_hooks:
+        return False
+    attn, mlp = block.self_attn, block.mlp
+    norms = (block.input_layernorm, block.post_attention_layernorm)
+    if type(attn) not in (Attention, KernelAttention) or type(mlp) is not MLP or mlp.act != "silu":
+        return False
+    return all(
+        type(n) is RMSNorm and not n.offset and n.eps == cfg.rms_norm_eps and n.weight.dtype == torch.float32
+        and n.weight.device.type == "cpu" for n in norms
+    )  # fmt: skip
+
+
+def build_plan(net: nn.Module) -> Plan | None:
+    """The stack plan of a decode model's `Transformer` whose layers all qualify (module docstring), else None."""
+    cfg = net.config
+    if not kernels.available() or not config_eligible(cfg):
+        return None
+    sources: list[Any] = []  # adapter banks whose layers the plan sees through
+    slots: dict[str, int] = {}  # adapter name -> column of the per-step coefficients
+    loras: list[tuple[int, int, int, torch.Tensor, torch.Tensor, float]] = []  # (layer, projection, slot, A, Bt, s)
+    kinds = sorted(set(cfg.layer_types))
+    native = kernels.stack_plan(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                                cfg.rms_norm_eps, cfg.query_scale)  # fmt: skip
+    for i, block in enumerate(net.model.layers):
+        if not _block_eligible(block, cfg):
+            return None
+        attn, mlp = block.self_attn, block.mlp
+        tensors = [block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()]
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        for j, m in enumerate(projections):
+            parts = _projection(m, sources)
+            if parts is None:
+                return None
+            tensors += parts
+            for name, a, bt, scaling in m.decode_adapters() if hasattr(m, "decode_adapters") else ():
+                if a.dtype != torch.float32 or bt.dtype != torch.float32 or a.device.type != "cpu":
+                    return None
+                loras.append((i, j, slots.setdefault(name, len(slots)), a, bt, float(scaling)))
+        if any(t.numel() for t in (tensors[16], tensors[19], tensors[22])):
+            return None  # an MLP bias (mlp_bias is off in the config, but a layer could carry one)
+        tensors = tensors[:16] + tensors[17:19] + tensors[20:22]  # gate, up, down: panels and scales only
+        kind = cfg.layer_types[i]
+        window = (cfg.sliding_window or 0) if kind == "sliding_attention" else 0
+        native.add_layer(tensors, int(window), kinds.index(kind))
+    for i, j, slot, a, bt, scaling in loras:
+        native.add_lora(i, j, slot, a, bt, scaling)
+    return Plan(native, kinds, sources, slots)

@@ -158,8 +158,8 @@ def test_import_layers():
 def test_no_import_circles():
     graph = import_graph()
     found = circles(graph)
-    circles = [" -> ".join(cycle_through(c, graph)) for c in found]
-    assert not circles, "import circles:\n" + "\n".join(circles)
+    shown = [" -> ".join(cycle_through(c, graph)) for c in found]
+    assert not shown, "import circles:\n" + "\n".join(shown)
 
 
 def test_layer_map_rejects_upward_imports(tmp_path):

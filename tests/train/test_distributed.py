@@ -117,8 +117,9 @@ def test_two_processes_equal_one_with_the_doubled_batch(ws):
 
 def test_resume_two_processes_with_one(ws):
     runs = ws / "runs"
-    _run(_torchrun(2, *_train_args(ws, "resumed", 2)), ws)
+    _run([sys.executable, *_train_args(ws, "resumed", 2, "--nproc", "2")], ws)  # nomoat starts torchrun itself
     two = _losses(runs / "resumed")
+    assert _max_diff(two, _losses(runs / "one")) <= TOL
     # As if the run had been killed after the checkpoint of step 3: drop what came later.
     shutil.rmtree(runs / "resumed" / "checkpoints" / "step-000006")
     _run([sys.executable, *_train_args(ws, "resumed", 4, "--resume")], ws)  # one process, same global batch
@@ -208,6 +209,7 @@ def test_killed_rank_stops_the_others_and_keeps_the_last_checkpoint(ws):
             launcher.kill()
     assert launcher.returncode != 0
     assert "lost contact with the other processes" in err, err[-4000:]
+    assert "--resume --name killed" in err  # how to continue
     last = list_checkpoints(run_dir)[-1]  # complete and readable
     state = json.loads((last / "state.json").read_text())
     assert state["step"] == int(last.name.split("-")[1])

@@ -199,12 +199,16 @@ def pretrain(
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")] = False,
+    nproc: Annotated[int, Opt("--nproc", help="Data-parallel processes on this machine (started with torchrun).",
+                              min=1)] = 1,  # fmt: skip
 ) -> None:
     """Full-parameter training: from scratch (--config + --tokenizer) or continued from a model folder (--model).
 
     Reads text (`{"text": ...}`) and chat (`{"messages": [...]}`) files, trains every weight with AdamW and a
     cosine schedule, checkpoints atomically (resume with --resume), and writes a Hugging Face model folder.
     """
+    if nproc > 1:
+        _launch(nproc)
     from nomoat.train.pretrain import PretrainConfig, PretrainRecipe
 
     if (model is None) == (config is None):

@@ -152,14 +152,14 @@ class Distributed:
         if self.is_main:
             try:
                 box[0] = ("ok", fn())
-            except NomoatError as e:
-                box[0] = ("error", e)
+            except Exception as e:  # the others must not wait for a result that never comes
+                box[0] = ("error", (str(e), getattr(e, "hint", None)))
                 self._collective(what, lambda: dist.broadcast_object_list(box, 0))
                 raise
         self._collective(what, lambda: dist.broadcast_object_list(box, 0))
         kind, value = box[0]
         if kind == "error":
-            raise NomoatError(str(value), hint=getattr(value, "hint", None))
+            raise NomoatError(f"rank 0 failed during {what}: {value[0]}", hint=value[1])
         return value
 
     def barrier(self, what: str = "the end of the run") -> None:

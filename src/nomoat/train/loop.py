@@ -399,6 +399,10 @@ class TrainingLoop:
                 self.console.print(f"[yellow]interrupted at step {self.step}: checkpoint saved; continue with the "
                                    f"same command and {self.resume_flags}[/yellow]")  # fmt: skip
             raise
+        except distributed.PeerLostError as e:
+            e.hint = (f"the checkpoints written so far are intact: continue with the same command and "
+                      f"{self.resume_flags} (any number of processes, keeping batch size x processes)")  # fmt: skip
+            raise
         finally:
             self.metrics.close()
         self.save_checkpoint(last)

@@ -215,3 +215,28 @@ def test_killed_rank_stops_the_others_and_keeps_the_last_checkpoint(ws):
     assert state["step"] == int(last.name.split("-")[1])
     tensors = load_file(str(last / "trainable.safetensors"))
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_shards_partition_each_global_batch():
+    from nomoat.data.packing import BatchStream, Row
+
+    rows = [Row([i, i + 1], [-100, i + 1], [0, 1], [1, 1]) for i in range(7)]  # 7 rows: batches of 3, 3, 1
+    whole = [b["input_ids"].tolist() for b in BatchStream(rows, 3, seed=5)]
+    shards = [[b for b in BatchStream(rows, 3, seed=5, shard=(r, 2))] for r in range(2)]
+    for k, batch in enumerate(whole):
+        parts = [s[k] for s in shards]
+        real = [row for p in parts for row, n in zip(p["input_ids"].tolist(), (p["labels"] != -100).sum(1))
+                if n > 0]  # fmt: skip
+        assert real == batch  # rank 0's rows, then rank 1's: the global batch in order
+        assert sum(p["num_label_tokens"] for p in parts) == len(batch)
+    assert shards[0][2]["num_label_tokens"] == 0  # one row for two ranks: rank 0 gets a token without a label
+    assert BatchStream(rows, 3, seed=5, shard=(1, 2)).state_dict() == BatchStream(rows, 3, seed=5).state_dict()
+
+
+def test_nproc_is_handed_to_torchrun():
+    from nomoat.train.distributed import strip_option, torchrun_command
+
+    args = strip_option(["train", "m", "--nproc", "2", "-b", "4", "--nproc=3"], "--nproc")
+    assert args == ["train", "m", "-b", "4"]
+    cmd = torchrun_command(2, args)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-6:] == ["-m", "nomoat", "train", "m", "-b", "4"]

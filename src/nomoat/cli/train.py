@@ -35,7 +35,12 @@ def _launch(nproc: int) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail("--nproc inside a torchrun process", hint="give the process count to torchrun, or --nproc alone")
-    raise typer.Exit(subprocess.call(torchrun_command(nproc, strip_option(sys.argv[1:], "--nproc"))))
+    proc = subprocess.Popen(torchrun_command(nproc, strip_option(sys.argv[1:], "--nproc")))
+    while True:
+        try:
+            raise typer.Exit(proc.wait())
+        except KeyboardInterrupt:  # torchrun and its workers got Ctrl-C too: wait while they checkpoint and stop
+            continue
 
 
 def train(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,23 @@ def _parse_columns(columns: list[str] | None) -> dict[str, str] | None:
 
 
 Opt = typer.Option
+
+
+def _launch(nproc: int) -> None:
+    """Run this same command in `nproc` processes through torchrun, and exit with its status."""
+    import subprocess
+    import sys
+
+    from nomoat.train.distributed import strip_option, torchrun_command
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _fail("--nproc inside a torchrun process", hint="give the process count to torchrun, or --nproc alone")
+    proc = subprocess.Popen(torchrun_command(nproc, strip_option(sys.argv[1:], "--nproc")))
+    while True:
+        try:
+            raise typer.Exit(proc.wait())
+        except KeyboardInterrupt:  # torchrun and its workers got Ctrl-C too: wait while they checkpoint and stop
+            continue
 
 
 def train(
@@ -126,12 +144,17 @@ def train(
         Opt("--resume", help="Continue the run named by --name from its newest checkpoint."),
     ] = False,
     progress: Annotated[bool, Opt("--progress/--no-progress", help="Show the live progress bar.")] = True,
+    nproc: Annotated[
+        int, Opt("--nproc", help="Data-parallel processes on this machine (started with torchrun).", min=1)
+    ] = 1,
 ) -> None:
     """Fine-tune a LoRA adapter on your data (instruction tuning or continued pretraining).
 
     Writes the run folder (checkpoints, metrics.jsonl, loss.png, TensorBoard events) and the adapter in PEFT's format
     with a nomoat.json provenance record. Every option can also be set in a YAML file given with --config.
     """
+    if nproc > 1:
+        _launch(nproc)
     from nomoat.config.train import ConfigError, load_train_config
     from nomoat.models.checkpoint import CheckpointError
     from nomoat.models.families import UnsupportedModelError
@@ -181,12 +204,16 @@ def pretrain(
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")] = False,
+    nproc: Annotated[int, Opt("--nproc", help="Data-parallel processes on this machine (started with torchrun).",
+                              min=1)] = 1,  # fmt: skip
 ) -> None:
     """Full-parameter training: from scratch (--config + --tokenizer) or continued from a model folder (--model).
 
     Reads text (`{"text": ...}`) and chat (`{"messages": [...]}`) files, trains every weight with AdamW and a
     cosine schedule, checkpoints atomically (resume with --resume), and writes a Hugging Face model folder.
     """
+    if nproc > 1:
+        _launch(nproc)
     from nomoat.train.pretrain import PretrainConfig, PretrainRecipe
 
     if (model is None) == (config is None):

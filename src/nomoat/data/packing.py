@@ -207,12 +207,17 @@ class BatchStream:
     `length_grouped_batches` (their order is shuffled each epoch). The order depends only on `seed` and the
     epoch, so `state_dict()` (epoch, index) saved with a checkpoint resumes at the exact next batch.
 
+    In a data-parallel run every process builds the same stream of global batches (batch size x processes) and
+    takes its `shard` of each: rank r of w gets the r-th of w contiguous, near-equal parts of the rows. The
+    position counts global batches, so it does not depend on the number of processes. A rank whose part is
+    empty (a last batch with fewer rows than processes) gets one padding token without a label.
+
     Iterating yields the rest of the current epoch; the next iteration starts the next epoch.
     """
 
     def __init__(self, items: Sequence[Row] | Sequence[Sequence[Row]], batch_size: int = 1, seed: int = 0,
                  epoch: int = 0, pad_id: int | None = 0, pad_to: int | None = None, shuffle: bool = True,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> None:
         """Set up the stream.
 
         Args:
@@ -224,6 +229,7 @@ class BatchStream:
             pad_to: Fixed length for `collate` (None: the batch's longest row).
             shuffle: Shuffle each epoch (off: the given order every epoch).
             drop_last: Drop a last incomplete batch of rows.
+            shard: (rank, world size): the share of each batch this process takes.
         """
         if not items:
             raise DataError("no training rows: the dataset is empty after tokenization")
@@ -232,6 +238,7 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed, self.epoch, self.index = seed, epoch, 0
         self.pad_id, self.pad_to, self.shuffle, self.drop_last = pad_id, pad_to, shuffle, drop_last
+        self.shard = shard
         if not self.batched and batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
 
@@ -258,10 +265,18 @@ class BatchStream:
             self.epoch, self.index = self.epoch + 1, 0
         batches = self.batches(self.epoch)
         while self.index < len(batches):
-            rows = batches[self.index]
+            rows = self._share(batches[self.index])
             self.index += 1  # counted before yielding: a state saved after using this batch resumes at the next
             yield collate(rows, self.pad_id, self.pad_to)
         self.epoch, self.index = self.epoch + 1, 0
+
+    def _share(self, rows: list[Row]) -> list[Row]:
+        rank, world = self.shard
+        if world == 1:
+            return rows
+        part = rows[len(rows) * rank // world : len(rows) * (rank + 1) // world]
+        pad = 0 if self.pad_id is None else self.pad_id
+        return part or [Row([pad], [IGNORE_INDEX], [0], [1])]
 
     def state_dict(self) -> dict[str, int]:
         """The position: `{"epoch", "index", "seed", "num_batches"}`."""
@@ -276,7 +291,8 @@ class BatchStream:
         if state.get("seed", self.seed) != self.seed or state.get("num_batches", len(self)) != len(self):
             raise ValueError(f"the saved data position is for seed {state.get('seed')} and "
                              f"{state.get('num_batches')} batches per epoch, but this stream has seed {self.seed} and "
-                             f"{len(self)}; resume with the same data, seq_len, batch size and seed")
+                             f"{len(self)}; resume with the same data, seq_len, batch size and seed (with several "
+                             "processes: the same batch size x processes)")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 

@@ -16,6 +16,7 @@ from nomoat.lora.apply import merge_adapters
 from nomoat.lora.peft_format import AdapterError
 from nomoat.models.checkpoint import CheckpointError, load_model, resolve_dtype, save_model
 from nomoat.util.errors import ModelError
+from nomoat.util.files import ordinary_modes
 
 # Files besides the weights that make a model folder usable: tokenizer, chat template, generation defaults.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -76,4 +77,5 @@ def export_merged(
     )
     if template and not has_template:
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    ordinary_modes(out)  # save_model publishes a mkdtemp folder (owner-only): readable by a server of another user
     return out

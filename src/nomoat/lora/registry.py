@@ -29,7 +29,7 @@ from nomoat.lora.peft_format import (
     weights_file,
 )
 from nomoat.util.errors import NotFoundError
-from nomoat.util.files import atomic_dir, fsync_dir, fsync_tree, read_json, replace_dir
+from nomoat.util.files import atomic_dir, fsync_dir, fsync_tree, ordinary_modes, read_json, replace_dir
 
 HOME_ENV = "NOMOAT_HOME"
 TMP_PREFIX = ".tmp-"
@@ -286,7 +286,12 @@ class Registry:
         return removed
 
     def _publish(self, tmp: Path, dest: Path) -> None:
-        """Rename the complete folder `tmp` to `dest`; an existing `dest` is moved aside first, deleted after."""
+        """Rename the complete folder `tmp` to `dest`; an existing `dest` is moved aside first, deleted after.
+
+        The folder gets ordinary modes first (0o755 / 0o644 under the usual umask), so a server running as another
+        user can read it; the registry holds no secrets.
+        """
+        ordinary_modes(tmp)
         fsync_tree(tmp)
         replace_dir(tmp, dest)
         fsync_dir(dest.parent)

@@ -20,6 +20,13 @@ Optional hooks: `units(batch)` (what the step normalises by, known before the fo
 `num_label_tokens`), `prepare_step(micro)` (turns the step's micro-batches into what `loss` takes), `tokens(batch)`,
 `step_metrics(micro, units)`, `build_optimizer()`, `write_run_config()`.
 
+Several processes (torchrun; `nomoat.train.distributed`): the loop joins the process group in `setup`, so a recipe
+sees `self.dist` (rank, world size) in `build()` and must shard its data: its `stream` holds global batches
+(batch size x processes) of which each rank takes its `shard` (a `BatchStream(..., shard=self.dist.shard)`). The
+loop sums the step's units, loss and gradients over the ranks (so the step equals one process with the global
+batch), agrees on stopping after a signal, and only rank 0 logs, writes metrics and checkpoints; `finish` runs on
+every rank (a recipe writes its output when `self.dist.is_main`), then all ranks wait for it.
+
 How the other methods fit:
 
 - Preference tuning (DPO and its family): each batch holds the chosen and rejected sequences of its pairs;
@@ -52,11 +59,12 @@ from rich.console import Console
 
 from nomoat.data import NoTrainableTokensError
 from nomoat.models.checkpoint import resolve_device
+from nomoat.train import distributed
 from nomoat.train.allocator import tune_cpu_allocator
 from nomoat.train.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from nomoat.train.metrics import MetricsWriter, make_progress, plot_loss_curve
 from nomoat.train.optim import build_optimizer, build_scheduler
-from nomoat.util.errors import NomoatError
+from nomoat.util.errors import NomoatError, UsageError
 from nomoat.util.files import read_jsonl
 
 Batch = dict[str, Any]
@@ -164,6 +172,8 @@ class TrainingLoop:
         self._consistent = True  # False while a step is half done (its state must not be checkpointed)
         self._stop: str | None = None
         self._saved_step = -1
+        self._stop_all = False  # every rank agreed to stop after this step
+        self.dist = distributed.Distributed()
 
     # ---- what a recipe supplies -------------------------------------------------------------------------------
 
@@ -213,7 +223,10 @@ class TrainingLoop:
     def setup(self) -> None:
         """Pick device and precision, seed, let the recipe build, then optimizer, schedule, resume and metrics."""
         s = self.settings
-        self.device = resolve_device(s.device)
+        self.dist = distributed.init(resolve_device(s.device))
+        self.device = self.dist.device
+        if not self.dist.is_main:  # rank 0 speaks for the run
+            self.console, self.show_progress = Console(quiet=True), False
         if self.device.type == "cpu":
             tune_cpu_allocator()  # activations reuse freed memory instead of page-faulting anew each step
         # bf16 autocast: the default on CUDA; on CPU when asked (fast where the CPU has bf16 instructions).
@@ -221,13 +234,23 @@ class TrainingLoop:
         torch.manual_seed(s.seed)
         random.seed(s.seed)
         self.build()
+        if self.dist.enabled:
+            if getattr(self.stream, "shard", None) != self.dist.shard:
+                raise UsageError(f"{type(self).__name__} does not shard its data across processes",
+                                 hint="run it in one process (without torchrun or --nproc)")  # fmt: skip
+            self.dist.broadcast_tensors(self.params.values())
         self.optimizer = self.build_optimizer()
         warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * self.total_steps)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, s.schedule, s.min_lr_ratio)
         resume_step = self._resume()
         self._batches = None
-        self.metrics = MetricsWriter(self.run_dir, resume_step=resume_step)
-        self.write_run_config()
+        if self.dist.rank > 0:  # dropout and sampling differ between ranks (rank 0 keeps the one-process stream)
+            torch.manual_seed(s.seed + 7919 * self.dist.rank + self.step)
+        if self.dist.is_main:
+            self.metrics: MetricsWriter | _NoMetrics = MetricsWriter(self.run_dir, resume_step=resume_step)
+            self.write_run_config()
+        else:
+            self.metrics = _NoMetrics(self.run_dir)
 
     def _resume(self) -> int | None:
         if not self.settings.resume or (not self.resume_requires_checkpoint and not list_checkpoints(self.run_dir)):
@@ -267,6 +290,9 @@ class TrainingLoop:
         self._consistent = False
         micro = self.prepare_step([self._next_batch() for _ in range(self.settings.grad_accum)])
         n_total = sum(self.units(b) for b in micro)
+        tokens = sum(self.tokens(b) for b in micro)
+        if self.dist.enabled:  # the step is normalised over the units of every rank
+            n_total, tokens = (int(v) for v in self.dist.sum_numbers([n_total, tokens]))
         if n_total == 0:
             raise NoTrainableTokensError(
                 f"step {self.step + 1}: no label in this batch has a loss (all tokens masked); check --train-on and "
@@ -277,6 +303,10 @@ class TrainingLoop:
             loss_sum, _ = self.loss_step(b)
             (loss_sum / n_total).backward()
             loss_total += float(loss_sum.detach())
+        if self.dist.enabled:
+            loss_total, stop = self.dist.sum_numbers([loss_total, self._stop is not None])
+            self._stop_all = stop > 0
+            self.dist.sum_gradients(self.params.values())
         loss = loss_total / n_total
         grad_norm = self._clip_gradients()
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
@@ -291,7 +321,6 @@ class TrainingLoop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        tokens = sum(self.tokens(b) for b in micro)
         self.tokens_seen += tokens
         self._consistent = True
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
@@ -311,20 +340,27 @@ class TrainingLoop:
             return None
         self.model.eval()
         total, n = 0.0, 0
-        for b in self.val_batches:
+        rank, world = self.dist.shard
+        for b in self.val_batches[rank::world]:  # each rank scores its share
             loss_sum, count = self.loss_step(b)
             total, n = total + float(loss_sum), n + count
         self.model.train()
+        total, n = self.dist.sum_numbers([total, n], "validation")
         return total / max(n, 1)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, last: dict[str, Any]) -> None:
-        """Write the checkpoint of the current step (atomically; older ones beyond `keep_checkpoints` go)."""
+        """Write the checkpoint of the current step (atomically; older ones beyond `keep_checkpoints` go).
+
+        Rank 0 writes it; the others go on and wait for it at the next step's sums.
+        """
+        self._saved_step = self.step
+        if not self.dist.is_main:
+            return
         state = {"tokens_seen": self.tokens_seen, "data": self.stream.state_dict(), "last": last}
         save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler, state,
                         keep=self.settings.keep_checkpoints)  # fmt: skip
-        self._saved_step = self.step
 
     def train(self) -> LoopResult:
         """Run optimizer steps until `total_steps`, with metrics, validation, checkpoints and the stop signals."""
@@ -354,7 +390,7 @@ class TrainingLoop:
                                     val_loss=val_loss)  # fmt: skip
                     if s.save_every and self.step % s.save_every == 0 and not final:
                         self.save_checkpoint(last)
-                    if self._stop is not None and not final:
+                    if self._stop_requested() and not final:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             if self.step > start and self._consistent:
@@ -363,11 +399,19 @@ class TrainingLoop:
                 self.console.print(f"[yellow]interrupted at step {self.step}: checkpoint saved; continue with the "
                                    f"same command and {self.resume_flags}[/yellow]")  # fmt: skip
             raise
+        except distributed.PeerLostError as e:
+            e.hint = (f"the checkpoints written so far are intact: continue with the same command and "
+                      f"{self.resume_flags} (any number of processes, keeping batch size x processes)")  # fmt: skip
+            raise
         finally:
             self.metrics.close()
         self.save_checkpoint(last)
         return LoopResult(steps=self.step, losses=list(self.losses), last=last, val_loss=val_loss,
                           tokens=self.tokens_seen - tokens_at_start, seconds=time.perf_counter() - t0)  # fmt: skip
+
+    def _stop_requested(self) -> bool:
+        """A signal asked to stop (with several processes: on some rank, as all ranks agreed during the step)."""
+        return self._stop_all if self.dist.enabled else self._stop is not None
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -401,8 +445,26 @@ class TrainingLoop:
 
     def run(self) -> Any:
         """Set up, train, and let the recipe save and report (`finish`)."""
-        self.setup()
-        return self.finish(self.train())
+        try:
+            self.setup()
+            out = self.finish(self.train())
+            self.dist.barrier()  # every rank returns once rank 0 has written the output
+            return out
+        finally:
+            self.dist.close()
+
+
+class _NoMetrics:
+    """What ranks other than 0 write metrics to: nothing."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Drop the record."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 __all__ = ["LoopResult", "LoopSettings", "TrainingDivergedError", "TrainingLoop"]

@@ -218,12 +218,13 @@ class PretrainRecipe(TrainingLoop):
         if not tokenized:
             raise NoTrainableTokensError("no sequence has a trainable token")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        bs, shard = cfg.batch_size * self.dist.world_size, self.dist.shard  # global batches, this rank's share
         if cfg.packing:
-            self.stream = BatchStream(pack(tokenized, cfg.seq_len, seed=cfg.seed), cfg.batch_size, seed=cfg.seed,
-                                      pad_id=self.pad_id)  # fmt: skip
+            self.stream = BatchStream(pack(tokenized, cfg.seq_len, seed=cfg.seed), bs, seed=cfg.seed,
+                                      pad_id=self.pad_id, shard=shard)  # fmt: skip
         else:
-            batches = length_grouped_batches(tokenized, cfg.batch_size, seed=cfg.seed)
-            self.stream = BatchStream(batches, 1, seed=cfg.seed, pad_id=self.pad_id)
+            batches = length_grouped_batches(tokenized, bs, seed=cfg.seed)
+            self.stream = BatchStream(batches, 1, seed=cfg.seed, pad_id=self.pad_id, shard=shard)
         n_tokens = sum(len(t.input_ids) for t in tokenized)
         self.console.print(f"[bold]data[/bold] {len(examples):,} examples, {len(tokenized):,} sequences, "
                            f"{n_tokens:,} tokens, {len(self.stream):,} batches per epoch")  # fmt: skip
@@ -249,6 +250,8 @@ class PretrainRecipe(TrainingLoop):
     def save(self) -> Path:
         """Write the model folder: weights in `save_dtype`, `config.json` and the tokenizer files."""
         out = Path(self.cfg.output)
+        if not self.dist.is_main:  # rank 0 writes the model
+            return out
         self.model.eval()
         dtype = DTYPE_NAMES[self.cfg.save_dtype]
         original = {n: p.data for n, p in self.params.items()}

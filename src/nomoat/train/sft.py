@@ -106,7 +106,9 @@ class SFTRecipe(TrainingLoop):
             raise UsageError("no data given", hint="pass --data FILE (JSON, JSONL, CSV or Parquet)")
         # Read and validate the data before the (possibly large) model: bad records fail in seconds.
         self.dataset = load_dataset(cfg.data, format=cfg.format, columns=cfg.columns or None, limit=cfg.limit)
-        self.run_dir = self._run_dir()
+        self.run_dir = self.dist.from_main(self._run_dir)  # rank 0 picks the folder; the others use it
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.name = self.run_dir.name
         self.console.print(f"[bold]model[/bold] {cfg.model}")
         self.model = load_model(cfg.model, dtype=torch.bfloat16 if self.autocast else torch.float32,
                                 device=self.device)  # fmt: skip
@@ -169,11 +171,13 @@ class SFTRecipe(TrainingLoop):
                 "no example has a trainable token: check --train-on (assistant turns only by default) and --seq-len"
             )
         self.pad_id = pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        bs, shard = cfg.batch_size * self.dist.world_size, self.dist.shard  # global batches, this rank's share
         if cfg.packing:
-            self.stream = BatchStream(pack(tok, cfg.seq_len, seed=cfg.seed), cfg.batch_size, seed=cfg.seed, pad_id=pad)
+            self.stream = BatchStream(pack(tok, cfg.seq_len, seed=cfg.seed), bs, seed=cfg.seed, pad_id=pad,
+                                      shard=shard)  # fmt: skip
         else:
-            self.stream = BatchStream(length_grouped_batches(tok, cfg.batch_size, seed=cfg.seed), 1, seed=cfg.seed,
-                                      pad_id=pad)  # fmt: skip
+            self.stream = BatchStream(length_grouped_batches(tok, bs, seed=cfg.seed), 1, seed=cfg.seed, pad_id=pad,
+                                      shard=shard)  # fmt: skip
         if vtok:
             vrows = pack(vtok, cfg.seq_len, seed=cfg.seed) if cfg.packing else [Row.single(t) for t in vtok]
             bs = cfg.batch_size
@@ -228,6 +232,8 @@ class SFTRecipe(TrainingLoop):
             "run_dir": str(self.run_dir.resolve()),
         }  # fmt: skip
         fallback = self.tokenizer.chat_template is None and self.dataset.format != "text"
+        if not self.dist.is_main:  # rank 0 writes the adapter
+            return result.adapter_dir
         if fallback:  # the data was rendered with nomoat's default template: inference must use it too
             provenance["chat_template"] = "nomoat default (ChatML); the base model has none"
         save_adapter(self.model, result.adapter_dir, cfg.lora, base_model_name_or_path=cfg.model,

@@ -1,7 +1,9 @@
 """Files written atomically, hashed and read as JSON: the one implementation of each that nomoat uses.
 
 A file or folder is written under a temporary name beside its destination, flushed to disk and renamed into place
-(`os.replace`), so a crash leaves either the old version or the new one, never half of either.
+(`os.replace`), so a crash leaves either the old version or the new one, never half of either. What is published
+gets the permissions a plain `mkdir` / `open` would give it (folders 0o777, files 0o666, less the umask), not the
+owner-only modes of `tempfile`, so a server running as another user can read an adapter or an exported model.
 """
 
 from __future__ import annotations
@@ -24,6 +26,34 @@ _CHUNK = 1 << 22
 
 # POSIX flushes a file through a read-only handle (a copied read-only file too); Windows needs write access.
 _FSYNC_MODE = "rb+" if os.name == "nt" else "rb"
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform allows (`/proc/self/status`)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def ordinary_modes(path: str | os.PathLike) -> None:
+    """Give a file, or a folder and everything under it, the modes `mkdir` and `open` would.
+
+    That is 0o777 for folders (and files the owner may execute) and 0o666 for other files, less the umask.
+    Symbolic links are left alone.
+    """
+    path = Path(path)
+    mask = current_umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            os.chmod(p, 0o777 & ~mask)
+        elif p.is_file():
+            os.chmod(p, (0o777 if p.stat().st_mode & 0o100 else 0o666) & ~mask)
 
 
 def fsync_tree(folder: str | os.PathLike) -> None:
@@ -51,13 +81,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file path beside `path`; renamed onto `path` when the block ends without an exception.
 
     For writers that want a file name (safetensors' `save_file`, `Figure.savefig`). The temporary file is removed
-    when the block raises. The file gets the permissions a plain `open(path, "w")` would give it (umask applied).
+    when the block raises. The file gets the permissions a plain `open(path, "w")` would give it (umask applied),
+    even where the writer replaced it with a file of its own.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_file(path)
     try:
         yield tmp
+        ordinary_modes(tmp)
         with open(tmp, _FSYNC_MODE) as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -114,12 +146,14 @@ def atomic_dir(dest: str | os.PathLike, prefix: str = ".tmp-") -> Iterator[Path]
     """A temporary folder beside `dest`, flushed and renamed onto `dest` when the block ends without an exception.
 
     An existing `dest` is replaced whole; on an exception the temporary folder is removed and `dest` is untouched.
+    The published tree gets ordinary modes (`ordinary_modes`), not `mkdtemp`'s 0o700.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{dest.name}-", dir=dest.parent))
     try:
         yield tmp
+        ordinary_modes(tmp)
         fsync_tree(tmp)
         replace_dir(tmp, dest)
     finally:

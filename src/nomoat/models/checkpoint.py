@@ -28,6 +28,7 @@ from torch import nn
 from nomoat.config.model import ModelConfig
 from nomoat.models.families import config_from_hf, fuse_for_save, split_fused
 from nomoat.models.transformer import Transformer
+from nomoat.util.files import ordinary_modes
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -322,6 +323,7 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int
         hf["torch_dtype"] = _dtype_name(model.dtype)
         hf.pop("dtype", None)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        ordinary_modes(tmp)  # mkdtemp made it 0700: a model folder is for other users and tools to read too
         if dest.exists():
             _carry_side_files(dest, tmp)
             old = dest.with_name(f".{dest.name}.old")

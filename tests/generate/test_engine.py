@@ -324,3 +324,20 @@ def test_per_row_logits_hooks(llama):
     assert results[1][0] == int(logits.topk(2).indices[1])  # the runner-up of the unhooked logits
     for p, r in zip(prompts[2:], results[2:]):
         assert r == _alone(model, tok, p, params).token_ids
+
+
+def test_rows_chosen_from_memory(llama, monkeypatch):
+    """max_running=None sizes the batch from free memory (the server's default); the rows all decode together."""
+    from nomoat.models import kv_cache
+
+    _, model, tok = llama
+    row = kv_cache.bytes_per_row(model.config, 64, model.dtype)
+    monkeypatch.setattr(kv_cache, "_available_cpu_bytes", lambda: 4 * 12 * row)  # a quarter holds 12 rows
+    engine = Engine(model, tok, max_running=None, max_seq_len=64, prefix_cache_bytes=0)
+    assert engine.max_running == 12 and engine.cache.max_batch == 12
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    handles = [engine.submit(_prompt(5, seed), params) for seed in range(12)]
+    engine.step()  # admits every request at once
+    assert len(engine.running) == 12
+    solo = [Engine(model, tok, max_running=1, prefix_cache_bytes=0).generate(_prompt(5, s), params) for s in (0, 11)]
+    assert [handles[0].result().token_ids, handles[11].result().token_ids] == [c.token_ids for c in solo]

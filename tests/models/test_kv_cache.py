@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nomoat.models import kv_cache
 from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
 
@@ -55,3 +56,24 @@ def test_rows_of_different_lengths(model):
             for _ in range(steps):
                 ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert ids[0, len(p):].tolist() == batched[i].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bytes_per_row_is_what_a_row_allocates(model, dtype):
+    cache = KVCache(model.config, 3, 40, dtype, "cpu")
+    allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    assert kv_cache.bytes_per_row(model.config, 40, dtype) * 3 == allocated
+
+
+def test_rows_for_memory_takes_a_share_of_free_memory(model, monkeypatch):
+    row = kv_cache.bytes_per_row(model.config, 512, torch.float32)
+    monkeypatch.setattr(kv_cache, "_available_cpu_bytes", lambda: 40 * row)
+    assert kv_cache.rows_for_memory(model.config, 512, torch.float32, "cpu") == 10  # a quarter of 40 rows
+    assert kv_cache.rows_for_memory(model.config, 512, torch.float32, "cpu", share=1.0, most=32) == 32
+    monkeypatch.setattr(kv_cache, "_available_cpu_bytes", lambda: row // 2)
+    assert kv_cache.rows_for_memory(model.config, 512, torch.float32, "cpu") == 1  # never fewer than one row
+
+
+def test_available_memory_is_read_from_the_kernel():
+    meminfo = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/meminfo")}
+    assert abs(kv_cache._available_cpu_bytes() - meminfo["MemAvailable"] * 1024) < 2**30  # moves while we read

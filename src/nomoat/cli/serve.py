@@ -58,7 +58,11 @@ def serve(
         str | None, Opt("--api-key", envvar="NOMOAT_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
     name: Annotated[str | None, Opt(help="The base model's name in the API.", show_default="the folder's name")] = None,
-    max_running: Annotated[int, Opt("--max-running", help="Requests decoded together (batch rows).")] = 8,
+    max_running: Annotated[
+        int | None,
+        Opt("--max-running", help="Requests decoded together (batch rows).",
+            show_default="as many as a quarter of the free memory holds, <= 64"),
+    ] = None,
     max_queue: Annotated[int, Opt("--max-queue", help="Requests allowed to wait; beyond it 429.")] = 64,
     max_loaded_adapters: Annotated[int, Opt("--max-loaded-adapters", help="Adapters kept in memory (LRU).")] = 8,
     max_seq_len: Annotated[
@@ -88,7 +92,7 @@ def serve(
     for flag, value in (("--max-running", max_running), ("--max-queue", max_queue),
                         ("--max-loaded-adapters", max_loaded_adapters), ("--max-completion-tokens",
                                                                           max_completion_tokens)):  # fmt: skip
-        if value < 1:
+        if value is not None and value < 1:
             fail(f"{flag} must be >= 1, got {value}")
     adapters = _adapter_specs(adapter)
 

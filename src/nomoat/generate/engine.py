@@ -35,7 +35,7 @@ from nomoat.generate.sampling import SamplingBatch, SamplingParams, SamplingStat
 from nomoat.generate.stopping import StopStringMatcher
 from nomoat.inference import DecodeConfig, DecodeModel, prepare
 from nomoat.lora.bank import AdapterBank, group_rows
-from nomoat.models.kv_cache import KVCache
+from nomoat.models.kv_cache import KVCache, rows_for_memory
 from nomoat.models.transformer import Transformer
 from nomoat.tokenizer import Tokenizer
 
@@ -160,7 +160,8 @@ class Engine:
     Args:
         model: A nomoat `Transformer` (eval mode).
         tokenizer: Its tokenizer (eos ids, detokenizing).
-        max_running: Rows of the KV cache: requests decoded together.
+        max_running: Rows of the KV cache: requests decoded together. None: as many as a quarter of the free memory
+            holds (`kv_cache.rows_for_memory`, at most 64).
         max_queue: Requests allowed to wait for a row; beyond it `submit` raises `QueueFullError`.
         max_seq_len: Tokens per row (prompt plus completion). Default: the model's context, at most 4096.
         prefix_cache_bytes: Memory budget for cached prompt prefixes' keys and values (0 disables prefix caching).
@@ -178,7 +179,7 @@ class Engine:
         self,
         model: Transformer,
         tokenizer: Tokenizer,
-        max_running: int = 8,
+        max_running: int | None = 8,
         max_queue: int = 256,
         max_seq_len: int | None = None,
         prefix_cache_bytes: int = 256 * 2**20,
@@ -191,15 +192,15 @@ class Engine:
         self.decode: DecodeModel = prepare(model, decode_config)
         self.bank: AdapterBank | None = None
         self.tokenizer = tokenizer
-        self.max_running = max_running
         self.max_queue = max_queue
         self.max_seq_len = max_seq_len or min(model.config.max_position_embeddings, 4096)
-        self.cache = KVCache(model.config, max_running, self.max_seq_len, model.dtype, model.device)
+        self.max_running = max_running or rows_for_memory(model.config, self.max_seq_len, model.dtype, model.device)
+        self.cache = KVCache(model.config, self.max_running, self.max_seq_len, model.dtype, model.device)
         self._prefix_args = (prefix_cache_bytes, prefix_block)
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes else None
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []  # request i owns cache row i
-        self.sampling = SamplingState(max_running, model.config.vocab_size, model.device)
+        self.sampling = SamplingState(self.max_running, model.config.vocab_size, model.device)
         self._last_batch: SamplingBatch | None = None
         self.lock = threading.RLock()
         self.running_loop = False

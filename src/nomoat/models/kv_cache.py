@@ -9,6 +9,8 @@ share one batch without padding, and a row is reused by simply writing from posi
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from nomoat.config.model import ModelConfig
@@ -68,6 +70,40 @@ class KVCache:
         kc[rows[:, None], :, positions] = k.transpose(1, 2)
         vc[rows[:, None], :, positions] = v.transpose(1, 2)
         return kc[rows, :, :kv_len], vc[rows, :, :kv_len]
+
+
+def bytes_per_row(cfg: ModelConfig, max_seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one cache row of `max_seq_len` positions holds, over all layers."""
+    per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim  # a key and a value per layer and kv head
+    return per_position * max_seq_len * torch.empty((), dtype=dtype).element_size()
+
+
+def rows_for_memory(
+    cfg: ModelConfig, max_seq_len: int, dtype: torch.dtype, device: torch.device | str, share: float = 0.25,
+    most: int = 64,
+) -> int:
+    """How many cache rows fit in `share` of the memory free now (at least 1, at most `most`).
+
+    Free memory is the kernel's MemAvailable on the CPU and the free device memory on a GPU; the rows are what a
+    server decodes together, so more rows means shorter waits for a first token under many concurrent clients.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _available_cpu_bytes()
+    return max(1, min(most, int(free * share) // max(1, bytes_per_row(cfg, max_seq_len, dtype))))
+
+
+def _available_cpu_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -5,7 +5,11 @@ loads them in fp32. Measured, with 2 threads:
 - decode tokens/s at batch 1 (128 new tokens after a 32-token prompt; prefill time excluded),
 - prefill tokens/s for a 512-token prompt,
 - batch-8 throughput (8 prompts of 32 tokens, 128 new tokens each, all generated tokens per second),
-  each the best of `RUNS` runs (transformers, slower, gets one run fewer for decode and batch 8),
+  each the best of `RUNS` runs (transformers, slower, gets one run fewer for decode and batch 8); nomoat also at
+  batches 16 and 32 (`batch16_tok_s`, `batch32_tok_s`), with the count of decode steps that missed the one-call
+  decode stack (`stack_fallbacks`, per batch size: 0 expected),
+- nomoat's peak RSS while decoding 8 rows in a fresh process, against its weights plus its KV cache
+  (`decode_peak_rss_vs_weights_plus_kv`; `decode_memory_nomoat` says how it is counted),
 - the memory-bandwidth roofline: measured copy bandwidth / fp32 weight bytes read per token, and each engine's
   decode as a fraction of it. The machine's bandwidth drifts by tens of percent within seconds, so it is measured
   before each engine's first decode run and after every one (`around_each`). Two fractions: `roofline_fraction`, the
@@ -35,6 +39,7 @@ Prints one JSON object as its last line (see DESIGN.md, Benchmarks).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -173,7 +178,7 @@ def bench_nomoat(path: Path, new: int, batch8_new: int, prefill_len: int, mode: 
     else:
         pack_model(model)  # what `nomoat generate` / `chat` run
 
-    engine = Engine(model, NullTokenizer(), max_running=8, max_seq_len=1024, prefix_cache_bytes=0)
+    engine = Engine(model, NullTokenizer(), max_running=32, max_seq_len=1024, prefix_cache_bytes=0)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 1000, (32,), generator=g).tolist()
     params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
@@ -185,22 +190,86 @@ def bench_nomoat(path: Path, new: int, batch8_new: int, prefill_len: int, mode: 
         t = time.perf_counter()
         engine.generate(long_prompt, SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True))
         prefill = max(prefill, prefill_len / (time.perf_counter() - t))
-    prompts = [torch.randint(3, 1000, (32,), generator=g).tolist() for _ in range(8)]
     p8 = SamplingParams(temperature=0, max_new_tokens=batch8_new, ignore_eos=True)
-    batch8 = 0.0
-    for _ in range(RUNS):  # best of RUNS, as decode at batch 1 (their ratio is a target)
-        t = time.perf_counter()
-        handles = [engine.submit(p, p8) for p in prompts]
-        n = sum(h.result().completion_tokens for h in handles)
-        batch8 = max(batch8, n / (time.perf_counter() - t))
+    batch, fallbacks = {}, {}
+    for rows in (8, 16, 32):
+        prompts = [torch.randint(3, 1000, (32,), generator=g).tolist() for _ in range(rows)]
+        batch[rows] = 0.0
+        with count_decode_steps(engine) as steps:
+            for _ in range(RUNS):  # best of RUNS, as decode at batch 1 (their ratio is a target)
+                t = time.perf_counter()
+                handles = [engine.submit(p, p8) for p in prompts]
+                n = sum(h.result().completion_tokens for h in handles)
+                batch[rows] = max(batch[rows], n / (time.perf_counter() - t))
+        fallbacks[rows] = steps["decode"] - steps["stack"]  # decode steps that missed the one-call stack
     return {
         "decode_tok_s": decode,
         "prefill_tok_s": prefill,
-        "batch8_tok_s": batch8,
+        "batch8_tok_s": batch[8],
+        "batch16_tok_s": batch[16],
+        "batch32_tok_s": batch[32],
+        "stack_fallbacks": fallbacks,
         "weight_bytes_per_token": weights,
         "bandwidth_gbs": bw,
         "decode_runs": pairs,
     }
+
+
+@contextlib.contextmanager
+def count_decode_steps(engine):
+    """Counts, inside the block, the engine's decode steps (one token per row, cached) and those the stack ran."""
+    from nomoat.inference.decode_model import DecodeModel
+
+    counts = {"decode": 0, "stack": 0}
+    call, stack0 = DecodeModel.__call__, engine.decode.stack_steps
+
+    def counting(self, input_ids, *args, **kw):
+        if self is engine.decode and input_ids.shape[1] == 1 and kw.get("cache", args[1] if len(args) > 1 else None):
+            counts["decode"] += 1
+        return call(self, input_ids, *args, **kw)
+
+    DecodeModel.__call__ = counting
+    try:
+        yield counts
+    finally:
+        DecodeModel.__call__ = call
+        counts["stack"] = engine.decode.stack_steps - stack0
+
+
+def decode_memory_nomoat(path: Path, new: int) -> dict:
+    """Peak RSS of a fresh process while nomoat decodes 8 rows (what `nomoat generate`/`serve` hold: packed fp32
+    weights, the engine's decode model and KV cache), against the weights plus the KV cache.
+
+    RSS is counted from a baseline taken after torch and nomoat are imported; the peak is reset
+    (/proc/self/clear_refs) once the engine is built, so loading is reported apart (`load_peak_rss_mb`).
+    """
+    from nomoat.generate.engine import Engine
+    from nomoat.generate.sampling import SamplingParams
+    from nomoat.models.checkpoint import load_model
+    from nomoat.models.packed import pack_model
+
+    def status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    base = status("VmRSS")
+    model = load_model(path, dtype=torch.float32, device="cpu")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    pack_model(model)
+    engine = Engine(model, NullTokenizer(), max_running=8, max_seq_len=1024, prefix_cache_bytes=0)
+    kv = sum(t.numel() * t.element_size() for t in engine.cache.k + engine.cache.v)
+    load_peak = status("VmHWM") - base
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
+    handles = [engine.submit(torch.randint(3, 1000, (32,), generator=g).tolist(), params) for _ in range(8)]
+    for h in handles:
+        h.result()
+    peak = status("VmHWM") - base
+    return {"weights_mb": weights / 2**20, "kv_cache_mb": kv / 2**20, "decode_peak_rss_mb": peak / 2**20,
+            "load_peak_rss_mb": load_peak / 2**20, "decode_peak_rss_vs_weights_plus_kv": peak / (weights + kv)}
 
 
 def bench_transformers(path: Path, new: int, batch8_new: int, prefill_len: int) -> dict:
@@ -390,7 +459,8 @@ def main() -> None:
     if args.child:  # one JSON line
         kind, path, *numbers = args.child
         bench = {"transformers": bench_transformers, "llamacpp": bench_llamacpp, "nomoat-decode": decode_only_nomoat,
-                 "transformers-decode": decode_only_transformers}[kind]  # fmt: skip
+                 "transformers-decode": decode_only_transformers,
+                 "nomoat-memory": decode_memory_nomoat}[kind]  # fmt: skip
         print(json.dumps(bench(Path(path), *map(int, numbers))))
         return
     if args.pairs:
@@ -406,6 +476,8 @@ def main() -> None:
             make_model(shape, path)
             runs = {"nomoat": bench_nomoat(path, new, batch8_new, prefill_len)}
             runs["nomoat-int8"] = bench_nomoat(path, new, batch8_new, prefill_len, mode="int8")
+            memory = bench_child("nomoat-memory", [path, new], "PASSIVE")
+            memory.update(engine="nomoat-memory", shape=shape)
             for policy, name in ((None, "transformers"), ("PASSIVE", "transformers-passive")):
                 runs[name] = bench_child("transformers", [path, new, batch8_new, prefill_len], policy)
             if absent is None:
@@ -441,6 +513,15 @@ def main() -> None:
             ratios[f"{shape}_roofline_fraction_paired"] = round(ours["roofline_fraction_paired"], 3)
             ratios[f"{shape}_read_roofline_fraction"] = round(ours["read_roofline_fraction"], 3)
             ratios[f"{shape}_batch8_vs_batch1"] = round(ours["batch8_tok_s"] / ours["decode_tok_s"], 3)
+            ratios[f"{shape}_batch16_vs_batch1"] = round(ours["batch16_tok_s"] / ours["decode_tok_s"], 3)
+            ratios[f"{shape}_batch32_vs_batch1"] = round(ours["batch32_tok_s"] / ours["decode_tok_s"], 3)
+            ratios[f"{shape}_decode_peak_rss_vs_weights_plus_kv"] = round(
+                memory["decode_peak_rss_vs_weights_plus_kv"], 3)
+            print(f"{shape:14s} batch 16 {ours['batch16_tok_s']:.1f} tok/s, batch 32 {ours['batch32_tok_s']:.1f} "
+                  f"tok/s, stack fallbacks {ours['stack_fallbacks']}; decode peak RSS "
+                  f"{memory['decode_peak_rss_mb']:.0f} MB for {memory['weights_mb']:.0f} MB weights + "
+                  f"{memory['kv_cache_mb']:.0f} MB KV", file=sys.stderr)  # fmt: skip
+            results.append(memory)
             ratios[f"{shape}_decode_int8_vs_fp32"] = round(q8["decode_tok_s"] / ours["decode_tok_s"], 3)
             if absent is None:
                 f32 = best_of(runs["llama.cpp-f32"], runs["llama.cpp-f32-passive"])
@@ -448,7 +529,7 @@ def main() -> None:
                 ratios[f"{shape}_decode_b1_vs_llamacpp_f32"] = round(ours["decode_tok_s"] / f32["decode_tok_s"], 3)
                 ratios[f"{shape}_decode_int8_vs_llamacpp_q8_0"] = round(q8["decode_tok_s"] / lq8["decode_tok_s"], 3)
                 ratios[f"{shape}_prefill_vs_llamacpp_f32"] = round(ours["prefill_tok_s"] / f32["prefill_tok_s"], 3)
-    bws = [r["bandwidth_gbs"]["copy"] for r in results]
+    bws = [r["bandwidth_gbs"]["copy"] for r in results if "bandwidth_gbs" in r]
     machine = (f"{platform.machine()} {os.cpu_count()} cores, copy bandwidth {min(bws):.1f}-{max(bws):.1f} GB/s, "
                f"threads 2, "
                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")  # fmt: skip

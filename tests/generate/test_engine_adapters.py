@@ -170,3 +170,25 @@ def test_requests_take_parsed_selections(setup):
     assert engine.generate(PROMPT, params, adapter=parse_selection("none")).token_ids == _peft_greedy(model_dir, None)
     with pytest.raises(SelectionError, match="unknown adapter 'c'"):
         engine.submit(PROMPT, params, adapter=parse_selection("a+c"))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1024, 40])
+def test_admitted_together_with_adapters_prefix_hits_and_chunks_equal_alone(setup, monkeypatch, chunk_tokens):
+    """Requests admitted at once: different adapters and lengths share padded prefill forwards (in chunks of at
+    most `chunk_tokens`), one continues from a cached prefix alone (so the others' rows are not contiguous)."""
+    import nomoat.generate.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK_TOKENS", chunk_tokens)
+    model_dir, root = setup
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    adapters = {"a": root / "a", "b": root / "b"}
+    params = SamplingParams(max_new_tokens=N, ignore_eos=True, temperature=0)
+    engine = Engine(model, Tokenizer.from_dir(model_dir), max_running=8, adapters=adapters)
+    engine.generate(PROMPT, params, adapter=(("a", 1.0),))  # fills the prefix cache under adapter a
+    requests = [(PROMPT[:13], ()), (PROMPT + [21, 22], (("a", 1.0),)), (PROMPT[:7], (("b", 1.0),)),
+                (PROMPT[:17], (("a", 1.0), ("b", 0.5))), (PROMPT[:3], (("b", 1.0),))]  # fmt: skip
+    handles = [engine.submit(p, params, adapter=sel) for p, sel in requests]
+    got = [h.result() for h in handles]
+    assert got[1].cached_prompt_tokens > 0 and all(c.cached_prompt_tokens == 0 for c in got[:1] + got[2:])
+    alone = Engine(model, Tokenizer.from_dir(model_dir), max_running=1, prefix_cache_bytes=0, adapters=adapters)
+    assert [c.token_ids for c in got] == [alone.generate(p, params, adapter=sel).token_ids for p, sel in requests]

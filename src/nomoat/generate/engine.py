@@ -1,6 +1,6 @@
 """The generation engine: a static KV cache, continuous batching, prefix caching, streaming.
 
-Shape (gpt-fast's, widened to many requests): `prefill` runs one request's prompt into its cache row,
+Shape (gpt-fast's, widened to many requests; the steps are in `steps.py`): `prefill` runs prompts into cache rows,
 `decode_one_token` runs one token for every running row at once, `sample` picks the next tokens. Between two decode
 steps the scheduler admits queued requests (prefilling them) and retires finished or cancelled ones, so requests join
 and leave the running batch at any step. Running requests always occupy cache rows `0..n-1`: a leaving request's
@@ -32,6 +32,7 @@ import torch
 
 from nomoat.generate.prefix_cache import PrefixCache
 from nomoat.generate.sampling import SamplingBatch, SamplingParams, SamplingState, make_generator, sample
+from nomoat.generate.steps import LogitsHook, apply_logits_hooks, decode_one_token, prefill, prefill_rows
 from nomoat.generate.stopping import StopStringMatcher
 from nomoat.inference import DecodeConfig, DecodeModel, prepare
 from nomoat.lora.bank import AdapterBank, group_rows
@@ -41,11 +42,11 @@ from nomoat.tokenizer import Tokenizer
 
 # An adapter selection: () for the base model, or (name, weight) pairs applied together (a stack).
 AdapterSelection = tuple[tuple[str, float], ...]
-# A request's logits hook (a grammar mask, a logit bias): gets the row's logits (V,) fp32, returns new ones or None.
-LogitsHook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 logger = logging.getLogger(__name__)
+
+PREFILL_CHUNK_TOKENS = 1024  # padded prompt tokens per prefill forward of requests admitted together
 
 
 class QueueFullError(RuntimeError):
@@ -414,39 +415,50 @@ class Engine:
     # ---- prefill, decode, sample --------------------------------------------------------------------------------
 
     def _admit_all(self, reqs: list[_Request]) -> None:
-        """Prefill newly admitted requests: several plain ones (no adapter, no prefix cache) in one forward.
+        """Prefill newly admitted requests, several in one forward, and emit each one's first token.
 
-        One forward over right-padded rows instead of one per request: 8 prompts of 32 tokens arriving together
-        were 8 small forwards, each paying every layer's fixed costs. Padding writes keys and values past a
-        shorter prompt's end; no query sees them (a row's first decode token overwrites its own position first,
-        and attention reads keys up to the query's position only).
+        A request whose prompt starts with a cached prefix continues from it alone; the others are prefilled in
+        right-padded forwards of at most `PREFILL_CHUNK_TOKENS` tokens (rows may use different adapters: the bank
+        applies each row's selection), each chunk's first tokens emitted as soon as it is done, so a crowd of
+        requests arriving together streams its first tokens chunk by chunk. Padding writes keys and values past a
+        shorter prompt's end; no query sees them (a row's first decode token overwrites its own position first, and
+        attention reads keys up to the query's position only).
         """
-        if len(reqs) < 2 or self.prefix_cache is not None or any(r.adapter for r in reqs):
-            for req in reqs:
-                self._admit(req)
-            return
-        row0 = len(self.running)
+        fresh: list[_Request] = []
         for req in reqs:
-            self.sampling.reset_row(len(self.running), req.prompt, req.params)
+            row = len(self.running)
             self.running.append(req)
-            req.cached = 0
-        logits = prefill_rows(self.decode, self.cache, row0, [r.prompt for r in reqs])
-        self._sample_and_emit(reqs, logits)
+            self.sampling.reset_row(row, req.prompt, req.params)
+            # Keys and values depend on the adapter: cached prefixes are kept apart per selection.
+            req.cached = self.prefix_cache.restore(req.prompt, self.cache, row, req.adapter) if self.prefix_cache else 0
+            if req.cached:
+                self._prefill([req])
+            else:
+                fresh.append(req)
+        chunk: list[_Request] = []
+        for req in fresh:
+            if chunk and (len(chunk) + 1) * max(len(r.prompt) for r in [*chunk, req]) > PREFILL_CHUNK_TOKENS:
+                self._prefill(chunk)
+                chunk = []
+            chunk.append(req)
+        if chunk:
+            self._prefill(chunk)
 
-    def _admit(self, req: _Request) -> None:
-        row = len(self.running)
-        self.running.append(req)
-        self.sampling.reset_row(row, req.prompt, req.params)
-        start = 0
-        # Keys and values depend on the adapter: cached prefixes are kept apart per selection.
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """Prefill requests already in their rows (one alone from its cached prefix), store prefixes, emit."""
+        rows = [self.running.index(r) for r in reqs]
+        with self._plan(reqs):
+            if len(reqs) == 1:
+                logits = prefill(self.decode, self.cache, rows[0], reqs[0].prompt, reqs[0].cached)[None]
+            else:
+                index = torch.tensor(rows, device=self.model.device)
+                contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+                logits = prefill_rows(self.decode, self.cache, slice(rows[0], rows[-1] + 1) if contiguous else index,
+                                      [r.prompt for r in reqs])  # fmt: skip
         if self.prefix_cache is not None:
-            start = self.prefix_cache.restore(req.prompt, self.cache, row, namespace=req.adapter)
-        req.cached = start
-        with self._plan([req]):
-            logits = prefill(self.decode, self.cache, row, req.prompt, start)
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(req.prompt, self.cache, row, namespace=req.adapter)
-        self._sample_and_emit([req], logits[None])
+            for req, row in zip(reqs, rows):
+                self.prefix_cache.store(req.prompt, self.cache, row, namespace=req.adapter)
+        self._sample_and_emit(reqs, logits)
 
     def _decode(self) -> None:
         reqs = self.running
@@ -547,53 +559,3 @@ class Engine:
 
 
 # ---- the small functions --------------------------------------------------------------------------------------------
-
-Model = Transformer | DecodeModel
-
-
-def apply_logits_hooks(logits: torch.Tensor, hooks: Sequence[LogitsHook | None]) -> torch.Tensor:
-    """Pass row i of `logits` (B, V) through `hooks[i]` where it is set; returns the (possibly new) logits."""
-    for i, hook in enumerate(hooks):
-        if hook is not None:
-            out = hook(logits[i])
-            if out is not None:
-                logits[i] = out
-    return logits
-
-
-
-def prefill(model: Model, cache: KVCache, row: int, prompt: Sequence[int], start: int = 0) -> torch.Tensor:
-    """Run `prompt[start:]` into cache row `row` (positions `start..`), returning the last position's logits (V,)."""
-    device = model.device
-    ids = torch.tensor([list(prompt[start:])], device=device)
-    positions = torch.arange(start, len(prompt), device=device)[None]
-    hidden = model(ids, position_ids=positions, cache=cache, rows=slice(row, row + 1), return_hidden=True)
-    return model.logits(hidden[:, -1])[0]
-
-
-def prefill_rows(model: Model, cache: KVCache, row0: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Run several prompts into cache rows `row0..` in one forward, right-padded to the longest (positions from 0).
-
-    Returns each prompt's last-position logits (B, V). Positions past a prompt's end hold padding's keys and values
-    until its decode steps overwrite them; attention over the cache never reads a key beyond the query's position.
-    """
-    device = model.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
-    hidden = model(ids, position_ids=positions, cache=cache, rows=slice(row0, row0 + len(prompts)), return_hidden=True)
-    return model.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])
-
-
-def decode_one_token(
-    model: Model | Callable[..., torch.Tensor], cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """One token for each of the first B cache rows: tokens and positions (B, 1); returns logits (B, V).
-
-    `model` is the model or its (compiled) forward.
-    """
-    kv_len = int(positions.max()) + 1
-    logits = model(tokens, position_ids=positions, cache=cache, rows=slice(0, tokens.shape[0]), kv_len=kv_len)
-    return logits[:, -1]

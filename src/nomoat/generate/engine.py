@@ -46,7 +46,7 @@ AdapterSelection = tuple[tuple[str, float], ...]
 
 logger = logging.getLogger(__name__)
 
-PREFILL_CHUNK_TOKENS = 1024  # padded prompt tokens per prefill forward of requests admitted together
+PREFILL_CHUNK_TOKENS = 512  # padded prompt tokens per prefill forward of requests admitted together
 
 
 class QueueFullError(RuntimeError):

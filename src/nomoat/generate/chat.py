@@ -16,11 +16,12 @@ from nomoat.generate.sampling import SamplingParams
 from nomoat.lora.selection import AdapterSelection
 from nomoat.models.transformer import Transformer
 from nomoat.tokenizer import Tokenizer
+from nomoat.util.errors import NomoatError
 
 HELP = "Commands: /reset  forget the conversation · /system TEXT  set the system prompt · /exit  quit"
 
 
-class ChatTurnError(RuntimeError):
+class ChatTurnError(NomoatError, RuntimeError):
     """One turn failed (a server refused it, say): the terminal reports it and the conversation goes on."""
 
 

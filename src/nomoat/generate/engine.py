@@ -39,6 +39,7 @@ from nomoat.lora.bank import AdapterBank, group_rows
 from nomoat.models.kv_cache import KVCache, rows_for_memory
 from nomoat.models.transformer import Transformer
 from nomoat.tokenizer import Tokenizer
+from nomoat.util.errors import BusyError
 
 # An adapter selection: () for the base model, or (name, weight) pairs applied together (a stack).
 AdapterSelection = tuple[tuple[str, float], ...]
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 PREFILL_CHUNK_TOKENS = 512  # padded prompt tokens per prefill forward of requests admitted together
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(BusyError, RuntimeError):
     """The engine's waiting queue is at its bound: retry later."""
 
 

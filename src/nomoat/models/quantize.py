@@ -72,6 +72,7 @@ from torch import nn
 
 from nomoat import kernels
 from nomoat.kernels import hugepages
+from nomoat.util.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ _HAS_BAGS = _q is not None and all(
 _FP16 = torch.finfo(torch.float16)
 
 
-class QuantizationError(ValueError):
+class QuantizationError(ModelError, ValueError):
     """A mode or layer shape that cannot be quantized as asked."""
 
 

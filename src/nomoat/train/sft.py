@@ -106,6 +106,9 @@ class SFTRecipe(TrainingLoop):
             raise UsageError("no data given", hint="pass --data FILE (JSON, JSONL, CSV or Parquet)")
         # Read and validate the data before the (possibly large) model: bad records fail in seconds.
         self.dataset = load_dataset(cfg.data, format=cfg.format, columns=cfg.columns or None, limit=cfg.limit)
+        if cfg.method == "sft" and self.dataset.format == "preference":
+            raise UsageError(f"{cfg.data[0]} holds preference pairs (prompt/chosen/rejected), not SFT examples",
+                             hint="use --method dpo (or ipo, simpo, orpo) to learn from pairs")  # fmt: skip
         self.run_dir = self._run_dir()
         self.console.print(f"[bold]model[/bold] {cfg.model}")
         self.model = load_model(cfg.model, dtype=torch.bfloat16 if self.autocast else torch.float32,

@@ -101,3 +101,15 @@ def test_sft_on_pairs_says_use_a_preference_method(tmp_path):
         SFTRecipe(cfg, console=QUIET, progress=False).run()
     assert "--method dpo" in (err.value.hint or "")
     assert "pairs.jsonl" in str(err.value)
+
+
+def test_precomputed_reference_gives_the_same_run_and_resumes(tmp_path):
+    plain = PreferenceRecipe(_config(tmp_path, "plain", max_steps=6), console=QUIET, progress=False).run()
+    cfg = _config(tmp_path, "pre", max_steps=6, save_every=2, precompute_ref=True)
+    cut = _Interrupted(cfg, console=QUIET, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        cut.run()
+    assert (tmp_path / "runs" / "pre" / "reference_logps.pt").is_file()
+    rest = PreferenceRecipe(_config(tmp_path, "pre", max_steps=6, save_every=2, precompute_ref=True, resume=True),
+                            console=QUIET, progress=False).run()  # fmt: skip
+    assert cut.losses + rest.losses == pytest.approx(plain.losses, rel=1e-6, abs=1e-7)

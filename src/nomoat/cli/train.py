@@ -135,6 +135,10 @@ def train(
         float | None,
         Opt("--beta", help="Preference methods: beta (default 0.1; simpo 2.0)."),
     ] = None,
+    precompute_ref: Annotated[
+        bool,
+        Opt("--precompute-ref", help="DPO/IPO: compute the reference log-probabilities once before training."),
+    ] = False,
 ) -> None:
     """Fine-tune a LoRA adapter on your data (instruction tuning or continued pretraining).
 
@@ -155,7 +159,7 @@ def train(
         max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, train_on=train_on,
         val_fraction=val_fraction, val_size=val_size, eval_every=eval_every, save_every=save_every, seed=seed,
         dtype=dtype, device=device, quantize_base=quantize_base, limit=limit, resume=resume or None,
-        method=method, beta=beta,
+        method=method, beta=beta, precompute_ref=precompute_ref or None,
     )  # fmt: skip
     try:
         cfg = load_train_config(config, **options)

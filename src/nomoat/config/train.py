@@ -71,6 +71,8 @@ class TrainConfig:
         method: `sft` (supervised) or a preference method on prompt/chosen/rejected pairs: `dpo`, `ipo`, `simpo`,
             `orpo`.
         beta: The preference method's beta (unset: 0.1 for dpo, ipo and orpo, 2.0 for simpo).
+        precompute_ref: DPO/IPO: compute the reference log-probabilities once before training (kept in the run
+            folder) instead of a reference forward pass every step.
         quantize_base: Quantize the frozen base (`int8`, `int4`, `nf4`) while the adapter trains in full precision.
         limit: Use only the first N examples of the data (quick experiments).
         resume: Continue the run from its newest checkpoint.
@@ -115,6 +117,7 @@ class TrainConfig:
     resume: bool = False
     method: str = "sft"
     beta: float | None = None
+    precompute_ref: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):

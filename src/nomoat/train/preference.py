@@ -3,23 +3,26 @@
 It reuses the SFT recipe's model, LoRA and adapter saving, and owns what is particular to learning from pairs: the
 data (prompt + chosen and prompt + rejected, trained only on the answers), batches that hold the chosen rows of their
 pairs followed by the rejected rows (one forward pass for both), the reference (the same model under
-`disable_lora` with no grad: no second copy in memory), the pair losses of `nomoat.train.preference_loss`, and the
+`disable_lora` with no grad: no second copy in memory; with `precompute_ref`, its log-probabilities are computed
+once and kept in the run folder as `reference_logps.pt`), the pair losses of `nomoat.train.preference_loss`, and the
 per-step reward metrics. The loop normalises by pairs (`units`).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from typing import Any
 
 import torch
 
-from nomoat.data import BatchStream, DataError, Preference, Row, tokenize_preference
+from nomoat.data import BatchStream, DataError, Preference, Row, collate, tokenize_preference
 from nomoat.lora import disable_lora
 from nomoat.train import preference_loss as pl
 from nomoat.train.sft import SFTRecipe
 from nomoat.util.errors import UsageError
+from nomoat.util.files import atomic_write_bytes
 
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 SIMPO_GAMMA_BETA_RATIO = 0.25  # TRL's CPOConfig default: simpo_gamma 0.5 at beta 2
@@ -65,9 +68,34 @@ class PreferenceRecipe(SFTRecipe):
         batches = [[Row.single(pairs[i][0]) for i in order[s : s + k]] + [Row.single(pairs[i][1])
                     for i in order[s : s + k]] for s in range(0, len(order), k)]  # fmt: skip
         self.stream = BatchStream(batches, 1, seed=cfg.seed, pad_id=pad)
+        self._ref: dict[bytes, torch.Tensor] = {}
+        if cfg.precompute_ref and self.method in pl.NEEDS_REFERENCE:
+            self._precompute_ref([collate(rows, pad) for rows in batches])
         per_epoch = max(1, len(self.stream) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
         self._acc: dict[str, float] = {}
+
+    def _precompute_ref(self, batches: list[dict[str, Any]]) -> None:
+        """Reference log-probabilities of every batch, computed once (or read from the run folder on resume)."""
+        path = self.run_dir / "reference_logps.pt"
+        if path.is_file():
+            self._ref = torch.load(path, weights_only=True)
+            return
+        for batch in batches:
+            with torch.no_grad(), disable_lora(self.model):
+                ids = batch["input_ids"]
+                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                self._ref[_key(ids)] = self._logps(batch)[1].float().cpu()
+        buffer = io.BytesIO()
+        torch.save(self._ref, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def _reference(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(2P,) reference log-probabilities: precomputed, or the model with its adapter off."""
+        if self._ref:
+            return self._ref[_key(batch["input_ids"])].to(batch["input_ids"].device)
+        with torch.no_grad(), disable_lora(self.model):
+            return self._logps(batch)[1]
 
     def _print_summary(self, pairs: list[tuple[Any, Any]]) -> None:
         lengths = [len(t) for pair in pairs for t in pair]
@@ -101,9 +129,7 @@ class PreferenceRecipe(SFTRecipe):
         n_chosen, n_rejected = counts.chunk(2)
         beta, method = self.beta, self.method
         if method in pl.NEEDS_REFERENCE:
-            with torch.no_grad(), disable_lora(self.model):
-                ref = self._logps(batch)[1]
-            ref_chosen, ref_rejected = ref.chunk(2)
+            ref_chosen, ref_rejected = self._reference(batch).chunk(2)
             if method == "dpo":
                 losses, r_c, r_r = pl.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
             else:
@@ -130,6 +156,11 @@ class PreferenceRecipe(SFTRecipe):
         return {"pairs": units, "rewards_chosen": round(chosen, 6), "rewards_rejected": round(rejected, 6),
                 "margin": round(chosen - rejected, 6), "accuracy": round(acc.get("correct", 0) / n, 4),
                 "epoch": round(self.stream.epoch + self.stream.index / len(self.stream), 4)}  # fmt: skip
+
+
+def _key(input_ids: torch.Tensor) -> bytes:
+    """A batch's identity: its token ids (the stream always collates a batch the same way)."""
+    return input_ids.cpu().numpy().tobytes() + bytes(str(tuple(input_ids.shape)), "ascii")
 
 
 __all__ = ["DEFAULT_BETA", "PreferenceRecipe"]

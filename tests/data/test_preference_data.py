@@ -31,7 +31,6 @@ def test_string_and_conversational_pairs_load_alike(tmp_path):
 @pytest.mark.parametrize(
     ("record", "words"),
     [
-        ({"prompt": "w10", "chosen": "w20", "rejected": "w20"}, "same as chosen"),
         ({"prompt": "w10", "chosen": "w20", "rejected": "  "}, "empty"),
         ({"prompt": "w10", "chosen": [], "rejected": "w20"}, "empty"),
     ],

@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from nomoat.config.train import TrainConfig
+from nomoat.data import DataError
 from nomoat.train.preference import PreferenceRecipe
 from nomoat.train.sft import SFTRecipe
 from nomoat.util.errors import UsageError
@@ -113,3 +114,13 @@ def test_precomputed_reference_gives_the_same_run_and_resumes(tmp_path):
     rest = PreferenceRecipe(_config(tmp_path, "pre", max_steps=6, save_every=2, precompute_ref=True, resume=True),
                             console=QUIET, progress=False).run()  # fmt: skip
     assert cut.losses + rest.losses == pytest.approx(plain.losses, rel=1e-6, abs=1e-7)
+
+
+def test_a_pair_with_one_answer_twice_is_refused_before_the_model_loads(tmp_path):
+    data = tmp_path / "same.jsonl"
+    data.write_text(json.dumps({"prompt": "w10", "chosen": "w20", "rejected": "w30"}) + "\n"
+                    + json.dumps({"prompt": "w11", "chosen": "w20", "rejected": "w20"}) + "\n")  # fmt: skip
+    cfg = _config(tmp_path, "same", data=[str(data)], model=str(tmp_path / "no-model-needed"))
+    with pytest.raises(DataError) as err:
+        PreferenceRecipe(cfg, console=QUIET, progress=False).run()
+    assert "same.jsonl:2" in str(err.value) and "same answer" in str(err.value)

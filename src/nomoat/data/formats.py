@@ -266,8 +266,6 @@ def parse_preference(record: Mapping[str, Any]) -> Preference:
         prompt = [{"role": "system", "content": system}, *prompt]
     if not prompt:
         raise RecordError("prompt", "is missing", "Add a prompt field, or give chosen/rejected as full conversations.")
-    if chosen == rejected:
-        raise RecordError("rejected", "is the same as chosen", "A pair needs two different answers: fix or drop it.")
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         if not answer or not any(m["content"].strip() for m in answer):
             raise RecordError(name, "is empty", "Each answer of a pair needs some text.")

@@ -45,6 +45,16 @@ class PreferenceRecipe(SFTRecipe):
         """The method's beta (`--beta`, else the method's usual default)."""
         return self.cfg.beta if self.cfg.beta is not None else DEFAULT_BETA[self.method]
 
+    def check_dataset(self) -> None:
+        """Pairs only, and no pair whose two answers are the same (each named by file and line)."""
+        if any(not isinstance(e, Preference) for e in self.dataset.examples):
+            raise DataError(f"{self.dataset.format} data has no chosen/rejected pairs: --method {self.method} "
+                            "needs prompt/chosen/rejected records")  # fmt: skip
+        same = [f"{e.source}: chosen and rejected are the same answer" for e in self.dataset.examples
+                if e.chosen == e.rejected]  # fmt: skip
+        if same:
+            raise DataError(same)
+
     def _setup_data(self) -> None:
         cfg = self.cfg
         if self.method not in pl.PAIRED_METHODS:
@@ -52,9 +62,6 @@ class PreferenceRecipe(SFTRecipe):
                              hint=f"use one of {', '.join(pl.PAIRED_METHODS)}")  # fmt: skip
         pairs = []
         for example in self.dataset.examples:
-            if not isinstance(example, Preference):
-                raise DataError(f"{self.dataset.format} data has no chosen/rejected pairs: --method {self.method} "
-                                "needs prompt/chosen/rejected records")  # fmt: skip
             chosen, rejected = tokenize_preference(example, self.tokenizer, cfg.seq_len)
             if chosen.num_label_tokens and rejected.num_label_tokens:
                 pairs.append((chosen, rejected))

@@ -109,6 +109,7 @@ class SFTRecipe(TrainingLoop):
         if cfg.method == "sft" and self.dataset.format == "preference":
             raise UsageError(f"{cfg.data[0]} holds preference pairs (prompt/chosen/rejected), not SFT examples",
                              hint="use --method dpo (or ipo, simpo, orpo) to learn from pairs")  # fmt: skip
+        self.check_dataset()
         self.run_dir = self._run_dir()
         self.console.print(f"[bold]model[/bold] {cfg.model}")
         self.model = load_model(cfg.model, dtype=torch.bfloat16 if self.autocast else torch.float32,
@@ -131,6 +132,9 @@ class SFTRecipe(TrainingLoop):
         self.console.print(f"[bold]LoRA[/bold] r={cfg.lora.r} alpha={cfg.lora.alpha} on {targets}: {trainable:,} "
                            f"trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")  # fmt: skip
         self._setup_data()
+
+    def check_dataset(self) -> None:
+        """A recipe's own checks of the data, run before the model loads (none for SFT)."""
 
     def _run_dir(self) -> Path:
         cfg = self.cfg

@@ -147,6 +147,19 @@ def train(
     nproc: Annotated[
         int, Opt("--nproc", help="Data-parallel processes on this machine (started with torchrun).", min=1)
     ] = 1,
+    method: Annotated[
+        str | None,
+        Opt("--method", help="sft, or a preference method on prompt/chosen/rejected pairs: dpo, ipo, simpo, orpo.",
+            show_default="sft"),
+    ] = None,
+    beta: Annotated[
+        float | None,
+        Opt("--beta", help="Preference methods: beta (default 0.1; simpo 2.0)."),
+    ] = None,
+    precompute_ref: Annotated[
+        bool,
+        Opt("--precompute-ref", help="DPO/IPO: compute the reference log-probabilities once before training."),
+    ] = False,
 ) -> None:
     """Fine-tune a LoRA adapter on your data (instruction tuning or continued pretraining).
 
@@ -158,7 +171,7 @@ def train(
     from nomoat.config.train import ConfigError, load_train_config
     from nomoat.models.checkpoint import CheckpointError
     from nomoat.models.families import UnsupportedModelError
-    from nomoat.train import SFTRecipe, TrainingDivergedError
+    from nomoat.train import PreferenceRecipe, SFTRecipe, TrainingDivergedError
 
     lora = {"r": rank, "alpha": alpha, "dropout": dropout, "target_modules": target, "use_dora": dora,
             "use_rslora": rslora, "modules_to_save": train_module}  # fmt: skip
@@ -169,10 +182,11 @@ def train(
         max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, train_on=train_on,
         val_fraction=val_fraction, val_size=val_size, eval_every=eval_every, save_every=save_every, seed=seed,
         dtype=dtype, device=device, quantize_base=quantize_base, limit=limit, resume=resume or None,
+        method=method, beta=beta, precompute_ref=precompute_ref or None,
     )  # fmt: skip
     try:
         cfg = load_train_config(config, **options)
-        SFTRecipe(cfg, progress=progress).run()
+        (SFTRecipe if cfg.method == "sft" else PreferenceRecipe)(cfg, progress=progress).run()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except (ConfigError, CheckpointError, UnsupportedModelError, TrainingDivergedError, FileExistsError,

@@ -20,6 +20,7 @@ from nomoat.config.lora import LoRAConfig
 SCHEDULES = ("cosine", "linear", "constant")
 TRAIN_ON = ("assistant", "all", "last")
 QUANTIZE_BASE = (None, "int8", "int4", "nf4")
+METHODS = ("sft", "dpo", "ipo", "simpo", "orpo")
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,11 @@ class TrainConfig:
         dtype: `auto` (fp32 on CPU, bf16 autocast on CUDA), `float32`, or `bfloat16` (bf16 autocast over a bf16
             frozen base, adapters and optimizer in fp32; on CPU worth it where the CPU has bf16 instructions).
         device: `auto`, `cpu` or `cuda[:N]`.
+        method: `sft` (supervised) or a preference method on prompt/chosen/rejected pairs: `dpo`, `ipo`, `simpo`,
+            `orpo`.
+        beta: The preference method's beta (unset: 0.1 for dpo, ipo and orpo, 2.0 for simpo).
+        precompute_ref: DPO/IPO: compute the reference log-probabilities once before training (kept in the run
+            folder) instead of a reference forward pass every step.
         quantize_base: Quantize the frozen base (`int8`, `int4`, `nf4`) while the adapter trains in full precision.
         limit: Use only the first N examples of the data (quick experiments).
         resume: Continue the run from its newest checkpoint.
@@ -109,6 +115,9 @@ class TrainConfig:
     quantize_base: str | None = None
     limit: int | None = None
     resume: bool = False
+    method: str = "sft"
+    beta: float | None = None
+    precompute_ref: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -139,6 +148,10 @@ class TrainConfig:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.train_on not in TRAIN_ON:
             raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError(f"beta must be positive (or unset), got {self.beta}")
         if self.quantize_base not in QUANTIZE_BASE:
             raise ConfigError(f"quantize_base must be int8, int4 or nf4 (or unset), got {self.quantize_base!r}")
         if not 0 <= self.val_fraction < 1:

@@ -267,6 +267,8 @@ def parse_preference(record: Mapping[str, Any]) -> Preference:
     if not prompt:
         raise RecordError("prompt", "is missing", "Add a prompt field, or give chosen/rejected as full conversations.")
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not answer or not any(m["content"].strip() for m in answer):
+            raise RecordError(name, "is empty", "Each answer of a pair needs some text.")
         if answer[0]["role"] != "assistant":
             raise RecordError(name, f"must start with an assistant message, got role {answer[0]['role']!r}")
     return Preference(prompt, chosen, rejected)

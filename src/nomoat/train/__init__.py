@@ -1,4 +1,4 @@
-"""Training: one loop (`loop.py`) and the recipes on it (`sft.py`: LoRA fine-tuning, `pretrain.py`: every weight).
+"""Training: one loop (`loop.py`) and its recipes (`sft.py`, `pretrain.py`, `preference.py`: DPO and its family).
 
 The loop owns precision, accumulation, the schedule, checkpoints and exact resume, metrics and signals; a recipe
 supplies its model, data and loss. The package itself is callable, so that `nomoat.train(...)` (the Python form of
@@ -12,7 +12,7 @@ import types
 from typing import Any
 
 _LAZY = {"SFTRecipe": "nomoat.train.sft", "TrainResult": "nomoat.train.sft", "train": "nomoat.train.sft",
-         "TrainingDivergedError": "nomoat.train.loop"}  # fmt: skip
+         "TrainingDivergedError": "nomoat.train.loop", "PreferenceRecipe": "nomoat.train.preference"}  # fmt: skip
 
 
 class _CallableModule(types.ModuleType):

@@ -106,6 +106,10 @@ class SFTRecipe(TrainingLoop):
             raise UsageError("no data given", hint="pass --data FILE (JSON, JSONL, CSV or Parquet)")
         # Read and validate the data before the (possibly large) model: bad records fail in seconds.
         self.dataset = load_dataset(cfg.data, format=cfg.format, columns=cfg.columns or None, limit=cfg.limit)
+        if cfg.method == "sft" and self.dataset.format == "preference":
+            raise UsageError(f"{cfg.data[0]} holds preference pairs (prompt/chosen/rejected), not SFT examples",
+                             hint="use --method dpo (or ipo, simpo, orpo) to learn from pairs")  # fmt: skip
+        self.check_dataset()
         self.run_dir = self.dist.from_main(self._run_dir)  # rank 0 picks the folder; the others use it
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.name = self.run_dir.name
@@ -130,6 +134,9 @@ class SFTRecipe(TrainingLoop):
         self.console.print(f"[bold]LoRA[/bold] r={cfg.lora.r} alpha={cfg.lora.alpha} on {targets}: {trainable:,} "
                            f"trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")  # fmt: skip
         self._setup_data()
+
+    def check_dataset(self) -> None:
+        """A recipe's own checks of the data, run before the model loads (none for SFT)."""
 
     def _run_dir(self) -> Path:
         cfg = self.cfg

@@ -1,0 +1,126 @@
+"""`nomoat train --method dpo|...` on a tiny model: it trains, saves an adapter, the margin grows, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from nomoat.config.train import TrainConfig
+from nomoat.data import DataError
+from nomoat.train.preference import PreferenceRecipe
+from nomoat.train.sft import SFTRecipe
+from nomoat.util.errors import UsageError
+
+from train_utils import make_chat_model
+
+QUIET = Console(quiet=True)
+
+
+def _pairs(path: Path, n: int = 8, conversational: bool = False) -> Path:
+    rng = random.Random(0)
+    lines = []
+    for _ in range(n):
+        prompt = " ".join(f"w{rng.randrange(10, 500)}" for _ in range(3))
+        chosen, rejected = "w20 w21 w22", " ".join(f"w{rng.randrange(100, 500)}" for _ in range(3))
+        if conversational:
+            rec = {"prompt": [{"role": "user", "content": prompt}],
+                   "chosen": [{"role": "assistant", "content": chosen}],
+                   "rejected": [{"role": "assistant", "content": rejected}]}  # fmt: skip
+        else:
+            rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        lines.append(json.dumps(rec))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config(tmp_path: Path, name: str, method: str = "dpo", **kw) -> TrainConfig:  # noqa: ANN003
+    model = tmp_path / "model"
+    if not model.exists():
+        make_chat_model(model)
+    data = tmp_path / "pairs.jsonl"
+    if not data.exists():
+        _pairs(data, conversational=True)
+    base = dict(model=str(model), data=[str(data)], output_dir=str(tmp_path / "runs"), name=name, method=method,
+                max_steps=6, batch_size=4, lr=5e-3, warmup_steps=0, seq_len=64, seed=1)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _records(tmp_path: Path, name: str) -> list[dict]:
+    return [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_trains_an_adapter_and_the_margin_grows(tmp_path):
+    result = PreferenceRecipe(_config(tmp_path, "dpo"), console=QUIET, progress=False).run()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    records = _records(tmp_path, "dpo")
+    assert len(records) == 6
+    for key in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy", "pairs"):
+        assert key in records[0]
+    assert records[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # B = 0 at init: policy == reference
+    assert records[-1]["margin"] > records[1]["margin"] > 0
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+@pytest.mark.parametrize("method", ["ipo", "simpo", "orpo"])
+def test_other_methods_lower_their_loss(tmp_path, method):
+    PreferenceRecipe(_config(tmp_path, method, method=method), console=QUIET, progress=False).run()
+    records = _records(tmp_path, method)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+class _Interrupted(PreferenceRecipe):
+    """Sends itself SIGINT during step 4 (the loop finishes that step, checkpoints it, then stops)."""
+
+    def loss(self, batch):  # noqa: ANN001, ANN201
+        if self.step == 3 and not getattr(self, "_sent", False):
+            self._sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().loss(batch)
+
+
+def test_resume_after_a_kill_reproduces_the_losses(tmp_path):
+    whole = PreferenceRecipe(_config(tmp_path, "whole", save_every=2), console=QUIET, progress=False).run()
+    cut = _Interrupted(_config(tmp_path, "cut", save_every=2), console=QUIET, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        cut.run()
+    assert len(cut.losses) < len(whole.losses)
+    rest = PreferenceRecipe(_config(tmp_path, "cut", save_every=2, resume=True), console=QUIET, progress=False).run()
+    assert cut.losses + rest.losses == whole.losses
+    assert [r["loss"] for r in _records(tmp_path, "cut")] == whole.losses
+
+
+def test_sft_on_pairs_says_use_a_preference_method(tmp_path):
+    cfg = _config(tmp_path, "sft", method="sft", model=str(tmp_path / "no-model-needed"))
+    with pytest.raises(UsageError) as err:
+        SFTRecipe(cfg, console=QUIET, progress=False).run()
+    assert "--method dpo" in (err.value.hint or "")
+    assert "pairs.jsonl" in str(err.value)
+
+
+def test_precomputed_reference_gives_the_same_run_and_resumes(tmp_path):
+    plain = PreferenceRecipe(_config(tmp_path, "plain", max_steps=6), console=QUIET, progress=False).run()
+    cfg = _config(tmp_path, "pre", max_steps=6, save_every=2, precompute_ref=True)
+    cut = _Interrupted(cfg, console=QUIET, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        cut.run()
+    assert (tmp_path / "runs" / "pre" / "reference_logps.pt").is_file()
+    rest = PreferenceRecipe(_config(tmp_path, "pre", max_steps=6, save_every=2, precompute_ref=True, resume=True),
+                            console=QUIET, progress=False).run()  # fmt: skip
+    assert cut.losses + rest.losses == pytest.approx(plain.losses, rel=1e-6, abs=1e-7)
+
+
+def test_a_pair_with_one_answer_twice_is_refused_before_the_model_loads(tmp_path):
+    data = tmp_path / "same.jsonl"
+    data.write_text(json.dumps({"prompt": "w10", "chosen": "w20", "rejected": "w30"}) + "\n"
+                    + json.dumps({"prompt": "w11", "chosen": "w20", "rejected": "w20"}) + "\n")  # fmt: skip
+    cfg = _config(tmp_path, "same", data=[str(data)], model=str(tmp_path / "no-model-needed"))
+    with pytest.raises(DataError) as err:
+        PreferenceRecipe(cfg, console=QUIET, progress=False).run()
+    assert "same.jsonl:2" in str(err.value) and "same answer" in str(err.value)

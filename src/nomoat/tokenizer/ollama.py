@@ -170,6 +170,7 @@ def go_template_to_jinja(template: str) -> str:
         else:
             out.append(f"{{{{ {_expr(action)} }}}}")
     out.append(template[pos:])
+    out.append("{{ '' }}")  # Jinja drops a template's final newline; Go keeps it
     if stack:
         raise ValueError("unbalanced Go template")
     body = "".join(out)

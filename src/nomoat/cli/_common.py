@@ -171,7 +171,9 @@ def apply_adapters(m, adapters: list[str] | None, tok=None) -> None:  # noqa: AN
         tok.chat_templates["default"] = template
 
 
-Model = Annotated[Path, typer.Argument(help="A Hugging Face-format model folder.")]
+Model = Annotated[Path, typer.Argument(
+    help="A Hugging Face-format model folder, a .gguf file, or ollama:NAME[:TAG] (a model in Ollama's local store)."
+)]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the top tokens holding this mass.")]

@@ -425,7 +425,12 @@ def convert_pickle_checkpoint(path: str | os.PathLike, out: str | os.PathLike | 
 
 
 def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """Parameter count, stored dtypes and bytes of a model folder, read from safetensors headers only (fast)."""
+    """Parameter count, stored dtypes and bytes of a model folder (or GGUF file), read from headers only (fast)."""
+    gguf_file = gguf_source(path)
+    if gguf_file is not None:
+        from nomoat.models.gguf import gguf_summary
+
+        return gguf_summary(gguf_file)
     params = 0
     nbytes = 0
     dtypes: dict[str, int] = {}

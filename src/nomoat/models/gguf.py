@@ -25,6 +25,8 @@ ARCHITECTURES = {
     "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
     "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3",
 }  # fmt: skip
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}  # fmt: skip
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # Tensors llama.cpp writes that nomoat recomputes (rotary tables) or does not use.
 SKIPPED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
@@ -91,7 +93,7 @@ def gguf_hf_config(meta: dict[str, Any], tensor_names: set[str], path: Any = "")
         raise GGUFError(f"{path}: GGUF has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
     hf: dict[str, Any] = {
         "model_type": ARCHITECTURES[arch],
-        "architectures": [],
+        "architectures": [HF_CLASSES[ARCHITECTURES[arch]]],
         "vocab_size": int(vocab),
         "hidden_size": int(key("embedding_length")),
         "intermediate_size": int(key("feed_forward_length")),
@@ -251,3 +253,17 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype, device: torch.d
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()
+
+
+def gguf_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """Parameter count, tensor types (parameters per type) and bytes of a GGUF file's tensors."""
+    import gguf
+
+    reader = open_gguf(path)
+    params, nbytes, types = 0, 0, {}
+    for t in reader.tensors:
+        name = gguf.GGMLQuantizationType(t.tensor_type).name
+        params += int(t.n_elements)
+        nbytes += int(t.n_bytes)
+        types[name] = types.get(name, 0) + int(t.n_elements)
+    return {"parameters": params, "bytes": nbytes, "dtypes": types}

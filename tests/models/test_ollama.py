@@ -14,7 +14,8 @@ from gguf_cases import build
 from nomoat.export.gguf import export_gguf
 from nomoat.models.checkpoint import load_model
 from nomoat.tokenizer import Tokenizer
-from nomoat.tokenizer.ollama import OllamaError, go_template_to_jinja, resolve
+from nomoat.tokenizer.ollama import go_template_to_jinja
+from nomoat.util.ollama import OllamaError, resolve
 
 CHATML_GO = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"

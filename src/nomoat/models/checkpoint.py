@@ -55,7 +55,7 @@ class CheckpointError(ValueError):
 def gguf_source(path: str | os.PathLike) -> Path | None:
     """The GGUF file a model argument names (a `.gguf` file, or `ollama:NAME[:TAG]` from Ollama's store), else None."""
     from nomoat.models.gguf import is_gguf
-    from nomoat.tokenizer import ollama
+    from nomoat.util import ollama
 
     if ollama.is_ollama(path):
         return ollama.resolve(str(path)).gguf

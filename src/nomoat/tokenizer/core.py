@@ -215,19 +215,25 @@ class Tokenizer:
 
         An Ollama model's Go template is converted to Jinja and used when the GGUF file has no chat template.
         """
-        from nomoat.tokenizer import ollama
-        from nomoat.tokenizer.gguf import tokenizer_from_gguf
+        from nomoat.tokenizer.gguf import gguf_tokenizer_parts
+        from nomoat.tokenizer.ollama import go_template_to_jinja
+        from nomoat.util import ollama
 
         if not ollama.is_ollama(path):
-            return tokenizer_from_gguf(Path(path).expanduser())
+            return cls._from_parts(gguf_tokenizer_parts(Path(path).expanduser()))
         found = ollama.resolve(str(path))
         template = None
         if found.template:
             try:
-                template = ollama.go_template_to_jinja(found.template)
+                template = go_template_to_jinja(found.template)
             except ValueError:
                 template = None  # the GGUF's own tokenizer.chat_template (if any) is used instead
-        return tokenizer_from_gguf(found.gguf, chat_template=template)
+        return cls._from_parts(gguf_tokenizer_parts(found.gguf, chat_template=template))
+
+    @classmethod
+    def _from_parts(cls, parts: Mapping[str, Any]) -> Tokenizer:
+        cls._set_post_processor(parts["backend"], parts["specials"], parts["add_bos"], parts["add_eos"])
+        return cls(parts["backend"], parts["specials"], chat_templates=parts["chat_templates"])
 
     @staticmethod
     def _set_post_processor(backend: BackendTokenizer, specials: Mapping[str, Any], bos: bool, eos: bool) -> None:

@@ -2,8 +2,8 @@
 
 `backend_from_metadata` builds the byte-level BPE (`gpt2` kind: merges, the pre-tokenizer llama.cpp names in
 `tokenizer.ggml.pre`) or the SentencePiece-style BPE (`llama` kind: merges ordered by token scores, byte fallback,
-`▁` for spaces); `tokenizer_from_gguf` wraps it with the special tokens, bos/eos flags and the chat templates
-(`tokenizer.chat_template`) as a nomoat `Tokenizer`.
+`▁` for spaces); `gguf_tokenizer_parts` adds the special tokens, bos/eos flags and chat templates
+(`tokenizer.chat_template`) that `Tokenizer.from_gguf` wraps it with.
 """
 
 from __future__ import annotations
@@ -102,25 +102,21 @@ def backend_from_metadata(meta: dict[str, Any], path: Any = "") -> BackendTokeni
     return tok
 
 
-def tokenizer_from_gguf(path: str | os.PathLike, chat_template: str | None = None) -> Any:
-    """A nomoat `Tokenizer` for a GGUF file.
+def gguf_tokenizer_parts(path: str | os.PathLike, chat_template: str | None = None) -> dict[str, Any]:
+    """What `Tokenizer.from_gguf` needs from a GGUF file.
 
     Args:
         path: The `.gguf` file.
         chat_template: A template to use when the file has none (e.g. converted from an Ollama template).
 
     Returns:
-        The tokenizer with bos/eos/pad/unk tokens, `add_bos_token`/`add_eos_token` and the chat templates.
+        `backend` (no post-processor yet), `specials` (bos/eos/unk/pad token strings), `add_bos`, `add_eos`,
+        and `chat_templates`.
     """
     import gguf
 
-    from nomoat.tokenizer.core import Tokenizer
-
     reader = gguf.GGUFReader(str(path), "r")
-    meta: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("tokenizer."):
-            meta[name] = field.contents()
+    meta = {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.")}
     backend = backend_from_metadata(meta, path)
     tokens = meta["tokenizer.ggml.tokens"]
     specials: dict[str, str] = {}
@@ -128,12 +124,16 @@ def tokenizer_from_gguf(path: str | os.PathLike, chat_template: str | None = Non
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None and 0 <= int(token_id) < len(tokens):
             specials[name] = tokens[int(token_id)]
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
-    Tokenizer._set_post_processor(backend, specials, add_bos, bool(meta.get("tokenizer.ggml.add_eos_token", False)))
     templates = {"default": meta["tokenizer.chat_template"]} if meta.get("tokenizer.chat_template") else {}
     for name, value in meta.items():
         if name.startswith("tokenizer.chat_template.") and isinstance(value, str):
             templates[name.removeprefix("tokenizer.chat_template.")] = value
     if chat_template and "default" not in templates:
         templates["default"] = chat_template
-    return Tokenizer(backend, specials, chat_templates=templates)
+    return {
+        "backend": backend,
+        "specials": specials,
+        "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
+        "add_eos": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "chat_templates": templates,
+    }

@@ -199,6 +199,20 @@ def test_partial_rotary_matches_original(tmp_path: Path) -> None:
         torch.testing.assert_close(nomoat_logits(path, ids), model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_llama3_rope_from_rope_freqs(tmp_path: Path) -> None:
+    """Llama 3.1-style rope scaling survives as `rope_freqs` (written by the exporter as llama.cpp's converter does)."""
+    from gguf_cases import build
+    from nomoat.export.gguf import export_gguf
+
+    model_dir, _ = build(tmp_path, "llama3")
+    out = export_gguf(model_dir, [], tmp_path / "l3.gguf", outtype="f32")
+    assert load_config(out).rope["full_attention"]["rope_type"] == "llama3"
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(nomoat_logits(out, ids), ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_bf16_load_and_config(tmp_path: Path) -> None:
     path = make("qwen2", tmp_path, QT.Q8_0)
     model = load_model(path, dtype="bfloat16", device="cpu")

@@ -71,10 +71,9 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read `config.json` from a model folder (or the equivalent of a GGUF file's metadata)."""
     gguf_file = gguf_source(path)
     if gguf_file is not None:
-        from nomoat.models.gguf import gguf_hf_config, metadata, open_gguf
+        from nomoat.models.gguf import open_gguf, reader_hf_config
 
-        reader = open_gguf(gguf_file)
-        return gguf_hf_config(metadata(reader), {t.name for t in reader.tensors}, gguf_file)
+        return reader_hf_config(open_gguf(gguf_file), gguf_file)
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; expected a Hugging Face model folder with config.json")

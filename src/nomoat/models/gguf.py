@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nomoat.models.families import FAMILIES, split_fused
+from nomoat.models.families import FAMILIES, rope_inv_freq, split_fused
 from nomoat.models.transformer import Transformer
 from nomoat.util.errors import ModelError
 
@@ -141,6 +141,33 @@ def gguf_hf_config(meta: dict[str, Any], tensor_names: set[str], path: Any = "")
     return hf
 
 
+def reader_hf_config(reader: Any, path: Any = "") -> dict[str, Any]:
+    """`gguf_hf_config` of an open file, with Llama 3 rope scaling recovered from its `rope_freqs` tensor."""
+    tensors = {t.name: t for t in reader.tensors}
+    hf = gguf_hf_config(metadata(reader), set(tensors), path)
+    if "rope_freqs.weight" in tensors and hf["model_type"] == "llama":
+        hf["rope_scaling"] = _llama3_rope(read_tensor(tensors["rope_freqs.weight"]), hf, path)
+    return hf
+
+
+def _llama3_rope(factors: torch.Tensor, hf: dict[str, Any], path: Any) -> dict[str, Any]:
+    """The `llama3` rope parameters whose per-frequency factors equal a GGUF's `rope_freqs`.
+
+    llama.cpp divides the frequencies by these factors; the metadata keeps no parameters, so the ones Llama 3.1/3.2
+    use (low/high frequency factors 1 and 4) are checked against the tensor over power-of-two original contexts.
+    """
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    base, _ = rope_inv_freq({"rope_type": "default", "rope_theta": hf["rope_theta"]}, head_dim, 1)
+    for original in [8192, *(2**k for k in range(4, 18))]:
+        params = {"rope_type": "llama3", "rope_theta": hf["rope_theta"], "factor": float(factors.max()),
+                  "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+        scaled, _ = rope_inv_freq(params, head_dim, hf["max_position_embeddings"])
+        if factors.shape == base.shape and torch.allclose(base / scaled, factors.float(), rtol=1e-3):
+            return params
+    raise GGUFError(f"{path}: rope_freqs holds rope factors that are not Llama 3's (supported: llama3 scaling with "
+                    "low/high frequency factors 1 and 4)")  # fmt: skip
+
+
 def _tensor_names(hf: dict[str, Any], arch: str) -> dict[str, str]:
     """GGUF tensor name -> Hugging Face name (Phi-3 fused names; split later by `split_fused`)."""
     import gguf
@@ -217,10 +244,8 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype, device: torch.d
         GGUFError: unsupported architecture or tensor type, missing or misshapen tensors.
     """
     reader = open_gguf(path)
-    meta = metadata(reader)
-    names = {t.name for t in reader.tensors}
-    hf = gguf_hf_config(meta, names, path)
-    arch = _arch(meta, path)
+    hf = reader_hf_config(reader, path)
+    arch = _arch(metadata(reader), path)
     cfg = FAMILIES[hf["model_type"]](hf)
     name_map = _tensor_names(hf, arch)
     with torch.device("meta"):

@@ -248,7 +248,9 @@ def resolve_adapters(adapters: list[str] | None) -> list[tuple[Path, float]]:
     return resolve_selection(parse_selection(adapters))
 
 
-Model = Annotated[Path, typer.Argument(help="A Hugging Face-format model folder.")]
+Model = Annotated[Path, typer.Argument(
+    help="A Hugging Face-format model folder, a .gguf file, or ollama:NAME[:TAG] (a model in Ollama's local store)."
+)]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the top tokens holding this mass.")]

@@ -13,7 +13,9 @@ from nomoat.cli._common import human as _human
 
 
 def info(
-    path: Annotated[Path, typer.Argument(help="A Hugging Face-format model folder (config.json + safetensors).")],
+    path: Annotated[Path, typer.Argument(
+        help="A Hugging Face-format model folder (config.json + safetensors), a .gguf file or ollama:NAME[:TAG]."
+    )],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Describe a model folder: family, parameters, dtype, context length, vocabulary, chat template."""

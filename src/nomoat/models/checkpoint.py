@@ -1,11 +1,11 @@
 """Checkpoint IO in Hugging Face format: `config.json` plus safetensors (single file or sharded with an index).
 
-`load_model(folder, dtype, device)` builds the trainable `Transformer` (what `nomoat.load` returns) and `save_model`
-writes one back (atomically, in the family's own tensor layout); `load_config`, `iter_safetensors` and
-`checkpoint_summary` read without building. Loading is memory-mapped and converts straight into the target dtype,
-releasing mapped pages as it goes, so peak memory stays near the model's size in that dtype. Weights only ever come
-from safetensors: pickle checkpoints are refused unless converted with `convert_pickle_checkpoint`
-(`torch.load(weights_only=True)`).
+`load_model(folder, dtype, device)` builds the trainable `Transformer` (what `nomoat.load` returns; a `.gguf` file
+or `ollama:NAME[:TAG]` is read through `models.gguf`) and `save_model` writes one back (atomically, in the family's
+own tensor layout); `load_config`, `iter_safetensors` and `checkpoint_summary` read without building. Loading is
+memory-mapped and converts straight into the target dtype, releasing mapped pages as it goes, so peak memory stays
+near the model's size in that dtype. Hugging Face weights only ever come from safetensors: pickle checkpoints are
+refused unless converted with `convert_pickle_checkpoint` (`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
@@ -53,8 +53,28 @@ class CheckpointError(ValueError):
 # ---- reading ------------------------------------------------------------------------------------------------------
 
 
+def gguf_source(path: str | os.PathLike) -> Path | None:
+    """The GGUF file a model argument names (a `.gguf` file, or `ollama:NAME[:TAG]` from Ollama's store), else None."""
+    from nomoat.models.gguf import is_gguf
+    from nomoat.util import ollama
+
+    if ollama.is_ollama(path):
+        return ollama.resolve(str(path)).gguf
+    p = Path(path).expanduser()
+    if is_gguf(p):
+        return p
+    if p.suffix == ".gguf":
+        raise CheckpointError(f"{p}: no such GGUF file" if not p.exists() else f"{p}: not a GGUF file (bad magic)")
+    return None
+
+
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read `config.json` from a model folder, with an error that says what a model folder must hold."""
+    """Read `config.json` from a model folder (or the equivalent of a GGUF file's metadata)."""
+    gguf_file = gguf_source(path)
+    if gguf_file is not None:
+        from nomoat.models.gguf import open_gguf, reader_hf_config
+
+        return reader_hf_config(open_gguf(gguf_file), gguf_file)
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; expected a Hugging Face model folder with config.json")
@@ -233,6 +253,12 @@ def load_model(path: str | os.PathLike, dtype: Any = "auto", device: Any = "auto
         CheckpointError: missing files, pickle weights, missing or misshapen tensors.
         UnsupportedModelError: the family or one of its features is not supported.
     """
+    gguf_file = gguf_source(path)
+    if gguf_file is not None:
+        from nomoat.models.gguf import load_gguf_model
+
+        dev = resolve_device(device)
+        return load_gguf_model(gguf_file, resolve_dtype(dtype, dev, {"torch_dtype": "bfloat16"}), dev)
     hf = read_hf_config(path)
     cfg = config_from_hf(hf)
     files = weight_files(path)
@@ -400,7 +426,12 @@ def convert_pickle_checkpoint(path: str | os.PathLike, out: str | os.PathLike | 
 
 
 def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """Parameter count, stored dtypes and bytes of a model folder, read from safetensors headers only (fast)."""
+    """Parameter count, stored dtypes and bytes of a model folder (or GGUF file), read from headers only (fast)."""
+    gguf_file = gguf_source(path)
+    if gguf_file is not None:
+        from nomoat.models.gguf import gguf_summary
+
+        return gguf_summary(gguf_file)
     params = 0
     nbytes = 0
     dtypes: dict[str, int] = {}

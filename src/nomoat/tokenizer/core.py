@@ -66,6 +66,17 @@ def _clean_up_tokenization(text: str) -> str:
     return text
 
 
+def _is_gguf_source(path: str | Path) -> bool:
+    """A model argument naming a GGUF file or an Ollama model rather than a Hugging Face folder."""
+    if str(path).startswith("ollama:"):
+        return True
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return False
+    with p.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 class Tokenizer:
     """A Hugging Face tokenizer (`tokenizer.json` plus config files) with chat templates.
 
@@ -143,6 +154,8 @@ class Tokenizer:
         Raises:
             TokenizerNotFoundError: The folder does not exist or has no `tokenizer.json`.
         """
+        if _is_gguf_source(path):
+            return cls.from_gguf(path)
         folder = Path(path)
         tok_file = folder / "tokenizer.json"
         if not tok_file.is_file():
@@ -195,6 +208,32 @@ class Tokenizer:
         cleanup_bpe = config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
         return cls(backend, specials, extras, gen_eos_ids, cls._read_chat_templates(folder, config),
                    bool(config.get("clean_up_tokenization_spaces", False)), bool(cleanup_bpe))
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer of a `.gguf` file or of an Ollama model (`ollama:NAME[:TAG]`), rebuilt from its metadata.
+
+        An Ollama model's Go template is converted to Jinja and used when the GGUF file has no chat template.
+        """
+        from nomoat.tokenizer.gguf import gguf_tokenizer_parts
+        from nomoat.tokenizer.ollama import go_template_to_jinja
+        from nomoat.util import ollama
+
+        if not ollama.is_ollama(path):
+            return cls._from_parts(gguf_tokenizer_parts(Path(path).expanduser()))
+        found = ollama.resolve(str(path))
+        template = None
+        if found.template:
+            try:
+                template = go_template_to_jinja(found.template)
+            except ValueError:
+                template = None  # the GGUF's own tokenizer.chat_template (if any) is used instead
+        return cls._from_parts(gguf_tokenizer_parts(found.gguf, chat_template=template))
+
+    @classmethod
+    def _from_parts(cls, parts: Mapping[str, Any]) -> Tokenizer:
+        cls._set_post_processor(parts["backend"], parts["specials"], parts["add_bos"], parts["add_eos"])
+        return cls(parts["backend"], parts["specials"], chat_templates=parts["chat_templates"])
 
     @staticmethod
     def _set_post_processor(backend: BackendTokenizer, specials: Mapping[str, Any], bos: bool, eos: bool) -> None:

@@ -37,8 +37,10 @@ def demo(
         if steps < 1:
             fail("--steps must be at least 1")
         settings = dataclasses.replace(settings, steps=steps)
-    if model is not None and not (model / "config.json").is_file():
-        fail(f"{model} is not a model folder (no config.json)")
+    from nomoat.models.checkpoint import gguf_source  # loads torch: not at import, for a quick --help
+
+    if model is not None and gguf_source(model) is None and not (model / "config.json").is_file():
+        fail(f"{model} is not a model folder (no config.json), a .gguf file or ollama:NAME")
     result = run_demo(quick=quick, name=name, model_dir=model, settings=settings)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))

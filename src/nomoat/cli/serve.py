@@ -87,8 +87,10 @@ def serve(
     # (it is not, when run from the command line). Passive waiting stops idle threads spinning on small VMs.
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if not (model / "config.json").is_file():
-        fail(f"{model} is not a model folder (no config.json)")
+    from nomoat.models.checkpoint import gguf_source  # loads torch: not at import, for a quick --help
+
+    if gguf_source(model) is None and not (model / "config.json").is_file():
+        fail(f"{model} is not a model folder (no config.json), a .gguf file or ollama:NAME")
     for flag, value in (("--max-running", max_running), ("--max-queue", max_queue),
                         ("--max-loaded-adapters", max_loaded_adapters), ("--max-completion-tokens",
                                                                           max_completion_tokens)):  # fmt: skip

@@ -453,6 +453,7 @@ def main() -> None:
                          "process under its faster policy (PASSIVE / default), on the Qwen2.5 shape; prints each "
                          "pair's ratio and their median")  # fmt: skip
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b", help="the shape for --pairs")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="the shapes of a full run (default: all)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # KIND ARG...: a child of bench_child
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -465,7 +466,7 @@ def main() -> None:
         return
     if args.pairs:
         return decode_pairs(args.shape, args.pairs)
-    shapes = ["smollm2-135m"] if args.quick else list(SHAPES)
+    shapes = ["smollm2-135m"] if args.quick else (args.shapes or list(SHAPES))
     new, batch8_new, prefill_len = (64, 32, 256) if args.quick else (128, 128, 512)
     results, ratios = [], {}
     absent = llamacpp_status()

@@ -27,6 +27,7 @@ from nomoat.lora.peft_format import AdapterError
 from nomoat.models.checkpoint import CheckpointError, load_config, load_model
 from nomoat.models.families import UnsupportedModelError, rope_inv_freq
 from nomoat.tokenizer import Tokenizer, TokenizerNotFoundError
+from nomoat.tokenizer.gguf import SPLIT_REGEXES as GGUF_SPLIT_REGEXES
 from nomoat.util.files import atomic_path, read_json
 
 QT = gguf.GGMLQuantizationType
@@ -47,14 +48,8 @@ PERMUTED = {gguf.MODEL_ARCH.LLAMA}
 # Progress callback: (bytes written so far, bytes in all).
 Progress = Callable[[int, int], None]
 
-# Pre-tokenizer regexes of tokenizer.json (as llama.cpp's llama-vocab.cpp quotes them) -> llama.cpp's name.
-_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
-_QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
-_TEKKEN_RE = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-              r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
-SPLIT_REGEXES = {_LLAMA3_RE: "llama-bpe", _QWEN2_RE: "qwen2", _TEKKEN_RE: "tekken"}
+# Pre-tokenizer regexes of tokenizer.json -> llama.cpp's name (the table GGUF import reads the other way).
+SPLIT_REGEXES = {GGUF_SPLIT_REGEXES[name]: name for name in ("llama-bpe", "qwen2", "tekken")}
 PRE_TOKENIZERS = ("gpt-2", "smollm", "qwen2", "llama-bpe", "tekken", "default")
 
 

@@ -40,7 +40,27 @@ class ChatBackend(Protocol):
         """Add a user message and stream the answer: `Delta`s, then one `Completion`."""
 
 
-class ChatSession:
+class ChatHistory:
+    """A conversation's system prompt and turns, shared by the local and the remote chat sessions."""
+
+    system: str | None
+    messages: list[dict[str, str]]
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = []
+
+    def set_system(self, text: str | None) -> None:
+        """Set (or clear, with None or "") the system prompt."""
+        self.system = text or None
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages sent to the template: system prompt (if any) then the history."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages
+
+
+class ChatSession(ChatHistory):
     """A conversation with one model: each turn renders the whole history with the model's chat template.
 
     The engine's prefix cache keeps earlier turns' keys and values, so a new turn only computes its new tokens.
@@ -69,19 +89,6 @@ class ChatSession:
         self.system = system
         self.messages: list[dict[str, str]] = []
         self.engine = engine or Engine(model, tokenizer, max_running=1)
-
-    def reset(self) -> None:
-        """Forget the conversation (the system prompt stays)."""
-        self.messages = []
-
-    def set_system(self, text: str | None) -> None:
-        """Set (or clear, with None or "") the system prompt."""
-        self.system = text or None
-
-    def conversation(self) -> list[dict[str, str]]:
-        """The messages sent to the template: system prompt (if any) then the history."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.messages
 
     def send(self, text: str) -> Iterator[Delta | Completion]:
         """Add a user message and stream the answer; the answer joins the history when it completes."""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
-from nomoat.generate.chat import ChatTurnError
+from nomoat.generate.chat import ChatHistory, ChatTurnError
 from nomoat.generate.engine import Completion, Delta
 from nomoat.generate.sampling import SamplingParams
 from nomoat.lora.selection import parse_selection
@@ -155,7 +155,7 @@ def resolve_model(cards: list[dict[str, Any]], wanted: str | None, adapters: lis
     return name
 
 
-class RemoteChatSession:
+class RemoteChatSession(ChatHistory):
     """A conversation with a model on a server: the history is kept here and sent whole with every turn.
 
     Args:
@@ -202,19 +202,6 @@ class RemoteChatSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def reset(self) -> None:
-        """Forget the conversation (the system prompt stays)."""
-        self.messages = []
-
-    def set_system(self, text: str | None) -> None:
-        """Set (or clear, with None or "") the system prompt."""
-        self.system = text or None
-
-    def conversation(self) -> list[dict[str, str]]:
-        """The messages sent to the server: system prompt (if any) then the history."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.messages
 
     def list_models(self) -> list[dict[str, Any]]:
         """The models the server offers (`GET /v1/models`): its base model and its adapters (with a `parent`).

@@ -148,3 +148,18 @@ def test_ops_trace_under_torch_compile(built):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_killed_build_does_not_block_later_processes(built, tmp_path):
+    """torch's build lock file, left by a build killed midway, must not make the next process wait forever."""
+    from torch.utils import cpp_extension
+
+    name = f"nomoat_kernels_{build.current_variant().name}"
+    stale = Path(cpp_extension._get_build_directory(name, False)) / "lock"
+    stale.touch()  # what a build killed during compilation leaves behind
+    try:
+        out = subprocess.run([sys.executable, "-c", "from nomoat.kernels import build; print(build.load())"],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    finally:
+        stale.unlink(missing_ok=True)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]

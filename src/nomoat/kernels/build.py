@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,26 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on the build folder: one process builds at a time, and a killed one never blocks.
+
+    torch's own build lock is a plain file that waits while it exists: a build killed midway (Ctrl-C during the
+    first compile) leaves it behind and every later process would wait forever. The kernel releases a `flock` when
+    its holder dies, so whoever holds it may remove torch's file: no other nomoat process is building.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "nomoat-build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        yield
+
+
 def _build(variant: Variant) -> bool:
     """Compile (or reuse the cached build of) `variant` and load it; False (with a one-line notice) on failure."""
     fallback = "nomoat's ops run their plain PyTorch references (slower)"
@@ -123,8 +144,9 @@ def _build(variant: Variant) -> bool:
             if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
                 logger.warning("compiling nomoat's kernels for this CPU (%s; once, about a minute)...", variant.name)
         flags = ["-O3", *variant.flags, "-ffp-contract=fast", "-fopenmp"]
-        cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=flags,
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)  # fmt: skip
+        with _build_lock(Path(cpp_extension._get_build_directory(name, False))):
+            cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=flags,
+                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: the references
         first = str(exc).splitlines()[0] if str(exc) else ""
         logger.warning("could not build nomoat's kernels (%s: %s); %s", type(exc).__name__, first, fallback)

@@ -47,7 +47,7 @@ AdapterSelection = tuple[tuple[str, float], ...]
 
 logger = logging.getLogger(__name__)
 
-PREFILL_CHUNK_TOKENS = 512  # padded prompt tokens per prefill forward of requests admitted together
+PREFILL_CHUNK_TOKENS = 512  # prompt tokens admitted per step, and padded tokens per prefill forward
 
 
 class QueueFullError(BusyError, RuntimeError):
@@ -390,7 +390,10 @@ class Engine:
         """
         with self.lock:
             admitted = []
-            while self.waiting and len(self.running) + len(admitted) < self.max_running:
+            budget = PREFILL_CHUNK_TOKENS  # prompt tokens admitted per step: running rows keep decoding meanwhile
+            room = self.max_running - len(self.running)
+            while self.waiting and len(admitted) < room and (budget > 0 or not admitted):
+                budget -= len(self.waiting[0].prompt)
                 admitted.append(self.waiting.popleft())
             if admitted:
                 self.refresh()

@@ -146,15 +146,13 @@ def test_ops_trace_under_torch_compile(built):
     torch.testing.assert_close(compiled(x), torch.relu(F.linear(x * 2, w)), rtol=1e-5, atol=1e-5)
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
 
 def test_a_killed_build_does_not_block_later_processes(built, tmp_path):
     """torch's build lock file, left by a build killed midway, must not make the next process wait forever."""
     from torch.utils import cpp_extension
 
-    name = f"nomoat_kernels_{build.current_variant().name}"
+    variant = build.current_variant()
+    name = f"nomoat_kernels_{variant.name}_{build._sources_hash(variant)}"
     stale = Path(cpp_extension._get_build_directory(name, False)) / "lock"
     stale.touch()  # what a build killed during compilation leaves behind
     try:
@@ -163,3 +161,19 @@ def test_a_killed_build_does_not_block_later_processes(built, tmp_path):
     finally:
         stale.unlink(missing_ok=True)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_the_build_is_named_by_its_sources(monkeypatch, tmp_path):
+    """Two checkouts (or versions) with different kernel sources must not share one cached build."""
+    variant = build.current_variant()
+    before = build._sources_hash(variant)
+    for path in build.CSRC.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(build, "CSRC", tmp_path)
+    assert build._sources_hash(variant) == before
+    (tmp_path / "vec.h").write_text((tmp_path / "vec.h").read_text() + "\n// changed\n")
+    assert build._sources_hash(variant) != before
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

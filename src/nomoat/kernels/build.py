@@ -4,16 +4,18 @@ The CPU's instruction sets are read at run time (`/proc/cpuinfo` flags, `torch.b
 and decide the variant built: `avx512` (x86-64-v4, plus AVX-512-BF16 / VNNI where present), `avx2` (x86-64-v3),
 `sse` (x86-64), `neon` (aarch64) or `portable`. Each variant is its own build in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), so a home directory shared by machines of different
-CPUs never hands one machine's build to another. `torch.utils.cpp_extension.load` compiles it (about a minute, once,
-with a one-line notice) with ninja, and `torch.ops.load_library` registers `torch.ops.nomoat.*` and
-`torch.classes.nomoat.*`. Without a compiler, with `NOMOAT_KERNELS=0`, or on any build or load failure, `load()`
-returns False after a one-line notice, and every op runs its plain-PyTorch reference (`reference.py`).
-`NOMOAT_KERNELS_ISA` (one of `VARIANTS`) forces a lower variant, for comparisons.
+CPUs never hands one machine's build to another; a build's name carries a hash of the sources, so two versions of
+nomoat (or two checkouts) never rebuild over each other's build. `torch.utils.cpp_extension.load` compiles it
+(about a minute, once, with a one-line notice) with ninja, and `torch.ops.load_library` registers
+`torch.ops.nomoat.*` and `torch.classes.nomoat.*`. Without a compiler, with `NOMOAT_KERNELS=0`, or on any build or
+load failure, `load()` returns False after a one-line notice, and every op runs its plain-PyTorch reference
+(`reference.py`). `NOMOAT_KERNELS_ISA` (one of `VARIANTS`) forces a lower variant, for comparisons.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -129,6 +131,15 @@ def _build_lock(directory: Path) -> Iterator[None]:
         yield
 
 
+def _sources_hash(variant: Variant) -> str:
+    """Eight hex digits naming the build: every file of `csrc/` and the variant's flags."""
+    digest = hashlib.sha256(" ".join(variant.flags).encode())
+    for path in sorted(CSRC.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def _build(variant: Variant) -> bool:
     """Compile (or reuse the cached build of) `variant` and load it; False (with a one-line notice) on failure."""
     fallback = "nomoat's ops run their plain PyTorch references (slower)"
@@ -136,7 +147,7 @@ def _build(variant: Variant) -> bool:
         logger.warning("no C++ compiler found for nomoat's kernels: %s", fallback)
         return False
     _ninja_on_path()
-    name = f"nomoat_kernels_{variant.name}"
+    name = f"nomoat_kernels_{variant.name}_{_sources_hash(variant)}"
     try:
         from torch.utils import cpp_extension
 

@@ -162,6 +162,35 @@ def test_cancellation_frees_the_slot(llama):
     assert b.result().token_ids == _alone(model, tok, _prompt(5, 8)).token_ids
 
 
+def test_submit_and_cancel_never_wait_for_a_step(llama):
+    """A server submits and cancels from its event loop: neither may wait for a running step to end."""
+    import threading
+
+    _, model, tok = llama
+    engine = Engine(model, tok, max_running=2)
+    a = engine.submit(_prompt(5, 7), SamplingParams(temperature=0, max_new_tokens=500, ignore_eos=True))
+    engine.step()
+    calls: dict = {}
+
+    def client():
+        calls["b"] = engine.submit(_prompt(5, 8), GREEDY)
+        a.cancel()
+        calls["done"] = True
+
+    with engine.lock:  # a step is running
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        t.join(timeout=60)
+        assert calls.get("done"), "submit or cancel waited for the step"
+        assert engine.num_waiting == 1 and engine.num_running == 1  # marked, not yet freed
+    engine.step()  # the cancelled row is freed before the step; b is admitted in its place
+    assert a.result().finish_reason == "cancelled"
+    assert engine.num_running == 1
+    while engine.step():
+        pass
+    assert calls["b"].result().token_ids == _alone(model, tok, _prompt(5, 8)).token_ids
+
+
 def test_prefix_cache_on_equals_off(llama):
     _, model, tok = llama
     system = _prompt(40, 20)  # a long shared "system prompt"

@@ -204,7 +204,10 @@ class Engine:
         self.running: list[_Request] = []  # request i owns cache row i
         self.sampling = SamplingState(self.max_running, model.config.vocab_size, model.device)
         self._last_batch: SamplingBatch | None = None
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # the rows, the cache and the bank: held for a whole step
+        # The waiting queue has a lock of its own, so that submitting (from a server's event loop) never waits for
+        # a step to end. Order: `lock` before `_queue_lock`, never the other way.
+        self._queue_lock = threading.Lock()
         self.running_loop = False
         self._wake = threading.Event()
         self._ids = itertools.count()
@@ -235,7 +238,7 @@ class Engine:
         Raises:
             ValueError: A waiting or running request uses it.
         """
-        with self.lock:
+        with self.lock, self._queue_lock:
             users = [r.id for r in (*self.waiting, *self.running) if any(a == name for a, _ in r.adapter)]
             if users:
                 raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
@@ -286,10 +289,6 @@ class Engine:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_seq_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine holds at most {self.max_seq_len - 1}")
-        if adapter:
-            if self.bank is None:
-                raise ValueError("no adapter is loaded in this engine (add one with add_adapter)")
-            adapter = self.bank.check(adapter)
         rid = request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(self, rid, events)
         stop_ids = set(params.stop_token_ids)
@@ -297,11 +296,15 @@ class Engine:
             stop_ids |= set(self.tokenizer.eos_token_ids)
         gen = None if params.is_greedy else make_generator(params, self.model.device)
         req = _Request(
-            id=rid, prompt=ids, params=params, adapter=tuple(adapter), handle=handle, stop_ids=frozenset(stop_ids),
+            id=rid, prompt=ids, params=params, adapter=(), handle=handle, stop_ids=frozenset(stop_ids),
             detok=self.tokenizer.stream_decoder(skip_special_tokens=True), stops=StopStringMatcher(params.stop),
             generator=gen, submitted=time.perf_counter(), logits_hook=logits_hook,
         )  # fmt: skip
-        with self.lock:
+        with self._queue_lock:  # checked under the queue lock: an adapter is removed only while it is held
+            if adapter:
+                if self.bank is None:
+                    raise ValueError("no adapter is loaded in this engine (add one with add_adapter)")
+                req.adapter = tuple(self.bank.check(adapter))
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
             self.waiting.append(req)
@@ -319,19 +322,33 @@ class Engine:
         return iter(self.submit(prompt, params, **kw))
 
     def cancel(self, request_id: str) -> None:
-        """Cancel a waiting or running request; its row is free when this returns."""
-        with self.lock:
+        """Cancel a waiting or running request without waiting for a step to end.
+
+        A waiting request, or a running one while no step runs, finishes and frees its row before this returns; a
+        running one while a step runs is marked, and the engine frees its row before the next step.
+        """
+        with self._queue_lock:
             for req in list(self.waiting):
                 if req.id == request_id:
                     self.waiting.remove(req)
                     req.cancelled = True
                     self._finish(req, "cancelled")
                     return
-            for req in self.running:
-                if req.id == request_id:
-                    req.cancelled = True
-                    self._retire(req, "cancelled")
-                    return
+        req = next((r for r in list(self.running) if r.id == request_id), None)
+        if req is None:
+            return
+        req.cancelled = True
+        if self.lock.acquire(blocking=False):
+            try:
+                self._retire_cancelled()
+            finally:
+                self.lock.release()
+        else:
+            self._wake.set()
+
+    def _retire_cancelled(self) -> None:
+        for req in [r for r in self.running if r.cancelled]:
+            self._retire(req, "cancelled")
 
     @property
     def num_running(self) -> int:
@@ -375,7 +392,7 @@ class Engine:
 
     def _fail_all(self) -> None:
         """End every running and waiting request with `finish_reason="error"` and free all rows."""
-        with self.lock:
+        with self.lock, self._queue_lock:
             failed = self.running + list(self.waiting)
             self.running, self.waiting = [], deque()
             for req in failed:
@@ -389,12 +406,14 @@ class Engine:
             Whether there was any work.
         """
         with self.lock:
+            self._retire_cancelled()
             admitted = []
             budget = PREFILL_CHUNK_TOKENS  # prompt tokens admitted per step: running rows keep decoding meanwhile
             room = self.max_running - len(self.running)
-            while self.waiting and len(admitted) < room and (budget > 0 or not admitted):
-                budget -= len(self.waiting[0].prompt)
-                admitted.append(self.waiting.popleft())
+            with self._queue_lock:
+                while self.waiting and len(admitted) < room and (budget > 0 or not admitted):
+                    budget -= len(self.waiting[0].prompt)
+                    admitted.append(self.waiting.popleft())
             if admitted:
                 self.refresh()
             self._admit_all(admitted)

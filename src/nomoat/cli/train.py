@@ -160,6 +160,10 @@ def train(
         bool,
         Opt("--precompute-ref", help="DPO/IPO: compute the reference log-probabilities once before training."),
     ] = False,
+    fsdp: Annotated[
+        bool,
+        Opt("--fsdp", help="With several processes: shard the frozen base and the adapter over them (FSDP2)."),
+    ] = False,
 ) -> None:
     """Fine-tune a LoRA adapter on your data (instruction tuning or continued pretraining).
 
@@ -186,7 +190,9 @@ def train(
     )  # fmt: skip
     try:
         cfg = load_train_config(config, **options)
-        (SFTRecipe if cfg.method == "sft" else PreferenceRecipe)(cfg, progress=progress).run()
+        recipe = (SFTRecipe if cfg.method == "sft" else PreferenceRecipe)(cfg, progress=progress)
+        recipe.settings.fsdp = fsdp  # read by the loop; a run file cannot ask for it yet
+        recipe.run()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except (ConfigError, CheckpointError, UnsupportedModelError, TrainingDivergedError, FileExistsError,

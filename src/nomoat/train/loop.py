@@ -67,7 +67,7 @@ from rich.console import Console
 
 from nomoat.data import NoTrainableTokensError
 from nomoat.models.checkpoint import resolve_device
-from nomoat.train import distributed
+from nomoat.train import distributed, fsdp
 from nomoat.train.allocator import tune_cpu_allocator
 from nomoat.train.checkpointing import (
     check_schedule,
@@ -112,6 +112,7 @@ class LoopSettings:
         keep_checkpoints: Checkpoints kept.
         log_every: Steps between metric lines.
         resume: Continue from the run's newest checkpoint.
+        fsdp: With several processes, shard the model and the trained tensors over them (`nomoat.train.fsdp`).
     """
 
     device: str = "auto"
@@ -132,6 +133,7 @@ class LoopSettings:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: bool = False
+    fsdp: bool = False
 
     @classmethod
     def of(cls, config: Any) -> LoopSettings:
@@ -260,6 +262,9 @@ class TrainingLoop:
                 raise UsageError(f"{type(self).__name__} does not shard its data across processes",
                                  hint="run it in one process (without torchrun or --nproc)")  # fmt: skip
             self.dist.broadcast_tensors(self.params.values())
+            if self.sharded:
+                fsdp.shard_model(self.model, self.dist)
+                self.params = fsdp.sharded_parameters(self.model, list(self.params))
         self.optimizer = self.build_optimizer()
         warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * self.total_steps)
         self.schedule = {"lr": s.lr, "weight_decay": s.weight_decay, "schedule": s.schedule, "warmup_steps": warmup,
@@ -285,8 +290,12 @@ class TrainingLoop:
                                "starting it from step 0[/yellow]")  # fmt: skip
             return 0  # metrics of the lost attempt are dropped
         ckpt = latest_checkpoint(self.run_dir)
+        fsdp.check_kind(ckpt, self.sharded)
         saved = self._check_schedule(ckpt, read_json(ckpt / "state.json", error=UsageError))
-        state = load_checkpoint(ckpt, self.params, self.optimizer, self.scheduler)
+        if self.sharded:
+            state = fsdp.load_sharded(ckpt, self.model, self.optimizer, self.scheduler)
+        else:
+            state = load_checkpoint(ckpt, self.params, self.optimizer, self.scheduler)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.stream.load_state_dict(state["data"])
         self._resumed_last = dict(state.get("last") or {})
@@ -361,7 +370,8 @@ class TrainingLoop:
         if self.dist.enabled:
             loss_total, stop = self.dist.sum_numbers([loss_total, self._stop is not None])
             self._stop_all = stop > 0
-            self.dist.sum_gradients(self.params.values())
+            if not self.sharded:  # FSDP summed them in the backward pass
+                self.dist.sum_gradients(self.params.values())
         loss = loss_total / n_total
         grad_norm = self._clip_gradients()
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
@@ -385,7 +395,9 @@ class TrainingLoop:
         """Clip to `max_grad_norm` (when > 0) and return the global gradient norm before clipping."""
         params = list(self.params.values())
         if self.settings.max_grad_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+            return fsdp.as_float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+        if self.sharded:
+            return fsdp.as_float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
 
     @torch.no_grad()
@@ -395,12 +407,13 @@ class TrainingLoop:
             return None
         self.model.eval()
         total, n = 0.0, 0
-        rank, world = self.dist.shard
+        rank, world = (0, 1) if self.sharded else self.dist.shard  # sharded: every rank runs every batch together
         for b in self.val_batches[rank::world]:  # each rank scores its share
             loss_sum, count = self.loss_step(b)
             total, n = total + float(loss_sum), n + count
         self.model.train()
-        total, n = self.dist.sum_numbers([total, n], "validation")
+        if not self.sharded:
+            total, n = self.dist.sum_numbers([total, n], "validation")
         return total / max(n, 1)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -411,13 +424,26 @@ class TrainingLoop:
         Rank 0 writes it; the others go on and wait for it at the next step's sums.
         """
         self._saved_step = self.step
-        if not self.dist.is_main:
+        if not self.dist.is_main and not self.sharded:
             return
         state = {"tokens_seen": self.tokens_seen, "data": self.stream.state_dict(), "last": last,
                  "schedule": self.schedule}  # fmt: skip
         with self._signals_held():
-            save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler, state,
-                            keep=self.settings.keep_checkpoints)  # fmt: skip
+            if self.sharded:  # every rank writes its shards
+                fsdp.save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
+                                  self.dist, keep=self.settings.keep_checkpoints)  # fmt: skip
+            else:
+                save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler, state,
+                                keep=self.settings.keep_checkpoints)  # fmt: skip
+
+    @property
+    def sharded(self) -> bool:
+        """The model is sharded over the processes (`--fsdp` under torchrun)."""
+        return self.settings.fsdp and self.dist.enabled
+
+    def full_params(self) -> contextlib.AbstractContextManager:
+        """Within it, rank 0's model holds the trained tensors whole (every rank enters; unsharded: nothing)."""
+        return fsdp.gathered(self.params, self.model, self.dist) if self.sharded else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _signals_held(self) -> Iterator[None]:

@@ -245,7 +245,8 @@ class SFTRecipe(TrainingLoop):
         result = TrainResult(run_dir=self.run_dir, adapter_dir=self.run_dir / "adapter", steps=out.steps,
                              losses=out.losses, final_loss=out.last.get("loss"), val_loss=out.val_loss,
                              tokens=out.tokens, seconds=out.seconds, metrics=out.last)  # fmt: skip
-        self.save(result)
+        with self.full_params():  # sharded (--fsdp): the adapter is gathered whole on rank 0 to be saved
+            self.save(result)
         self._summary(result)
         return result
 

@@ -62,7 +62,7 @@ def train(
     output_dir: Annotated[
         str | None, Opt("--output-dir", help="Parent folder of run folders.", show_default="runs")
     ] = None,
-    rank: Annotated[int | None, Opt("--rank", "-r", help="LoRA rank.", show_default="16")] = None,
+    rank: Annotated[int | None, Opt("--rank", "-r", help="LoRA rank.", show_default="16", min=1)] = None,
     alpha: Annotated[float | None, Opt(help="LoRA alpha.", show_default="32")] = None,
     dropout: Annotated[float | None, Opt(help="LoRA dropout.", show_default="0")] = None,
     target: Annotated[
@@ -86,7 +86,7 @@ def train(
         Opt("--train-module", help="Also train this module fully: embed_tokens or lm_head (repeatable)."),
     ] = None,
     seq_len: Annotated[
-        int | None, Opt("--seq-len", help="Longest training row in tokens.", show_default="1024")
+        int | None, Opt("--seq-len", help="Longest training row in tokens.", show_default="1024", min=2)
     ] = None,
     packing: Annotated[
         bool | None,
@@ -160,6 +160,10 @@ def train(
         bool,
         Opt("--precompute-ref", help="DPO/IPO: compute the reference log-probabilities once before training."),
     ] = False,
+    fsdp: Annotated[
+        bool,
+        Opt("--fsdp", help="With several processes: shard the frozen base and the adapter over them (FSDP2)."),
+    ] = False,
 ) -> None:
     """Fine-tune a LoRA adapter on your data (instruction tuning or continued pretraining).
 
@@ -186,7 +190,9 @@ def train(
     )  # fmt: skip
     try:
         cfg = load_train_config(config, **options)
-        (SFTRecipe if cfg.method == "sft" else PreferenceRecipe)(cfg, progress=progress).run()
+        recipe = (SFTRecipe if cfg.method == "sft" else PreferenceRecipe)(cfg, progress=progress)
+        recipe.settings.fsdp = fsdp  # read by the loop; a run file cannot ask for it yet
+        recipe.run()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except (ConfigError, CheckpointError, UnsupportedModelError, TrainingDivergedError, FileExistsError,

@@ -90,6 +90,14 @@ Item = tuple[Source, Any]
 
 
 def _jsonl(path: Path, text: str) -> Iterator[Item | RecordError]:
+    if text.lstrip().startswith("["):  # a whole JSON array (pretty-printed or on one line) named .jsonl
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            raise DataError(f"{path.name}: this is one JSON array, not JSON Lines (one object per line): name it "
+                            f"{path.with_suffix('.json').name}, or write one record per line")  # fmt: skip
     # Split on "\n" only: str.splitlines would also cut at U+2028 and friends, which JSON strings may hold raw.
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -174,11 +182,15 @@ def read_records(path: Path) -> Iterator[Item | RecordError]:
     if suffix == ".parquet":
         yield from _parquet(path)
         return
+    raw = path.read_bytes()
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": keep "\r\n" inside CSV cells
-            text = f.read()
+        text = raw.decode("utf-8-sig")  # bytes decoded as they are: "\r\n" inside CSV cells stays
     except UnicodeDecodeError as e:
-        raise DataError(f"{path.name}: not UTF-8 text (byte {e.start}). Save the file as UTF-8.") from None
+        start = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # the offset counts from after a BOM
+        line = raw.count(b"\n", 0, start) + 1
+        column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
+        raise DataError(f"{path.name}:{line}: not UTF-8 text (byte 0x{raw[start]:02x} at column {column}, byte "
+                        f"{start} of the file). Save the file as UTF-8.") from None
     yield from {".jsonl": _jsonl, ".json": _json, ".csv": _csv}[suffix](path, text)
 
 

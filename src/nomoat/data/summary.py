@@ -30,7 +30,7 @@ class DataSummary:
         dropped: Examples that ended with no trainable token (e.g. the answer fell past `max_allowed`).
         histogram: `(low, high, count)` buckets of sequence lengths, `low <= length < high`.
         files: The files read (`path`, `sha256`, `records`).
-        warnings: Non-fatal data problems found while loading.
+        warnings: Non-fatal data problems found while loading, and the first examples dropped (located).
     """
 
     format: str
@@ -79,6 +79,8 @@ class DataSummary:
             console.print(f"{lo:>7}-{hi - 1:<7} {bar} {count:,}", markup=False, highlight=False)
         for w in self.warnings[:5]:
             console.print(f"warning: {w}", markup=False, highlight=False)
+        if len(self.warnings) > 5:
+            console.print(f"warning: ... and {len(self.warnings) - 5} more", markup=False, highlight=False)
 
 
 def _histogram(lengths: Sequence[int], max_allowed: int, buckets: int = 8) -> list[tuple[int, int, int]]:
@@ -101,7 +103,11 @@ def summarize(dataset: Dataset, tokenized: Sequence[Tokenized], max_length: int)
     """
     kept = [t for t in tokenized if t.num_label_tokens]
     kept_sources = {t.source for t in kept}
-    dropped = sum(1 for e in dataset.examples if e.source not in kept_sources)
+    dropped = [e.source for e in dataset.examples if e.source not in kept_sources]
+    cut = {t.source for t in tokenized if t.truncated}
+    notes = [f"{src}: longer than {max_length} tokens (--seq-len): cut there, it kept no token to train on and was "
+             "dropped (raise --seq-len or shorten it)" if src in cut else
+             f"{src}: no token to train on (see --train-on): dropped" for src in dropped[:20]]  # fmt: skip
     lengths = [len(t) for t in kept]
     return DataSummary(
         format=dataset.format,
@@ -114,8 +120,8 @@ def summarize(dataset: Dataset, tokenized: Sequence[Tokenized], max_length: int)
         max_length=max(lengths, default=0),
         max_allowed=max_length,
         truncated=sum(t.truncated for t in kept),
-        dropped=dropped,
+        dropped=len(dropped),
         histogram=_histogram(lengths, max_length),
         files=list(dataset.files),
-        warnings=list(dataset.warnings),
+        warnings=list(dataset.warnings) + notes,
     )

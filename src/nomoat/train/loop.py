@@ -5,7 +5,14 @@ loss of an optimizer step is normalised over all the units, e.g. label tokens, o
 the NaN stop (`TrainingDivergedError`), AdamW and the learning-rate schedule, atomic checkpoints and exact resume
 (trained tensors, optimizer, schedule, RNG states, data position), metrics (`metrics.jsonl`, TensorBoard, the loss
 PNG), the progress bar, and Ctrl-C / SIGTERM (the step in flight finishes, a checkpoint is written, then
-`KeyboardInterrupt` is raised; a second Ctrl-C stops at once and leaves the last checkpoint as it was).
+`KeyboardInterrupt` is raised; a second Ctrl-C stops at once and leaves the last checkpoint as it was, and while a
+checkpoint is being written Ctrl-C waits for it to be complete).
+
+Resume (`settings.resume`) continues from the newest checkpoint; a run that stopped before its first one starts
+afresh (with a notice). The checkpoint records the schedule it was trained with: a different learning rate, weight
+decay, schedule or warmup is refused, while a larger step count extends the run (the schedule is then the one of
+the longer run, from the step reached). A run that had taken all its steps only writes its output again, from the
+last checkpoint, where `finished_output()` does not exist yet; where it does, resuming is refused.
 
 A recipe subclasses `TrainingLoop` and supplies what is its own:
 
@@ -46,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -59,13 +67,20 @@ from rich.console import Console
 
 from nomoat.data import NoTrainableTokensError
 from nomoat.models.checkpoint import resolve_device
-from nomoat.train import distributed
+from nomoat.train import distributed, fsdp
 from nomoat.train.allocator import tune_cpu_allocator
-from nomoat.train.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nomoat.train.checkpointing import (
+    check_schedule,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temp,
+    save_checkpoint,
+)
 from nomoat.train.metrics import MetricsWriter, make_progress, plot_loss_curve
-from nomoat.train.optim import build_optimizer, build_scheduler
+from nomoat.train.optim import build_optimizer, build_scheduler, set_schedule_step
 from nomoat.util.errors import NomoatError, UsageError
-from nomoat.util.files import read_jsonl
+from nomoat.util.files import read_json, read_jsonl
 
 Batch = dict[str, Any]
 
@@ -97,6 +112,7 @@ class LoopSettings:
         keep_checkpoints: Checkpoints kept.
         log_every: Steps between metric lines.
         resume: Continue from the run's newest checkpoint.
+        fsdp: With several processes, shard the model and the trained tensors over them (`nomoat.train.fsdp`).
     """
 
     device: str = "auto"
@@ -117,6 +133,7 @@ class LoopSettings:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: bool = False
+    fsdp: bool = False
 
     @classmethod
     def of(cls, config: Any) -> LoopSettings:
@@ -155,7 +172,7 @@ class TrainingLoop:
     """
 
     label = "train"  # the progress task's name
-    resume_requires_checkpoint = True  # False: resuming a run without a checkpoint starts it afresh
+    resume_requires_checkpoint = False  # True: resuming a run that never saved a checkpoint is an error
     log_tokens_per_s = True  # metric lines carry the step's throughput
 
     def __init__(self, config: Any, console: Console | None = None, progress: bool = True) -> None:
@@ -173,6 +190,8 @@ class TrainingLoop:
         self._stop: str | None = None
         self._saved_step = -1
         self._stop_all = False  # every rank agreed to stop after this step
+        self._resumed_last: dict[str, Any] = {}  # the checkpoint's last metrics record (a finished run's result)
+        self.created_run_dir = False  # `build()` made `run_dir`: a run that fails to start removes it while empty
         self.dist = distributed.Distributed()
 
     # ---- what a recipe supplies -------------------------------------------------------------------------------
@@ -213,6 +232,10 @@ class TrainingLoop:
     def write_run_config(self) -> None:
         """Record the run's configuration in `run_dir`."""
 
+    def finished_output(self) -> Path | None:
+        """What a finished run wrote (e.g. its adapter folder) if it exists; resuming such a run is refused."""
+        return None
+
     @property
     def resume_flags(self) -> str:
         """What to add to the same command to continue an interrupted run."""
@@ -239,8 +262,13 @@ class TrainingLoop:
                 raise UsageError(f"{type(self).__name__} does not shard its data across processes",
                                  hint="run it in one process (without torchrun or --nproc)")  # fmt: skip
             self.dist.broadcast_tensors(self.params.values())
+            if self.sharded:
+                fsdp.shard_model(self.model, self.dist)
+                self.params = fsdp.sharded_parameters(self.model, list(self.params))
         self.optimizer = self.build_optimizer()
         warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * self.total_steps)
+        self.schedule = {"lr": s.lr, "weight_decay": s.weight_decay, "schedule": s.schedule, "warmup_steps": warmup,
+                         "min_lr_ratio": s.min_lr_ratio, "total_steps": self.total_steps}  # fmt: skip
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, s.schedule, s.min_lr_ratio)
         resume_step = self._resume()
         self._batches = None
@@ -253,14 +281,50 @@ class TrainingLoop:
             self.metrics = _NoMetrics(self.run_dir)
 
     def _resume(self) -> int | None:
-        if not self.settings.resume or (not self.resume_requires_checkpoint and not list_checkpoints(self.run_dir)):
+        if not self.settings.resume:
             return None
+        if self.dist.is_main:
+            remove_stale_temp(self.run_dir)
+        if not self.resume_requires_checkpoint and not list_checkpoints(self.run_dir):
+            self.console.print(f"[yellow]{self.run_dir} has no checkpoint yet (it stopped before its first one): "
+                               "starting it from step 0[/yellow]")  # fmt: skip
+            return 0  # metrics of the lost attempt are dropped
         ckpt = latest_checkpoint(self.run_dir)
-        state = load_checkpoint(ckpt, self.params, self.optimizer, self.scheduler)
+        fsdp.check_kind(ckpt, self.sharded)
+        saved = self._check_schedule(ckpt, read_json(ckpt / "state.json", error=UsageError))
+        if self.sharded:
+            state = fsdp.load_sharded(ckpt, self.model, self.optimizer, self.scheduler)
+        else:
+            state = load_checkpoint(ckpt, self.params, self.optimizer, self.scheduler)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.stream.load_state_dict(state["data"])
+        self._resumed_last = dict(state.get("last") or {})
+        set_schedule_step(self.optimizer, self.scheduler, self.step)  # the lr of this run's schedule at this step
         self.console.print(f"[bold]resumed[/bold] from {ckpt} (step {self.step}/{self.total_steps})")
+        if saved["total_steps"] not in (None, self.total_steps) and self.step < self.total_steps:
+            self.console.print(f"[yellow]the run was for {saved['total_steps']} steps, now {self.total_steps}: the "
+                               "learning rate follows the longer schedule from this step on[/yellow]")  # fmt: skip
+        if self.step > self.total_steps:
+            raise UsageError(f"{self.run_dir} has already taken {self.step} steps, more than the {self.total_steps} "
+                             "asked for", hint=f"resume with --max-steps {self.step} or more")  # fmt: skip
+        if self.step == self.total_steps:
+            out = self.finished_output()
+            if out is not None:
+                raise UsageError(f"{self.run_dir} has finished: all its {self.step} steps are done and its output "
+                                 f"is in {out}", hint="to train further resume with a larger --max-steps; for a new "
+                                 "run pass another --name")  # fmt: skip
+            self.console.print(f"[yellow]all {self.step} steps were done before the run stopped: writing its "
+                               "output from the last checkpoint[/yellow]")  # fmt: skip
         return self.step
+
+    def _check_schedule(self, ckpt: Path, state: dict[str, Any]) -> dict[str, Any]:
+        """Refuse another learning rate or schedule; rebuild the schedule with the saved warmup; the saved one."""
+        saved, now = check_schedule(ckpt, state, self.schedule, warmup_given=self.settings.warmup_steps is not None)
+        if now != self.schedule:
+            self.schedule = now
+            self.scheduler = build_scheduler(self.optimizer, self.total_steps, now["warmup_steps"], now["schedule"],
+                                             now["min_lr_ratio"])  # fmt: skip
+        return saved
 
     # ---- one step ---------------------------------------------------------------------------------------------
 
@@ -306,7 +370,8 @@ class TrainingLoop:
         if self.dist.enabled:
             loss_total, stop = self.dist.sum_numbers([loss_total, self._stop is not None])
             self._stop_all = stop > 0
-            self.dist.sum_gradients(self.params.values())
+            if not self.sharded:  # FSDP summed them in the backward pass
+                self.dist.sum_gradients(self.params.values())
         loss = loss_total / n_total
         grad_norm = self._clip_gradients()
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
@@ -330,7 +395,9 @@ class TrainingLoop:
         """Clip to `max_grad_norm` (when > 0) and return the global gradient norm before clipping."""
         params = list(self.params.values())
         if self.settings.max_grad_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+            return fsdp.as_float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+        if self.sharded:
+            return fsdp.as_float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
 
     @torch.no_grad()
@@ -340,12 +407,13 @@ class TrainingLoop:
             return None
         self.model.eval()
         total, n = 0.0, 0
-        rank, world = self.dist.shard
+        rank, world = (0, 1) if self.sharded else self.dist.shard  # sharded: every rank runs every batch together
         for b in self.val_batches[rank::world]:  # each rank scores its share
             loss_sum, count = self.loss_step(b)
             total, n = total + float(loss_sum), n + count
         self.model.train()
-        total, n = self.dist.sum_numbers([total, n], "validation")
+        if not self.sharded:
+            total, n = self.dist.sum_numbers([total, n], "validation")
         return total / max(n, 1)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -356,16 +424,56 @@ class TrainingLoop:
         Rank 0 writes it; the others go on and wait for it at the next step's sums.
         """
         self._saved_step = self.step
-        if not self.dist.is_main:
+        if not self.dist.is_main and not self.sharded:
             return
-        state = {"tokens_seen": self.tokens_seen, "data": self.stream.state_dict(), "last": last}
-        save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler, state,
-                        keep=self.settings.keep_checkpoints)  # fmt: skip
+        state = {"tokens_seen": self.tokens_seen, "data": self.stream.state_dict(), "last": last,
+                 "schedule": self.schedule}  # fmt: skip
+        with self._signals_held():
+            if self.sharded:  # every rank writes its shards
+                fsdp.save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
+                                  self.dist, keep=self.settings.keep_checkpoints)  # fmt: skip
+            else:
+                save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler, state,
+                                keep=self.settings.keep_checkpoints)  # fmt: skip
+
+    @property
+    def sharded(self) -> bool:
+        """The model is sharded over the processes (`--fsdp` under torchrun)."""
+        return self.settings.fsdp and self.dist.enabled
+
+    def full_params(self) -> contextlib.AbstractContextManager:
+        """Within it, rank 0's model holds the trained tensors whole (every rank enters; unsharded: nothing)."""
+        return fsdp.gathered(self.params, self.model, self.dist) if self.sharded else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _signals_held(self) -> Iterator[None]:
+        """Ctrl-C or SIGTERM while a checkpoint is written waits for it, then raises `KeyboardInterrupt`."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        got: list[int] = []
+
+        def handler(signum: int, frame: Any) -> None:
+            got.append(signum)
+            self.console.print("[yellow]writing a checkpoint: stopping as soon as it is complete[/yellow]")
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        if got:
+            self._stop = signal.Signals(got[0]).name
+            raise KeyboardInterrupt
 
     def train(self) -> LoopResult:
         """Run optimizer steps until `total_steps`, with metrics, validation, checkpoints and the stop signals."""
         s = self.settings
-        start, t0, last, val_loss = self.step, time.perf_counter(), {}, None
+        start, t0, last = self.step, time.perf_counter(), dict(self._resumed_last)
+        val_loss = last.get("val_loss")
         tokens_at_start = self.tokens_seen
         progress = make_progress(self.console, enabled=self.show_progress)
         try:
@@ -395,7 +503,8 @@ class TrainingLoop:
         except KeyboardInterrupt:
             if self.step > start and self._consistent:
                 if self._saved_step != self.step:
-                    self.save_checkpoint(last)
+                    with contextlib.suppress(KeyboardInterrupt):  # the checkpoint is complete: stop as asked
+                        self.save_checkpoint(last)
                 self.console.print(f"[yellow]interrupted at step {self.step}: checkpoint saved; continue with the "
                                    f"same command and {self.resume_flags}[/yellow]")  # fmt: skip
             raise
@@ -405,7 +514,8 @@ class TrainingLoop:
             raise
         finally:
             self.metrics.close()
-        self.save_checkpoint(last)
+        if self.step > start:  # a finished run resumed only to write its output has its checkpoint
+            self.save_checkpoint(last)
         return LoopResult(steps=self.step, losses=list(self.losses), last=last, val_loss=val_loss,
                           tokens=self.tokens_seen - tokens_at_start, seconds=time.perf_counter() - t0)  # fmt: skip
 
@@ -446,12 +556,24 @@ class TrainingLoop:
     def run(self) -> Any:
         """Set up, train, and let the recipe save and report (`finish`)."""
         try:
-            self.setup()
+            try:
+                self.setup()
+            except BaseException:
+                self._remove_unused_run_dir()
+                raise
             out = self.finish(self.train())
             self.dist.barrier()  # every rank returns once rank 0 has written the output
             return out
         finally:
             self.dist.close()
+
+
+    def _remove_unused_run_dir(self) -> None:
+        """Remove the run folder this run made if it failed to start before writing anything there."""
+        run_dir = getattr(self, "run_dir", None)
+        if self.created_run_dir and run_dir is not None and Path(run_dir).is_dir():
+            if not any(p.is_file() for p in Path(run_dir).rglob("*")):
+                shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class _NoMetrics:

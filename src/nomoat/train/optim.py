@@ -71,3 +71,18 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, schedule, min_ratio)
     )
+
+
+def set_schedule_step(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, step: int
+) -> None:
+    """Put the optimizer's learning rates where `scheduler`'s own schedule has them after `step` steps.
+
+    After a checkpoint is loaded this is what the loaded values already are, unless the run's length changed
+    (a resumed run extended with a larger step count follows the longer schedule from `step` on).
+    """
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports

@@ -36,8 +36,9 @@ from nomoat.data import (
 from nomoat.lora import count_parameters, inject_lora, quantize_model_nf4, save_adapter, trainable_parameters
 from nomoat.models.checkpoint import load_model
 from nomoat.models.quantize import quantize_model
+from nomoat.models.safetensors_check import check_safetensors
 from nomoat.tokenizer import Tokenizer
-from nomoat.train.checkpointing import RunExistsError, RunNotFoundError
+from nomoat.train.checkpointing import RunExistsError, RunNotFoundError, disk_errors
 from nomoat.train.loop import LoopResult, TrainingDivergedError, TrainingLoop
 from nomoat.train.loss import causal_lm_loss_sum
 from nomoat.util.errors import UsageError
@@ -82,6 +83,21 @@ def model_content_hash(folder: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_options(cfg: TrainConfig) -> None:
+    """Check what only shows once the model is loaded, before it is: the run name and the shortest row.
+
+    Raises:
+        UsageError: Naming the option (`--name`, `--seq-len`) and what it accepts.
+    """
+    name = cfg.name
+    if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\") or Path(name).is_absolute()):
+        raise UsageError(f"--name {name!r}: a run name is one folder name under --output-dir (no '/', '\\' or '..')",
+                         hint="name the run plainly; choose where runs go with --output-dir")  # fmt: skip
+    if cfg.seq_len < 2:
+        raise UsageError(f"--seq-len {cfg.seq_len}: a training row needs at least 2 tokens (one to read, one to "
+                         "predict)", hint="pass --seq-len 2 or more (the default is 1024)")  # fmt: skip
+
+
 class SFTRecipe(TrainingLoop):
     """A LoRA supervised fine-tuning run.
 
@@ -104,6 +120,7 @@ class SFTRecipe(TrainingLoop):
             raise UsageError("no model given", hint="pass a model folder (nomoat train MODEL --data FILE)")
         if not cfg.data:
             raise UsageError("no data given", hint="pass --data FILE (JSON, JSONL, CSV or Parquet)")
+        check_options(cfg)
         # Read and validate the data before the (possibly large) model: bad records fail in seconds.
         self.dataset = load_dataset(cfg.data, format=cfg.format, columns=cfg.columns or None, limit=cfg.limit)
         if cfg.method == "sft" and self.dataset.format == "preference":
@@ -114,6 +131,9 @@ class SFTRecipe(TrainingLoop):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.name = self.run_dir.name
         self.console.print(f"[bold]model[/bold] {cfg.model}")
+        folder = Path(cfg.model).expanduser()
+        for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            check_safetensors(f)  # a download cut short says so, not how its offsets disagree
         self.model = load_model(cfg.model, dtype=torch.bfloat16 if self.autocast else torch.float32,
                                 device=self.device)  # fmt: skip
         self.tokenizer = Tokenizer.from_dir(cfg.model)
@@ -152,6 +172,7 @@ class SFTRecipe(TrainingLoop):
             run_dir = run_dir.parent / f"{name}-{i}"
         if cfg.resume and not run_dir.exists():
             raise RunNotFoundError(f"{run_dir}: no run to resume", hint="check --name and --output-dir")
+        self.created_run_dir = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         self.name = run_dir.name
         return run_dir
@@ -214,12 +235,18 @@ class SFTRecipe(TrainingLoop):
         """What to add to the same command to continue an interrupted run."""
         return f"--resume --name {self.name}"
 
+    def finished_output(self) -> Path | None:
+        """The adapter of a finished run, if it was written."""
+        adapter = self.run_dir / "adapter"
+        return adapter if (adapter / "adapter_model.safetensors").is_file() else None
+
     def finish(self, out: LoopResult) -> TrainResult:
         """Save the adapter and the loss curve, print the summary."""
         result = TrainResult(run_dir=self.run_dir, adapter_dir=self.run_dir / "adapter", steps=out.steps,
                              losses=out.losses, final_loss=out.last.get("loss"), val_loss=out.val_loss,
                              tokens=out.tokens, seconds=out.seconds, metrics=out.last)  # fmt: skip
-        self.save(result)
+        with self.full_params():  # sharded (--fsdp): the adapter is gathered whole on rank 0 to be saved
+            self.save(result)
         self._summary(result)
         return result
 
@@ -243,8 +270,10 @@ class SFTRecipe(TrainingLoop):
             return result.adapter_dir
         if fallback:  # the data was rendered with nomoat's default template: inference must use it too
             provenance["chat_template"] = "nomoat default (ChatML); the base model has none"
-        save_adapter(self.model, result.adapter_dir, cfg.lora, base_model_name_or_path=cfg.model,
-                     provenance=provenance)  # fmt: skip
+        size = sum(p.numel() * p.element_size() for p in self.params.values())
+        with disk_errors(result.adapter_dir.parent, "the adapter", lambda: size):
+            save_adapter(self.model, result.adapter_dir, cfg.lora, base_model_name_or_path=cfg.model,
+                         provenance=provenance)  # fmt: skip
         if fallback:
             atomic_write_text(result.adapter_dir / "chat_template.jinja", DEFAULT_CHAT_TEMPLATE)
         self.write_loss_curve()
@@ -252,10 +281,11 @@ class SFTRecipe(TrainingLoop):
 
     def _summary(self, r: TrainResult) -> None:
         first = f"{self.losses[0]:.4f} -> " if self.losses else ""
+        final = f"{r.final_loss:.4f}" if r.final_loss is not None else "unknown"
         lines = [
             f"[bold green]done[/bold green]: {r.steps} steps in {r.seconds:.1f} s, {r.tokens:,} tokens "
             f"({r.tokens / max(r.seconds, 1e-9):.0f} tok/s)",
-            f"loss {first}{r.final_loss:.4f}" + (f", validation {r.val_loss:.4f}" if r.val_loss is not None else ""),
+            f"loss {first}{final}" + (f", validation {r.val_loss:.4f}" if r.val_loss is not None else ""),
             f"adapter  {r.adapter_dir}",
             f"metrics  {self.metrics.path}  (loss curve: {self.run_dir / 'loss.png'})",
             f"chat     nomoat chat {self.cfg.model} --adapter {r.adapter_dir}",

@@ -17,7 +17,7 @@ VOCAB = 768  # the byte-level tokenizer has 706 tokens; the embedding is padded 
 def make_structured_model(path: Path, seed: int = 0) -> Path:
     """Save a tiny llama-shaped model (random weights) with a byte-level BPE tokenizer and Qwen 2.5's template."""
     torch.manual_seed(seed)
-    cfg = hf_config("llama_tied_mqa", vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=701,
+    cfg = hf_config("llama_tied_mqa", vocab_size=VOCAB, max_position_embeddings=2048, bos_token_id=701,
                     eos_token_id=705, pad_token_id=703)  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     model.eval().save_pretrained(path)

@@ -55,7 +55,7 @@ class Limits:
 # ---- requests -------------------------------------------------------------------------------------------------------
 
 
-def _message(m: ChatMessage) -> dict[str, Any]:
+def chat_message(m: ChatMessage) -> dict[str, Any]:
     """A request message as chat templates read it (OpenAI's `developer` is a `system` message to templates)."""
     content = m.content if m.content is None or isinstance(m.content, str) else "\n".join(p.text for p in m.content)
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
@@ -80,7 +80,7 @@ def prompt_ids(body: ChatCompletionRequest | CompletionRequest, tok: Tokenizer, 
         if tok.chat_template is None:
             raise APIError(400, "This model has no chat template; use /v1/completions with a plain prompt.", param,
                            "no_chat_template")  # fmt: skip
-        messages = template_messages([_message(m) for m in body.messages])
+        messages = template_messages([chat_message(m) for m in body.messages])
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)

@@ -37,6 +37,8 @@ from nomoat.serve.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from nomoat.tokenizer import ChatTemplateError
+from nomoat.tokenizer.tool_calls import template_messages
 
 Body = ChatCompletionRequest | CompletionRequest
 
@@ -135,8 +137,13 @@ def router(state: Any) -> APIRouter:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "Send exactly one of 'prompt' and 'messages'.", "prompt", "invalid_value")
         if body.messages is not None:
-            chat = ChatCompletionRequest(model=body.model or state.settings.model_name, messages=body.messages)
-            ids = convert.prompt_ids(chat, tok, convert.Limits(10**9, 1, 10**9, state.limits.vocab_size))
+            messages = template_messages([convert.chat_message(m) for m in body.messages])
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+            except (ChatTemplateError, ValueError, TypeError) as e:
+                raise APIError(400, f"The chat template refused these messages: {e}", "messages",
+                               "invalid_messages") from None  # fmt: skip
+            ids = tok.encode(text, add_special_tokens=False)
         else:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         strs = [tok.id_to_token(i) or "" for i in ids] if body.return_token_strs else None

@@ -48,10 +48,18 @@ def generate(
     dtype: Dtype = "auto",
     device: Device = "auto",
     compile_decode: Compile = False,
+    json_schema: Annotated[
+        Path | None, typer.Option("--json-schema", help="Constrain the output to this JSON schema (a .json file).")
+    ] = None,
+    regex: Annotated[str | None, typer.Option(help="Constrain the output to match this regular expression.")] = None,
+    grammar: Annotated[
+        Path | None, typer.Option(help="Constrain the output to this grammar file (Lark, or GBNF with ::= rules).")
+    ] = None,
 ) -> None:
-    """Generate a completion for one prompt, streamed to the terminal."""
+    """Generate a completion for one prompt, streamed to the terminal (optionally constrained by a schema/grammar)."""
     from nomoat.generate.engine import Completion
 
+    constraint = _constraint(json_schema, regex, grammar)
     params = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
     m, tok, adapters = _load_with_adapters(model, quantize, dtype, device, adapter, merge)
     text = prompt
@@ -62,8 +70,13 @@ def generate(
     ids = tok.encode(text, add_special_tokens=not chat)
     engine = _engine_for(m, tok, adapters, max_running=1, prefix_cache_bytes=0, compile=compile_decode)
     try:
-        handle = engine.submit(ids, params, adapter=adapters.selection)
-    except ValueError as e:
+        hook = None
+        if constraint is not None:
+            from nomoat.generate.constraints import Grammars
+
+            hook = Grammars.of(tok, m.config.vocab_size).row(constraint)
+        handle = engine.submit(ids, params, adapter=adapters.selection, logits_hook=hook)
+    except ValueError as e:  # (a ConstraintError too)
         _fail(e)
     for event in handle:
         if isinstance(event, Completion):
@@ -76,6 +89,25 @@ def generate(
                 typer.secho(f"[{event.completion_tokens} tokens, {event.finish_reason}, {rate}]", dim=True, err=True)
         elif not as_json:
             typer.echo(event.text, nl=False)
+
+
+def _constraint(json_schema: Path | None, regex: str | None, grammar: Path | None):  # noqa: ANN202
+    """The output constraint of `generate`'s flags (at most one), or None."""
+    given = [x for x in (json_schema, regex, grammar) if x is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        _fail("give one of --json-schema, --regex and --grammar")
+    from nomoat.generate.constraints import Constraint
+
+    try:
+        if json_schema is not None:
+            return Constraint("json_schema", json.loads(json_schema.read_text(encoding="utf-8")))
+        if grammar is not None:
+            return Constraint("grammar", grammar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        _fail(f"cannot read {json_schema or grammar}: {e}")
+    return Constraint("regex", regex)
 
 
 def chat(

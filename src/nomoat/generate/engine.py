@@ -277,7 +277,8 @@ class Engine:
             events: The queue the request's `Delta`s and `Completion` are put into (default: a new `queue.Queue`);
                 a server passes one whose `put` wakes its event loop.
             logits_hook: Called with this request's next-token logits (V,) fp32 before each sampling; returns new
-                logits or None after changing them in place.
+                logits or None after changing them in place. If it has an `accept(token)` method (a grammar's state),
+                that is called with each token sampled for the request.
 
         Raises:
             QueueFullError: `max_queue` requests are already waiting.
@@ -511,6 +512,9 @@ class Engine:
             req.first_token_at = req.first_token_at or now
             req.output.append(token)
             req.next_token = token
+            accept = getattr(req.logits_hook, "accept", None)  # a stateful hook (a grammar) follows the output
+            if accept is not None:
+                accept(token)
             if token in req.stop_ids:
                 self._emit(req, req.detok.flush(), [], None, final=True)
                 finished.append((req, "stop"))

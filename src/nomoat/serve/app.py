@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import queue
 import threading
@@ -31,7 +32,7 @@ from nomoat.generate.engine import Completion, Delta, QueueFullError, RequestHan
 from nomoat.generate.sampling import SamplingParams
 from nomoat.lora.peft_format import AdapterError
 from nomoat.lora.registry import Registry
-from nomoat.serve import convert
+from nomoat.serve import convert, extras, structured
 from nomoat.serve.adapters import (
     AdapterBusyError,
     AdapterConflictError,
@@ -68,7 +69,7 @@ class ServingEngine(Protocol):
     num_waiting: int
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter: Any = (), request_id: str | None = None,
-               events: queue.Queue | None = None) -> RequestHandle:  # fmt: skip
+               events: queue.Queue | None = None, logits_hook: Any = None) -> RequestHandle:  # fmt: skip
         """Queue a request."""
 
     def add_adapter(self, name: str, folder: str | Path) -> None:
@@ -266,13 +267,23 @@ def _sse(obj: Any) -> str:
     return f"data: {obj.model_dump_json()}\n\n"
 
 
-async def _chat_stream(gen: _Generation, rid: str, model: str, body: ChatCompletionRequest) -> AsyncIterator[str]:
+async def _chat_stream(gen: _Generation, rid: str, model: str, body: ChatCompletionRequest,
+                       tools: structured.ToolStream | None = None) -> AsyncIterator[str]:  # fmt: skip
     created, text = int(time.time()), gen.state.token_text if body.logprobs else None
     yield _sse(convert.chat_chunk(rid, model, created, delta=convert.ChatDelta(role="assistant", content="")))
     while True:
         event = await gen.next_event()
         if event is None:
             return
+        if tools is not None and isinstance(event, Delta):  # content streams until a tool call may start
+            for delta in tools.push(event.text, event.token_ids):
+                yield _sse(convert.chat_chunk(rid, model, created, delta=delta))
+            continue
+        if tools is not None and event.finish_reason != "error":
+            for delta in tools.finish():
+                yield _sse(convert.chat_chunk(rid, model, created, delta=delta))
+            if tools.calls and event.finish_reason == "stop":
+                event = dataclasses.replace(event, finish_reason="tool_calls")
         if isinstance(event, Delta):
             if event.text or (text and event.logprobs):
                 lps = convert.chat_logprobs(event.logprobs, text) if text else None
@@ -328,6 +339,9 @@ async def _generate(state: ServerState, request: Request, body: ChatCompletionRe
         raise APIError(400, str(e), "model", "invalid_value") from None
     ids = convert.prompt_ids(body, engine.tokenizer, state.limits)
     params = convert.sampling_params(body, len(ids), state.limits)
+    plan = structured.tool_plan(body, engine.tokenizer)
+    make_hook = structured.hook_factory(body, engine.tokenizer, state.limits.vocab_size, plan)
+    n = extras.check_choices(body)
     names = [name for name, _ in stack]
     try:
         engine_names = await asyncio.to_thread(manager.acquire, names) if names else {}
@@ -344,8 +358,13 @@ async def _generate(state: ServerState, request: Request, body: ChatCompletionRe
     gen = _Generation(state, request, endpoint, names)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     try:
-        selection = tuple((engine_names[n], w) for n, w in stack)
-        gen.handle = engine.submit(ids, params, adapter=selection, request_id=rid, events=gen.events)
+        selection = tuple((engine_names[a], w) for a, w in stack)
+        if extras.scoring_only(body):
+            return await extras.scored(state, gen, body, ids, selection, rid)
+        hook = make_hook() if make_hook else None
+        gen.handle = engine.submit(ids, params, adapter=selection, request_id=rid, events=gen.events, logits_hook=hook)
+        more = [engine.submit(ids, convert.choice_params(params, i), adapter=selection, request_id=f"{rid}-{i}",
+                              logits_hook=make_hook() if make_hook else None) for i in range(1, n)]  # fmt: skip
     except QueueFullError:
         gen.close()
         state.metrics.inc("nomoat_requests_rejected_total", reason="queue_full")
@@ -355,21 +374,27 @@ async def _generate(state: ServerState, request: Request, body: ChatCompletionRe
         gen.close()
         raise APIError(400, str(e), "messages" if chat else "prompt", "invalid_value") from None
     if body.stream:
-        stream = _chat_stream if chat else _text_stream
-        return _SSE(gen, stream(gen, rid, body.model, body))  # type: ignore[arg-type]
+        if chat:
+            tools = structured.ToolStream(plan, engine.tokenizer) if plan is not None else None
+            return _SSE(gen, _chat_stream(gen, rid, body.model, body, tools))  # type: ignore[arg-type]
+        return _SSE(gen, _text_stream(gen, rid, body.model, body))  # type: ignore[arg-type]
     try:
         done = await gen.result()
+        dones = [done, *[await asyncio.to_thread(h.result) for h in more]] if done is not None else None
     finally:
         gen.close()
+        for h in more:
+            h.cancel()
     if done is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
-    if done.finish_reason == "error":
+    if any(d.finish_reason == "error" for d in dones or []):
         raise APIError(500, ENGINE_ERROR, None, "engine_error")
     text = state.token_text if (body.logprobs if chat else body.logprobs is not None) else None
     if chat:
-        out = convert.chat_response(rid, body.model, done, text)
+        out = convert.chat_response(rid, body.model, dones, text, plan, engine.tokenizer)
     else:
-        out = convert.text_response(rid, body.model, done, text, body.logprobs or 0)
+        echo = await extras.echo_prompt(engine, body, ids, selection) if body.echo else None
+        out = convert.text_response(rid, body.model, dones, text, body.logprobs or 0, echo)
     return JSONResponse(out.model_dump(mode="json"))
 
 
@@ -497,6 +522,8 @@ def create_app(engine: ServingEngine | Callable[[], ServingEngine], settings: Se
     async def metrics() -> PlainTextResponse:
         """Prometheus metrics: requests, tokens, latency histograms, queue depth, loaded adapters."""
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(extras.router(state))  # /v1/models/{id}, /tokenize, /detokenize, /v1/embeddings
 
     if (WEB_DIR / "index.html").is_file():  # the web playground, when present
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")

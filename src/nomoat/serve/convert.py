@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nomoat.generate.engine import Completion, TokenLogprob
 from nomoat.generate.sampling import SamplingParams
@@ -19,6 +21,7 @@ from nomoat.serve.protocol import (
     ChatCompletionRequest,
     ChatDelta,
     ChatLogprobs,
+    ChatMessage,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -27,7 +30,9 @@ from nomoat.serve.protocol import (
     TopLogprob,
     Usage,
 )
+from nomoat.serve.structured import ToolPlan, raw_text, tool_message
 from nomoat.tokenizer import ChatTemplateError, Tokenizer
+from nomoat.tokenizer.tool_calls import template_messages
 
 
 @dataclass
@@ -50,6 +55,19 @@ class Limits:
 # ---- requests -------------------------------------------------------------------------------------------------------
 
 
+def chat_message(m: ChatMessage) -> dict[str, Any]:
+    """A request message as chat templates read it (OpenAI's `developer` is a `system` message to templates)."""
+    content = m.content if m.content is None or isinstance(m.content, str) else "\n".join(p.text for p in m.content)
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
 def prompt_ids(body: ChatCompletionRequest | CompletionRequest, tok: Tokenizer, limits: Limits) -> list[int]:
     """The prompt's token ids: a chat rendered with the model's template, or a completion prompt.
 
@@ -62,14 +80,11 @@ def prompt_ids(body: ChatCompletionRequest | CompletionRequest, tok: Tokenizer, 
         if tok.chat_template is None:
             raise APIError(400, "This model has no chat template; use /v1/completions with a plain prompt.", param,
                            "no_chat_template")  # fmt: skip
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role,
-             "content": m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)}
-            for m in body.messages
-        ]  # fmt: skip
+        messages = template_messages([chat_message(m) for m in body.messages])
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        except (ChatTemplateError, ValueError) as e:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        except (ChatTemplateError, ValueError, TypeError) as e:
             raise APIError(400, f"The chat template refused these messages: {e}", param, "invalid_messages") from None
         ids = tok.encode(text, add_special_tokens=False)
     else:
@@ -110,6 +125,11 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, n_prompt: i
                            "invalid_value")  # fmt: skip
         requested, param = body.max_completion_tokens, "max_completion_tokens"
     room = limits.context - n_prompt
+    if requested == 0:
+        if chat or not body.echo:
+            raise APIError(400, f"'{param}' must be at least 1 (0 is allowed with 'echo' only).", param,
+                           "invalid_value")  # fmt: skip
+        requested = 1  # scoring only: nothing is generated (the server does not queue it)
     if requested is not None:
         if requested > limits.max_completion_tokens:
             raise APIError(400, f"'{param}' is {requested}; this server allows at most {limits.max_completion_tokens}.",
@@ -181,10 +201,18 @@ def chat_logprobs(lps: Sequence[TokenLogprob], text: TokenText) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(lps: Sequence[TokenLogprob], text: TokenText, top: int, offset: int = 0) -> CompletionLogprobs:
+def completion_logprobs(lps: Sequence[TokenLogprob | None], text: TokenText, top: int,
+                        offset: int = 0) -> CompletionLogprobs:  # fmt: skip
     """Legacy-format logprobs of some tokens; `offset` is the text offset of the first one."""
     out = CompletionLogprobs(top_logprobs=[] if top else None)
     for lp in lps:
+        if lp is None:  # the first prompt token: nothing comes before it
+            out.tokens.append("")
+            out.token_logprobs.append(None)
+            out.text_offset.append(offset)
+            if out.top_logprobs is not None:
+                out.top_logprobs.append(None)
+            continue
         token = text(lp.token_id)
         out.tokens.append(token)
         out.token_logprobs.append(lp.logprob)
@@ -201,18 +229,69 @@ def usage(done: Completion) -> Usage:
                  total_tokens=done.prompt_tokens + done.completion_tokens)  # fmt: skip
 
 
-def chat_response(rid: str, model: str, done: Completion, text: TokenText | None) -> ChatCompletion:
-    """The whole chat completion (`text` given when logprobs were asked for)."""
-    choice = ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.finish_reason,
-                        logprobs=chat_logprobs(done.logprobs, text) if text else None)  # fmt: skip
-    return ChatCompletion(id=rid, created=int(time.time()), model=model, choices=[choice], usage=usage(done))
+def usage_of(dones: Sequence[Completion]) -> Usage:
+    """Token counts of the choices of one request (the prompt counted once)."""
+    completion = sum(d.completion_tokens for d in dones)
+    return Usage(prompt_tokens=dones[0].prompt_tokens, completion_tokens=completion,
+                 total_tokens=dones[0].prompt_tokens + completion)  # fmt: skip
 
 
-def text_response(rid: str, model: str, done: Completion, text: TokenText | None, top: int) -> TextCompletion:
-    """The whole text completion."""
-    choice = CompletionChoice(text=done.text, finish_reason=done.finish_reason,
-                              logprobs=completion_logprobs(done.logprobs, text, top) if text else None)  # fmt: skip
-    return TextCompletion(id=rid, created=int(time.time()), model=model, choices=[choice], usage=usage(done))
+def chat_response(rid: str, model: str, done: Completion | Sequence[Completion], text: TokenText | None,
+                  plan: ToolPlan | None = None, tok: Tokenizer | None = None) -> ChatCompletion:  # fmt: skip
+    """The whole chat completion, one choice per `Completion` (`text` given when logprobs were asked for).
+
+    With a tool plan, each answer is parsed for tool calls (finish reason "tool_calls" when it makes some).
+    """
+    dones = [done] if isinstance(done, Completion) else list(done)
+    choices = []
+    for i, d in enumerate(dones):
+        answer = tok.decode(d.token_ids) if tok is not None and raw_text(plan) else d.text
+        content, calls = tool_message(answer, plan)
+        if calls is None:
+            content = d.text
+        reason = "tool_calls" if calls and d.finish_reason == "stop" else d.finish_reason
+        choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls),
+                                  finish_reason=reason,
+                                  logprobs=chat_logprobs(d.logprobs, text) if text else None))  # fmt: skip
+    return ChatCompletion(id=rid, created=int(time.time()), model=model, choices=choices, usage=usage_of(dones))
+
+
+def text_response(rid: str, model: str, done: Completion | Sequence[Completion], text: TokenText | None, top: int,
+                  echo: tuple[str, Sequence[TokenLogprob | None]] | None = None) -> TextCompletion:  # fmt: skip
+    """The whole text completion, one choice per `Completion` in `done`.
+
+    `text` is given when logprobs were asked for (`top` alternatives each). `echo` is the prompt's text and its
+    tokens' logprobs (None for the first) when `echo` was asked for: the prompt comes before each choice's text and
+    logprobs.
+    """
+    dones = [done] if isinstance(done, Completion) else list(done)
+    choices = []
+    for i, d in enumerate(dones):
+        lps = completion_logprobs(d.logprobs, text, top, len(echo[0]) if echo else 0) if text else None
+        if echo and lps is not None:
+            lps = _join_logprobs(completion_logprobs(echo[1], text, top), lps)
+        choices.append(CompletionChoice(index=i, text=(echo[0] if echo else "") + d.text, logprobs=lps,
+                                        finish_reason=d.finish_reason))  # fmt: skip
+    return TextCompletion(id=rid, created=int(time.time()), model=model, choices=choices, usage=usage_of(dones))
+
+
+def _join_logprobs(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    top = None if a.top_logprobs is None else [*a.top_logprobs, *(b.top_logprobs or [])]
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=top, text_offset=a.text_offset + b.text_offset)  # fmt: skip
+
+
+def scored_only(prompt_tokens: int) -> Completion:
+    """The empty completion of a request that only scores its prompt (`max_tokens` 0 with `echo`)."""
+    return Completion(request_id="", text="", token_ids=[], finish_reason="length", prompt_tokens=prompt_tokens,
+                      completion_tokens=0, time_to_first_token_s=None, decode_tokens_per_s=None)  # fmt: skip
+
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The sampling parameters of choice `index` of a request: a seeded request's choices get seeds seed+index."""
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + index)
 
 
 def chat_chunk(rid: str, model: str, created: int, **choice: object) -> ChatCompletionChunk:

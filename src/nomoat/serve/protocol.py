@@ -1,17 +1,19 @@
 """The OpenAI wire format, as pydantic models: requests, responses, streamed chunks, errors.
 
 Requests forbid unknown fields (`extra="forbid"`): a parameter nomoat does not implement is refused with a 400 that
-names it, never silently ignored. Only the parameters listed here exist; ranges follow OpenAI's where it states them
-and `SamplingParams` where it does not (top_k, min_p, repetition_penalty are vLLM's extensions).
+names it, never silently ignored (OpenAI answers unknown arguments the same way). Only the parameters listed here
+exist; ranges follow OpenAI's where it states them and `SamplingParams` where it does not (top_k, min_p,
+repetition_penalty are vLLM's extensions; `response_format` types "regex" and "grammar" are nomoat's).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_N = 16  # choices per request
 
 
 class _Request(BaseModel):
@@ -25,11 +27,81 @@ class TextPart(_Request):
     text: str
 
 
-class ChatMessage(_Request):
-    """A message of the conversation (no tool calls, no names: those are refused)."""
+class FunctionCall(BaseModel):
+    """A function call: its name and its arguments as JSON text."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    """A tool call of an assistant message (in a response, or sent back in the history)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Request):
+    """A message of the conversation; assistant messages may carry `tool_calls`, `tool` messages answer one."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, description="The author's name (passed to the chat template as `name`).")
+    tool_calls: list[ToolCallOut] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(_Request):
+    """A function the model may call."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="The arguments' JSON schema.")
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    """An entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    """The function a named `tool_choice` forces."""
+
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Request):
+    """The schema of `response_format: {"type": "json_schema", ...}`."""
+
+    name: str = Field("response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(_Request):
+    """`response_format`: free text, any JSON object, a JSON schema, or (nomoat's extensions) a regex or a grammar.
+
+    The grammar is Lark as llguidance reads it (start rule `start`), or GBNF (rules with `::=`, start rule `root`).
+    """
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JSONSchemaFormat | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
 
 class StreamOptions(_Request):
@@ -52,7 +124,9 @@ class SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0)
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} stop strings.")
     seed: int | None = None
-    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    n: int | None = Field(None, ge=1, le=MAX_N, description="Choices to generate (they share the prompt's cache).")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as text) -> bias in [-100, 100].")
+    response_format: ResponseFormat | None = None
     user: str | None = Field(None, description="An end-user identifier (logged in nothing; accepted for clients).")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -65,6 +139,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -72,6 +149,8 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20, description="Return the top-N logprobs of each token.")
+    echo: bool | None = Field(False, description="Return the prompt before the completion (with its logprobs).")
+    max_tokens: int | None = Field(None, ge=0, description="Most tokens to generate (0 with `echo`: score only).")
 
 
 class AdapterLoadRequest(_Request):
@@ -117,8 +196,8 @@ class CompletionLogprobs(BaseModel):
     """Logprobs of a text completion choice (the legacy format)."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = Field(default_factory=list, description="None for the first prompt token.")
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -126,12 +205,13 @@ class AssistantMessage(BaseModel):
     """The generated message."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
-    """The (only) choice of a chat completion."""
+    """A choice of a chat completion."""
 
     index: int = 0
     message: AssistantMessage
@@ -151,11 +231,28 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    """Part of a streamed function call."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """Part of a streamed tool call (`index` says which call of the message it extends)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     """New content of a streamed chat choice."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -180,7 +277,7 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionChoice(BaseModel):
-    """The (only) choice of a text completion (also the streamed form)."""
+    """A choice of a text completion (also the streamed form)."""
 
     index: int = 0
     text: str
@@ -231,3 +328,70 @@ class ErrorResponse(BaseModel):
     """Every non-2xx response: `{"error": {"message", "type", "param", "code"}}`."""
 
     error: ErrorDetail
+
+
+class TokenizeRequest(_Request):
+    """`POST /tokenize` (vLLM's shape): a prompt, or chat messages rendered with the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    """The tokens of a `/tokenize` request."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """`POST /detokenize` (vLLM's shape)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    """The text of a `/detokenize` request."""
+
+    prompt: str
+
+
+class EmbeddingRequest(_Request):
+    """`POST /v1/embeddings`: the mean over positions of the last layer's normed hidden state, L2-normalised."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    """One embedding."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    """Token counts of an embeddings request."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    """The answer of `POST /v1/embeddings`."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

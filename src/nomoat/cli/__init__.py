@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from nomoat.cli import adapters, demo, deploy, evaluate, export, generate, merge, models, serve, train
+from nomoat.cli import adapters, demo, deploy, evaluate, export, generate, merge, models, serve, studio, train
 from nomoat.cli._common import Group
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
 app.command()(serve.serve)
 app.add_typer(deploy.app, name="deploy")
+app.command()(studio.studio)
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ from nomoat.serve.protocol import (
     ModelCard,
     ModelList,
 )
+from nomoat.serve.studio import StudioSettings, mount_studio
 from nomoat.tokenizer import Tokenizer
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -96,6 +97,7 @@ class ServeSettings:
         max_body_bytes: Largest request body.
         retry_after_s: `Retry-After` of a 429.
         registry_home: The adapter registry's root (default `$NOMOAT_HOME`).
+        studio: The web studio's folders and limits.
     """
 
     model_name: str
@@ -107,6 +109,7 @@ class ServeSettings:
     max_body_bytes: int = 2 * 2**20
     retry_after_s: int = 1
     registry_home: str | None = None
+    studio: StudioSettings = field(default_factory=StudioSettings)
 
 
 class ServerState:
@@ -524,7 +527,7 @@ def create_app(engine: ServingEngine | Callable[[], ServingEngine], settings: Se
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(extras.router(state))  # /v1/models/{id}, /tokenize, /detokenize, /v1/embeddings
-
+    mount_studio(app, state)  # the studio's /v1/studio routes and the offline /docs
     if (WEB_DIR / "index.html").is_file():  # the web playground, when present
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
 

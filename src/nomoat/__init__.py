@@ -20,7 +20,9 @@ def load(path: str, dtype: Any = "auto", device: Any = "auto") -> tuple[Transfor
     """Load a Hugging Face-format model folder with nomoat's own decoder and tokenizer.
 
     Args:
-        path: A folder with `config.json`, safetensors weights and `tokenizer.json` (`~` is expanded).
+        path: A folder with `config.json`, safetensors weights and `tokenizer.json` (`~` is expanded), a `.gguf` file,
+            `ollama:NAME[:TAG]`, `demo` (the embedded model) or a Hub id `ORG/NAME[@REVISION]` found offline in the
+            Hugging Face cache (`HF_HUB_CACHE`, `HF_HOME`; `nomoat pull` downloads one).
         dtype: `"auto"` (fp32 on CPU; on CUDA the checkpoint's bf16/fp16, else bf16), a `torch.dtype`,
             or one of `"float32"`, `"bfloat16"`, `"float16"` (also `fp32`, `bf16`, `fp16`).
         device: `"auto"` (CUDA when available, else CPU), or any torch device.
@@ -32,8 +34,9 @@ def load(path: str, dtype: Any = "auto", device: Any = "auto") -> tuple[Transfor
 
     from nomoat.models.checkpoint import load_model
     from nomoat.tokenizer import Tokenizer
+    from nomoat.util.hub import local_path
 
-    path = str(Path(path).expanduser())
+    path = str(local_path(Path(path).expanduser()))
     model = load_model(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(path)
     return model, tokenizer

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from nomoat.cli import adapters, demo, deploy, evaluate, export, generate, merge, models, serve, studio, train
+from nomoat.cli import adapters, demo, deploy, evaluate, export, generate, hub, merge, models, serve, studio, train
 from nomoat.cli._common import Group
 
 app = typer.Typer(
@@ -29,6 +29,10 @@ def version() -> None:
 
 
 # The order here is the order of `nomoat --help`.
+app.command()(hub.pull)
+app.command("models")(hub.models)
+app.command()(hub.rm)
+app.command()(hub.push)
 app.command()(models.info)
 app.command()(models.convert)
 app.command()(generate.generate)

@@ -67,8 +67,8 @@ class Group(TyperGroup):
 
 
 def human(n: float, unit: str = "") -> str:
-    """`1234567` -> `1.2M`: a number with a K/M/B/T suffix."""
-    for suffix in ("", "K", "M", "B", "T"):
+    """`1234567` -> `1.2M`: a number with a K/M/B/T suffix; bytes (`unit="B"`) take K/M/G/T (`2.5GB`, not `2.5BB`)."""
+    for suffix in ("", "K", "M", "G" if unit == "B" else "B", "T"):
         if abs(n) < 1000:
             return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
         n /= 1000
@@ -249,7 +249,8 @@ def resolve_adapters(adapters: list[str] | None) -> list[tuple[Path, float]]:
 
 
 Model = Annotated[Path, typer.Argument(
-    help="A Hugging Face-format model folder, a .gguf file, or ollama:NAME[:TAG] (a model in Ollama's local store)."
+    help="A model: `demo` (the embedded one), a Hub id ORG/NAME[@REV] from the Hugging Face cache (`nomoat pull`), "
+    "a Hugging Face-format folder, a .gguf file, or ollama:NAME[:TAG] (a model in Ollama's local store)."
 )]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]

@@ -14,7 +14,7 @@ from nomoat.cli._common import human as _human
 
 def info(
     path: Annotated[Path, typer.Argument(
-        help="A Hugging Face-format model folder (config.json + safetensors), a .gguf file or ollama:NAME[:TAG]."
+        help="demo, a Hub id ORG/NAME[@REV] (Hugging Face cache), a model folder, a .gguf file or ollama:NAME[:TAG]."
     )],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:

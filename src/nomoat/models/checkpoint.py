@@ -29,6 +29,7 @@ from nomoat.config.model import ModelConfig
 from nomoat.models.families import config_from_hf, fuse_for_save, split_fused
 from nomoat.models.transformer import Transformer
 from nomoat.util.files import ordinary_modes
+from nomoat.util.hub import local_path
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -70,6 +71,7 @@ def gguf_source(path: str | os.PathLike) -> Path | None:
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read `config.json` from a model folder (or the equivalent of a GGUF file's metadata)."""
+    path = local_path(path)  # `demo` and Hub ids (ORG/NAME[@REV]) name folders too
     gguf_file = gguf_source(path)
     if gguf_file is not None:
         from nomoat.models.gguf import open_gguf, reader_hf_config
@@ -97,6 +99,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files holding a model's weights, refusing pickle checkpoints with a way out."""
+    path = local_path(path)
     folder = Path(path)
     index = folder / INDEX_FILE
     if index.is_file():
@@ -242,7 +245,8 @@ def load_model(path: str | os.PathLike, dtype: Any = "auto", device: Any = "auto
     """Load a Hugging Face-format model folder into nomoat's decoder.
 
     Args:
-        path: Folder with `config.json` and `model.safetensors` (or a sharded index).
+        path: Folder with `config.json` and `model.safetensors` (or a sharded index), a `.gguf` file,
+            `ollama:NAME[:TAG]`, `demo` or a Hub id `ORG/NAME[@REV]` in the Hugging Face cache.
         dtype: Target dtype (`"auto"`, a `torch.dtype` or a name such as `"bfloat16"`).
         device: `"auto"`, `"cpu"`, `"cuda"`, ...
 
@@ -253,6 +257,7 @@ def load_model(path: str | os.PathLike, dtype: Any = "auto", device: Any = "auto
         CheckpointError: missing files, pickle weights, missing or misshapen tensors.
         UnsupportedModelError: the family or one of its features is not supported.
     """
+    path = local_path(path)
     gguf_file = gguf_source(path)
     if gguf_file is not None:
         from nomoat.models.gguf import load_gguf_model
@@ -427,6 +432,7 @@ def convert_pickle_checkpoint(path: str | os.PathLike, out: str | os.PathLike | 
 
 def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
     """Parameter count, stored dtypes and bytes of a model folder (or GGUF file), read from headers only (fast)."""
+    path = local_path(path)
     gguf_file = gguf_source(path)
     if gguf_file is not None:
         from nomoat.models.gguf import gguf_summary

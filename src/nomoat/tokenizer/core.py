@@ -19,6 +19,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from nomoat.tokenizer.chat_template import ChatTemplateError, plain_data, render_chat
 from nomoat.util.errors import ModelError
 from nomoat.util.files import read_json
+from nomoat.util.hub import local_path
 
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerNotFoundError"]
 
@@ -154,6 +155,7 @@ class Tokenizer:
         Raises:
             TokenizerNotFoundError: The folder does not exist or has no `tokenizer.json`.
         """
+        path = local_path(path)  # `demo` and Hub ids (ORG/NAME[@REV]) name folders too
         if _is_gguf_source(path):
             return cls.from_gguf(path)
         folder = Path(path)

@@ -1,6 +1,6 @@
 """Generation speed: nomoat's engine against transformers `generate`, in one run, on the same model files.
 
-Random models shaped like SmolLM2-135M and Qwen2.5-0.5B are built with transformers and saved once; each engine
+Random models shaped like SmolLM2-135M and Qwen2.5-0.5B (and Llama-3.2-1B with `--shapes llama-1b`) are built with
 loads them in fp32. Measured, with 2 threads:
 - decode tokens/s at batch 1 (128 new tokens after a 32-token prompt; prefill time excluded),
 - prefill tokens/s for a 512-token prompt,
@@ -64,7 +64,10 @@ SHAPES = {
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
 }  # fmt: skip
+DEFAULT_SHAPES = ("smollm2-135m", "qwen2.5-0.5b")  # a full run without --shapes (llama-1b only when named)
 
 
 # Decode and prefill are timed this many times per engine, keeping the best (the machine may be shared); the
@@ -89,10 +92,10 @@ class NullTokenizer:
 
 
 def make_model(shape: str, path: Path) -> None:
-    """Save a random model of the given shape (llama family for SmolLM2, qwen2 for Qwen2.5)."""
+    """Save a random model of the given shape (llama family for SmolLM2 and Llama, qwen2 for Qwen2.5)."""
     import transformers
 
-    cls = transformers.LlamaConfig if shape.startswith("smollm") else transformers.Qwen2Config
+    cls = transformers.Qwen2Config if shape.startswith("qwen") else transformers.LlamaConfig
     cfg = cls(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
@@ -158,7 +161,7 @@ def around_each(run_once, runs: int) -> tuple[float, dict[str, float], list[dict
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights read per decoded token: every parameter once (both shapes tie the embedding to the head,
+    """Bytes of weights read per decoded token: every parameter once (every shape ties the embedding to the head,
     which reads all of it every token)."""
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -453,7 +456,7 @@ def main() -> None:
                          "process under its faster policy (PASSIVE / default), on the Qwen2.5 shape; prints each "
                          "pair's ratio and their median")  # fmt: skip
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b", help="the shape for --pairs")
-    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="the shapes of a full run (default: all)")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="shapes of a full run (default: not llama-1b)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # KIND ARG...: a child of bench_child
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -466,7 +469,7 @@ def main() -> None:
         return
     if args.pairs:
         return decode_pairs(args.shape, args.pairs)
-    shapes = ["smollm2-135m"] if args.quick else (args.shapes or list(SHAPES))
+    shapes = ["smollm2-135m"] if args.quick else (args.shapes or list(DEFAULT_SHAPES))
     new, batch8_new, prefill_len = (64, 32, 256) if args.quick else (128, 128, 512)
     results, ratios = [], {}
     absent = llamacpp_status()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from nomoat.generate.sampling import SamplingParams
 from nomoat.inference import DecodeConfig, DecodeModel, PanelLinear, prepare
 from nomoat.kernels import build
 from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter, unload_lora
+from nomoat.lora.bank import AdapterBank, group_rows
 from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
 from nomoat.models.packed import pack_model
@@ -61,9 +65,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _decode_logits(dm: DecodeModel, prompts: list[list[int]], steps: int, row0: int = 0) -> torch.Tensor:
+def _decode_logits(
+    dm: DecodeModel,
+    prompts: list[list[int]],
+    steps: int,
+    row0: int = 0,
+    during_decode: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
     """Prefill each prompt into its own cache row (row0 + i), then decode `steps` greedy tokens for all rows at once
-    (rows at different positions); returns the logits (steps, B, V) of the decode steps."""
+    (rows at different positions, each step inside `during_decode()`); returns the logits (steps, B, V) of the
+    decode steps."""
     B = len(prompts)
     cache = KVCache(dm.config, row0 + B, max(64, max(map(len, prompts)) + steps + 1), torch.float32, "cpu")
     out = []
@@ -76,7 +87,8 @@ def _decode_logits(dm: DecodeModel, prompts: list[list[int]], steps: int, row0: 
         for _ in range(steps):
             ids = torch.tensor(toks)[:, None]
             pos = torch.tensor(lengths)[:, None]
-            logits = dm(ids, pos, cache, rows=slice(row0, row0 + B))[:, -1]
+            with during_decode():
+                logits = dm(ids, pos, cache, rows=slice(row0, row0 + B))[:, -1]
             out.append(logits)
             toks = logits.argmax(-1).tolist()
             lengths = [n + 1 for n in lengths]
@@ -267,6 +279,43 @@ def test_adapter_bank_rows_run_in_the_stack(built, mode, tmp_path):
     handles = [eng.submit(p, params, adapter=sel) for p, sel in zip(prompts, selections)]
     assert [h.result().token_ids for h in handles] == alone  # one batch mixing the three
     assert eng.decode.stack_steps == 28
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_many_rows_and_adapters_in_the_stack(built, mode, tmp_path):
+    """19 rows (three row blocks of the panel kernels) over six adapters of different ranks: each row one adapter,
+    a weighted stack of two, or none. The stack's LoRA terms (each row's low-rank product made once per projection,
+    then added panel by panel) equal the layer loop with the bank's own (torch) LoRA path."""
+    model_dir = tmp_path / "model"
+    _make("llama", model_dir)
+    names = [f"a{i}" for i in range(6)]
+    ranks = [2, 4, 8, 4, 12, 6]
+    folders = {n: _adapter(model_dir, tmp_path / n, 20 + i, r) for i, (n, r) in enumerate(zip(names, ranks))}
+    selections = []
+    for row in range(19):
+        if row % 7 == 3:
+            selections.append(())
+        elif row % 5 == 1:
+            selections.append(((names[row % 6], 0.6), (names[(row + 2) % 6], -0.4)))
+        else:
+            selections.append(((names[row % 6], 1.0),))
+    prompts = [[(7 * i + j) % 200 + 3 for j in range(2 + i % 5)] for i in range(19)]
+    model = load_model(model_dir, "float32", "cpu")
+    quantize_model(model, "int8") if mode == "int8" else pack_model(model)
+    out = {}
+    for stack in (True, False):
+        dm = prepare(model, DecodeConfig(stack=stack))
+        bank = AdapterBank(dm.net)
+        for name, folder in folders.items():
+            bank.add(name, folder)
+        dm.rebuild_plan()
+        assert (dm.plan is not None) == stack
+        plan = group_rows(selections, torch.device("cpu"))
+        out[stack] = _decode_logits(dm, prompts, 3, during_decode=lambda b=bank, p=plan: b.plan(p))
+        assert dm.stack_steps == (3 if stack else 0)
+    plain = _decode_logits(prepare(model, DecodeConfig(stack=True)), prompts, 3)
+    assert _rel(out[True], plain) > 1e-3  # the adapters change the logits
+    assert _rel(out[True], out[False]) < 1e-5
 
 
 def test_ineligible_families_have_no_plan(built, tmp_path):

@@ -15,6 +15,8 @@
 // unit is idempotent: each intermediate has one buffer per layer (the residual one per half layer: x_next = x +
 // projection, never x += ...), and every shared write stores a final value. A panel unit runs its rows in blocks of
 // MAX_ROWS (the panel stays in L2 between blocks, so memory sees each weight once per step).
+// Adapters: a row's low-rank product c * (x A^T) is computed once per projection and step (per thread), and
+// each panel unit adds (that product) B^T for its 64 columns.
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 
@@ -271,37 +273,72 @@ struct StackPlan : torch::CustomClassHolder {
         }
       };
 
+      // Low-rank products, once per (row, adapter, projection) and phase: this thread's copy of
+      // c * (x_m A^T) for every row m and adapter whose coefficient c is nonzero, made when the thread first runs a
+      // unit of the phase (so twice at most with two threads, never once per panel). `acts[proj]` lists them
+      // adapter by adapter: (row, entry, offset of its r values in `xa`). Thread-private: a helped unit is unaffected.
+      struct Act {
+        int64_t m, e, off;
+      };
+      std::vector<float> xa;
+      std::vector<Act> acts[7];
+      int64_t xa_for = -1;  // the phase whose products xa holds
+      auto low_rank = [&](int64_t idx, const LayerPlan& ly, const float* x, int64_t ldx) {
+        if (xa_for == idx) return;
+        xa_for = idx;
+        const int ph = (int)(idx % 5);
+        const int p0 = ph == 0 ? 0 : ph == 2 ? 3 : ph == 3 ? 4 : 6, np = ph == 0 ? 3 : ph == 3 ? 2 : 1;
+        int64_t need = 0;
+        for (int proj = p0; proj < p0 + np; ++proj) {
+          acts[proj].clear();
+          for (int64_t e = 0; e < (int64_t)ly.lora[proj].size(); ++e)  // adapter-major: rows share A's reads
+            for (int64_t m = 0; m < M; ++m)
+              if (cf[m * ncf + ly.lora[proj][e].slot] != 0.f) {
+                acts[proj].push_back({m, e, need});
+                need += ly.lora[proj][e].r;
+              }
+        }
+        if ((int64_t)xa.size() < need) xa.resize(need);
+        for (int proj = p0; proj < p0 + np; ++proj) {
+          const std::vector<Act>& all = acts[proj];
+          for (size_t g0 = 0, g1; g0 < all.size(); g0 = g1) {  // the rows of one adapter: each row of A read once
+            for (g1 = g0 + 1; g1 < all.size() && all[g1].e == all[g0].e;) ++g1;
+            const Lora& a = ly.lora[proj][all[g0].e];
+            for (int64_t i = 0; i < a.r; ++i) {
+              const float* ai = a.A + i * a.in;
+              for (size_t t = g0; t < g1; ++t) {
+                const float* xm = x + all[t].m * ldx;
+                vf acc = vf{};
+                int64_t k = 0;
+                for (; k + W <= a.in; k += W) acc += ld(xm + k) * ld(ai + k);
+                float sum = hsum(acc);
+                for (; k < a.in; ++k) sum += xm[k] * ai[k];
+                xa[all[t].off + i] = sum * cf[all[t].m * ncf + a.slot] * a.scale;
+              }
+            }
+          }
+        }
+      };
+
       // dl (mm x 64) = the adapters' delta on columns n0.. (nn of them) of projection `proj` for rows m0..m0+mm of
-      // the step, whose inputs start at x (row stride ldx); false when no adapter applies to them (dl untouched).
-      alignas(64) float xa[MAX_LORA_RANK];
-      auto lora_delta = [&](const LayerPlan& ly, int proj, const float* x, int64_t ldx, int64_t n0, int64_t nn,
-                            float* dl, int64_t m0, int mm) -> bool {
+      // the step, from the phase's low-rank products (`low_rank` first); false when no adapter applies to them
+      // (dl untouched).
+      auto lora_delta = [&](const LayerPlan& ly, int proj, int64_t n0, int64_t nn, float* dl, int64_t m0,
+                            int mm) -> bool {
         if (cf == nullptr || ly.lora[proj].empty()) return false;
         bool any = false;
-        for (const Lora& e : ly.lora[proj]) {
-          for (int64_t m = 0; m < mm; ++m) {
-            const float c = cf[(m0 + m) * ncf + e.slot] * e.scale;
-            if (c == 0.f) continue;
-            if (!any) {
-              std::memset(dl, 0, sizeof(float) * MAX_ROWS * PANEL);
-              any = true;
-            }
-            const float* xm = x + m * ldx;
-            for (int64_t i = 0; i < e.r; ++i) {
-              const float* a = e.A + i * e.in;
-              vf acc = vf{};
-              int64_t k = 0;
-              for (; k + W <= e.in; k += W) acc += ld(xm + k) * ld(a + k);
-              float sum = hsum(acc);
-              for (; k < e.in; ++k) sum += xm[k] * a[k];
-              xa[i] = sum * c;
-            }
-            float* d = dl + m * PANEL;
-            for (int64_t i = 0; i < e.r; ++i) {
-              const float* b = e.Bt + i * e.out + n0;
-              const float w = xa[i];
-              for (int64_t j = 0; j < nn; ++j) d[j] += w * b[j];
-            }
+        for (const Act& t : acts[proj]) {
+          if (t.m < m0 || t.m >= m0 + mm) continue;
+          if (!any) {
+            std::memset(dl, 0, sizeof(float) * MAX_ROWS * PANEL);
+            any = true;
+          }
+          const Lora& a = ly.lora[proj][t.e];
+          float* d = dl + (t.m - m0) * PANEL;
+          for (int64_t i = 0; i < a.r; ++i) {
+            const float* b = a.Bt + i * a.out + n0;
+            const float w = xa[t.off + i];
+            for (int64_t j = 0; j < nn; ++j) d[j] += w * b[j];
           }
         }
         return any;
@@ -318,6 +355,10 @@ struct StackPlan : torch::CustomClassHolder {
         if ((ph == 0 || ph == 3) && xn_for != idx) {
           norm_into(X + (2 * l + (ph == 3)) * M * D, ph == 0 ? ly.w_in : ly.w_post);
           xn_for = idx;
+        }
+        if (cf != nullptr && ph != 1) {  // the phase's low-rank products, once per thread
+          const float* in = ph == 2 ? ATT + l * M * Q : ph == 4 ? ACT + l * M * I : xn;
+          low_rank(idx, ly, in, ph == 2 ? Q : ph == 4 ? I : D);
         }
         if (ph == 0) {  // q/k/v panel -> qkv (M, NQKV)
           const Seg* s = &ly.q;
@@ -337,7 +378,7 @@ struct StackPlan : torch::CustomClassHolder {
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // row blocks: the panel stays in L2 between them
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             panel_gemv(*s, p, mm, xn + m0 * D, D, buf);
-            const bool has_d = lora_delta(ly, proj, xn + m0 * D, D, n0, nn, dl, m0, mm);
+            const bool has_d = lora_delta(ly, proj, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               float* dst = QKV + (l * M + m0 + m) * NQKV + off + n0;
               const float* src = buf + m * PANEL;
@@ -377,7 +418,7 @@ struct StackPlan : torch::CustomClassHolder {
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             panel_gemv(s, u, mm, in + m0 * K, K, buf);
-            const bool has_d = lora_delta(ly, ph == 2 ? 3 : 6, in + m0 * K, K, n0, nn, dl, m0, mm);
+            const bool has_d = lora_delta(ly, ph == 2 ? 3 : 6, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               const float* src = buf + m * PANEL;
               const int64_t r = (m0 + m) * D + n0;
@@ -396,8 +437,8 @@ struct StackPlan : torch::CustomClassHolder {
             const float* x = xn + m0 * D;
             panel_gemv(ly.gate, u, mm, x, D, buf);
             panel_gemv(ly.up, u, mm, x, D, buf2);
-            const bool has_g = lora_delta(ly, 4, x, D, n0, nn, dl, m0, mm);
-            const bool has_u = lora_delta(ly, 5, x, D, n0, nn, dl2, m0, mm);
+            const bool has_g = lora_delta(ly, 4, n0, nn, dl, m0, mm);
+            const bool has_u = lora_delta(ly, 5, n0, nn, dl2, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               float* dst = ACT + (l * M + m0 + m) * I + n0;
               for (int64_t j = 0; j < nn; ++j) {

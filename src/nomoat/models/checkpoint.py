@@ -14,6 +14,7 @@ import json
 import math
 import mmap
 import os
+import platform
 import shutil
 import struct
 import tempfile
@@ -26,7 +27,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nomoat.config.model import ModelConfig
+from nomoat.kernels import hugepages
 from nomoat.models.families import config_from_hf, fuse_for_save, split_fused
+from nomoat.models.load_plan import IntQuantizer, LinearQuantizer, check_memory, estimate_bytes, quantizer_for
+from nomoat.models.quantize import QuantizedLinear, weight_bytes
 from nomoat.models.transformer import Transformer
 from nomoat.util.files import ordinary_modes
 from nomoat.util.hub import local_path
@@ -227,28 +231,95 @@ def resolve_device(device: Any = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_fast_bf16(flags: frozenset[str] | None = None, machine: str | None = None) -> bool:
+    """Whether bf16 weights with fp32 accumulation run well on this CPU (decided at run time).
+
+    x86-64: AVX-512-BF16 or AMX-BF16 (native bf16 dot products), or at least AVX2 (bf16 widens to fp32 with a shift,
+    so a memory-bound matrix-vector product reads half the bytes of fp32). aarch64: the `bf16` feature.
+    `NOMOAT_CPU_BF16=0` (or 1) overrides the detection.
+    """
+    forced = os.environ.get("NOMOAT_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    from nomoat.kernels.build import cpu_flags
+
+    flags = cpu_flags() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
+    if machine in ("x86_64", "amd64"):
+        return bool(flags & {"avx512_bf16", "amx_bf16", "avx2"})
+    if machine in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return False
+
+
+def saved_dtype(hf: dict[str, Any] | None) -> str:
+    """The dtype name a `config.json` says its weights were saved in (`float32` when it does not say)."""
+    saved = str((hf or {}).get("torch_dtype") or (hf or {}).get("dtype") or "float32")
+    return saved.removeprefix("torch.")
+
+
 def resolve_dtype(dtype: Any, device: torch.device, hf: dict[str, Any] | None = None) -> torch.dtype:
-    """`"auto"`: fp32 on CPU (no fast bf16 there); on CUDA the checkpoint's half dtype, else bf16."""
+    """The dtype a model loads in; `"auto"` keeps a half-precision checkpoint in half precision where it is fast.
+
+    `"auto"` on CPU: bf16 when the checkpoint is bf16 or fp16 and the CPU handles bf16 well (`cpu_has_fast_bf16`),
+    else fp32 (an fp32 checkpoint stays fp32). On CUDA: the checkpoint's half dtype, else bf16.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
+        saved = saved_dtype(hf)
         if device.type == "cpu":
-            return torch.float32
-        saved = str((hf or {}).get("torch_dtype") or (hf or {}).get("dtype") or "bfloat16")
+            half = DTYPE_NAMES.get(saved) in (torch.bfloat16, torch.float16)
+            return torch.bfloat16 if half and cpu_has_fast_bf16() else torch.float32
         return DTYPE_NAMES.get(saved, torch.bfloat16) if saved != "float32" else torch.bfloat16
     if str(dtype) in DTYPE_NAMES:
         return DTYPE_NAMES[str(dtype)]
     raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
 
 
-def load_model(path: str | os.PathLike, dtype: Any = "auto", device: Any = "auto") -> Transformer:
-    """Load a Hugging Face-format model folder into nomoat's decoder.
+def _install(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def _quantize_in_place(model: Transformer, quantizer: LinearQuantizer, names: list[str], dev: torch.device) -> None:
+    """Replace already loaded linear layers (a tied head, a GGUF model's layers) by their quantized form."""
+    for name in names:
+        linear = model.get_submodule(name)
+        w = linear.weight.detach()
+        layer = quantizer.quantize(w if w.device.type == "cpu" else w.cpu(), linear.bias is not None, w.dtype, None)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone())
+        _install(model, name, layer.to(dev))
+        del linear, w
+        hugepages.release_freed_memory()
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: Any = "auto",
+    device: Any = "auto",
+    quantize: str | LinearQuantizer | None = None,
+    context: int | None = None,
+    check: bool = True,
+) -> Transformer:
+    """Load a Hugging Face-format model folder (or a GGUF file) into nomoat's decoder, one tensor at a time.
+
+    Each tensor goes from the memory-mapped file straight into its final form: a parameter in `dtype`, or with
+    `quantize` a quantized layer built piece by piece; no full-precision copy of the model exists at any point.
 
     Args:
         path: Folder with `config.json` and `model.safetensors` (or a sharded index), a `.gguf` file,
             `ollama:NAME[:TAG]`, `demo` or a Hub id `ORG/NAME[@REV]` in the Hugging Face cache.
-        dtype: Target dtype (`"auto"`, a `torch.dtype` or a name such as `"bfloat16"`).
+        dtype: `"auto"` (see `resolve_dtype`), a `torch.dtype` or a name such as `"bfloat16"`.
         device: `"auto"`, `"cpu"`, `"cuda"`, ...
+        quantize: None, `"int8"`, `"int4"` (every linear layer, the head included, as `quantize_model`) or a
+            `LinearQuantizer` (e.g. `nomoat.lora.nf4.NF4Quantizer`, or an `IntQuantizer` without the head).
+        context: Positions of KV cache the caller will allocate, counted in the memory check (None: not counted).
+        check: Check the memory needed against what is free first (`nomoat.util.memory`).
 
     Returns:
         The model in eval mode, weights in `dtype` on `device`.
@@ -256,27 +327,61 @@ def load_model(path: str | os.PathLike, dtype: Any = "auto", device: Any = "auto
     Raises:
         CheckpointError: missing files, pickle weights, missing or misshapen tensors.
         UnsupportedModelError: the family or one of its features is not supported.
+        InsufficientMemoryError: the model would not fit in the free memory (see `check`).
     """
     path = local_path(path)
+    quantizer = quantizer_for(quantize)
+    dev = resolve_device(device)
     gguf_file = gguf_source(path)
     if gguf_file is not None:
         from nomoat.models.gguf import load_gguf_model
 
-        dev = resolve_device(device)
-        return load_gguf_model(gguf_file, resolve_dtype(dtype, dev, {"torch_dtype": "bfloat16"}), dev)
+        model = load_gguf_model(gguf_file, resolve_dtype(dtype, dev, {"torch_dtype": "bfloat16"}), dev)
+        if quantizer is not None:
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and quantizer.wants(n)]
+            _quantize_in_place(model, quantizer, names, dev)
+        return model
     hf = read_hf_config(path)
     cfg = config_from_hf(hf)
-    files = weight_files(path)
-    dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, hf)
+    shapes = tensor_shapes(path)
+    if check and dev.type == "cpu":
+        check_memory(Path(path).name, shapes, cfg, dt, quantizer, context)
+    model = _fill(path, cfg, dt, dev, quantizer)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        if quantizer is not None and quantizer.wants("lm_head"):
+            _quantize_in_place(model, quantizer, ["lm_head"], dev)
+    model.reset_rope(dev)
+    for p in model.parameters():
+        p.requires_grad_(True)  # like any nn.Module; training code freezes what it does not train
+    if isinstance(quantizer, IntQuantizer):
+        model.quantization = _quantization_info(model, quantizer, estimate_bytes(shapes, dt, None, False))
+    hugepages.release_freed_memory()  # temporaries freed while loading go back to the system, whatever malloc keeps
+    return model.eval()
+
+
+def _quantization_info(model: Transformer, q: IntQuantizer, before: int) -> dict[str, Any]:
+    """What `quantize_model` records in `model.quantization`, for a model quantized while loading."""
+    layers = {n: m.mode for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    return {"mode": q.mode, "group_size": q.group_size if q.mode == "int4" else None,
+            "include_lm_head": q.include_lm_head, "bytes_before": before, "bytes_after": weight_bytes(model),
+            "layers": layers}  # fmt: skip
+
+
+def _fill(
+    path: str | os.PathLike, cfg: ModelConfig, dt: torch.dtype, dev: torch.device, quantizer: LinearQuantizer | None
+) -> Transformer:
+    """Build the model on the meta device and fill it tensor by tensor from the safetensors files."""
     with torch.device("meta"):
         model = Transformer(cfg)
     # Parameters stay on the meta device until their tensor is read: each is allocated right before it is filled,
     # so memory grows with the data actually loaded (to_empty() would fault in allocator slack up front).
     params = dict(model.named_parameters(remove_duplicate=False))
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     expected = set(params) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     loaded: set[str] = set()
-    for file in files:
+    for file in weight_files(path):
         with SafetensorsReader(file) as reader, torch.no_grad():
             for raw_name, raw in reader.items():
                 if raw_name.endswith(IGNORED_SUFFIXES):
@@ -291,22 +396,25 @@ def load_model(path: str | os.PathLike, dtype: Any = "auto", device: Any = "auto
                             f"{file}: tensor {raw_name} has shape {tuple(tensor.shape)}, "
                             f"config.json implies {tuple(params[name].shape)}"
                         )
-                    dest = torch.empty(tensor.shape, dtype=dt, device=dev)
-                    _copy_chunked(dest, tensor, reader)
                     module_name, _, leaf = name.rpartition(".")
-                    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(dest, requires_grad=False)
+                    module = model.get_submodule(module_name)
+                    if leaf == "weight" and module_name in linears and quantizer and quantizer.wants(module_name):
+                        layer = quantizer.quantize(tensor, module.bias is not None, dt, reader.release)
+                        if module.bias is not None and not module.bias.is_meta:
+                            layer.bias = module.bias
+                        _install(model, module_name, layer.to(dev) if dev.type != "cpu" else layer)
+                        hugepages.release_freed_memory()  # the quantizer's freed temporaries: not kept by malloc
+                    else:
+                        dest = torch.empty(tensor.shape, dtype=dt, device=dev)
+                        _copy_chunked(dest, tensor, reader)
+                        module._parameters[leaf] = nn.Parameter(dest, requires_grad=False)
                     loaded.add(name)
                 reader.release(raw)
     missing = sorted(expected - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing[:5])}{more}")
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_rope(dev)
-    for p in model.parameters():
-        p.requires_grad_(True)  # like any nn.Module; training code freezes what it does not train
-    return model.eval()
+    return model
 
 
 # ---- writing ------------------------------------------------------------------------------------------------------
@@ -428,6 +536,16 @@ def convert_pickle_checkpoint(path: str | os.PathLike, out: str | os.PathLike | 
         seen.add(ptr)
     save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
     return dest
+
+
+def tensor_shapes(path: str | os.PathLike) -> list[tuple[str, list[int]]]:
+    """`(name, shape)` of every weight tensor of a model folder, from the safetensors headers only (fast)."""
+    out = []
+    for file in weight_files(path):
+        with open(file, "rb") as f:
+            header, _ = _read_header(f, file)
+        out += [(n, info["shape"]) for n, info in header.items() if not n.endswith(IGNORED_SUFFIXES)]
+    return out
 
 
 def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:

@@ -164,6 +164,10 @@ def train(
         bool,
         Opt("--fsdp", help="With several processes: shard the frozen base and the adapter over them (FSDP2)."),
     ] = False,
+    init_adapter: Annotated[
+        str | None,
+        Opt("--init-adapter", help="Preference/RL: start from this adapter; its frozen weights are the reference."),
+    ] = None,
 ) -> None:
     """Fine-tune a LoRA adapter on your data (instruction tuning or continued pretraining).
 
@@ -186,7 +190,7 @@ def train(
         max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, train_on=train_on,
         val_fraction=val_fraction, val_size=val_size, eval_every=eval_every, save_every=save_every, seed=seed,
         dtype=dtype, device=device, quantize_base=quantize_base, limit=limit, resume=resume or None,
-        method=method, beta=beta, precompute_ref=precompute_ref or None,
+        method=method, beta=beta, precompute_ref=precompute_ref or None, init_adapter=init_adapter,
     )  # fmt: skip
     try:
         cfg = load_train_config(config, **options)

@@ -20,7 +20,8 @@ from nomoat.config.lora import LoRAConfig
 SCHEDULES = ("cosine", "linear", "constant")
 TRAIN_ON = ("assistant", "all", "last")
 QUANTIZE_BASE = (None, "int8", "int4", "nf4")
-METHODS = ("sft", "dpo", "ipo", "simpo", "orpo")
+METHODS = ("sft", "dpo", "ipo", "simpo", "orpo", "kto", "grpo", "rloo")
+RL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,18 @@ class TrainConfig:
         beta: The preference method's beta (unset: 0.1 for dpo, ipo and orpo, 2.0 for simpo).
         precompute_ref: DPO/IPO: compute the reference log-probabilities once before training (kept in the run
             folder) instead of a reference forward pass every step.
+        init_adapter: Preference and RL methods: an adapter folder (e.g. from SFT) the trained adapter starts from;
+            its frozen weights over the base are also the reference.
+        desirable_weight: KTO: weight of the losses of desirable (label true) completions.
+        undesirable_weight: KTO: weight of the losses of undesirable completions.
+        reward: GRPO/RLOO: reward functions, each a built-in name or `module:function` (or `path.py:function`).
+        reward_weights: GRPO/RLOO: one weight per reward function (default: 1 each).
+        num_generations: GRPO/RLOO: completions sampled per prompt (a group).
+        max_new_tokens: GRPO/RLOO: longest sampled completion in tokens.
+        temperature: GRPO/RLOO: sampling temperature of the rollouts.
+        loss_type: GRPO: `grpo` (per-sequence mean), `bnpo` (per-batch token mean), `dr_grpo` (sum over
+            sequences x max_new_tokens) or `dapo` (token-level over the step).
+        epsilon: GRPO/RLOO: clipping range of the probability ratio.
         quantize_base: Quantize the frozen base (`int8`, `int4`, `nf4`) while the adapter trains in full precision.
         limit: Use only the first N examples of the data (quick experiments).
         resume: Continue the run from its newest checkpoint.
@@ -118,6 +131,16 @@ class TrainConfig:
     method: str = "sft"
     beta: float | None = None
     precompute_ref: bool = False
+    init_adapter: str | None = None
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reward: list[str] = field(default_factory=list)
+    reward_weights: list[float] = field(default_factory=list)
+    num_generations: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -150,8 +173,15 @@ class TrainConfig:
             raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.beta is not None and not self.beta > 0:
-            raise ConfigError(f"beta must be positive (or unset), got {self.beta}")
+        if self.beta is not None and not (self.beta > 0 or (self.beta == 0 and self.method in ("grpo", "rloo"))):
+            raise ConfigError(f"beta must be positive (or unset; 0 for grpo and rloo), got {self.beta}")
+        if self.loss_type not in RL_LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {', '.join(RL_LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.num_generations < 2 or self.max_new_tokens < 1 or not self.temperature >= 0 or self.epsilon < 0:
+            raise ConfigError("num_generations must be at least 2, max_new_tokens at least 1, temperature and "
+                              "epsilon not negative")  # fmt: skip
+        if self.desirable_weight < 0 or self.undesirable_weight < 0:
+            raise ConfigError("desirable_weight and undesirable_weight must not be negative")
         if self.quantize_base not in QUANTIZE_BASE:
             raise ConfigError(f"quantize_base must be int8, int4 or nf4 (or unset), got {self.quantize_base!r}")
         if not 0 <= self.val_fraction < 1:

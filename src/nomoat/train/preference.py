@@ -6,19 +6,25 @@ pairs followed by the rejected rows (one forward pass for both), the reference (
 `disable_lora` with no grad: no second copy in memory; with `precompute_ref`, its log-probabilities are computed
 once and kept in the run folder as `reference_logps.pt`), the pair losses of `nomoat.train.preference_loss`, and the
 per-step reward metrics. The loop normalises by pairs (`units`).
+
+With `init_adapter` (an SFT adapter, say), the trained adapter starts as a copy of it and the reference is the base
+with that adapter's frozen weights (`reference_weights`: swapped in for the reference pass, a copy of the adapter's
+size, never a second model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from nomoat.data import BatchStream, DataError, Preference, Row, collate, tokenize_preference
-from nomoat.lora import disable_lora
+from nomoat.lora import disable_lora, load_adapter, lora_state_dict, read_adapter_config
 from nomoat.train import preference_loss as pl
 from nomoat.train.sft import SFTRecipe
 from nomoat.util.errors import UsageError
@@ -28,7 +34,63 @@ DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 SIMPO_GAMMA_BETA_RATIO = 0.25  # TRL's CPOConfig default: simpo_gamma 0.5 at beta 2
 
 
-class PreferenceRecipe(SFTRecipe):
+@contextlib.contextmanager
+def reference_weights(model: torch.nn.Module, frozen: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Run the reference inside the block: the adapter off, or (with `frozen`) the adapter's initial weights.
+
+    The frozen tensors are copied into the adapter's parameters and the trained values copied back on exit, so call
+    it before the policy's forward pass of a micro-batch (an in-place write after it would break its backward).
+
+    Args:
+        model: The model with its LoRA layers.
+        frozen: Adapter tensors by `lora_state_dict` name (the initial adapter), or None for the adapter off.
+    """
+    if not frozen:
+        with disable_lora(model):
+            yield
+        return
+    own = lora_state_dict(model)
+    with torch.no_grad():
+        trained = {k: own[k].clone() for k in frozen}
+        for k, v in frozen.items():
+            own[k].copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in trained.items():
+                own[k].copy_(v)
+
+
+class InitAdapterMixin:
+    """`init_adapter` for recipes built on `SFTRecipe`: the trained adapter starts as a copy of a saved one."""
+
+    cfg: Any
+    model: torch.nn.Module
+
+    def build(self) -> None:
+        """Take the LoRA shape (targets, rank, alpha, DoRA) from `init_adapter` before the model is built."""
+        if self.cfg.init_adapter:
+            self.cfg.lora = read_adapter_config(self.cfg.init_adapter)
+        self._frozen: dict[str, torch.Tensor] | None = None
+        super().build()  # type: ignore[misc]
+
+    def load_init_adapter(self) -> None:
+        """Copy `init_adapter`'s tensors into the injected layers and keep a frozen copy as the reference."""
+        if self.cfg.init_adapter:
+            load_adapter(self.model, self.cfg.init_adapter)
+            self._frozen = {k: v.detach().clone() for k, v in lora_state_dict(self.model).items()}
+            self.console.print(f"[bold]init adapter[/bold] {self.cfg.init_adapter} (also the reference)")  # type: ignore[attr-defined]
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """The reference model inside a `with` block (no grad): the adapter off, or the initial adapter."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(reference_weights(self.model, self._frozen))
+        return stack
+
+
+class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
     """A LoRA preference-tuning run (DPO, IPO, SimPO, ORPO) over prompt/chosen/rejected pairs.
 
     Example:
@@ -60,6 +122,7 @@ class PreferenceRecipe(SFTRecipe):
         if self.method not in pl.PAIRED_METHODS:
             raise UsageError(f"--method {self.method} is not a paired preference method",
                              hint=f"use one of {', '.join(pl.PAIRED_METHODS)}")  # fmt: skip
+        self.load_init_adapter()
         pairs = []
         for example in self.dataset.examples:
             chosen, rejected = tokenize_preference(example, self.tokenizer, cfg.seq_len)
@@ -89,7 +152,7 @@ class PreferenceRecipe(SFTRecipe):
             self._ref = torch.load(path, weights_only=True)
             return
         for batch in batches:
-            with torch.no_grad(), disable_lora(self.model):
+            with self.reference():
                 ids = batch["input_ids"]
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 self._ref[_key(ids)] = self._logps(batch)[1].float().cpu()
@@ -101,7 +164,7 @@ class PreferenceRecipe(SFTRecipe):
         """(2P,) reference log-probabilities: precomputed, or the model with its adapter off."""
         if self._ref:
             return self._ref[_key(batch["input_ids"])].to(batch["input_ids"].device)
-        with torch.no_grad(), disable_lora(self.model):
+        with self.reference():
             return self._logps(batch)[1]
 
     def _print_summary(self, pairs: list[tuple[Any, Any]]) -> None:
@@ -131,12 +194,13 @@ class PreferenceRecipe(SFTRecipe):
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """The summed pair losses of one micro-batch (chosen rows first, then rejected) and the number of pairs."""
+        reference = self._reference(batch) if self.method in pl.NEEDS_REFERENCE else None  # before the policy pass
         logits, logps, counts = self._logps(batch)
         chosen, rejected = logps.chunk(2)
         n_chosen, n_rejected = counts.chunk(2)
         beta, method = self.beta, self.method
         if method in pl.NEEDS_REFERENCE:
-            ref_chosen, ref_rejected = self._reference(batch).chunk(2)
+            ref_chosen, ref_rejected = reference.chunk(2)
             if method == "dpo":
                 losses, r_c, r_r = pl.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
             else:
@@ -170,4 +234,4 @@ def _key(input_ids: torch.Tensor) -> bytes:
     return input_ids.cpu().numpy().tobytes() + bytes(str(tuple(input_ids.shape)), "ascii")
 
 
-__all__ = ["DEFAULT_BETA", "PreferenceRecipe"]
+__all__ = ["DEFAULT_BETA", "InitAdapterMixin", "PreferenceRecipe", "reference_weights"]

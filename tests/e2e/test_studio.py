@@ -279,7 +279,7 @@ def test_train_watch_load_and_chat(browser, studio, tmp_path):
     options = page.get_by_test_id("train-data").locator("option").all_inner_texts()
     assert any(o.startswith("upload: arith.jsonl") for o in options)
     assert any("allowed.jsonl" in o for o in options) and not any("secret" in o for o in options)
-    assert page.get_by_test_id("train-model").input_value() == str(MODEL_DIR)
+    assert page.get_by_test_id("train-model").input_value() == "nomoat-demo"
     page.get_by_test_id("train-seq").fill("64")
     page.get_by_test_id("preview").click()
     page.get_by_test_id("data-summary").wait_for(timeout=MS)
@@ -297,6 +297,7 @@ def test_train_watch_load_and_chat(browser, studio, tmp_path):
     assert "output: arith" in page.get_by_test_id("job-summary").inner_text()
     assert "done:" in page.get_by_test_id("job-log").inner_text()
     page.set_viewport_size({"width": 1280, "height": 2400})  # the whole page: form, preview, jobs, charts, log
+    page.evaluate("document.getElementById('view-train').scrollTop = 0")
     shot = _shot(page, studio, "train")
     page.set_viewport_size({"width": 1280, "height": 900})
     if os.environ.get("NOMOAT_UPDATE_DOCS") == "1":

@@ -161,7 +161,8 @@ def build_router(state: Any, settings: StudioSettings, queue: JobQueue, registry
     async def preview(body: PreviewRequest) -> dict[str, Any]:
         """Rendered first examples (trained tokens marked) and the data summary, as `nomoat train` will see them."""
         file = files.resolve(settings, body.root, body.path)
-        return await asyncio.to_thread(files.preview, settings, file, body.model, body.model_dump())
+        model = settings.models.get(body.model, body.model)
+        return await asyncio.to_thread(files.preview, settings, file, model, body.model_dump())
 
     @router.get("/jobs")
     async def jobs() -> dict[str, Any]:
@@ -176,6 +177,7 @@ def build_router(state: Any, settings: StudioSettings, queue: JobQueue, registry
             raise APIError(409, f"An adapter named {name!r} exists or is being trained; choose another name.",
                            "name", "name_taken")  # fmt: skip
         data = files.resolve(settings, body.root, body.path)
+        body.model = settings.models.get(body.model, body.model)  # a name the page offers, or a folder
         job_id = new_id()
         run_name = f"{name}-{job_id}"
         job = Job(id=job_id, kind="train", title=f"train {name} on {body.path}",

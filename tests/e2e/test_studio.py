@@ -200,9 +200,13 @@ def test_edit_and_regenerate_replaces_the_answer(browser, studio):
     first = _wait_answer(page, 1).get_by_test_id("assistant-text").inner_text()
     base = page.get_by_test_id("model-select").input_value()
     assert first == _reference(studio, base, [{"role": "user", "content": "What is 2 + 3?"}])
-    page.get_by_test_id("user-message").first.get_by_test_id("edit-message").click()
-    page.get_by_test_id("edit-area").fill("What is 4 + 4?")
-    page.get_by_test_id("edit-save").click()
+    # With the keyboard alone: focus Edit, Enter opens the editor (focused), type, Ctrl+Enter saves and regenerates.
+    page.get_by_test_id("user-message").first.get_by_test_id("edit-message").focus()
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.dataset.testid") == "edit-area"
+    page.keyboard.press("Control+a")
+    page.keyboard.type("What is 4 + 4?")
+    page.keyboard.press("Control+Enter")
     page.wait_for_function("document.querySelector('[data-testid=user-text]')?.textContent === 'What is 4 + 4?'",
                            timeout=MS)  # fmt: skip
     second = _wait_answer(page, 1).get_by_test_id("assistant-text").inner_text()
@@ -340,6 +344,9 @@ def test_docs_and_phone_width(browser, studio):
     assert not outside, outside
     page.close()
     page = _page(browser, studio, width=390, height=800)
+    unlabelled = page.evaluate("[...document.querySelectorAll('input, select, textarea')]"
+                               ".filter(e => !e.labels?.length && !e.getAttribute('aria-label')).map(e => e.id)")
+    assert unlabelled == [], unlabelled
     for view in ("chat", "train", "adapters"):
         page.get_by_test_id(f"nav-{view}").click()
         page.wait_for_function(f"!document.getElementById('view-{view}').hidden", timeout=MS)

@@ -136,9 +136,17 @@ def _done(page):
     page.close()
 
 
-def _shot(page, studio, name) -> Path:
+def _shot(page, studio, name, view=None) -> Path:
+    """Save a screenshot; of a whole page `view` (its own scroll box) from its top, in a tall window."""
     path = studio["artifacts"] / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    if view:
+        size = page.viewport_size
+        page.set_viewport_size({"width": size["width"], "height": 2400})
+        page.evaluate("(id) => { document.getElementById(id).scrollTop = 0; }", f"view-{view}")
+        page.screenshot(path=str(path))
+        page.set_viewport_size(size)
+    else:
+        page.screenshot(path=str(path), full_page=True)
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     return path
 
@@ -300,10 +308,7 @@ def test_train_watch_load_and_chat(browser, studio, tmp_path):
     assert page.get_by_test_id("chart-lr").locator("canvas").count() == 1
     assert "output: arith" in page.get_by_test_id("job-summary").inner_text()
     assert "done:" in page.get_by_test_id("job-log").inner_text()
-    page.set_viewport_size({"width": 1280, "height": 2400})  # the whole page: form, preview, jobs, charts, log
-    page.evaluate("document.getElementById('view-train').scrollTop = 0")
-    shot = _shot(page, studio, "train")
-    page.set_viewport_size({"width": 1280, "height": 900})
+    shot = _shot(page, studio, "train", view="train")  # the whole page: form, preview, jobs, charts, log
     if os.environ.get("NOMOAT_UPDATE_DOCS") == "1":
         (ROOT / "docs").mkdir(exist_ok=True)
         (ROOT / "docs" / "studio.png").write_bytes(shot.read_bytes())
@@ -328,7 +333,16 @@ def test_train_watch_load_and_chat(browser, studio, tmp_path):
     row.get_by_test_id("adapter-provenance").click()
     page.wait_for_function("document.getElementById('prov-body').textContent.includes('final_loss')", timeout=MS)
     assert '"base_model"' in page.locator("#prov-body").inner_text()
-    _shot(page, studio, "adapters")
+    # Before and after: `nomoat eval` on the chats of --data-dir (perplexity), base and adapter side by side.
+    page.get_by_test_id("eval-adapter").select_option("arith")
+    page.get_by_test_id("eval-data").select_option(label=str(studio["root"] / "data" / "allowed.jsonl"))
+    page.get_by_test_id("eval-start").click()
+    page.get_by_test_id("eval-result").locator("tbody tr").first.wait_for(timeout=TRAIN_MS)
+    headers = page.get_by_test_id("eval-result").locator("th").all_text_contents()
+    assert headers == ["data", "metric", "n", "base", "arith", "change"]
+    first = page.get_by_test_id("eval-result").locator("tbody tr").first.locator("td").all_inner_texts()
+    assert first[:2] == ["allowed.jsonl", "perplexity"] and float(first[3]) > 1 and float(first[4]) > 1
+    _shot(page, studio, "adapters", view="adapters")
     _done(page)
 
 

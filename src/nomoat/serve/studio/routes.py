@@ -211,6 +211,14 @@ def build_router(state: Any, settings: StudioSettings, queue: JobQueue, registry
         text = path.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace") if path.is_file() else ""
         return PlainTextResponse(text)
 
+    @router.get("/jobs/{job_id}/result")
+    async def job_result(job_id: str) -> dict[str, Any]:
+        """What a finished evaluation job measured (`nomoat eval --json`)."""
+        job = _job(queue, job_id)
+        if job.kind != "eval" or job.status != "done" or not job.output or not Path(job.output).is_file():
+            raise APIError(404, f"Job {job_id} has no evaluation result.", "id", "no_result")
+        return json.loads(Path(job.output).read_text())
+
     @router.get("/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Server-sent events: the run's metrics as they are written, the log, the job's state, then `end`."""

@@ -136,9 +136,17 @@ def _done(page):
     page.close()
 
 
-def _shot(page, studio, name) -> Path:
+def _shot(page, studio, name, view=None) -> Path:
+    """Save a screenshot; of a whole page `view` (its own scroll box) from its top, in a tall window."""
     path = studio["artifacts"] / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    if view:
+        size = page.viewport_size
+        page.set_viewport_size({"width": size["width"], "height": 2400})
+        page.evaluate("(id) => { document.getElementById(id).scrollTop = 0; }", f"view-{view}")
+        page.screenshot(path=str(path))
+        page.set_viewport_size(size)
+    else:
+        page.screenshot(path=str(path), full_page=True)
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     return path
 
@@ -200,9 +208,13 @@ def test_edit_and_regenerate_replaces_the_answer(browser, studio):
     first = _wait_answer(page, 1).get_by_test_id("assistant-text").inner_text()
     base = page.get_by_test_id("model-select").input_value()
     assert first == _reference(studio, base, [{"role": "user", "content": "What is 2 + 3?"}])
-    page.get_by_test_id("user-message").first.get_by_test_id("edit-message").click()
-    page.get_by_test_id("edit-area").fill("What is 4 + 4?")
-    page.get_by_test_id("edit-save").click()
+    # With the keyboard alone: focus Edit, Enter opens the editor (focused), type, Ctrl+Enter saves and regenerates.
+    page.get_by_test_id("user-message").first.get_by_test_id("edit-message").focus()
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.dataset.testid") == "edit-area"
+    page.keyboard.press("Control+a")
+    page.keyboard.type("What is 4 + 4?")
+    page.keyboard.press("Control+Enter")
     page.wait_for_function("document.querySelector('[data-testid=user-text]')?.textContent === 'What is 4 + 4?'",
                            timeout=MS)  # fmt: skip
     second = _wait_answer(page, 1).get_by_test_id("assistant-text").inner_text()
@@ -279,7 +291,7 @@ def test_train_watch_load_and_chat(browser, studio, tmp_path):
     options = page.get_by_test_id("train-data").locator("option").all_inner_texts()
     assert any(o.startswith("upload: arith.jsonl") for o in options)
     assert any("allowed.jsonl" in o for o in options) and not any("secret" in o for o in options)
-    assert page.get_by_test_id("train-model").input_value() == str(MODEL_DIR)
+    assert page.get_by_test_id("train-model").input_value() == "nomoat-demo"
     page.get_by_test_id("train-seq").fill("64")
     page.get_by_test_id("preview").click()
     page.get_by_test_id("data-summary").wait_for(timeout=MS)
@@ -296,9 +308,7 @@ def test_train_watch_load_and_chat(browser, studio, tmp_path):
     assert page.get_by_test_id("chart-lr").locator("canvas").count() == 1
     assert "output: arith" in page.get_by_test_id("job-summary").inner_text()
     assert "done:" in page.get_by_test_id("job-log").inner_text()
-    page.set_viewport_size({"width": 1280, "height": 2400})  # the whole page: form, preview, jobs, charts, log
-    shot = _shot(page, studio, "train")
-    page.set_viewport_size({"width": 1280, "height": 900})
+    shot = _shot(page, studio, "train", view="train")  # the whole page: form, preview, jobs, charts, log
     if os.environ.get("NOMOAT_UPDATE_DOCS") == "1":
         (ROOT / "docs").mkdir(exist_ok=True)
         (ROOT / "docs" / "studio.png").write_bytes(shot.read_bytes())
@@ -323,7 +333,16 @@ def test_train_watch_load_and_chat(browser, studio, tmp_path):
     row.get_by_test_id("adapter-provenance").click()
     page.wait_for_function("document.getElementById('prov-body').textContent.includes('final_loss')", timeout=MS)
     assert '"base_model"' in page.locator("#prov-body").inner_text()
-    _shot(page, studio, "adapters")
+    # Before and after: `nomoat eval` on the chats of --data-dir (perplexity), base and adapter side by side.
+    page.get_by_test_id("eval-adapter").select_option("arith")
+    page.get_by_test_id("eval-data").select_option(label=str(studio["root"] / "data" / "allowed.jsonl"))
+    page.get_by_test_id("eval-start").click()
+    page.get_by_test_id("eval-result").locator("tbody tr").first.wait_for(timeout=TRAIN_MS)
+    headers = page.get_by_test_id("eval-result").locator("th").all_text_contents()
+    assert headers == ["data", "metric", "n", "base", "arith", "change"]
+    first = page.get_by_test_id("eval-result").locator("tbody tr").first.locator("td").all_inner_texts()
+    assert first[:2] == ["allowed.jsonl", "perplexity"] and float(first[3]) > 1 and float(first[4]) > 1
+    _shot(page, studio, "adapters", view="adapters")
     _done(page)
 
 
@@ -339,6 +358,9 @@ def test_docs_and_phone_width(browser, studio):
     assert not outside, outside
     page.close()
     page = _page(browser, studio, width=390, height=800)
+    unlabelled = page.evaluate("[...document.querySelectorAll('input, select, textarea')]"
+                               ".filter(e => !e.labels?.length && !e.getAttribute('aria-label')).map(e => e.id)")
+    assert unlabelled == [], unlabelled
     for view in ("chat", "train", "adapters"):
         page.get_by_test_id(f"nav-{view}").click()
         page.wait_for_function(f"!document.getElementById('view-{view}').hidden", timeout=MS)

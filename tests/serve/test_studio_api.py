@@ -153,7 +153,7 @@ def test_state_changes_from_another_origin_are_refused(world):
 
 def test_preview_matches_the_data_library(world):
     client, _, tmp_path = world
-    body = {"root": "0", "path": "sub/chat.jsonl", "model": str(MODEL_DIR), "seq_len": 64, "examples": 2}
+    body = {"root": "0", "path": "sub/chat.jsonl", "model": "demo", "seq_len": 64, "examples": 2}  # an offered name
     out = client.post("/v1/studio/data/preview", json=body, headers=ORIGIN).json()
     tok = Tokenizer.from_dir(MODEL_DIR)
     ds = load_dataset(tmp_path / "data" / "sub" / "chat.jsonl")
@@ -249,3 +249,32 @@ def test_jobs_run_in_order_in_child_processes(world, tmp_path):
     # Records survive a restart; a job that was running then is marked stopped.
     assert json.loads((tmp_path / "studio" / "jobs" / "bad.json").read_text())["status"] == "failed"
     assert os.path.exists(queue.log_path(failing))
+
+
+def test_a_training_job_stops_resumes_and_lands_in_the_registry(world):
+    client, _, tmp_path = world
+    body = {"root": "0", "path": "sub/chat.jsonl", "model": "demo", "name": "sum", "max_steps": 24, "seq_len": 64,
+            "batch_size": 2, "lr": 1e-3}  # fmt: skip
+    job = client.post("/v1/studio/jobs/train", json=body, headers=ORIGIN).json()
+    assert job["argv"][:2] == ["train", str(MODEL_DIR)] and job["status"] in ("queued", "running")
+    assert client.post("/v1/studio/jobs/train", json=body, headers=ORIGIN).status_code == 409  # name being trained
+    metrics = Path(job["run_dir"]) / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and client.get(f"/v1/studio/jobs/{job['id']}", headers=AUTH).json()[
+            "status"] == "running", client.get(f"/v1/studio/jobs/{job['id']}/log", headers=AUTH).text  # fmt: skip
+        time.sleep(0.1)
+    client.post(f"/v1/studio/jobs/{job['id']}/stop", headers=ORIGIN)
+    stopped = _wait(client, job["id"], timeout=300)
+    assert stopped["status"] == "stopped", stopped
+    steps_then = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert 2 <= steps_then[-1] < 24 and "sum" not in Registry(tmp_path / "home")
+    resumed = client.post(f"/v1/studio/jobs/{job['id']}/resume", headers=ORIGIN).json()
+    assert resumed["argv"][-1] == "--resume"
+    done = _wait(client, job["id"], timeout=300)
+    assert done["status"] == "done" and done["output"] == "sum", done
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 25))  # the resumed run continued where the checkpoint was, to the end
+    assert "sum" in Registry(tmp_path / "home")
+    row = client.get("/v1/studio/adapters", headers=AUTH).json()["data"][0]
+    assert row["name"] == "sum" and row["metrics"]["steps"] == 24 and row["data"] == ["chat.jsonl"]

@@ -7,6 +7,8 @@ static files in `serve/web/`. `StudioSettings` (in `ServeSettings.studio`) says 
 from __future__ import annotations
 
 import atexit
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -28,7 +30,10 @@ def mount_studio(app: FastAPI, state: Any) -> JobQueue:
         state: The server's `ServerState` (settings, adapter manager).
     """
     settings = getattr(state.settings, "studio", None) or StudioSettings()
-    registry = Registry(getattr(state.settings, "registry_home", None))
+    home = getattr(state.settings, "registry_home", None)
+    if settings.home is None and home is not None:  # a server with its own registry keeps the studio's files there
+        settings = dataclasses.replace(settings, home=Path(home) / "studio")
+    registry = Registry(home)
     queue = JobQueue(settings.jobs, settings.python, registry)
     app.include_router(build_router(state, settings, queue, registry))
     offline_docs(app)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from nomoat.lora.registry import AdapterNotFoundError, Registry, validate_name
 from nomoat.serve.errors import APIError
+from nomoat.serve.studio import files
 from nomoat.serve.studio.jobs import ACTIVE, Job, JobQueue, new_id
 from nomoat.serve.studio.settings import StudioSettings
 
@@ -35,6 +36,16 @@ class ExportRequest(BaseModel):
 
     format: Literal["hf", "gguf", "gguf-lora"] = "hf"
     model: str
+
+
+class EvalRequest(BaseModel):
+    """Score the base and the adapter side by side (`nomoat eval`) on a dataset file the studio may read."""
+
+    root: str
+    path: str
+    model: str
+    limit: int = Field(50, ge=1, le=10_000)
+    max_tokens: int = Field(32, ge=1, le=2048)
 
 
 def registry_error(e: Exception) -> APIError:
@@ -138,6 +149,22 @@ def add_adapter_routes(router: APIRouter, state: Any, settings: StudioSettings, 
             argv += ["--density", str(body.density)]
         job = Job(id=new_id(), kind="merge", title=f"merge {' + '.join(body.adapters)} into {name}", argv=argv,
                   output=name, options=body.model_dump(exclude_none=True))  # fmt: skip
+        return queue.submit(job).to_dict()
+
+    @router.post("/adapters/{name}/eval", dependencies=change)
+    async def evaluate(name: str, body: EvalRequest) -> dict[str, Any]:
+        """Queue `nomoat eval`: the base and the adapter side by side on a dataset (its JSON at /jobs/ID/result)."""
+        name = _checked(name)
+        if name not in registry:
+            raise APIError(404, f"No adapter named {name!r} in the registry.", "name", "model_not_found")
+        data = files.resolve(settings, body.root, body.path)
+        job_id = new_id()
+        out = settings.jobs / f"{job_id}.eval.json"
+        argv = ["eval", settings.models.get(body.model, body.model), "--adapter", name, "--data", str(data),
+                "--json", str(out), "--limit", str(body.limit), "--max-tokens", str(body.max_tokens),
+                "--no-progress"]  # fmt: skip
+        job = Job(id=job_id, kind="eval", title=f"evaluate {name} on {body.path}", argv=argv, output=str(out),
+                  options=body.model_dump())  # fmt: skip
         return queue.submit(job).to_dict()
 
     @router.post("/adapters/{name}/export", dependencies=change)

@@ -161,7 +161,8 @@ def build_router(state: Any, settings: StudioSettings, queue: JobQueue, registry
     async def preview(body: PreviewRequest) -> dict[str, Any]:
         """Rendered first examples (trained tokens marked) and the data summary, as `nomoat train` will see them."""
         file = files.resolve(settings, body.root, body.path)
-        return await asyncio.to_thread(files.preview, settings, file, body.model, body.model_dump())
+        model = settings.models.get(body.model, body.model)
+        return await asyncio.to_thread(files.preview, settings, file, model, body.model_dump())
 
     @router.get("/jobs")
     async def jobs() -> dict[str, Any]:
@@ -176,6 +177,7 @@ def build_router(state: Any, settings: StudioSettings, queue: JobQueue, registry
             raise APIError(409, f"An adapter named {name!r} exists or is being trained; choose another name.",
                            "name", "name_taken")  # fmt: skip
         data = files.resolve(settings, body.root, body.path)
+        body.model = settings.models.get(body.model, body.model)  # a name the page offers, or a folder
         job_id = new_id()
         run_name = f"{name}-{job_id}"
         job = Job(id=job_id, kind="train", title=f"train {name} on {body.path}",
@@ -208,6 +210,14 @@ def build_router(state: Any, settings: StudioSettings, queue: JobQueue, registry
         path = queue.log_path(_job(queue, job_id))
         text = path.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace") if path.is_file() else ""
         return PlainTextResponse(text)
+
+    @router.get("/jobs/{job_id}/result")
+    async def job_result(job_id: str) -> dict[str, Any]:
+        """What a finished evaluation job measured (`nomoat eval --json`)."""
+        job = _job(queue, job_id)
+        if job.kind != "eval" or job.status != "done" or not job.output or not Path(job.output).is_file():
+            raise APIError(404, f"Job {job_id} has no evaluation result.", "id", "no_result")
+        return json.loads(Path(job.output).read_text())
 
     @router.get("/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request) -> StreamingResponse:

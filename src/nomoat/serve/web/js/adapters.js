@@ -80,10 +80,59 @@ function rowNode(row) {
     el("td", { text: (row.created || "").replace("T", " ").replace("+00:00", " UTC") }), actions);
 }
 
+function fillEvalForm(rows, files) {
+  const keep = (id, options) => {
+    const box = $(id);
+    const previous = box.value;
+    box.replaceChildren(...options);
+    if ([...box.options].some((o) => o.value === previous)) box.value = previous;
+  };
+  keep("eval-adapter", rows.filter((r) => !r.error).map((r) => el("option", { value: r.name, text: r.name })));
+  keep("eval-data", files.map((f) => el("option", { value: JSON.stringify({ root: f.root, path: f.path }), text: f.label })));
+}
+
+function evalTable(report) {
+  const pct = (row, v) => (v == null ? "-" : row.metric === "perplexity" ? v.toFixed(3) : `${(100 * v).toFixed(1)}%`);
+  const [base, tuned] = [report.columns[0], report.columns[1]];
+  const head = el("tr", {}, ...["data", "metric", "n", base, tuned, "change"].map((h) => el("th", { scope: "col", text: h })));
+  const rows = report.results.map((r) => {
+    const a = r.values[base];
+    const b = r.values[tuned];
+    const d = a == null || b == null ? null : b - a;
+    const better = d == null || d === 0 ? "" : (d > 0) === r.higher_is_better ? "better" : "worse";
+    const change = d == null ? "-" : `${d > 0 ? "+" : ""}${r.metric === "perplexity" ? d.toFixed(3) : `${(100 * d).toFixed(1)} pts`}`;
+    return el("tr", {}, el("td", { text: r.data }), el("td", { text: r.metric }), el("td", { text: String(r.n) }),
+      el("td", { text: pct(r, a) }), el("td", { text: pct(r, b) }), el("td", { class: better, text: `${change} ${better}`.trim() }));
+  });
+  return el("table", { class: "table" }, el("thead", {}, head), el("tbody", {}, ...rows));
+}
+
+async function evaluate(event) {
+  event.preventDefault();
+  await run(async () => {
+    const name = $("eval-adapter").value;
+    const ref = JSON.parse($("eval-data").value || "null");
+    if (!name || !ref) throw new Error("Choose an adapter and a dataset to evaluate on.");
+    const row = state.rows.find((r) => r.name === name);
+    let job = await apiJSON(`${S}/adapters/${encodeURIComponent(name)}/eval`, { method: "POST",
+      json: { ...ref, model: row?.base || "", limit: Number($("eval-limit").value) || 50 } });
+    $("eval-result").replaceChildren();
+    while (["queued", "running", "stopping"].includes(job.status)) {
+      $("eval-status").textContent = `Evaluating ${name} (job ${job.id}: ${job.status})…`;
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      job = await apiJSON(`${S}/jobs/${job.id}`);
+    }
+    if (job.status !== "done") throw new Error(`The evaluation ${job.status}: ${job.error || "see its log on the Train page"}`);
+    $("eval-status").textContent = `${name} against its base model on ${ref.path}:`;
+    $("eval-result").replaceChildren(evalTable(await apiJSON(`${S}/jobs/${job.id}/result`)));
+  });
+}
+
 export async function refreshAdapters() {
   await run(async () => {
-    const { data } = await apiJSON(`${S}/adapters`);
+    const [{ data }, files] = await Promise.all([apiJSON(`${S}/adapters`), apiJSON(`${S}/data`)]);
     state.rows = data;
+    fillEvalForm(data, files.data);
     $("registry-body").replaceChildren(...data.map(rowNode));
     if (!data.length) $("registry-body").append(el("tr", {}, el("td", { colspan: 9, text: "No adapters yet: train one." })));
   });
@@ -104,4 +153,5 @@ async function merge(event) {
 export function initAdapters(openChat) {
   state.openChat = openChat;
   $("merge-form").addEventListener("submit", merge);
+  $("eval-form").addEventListener("submit", evaluate);
 }

@@ -32,8 +32,8 @@ function setDefaults(info) {
   $("t-method").replaceChildren(...info.methods.map((m) => el("option", { value: m, text: m })));
   $("t-method").value = d.method;
   const models = Object.entries(info.models);
-  $("train-models").replaceChildren(...models.map(([name, path]) => el("option", { value: path, label: name })));
-  if (!$("train-model").value && models.length) $("train-model").value = models[0][1];
+  $("train-models").replaceChildren(...models.map(([name, path]) => el("option", { value: name, label: path })));
+  if (!$("train-model").value && models.length) $("train-model").value = models[0][0];
   const dirs = info.data_dirs.length ? `Readable folders: ${info.data_dirs.join(", ")}.` : "No --data-dir folder is allowed.";
   $("data-hint").textContent = `${dirs} Uploads up to ${humanBytes(info.max_upload_bytes)}.`;
 }
@@ -181,7 +181,8 @@ function chart(id, label, color) {
   const width = Math.max(240, Math.min(560, box.clientWidth || 480));
   const opts = { width, height: 200, scales: { x: { time: false } }, legend: { show: false },
     series: [{ label: "step" }, { label, stroke: color, width: 2, points: { show: true, size: 4 } }],
-    axes: [{ label: "step" }, { size: 70 }] };
+    axes: [{ label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] },
+      { size: 70, values: (u, vals) => vals.map((v) => (v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : String(+v.toPrecision(3)))) }] };
   box.replaceChildren();
   return new window.uPlot(opts, [[], []], box);
 }

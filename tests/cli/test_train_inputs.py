@@ -20,7 +20,6 @@ MODEL_LOADED = "trainable of"  # printed once LoRA is injected into the loaded m
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    os.environ.setdefault("NOMOAT_KERNELS", "0")  # training needs no decode kernels
     root = tmp_path_factory.mktemp("inputs")
     model = make_chat_model(root / "model")
     data = write_chat_data(root / "chat.jsonl", n=16)

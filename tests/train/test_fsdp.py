@@ -134,3 +134,19 @@ def test_a_sharded_checkpoint_is_not_resumed_unsharded(ws):
            "--no-progress", "--rank", "4", "--resume"]  # fmt: skip
     out = subprocess.run(cmd, cwd=ws, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 2 and "written by an --fsdp run" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_fsdp_refuses_a_quantized_base(ws):
+    from rich.console import Console
+
+    from nomoat.config.train import TrainConfig
+    from nomoat.train import SFTRecipe
+    from nomoat.util.errors import UsageError
+
+    cfg = TrainConfig(model=str(ws / "model"), data=[str(ws / "chat.jsonl")], output_dir=str(ws / "runs"), name="q",
+                      quantize_base="int8", max_steps=1)  # fmt: skip
+    recipe = SFTRecipe(cfg, console=Console(quiet=True), progress=False)
+    recipe.settings.fsdp = True
+    with pytest.raises(UsageError, match="cannot shard a quantized base"):
+        recipe.run()
+    assert not (ws / "runs" / "q").exists()

@@ -127,7 +127,8 @@ def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, t
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], Any]:
+def rng_state() -> tuple[dict[str, torch.Tensor], Any]:
+    """This process's torch generator states (CPU, every CUDA device) as tensors, and Python's RNG state."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -171,7 +172,7 @@ def save_checkpoint(
         save_file(tensors, str(tmp / "trainable.safetensors"))  # the folder is flushed before it becomes visible
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        rng_tensors, py_rng = _rng_state()
+        rng_tensors, py_rng = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         sched = scheduler.state_dict()  # plain numbers; a lambda is stored as None and rebuilt by the run
         payload = {"step": step, "scheduler": sched, "python_rng": py_rng, **state}

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nomoat.train.checkpointing import PREFIX, TEMP_PREFIX, _rng_state, disk_errors, list_checkpoints
+from nomoat.train.checkpointing import PREFIX, TEMP_PREFIX, disk_errors, list_checkpoints, rng_state
 from nomoat.train.distributed import Distributed
 from nomoat.util.errors import InputError, UsageError
 from nomoat.util.files import read_json
@@ -105,7 +105,7 @@ def save_sharded(
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDS))
         dist.barrier("a checkpoint")
         if dist.is_main:
-            rng, py_rng = _rng_state()
+            rng, py_rng = rng_state()
             save_file(rng, str(tmp / "rng.safetensors"))
             payload = {"step": step, "scheduler": scheduler.state_dict(), "python_rng": py_rng, "sharded": True,
                        "world_size": dist.world_size, **state}  # fmt: skip

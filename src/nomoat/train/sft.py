@@ -121,6 +121,12 @@ class SFTRecipe(TrainingLoop):
         if not cfg.data:
             raise UsageError("no data given", hint="pass --data FILE (JSON, JSONL, CSV or Parquet)")
         check_options(cfg)
+        if self.settings.fsdp and cfg.quantize_base:
+            raise UsageError("--fsdp shards the base in its own dtype; it cannot shard a quantized base",
+                             hint="drop --quantize-base (sharding already divides the base's memory by the processes)")
+        if self.settings.fsdp and not self.dist.enabled:
+            self.console.print("[yellow]--fsdp: one process, nothing to shard (start it with --nproc N or torchrun)"
+                               "[/yellow]")  # fmt: skip
         # Read and validate the data before the (possibly large) model: bad records fail in seconds.
         self.dataset = load_dataset(cfg.data, format=cfg.format, columns=cfg.columns or None, limit=cfg.limit)
         if cfg.method == "sft" and self.dataset.format == "preference":

@@ -153,6 +153,18 @@ def test_missing_and_misshapen_tensors(tmp_path):
         load_model(tmp_path, "float32", "cpu")
 
 
+def test_a_truncated_download_says_download_again(tmp_path):
+    """Every loader (not only training) names a file cut short as such, not by its offsets."""
+    from nomoat.util.errors import ModelError
+
+    make_hf_model("llama3", tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 2 // 3])
+    with pytest.raises(ModelError, match="truncated or corrupt") as err:
+        load_model(tmp_path, "float32", "cpu")
+    assert "download it again" in err.value.hint
+
+
 def test_inference_only_models_refuse_to_save(tmp_path):
     from nomoat.models.packed import pack_model
     from nomoat.models.quantize import quantize_model

@@ -31,6 +31,7 @@ from nomoat.kernels import hugepages
 from nomoat.models.families import config_from_hf, fuse_for_save, split_fused
 from nomoat.models.load_plan import IntQuantizer, LinearQuantizer, check_memory, estimate_bytes, quantizer_for
 from nomoat.models.quantize import QuantizedLinear, weight_bytes
+from nomoat.models.safetensors_check import check_complete
 from nomoat.models.transformer import Transformer
 from nomoat.util.files import ordinary_modes
 from nomoat.util.hub import local_path
@@ -151,6 +152,11 @@ class SafetensorsReader:
         self._f = open(self.file, "rb")  # noqa: SIM115 - closed in close()
         self.header, self.base = _read_header(self._f, self.file)
         self.size = os.fstat(self._f.fileno()).st_size
+        try:
+            check_complete(self.file, self.header, self.base, self.size)  # a download cut short says so
+        except Exception:
+            self._f.close()
+            raise
         # ACCESS_COPY: a private, writable mapping (torch wants writable buffers; nothing is ever written).
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY) if self.size > self.base else None
         self._addr = torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr() if self._mm else 0

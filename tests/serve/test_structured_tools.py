@@ -122,8 +122,9 @@ def test_json_object_regex_grammar_and_completions(client):
                                              max_tokens=10, temperature=1.0,
                                              extra_body={"response_format": {"type": "grammar", "grammar": grammar}})
         assert re.fullmatch(r"yes|no \d{1,3}", out.choices[0].message.content)
-    out = client.completions.create(model="tiny", prompt="x", max_tokens=40, seed=2,
+    out = client.completions.create(model="tiny", prompt="x", max_tokens=300, seed=2,
                                     extra_body={"response_format": _fmt("points")})
+    assert out.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(out.choices[0].text), SCHEMAS["points"])
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "?"}], max_tokens=3,
                                          response_format={"type": "json_object"})

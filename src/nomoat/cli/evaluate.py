@@ -51,17 +51,48 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int]
         yield start
 
 
+def _lm_eval(m, tok, tasks: list[Path], names: list[str], folders: list[Path], weights: list[float],  # noqa: ANN001
+             limit: int | None, json_out: Path | None) -> None:  # fmt: skip
+    """Run lm-eval task files on the base and each adapter column; print a table, maybe write lm-eval's results."""
+    from nomoat.eval.lm_eval import run_tasks
+    from nomoat.generate.engine import Engine
+    from nomoat.util.files import atomic_write_json
+
+    engine = Engine(m, tok, max_running=8, adapters={f"a{i}": f for i, f in enumerate(folders)})
+    columns = {"base": (), **{n: ((f"a{i}", w),) for i, (n, w) in enumerate(zip(names, weights))}}
+    results: dict[str, dict] = {}
+    try:
+        for column, selection in columns.items():
+            results[column] = run_tasks(engine, tasks, selection, limit=limit)["results"]
+    except ValueError as e:  # a UsageError (lm-eval missing, no such file) or a task lm-eval refuses
+        fail(e)
+    rows = sorted({(t, k) for r in results.values() for t, ms in r.items() for k, v in ms.items()
+                   if isinstance(v, (int, float)) and "stderr" not in k})  # fmt: skip
+    typer.echo("task\tmetric\t" + "\t".join(columns))
+    for task, metric in rows:
+        values = [results[c].get(task, {}).get(metric) for c in columns]
+        typer.echo(f"{task}\t{metric}\t" + "\t".join("-" if v is None else f"{v:.4f}" for v in values))
+    if json_out is not None:
+        atomic_write_json(json_out, {"lm_eval": results}, default=str)
+        typer.echo(f"wrote {json_out}")
+
+
 def evaluate(
     model: Model,
     data: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
             "--data",
             "-d",
             help="Data file (repeatable): task items (JSONL: prompt/answer, or "
             "prompt/choices/answer) or text/chat data for perplexity.",
         ),
-    ],
+    ] = None,
+    lm_eval_task: Annotated[
+        list[Path] | None,
+        typer.Option("--lm-eval-task", help="An lm-evaluation-harness task YAML file with its own local data "
+                     "(repeatable): run offline on the base and each adapter (needs `pip install lm-eval`)."),
+    ] = None,
     adapter: EvalAdapter = None,
     merge: Merge = False,
     kind: Annotated[
@@ -92,7 +123,8 @@ def evaluate(
     Each --adapter (a folder or registry name, with an optional :WEIGHT) is a column next to `base`. Task items
     are generated greedily and matched against their answers (exact, contains or regex); multiple-choice items
     are scored by the log-likelihood of each choice (acc and acc_norm); other data is scored by perplexity
-    (text on every token, chat on the assistant's tokens).
+    (text on every token, chat on the assistant's tokens). --lm-eval-task runs lm-evaluation-harness task files
+    (YAML with their own local data) on the same columns, offline.
     """
     import nomoat
     from nomoat.eval import compare, plot_report, print_report, write_json
@@ -110,10 +142,16 @@ def evaluate(
         templates = [f / "chat_template.jinja" for f in folders if (f / "chat_template.jinja").is_file()]
         if templates:
             tok.chat_templates["default"] = templates[0].read_text(encoding="utf-8")
+    if not data and not lm_eval_task:
+        fail("give --data FILE and/or --lm-eval-task FILE")
+    if lm_eval_task:
+        _lm_eval(m, tok, lm_eval_task, names, folders, weights, limit, None if data else json_out)
+        if not data:
+            return
     try:
         with _progress_bar(progress) as bar:
             report = compare(
-                m, tok, data, dict(zip(names, zip(folders, weights))), kind=kind, limit=limit,
+                m, tok, list(data or []), dict(zip(names, zip(folders, weights))), kind=kind, limit=limit,
                 max_new_tokens=max_tokens, system=system, chat=chat, match=match, model_name=str(model),
                 progress=bar, merge=merge,
             )  # fmt: skip

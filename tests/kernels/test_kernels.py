@@ -12,7 +12,7 @@ from nomoat import kernels
 from nomoat.kernels import build
 from nomoat.models import quantize
 from nomoat.models.packed import PackedLinear, pack_model
-from nomoat.models.quantize import QuantizedLinear, dequantize_int8, int8_panels, quantize_int8
+from nomoat.models.quantize import QuantizedLinear, int8_codes, int8_panels, quantize_int8
 
 # Odd widths (not multiples of 8, 16 or the 64-channel panel) next to model-like ones.
 SHAPES = [(1, 1), (7, 13), (19, 37), (64, 64), (65, 130), (100, 577), (576, 192)]
@@ -58,9 +58,10 @@ def test_int8_matches_dequantized(built, k, n, bias):
     g = torch.Generator().manual_seed(k * 7 + n)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    packed_rows, scale = quantize_int8(w)
-    ref_w = dequantize_int8(packed_rows, scale)  # independent: plain torch ops
-    panels = int8_panels(packed_rows)
+    q, scale = quantize_int8(w)
+    ref_w = q.float() * scale[:, None]  # independent: plain torch ops
+    panels = int8_panels(q)
+    assert torch.equal(int8_codes(panels, n), q)  # the panels give the plain codes back exactly
     for m in range(1, 10):
         x = torch.randn(m, k, generator=g)
         y = kernels.linear_int8(x, panels, scale, n, b)

@@ -1,9 +1,9 @@
 """`PanelLinear`: a linear layer of the decode model, its weight held once, in the decode kernels' panel layout.
 
 fp32 panels (`W`, from an fp32 `nn.Linear` or a `PackedLinear`'s own panels) or int8 panels with per-channel scales
-(`w = q * scale[n]`, quantized here or taken from an int8 `QuantizedLinear`). Every call, whatever its number of rows,
-is one `torch.ops.nomoat.linear_*` call (the op runs rows in blocks of 8 over each panel, so memory sees each weight
-once per call). `weight()` rebuilds the (out, in) matrix from the panels for whoever needs it.
+(`w = q * scale[n]`, quantized here or an int8 `QuantizedLinear`'s own panels, shared). Every call, whatever its
+number of rows, is one `torch.ops.nomoat.linear_*` call (the op runs rows in blocks of 8 over each panel, so memory
+sees each weight once per call). `weight()` rebuilds the (out, in) matrix from the panels for whoever needs it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class PanelLinear(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, quantize: str | None = None) -> PanelLinear | None:
-        """The panel form of an fp32 CPU `nn.Linear`, `PackedLinear` (its panels, shared) or int8 `QuantizedLinear`.
+        """The panel form of an fp32 CPU `nn.Linear`, or of a `PackedLinear` or int8 `QuantizedLinear` (panels shared).
 
         `quantize="int8"` quantizes fp32 weights (symmetric per output channel, as `QuantizedLinear`). None where the
         module has no panel form (another type, dtype or device; int4): the decode model keeps the module itself.
@@ -58,13 +58,13 @@ class PanelLinear(nn.Module):
         bias = None if bias is None else bias.detach()
         if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
             if quantize == "int8":
-                packed, scale = quantize_int8(module.weight)
-                return cls(int8_panels(packed), module.out_features, scale, bias)
+                q, scale = quantize_int8(module.weight)
+                return cls(int8_panels(q), module.out_features, scale, bias)
             return cls(kernels.pack_fp32(module.weight), module.out_features, None, bias)
         if type(module) is PackedLinear and module.panels is not None:
             return cls(module.panels, module.out_features, None, bias)
         if isinstance(module, QuantizedLinear) and module.mode == "int8" and module.qweight.device.type == "cpu":
-            return cls(int8_panels(module.qweight), module.out_features, module.scale.float(), bias)
+            return cls(module.qweight, module.out_features, module.scale.float(), bias)  # shared: codes held once
         return None
 
     def weight(self) -> torch.Tensor:

@@ -6,7 +6,7 @@ the twin's layers), embeddings, norms and rotary tables are shared, and each lin
 - fp32 CPU `nn.Linear`: fp32 panels (or int8 panels with `quantize="int8"`);
 - `PackedLinear` (`nomoat.models.packed.pack_model`, what the inference commands load): its own panels, shared, so
   the weights exist once;
-- int8 `QuantizedLinear`: int8 panels made from its codes;
+- int8 `QuantizedLinear`: its own int8 panels, shared;
 - anything else (int4, bf16, another device, a LoRA layer under training), or no compiled kernels: the layer itself.
 With the compiled kernels and a Llama/Mistral/Qwen2-style model, decode steps then run as one call (`stack.py`);
 other fp32 models run their layers with one attention call per layer at decode (`attention.py`).

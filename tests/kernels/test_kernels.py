@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nomoat import kernels
-from nomoat.kernels import build
+from nomoat.kernels import build, ops
 from nomoat.models import quantize
 from nomoat.models.packed import PackedLinear, pack_model
 from nomoat.models.quantize import QuantizedLinear, int8_codes, int8_panels, quantize_int8
@@ -68,6 +68,27 @@ def test_int8_matches_dequantized(built, k, n, bias):
         assert _rel_err(y, F.linear(x, ref_w, b)) < 1e-5
     x = torch.randn(3, 2 * k, generator=g)[:, ::2]  # non-contiguous
     assert _rel_err(kernels.linear_int8(x, panels, scale, n), F.linear(x, ref_w)) < 1e-5
+
+
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_matches_fp32_product_of_bf16_weights(built, k, n, bias):
+    """bf16 panels (input channels in pairs, odd K padded): the op sums in fp32 what `F.linear` over the bf16
+    weights widened to fp32 gives, for any row count and for non-contiguous rows."""
+    g = torch.Generator().manual_seed(k * 5 + n)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g) if bias else None
+    panels = kernels.pack_bf16(w)
+    assert panels.dtype == torch.bfloat16 and panels.shape == (-(-n // 64), (k + 1) // 2, 128)
+    assert torch.equal(kernels.unpack_bf16(panels, n, k), w)
+    ref_w = w.float()  # independent: plain torch widening
+    dot_rows = ops.bf16_dot_rows()
+    for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 40):
+        x = torch.randn(m, k, generator=g)
+        xr = x.bfloat16().float() if dot_rows is not None and m > dot_rows else x  # prefill: bf16 activations
+        assert _rel_err(kernels.linear_bf16(x, panels, n, b), F.linear(xr, ref_w, b)) < 1e-5
+    x = torch.randn(3, 2 * k, generator=g)[:, ::2]  # non-contiguous
+    assert _rel_err(kernels.linear_bf16(x, panels, n), F.linear(x, ref_w)) < 1e-5
 
 
 def test_layers_use_kernels_and_match(built):

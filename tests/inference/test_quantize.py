@@ -125,17 +125,17 @@ def test_dequantized_weight_is_within_half_a_step():
 
 
 def test_generic_path_agrees_with_fbgemm_path(monkeypatch):
-    """The device-independent path (what CUDA runs) gives what the CPU bag kernels give."""
+    """The device-independent path (what CUDA runs) gives what the CPU kernels give (int8 panels, int4 bags)."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 96, bias=True)
     x = torch.randn(3, 64)
     for mode in ("int8", "int4"):
         layer = QuantizedLinear.from_linear(linear, mode)
         with torch.no_grad():
-            monkeypatch.setattr(Q, "INT8_BAG_MAX_ROWS", 16)
+            monkeypatch.setattr(Q, "INT8_KERNEL_MAX_ROWS", 16)
             monkeypatch.setattr(Q, "INT4_BAG_MAX_ROWS", 16)
             bag = layer(x)
-            monkeypatch.setattr(Q, "INT8_BAG_MAX_ROWS", 0)
+            monkeypatch.setattr(Q, "INT8_KERNEL_MAX_ROWS", 0)
             monkeypatch.setattr(Q, "INT4_BAG_MAX_ROWS", 0)
             monkeypatch.setattr(Q, "_HAS_BAGS", False)
             plain = layer(x)
@@ -203,13 +203,32 @@ def test_tied_embeddings_keep_full_precision_lookups(model_dirs):
     assert isinstance(model.lm_head, QuantizedLinear)
     assert torch.equal(model.model.embed_tokens.weight, embedding)
     assert torch.equal(model.model.embed_tokens(ids), F.embedding(ids, embedding))
-    # The head's copy costs vocab x hidden bytes on top of the kept embedding.
+    # The head's copy costs vocab x hidden bytes (vocab padded to 64-channel panels) on top of the kept embedding.
     vocab, hidden = embedding.shape
-    assert model.lm_head.qweight.numel() == hidden * (vocab + 8)
+    assert model.lm_head.qweight.numel() == hidden * -(-vocab // 64) * 64
     kept = _load(path, "int8", include_lm_head=False)
     assert isinstance(kept.lm_head, nn.Linear) and kept.lm_head.weight is kept.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(kept.logits(torch.ones(1, hidden)), ref.logits(torch.ones(1, hidden)))
+
+
+def test_int8_codes_are_held_once_as_panels():
+    """An int8 layer holds its codes once, in the decode kernels' panel layout (out padded to 64 channels, k-major),
+    gives the plain (out, in) int8 matrix back exactly, and the decode model shares those panels (no second copy)."""
+    from nomoat.inference.panel_linear import PanelLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 100)
+    layer = QuantizedLinear.from_linear(linear, "int8")
+    q, scale = Q.quantize_int8(linear.weight)
+    assert layer.qweight.dtype == torch.int8 and layer.qweight.shape == (2, 40, 64)
+    assert torch.equal(layer.int8_codes(), q) and torch.equal(layer.scale, scale)
+    assert torch.equal(layer.qweight[1, :, :36], q[64:].t()) and not layer.qweight[1, :, 36:].any()
+    assert torch.equal(layer.dequantize(), q.float() * scale[:, None])
+    assert set(layer.state_dict()) == {"qweight", "scale", "bias"}
+    panel = PanelLinear.from_module(layer)
+    if panel is not None:  # with the compiled kernels: the decode form shares the layer's codes
+        assert panel.panels.data_ptr() == layer.qweight.data_ptr()
 
 
 def test_weight_bytes_before_and_after(model_dirs):
@@ -220,8 +239,8 @@ def test_weight_bytes_before_and_after(model_dirs):
     quantize_model(model, "int8")
     info = model.quantization
     assert info["bytes_before"] == before and info["bytes_after"] == weight_bytes(model)
-    # Each fp32 weight (4 bytes) becomes 1 byte, plus 8 bytes per input channel and a 4-byte scale per output.
-    assert before - info["bytes_after"] == sum(3 * n * k - 8 * k - 4 * n for n, k in shapes)
+    # Each fp32 weight (4 bytes) becomes 1 byte (outputs padded to 64-channel panels), plus a 4-byte scale per output.
+    assert before - info["bytes_after"] == sum(4 * n * k - -(-n // 64) * 64 * k - 4 * n for n, k in shapes)
     model = quantize_model(_load(model_dirs("llama3")), "int4")
     # int4, group 32: half a byte per weight plus 4 bytes (fp16 scale and minimum) per 32 weights.
     assert before - model.quantization["bytes_after"] == sum(4 * n * k - n * k // 2 - n * k // 8 for n, k in shapes)

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nomoat import kernels
-from nomoat.kernels import build
+from nomoat.kernels import build, ops
 from nomoat.models import quantize
 from nomoat.models.packed import PackedLinear, pack_model
-from nomoat.models.quantize import QuantizedLinear, dequantize_int8, int8_panels, quantize_int8
+from nomoat.models.quantize import QuantizedLinear, int8_codes, int8_panels, quantize_int8
 
 # Odd widths (not multiples of 8, 16 or the 64-channel panel) next to model-like ones.
 SHAPES = [(1, 1), (7, 13), (19, 37), (64, 64), (65, 130), (100, 577), (576, 192)]
@@ -58,15 +58,37 @@ def test_int8_matches_dequantized(built, k, n, bias):
     g = torch.Generator().manual_seed(k * 7 + n)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    packed_rows, scale = quantize_int8(w)
-    ref_w = dequantize_int8(packed_rows, scale)  # independent: plain torch ops
-    panels = int8_panels(packed_rows)
+    q, scale = quantize_int8(w)
+    ref_w = q.float() * scale[:, None]  # independent: plain torch ops
+    panels = int8_panels(q)
+    assert torch.equal(int8_codes(panels, n), q)  # the panels give the plain codes back exactly
     for m in range(1, 10):
         x = torch.randn(m, k, generator=g)
         y = kernels.linear_int8(x, panels, scale, n, b)
         assert _rel_err(y, F.linear(x, ref_w, b)) < 1e-5
     x = torch.randn(3, 2 * k, generator=g)[:, ::2]  # non-contiguous
     assert _rel_err(kernels.linear_int8(x, panels, scale, n), F.linear(x, ref_w)) < 1e-5
+
+
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_matches_fp32_product_of_bf16_weights(built, k, n, bias):
+    """bf16 panels (input channels in pairs, odd K padded): the op sums in fp32 what `F.linear` over the bf16
+    weights widened to fp32 gives, for any row count and for non-contiguous rows."""
+    g = torch.Generator().manual_seed(k * 5 + n)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g) if bias else None
+    panels = kernels.pack_bf16(w)
+    assert panels.dtype == torch.bfloat16 and panels.shape == (-(-n // 64), (k + 1) // 2, 128)
+    assert torch.equal(kernels.unpack_bf16(panels, n, k), w)
+    ref_w = w.float()  # independent: plain torch widening
+    dot_rows = ops.bf16_dot_rows()
+    for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 40):
+        x = torch.randn(m, k, generator=g)
+        xr = x.bfloat16().float() if dot_rows is not None and m > dot_rows else x  # prefill: bf16 activations
+        assert _rel_err(kernels.linear_bf16(x, panels, n, b), F.linear(xr, ref_w, b)) < 1e-5
+    x = torch.randn(3, 2 * k, generator=g)[:, ::2]  # non-contiguous
+    assert _rel_err(kernels.linear_bf16(x, panels, n), F.linear(x, ref_w)) < 1e-5
 
 
 def test_layers_use_kernels_and_match(built):

@@ -1,9 +1,10 @@
 """`PanelLinear`: a linear layer of the decode model, its weight held once, in the decode kernels' panel layout.
 
-fp32 panels (`W`, from an fp32 `nn.Linear` or a `PackedLinear`'s own panels) or int8 panels with per-channel scales
-(`w = q * scale[n]`, quantized here or taken from an int8 `QuantizedLinear`). Every call, whatever its number of rows,
-is one `torch.ops.nomoat.linear_*` call (the op runs rows in blocks of 8 over each panel, so memory sees each weight
-once per call). `weight()` rebuilds the (out, in) matrix from the panels for whoever needs it.
+fp32 panels (`W`, from an fp32 `nn.Linear` or a `PackedLinear`'s own panels), bf16 panels (from a bf16 `nn.Linear`:
+a bf16 model decodes with fp32 sums, its activations cast at each layer) or int8 panels with per-channel scales
+(`w = q * scale[n]`, quantized here or an int8 `QuantizedLinear`'s own panels, shared). Every call, whatever its
+number of rows, is one `torch.ops.nomoat.linear_*` call (the op runs rows in blocks of 8 over each panel, so memory
+sees each weight once per call). `weight()` rebuilds the (out, in) matrix from the panels for whoever needs it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from nomoat.models.quantize import QuantizedLinear, int8_panels, quantize_int8
 
 
 class PanelLinear(nn.Module):
-    """`y = x W^T + b` over fp32 or int8 panels (inference only, fp32 activations).
+    """`y = x W^T + b` over fp32, bf16 or int8 panels (inference only; fp32 sums, fp32 or bf16 activations).
 
     Args:
         panels: (P, in, 64) fp32 or int8 panels (`nomoat.kernels.pack_fp32` / `pack_int8`).
         out_features: Output width (`P * 64` or fewer: the rest is padding).
-        scale: fp32 (out,) per-channel scales of int8 panels; None for fp32.
+        scale: fp32 (out,) per-channel scales of int8 panels; None for fp32 and bf16.
         bias: fp32 (out,) or None.
+        in_features: Input width (needed for bf16 panels, which hold input channels in pairs).
     """
 
     def __init__(
@@ -32,9 +34,10 @@ class PanelLinear(nn.Module):
         out_features: int,
         scale: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        in_features: int | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = panels.shape[1]
+        self.in_features = panels.shape[1] if in_features is None else in_features
         self.out_features = out_features
         self.register_buffer("panels", panels, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
@@ -45,44 +48,58 @@ class PanelLinear(nn.Module):
         """Whether the panels hold int8 codes."""
         return self.panels.dtype == torch.int8
 
+    @property
+    def bf16(self) -> bool:
+        """Whether the panels hold bf16 weights (input channels in pairs)."""
+        return self.panels.dtype == torch.bfloat16
+
     @classmethod
     def from_module(cls, module: nn.Module, quantize: str | None = None) -> PanelLinear | None:
-        """The panel form of an fp32 CPU `nn.Linear`, `PackedLinear` (its panels, shared) or int8 `QuantizedLinear`.
+        """The panel form of an fp32/bf16 CPU `nn.Linear`, or of a `PackedLinear` or int8 `QuantizedLinear` (shared).
 
-        `quantize="int8"` quantizes fp32 weights (symmetric per output channel, as `QuantizedLinear`). None where the
-        module has no panel form (another type, dtype or device; int4): the decode model keeps the module itself.
+        `quantize="int8"` quantizes fp32 or bf16 weights (symmetric per output channel, as `QuantizedLinear`). None
+        where the module has no panel form (another type, dtype or device; int4): the decode model keeps the module.
         """
         bias = getattr(module, "bias", None)
-        if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        if bias is not None and (not bias.dtype.is_floating_point or bias.device.type != "cpu"):
             return None
-        bias = None if bias is None else bias.detach()
-        if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
-            if quantize == "int8":
-                packed, scale = quantize_int8(module.weight)
-                return cls(int8_panels(packed), module.out_features, scale, bias)
-            return cls(kernels.pack_fp32(module.weight), module.out_features, None, bias)
+        bias = None if bias is None else bias.detach().float()  # fp32 (a copy for a bf16 layer: out floats)
+        if type(module) is nn.Linear and module.weight.device.type == "cpu":
+            w = module.weight
+            if quantize == "int8" and w.dtype in (torch.float32, torch.bfloat16):
+                q, scale = quantize_int8(w)
+                return cls(int8_panels(q), module.out_features, scale, bias)
+            if w.dtype == torch.float32:
+                return cls(kernels.pack_fp32(w), module.out_features, None, bias)
+            if w.dtype == torch.bfloat16 and quantize is None:
+                return cls(kernels.pack_bf16(w), module.out_features, None, bias, module.in_features)
+            return None
         if type(module) is PackedLinear and module.panels is not None:
             return cls(module.panels, module.out_features, None, bias)
         if isinstance(module, QuantizedLinear) and module.mode == "int8" and module.qweight.device.type == "cpu":
-            return cls(int8_panels(module.qweight), module.out_features, module.scale.float(), bias)
+            return cls(module.qweight, module.out_features, module.scale.float(), bias)  # shared: codes held once
         return None
 
     def weight(self) -> torch.Tensor:
         """The (out, in) fp32 weight these panels stand for (rebuilt: a new tensor)."""
+        if self.bf16:
+            return kernels.unpack_bf16(self.panels, self.out_features, self.in_features).float()
         w = kernels.unpack(self.panels, self.out_features)
         return w.float() * self.scale[:, None] if self.int8 else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the layer to fp32 `x` (..., in_features)."""
+        """Apply the layer to `x` (..., in_features): fp32 sums, the result in `x`'s dtype (fp32 or bf16)."""
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        x2 = x.reshape(-1, self.in_features).float()  # (M, in)
         if self.int8:
             y = kernels.linear_int8(x2, self.panels, self.scale, self.out_features, self.bias)
+        elif self.bf16:
+            y = kernels.linear_bf16(x2, self.panels, self.out_features, self.bias)
         else:
             y = kernels.linear_fp32(x2, self.panels, self.out_features, self.bias)
-        return y.view(*lead, self.out_features)
+        return y.view(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         """Shape summary shown by `print(model)`."""
-        kind = "int8" if self.int8 else "fp32"
+        kind = "int8" if self.int8 else "bf16" if self.bf16 else "fp32"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"

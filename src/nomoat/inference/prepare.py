@@ -4,10 +4,11 @@ The user's model (what `nomoat.load` returned: plain modules, Hugging Face names
 never changed. `prepare` builds a twin of its module tree: container modules are copied (so an adapter bank can wrap
 the twin's layers), embeddings, norms and rotary tables are shared, and each linear layer gets its decode form:
 - fp32 CPU `nn.Linear`: fp32 panels (or int8 panels with `quantize="int8"`);
+- bf16 CPU `nn.Linear` (a bf16 model): bf16 panels (`kernels.linear_bf16`: fp32 sums), or int8 with "int8";
 - `PackedLinear` (`nomoat.models.packed.pack_model`, what the inference commands load): its own panels, shared, so
   the weights exist once;
-- int8 `QuantizedLinear`: int8 panels made from its codes;
-- anything else (int4, bf16, another device, a LoRA layer under training), or no compiled kernels: the layer itself.
+- int8 `QuantizedLinear`: its own int8 panels, shared;
+- anything else (int4, another device, a LoRA layer under training), or no compiled kernels: the layer itself.
 With the compiled kernels and a Llama/Mistral/Qwen2-style model, decode steps then run as one call (`stack.py`);
 other fp32 models run their layers with one attention call per layer at decode (`attention.py`).
 """

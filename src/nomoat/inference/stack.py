@@ -74,7 +74,7 @@ def _projection(m: nn.Module, sources: list[Any]) -> list[torch.Tensor] | None:
         m, source = passthrough()
         if all(s is not source for s in sources):
             sources.append(source)
-    if type(m) is not PanelLinear:
+    if type(m) is not PanelLinear or m.bf16:  # the stack reads fp32 or int8 panels
         return None
     bias = _EMPTY if m.bias is None else m.bias
     return [m.panels, _EMPTY if m.scale is None else m.scale, bias]

@@ -7,11 +7,12 @@ ops' Python face (`ops.py`: the compiled op, or its reference where the build is
 models: `models` and `inference` call it. `NOMOAT_KERNELS=0` turns the compiled kernels off.
 """
 
-from nomoat.kernels.layout import MAX_ROWS, PANEL, pack_fp32, pack_int8, unpack
+from nomoat.kernels.layout import MAX_ROWS, PANEL, pack_bf16, pack_fp32, pack_int8, unpack, unpack_bf16
 from nomoat.kernels.ops import (
     available,
     decode_attention,
     isa,
+    linear_bf16,
     linear_fp32,
     linear_int8,
     rope,
@@ -27,8 +28,10 @@ __all__ = [
     "available",
     "decode_attention",
     "isa",
+    "linear_bf16",
     "linear_fp32",
     "linear_int8",
+    "pack_bf16",
     "pack_fp32",
     "pack_int8",
     "rope",
@@ -37,4 +40,5 @@ __all__ = [
     "swiglu_backward",
     "swiglu_forward",
     "unpack",
+    "unpack_bf16",
 ]

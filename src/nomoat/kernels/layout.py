@@ -3,7 +3,9 @@
 An (N, K) matrix is cut into panels of `PANEL` (64) consecutive output channels, each stored k-major:
 `panels[p, k, j] = W[p * 64 + j, k]`, N zero-padded to a multiple of 64 (see `csrc/gemv.h`). Panels are streamed from
 memory every decode step, so they are allocated in huge pages. `unpack` gives the matrix back exactly (a permutation),
-so a model holding only panels can still hand out its weights.
+so a model holding only panels can still hand out its weights. bf16 panels interleave pairs of input channels
+(`panels[p, k // 2, 2 * j + k % 2] = W[p * 64 + j, k]`, K padded to even): one 32-bit word holds two channels of one
+output, which the kernels widen to fp32 with a shift and a mask.
 """
 
 from __future__ import annotations
@@ -40,3 +42,19 @@ def unpack(panels: torch.Tensor, n: int) -> torch.Tensor:
     """The (n, K) matrix that panels (P, K, 64) hold (a new contiguous tensor; codes stay int8 for int8 panels)."""
     p, k, _ = panels.shape
     return panels.permute(0, 2, 1).reshape(p * PANEL, k)[:n].contiguous()
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """Panels (P, ceil(K / 2), 128) bf16 of an (N, K) weight (input channels in pairs), for `linear_bf16`."""
+    w = weight.detach().to(torch.bfloat16)
+    n, k = w.shape
+    w = F.pad(w, (0, k % 2, 0, -n % PANEL))  # (P * 64, K2 * 2)
+    pairs = w.view(-1, PANEL, (k + 1) // 2, 2).permute(0, 2, 1, 3)  # (P, K2, 64, 2)
+    return hugepages.copy(pairs.reshape(pairs.shape[0], pairs.shape[1], 2 * PANEL))
+
+
+def unpack_bf16(panels: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The (n, k) bf16 matrix that bf16 panels (P, ceil(k / 2), 128) hold (a new contiguous tensor)."""
+    p, k2, _ = panels.shape
+    w = panels.view(p, k2, PANEL, 2).permute(0, 2, 1, 3).reshape(p * PANEL, 2 * k2)
+    return w[:n, :k].contiguous()

@@ -43,6 +43,22 @@ def linear_fp32(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tenso
     return reference.linear_fp32(x, panels, n, bias)
 
 
+def linear_bf16(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` for 2-D fp32 `x` (M, K), any M, and `panels = layout.pack_bf16(W)`; fp32 sums; (M, n).
+
+    Up to 16 rows (decode) `x` stays fp32; above (prefill), on CPUs with AVX-512-BF16, its rows are rounded to bf16
+    first, as a bf16 model's activations are (`bf16_dot_rows`).
+    """
+    if available():
+        return torch.ops.nomoat.linear_bf16(x, panels, bias, n)
+    return reference.linear_bf16(x, panels, n, bias)
+
+
+def bf16_dot_rows() -> int | None:
+    """Above how many rows `linear_bf16` rounds activations to bf16 (hardware bf16 dot products), or None: never."""
+    return 16 if available() and "bf16" in build.current_variant().name else None
+
+
 def linear_int8(
     x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -138,6 +154,7 @@ def register_fakes() -> None:
             return
         fake = torch.library.register_fake
         fake("nomoat::linear_f32")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
+        fake("nomoat::linear_bf16")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::linear_i8")(lambda x, panels, scale, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::decode_attention")(
             lambda q, k, v, cos, sin, kc, vc, row0, positions, kv_len, window, scale: q.new_empty(

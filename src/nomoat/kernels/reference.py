@@ -9,12 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nomoat.kernels.layout import unpack
+from nomoat.kernels.layout import unpack, unpack_bf16
 
 
 def linear_fp32(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T + bias` for x (M, K) and fp32 panels of W (n, K); returns (M, n)."""
     return F.linear(x, unpack(panels, n), bias)
+
+
+def linear_bf16(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` in fp32 for x (M, K) fp32 and bf16 panels of W (n, K); returns (M, n)."""
+    return F.linear(x, unpack_bf16(panels, n, x.shape[1]).float(), bias)
 
 
 def linear_int8(

@@ -5,10 +5,11 @@ path (`model.layers.0.self_attn.q_proj` still names it), by a `QuantizedLinear` 
 computes in floating point: activations are never quantized, and outputs come back in the input's dtype.
 `weight_bytes(model)` counts weight bytes; `model.quantization` records the bytes before and after.
 
-Formats (chosen for the fastest kernel available on CPU, fbgemm's embedding-bag kernels; see below):
-    int8: symmetric, one fp32 scale per output channel: `w[n, k] = q[n, k] * scale[n]`, `q` in [-127, 127], stored
-        transposed in fbgemm's 8-bit row format: row `k` = `q[:, k] + 128` then the fp32 pair (1, -128), so the row
-        decodes to the exact integers. 1 byte per weight (+ 8 bytes per input channel, 4 per output channel).
+Formats (chosen for the fastest CPU kernel available: nomoat's panel kernels for int8, fbgemm's bags for int4):
+    int8: symmetric, one fp32 scale per output channel: `w[n, k] = q[n, k] * scale[n]`, `q` in [-127, 127], held
+        once, in the compiled kernels' panel layout (`nomoat.kernels.layout`: panels of 64 output channels, k-major,
+        out padded to a multiple of 64): `qweight` (P, in, 64) int8. `int8_codes()` gives the plain (out, in) int8
+        matrix back (a permutation). 1 byte per weight (+ 4 per output channel, + the padding to 64 channels).
     int4: asymmetric groups of `group_size` (default 32) consecutive *output* channels per input channel:
         `w = code * scale + minimum`, codes in [0, 15], with fp16 `scale` and `minimum` per group, in fbgemm's 4-bit
         row format (0.625 bytes per weight at group 32). Groups run along output channels because the kernel
@@ -16,27 +17,16 @@ Formats (chosen for the fastest kernel available on CPU, fbgemm's embedding-bag 
         (`quantize_model` falls back to int8 for a layer where it is not, and logs it).
 
 Kernels, one per (device, mode, tokens per call), all computing in fp32 for fp32 models:
-    Decoding through the engine does not use these: `nomoat.inference.prepare` turns int8 layers into the compiled
-        kernels' int8 panels (`int8_panels`), which stream every code once per step for all rows.
-    CPU, int8, up to `INT8_BAG_MAX_ROWS` tokens: `torch.ops.quantized.embedding_bag_byte_rowwise_offsets`
-        (fbgemm, part of every x86 torch build): one bag per token whose rows are the weight's input channels,
-        weighted by the activations, i.e. `y = sum_k x[k] * q[:, k]`, dequantized and accumulated in registers as
-        each int8 row streams past; then one multiply by the channel scales. Measured (SmolLM2-135M shapes,
-        2 threads, benchmarks/bench_quantize.py): the 30 layers' 210 matrices at one token 1.9-2.9x faster than
-        fp32 `F.linear` (run to run), the tied head alone 3.7x; whole-model decode 1.8x fp32's tokens/s.
+    int8, CPU, any number of rows (with the compiled kernels): `nomoat.kernels.linear_int8` on the panels, the op
+        the decode model runs too (`nomoat.inference.prepare` shares these panels: the codes exist once).
     CPU, int4, up to `INT4_BAG_MAX_ROWS` tokens: `quantized::embedding_bag_4bit_rowwise_offsets`, the same with one
         bag per (token, output group). Rows are only 16 bytes at group 32, so per-row overhead limits it: the
         layers' matrices 1.3-1.4x fp32, whole-model decode 1.25-1.7x (noisy), at a sixth of fp32's bytes for the
         quantized weights. A larger `group_size` is faster (fewer, longer rows) and less accurate.
-    CPU, more tokens (prefill), and CUDA or any other device, both modes: dequantize-then-matmul, in chunks of at
-        most `CHUNK_ELEMENTS` weights so the temporary stays in cache (and small on a GPU): int8 rows are
-        converted into a reused per-thread scratch buffer on CPU (a fresh multi-MB allocation per call costs more
-        in page faults than the matmul); int4 chunks are unpacked by fbgemm's `embedding_bag_4bit_unpack` on CPU
-        and by plain torch ops elsewhere. On a GPU this saves memory but is not faster than bf16 weights at batch 1;
-        a fused kernel would be (`torch.compile` of this code, or ATen's tinygemm `_weight_int4pack_mm` for bf16 on
-        sm80+), but no GPU was available to test one, so none is wired in. On CPU at 32 tokens this path runs at
-        about fp32's speed (int4) or somewhat slower (int8): prefill is compute-bound, so quantization buys
-        nothing there.
+    CPU, more int4 tokens (prefill), int8 without the compiled kernels, and CUDA or any other device:
+        dequantize-then-matmul, in chunks of at most `CHUNK_ELEMENTS` weights so the temporary stays in cache (and
+        small on a GPU): int4 chunks are unpacked by fbgemm's `embedding_bag_4bit_unpack` on CPU and by plain torch
+        ops elsewhere. On a GPU this saves memory but is not faster than bf16 weights at batch 1.
     With gradients (an input that requires grad, e.g. LoRA training over a quantized base): the weight is
         dequantized whole and `F.linear` runs, so autograd reaches the input; quantized weights never train.
 Rejected after measuring (torch 2.13 CPU build, AMD EPYC, 2 threads):
@@ -72,21 +62,23 @@ from torch import nn
 
 from nomoat import kernels
 from nomoat.kernels import hugepages
+from nomoat.kernels.layout import PANEL
 from nomoat.util.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32
-# The fbgemm bag kernels read the weights once per token row, so they win only for a few rows per call (decode);
-# above these row counts (prefill) dequantize-then-matmul is faster (measured on the reference machine).
-INT8_BAG_MAX_ROWS = 16
+# Rows up to which an int8 layer on the CPU runs the compiled panel kernel (all of them: it also serves prefill).
+INT8_KERNEL_MAX_ROWS = 1 << 62
+# The fbgemm int4 bag kernel reads the weights once per token row, so it wins only for a few rows per call (decode);
+# above this row count (prefill) dequantize-then-matmul is faster (measured on the reference machine).
 INT4_BAG_MAX_ROWS = 2
 # Weights dequantized per chunk on the dequantize-then-matmul path: 2M elements is 8 MB of fp32 scratch per thread.
 CHUNK_ELEMENTS = 1 << 21
 _q = getattr(torch.ops, "quantized", None)
 _HAS_BAGS = _q is not None and all(
-    hasattr(_q, op) for op in ("embedding_bag_byte_rowwise_offsets", "embedding_bag_4bit_rowwise_offsets")
+    hasattr(_q, op) for op in ("embedding_bag_4bit_rowwise_offsets", "embedding_bag_4bit_unpack")
 )
 _FP16 = torch.finfo(torch.float16)
 
@@ -115,30 +107,32 @@ def _check_group(out_features: int, group_size: int) -> None:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 in fbgemm's 8-bit row format.
+    """Symmetric per-output-channel int8 codes of a matrix.
 
     Args:
         weight: (out, in) floating-point matrix.
 
     Returns:
-        `packed`: uint8 (in, out + 8): row `k` holds `q[:, k] + 128` then the fp32 pair (1.0, -128.0), so the
-        row dequantizes to the integers `q[:, k]` in [-127, 127]; `scale`: fp32 (out,) with
-        `weight ~= q * scale[:, None]`.
+        `q`: int8 (out, in) in [-127, 127]; `scale`: fp32 (out,) with `weight ~= q * scale[:, None]`.
     """
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int16)
-    codes = (q + 128).to(torch.uint8).t()
-    params = torch.tensor([1.0, -128.0], dtype=torch.float32, device=w.device).view(torch.uint8)
-    packed = torch.cat([codes, params.expand(codes.shape[0], 8)], dim=1)
-    return packed.contiguous(), scale
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
 
 
-def dequantize_int8(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (out, in) matrix an int8 `packed`/`scale` pair stands for, with plain torch ops (any device)."""
-    n = packed.shape[1] - 8
-    q = packed[:, :n].to(dtype) - 128  # (in, out), exact integers
-    return (q.t() * scale.to(dtype)[:, None]).contiguous()
+def int8_panels(q: torch.Tensor) -> torch.Tensor:
+    """Panels (P, in, 64) int8 of (out, in) int8 codes: the kernels' layout (huge pages on the CPU), any device."""
+    if q.device.type == "cpu":
+        return kernels.pack_int8(q.t())
+    n, k = q.shape
+    padded = F.pad(q, (0, 0, 0, -n % PANEL))  # (P * 64, in)
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+def int8_codes(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The (out, in) int8 codes that panels (P, in, 64) hold (a new contiguous tensor, any device)."""
+    return kernels.unpack(panels, out_features)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
@@ -216,36 +210,22 @@ def _bags(n_rows: int, per_bag: int, tokens: int) -> tuple[torch.Tensor, torch.T
     return hit
 
 
-def int8_panels(packed: torch.Tensor) -> torch.Tensor:
-    """The compiled kernels' int8 panels (P, in, 64) of int8 `packed` rows (fbgemm's format, codes offset by 128)."""
-    n = packed.shape[1] - 8
-    return kernels.pack_int8((packed[:, :n].to(torch.int16) - 128).to(torch.int8))
+def int8_matmul(x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """`x @ (q * scale[:, None]).T` for a 2-D `x` and int8 panels of `q` (n, in), without the whole fp32 weight.
 
-
-def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`x @ dequantize_int8(packed, scale).T` for a 2-D `x`, without materialising the weight."""
+    The compiled panel kernel on the CPU; elsewhere (or without the kernels) panels are dequantized in chunks of
+    at most `CHUNK_ELEMENTS` weights, each multiplied as it is made.
+    """
     m, k = x.shape
-    n = packed.shape[1] - 8
-    if x.device.type == "cpu" and m <= INT8_BAG_MAX_ROWS and _HAS_BAGS:
-        # One bag per token over all `in` rows, row k weighted by x[:, k]: sum_k x[k] * q[:, k], accumulated in fp32
-        # as each int8 row streams through (fbgemm), then one multiply by the per-channel scales.
-        idx, offsets = _bags(k, k, m)
-        y = _q.embedding_bag_byte_rowwise_offsets(packed, idx, offsets, per_sample_weights=x.reshape(-1).float())
-        return y.mul_(scale).to(x.dtype)
-    # Chunks of output channels (columns of `packed`), so each chunk's product is written once.
-    cols = min(n, max(1, CHUNK_ELEMENTS // k))
-    buf = _scratch(x.dtype, k * cols, x.device)
-    if cols == n:
-        w = buf.view(k, n)
-        w.copy_(packed[:, :n])
-        return torch.mm(x, w.sub_(128)).mul_(scale.to(x.dtype))
+    if x.device.type == "cpu" and m <= INT8_KERNEL_MAX_ROWS and kernels.available():
+        return kernels.linear_int8(x.float(), panels, scale, n).to(x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    for i in range(0, n, cols):
-        j = min(n, i + cols)
-        w = buf[: k * (j - i)].view(k, j - i)
-        w.copy_(packed[:, i:j])
-        torch.mm(x, w.sub_(128), out=out[:, i:j])
-    return out.mul_(scale.to(x.dtype))
+    step = max(1, CHUNK_ELEMENTS // (k * PANEL))  # panels per chunk
+    for p0 in range(0, panels.shape[0], step):
+        n0, n1 = p0 * PANEL, min(n, (p0 + step) * PANEL)
+        w = panels[p0 : p0 + step].transpose(1, 2).reshape(-1, k)[: n1 - n0].to(x.dtype)  # (n1 - n0, in)
+        torch.mm(x, w.mul_(scale[n0:n1, None].to(x.dtype)).t(), out=out[:, n0:n1])
+    return out
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int, group_size: int) -> torch.Tensor:
@@ -311,9 +291,8 @@ class QuantizedLinear(nn.Module):
         self.mode = mode
         if mode == "int8":
             self.group_size = None
-            self.register_buffer(
-                "qweight", torch.zeros(in_features, out_features + 8, dtype=torch.uint8, device=device)
-            )
+            panels = -(-out_features // PANEL)
+            self.register_buffer("qweight", torch.zeros(panels, in_features, PANEL, dtype=torch.int8, device=device))
             self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
         else:
             _check_group(out_features, group_size)
@@ -334,7 +313,8 @@ class QuantizedLinear(nn.Module):
         new = cls(k, n, mode, group_size, bias=linear.bias is not None, dtype=w.dtype, device="meta")
         with torch.no_grad():
             if mode == "int8":
-                new.qweight, new.scale = quantize_int8(w)
+                q, new.scale = quantize_int8(w)
+                new.qweight = int8_panels(q)
             else:
                 new.qweight = quantize_int4(w, group_size)
             if linear.bias is not None:
@@ -344,8 +324,14 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight these integers stand for, in `dtype`, computed with plain torch ops."""
         if self.mode == "int8":
-            return dequantize_int8(self.qweight, self.scale, dtype)
+            return self.int8_codes().to(dtype) * self.scale.to(dtype)[:, None]
         return dequantize_int4(self.qweight, self.out_features, self.in_features, self.group_size, dtype)
+
+    def int8_codes(self) -> torch.Tensor:
+        """The plain (out, in) int8 codes of an int8 layer (`w = q * scale[:, None]`), rebuilt from the panels."""
+        if self.mode != "int8":
+            raise QuantizationError(f"int8_codes: the layer is {self.mode}")
+        return int8_codes(self.qweight, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to `x` (..., in_features); the output has `x`'s dtype."""
@@ -354,7 +340,7 @@ class QuantizedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.mode == "int8":
-            y = int8_matmul(x2, self.qweight, self.scale)
+            y = int8_matmul(x2, self.qweight, self.scale, self.out_features)
         else:
             y = int4_matmul(x2, self.qweight, self.out_features, self.group_size)
         if self.bias is not None:

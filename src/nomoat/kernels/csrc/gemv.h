@@ -98,3 +98,144 @@ static void panel_any(int m, const float* x, int64_t ldx, const void* w, int64_t
     default: panel_rows<I8, 8>(x, ldx, w, K, out); break;
   }
 }
+
+// bf16 panels: pairs of input channels interleaved, panel[p, k / 2, j, k % 2] = W[p * 64 + j, k] (bf16; K padded
+// to even with zeros). One W-lane vector of 32-bit words holds one k pair of W columns: its low halves (k even)
+// widen to fp32 by a 16-bit shift, its high halves (k odd) by masking the low ones off; accumulation is fp32. The
+// same source serves AVX-512, AVX2, SSE, NEON and portable builds (vector extensions only).
+typedef unsigned int vu __attribute__((vector_size(W * 4)));
+typedef unsigned int vuu __attribute__((vector_size(W * 4), aligned(4)));
+
+// Largest C dividing NV with M*C accumulators + 2 weight vectors + 2 broadcasts in the register file.
+template <int M>
+constexpr int cols_bf16() {
+  return (M * NV + 4 <= NREG) ? NV : (M * (NV / 2) + 4 <= NREG) ? NV / 2 : (M * (NV / 4) + 4 <= NREG) ? NV / 4 : 1;
+}
+
+template <int M, int C>
+static void sweep_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int c0, float* out) {
+  vf acc[M][C];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[m][c] = vf{};
+  const int64_t K2 = K / 2;
+  const vu hi = vu{} + 0xffff0000u;
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    const uint16_t* row = w + (kp * PANEL + c0) * 2;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const vu u = *(const vuu*)(row + c * W * 2);
+      const vf ev = (vf)(u << 16), od = (vf)(u & hi);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m][c] += x[m * ldx + 2 * kp] * ev + x[m * ldx + 2 * kp + 1] * od;
+    }
+  }
+  if (K & 1) {  // the last channel alone (its pair's second half is padding)
+    const uint16_t* row = w + (K2 * PANEL + c0) * 2;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const vf ev = (vf)(*(const vuu*)(row + c * W * 2) << 16);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m][c] += x[m * ldx + K - 1] * ev;
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) std::memcpy(out + m * PANEL + c0 + c * W, &acc[m][c], sizeof(vf));
+}
+
+template <int M>
+static void panel_rows_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* out) {
+  if constexpr (M > 4 && cols_bf16<4>() == NV) {
+    panel_rows_bf16<4>(x, ldx, w, K, out);
+    panel_rows_bf16<M - 4>(x + 4 * ldx, ldx, w, K, out + 4 * PANEL);
+  } else {
+    constexpr int C = cols_bf16<M>();
+    for (int c0 = 0; c0 < PANEL; c0 += C * W) sweep_bf16<M, C>(x, ldx, w, K, c0, out);
+  }
+}
+
+// out (m x 64) for 1 <= m <= 8 rows over one bf16 panel (K input channels, stored as (K + 1) / 2 pairs).
+static inline void panel_any_bf16(int m, const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* out) {
+  switch (m) {
+    case 1: panel_rows_bf16<1>(x, ldx, w, K, out); break;
+    case 2: panel_rows_bf16<2>(x, ldx, w, K, out); break;
+    case 3: panel_rows_bf16<3>(x, ldx, w, K, out); break;
+    case 4: panel_rows_bf16<4>(x, ldx, w, K, out); break;
+    case 5: panel_rows_bf16<5>(x, ldx, w, K, out); break;
+    case 6: panel_rows_bf16<6>(x, ldx, w, K, out); break;
+    case 7: panel_rows_bf16<7>(x, ldx, w, K, out); break;
+    default: panel_rows_bf16<8>(x, ldx, w, K, out); break;
+  }
+}
+
+#if defined(__AVX512BF16__)
+// With AVX-512-BF16 (many-row calls: prefill): each row's input channels are rounded to bf16 pairs (one 32-bit word
+// per k pair, `bf16_pairs`) and `vdpbf16ps` adds x[2k] w[2k] + x[2k+1] w[2k+1] per column in one instruction (products
+// exact, sums fp32): half the instructions of the widening path, at bf16 activations.
+template <int M, int C>
+static void sweep_dpbf16(const uint32_t* xp, int64_t K2, const uint16_t* w, int c0, float* out) {
+  __m512 acc[M][C];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    const uint16_t* row = w + (kp * PANEL + c0) * 2;
+    __m512bh wv[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512((const void*)(row + c * W * 2));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xp[m * K2 + kp]);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], xv, wv[c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + m * PANEL + c0 + c * W, acc[m][c]);
+}
+
+template <int M>
+static void panel_rows_dpbf16(const uint32_t* xp, int64_t K2, const uint16_t* w, float* out) {
+  if constexpr (M > 4) {
+    panel_rows_dpbf16<4>(xp, K2, w, out);
+    panel_rows_dpbf16<M - 4>(xp + 4 * K2, K2, w, out + 4 * PANEL);
+  } else {
+    constexpr int C = cols<M>();
+    for (int c0 = 0; c0 < PANEL; c0 += C * W) sweep_dpbf16<M, C>(xp, K2, w, c0, out);
+  }
+}
+
+static inline void panel_any_dpbf16(int m, const uint32_t* xp, int64_t K2, const uint16_t* w, float* out) {
+  switch (m) {
+    case 1: panel_rows_dpbf16<1>(xp, K2, w, out); break;
+    case 2: panel_rows_dpbf16<2>(xp, K2, w, out); break;
+    case 3: panel_rows_dpbf16<3>(xp, K2, w, out); break;
+    case 4: panel_rows_dpbf16<4>(xp, K2, w, out); break;
+    case 5: panel_rows_dpbf16<5>(xp, K2, w, out); break;
+    case 6: panel_rows_dpbf16<6>(xp, K2, w, out); break;
+    case 7: panel_rows_dpbf16<7>(xp, K2, w, out); break;
+    default: panel_rows_dpbf16<8>(xp, K2, w, out); break;
+  }
+}
+#endif
+
+// Rows of x (M x K, row stride ldx) as bf16 pairs (M x ceil(K / 2) words; round to nearest even; odd K: zero pad).
+static inline void bf16_pairs(const float* x, int64_t ldx, int64_t M, int64_t K, uint32_t* out) {
+  const int64_t K2 = (K + 1) / 2;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t kp = 0; kp < K2; ++kp) {
+      uint32_t h[2] = {0, 0};
+      for (int i = 0; i < 2 && 2 * kp + i < K; ++i) {
+        uint32_t u;
+        std::memcpy(&u, x + m * ldx + 2 * kp + i, 4);
+        h[i] = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      }
+      out[m * K2 + kp] = h[0] | (h[1] << 16);
+    }
+}

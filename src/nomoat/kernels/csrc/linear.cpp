@@ -1,23 +1,36 @@
-// y = x W^T (+ bias) for a few rows of activations over weights in panels (gemv.h), fp32 or int8 codes with
-// per-channel scales: the decode-time matmul, bound by how fast the weights stream from memory.
+// y = x W^T (+ bias) for a few rows of activations over weights in panels (gemv.h), fp32, bf16 (fp32 accumulation) or
+// int8 codes with per-channel scales: the decode-time matmul, bound by how fast the weights stream from memory.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "gemv.h"
 #include "ops.h"
 
-template <bool I8>
+enum Kind { F32 = 0, I8 = 1, BF16 = 2 };
+// Above this many rows a bf16 call is a prefill: with AVX-512-BF16 its activations are rounded to bf16 (as a bf16
+// model's are) for hardware dot products; up to it (decode) they stay fp32 and the weights are widened.
+constexpr int64_t BF16_DOT_MIN_ROWS = 16;
+
+template <int T>
+static inline void panel_of(int m, const float* x, int64_t ldx, const char* w, int64_t K, float* out) {
+  if constexpr (T == BF16) panel_any_bf16(m, x, ldx, (const uint16_t*)w, K, out);
+  else panel_any<T == I8>(m, x, ldx, w, K, out);
+}
+
+template <int T>
 static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, const float* sp,
                               const std::optional<at::Tensor>& bias, int64_t N) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: 2-D fp32");
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == PANEL && wp.is_contiguous(), "w: (P, K, 64) contiguous panels");
+  TORCH_CHECK(wp.dim() == 3 && wp.is_contiguous(), "w: (P, K, 64) contiguous panels");
   const int64_t M = x.size(0), K = x.size(1), P = wp.size(0), ldx = M > 1 ? x.stride(0) : K;
-  TORCH_CHECK(wp.size(1) == K && P * PANEL >= N, "w: panel shape does not match x or N");
+  const int64_t kstored = T == BF16 ? (K + 1) / 2 : K, width = T == BF16 ? 2 * PANEL : PANEL;
+  TORCH_CHECK(wp.size(1) == kstored && wp.size(2) == width && P * PANEL >= N, "w: panel shape does not match x or N");
   const float* xp = x.data_ptr<float>();
   const char* wb = (const char*)wp.data_ptr();
-  const int64_t esize = I8 ? 1 : 4;
+  const int64_t panel_bytes = kstored * width * (T == F32 ? 4 : T == I8 ? 1 : 2);
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() >= N, "bias: fp32 (N,)");
@@ -25,19 +38,32 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
   }
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
+  // bf16 weights, many rows (prefill) and AVX-512-BF16: rows rounded to bf16 pairs once, dot products in hardware
+  std::vector<uint32_t> xpairs;
+#if defined(__AVX512BF16__)
+  if (T == BF16 && M > BF16_DOT_MIN_ROWS) {
+    xpairs.resize(M * kstored);
+    bf16_pairs(xp, ldx, M, K, xpairs.data());
+  }
+#endif
   // Dynamic scheduling, one panel at a time: on a shared 2-core VM one thread is often descheduled, and a static
   // split would make the other wait for its whole half. Small matrices run on the calling thread: waking a sleeping
   // OpenMP worker costs tens of microseconds, about what the second core saves on 2 MB of weights.
-  const bool small = P * K * PANEL * esize * std::max<int64_t>(1, M / 4) < (int64_t(1) << SERIAL_BYTES_LOG2);
+  const bool small = P * panel_bytes * std::max<int64_t>(1, M / 4) < (int64_t(1) << SERIAL_BYTES_LOG2);
   const int nt = small ? 1 : (int)std::min<int64_t>(at::get_num_threads(), P);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t p = 0; p < P; ++p) {
     alignas(64) float buf[MAX_ROWS * PANEL];
-    const void* w = wb + p * K * PANEL * esize;
+    const char* w = wb + p * panel_bytes;
     const int64_t n0 = p * PANEL, nn = std::min<int64_t>(PANEL, N - n0);
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // the panel stays in L2 across row blocks
       const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
-      panel_any<I8>(mm, xp + m0 * ldx, ldx, w, K, buf);
+#if defined(__AVX512BF16__)
+      if (!xpairs.empty())
+        panel_any_dpbf16(mm, xpairs.data() + m0 * kstored, kstored, (const uint16_t*)w, buf);
+      else
+#endif
+        panel_of<T>(mm, xp + m0 * ldx, ldx, w, K, buf);
       for (int m = 0; m < mm; ++m) {
         float* dst = yp + (m0 + m) * N + n0;
         const float* src = buf + m * PANEL;
@@ -54,12 +80,18 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
                       int64_t n) {
   TORCH_CHECK(panels.scalar_type() == at::kFloat, "fp32 panels expected");
-  return linear_impl<false>(x, panels, nullptr, bias, n);
+  return linear_impl<F32>(x, panels, nullptr, bias, n);
 }
 
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scale,
                      const std::optional<at::Tensor>& bias, int64_t n) {
   TORCH_CHECK(panels.scalar_type() == at::kChar, "int8 panels expected");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() >= n, "scale: fp32 (n,)");
-  return linear_impl<true>(x, panels, scale.data_ptr<float>(), bias, n);
+  return linear_impl<I8>(x, panels, scale.data_ptr<float>(), bias, n);
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
+                       int64_t n) {
+  TORCH_CHECK(panels.scalar_type() == at::kBFloat16, "bf16 panels expected");
+  return linear_impl<BF16>(x, panels, nullptr, bias, n);
 }

@@ -6,8 +6,9 @@
 
 #include <optional>
 
-// linear.cpp: y = x W^T (+ bias) over fp32 or int8 panels, for any number of rows (blocks of 8 share each panel).
+// linear.cpp: y = x W^T (+ bias) over fp32, bf16 or int8 panels, for any number of rows (blocks of 8 share each panel).
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias, int64_t n);
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias, int64_t n);
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scale,
                      const std::optional<at::Tensor>& bias, int64_t n);
 

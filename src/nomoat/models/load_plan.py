@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from nomoat.config.model import ModelConfig
-from nomoat.models.quantize import DEFAULT_GROUP_SIZE, QuantizationError, QuantizedLinear, quantize_int4, quantize_int8
+from nomoat.models.quantize import (
+    DEFAULT_GROUP_SIZE,
+    QuantizationError,
+    QuantizedLinear,
+    int8_panels,
+    quantize_int4,
+    quantize_int8,
+)
 from nomoat.models.quantize import MODES as INT_MODES
 from nomoat.util.memory import available_bytes, check_fits
 
@@ -87,9 +94,9 @@ class IntQuantizer(LinearQuantizer):
         return "int8" if self.mode == "int4" and out_features % self.group_size else self.mode
 
     def bytes_for(self, out_features: int, in_features: int) -> int:
-        """int8: a byte a weight plus scales; int4: `group_size / 2 + 4` bytes per group."""
+        """int8: a byte a weight (outputs padded to 64) plus scales; int4: `group_size / 2 + 4` bytes per group."""
         if self.layer_mode(out_features) == "int8":
-            return out_features * in_features + 8 * in_features + 4 * out_features
+            return -(-out_features // 64) * 64 * in_features + 4 * out_features  # panels of 64 outputs, scales
         return out_features // self.group_size * in_features * (self.group_size // 2 + 4)
 
     def quantize(self, weight: torch.Tensor, bias: bool, dtype: torch.dtype, release: Release | None) -> nn.Module:
@@ -98,14 +105,14 @@ class IntQuantizer(LinearQuantizer):
         mode, g = self.layer_mode(n), self.group_size
         layer = QuantizedLinear(k, n, mode, g, bias=bias, dtype=dtype, device="meta")
         if mode == "int8":
-            packed = torch.empty(k, n + 8, dtype=torch.uint8)  # fbgemm rows: codes of every output, then (1, -128)
+            codes = torch.empty(n, k, dtype=torch.int8)
             scale = torch.empty(n, dtype=torch.float32)
             for a, piece in row_chunks(weight, release):
-                p, s = quantize_int8(piece)  # (k, rows + 8), (rows,)
-                packed[:, a : a + piece.shape[0]] = p[:, :-8]
-                packed[:, n:] = p[:, -8:]
+                q, s = quantize_int8(piece)  # (rows, in) int8, (rows,)
+                codes[a : a + piece.shape[0]] = q
                 scale[a : a + piece.shape[0]] = s
-            layer.qweight, layer.scale = packed, scale
+            layer.qweight, layer.scale = int8_panels(codes), scale  # the decode kernels' panels, held once
+            del codes
         else:
             packed = torch.empty(n // g * k, g // 2 + 4, dtype=torch.uint8)  # rows (group, input channel)
             for a, piece in row_chunks(weight, release):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nomoat.kernels import hugepages
 from nomoat.models.checkpoint import load_model, read_hf_config, resolve_device, resolve_dtype
 from nomoat.models.load_plan import LinearQuantizer, Release, row_chunks
 from nomoat.models.transformer import Transformer
@@ -192,17 +193,19 @@ def quantize_model_nf4(
     Returns:
         The same model, for chaining.
     """
+    # Names, not modules: no list may keep a replaced layer (and its full-precision weight) alive until the end.
     targets = [
-        (name, module)
+        name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and (include_lm_head or name.rsplit(".", 1)[-1] != "lm_head")
     ]
-    for name, linear in targets:
+    for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = NF4Linear.from_linear(linear, block_size)
+        layer = NF4Linear.from_linear(getattr(parent, child), block_size)
         layer.compute_dtype = compute_dtype
         setattr(parent, child, layer)
+        hugepages.release_freed_memory()  # the replaced weight's memory goes back now, whatever malloc would keep
     return model
 
 

@@ -75,9 +75,21 @@ def dequantize_nf4(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The tensor of `shape` that NF4 `packed`/`absmax` stand for, in `dtype` (computed in fp32)."""
-    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1, block_size).long()  # (blocks, block)
-    values = nf4_codebook(packed.device)[codes] * absmax[:, None]
+    values = _pair_table(packed.device)[packed.long()].view(-1, block_size) * absmax[:, None]  # (blocks, block)
     return values.reshape(shape).to(dtype)
+
+
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """(256, 2) fp32: the two codebook values each byte holds (high nibble first): one lookup per byte, not two."""
+    table = _PAIR_TABLES.get(device)
+    if table is None:
+        with torch.inference_mode(False):  # a normal tensor even when first made while generating
+            book, byte = nf4_codebook(device), torch.arange(256, device=device)
+            table = _PAIR_TABLES[device] = torch.stack([book[byte >> 4], book[byte & 15]], dim=1)
+    return table
 
 
 class NF4Linear(nn.Module):

@@ -40,9 +40,10 @@ class QuantizedBaseMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        """Input gradient `grad @ W`, with `W` dequantized for this product only."""
-        w = ctx.qbase.dequantize(grad.dtype)  # (out, in), freed on return
-        return grad @ w, None
+        """Input gradient `grad @ W`, with `W` dequantized for this product only (in the base's compute dtype)."""
+        cd = getattr(ctx.qbase, "compute_dtype", None) or grad.dtype
+        w = ctx.qbase.dequantize(cd)  # (out, in), freed on return
+        return (grad.to(cd) @ w).to(grad.dtype), None
 
 
 class _SwiGLUDownLoRA(torch.autograd.Function):

@@ -1,17 +1,30 @@
 """4-bit NormalFloat (NF4) weights for a frozen QLoRA base, in plain torch (any device).
 
 `quantize_nf4` / `dequantize_nf4` convert tensors, `NF4Linear` is the frozen layer, `quantize_model_nf4` converts a
-model's linear layers. Format (QLoRA paper, section 3, without its double quantization): each weight divided by the
+model's linear layers and `load_model_nf4` loads a checkpoint straight into NF4 (each layer quantized as it is
+read, so the full-precision base never exists in memory).
+
+Format (QLoRA paper, section 3, without its double quantization): each weight divided by the
 absmax of its block of 64 consecutive weights maps to the nearest of the 16 `NF4_CODEBOOK` values (normal quantiles
 in [-1, 1], with an exact zero); two codes per byte, one fp32 absmax per block. The adapter on top stays in full
-precision.
+precision. The frozen product runs in `NF4Linear.compute_dtype` (bitsandbytes' `compute_dtype`): in bf16 where the CPU
+has fast bf16 products, the dequantized weight takes half the bytes, while the input, output, adapter and optimizer
+stay fp32.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nomoat.kernels import hugepages
+from nomoat.models.checkpoint import load_model, read_hf_config, resolve_device, resolve_dtype
+from nomoat.models.load_plan import LinearQuantizer, Release, row_chunks
+from nomoat.models.transformer import Transformer
 
 NF4_BLOCK_SIZE = 64
 # The 16 NF4 values (QLoRA paper, appendix E; bitsandbytes `create_normal_map`), lowest code first.
@@ -62,13 +75,27 @@ def dequantize_nf4(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The tensor of `shape` that NF4 `packed`/`absmax` stand for, in `dtype` (computed in fp32)."""
-    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1, block_size).long()  # (blocks, block)
-    values = nf4_codebook(packed.device)[codes] * absmax[:, None]
+    values = _pair_table(packed.device)[packed.long()].view(-1, block_size) * absmax[:, None]  # (blocks, block)
     return values.reshape(shape).to(dtype)
 
 
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """(256, 2) fp32: the two codebook values each byte holds (high nibble first): one lookup per byte, not two."""
+    table = _PAIR_TABLES.get(device)
+    if table is None:
+        with torch.inference_mode(False):  # a normal tensor even when first made while generating
+            book, byte = nf4_codebook(device), torch.arange(256, device=device)
+            table = _PAIR_TABLES[device] = torch.stack([book[byte >> 4], book[byte & 15]], dim=1)
+    return table
+
+
 class NF4Linear(nn.Module):
-    """A frozen linear layer with NF4 weights (QLoRA's base layer format); computes in the input's dtype.
+    """A frozen linear layer with NF4 weights (QLoRA's base layer format).
+
+    The product runs in `compute_dtype` (None: the input's dtype) and the output comes back in the input's dtype.
 
     The packed codes and block absmax values are buffers, so they follow `.to(device)` and appear in `state_dict`.
     The bias, if any, stays a full-precision parameter. `out_features * in_features` must be divisible by the block
@@ -81,6 +108,7 @@ class NF4Linear(nn.Module):
         block_size: Elements per absmax block.
         dtype: Dtype of the bias.
         device: Where to allocate.
+        compute_dtype: Dtype of the product (None: the input's).
     """
 
     mode = "nf4"
@@ -93,6 +121,7 @@ class NF4Linear(nn.Module):
         block_size: int = NF4_BLOCK_SIZE,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         n = in_features * out_features
@@ -101,6 +130,7 @@ class NF4Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = block_size
+        self.compute_dtype = compute_dtype
         self.register_buffer("qweight", torch.zeros(n // 2, dtype=torch.uint8, device=device))
         self.register_buffer("absmax", torch.ones(n // block_size, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -133,6 +163,13 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to `x` (..., in_features), dequantizing at most `CHUNK_ELEMENTS` weights at a time."""
+        cd = self.compute_dtype
+        if cd is not None and cd != x.dtype:
+            return self._product(x.to(cd)).to(x.dtype)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T + b` in `x`'s dtype."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         step = max(1, CHUNK_ELEMENTS // self.in_features)
         if step >= self.out_features or self.in_features % self.block_size:
@@ -146,10 +183,16 @@ class NF4Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, mode=nf4, "
             f"block_size={self.block_size}, bias={self.bias is not None}"
+            + ("" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}")
         )
 
 
-def quantize_model_nf4(model: nn.Module, include_lm_head: bool = False, block_size: int = NF4_BLOCK_SIZE) -> nn.Module:
+def quantize_model_nf4(
+    model: nn.Module,
+    include_lm_head: bool = False,
+    block_size: int = NF4_BLOCK_SIZE,
+    compute_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Replace every `nn.Linear` of `model` in place by an `NF4Linear` (a QLoRA base), under the same name.
 
     Args:
@@ -157,17 +200,92 @@ def quantize_model_nf4(model: nn.Module, include_lm_head: bool = False, block_si
             layers it targets).
         include_lm_head: Quantize the module named `lm_head` too (default False: QLoRA keeps the head in 16/32 bit).
         block_size: Elements per absmax block.
+        compute_dtype: Dtype the frozen products run in (None: the input's).
 
     Returns:
         The same model, for chaining.
     """
+    # Names, not modules: no list may keep a replaced layer (and its full-precision weight) alive until the end.
     targets = [
-        (name, module)
+        name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and (include_lm_head or name.rsplit(".", 1)[-1] != "lm_head")
     ]
-    for name, linear in targets:
+    for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear.from_linear(linear, block_size))
+        layer = NF4Linear.from_linear(getattr(parent, child), block_size)
+        layer.compute_dtype = compute_dtype
+        setattr(parent, child, layer)
+        hugepages.release_freed_memory()  # the replaced weight's memory goes back now, whatever malloc would keep
     return model
+
+
+class NF4Quantizer(LinearQuantizer):
+    """Builds `NF4Linear` layers while a checkpoint is read (`load_model(quantize=NF4Quantizer(...))`).
+
+    Codes and absmax values are exactly those `NF4Linear.from_linear` computes for the whole weight.
+    """
+
+    mode = "nf4"
+
+    def __init__(
+        self, include_lm_head: bool = False, block_size: int = NF4_BLOCK_SIZE, compute_dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(include_lm_head)
+        if 64 % block_size or block_size % 2:
+            raise ValueError(f"NF4 block size must be even and divide 64 (the loader's row pieces), got {block_size}")
+        self.block_size = block_size
+        self.compute_dtype = compute_dtype
+
+    def bytes_for(self, out_features: int, in_features: int) -> int:
+        """Half a byte a weight plus one fp32 absmax per block."""
+        n = out_features * in_features
+        return n // 2 + 4 * (n // self.block_size)
+
+    def quantize(self, weight: torch.Tensor, bias: bool, dtype: torch.dtype, release: Release | None) -> nn.Module:
+        """An `NF4Linear` for `weight` (out, in), quantized a piece of rows at a time."""
+        n, k = weight.shape
+        layer = NF4Linear(k, n, bias, self.block_size, dtype, "meta", self.compute_dtype)
+        packed = torch.empty(n * k // 2, dtype=torch.uint8)
+        absmax = torch.empty(n * k // self.block_size, dtype=torch.float32)
+        for a, piece in row_chunks(weight, release):
+            lo, hi = a * k, (a + piece.shape[0]) * k
+            packed[lo // 2 : hi // 2], absmax[lo // self.block_size : hi // self.block_size] = quantize_nf4(
+                piece, self.block_size
+            )
+        layer.qweight, layer.absmax = packed, absmax
+        return layer
+
+
+def nf4_compute_dtype(hf: dict[str, Any], device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The frozen products' dtype for a checkpoint: bf16 where `dtype="auto"` would load it in bf16, else None.
+
+    That is a half-precision checkpoint on a CPU with fast bf16 (or CUDA); None means the input's dtype.
+    `NOMOAT_NF4_COMPUTE=float32` forces None.
+    """
+    if os.environ.get("NOMOAT_NF4_COMPUTE", "") in ("float32", "fp32"):
+        return None
+    return torch.bfloat16 if resolve_dtype("auto", resolve_device(device), hf) == torch.bfloat16 else None
+
+
+def load_model_nf4(
+    path: str | os.PathLike,
+    dtype: Any = torch.float32,
+    device: Any = "auto",
+    compute_dtype: torch.dtype | str | None = "auto",
+    include_lm_head: bool = False,
+) -> Transformer:
+    """Load a checkpoint as a QLoRA base: every linear layer (but the head) NF4, quantized as it is read.
+
+    Args:
+        path: A model folder (or GGUF file) `load_model` accepts.
+        dtype: Dtype of what stays unquantized (embeddings, norms, head, biases).
+        device: Where the model goes.
+        compute_dtype: Dtype of the frozen products: `"auto"` (`nf4_compute_dtype`), a dtype, or None (the input's).
+        include_lm_head: Quantize the output head too.
+    """
+    if compute_dtype == "auto":
+        compute_dtype = nf4_compute_dtype(read_hf_config(path), device)
+    quantizer = NF4Quantizer(include_lm_head, compute_dtype=compute_dtype)  # type: ignore[arg-type]
+    return load_model(path, dtype=dtype, device=device, quantize=quantizer)

@@ -7,7 +7,9 @@ step, so without tuning every step touches new pages, which the kernel zero-fill
 thresholds raised, the memory freed in one step is what the next reuses, at the same peak RSS.
 
 `tune_cpu_allocator()` raises the mmap and trim thresholds once per process (`mallopt`); elsewhere than glibc it
-does nothing. `NOMOAT_MALLOC_TUNING=0` leaves the allocator as it is.
+does nothing. `NOMOAT_MALLOC_TUNING=0` leaves the allocator as it is. The raised trim threshold would also keep what
+a model load frees (quantizers' temporaries, a full-precision copy quantized afterwards): loading therefore trims
+the heap explicitly (`malloc_trim`, in `models.checkpoint.load_model`), and what stays is only what steps reuse.
 """
 
 from __future__ import annotations

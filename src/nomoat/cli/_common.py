@@ -121,24 +121,25 @@ def load_with_adapters(
 
     selection = parse_selection(adapters)
     folders = resolve_selection(selection)
-    try:
-        m, tok = nomoat.load(model, dtype=dtype, device=device)
+    unbankable = _unbankable(folders)
+    merging = bool(folders and (merge or unbankable))
+    try:  # quantized as it is read, unless adapters are merged first (they need the full-precision weights)
+        m, tok = nomoat.load(model, dtype=dtype, device=device, quantize=None if merging else quantize)
     except ValueError as e:  # a model-loading error (CheckpointError, UnsupportedModelError...) or a bad option
         fail(e)
     template = next((t.read_text(encoding="utf-8") for t in (f / "chat_template.jinja" for f, _ in folders)
                      if t.is_file()), None)  # fmt: skip
     if tok.chat_template is None and template:  # a base without a template takes the one an adapter trained with
         tok.chat_templates["default"] = template
-    unbankable = _unbankable(folders)
     if folders and not merge and unbankable:
         typer.secho(f"note: {unbankable}, which cannot be applied per request: merging the adapters into the base "
                     "weights (as --merge does)", dim=True, err=True)  # fmt: skip
-    if folders and (merge or unbankable):
+    if merging:
         _merge_into(m, folders)
         out = InferenceAdapters(type(selection)())
     else:
         out = InferenceAdapters(selection, dict(zip(selection.names, (f for f, _ in folders))))
-    if quantize:
+    if quantize and merging:
         from nomoat.models.quantize import quantize_model
 
         try:

@@ -33,9 +33,10 @@ from nomoat.data import (
     summarize,
     tokenize_example,
 )
-from nomoat.lora import count_parameters, inject_lora, quantize_model_nf4, save_adapter, trainable_parameters
+from nomoat.lora import count_parameters, inject_lora, save_adapter, trainable_parameters
+from nomoat.lora.nf4 import load_model_nf4
 from nomoat.models.checkpoint import load_model
-from nomoat.models.quantize import quantize_model
+from nomoat.models.load_plan import IntQuantizer
 from nomoat.models.safetensors_check import check_safetensors
 from nomoat.tokenizer import Tokenizer
 from nomoat.train.checkpointing import RunExistsError, RunNotFoundError, disk_errors
@@ -140,13 +141,13 @@ class SFTRecipe(TrainingLoop):
         folder = Path(cfg.model).expanduser()
         for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
             check_safetensors(f)  # a download cut short says so, not how its offsets disagree
-        self.model = load_model(cfg.model, dtype=torch.bfloat16 if self.autocast else torch.float32,
-                                device=self.device)  # fmt: skip
+        dtype = torch.bfloat16 if self.autocast else torch.float32
+        if cfg.quantize_base == "nf4":  # quantized as it is read: the base never exists in full precision
+            self.model = load_model_nf4(cfg.model, dtype=dtype, device=self.device)
+        else:
+            quantizer = IntQuantizer(cfg.quantize_base, include_lm_head=False) if cfg.quantize_base else None
+            self.model = load_model(cfg.model, dtype=dtype, device=self.device, quantize=quantizer)
         self.tokenizer = Tokenizer.from_dir(cfg.model)
-        if cfg.quantize_base in ("int8", "int4"):
-            quantize_model(self.model, cfg.quantize_base, include_lm_head=False)
-        elif cfg.quantize_base == "nf4":
-            quantize_model_nf4(self.model)
         inject_lora(self.model, cfg.lora)
         for p in self.model.parameters():  # adapters train in fp32 even over a bf16 base
             if p.requires_grad and p.dtype != torch.float32:

@@ -213,7 +213,7 @@ def test_errors_name_file_line_and_field(tmp_path: Path) -> None:
     assert msg.startswith('null.parquet row 2: field "instruction" is null')
     msg = _error(tmp_path, "roles.jsonl", [{"messages": [Q, A]}, {"messages": [{"role": "bot", "content": "x"}, A]}])
     assert msg == ("roles.jsonl:2: field \"messages[0].role\" has unknown role 'bot' "
-                   "(allowed: system, user, assistant)")
+                   "(allowed: system, user, assistant, tool)")
     msg = _error(tmp_path, "sg.json", [{"conversations": [{"from": "human", "value": "x"}]}])
     assert msg.startswith('sg.json:2: field "conversations" has no assistant turn, so there is nothing to train on')
     assert "--format text" in msg

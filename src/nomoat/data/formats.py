@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLES = (*ROLES, "tool")  # the `messages` format also takes tool results and assistant tool calls
 # ShareGPT speaker names -> roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Column names people use for a format's fields: used to suggest `--columns field=column` in errors.
@@ -85,10 +86,16 @@ class Source(NamedTuple):
 
 @dataclass
 class Conversation:
-    """A chat: `messages` are `{"role": "system"|"user"|"assistant", "content": str}` dicts."""
+    """A chat: `messages` are `{"role": "system"|"user"|"assistant"|"tool", "content": str}` dicts.
 
-    messages: list[dict[str, str]]
+    An assistant message may also carry OpenAI `tool_calls` (its `content` may then be empty), a tool message its
+    `tool_call_id` and `name`; `tools` are the function definitions the conversation was held with (rendered by the
+    chat template as transformers passes `tools=`).
+    """
+
+    messages: list[dict[str, Any]]
     source: Source | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -206,9 +213,14 @@ def _content(value: Any, where: str) -> str:
 
 
 def _messages(items: Sequence[Any], name: str, role_key: str = "role", content_key: str = "content",
-              role_map: Mapping[str, str] | None = None) -> list[dict[str, str]]:
-    """Normalise a list of message dicts to `{"role", "content"}` with roles in `ROLES`."""
+              role_map: Mapping[str, str] | None = None, tools: bool = False) -> list[dict[str, Any]]:
+    """Normalise a list of message dicts to `{"role", "content"}` with roles in `ROLES` (`TOOL_ROLES` with `tools`).
+
+    With `tools`, an assistant message keeps its `tool_calls` (and may have no text then), a tool message its
+    `tool_call_id` and `name`.
+    """
     out = []
+    roles = TOOL_ROLES if tools else ROLES
     for i, item in enumerate(items):
         where = f"{name}[{i}]"
         if not isinstance(item, Mapping):
@@ -216,15 +228,35 @@ def _messages(items: Sequence[Any], name: str, role_key: str = "role", content_k
         if role_key not in item:
             raise RecordError(f"{where}.{role_key}", f"is missing (found keys: {', '.join(map(str, item)) or 'none'})")
         raw_role = item[role_key]
-        role = (role_map or {r: r for r in ROLES}).get(raw_role) if isinstance(raw_role, str) else None
+        role = (role_map or {r: r for r in roles}).get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            allowed = ", ".join(role_map or ROLES)
+            allowed = ", ".join(role_map or roles)
             raise RecordError(f"{where}.{role_key}", f"has unknown role {raw_role!r} (allowed: {allowed})")
-        content = _content(item.get(content_key), f"{where}.{content_key}")
-        if not content.strip():
+        calls = item.get("tool_calls") if tools and role == "assistant" else None
+        if calls is not None:
+            _check_tool_calls(calls, f"{where}.tool_calls")
+        raw = item.get(content_key)
+        content = "" if calls and raw is None else _content(raw, f"{where}.{content_key}")
+        if not content.strip() and not calls:
             raise RecordError(f"{where}.{content_key}", "is empty", "Every message needs some text.")
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            message["tool_calls"] = [dict(c) for c in calls]
+        if tools and role == "tool":
+            message.update({k: item[k] for k in ("tool_call_id", "name") if isinstance(item.get(k), str)})
+        out.append(message)
     return out
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    """OpenAI's shape: `[{"type": "function", "function": {"name": str, "arguments": str | object}}]`."""
+    if not isinstance(calls, list) or not calls:
+        raise RecordError(where, f"must be a non-empty list of calls, got {_type_name(calls)}")
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RecordError(f"{where}[{j}]", "must be {\"type\": \"function\", \"function\": {\"name\": ..., "
+                              "\"arguments\": ...}}")  # fmt: skip
 
 
 def _need_assistant(messages: list[dict[str, str]], name: str) -> list[dict[str, str]]:
@@ -281,10 +313,14 @@ def _answer(record: Mapping[str, Any], name: str) -> list[dict[str, str]]:
     return _messages(_as_list(record, name), name)
 
 
-@register_format("messages", required=("messages",))
+@register_format("messages", required=("messages",), optional=("tools",))
 def parse_messages(record: Mapping[str, Any]) -> Conversation:
-    """OpenAI chat: messages: [{role, content}] (content a string or a list of text parts)."""
-    return Conversation(_need_assistant(_messages(_as_list(record, "messages"), "messages"), "messages"))
+    """OpenAI chat: messages: [{role, content}] (text or text parts, tool calls, tool results), optional tools."""
+    messages = _need_assistant(_messages(_as_list(record, "messages"), "messages", tools=True), "messages")
+    tools = record.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
+        raise RecordError("tools", f"must be a list of tool definitions, got {_type_name(tools)}")
+    return Conversation(messages, tools=[dict(t) for t in tools] if tools else None)
 
 
 @register_format("sharegpt", required=("conversations",), optional=("system",))

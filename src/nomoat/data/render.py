@@ -20,6 +20,7 @@ from typing import Any
 
 from nomoat.data.formats import Conversation, DataError, Example, NoTrainableTokensError, Preference, Source, Text
 from nomoat.tokenizer import ChatTemplateError, Tokenizer
+from nomoat.tokenizer.tool_calls import template_messages
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "IGNORE_INDEX", "TRAIN_ON", "Tokenized", "assert_has_labels", "assistant_spans",
@@ -86,11 +87,11 @@ def _template(tokenizer: Tokenizer, chat_template: str | None) -> str:
     return DEFAULT_CHAT_TEMPLATE
 
 
-def _render(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], template: str, source: Any,
-            add_generation_prompt: bool = False) -> str:
-    try:
-        out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                            chat_template=template)
+def _render(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], template: str, source: Any,
+            add_generation_prompt: bool = False, tools: list[dict[str, Any]] | None = None) -> str:
+    try:  # tool calls' arguments as objects, as templates (and transformers) expect them
+        out = tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=add_generation_prompt,
+                                            chat_template=template, tools=tools)  # fmt: skip
     except (ChatTemplateError, ValueError, TypeError) as e:
         where = f"{source}: " if source else ""
         raise DataError(f"{where}the chat template rejected this conversation: {e}") from None
@@ -108,6 +109,7 @@ def assistant_spans(
     messages: Sequence[Mapping[str, str]],
     chat_template: str | None = None,
     source: Any = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[tuple[int, int, int]]]:
     """Render a conversation and find each assistant turn's trainable character span.
 
@@ -116,6 +118,8 @@ def assistant_spans(
         messages: The conversation.
         chat_template: A template (or the name of one of the tokenizer's) to use instead.
         source: Where the conversation comes from, for error messages.
+        tools: Function definitions the template renders (an assistant turn with `tool_calls` is trained from its
+            start to the last special token of the turn: the calls in the template's own format and its end).
 
     Returns:
         The rendered text and `(message_index, start, end)` character spans, one per assistant message.
@@ -125,7 +129,7 @@ def assistant_spans(
             assistant turn (then the trained part cannot be located).
     """
     template = _template(tokenizer, chat_template)
-    full = _render(tokenizer, messages, template, source)
+    full = _render(tokenizer, messages, template, source, tools=tools)
     specials = _specials(tokenizer)
     where = f"{source}: " if source else ""
     spans = []
@@ -138,7 +142,7 @@ def assistant_spans(
         if i == 0:  # nothing before it to render: locate the content itself
             start = max(full.find(content), 0)
         else:
-            prompt = _render(tokenizer, messages[:i], template, source, add_generation_prompt=True)
+            prompt = _render(tokenizer, messages[:i], template, source, add_generation_prompt=True, tools=tools)
             if not full.startswith(prompt):
                 raise DataError(
                     f"{where}{_describe(template)} does not render the conversation up to assistant turn {i} as a "
@@ -146,10 +150,10 @@ def assistant_spans(
                     "train_on='all', or a chat template that renders earlier turns the same way in both cases."
                 )
             start = len(prompt)
-        turn = _render(tokenizer, messages[: i + 1], template, source)[start:]
+        turn = _render(tokenizer, messages[: i + 1], template, source, tools=tools)[start:]
         at = turn.find(content) if content else -1
         content_end = at + len(content) if at >= 0 else 0
-        end = _end_of_turn(turn, content_end, specials)
+        end = _end_of_calls(turn, specials) if message.get("tool_calls") else _end_of_turn(turn, content_end, specials)
         if not full.startswith(turn[:end], start):
             # The turn rendered alone differs after the content (e.g. an end-of-conversation token): keep the
             # common part, cut back to whitespace so that no half token is kept.
@@ -162,6 +166,17 @@ def assistant_spans(
             end = max(len(common.rstrip()), content_end)
         spans.append((i, start, start + end))
     return full, spans
+
+
+def _end_of_calls(turn: str, specials: Sequence[str]) -> int:
+    """Where a rendered assistant turn with tool calls ends: after its last special token.
+
+    The calls may be wrapped in special tokens of their own (`<tool_call>`, `<|python_tag|>`), so the first one
+    after the content is not the end of the turn.
+    """
+    body = turn.rstrip()
+    hits = [(pos + len(s), len(s)) for s in specials if (pos := body.rfind(s)) >= 0]
+    return max(hits)[0] if hits else len(body)
 
 
 def _end_of_turn(turn: str, content_end: int, specials: Sequence[str]) -> int:
@@ -194,19 +209,19 @@ def _finish(ids: list[int], labels: list[int], max_length: int, source: Source |
     return Tokenized(ids, labels, truncated, source)
 
 
-def _conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], max_length: int, train_on: str,
+def _conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], max_length: int, train_on: str,
                   add_eos: bool | None, chat_template: str | None, source: Source | None,
-                  first_trained: int = 0) -> Tokenized:
+                  first_trained: int = 0, tools: list[dict[str, Any]] | None = None) -> Tokenized:
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     if add_eos is None:  # a model's own template ends turns itself; the ChatML fallback gets an eos to stop on
         add_eos = chat_template is None and not tokenizer.chat_templates
     if train_on == "all":
-        text = _render(tokenizer, messages, _template(tokenizer, chat_template), source)
+        text = _render(tokenizer, messages, _template(tokenizer, chat_template), source, tools=tools)
         ids, _ = tokenizer.encode_with_offsets(text)
         labels = list(ids)
     else:
-        text, spans = assistant_spans(tokenizer, messages, chat_template, source)
+        text, spans = assistant_spans(tokenizer, messages, chat_template, source, tools)
         spans = [s for s in spans if s[0] >= first_trained]
         if train_on == "last":
             spans = spans[-1:]
@@ -266,7 +281,7 @@ def tokenize_example(
         return _text(tokenizer, example.text, max_length, add_eos, example.source)
     if isinstance(example, Conversation):
         return [_conversation(tokenizer, example.messages, max_length, train_on, add_eos, chat_template,
-                              example.source)]
+                              example.source, tools=example.tools)]
     if isinstance(example, Preference):
         raise DataError(f"{example.source or 'example'}: a preference pair needs tokenize_preference (DPO), "
                         "not tokenize_example")

@@ -35,7 +35,8 @@ def server(world):
     a = world["adapters"]
     srv = Server(world, *(x for n in ADAPTERS for x in ("--adapter", f"{n}={a[n]}")), "--max-running", "8",
                  "--max-queue", "16", "--max-loaded-adapters", "6", "--max-completion-tokens", "512",
-                 "--max-prompt-tokens", "200", "--max-body-bytes", "20000")  # fmt: skip
+                 "--max-prompt-tokens", "200", "--max-body-bytes", "20000",
+                 "--allow-adapter-dir", str(world["root"]))  # fmt: skip
     yield srv
     srv.close()
 

@@ -64,7 +64,8 @@ LONE = "a\\ud800b"  # as the JSON escape: the body is valid JSON, the string is 
     [
         ("/v1/chat/completions", '{"model":"tiny","messages":[{"role":"user","content":"%s"}],"max_tokens":2}',
          "messages.0.content"),
-        ("/v1/chat/completions", '{"model":"tiny","messages":[{"role":"user","content":[{"type":"text","text":"%s"}]}]}',
+        ("/v1/chat/completions", '{"model":"tiny","messages":[{"role":"user","content":[{"type":"text","text":"%s"}]}]'
+                                 "}",
          "messages.0.content.0.text"),
         ("/v1/completions", '{"model":"tiny","prompt":"%s","max_tokens":2}', "prompt"),
         ("/v1/completions", '{"model":"tiny","prompt":"w5","stop":["x","%s"],"max_tokens":2}', "stop.1"),
@@ -209,8 +210,8 @@ def test_a_wrong_method_is_a_405_with_allow(engine):
         }
 
     r = _calls(app, probe)
-    for key, allow in (("get chat", "POST"), ("put completions", "POST"), ("post models", "GET, HEAD"),
-                       ("get adapters", "POST"), ("put adapter", "DELETE"), ("post health", "GET, HEAD")):  # fmt: skip
+    for key, allow in (("get chat", "POST"), ("put completions", "POST"), ("post models", "GET"),
+                       ("get adapters", "POST"), ("put adapter", "DELETE"), ("post health", "GET")):  # fmt: skip
         assert r[key].status_code == 405, key
         assert r[key].headers["allow"] == allow, key
         assert r[key].json()["error"]["code"] == "method_not_allowed", key
@@ -273,7 +274,7 @@ def test_loading_by_path_stays_inside_the_allowed_folders_and_tells_nothing(worl
     _calls(app, lambda c: c.delete("/v1/adapters/inside"))
 
 
-# ---- CORS -------------------------------------------------------------------------------------------------------------
+# ---- CORS ----------------------------------------------------------------------------------------------------------
 
 
 def test_cors_is_off_by_default_and_on_for_the_given_origins(engine):
@@ -308,7 +309,8 @@ def _access_log(fmt: str) -> Iterator[io.StringIO]:
     handler = log_handler(fmt, stream)
     logger = logging.getLogger(LOGGER)
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)
     try:
         yield stream
     finally:
@@ -350,7 +352,6 @@ def test_access_log_text_has_one_line_per_request(engine):
 
 
 def test_metrics_are_prometheus_and_openmetrics(engine):
-    from prometheus_client import CONTENT_TYPE_LATEST
     from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 
     async def probe(c):
@@ -358,8 +359,9 @@ def test_metrics_are_prometheus_and_openmetrics(engine):
         return await c.get("/metrics"), await c.get("/metrics", headers={"Accept": OPENMETRICS})
 
     plain, open_metrics = _calls(_app(engine), probe)
-    assert plain.headers["content-type"] == CONTENT_TYPE_LATEST
-    assert open_metrics.headers["content-type"] == OPENMETRICS and open_metrics.text.endswith("# EOF\n")
+    assert plain.headers["content-type"].startswith("text/plain; version=0.0.4")  # the format of a bare scrape
+    assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert open_metrics.text.endswith("# EOF\n")
     families = {f.name: f for f in text_string_to_metric_families(plain.text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("nomoat_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] == 1

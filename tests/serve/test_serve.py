@@ -464,18 +464,31 @@ def test_a_failing_generation_answers_500_and_ends_streams_with_an_error(world):
     asyncio.run(probe())
 
 
-def test_schemathesis_finds_no_server_errors(world):
+def test_schemathesis_on_the_unmodified_schema_finds_no_failures(world):
+    """The schema as served, given to schemathesis untouched: every response is checked against it (status codes,
+    content types, headers, bodies) and none is a 5xx; random requests reach generation (200s on the routes)."""
     import hypothesis
     import schemathesis
+    from schemathesis import checks
 
     from nomoat.serve.app import ServeSettings, create_app
 
     engine = Engine(load_model(world["model"], dtype=torch.float32, device="cpu"), Tokenizer.from_dir(world["model"]),
                     max_running=4, max_seq_len=128)  # fmt: skip
-    settings = ServeSettings(model_name="tiny", adapters={"a": world["adapters"]["a"]}, max_completion_tokens=4,
-                             registry_home=str(world["home"]), max_loaded_adapters=2)  # fmt: skip
+    settings = ServeSettings(model_name="tiny", api_key=KEY, adapters={"a": world["adapters"]["a"]},
+                             max_completion_tokens=4, registry_home=str(world["home"]), max_loaded_adapters=2,
+                             adapter_dirs=[world["root"]])  # fmt: skip
     app = create_app(engine, settings)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    assert schema.raw_schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, operations in schema.raw_schema["paths"].items():
+        for method, op in operations.items():
+            ok = op["responses"]["200"]["content"]
+            assert all(c.get("schema") for c in ok.values()), (method, path)  # no empty response schema
+            assert ("security" in op) == path.startswith(("/v1", "/metrics")), (method, path)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    verify = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+              checks.response_headers_conformance, checks.response_schema_conformance]  # fmt: skip
     failures, calls, statuses = [], 0, {}
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -493,12 +506,19 @@ def test_schemathesis_finds_no_server_errors(world):
                 if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
                     # Mostly real model names, so random parameters reach the engine (not just a 404).
                     case.body["model"] = ["tiny", "a", "tiny+a:0.5", case.body["model"]][calls % 4]
-                response = case.call()
+                response = case.call(headers=auth)
                 calls += 1
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                if response.status_code >= 500:
-                    failures.append((case.method, case.path, case.body, response.status_code, response.text))
+                key = (case.path, response.status_code)
+                statuses[key] = statuses.get(key, 0) + 1
+                try:
+                    case.validate_response(response, checks=verify, headers=auth)
+                except Exception as e:  # noqa: BLE001 - schemathesis' failure group: collected, reported below
+                    failures.append((case.method, case.path, case.body, response.status_code, str(e)[:800]))
 
             run()
-    assert calls > 50 and statuses.get(200, 0) > 10, statuses
+    assert calls > 50, statuses
+    for route in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"):
+        assert statuses.get((route, 200), 0) >= 1, (route, statuses)  # random requests reach the work
+    assert statuses.get(("/v1/chat/completions", 200), 0) + statuses.get(("/v1/completions", 200), 0) > 10, statuses
+    assert not any(status >= 500 for _, status in statuses), statuses
     assert not failures, failures[:3]

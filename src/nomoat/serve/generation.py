@@ -4,6 +4,10 @@
 the engine's thread) hands the event to the event loop, so no thread waits per request. A client that disconnects,
 streamed or not, cancels its generation at once and frees its row. The token counts of a finished generation go to
 the metrics and the access log.
+
+Calls into the engine that take its lock (`submit`, `cancel`) run in a thread pool, never on the event loop: the
+engine holds that lock for a whole step (a prefill can take a second), and a blocked loop delivers no token to any
+client, so a crowd of requests arriving together would get its first tokens all at once, late.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import queue
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import Request
@@ -28,6 +33,9 @@ from nomoat.serve.adapters import AdapterBusyError, BadModelError, UnknownModelE
 from nomoat.serve.errors import APIError
 from nomoat.serve.protocol import ChatCompletionRequest, CompletionRequest
 from nomoat.serve.state import ServerState
+
+# Threads that wait for the engine's lock on behalf of the event loop (waiting threads cost no CPU).
+_ENGINE_CALLS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="nomoat-engine-call")
 
 
 class _Events(queue.Queue):
@@ -96,7 +104,7 @@ class _Generation:
         self.disconnect.cancel()
         m = self.state.metrics
         if self.handle is not None and self.done is None:
-            self.handle.cancel()  # frees the row now (the engine lock is held for at most one step)
+            _ENGINE_CALLS.submit(self.handle.cancel)  # frees the row once the engine's step ends
             m.inc("nomoat_requests_cancelled_total", endpoint=self.endpoint)
         if self.state.manager is not None and self.adapters:
             self.state.manager.release(self.adapters)
@@ -184,6 +192,18 @@ async def _text_stream(gen: _Generation, rid: str, model: str, body: CompletionR
         return
 
 
+async def _submit(engine: Any, ids: list[int], params: Any, selection: tuple, rid: str, events: _Events) -> Any:
+    """`engine.submit` in a thread; if this request is cancelled meanwhile, the generation is cancelled too."""
+    loop = asyncio.get_running_loop()
+    call = loop.run_in_executor(_ENGINE_CALLS, lambda: engine.submit(ids, params, adapter=selection, request_id=rid,
+                                                                     events=events))  # fmt: skip
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        call.add_done_callback(lambda f: f.cancelled() or f.exception() or _ENGINE_CALLS.submit(f.result().cancel))
+        raise
+
+
 async def generate(state: ServerState, request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
     """Validate, queue, and answer (plain or streamed) one generation request."""
     engine, manager = state.ready()
@@ -215,7 +235,7 @@ async def generate(state: ServerState, request: Request, body: ChatCompletionReq
     gen = _Generation(state, request, endpoint, names, rid)
     try:
         selection = tuple((engine_names[n], w) for n, w in stack)
-        gen.handle = engine.submit(ids, params, adapter=selection, request_id=rid, events=gen.events)
+        gen.handle = await _submit(engine, ids, params, selection, rid, gen.events)
     except QueueFullError:
         gen.close()
         state.metrics.inc("nomoat_requests_rejected_total", reason="queue_full")

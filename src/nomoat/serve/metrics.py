@@ -2,7 +2,8 @@
 
 Counters and histograms are updated from the event loop; gauges (queue depth, running requests, loaded adapters) are
 read from the engine when the page is scraped. `render` answers in the format the scraper asks for (the Prometheus
-text format, or OpenMetrics when its `Accept` header says so).
+text format, or OpenMetrics when its `Accept` header says so). prometheus_client also writes a `*_created` sample (the
+time the series began) beside each counter and histogram.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The HTTP server: `create_app(engine, settings)` returns the ASGI app over a `ServingEngine`, with `ServeSettings`.
 
 Requests go straight into the engine's bounded queue (continuous batching: requests for different adapters share the
-running batch); a full queue answers 429 with `Retry-After` (the request's path is `serve.generation`). The engine
+running batch); a full queue answers 429 with `Retry-After` (one request's way is `serve.generation`). The engine
 may be given as a zero-argument loader: it then loads in a thread while the server already answers, `/health` saying
 503 until it is ready (llama.cpp's semantics). The routes are FastAPI's; around them sit plain ASGI layers, outermost
 first: the access log, the crash guard, the shutdown drain, CORS, the API key, the body limit, the method check.

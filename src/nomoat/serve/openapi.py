@@ -51,10 +51,15 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def streamed(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """A generation's 200: `model` as JSON, or (with `stream: true`) server-sent events of chunks."""
-    events = {"schema": {"type": "string", "description": "Server-sent events: `data: CHUNK` lines, then "
-                                                          "`data: [DONE]`."}}  # fmt: skip
+    event = {
+        "type": "object",
+        "description": "One server-sent event: `data` is a chunk as JSON, or `[DONE]` after the last one.",
+        "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"},
+                       "retry": {"type": "integer"}},
+        "required": ["data"],
+    }  # fmt: skip
     return {200: {"model": model, "description": "The completion (JSON), or its chunks as server-sent events.",
-                  "content": {"text/event-stream": events}}}  # fmt: skip
+                  "content": {"text/event-stream": {"schema": event}}}}  # fmt: skip
 
 
 def install(app: FastAPI, api_key: bool, protected: Sequence[str] = PROTECTED) -> None:

@@ -9,143 +9,25 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import peft
 import pytest
 import torch
-import transformers
+from serve_world import ADAPTERS, KEY, PROMPT_IDS, ROOT, Server, _free_port, _make_adapter, _make_model, world
 
 from nomoat.generate.engine import Engine
 from nomoat.generate.sampling import SamplingParams
 from nomoat.lora.apply import merge_adapters
-from nomoat.lora.registry import Registry
 from nomoat.models.checkpoint import load_model
 from nomoat.tokenizer import Tokenizer
 
-from hf_models import hf_config, load_hf, save_word_tokenizer
-from train_utils import WORD_TEMPLATE
+from hf_models import load_hf
 
-KEY = "sk-test-0123456789"
-PROMPT_IDS = [1, 5, 17, 99, 3, 250, 8, 41, 77, 12, 6, 300, 9, 14, 201, 33, 7, 18]
-ADAPTERS = ["a", "b", "c", "d"]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-# ---- fixtures: a tiny model, PEFT adapters, the server process -------------------------------------------------------
-
-
-def _make_model(path: Path) -> Path:
-    path.mkdir(parents=True)
-    torch.manual_seed(0)
-    cfg = hf_config("llama3", max_position_embeddings=4096)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    (path / "generation_config.json").unlink(missing_ok=True)
-    save_word_tokenizer(path, chat_template=WORD_TEMPLATE)
-    # An end-of-sequence token outside the model's 512 logits: generations always run to max_tokens.
-    cfg_file = path / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_file.read_text())
-    cfg_file.write_text(json.dumps({**tok_cfg, "eos_token": "<eos>"}))
-    return path
-
-
-def _make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """A random non-zero LoRA adapter made and saved by peft itself."""
-    hf = load_hf(model_dir)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    model_dir = _make_model(root / "tiny")
-    folders = {name: _make_adapter(model_dir, root / name, seed) for seed, name in enumerate([*ADAPTERS, "e", "r"])}
-    home = root / "home"
-    Registry(home).import_adapter(folders["r"], name="reg")
-    return {"root": root, "model": model_dir, "adapters": folders, "home": home}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A `nomoat serve` process on a free loopback port."""
-
-    def __init__(self, world: dict, *args: str, key: str | None = KEY) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = world["root"] / f"server-{self.port}.log"
-        env = {**os.environ, "NOMOAT_HOME": str(world["home"]), "PYTHONUNBUFFERED": "1"}
-        env.pop("NOMOAT_API_KEY", None)
-        cmd = [sys.executable, "-m", "nomoat.cli", "serve", str(world["model"]), "--port", str(self.port), *args]
-        if key:
-            cmd += ["--api-key", key]
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        deadline = time.time() + 90
-        while True:
-            assert self.proc.poll() is None, f"server exited:\n{self.log.read_text()}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, f"server not ready:\n{self.log.read_text()}"
-            time.sleep(0.2)
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, **kw)
-
-    def metrics(self) -> dict[str, float]:
-        """`name{labels}` -> value from /metrics."""
-        text = httpx.get(f"{self.url}/metrics", headers=self.headers).text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
-
-    def wait_metric(self, check, timeout: float = 5.0) -> dict[str, float]:
-        deadline = time.time() + timeout
-        while True:
-            m = self.metrics()
-            if check(m):
-                return m
-            assert time.time() < deadline, f"metrics never satisfied the check: {m}"
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+__all__ = ["KEY", "ROOT", "Server", "_free_port", "_make_adapter", "_make_model", "world"]  # shared with other files
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +35,8 @@ def server(world):
     a = world["adapters"]
     srv = Server(world, *(x for n in ADAPTERS for x in ("--adapter", f"{n}={a[n]}")), "--max-running", "8",
                  "--max-queue", "16", "--max-loaded-adapters", "6", "--max-completion-tokens", "512",
-                 "--max-prompt-tokens", "200", "--max-body-bytes", "20000")  # fmt: skip
+                 "--max-prompt-tokens", "200", "--max-body-bytes", "20000",
+                 "--allow-adapter-dir", str(world["root"]))  # fmt: skip
     yield srv
     srv.close()
 
@@ -583,18 +466,31 @@ def test_a_failing_generation_answers_500_and_ends_streams_with_an_error(world):
     asyncio.run(probe())
 
 
-def test_schemathesis_finds_no_server_errors(world):
+def test_schemathesis_on_the_unmodified_schema_finds_no_failures(world):
+    """The schema as served, given to schemathesis untouched: every response is checked against it (status codes,
+    content types, headers, bodies) and none is a 5xx; random requests reach generation (200s on the routes)."""
     import hypothesis
     import schemathesis
+    from schemathesis import checks
 
     from nomoat.serve.app import ServeSettings, create_app
 
     engine = Engine(load_model(world["model"], dtype=torch.float32, device="cpu"), Tokenizer.from_dir(world["model"]),
                     max_running=4, max_seq_len=128)  # fmt: skip
-    settings = ServeSettings(model_name="tiny", adapters={"a": world["adapters"]["a"]}, max_completion_tokens=4,
-                             registry_home=str(world["home"]), max_loaded_adapters=2)  # fmt: skip
+    settings = ServeSettings(model_name="tiny", api_key=KEY, adapters={"a": world["adapters"]["a"]},
+                             max_completion_tokens=4, registry_home=str(world["home"]), max_loaded_adapters=2,
+                             adapter_dirs=[world["root"]])  # fmt: skip
     app = create_app(engine, settings)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    assert schema.raw_schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, operations in schema.raw_schema["paths"].items():
+        for method, op in operations.items():
+            ok = op["responses"]["200"]["content"]
+            assert all(c.get("schema") for c in ok.values()), (method, path)  # no empty response schema
+            assert ("security" in op) == path.startswith(("/v1", "/metrics")), (method, path)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    verify = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+              checks.response_headers_conformance, checks.response_schema_conformance]  # fmt: skip
     failures, calls, statuses = [], 0, {}
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -612,12 +508,19 @@ def test_schemathesis_finds_no_server_errors(world):
                 if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
                     # Mostly real model names, so random parameters reach the engine (not just a 404).
                     case.body["model"] = ["tiny", "a", "tiny+a:0.5", case.body["model"]][calls % 4]
-                response = case.call()
+                response = case.call(headers=auth)
                 calls += 1
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                if response.status_code >= 500:
-                    failures.append((case.method, case.path, case.body, response.status_code, response.text))
+                key = (case.path, response.status_code)
+                statuses[key] = statuses.get(key, 0) + 1
+                try:
+                    case.validate_response(response, checks=verify, headers=auth)
+                except Exception as e:  # noqa: BLE001 - schemathesis' failure group: collected, reported below
+                    failures.append((case.method, case.path, case.body, response.status_code, str(e)[:800]))
 
             run()
-    assert calls > 50 and statuses.get(200, 0) > 10, statuses
+    assert calls > 50, statuses
+    for route in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"):
+        assert statuses.get((route, 200), 0) >= 1, (route, statuses)  # random requests reach the work
+    assert statuses.get(("/v1/chat/completions", 200), 0) + statuses.get(("/v1/completions", 200), 0) > 10, statuses
+    assert not any(status >= 500 for _, status in statuses), statuses
     assert not failures, failures[:3]

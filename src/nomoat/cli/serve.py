@@ -74,6 +74,24 @@ def serve(
         int, Opt("--max-completion-tokens", help="Largest max_tokens accepted (and the default).")
     ] = 2048,
     max_body_bytes: Annotated[int, Opt("--max-body-bytes", help="Largest request body.")] = 2 * 2**20,
+    allow_adapter_dir: Annotated[
+        list[Path] | None,
+        Opt("--allow-adapter-dir", help="Let POST /v1/adapters load a `path` inside this folder (repeatable); "
+            "without it adapters load over the API from the registry by name only."),
+    ] = None,  # fmt: skip
+    cors_origin: Annotated[
+        list[str] | None,
+        Opt("--cors-origin", help="Let web pages from this origin call the API, e.g. https://app.example "
+            "(repeatable; * for any). Off by default."),
+    ] = None,  # fmt: skip
+    log_format: Annotated[
+        str, Opt("--log-format", help="Access log on stderr, one line per request: text or json.")
+    ] = "text",
+    shutdown_grace: Annotated[
+        float,
+        Opt("--shutdown-grace", help="On SIGTERM or Ctrl-C, seconds to let running requests finish while new ones "
+            "get 503 (a second signal exits at once)."),
+    ] = 30.0,  # fmt: skip
     quantize: Quantize = None,
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -97,16 +115,26 @@ def serve(
         if value is not None and value < 1:
             fail(f"{flag} must be >= 1, got {value}")
     adapters = _adapter_specs(adapter)
+    for folder in allow_adapter_dir or []:
+        if not folder.is_dir():
+            fail(f"--allow-adapter-dir {folder}: not a folder")
+    if log_format not in ("text", "json"):
+        fail(f"--log-format must be text or json, got {log_format!r}")
+    if shutdown_grace < 0:
+        fail(f"--shutdown-grace must be >= 0, got {shutdown_grace}")
 
     import uvicorn
 
+    from nomoat.serve import access
     from nomoat.serve.app import ServerState, ServeSettings, create_app
+    from nomoat.serve.shutdown import DrainingServer
 
     base = name or model.resolve().name
     settings = ServeSettings(
         model_name=base, api_key=api_key, adapters=adapters, max_loaded_adapters=max_loaded_adapters,
         max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens,
-        max_body_bytes=max_body_bytes,
+        max_body_bytes=max_body_bytes, adapter_dirs=[d.resolve() for d in allow_adapter_dir or []],
+        cors_origins=list(cors_origin or []),
     )  # fmt: skip
 
     def load():  # noqa: ANN202
@@ -139,8 +167,10 @@ def serve(
 
     typer.echo(f"nomoat serve: loading {model} ({base}); listening on {url} (/health is 503 until ready)", err=True)
     app = create_app(load, settings, on_ready=ready, on_error=failed)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    access.enable(log_format)
+    # uvicorn's own access log is off (log_level warning): the app writes one line per request.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+    server = DrainingServer(config, app.state, shutdown_grace)
     server.should_exit = app.state.error is not None  # loading may already have failed
     server.run()
     if app.state.error:

@@ -5,15 +5,23 @@ A request's `model` is the base model's name, an adapter's name, or a stack `bas
 the registry (`$NOMOAT_HOME/adapters`) on first use. At most `max_loaded` stay in memory: the least recently used
 one that no request is using is evicted, one in use never is. Each load gets a fresh engine-side name (`name@N`)
 because the engine's prefix cache keys prompts by adapter name: a reload from another folder must not see old keys.
+A folder that fails to load leaves nothing behind: no registration, nothing in the engine.
+
+Loading by folder path over the API is off unless the operator allows folders (`allowed_folder`): a path outside
+them, missing, or not a folder all get one answer, so a client learns nothing about the server's files.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
+
+from safetensors import SafetensorError
 
 from nomoat.lora.peft_format import AdapterError
 from nomoat.lora.registry import AdapterNotFoundError, Registry, validate_name
@@ -45,6 +53,44 @@ class AdapterBusyError(BusyError, RuntimeError):
 
 class AdapterConflictError(NomoatError, RuntimeError):
     """The name is taken by another folder, or the adapter to unload is in use (409)."""
+
+
+class AdapterPathError(NomoatError, PermissionError):
+    """Loading by path is off, or the path is not a folder inside the allowed ones (403; one answer for all)."""
+
+
+# What reading a damaged adapter raises (a ValueError covers bad JSON and bad UTF-8; an OSError, unreadable files).
+_UNREADABLE = (SafetensorError, OSError, ValueError, KeyError, EOFError, json.JSONDecodeError)
+
+
+def allowed_folder(path: str, allowed: list[Path] | tuple[Path, ...]) -> Path:
+    """The real folder `path` names, if it lies inside one of the `allowed` folders.
+
+    Args:
+        path: An absolute path from a client.
+        allowed: The folders the operator allowed (`--allow-adapter-dir`); none turns loading by path off.
+
+    Returns:
+        The path with links resolved.
+
+    Raises:
+        AdapterPathError: Loading by path is off, or the path is relative, outside every allowed folder, missing, or
+            not a folder: the same message for each, naming no path.
+    """
+    if not allowed:
+        raise AdapterPathError("Loading adapters by path is off on this server; load one from its registry by name, "
+                               "or start the server with --allow-adapter-dir DIR.")  # fmt: skip
+    refused = AdapterPathError(
+        "'path' must be an absolute path to a folder inside the folders this server allows "
+        "adapters from (--allow-adapter-dir); or load the adapter from the registry by name."
+    )
+    if not os.path.isabs(path):
+        raise refused
+    real = Path(os.path.realpath(path))  # links resolved: a link inside pointing outside is outside
+    roots = [Path(os.path.realpath(d)) for d in allowed]
+    if not any(real == root or real.is_relative_to(root) for root in roots) or not real.is_dir():
+        raise refused
+    return real
 
 
 def parse_model(model: str, base: str) -> AdapterSelection:
@@ -168,7 +214,13 @@ class AdapterManager:
             for name in missing:
                 self._loads += 1
                 engine_name = f"{name}@{self._loads}"
-                self.host.add_adapter(engine_name, folders[name])
+                try:
+                    self.host.add_adapter(engine_name, folders[name])
+                except AdapterError:
+                    raise
+                except _UNREADABLE as e:
+                    raise AdapterError(f"{folders[name]}: the adapter's files cannot be read, they may be truncated "
+                                       f"or corrupt ({type(e).__name__}: {e})") from e  # fmt: skip
                 self.loaded[name] = engine_name
                 self.on_event("load")
             for name in wanted:
@@ -197,16 +249,18 @@ class AdapterManager:
             AdapterError: The folder is not a usable adapter.
         """
         validate_name(name)
+        registered = False
         if folder is not None:
             path = Path(folder).expanduser()
             if not path.is_dir():
                 raise AdapterError(f"{folder} is not a folder on the server")
+            registered = name not in self.known
             self.register(name, path)
         try:
             self.acquire([name])
-        except AdapterError:
-            with self.lock:
-                if folder is not None:
+        except BaseException:
+            if registered:  # a failed load leaves no name behind (it would be listed, and fail on every use)
+                with self.lock:
                     self.known.pop(name, None)
             raise
         self.release([name])

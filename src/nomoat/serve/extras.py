@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from nomoat.generate import scoring
 from nomoat.generate.engine import TokenLogprob
 from nomoat.lora.peft_format import AdapterError
-from nomoat.serve import convert
+from nomoat.serve import convert, openapi
 from nomoat.serve.adapters import AdapterBusyError, BadModelError, UnknownModelError, parse_model
 from nomoat.serve.errors import APIError
 from nomoat.serve.protocol import (
@@ -115,7 +115,7 @@ def _input_ids(state: Any, value: Any) -> list[list[int]]:
 
 def router(state: Any) -> APIRouter:
     """The routes of this module over the server's state."""
-    api = APIRouter()
+    api = APIRouter(responses=openapi.errors(400, 404, 429))  # every route answers errors in OpenAI's shape
 
     @api.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def model_card(model_id: str) -> ModelCard:

@@ -22,8 +22,9 @@ _WHY = {
     400: "The request is invalid; `error.param` names the parameter.",
     401: "The API key is missing or wrong.",
     403: "Not allowed on this server.",
-    404: "No such model or adapter.",
+    404: "No such model, adapter, job or file.",
     409: "The name is taken, or the adapter is in use.",
+    413: "The upload is larger than the server allows.",
     429: "The queue or the adapter slots are full; retry after `Retry-After` seconds.",
     500: "The server failed; the request was not completed.",
     503: "The model is loading, or the server is shutting down; retry after `Retry-After` seconds.",
@@ -46,7 +47,9 @@ class Deleted(BaseModel):
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The error responses of a route: the given codes, and 401, 500 and 503."""
-    return {code: {"model": ErrorResponse, "description": _WHY[code]} for code in sorted({*codes, 401, 500, 503})}
+    json_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}  # on any route
+    return {code: {"model": ErrorResponse, "description": _WHY[code], "content": json_body}
+            for code in sorted({*codes, 401, 500, 503})}  # fmt: skip
 
 
 def streamed(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from nomoat.config.lora import LoRAConfig
 from nomoat.config.train import TrainConfig
 from nomoat.lora.registry import Registry, validate_name
+from nomoat.serve import openapi
 from nomoat.serve.errors import APIError
 from nomoat.serve.studio import files
 from nomoat.serve.studio.adapter_routes import add_adapter_routes
@@ -131,9 +132,18 @@ async def _events(queue: JobQueue, job: Job, request: Request) -> AsyncIterator[
         await asyncio.sleep(POLL_S)
 
 
+_SSE_EVENT = {
+    "type": "object",
+    "description": "One server-sent event: `event` is metrics, log, state or end; `data` is JSON.",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}},
+    "required": ["data"],
+}  # fmt: skip
+
+
 def build_router(state: Any, settings: StudioSettings, queue: JobQueue, registry: Registry) -> APIRouter:
     """The `/v1/studio` routes over the server's state (its adapter manager loads adapters)."""
-    router = APIRouter(prefix="/v1/studio", tags=["studio"])
+    router = APIRouter(prefix="/v1/studio", tags=["studio"], responses=openapi.errors(400, 403, 404, 409, 413))
     change = [Depends(check_origin)]
 
     @router.get("/info")
@@ -219,7 +229,9 @@ def build_router(state: Any, settings: StudioSettings, queue: JobQueue, registry
             raise APIError(404, f"Job {job_id} has no evaluation result.", "id", "no_result")
         return json.loads(Path(job.output).read_text())
 
-    @router.get("/jobs/{job_id}/events")
+    @router.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses={200: {
+        "description": "Server-sent events: `metrics`, `log` and `state`, then `end`.",
+        "content": {"text/event-stream": {"schema": _SSE_EVENT}}}})  # fmt: skip
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Server-sent events: the run's metrics as they are written, the log, the job's state, then `end`."""
         stream = _events(queue, _job(queue, job_id), request)

@@ -12,13 +12,15 @@ order), f16 5e-3 (weights rounded to 11 significant bits).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
 
-from gguf_cases import CASES, SPECIALS, build
+from gguf_cases import CASES, PROJECTIONS, QWEN2_REGEX, SPECIALS, build, split_bpe
 from nomoat.export.gguf import export_gguf
 from nomoat.export.gguf_lora import export_gguf_lora
 from nomoat.lora.apply import merge_adapters
@@ -137,3 +139,136 @@ def test_llamacpp_metaspace_tokenizer_differs_only_at_leading_spaces(tmp_path):
                 assert got == want, text
     finally:
         llm.close()
+
+
+# ---- every family nomoat loads, and the metadata llama.cpp expects -------------------------------------------------
+
+# case -> (hf_models config, overrides, tokenizer factory, peft target modules, positions compared). llama.cpp scales
+# Gemma's queries by head_dim (so query_pre_attn_scalar = head_dim here); it runs Phi-3 without its sliding window
+# (and warns), so the Phi-3 case has none, like Phi-3-medium-128k.
+FAMILY_CASES = {
+    "qwen3": ("qwen3", {}, lambda: split_bpe(QWEN2_REGEX, nfc=True), PROJECTIONS, 24),
+    "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}, lambda: sentencepiece_bpe(legacy=True), PROJECTIONS, 24),
+    "gemma3": ("gemma3_text", {"query_pre_attn_scalar": 16, "final_logit_softcapping": None},
+               lambda: sentencepiece_bpe(legacy=True), PROJECTIONS, 8),
+    "phi3": ("phi3", {"sliding_window": None}, lambda: phi3_tokenizer(),
+             ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], 24),
+}  # fmt: skip
+def phi3_tokenizer():
+    """Phi-3's layout: SentencePiece-style BPE with Phi-3's chat tokens (llama.cpp looks some of them up by text)."""
+    tok = sentencepiece_bpe(legacy=True)
+    tok.add_special_tokens(["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"])
+    return tok
+
+
+WARN, ERROR, CONT = 3, 4, 5  # ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR, CONT); CONT continues the line before
+
+
+def build_family(root, case: str, seed: int = 3):
+    """A tiny random model of a family with its tokenizer, and a peft LoRA adapter (B non-zero) on it."""
+    family, overrides, make_tok, targets, _ = FAMILY_CASES[case]
+    tok = make_tok()
+    model_dir, adapter_dir = root / case, root / f"{case}-lora"
+    torch.manual_seed(seed)
+    cfg = hf_config(family, vocab_size=-(-tok.get_vocab_size() // 64) * 64 + 64, bos_token_id=None,
+                    eos_token_id=None, pad_token_id=None, max_position_embeddings=256, **overrides)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(model_dir)
+    write_folder(model_dir, tok, config={k: v for k, v in SPECIALS.items() if k != "pad_token"})
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lora.save_pretrained(adapter_dir)
+    return model_dir, adapter_dir
+
+
+@contextlib.contextmanager
+def llamacpp_log():
+    """llama.cpp's log lines as (level, text) while the block runs."""
+    lines: list[tuple[int, str]] = []
+
+    @llama_cpp.llama_log_callback
+    def record(level, text, user_data):  # noqa: ANN001, ANN202
+        level = lines[-1][0] if level == CONT and lines else level
+        lines.append((level, text.decode("utf-8", "replace")))
+
+    llama_cpp.llama_log_set(record, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {case: build_family(root, case) for case in FAMILY_CASES}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_every_family_loads_without_warning_and_matches(family_models, tmp_path, case):
+    model_dir, adapter_dir = family_models[case]
+    n = FAMILY_CASES[case][4]
+    ids = prompt(model_dir, n)
+    adapters = [(adapter_dir, 1.0)]
+    out = export_gguf(model_dir, adapters, tmp_path / "m.gguf", outtype="f32")
+    # The context as trained (n_ctx=0) and a SWA cache of the window's size: llama.cpp warns about anything else.
+    with llamacpp_log() as log:
+        llm = llama_cpp.Llama(model_path=str(out), n_ctx=0, n_batch=64, logits_all=True, n_threads=2, verbose=True,
+                              type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, swa_full=False)  # fmt: skip
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    warnings_ = [text.strip() for level, text in log if level in (WARN, ERROR) and text.strip()]
+    assert not warnings_, warnings_
+    want = nomoat_logits(model_dir, adapters, ids)
+    err = float(np.abs(got - want).max())
+    print(f"{case} f32: max |llama.cpp - nomoat| = {err:.3g} (logit scale {np.abs(want).max():.3g})")
+    # ggml's CPU GELU (Gemma's activation) reads a table of f16 values: 2-3e-4 measured on Gemma 2 and 3 here.
+    assert err < (1e-3 if case.startswith("gemma") else 1e-4), err
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_every_family_gguf_lora_equals_merged(family_models, tmp_path, case):
+    model_dir, adapter_dir = family_models[case]
+    ids = prompt(model_dir, FAMILY_CASES[case][4])
+    base = export_gguf(model_dir, [], tmp_path / "base.gguf", outtype="f32")
+    lora = export_gguf_lora(model_dir, adapter_dir, tmp_path / "lora.gguf", outtype="f32")
+    got = llamacpp_logits(base, ids, lora=lora)
+    want = nomoat_logits(model_dir, [(adapter_dir, 1.0)], ids)
+    assert np.abs(want - nomoat_logits(model_dir, [], ids)).max() > 100 * BOUNDS["f32"]  # the adapter matters
+    err = float(np.abs(got - want).max())
+    print(f"{case} LoRA: max |llama.cpp base+lora - nomoat merged| = {err:.3g}")
+    assert err < (1e-3 if case.startswith("gemma") else 1e-4), err  # Gemma: ggml's f16 GELU table, as above
+
+
+def test_metadata_llamacpp_expects(tmp_path):
+    """general.* keys, SmolLM2's pre-tokenizer and its special tokens typed CONTROL (token 0 is also `unk`)."""
+    from gguf import GGUFReader, TokenType
+
+    from nomoat.util.hub import demo_dir
+
+    out = export_gguf("demo", [], tmp_path / "demo.gguf", outtype="f32")
+    meta = {k: f.contents() for k, f in GGUFReader(out).fields.items() if not k.startswith("GGUF.")}
+    assert meta["general.architecture"] == "llama" and meta["general.name"] == "demo"
+    assert meta["general.basename"] == "demo" and meta["general.size_label"] == "5.1M"
+    assert meta["general.file_type"] == 0 and meta["general.quantization_version"] == 2
+    tok = Tokenizer.from_dir(demo_dir())
+    types = meta["tokenizer.ggml.token_type"]
+    for token_id in tok.backend.get_added_tokens_decoder():
+        assert types[token_id] == TokenType.CONTROL, token_id
+    with llamacpp_log() as log:
+        llm = llama_cpp.Llama(model_path=str(out), n_ctx=0, n_threads=2, verbose=True)
+        llm.close()
+    assert not [t for level, t in log if level in (WARN, ERROR) and t.strip()]

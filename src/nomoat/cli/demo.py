@@ -18,7 +18,9 @@ def demo(
     name: Annotated[str, typer.Option(help="Registry name of the trained adapter (replaced if present).")] = (
         "demo-handbook"
     ),
-    model: Annotated[Path | None, typer.Option(help="Base model folder (default: the embedded tiny model).")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="Base model: a Hub id ORG/NAME, a folder or a .gguf file (default: demo, the embedded tiny model)."
+    )] = None,
     steps: Annotated[int | None, typer.Option(help="LoRA training steps (default: 320, with --quick 120).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Also print the measurements as one JSON line.")] = False,
 ) -> None:
@@ -38,9 +40,12 @@ def demo(
             fail("--steps must be at least 1")
         settings = dataclasses.replace(settings, steps=steps)
     from nomoat.models.checkpoint import gguf_source  # loads torch: not at import, for a quick --help
+    from nomoat.util.hub import local_path
 
-    if model is not None and gguf_source(model) is None and not (model / "config.json").is_file():
-        fail(f"{model} is not a model folder (no config.json), a .gguf file or ollama:NAME")
+    if model is not None:
+        found = local_path(model)  # `demo` and Hub ids name folders too
+        if gguf_source(found) is None and not (Path(found) / "config.json").is_file():
+            fail(f"{model} is not a model folder (no config.json), a .gguf file, a pulled Hub id or ollama:NAME")
     result = run_demo(quick=quick, name=name, model_dir=model, settings=settings)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))

@@ -18,9 +18,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from nomoat.data.render import DEFAULT_CHAT_TEMPLATE
 from nomoat.demo import MODEL_DIR
 from nomoat.demo.score import answer, score_items
 from nomoat.demo.tasks import HANDBOOK_SYSTEM, WORLD, handbook_items
+from nomoat.util.hub import DEMO, local_path
 
 
 @dataclass
@@ -74,8 +76,8 @@ class DemoResult:
                 "total_seconds": round(self.total_seconds, 1)}  # fmt: skip
 
 
-def _showcase(console: Console, engine: Any) -> None:
-    table = Table(title="the embedded model, before fine-tuning", show_lines=False)
+def _showcase(console: Console, engine: Any, label: str) -> None:
+    table = Table(title=f"{label}, before fine-tuning", show_lines=False)
     table.add_column("you")
     table.add_column("model", style="cyan")
     for chat, reply in zip(SHOWCASE, answer(engine, SHOWCASE, max_new_tokens=32)):
@@ -91,7 +93,8 @@ def run_demo(quick: bool = False, name: str = "demo-handbook", model_dir: str | 
     Args:
         quick: The reduced run (fewer facts and steps; for CI).
         name: Registry name of the trained adapter (replaced if it exists).
-        model_dir: The base model (default: the embedded one).
+        model_dir: The base model: `demo` (the embedded one, the default), a Hub id, a folder; one without a chat
+            template (a base model) is asked and taught in nomoat's default ChatML layout.
         console: Where to print.
         progress: Show the training progress bar.
         settings: Override the scale (default: `QUICK` or `FULL`).
@@ -133,15 +136,21 @@ def _run(quick: bool, name: str, model_dir: str | Path | None, console: Console,
     from nomoat.train.sft import SFTRecipe
 
     s = settings or (QUICK if quick else FULL)
-    model_dir = Path(model_dir or MODEL_DIR)
+    model_dir = Path(model_dir or DEMO)
+    label = DEMO if Path(local_path(model_dir)).resolve() == MODEL_DIR.resolve() else str(model_dir)
     torch.manual_seed(0)
-    console.rule("[bold]1. the embedded model")
+    console.rule("[bold]1. the embedded model" if label == DEMO else "[bold]1. the base model")
     model, tok = nomoat.load(str(model_dir), device="cpu")
     n_params = sum(p.numel() for p in model.parameters())
-    console.print(f"{model_dir}\n{model.config.family}, {n_params / 1e6:.1f}M parameters, trained from scratch on "
-                  "generated tasks only (arithmetic, word lists, units, a fictional atlas)")  # fmt: skip
+    about = (", trained from scratch on generated tasks only (arithmetic, word lists, units, a fictional atlas)"
+             if label == DEMO else "")  # fmt: skip
+    console.print(f"{label}: {model.config.family}, {n_params / 1e6:.1f}M parameters{about}")
+    if tok.chat_template is None:  # a base model: asked and taught in the layout training gives it (plain text)
+        tok.chat_templates["default"] = DEFAULT_CHAT_TEMPLATE
+        console.print(f"{label} has no chat template (a base model): it is asked, and taught, in nomoat's default "
+                      "ChatML layout as plain text, the layout `nomoat train` uses for a model without a template")
     engine = Engine(model, tok, max_running=32, max_queue=1 << 20, max_seq_len=256, prefix_cache_bytes=0)
-    _showcase(console, engine)
+    _showcase(console, engine, "the embedded model" if label == DEMO else label)
 
     console.rule("[bold]2. a task it has never seen: the Brightloom company handbook")
     train_items = handbook_items("train", offices=s.offices, seed=1)
@@ -183,7 +192,7 @@ def _run(quick: bool, name: str, model_dir: str | Path | None, console: Console,
     registry = Registry()
     dest = registry.import_adapter(result.adapter_dir, name=name, overwrite=True)
     console.print(f"adapter [bold]{name}[/bold] in the registry: {dest}")
-    _next_steps(console, model_dir, name)
+    _next_steps(console, label, name)
     total = time.perf_counter() - t0
     console.print(f"[dim]demo finished in {total:.0f} s[/dim]")
     examples = [{"question": it.prompt[-1]["content"], "expected": it.answer, "base": b, "tuned": a}
@@ -201,14 +210,14 @@ class _ProgressOnly(Console):
         pass
 
 
-def _next_steps(console: Console, model_dir: Path, name: str) -> None:
+def _next_steps(console: Console, model: str, name: str) -> None:
     q = "What is the Wi-Fi password of the Oslo office?"
     body = json.dumps({"model": name, "messages": [{"role": "system", "content": HANDBOOK_SYSTEM},
                                                    {"role": "user", "content": q}]})  # fmt: skip
     console.print(f"""
 [bold]next[/bold]
-  chat with it          nomoat chat {model_dir} --adapter {name}
-  serve it              nomoat serve {model_dir} --adapter {name}
+  chat with it          nomoat chat {model} --adapter {name}
+  serve it              nomoat serve {model} --adapter {name}
   call it with curl     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
                           -d '{body}'
   with the openai client

@@ -25,10 +25,11 @@ from nomoat.export.merged import ExportError
 from nomoat.lora.apply import merge_adapters
 from nomoat.lora.peft_format import AdapterError
 from nomoat.models.checkpoint import CheckpointError, load_config, load_model
-from nomoat.models.families import UnsupportedModelError, rope_inv_freq
+from nomoat.models.families import UnsupportedModelError, fuse_for_save, rope_inv_freq
 from nomoat.tokenizer import Tokenizer, TokenizerNotFoundError
 from nomoat.tokenizer.gguf import SPLIT_REGEXES as GGUF_SPLIT_REGEXES
 from nomoat.util.files import atomic_path, read_json
+from nomoat.util.hub import local_path
 
 QT = gguf.GGMLQuantizationType
 # --outtype -> (general.file_type, the type of 2-D weights).
@@ -42,7 +43,12 @@ ARCHS: dict[str, gguf.MODEL_ARCH] = {
     "llama": gguf.MODEL_ARCH.LLAMA,
     "mistral": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
+    "gemma2": gguf.MODEL_ARCH.GEMMA2,
+    "gemma3_text": gguf.MODEL_ARCH.GEMMA3,
+    "phi3": gguf.MODEL_ARCH.PHI3,
 }
+GEMMAS = {gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3}
 # Architectures whose q/k rows llama.cpp expects interleaved per head (its converter's `undo_permute`).
 PERMUTED = {gguf.MODEL_ARCH.LLAMA}
 # Progress callback: (bytes written so far, bytes in all).
@@ -210,7 +216,7 @@ def gguf_vocab(model_dir: str | Path, vocab_size: int, tokenizer_pre: str | None
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
     for text, i in vocab.items():
-        if i == unk:
+        if i == unk and (spm or i not in added):  # a special token that is also `unk` stays CONTROL (SmolLM2's 0)
             kind = gguf.TokenType.UNKNOWN
         elif i in added:
             special = added[i].special or _looks_special(text)
@@ -292,8 +298,12 @@ def gguf_arch(cfg: ModelConfig) -> gguf.MODEL_ARCH:
             f"{cfg.family} models are not supported for GGUF export yet (supported: {', '.join(sorted(ARCHS))}); "
             "export a merged Hugging Face folder with --format hf"
         )
-    if cfg.hidden_act != "silu":
-        raise ExportError(f"activation {cfg.hidden_act!r} is not supported for GGUF export ({cfg.family} uses silu)")
+    act = "gelu_pytorch_tanh" if arch in GEMMAS else "silu"
+    if cfg.hidden_act != act:
+        raise ExportError(f"activation {cfg.hidden_act!r} is not supported for GGUF export ({cfg.family} uses {act})")
+    if arch in GEMMAS and cfg.query_scale is not None and abs(cfg.query_scale - cfg.head_dim**-0.5) > 1e-9:
+        raise ExportError(f"this {cfg.family} model scales queries by query_pre_attn_scalar "
+                          f"{cfg.query_scale ** -2:g}; llama.cpp scales by head_dim ({cfg.head_dim})")  # fmt: skip
     return arch
 
 
@@ -326,7 +336,9 @@ def hf_to_gguf_name(name: str, tensor_map: gguf.TensorNameMap) -> str:
 
 
 def to_llamacpp_layout(name: str, tensor: torch.Tensor, cfg: ModelConfig, arch: gguf.MODEL_ARCH) -> torch.Tensor:
-    """Apply llama.cpp's q/k row permutation to a q_proj/k_proj weight, bias or LoRA B (llama architecture only)."""
+    """llama.cpp's layout of a tensor: q/k rows permuted (llama architecture), Gemma's norm scales stored as 1 + w."""
+    if arch in GEMMAS and name.endswith("norm.weight"):
+        return tensor + 1
     if arch not in PERMUTED:
         return tensor
     if ".q_proj." in name:
@@ -453,6 +465,30 @@ def _architecture(writer: gguf.GGUFWriter, cfg: ModelConfig, outtype: str) -> No
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_file_type(OUTTYPES[outtype][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if cfg.sliding_window and "sliding_attention" in cfg.layer_types:
+        writer.add_sliding_window(int(cfg.sliding_window))
+        if cfg.family == "gemma3_text":  # llama.cpp otherwise assumes five sliding layers of six
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    if cfg.attn_logit_softcap is not None:
+        writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcap))
+    if cfg.final_logit_softcap is not None:
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcap))
+
+
+def _general(writer: gguf.GGUFWriter, name: str, n_params: int) -> None:
+    """The `general.*` keys llama.cpp and the Hub show: name, basename, size label."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_basename(name)
+    writer.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+
+
+def model_name(spec: str | Path) -> str:
+    """The name a model goes by in metadata: a Hub id's NAME, `demo`, else the folder's (or file's) name."""
+    from nomoat.util.hub import parse_hub_id
+
+    hub_id = parse_hub_id(spec)
+    return hub_id.repo.split("/")[-1] if hub_id else Path(spec).expanduser().name or str(spec)
 
 
 def check_outtype(outtype: str) -> None:
@@ -461,8 +497,11 @@ def check_outtype(outtype: str) -> None:
         raise ExportError(f"unknown GGUF outtype {outtype!r}: use {', '.join(OUTTYPES)}")
 
 
-def _warn_sliding_window(cfg: ModelConfig) -> None:
+def _warn_sliding_window(cfg: ModelConfig, arch: gguf.MODEL_ARCH) -> None:
     window = cfg.sliding_window
+    # llama.cpp applies the windows of Gemma 2 and 3; it runs Mistral's and Phi-3's in full.
+    if arch in GEMMAS:
+        return
     if window and "sliding_attention" in cfg.layer_types and window < cfg.max_position_embeddings:
         warnings.warn(
             f"this {cfg.family} model attends within a sliding window of {window} tokens; llama.cpp runs its "
@@ -482,7 +521,8 @@ def export_gguf(
     """Merge adapters into a base model and write the result as a GGUF file (llama.cpp, Ollama).
 
     The merge runs in fp32 (as `export_merged`), then each tensor is converted to `outtype` as it is written.
-    Supported families: llama (Llama 2/3/3.1/3.2, SmolLM2, TinyLlama), mistral, qwen2 (Qwen2/2.5).
+    Supported families: llama (Llama 2/3/3.1/3.2, SmolLM2, TinyLlama), mistral, qwen2 (Qwen2/2.5), qwen3, gemma2,
+    gemma3 (text), phi3.
 
     Args:
         model_dir: The base model folder (config.json, safetensors, tokenizer.json).
@@ -499,7 +539,8 @@ def export_gguf(
         ExportError: An unsupported family, rope type or tokenizer, or a base or adapter that cannot be read.
     """
     check_outtype(outtype)
-    model_dir = Path(model_dir).expanduser()
+    name = model_name(model_dir)
+    model_dir = Path(local_path(Path(model_dir).expanduser()))  # `demo` and Hub ids name folders too
     try:
         arch = gguf_arch(load_config(model_dir))  # fail before reading any weights
         model = load_model(model_dir, dtype=torch.float32, device="cpu")
@@ -507,15 +548,14 @@ def export_gguf(
         merged = merge_adapters(model, adapters)
     except (CheckpointError, AdapterError, UnsupportedModelError) as e:
         raise ExportError(str(e)) from e
-    _warn_sliding_window(cfg)
+    _warn_sliding_window(cfg, arch)
     template = next((a.chat_template for a in merged if a.chat_template), None)
     vocab = gguf_vocab(model_dir, cfg.vocab_size, tokenizer_pre, chat_template=template)
     tensor_map = gguf.get_tensor_name_map(arch, cfg.num_layers)
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(model_dir.name)
+        _general(writer, name, sum(p.numel() for p in model.parameters()))
         _architecture(writer, cfg, outtype)
         rope_freqs = _rope(writer, cfg, arch)
         write_vocab(writer, vocab)
@@ -523,10 +563,12 @@ def export_gguf(
         if rope_freqs is not None:
             tensors.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", lambda: rope_freqs,
                             tuple(rope_freqs.shape)))  # fmt: skip
-        # named_parameters() lists a tied head once (as the embeddings): llama.cpp then reuses token_embd.
-        for name, param in model.named_parameters():
-            make = lambda n=name, p=param: to_llamacpp_layout(n, p.detach(), cfg, arch)  # noqa: E731
-            tensors.append((hf_to_gguf_name(name, tensor_map), make, tuple(param.shape)))
+        # named_parameters() lists a tied head once (as the embeddings): llama.cpp then reuses token_embd. Phi-3's
+        # projections go back to its fused qkv_proj / gate_up_proj (llama.cpp's attn_qkv / ffn_up).
+        params = fuse_for_save({n: p.detach() for n, p in model.named_parameters()}, cfg)
+        for hf_name, param in params.items():
+            make = lambda n=hf_name, p=param: to_llamacpp_layout(n, p, cfg, arch)  # noqa: E731
+            tensors.append((hf_to_gguf_name(hf_name, tensor_map), make, tuple(param.shape)))
         write_tensors(writer, tensors, outtype, tmp, progress)
 
     return write_atomically(out_file, write)

@@ -31,6 +31,7 @@ from nomoat.export.merged import ExportError
 from nomoat.lora.peft_format import AdapterError, read_adapter_config, weights_file
 from nomoat.models.checkpoint import CheckpointError, load_config
 from nomoat.models.families import UnsupportedModelError
+from nomoat.util.hub import local_path
 
 # A PEFT LoRA tensor key: base_model.model.<module>.lora_A[.<adapter name>].weight
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -91,7 +92,7 @@ def export_gguf_lora(
             LoRA), a LoRA on a tied output head (llama.cpp has no separate head to adapt), or unreadable files.
     """
     check_outtype(outtype)
-    model_dir, adapter_dir = Path(model_dir).expanduser(), Path(adapter_dir).expanduser()
+    model_dir, adapter_dir = Path(local_path(Path(model_dir).expanduser())), Path(adapter_dir).expanduser()
     try:
         cfg = load_config(model_dir)
         arch = gguf_arch(cfg)
@@ -117,6 +118,7 @@ def export_gguf_lora(
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
         writer.add_name(adapter_dir.name)
+        writer.add_basename(adapter_dir.name)
         writer.add_file_type(OUTTYPES[outtype][0])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tensors: list[tuple[str, Callable[[], torch.Tensor], Sequence[int]]] = []

@@ -576,7 +576,7 @@ class Engine:
                 token_ids=list(output),
                 finish_reason=reason,
                 prompt_tokens=len(req.prompt),
-                completion_tokens=len(req.output),
+                completion_tokens=len(output),  # the tokens of the text, as OpenAI counts: not the stop token
                 time_to_first_token_s=req.first_token_at - req.submitted if req.first_token_at else None,
                 decode_tokens_per_s=n_decoded / decode_time if decode_time and n_decoded else None,
                 cached_prompt_tokens=req.cached,

@@ -151,8 +151,12 @@ class AdapterBank:
         path = Path(folder)
         cfg = read_adapter_config(path)
         if cfg.use_dora:
-            raise AdapterError(f"{path}: a DoRA adapter cannot be applied per request on a shared base; merge it "
-                               "into the model instead (nomoat generate/chat/eval --merge)")  # fmt: skip
+            raise AdapterError(
+                f"{path}: a DoRA adapter cannot be applied per request on a shared base: its magnitude vector "
+                "rescales every column of the adapted weight W + BA, so it needs its own copy of the weights",
+                hint=f"merge it into the base and serve that: `nomoat export BASE --adapter {path} --out DIR`, then "
+                "`nomoat serve DIR` (nomoat generate, chat and eval merge it with --merge)",
+            )  # fmt: skip
         if cfg.modules_to_save:
             raise AdapterError(f"{path}: the adapter trains {', '.join(cfg.modules_to_save)} fully, which cannot be "
                                "switched per request; merge it into the model instead (--merge)")  # fmt: skip

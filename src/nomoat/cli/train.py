@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -41,6 +41,36 @@ def _launch(nproc: int) -> None:
             raise typer.Exit(proc.wait())
         except KeyboardInterrupt:  # torchrun and its workers got Ctrl-C too: wait while they checkpoint and stop
             continue
+
+
+def engine_sampler(model: Any, tokenizer: Any, rows: int, max_seq_len: int) -> Any:
+    """RL rollouts through nomoat's engine over a live view of the trained model (its LoRA layers as they are)."""
+    from nomoat.generate.engine import Engine
+    from nomoat.generate.sampling import SamplingParams
+    from nomoat.train.rl import live_view
+
+    engine = Engine(live_view(model), tokenizer, max_running=min(rows, 64), max_queue=max(rows, 256),
+                    max_seq_len=max_seq_len)  # fmt: skip
+
+    def sample(requests: list[tuple[list[int], int]], temperature: float, max_new_tokens: int) -> list[Any]:
+        handles = [engine.submit(ids, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                                                     seed=seed)) for ids, seed in requests]  # fmt: skip
+        done = [h.result() for h in handles]
+        return [(c.token_ids, c.text, c.finish_reason) for c in done]
+
+    return sample
+
+
+def _recipe(method: str) -> type:
+    """The recipe class of a training method."""
+    if method in ("grpo", "rloo"):
+        from nomoat.train.rl import RLRecipe
+
+        return RLRecipe
+    from nomoat.train.preference import KTORecipe, PreferenceRecipe
+    from nomoat.train.sft import SFTRecipe
+
+    return {"sft": SFTRecipe, "kto": KTORecipe}.get(method, PreferenceRecipe)
 
 
 def train(
@@ -149,12 +179,12 @@ def train(
     ] = 1,
     method: Annotated[
         str | None,
-        Opt("--method", help="sft, or a preference method on prompt/chosen/rejected pairs: dpo, ipo, simpo, orpo.",
-            show_default="sft"),
+        Opt("--method", help="sft; dpo, ipo, simpo, orpo (prompt/chosen/rejected pairs); kto (prompt/completion/"
+            "label); grpo, rloo (prompts and --reward).", show_default="sft"),
     ] = None,
     beta: Annotated[
         float | None,
-        Opt("--beta", help="Preference methods: beta (default 0.1; simpo 2.0)."),
+        Opt("--beta", help="Preference/RL: beta (default 0.1; simpo 2.0; grpo 0, rloo 0.05: the KL weight)."),
     ] = None,
     precompute_ref: Annotated[
         bool,
@@ -175,7 +205,7 @@ def train(
     from nomoat.config.train import ConfigError, load_train_config
     from nomoat.models.checkpoint import CheckpointError
     from nomoat.models.families import UnsupportedModelError
-    from nomoat.train import PreferenceRecipe, SFTRecipe, TrainingDivergedError
+    from nomoat.train import TrainingDivergedError
 
     lora = {"r": rank, "alpha": alpha, "dropout": dropout, "target_modules": target, "use_dora": dora,
             "use_rslora": rslora, "modules_to_save": train_module}  # fmt: skip
@@ -190,7 +220,8 @@ def train(
     )  # fmt: skip
     try:
         cfg = load_train_config(config, **options)
-        (SFTRecipe if cfg.method == "sft" else PreferenceRecipe)(cfg, progress=progress).run()
+        extra = {"sampler": engine_sampler} if cfg.method in ("grpo", "rloo") else {}
+        _recipe(cfg.method)(cfg, progress=progress, **extra).run()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except (ConfigError, CheckpointError, UnsupportedModelError, TrainingDivergedError, FileExistsError,

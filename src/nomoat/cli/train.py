@@ -190,6 +190,33 @@ def train(
         bool,
         Opt("--precompute-ref", help="DPO/IPO: compute the reference log-probabilities once before training."),
     ] = False,
+    reward: Annotated[
+        list[str] | None,
+        Opt("--reward", help="GRPO/RLOO: a reward (repeatable): exact_match, numeric_match, json_valid, regex=P, "
+            "length=N, or MODULE:FUNC / file.py:FUNC."),
+    ] = None,
+    reward_weight: Annotated[
+        list[float] | None, Opt("--reward-weight", help="GRPO/RLOO: one weight per --reward (repeatable).")
+    ] = None,
+    num_generations: Annotated[
+        int | None, Opt("--num-generations", help="GRPO/RLOO: completions per prompt.", show_default="8")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, Opt("--max-new-tokens", help="GRPO/RLOO: longest completion.", show_default="128")
+    ] = None,
+    temperature: Annotated[
+        float | None, Opt("--temperature", help="GRPO/RLOO: sampling temperature.", show_default="1")
+    ] = None,
+    loss_type: Annotated[
+        str | None, Opt("--loss-type", help="GRPO: grpo, dr_grpo or dapo.", show_default="dapo")
+    ] = None,
+    epsilon: Annotated[float | None, Opt("--epsilon", help="GRPO/RLOO: ratio clipping.", show_default="0.2")] = None,
+    desirable_weight: Annotated[
+        float | None, Opt("--desirable-weight", help="KTO: weight of desirable examples.", show_default="1")
+    ] = None,
+    undesirable_weight: Annotated[
+        float | None, Opt("--undesirable-weight", help="KTO: weight of undesirable examples.", show_default="1")
+    ] = None,
     init_adapter: Annotated[
         str | None,
         Opt("--init-adapter", help="Preference/RL: start from this adapter; its frozen weights are the reference."),
@@ -216,7 +243,10 @@ def train(
         max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, train_on=train_on,
         val_fraction=val_fraction, val_size=val_size, eval_every=eval_every, save_every=save_every, seed=seed,
         dtype=dtype, device=device, quantize_base=quantize_base, limit=limit, resume=resume or None,
-        method=method, beta=beta, precompute_ref=precompute_ref or None, init_adapter=init_adapter,
+        method=method, beta=beta, precompute_ref=precompute_ref or None, init_adapter=init_adapter, reward=reward,
+        reward_weights=reward_weight, num_generations=num_generations, max_new_tokens=max_new_tokens,
+        temperature=temperature, loss_type=loss_type, epsilon=epsilon, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
     )  # fmt: skip
     try:
         cfg = load_train_config(config, **options)

@@ -172,3 +172,16 @@ def test_a_missing_reward_module_fails_before_the_model_loads(tmp_path):
     cfg = _config(tmp_path, "early", reward=["no_such_module_xyz:fn"], model=str(tmp_path / "no-model"))
     with pytest.raises(UsageError):
         RLRecipe(cfg, console=QUIET, progress=False, sampler=engine_sampler).run()
+
+
+def test_prompt_records_keep_their_columns_and_are_not_guessed_for_sft(tmp_path):
+    from nomoat.data import DataError, detect_format, load_dataset
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "w5"}], "answer": "w7", "id": 3}) + "\n"
+                    + json.dumps({"prompt": "w6", "answer": "w8"}) + "\n")  # fmt: skip
+    ds = load_dataset(path, format="prompt")
+    assert [e.prompt for e in ds.examples] == [[{"role": "user", "content": "w5"}], [{"role": "user", "content": "w6"}]]
+    assert ds.examples[0].columns == {"answer": "w7", "id": 3} and ds.examples[1].columns == {"answer": "w8"}
+    with pytest.raises(DataError, match="could not detect"):
+        detect_format({"prompt": "w6", "answer": "w8"})

@@ -400,7 +400,7 @@ def detect_format(record: Mapping[str, Any], columns: Mapping[str, str] | None =
     """
     keys = set(rename_columns(record, columns))
     for spec in FORMATS.values():
-        if set(spec.required) <= keys:
+        if spec.kind != "prompt" and set(spec.required) <= keys:  # prompts alone are named (RL picks them itself)
             return spec.name
     listing = "; ".join(f"{s.name} ({', '.join(s.required)})" for s in FORMATS.values())
     raise DataError(

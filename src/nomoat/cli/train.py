@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -41,6 +41,36 @@ def _launch(nproc: int) -> None:
             raise typer.Exit(proc.wait())
         except KeyboardInterrupt:  # torchrun and its workers got Ctrl-C too: wait while they checkpoint and stop
             continue
+
+
+def engine_sampler(model: Any, tokenizer: Any, rows: int, max_seq_len: int) -> Any:
+    """RL rollouts through nomoat's engine over a live view of the trained model (its LoRA layers as they are)."""
+    from nomoat.generate.engine import Engine
+    from nomoat.generate.sampling import SamplingParams
+    from nomoat.train.rl import live_view
+
+    engine = Engine(live_view(model), tokenizer, max_running=min(rows, 64), max_queue=max(rows, 256),
+                    max_seq_len=max_seq_len)  # fmt: skip
+
+    def sample(requests: list[tuple[list[int], int]], temperature: float, max_new_tokens: int) -> list[Any]:
+        handles = [engine.submit(ids, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                                                     seed=seed)) for ids, seed in requests]  # fmt: skip
+        done = [h.result() for h in handles]
+        return [(c.token_ids, c.text, c.finish_reason) for c in done]
+
+    return sample
+
+
+def _recipe(method: str) -> type:
+    """The recipe class of a training method."""
+    if method in ("grpo", "rloo"):
+        from nomoat.train.rl import RLRecipe
+
+        return RLRecipe
+    from nomoat.train.preference import KTORecipe, PreferenceRecipe
+    from nomoat.train.sft import SFTRecipe
+
+    return {"sft": SFTRecipe, "kto": KTORecipe}.get(method, PreferenceRecipe)
 
 
 def train(
@@ -149,12 +179,12 @@ def train(
     ] = 1,
     method: Annotated[
         str | None,
-        Opt("--method", help="sft, or a preference method on prompt/chosen/rejected pairs: dpo, ipo, simpo, orpo.",
-            show_default="sft"),
+        Opt("--method", help="sft; dpo, ipo, simpo, orpo (prompt/chosen/rejected pairs); kto (prompt/completion/"
+            "label); grpo, rloo (prompts and --reward).", show_default="sft"),
     ] = None,
     beta: Annotated[
         float | None,
-        Opt("--beta", help="Preference methods: beta (default 0.1; simpo 2.0)."),
+        Opt("--beta", help="Preference/RL: beta (default 0.1; simpo 2.0; grpo 0, rloo 0.05: the KL weight)."),
     ] = None,
     precompute_ref: Annotated[
         bool,
@@ -164,6 +194,33 @@ def train(
         bool,
         Opt("--fsdp", help="With several processes: shard the frozen base and the adapter over them (FSDP2)."),
     ] = False,
+    reward: Annotated[
+        list[str] | None,
+        Opt("--reward", help="GRPO/RLOO: a reward (repeatable): exact_match, numeric_match, json_valid, regex=P, "
+            "length=N, or MODULE:FUNC / file.py:FUNC."),
+    ] = None,
+    reward_weight: Annotated[
+        list[float] | None, Opt("--reward-weight", help="GRPO/RLOO: one weight per --reward (repeatable).")
+    ] = None,
+    num_generations: Annotated[
+        int | None, Opt("--num-generations", help="GRPO/RLOO: completions per prompt.", show_default="8")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, Opt("--max-new-tokens", help="GRPO/RLOO: longest completion.", show_default="128")
+    ] = None,
+    temperature: Annotated[
+        float | None, Opt("--temperature", help="GRPO/RLOO: sampling temperature.", show_default="1")
+    ] = None,
+    loss_type: Annotated[
+        str | None, Opt("--loss-type", help="GRPO: grpo, dr_grpo or dapo.", show_default="dapo")
+    ] = None,
+    epsilon: Annotated[float | None, Opt("--epsilon", help="GRPO/RLOO: ratio clipping.", show_default="0.2")] = None,
+    desirable_weight: Annotated[
+        float | None, Opt("--desirable-weight", help="KTO: weight of desirable examples.", show_default="1")
+    ] = None,
+    undesirable_weight: Annotated[
+        float | None, Opt("--undesirable-weight", help="KTO: weight of undesirable examples.", show_default="1")
+    ] = None,
     init_adapter: Annotated[
         str | None,
         Opt("--init-adapter", help="Preference/RL: start from this adapter; its frozen weights are the reference."),
@@ -179,7 +236,7 @@ def train(
     from nomoat.config.train import ConfigError, load_train_config
     from nomoat.models.checkpoint import CheckpointError
     from nomoat.models.families import UnsupportedModelError
-    from nomoat.train import PreferenceRecipe, SFTRecipe, TrainingDivergedError
+    from nomoat.train import TrainingDivergedError
 
     lora = {"r": rank, "alpha": alpha, "dropout": dropout, "target_modules": target, "use_dora": dora,
             "use_rslora": rslora, "modules_to_save": train_module}  # fmt: skip
@@ -190,11 +247,15 @@ def train(
         max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, train_on=train_on,
         val_fraction=val_fraction, val_size=val_size, eval_every=eval_every, save_every=save_every, seed=seed,
         dtype=dtype, device=device, quantize_base=quantize_base, limit=limit, resume=resume or None,
-        method=method, beta=beta, precompute_ref=precompute_ref or None, init_adapter=init_adapter,
+        method=method, beta=beta, precompute_ref=precompute_ref or None, init_adapter=init_adapter, reward=reward,
+        reward_weights=reward_weight, num_generations=num_generations, max_new_tokens=max_new_tokens,
+        temperature=temperature, loss_type=loss_type, epsilon=epsilon, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
     )  # fmt: skip
     try:
         cfg = load_train_config(config, **options)
-        recipe = (SFTRecipe if cfg.method == "sft" else PreferenceRecipe)(cfg, progress=progress)
+        extra = {"sampler": engine_sampler} if cfg.method in ("grpo", "rloo") else {}
+        recipe = _recipe(cfg.method)(cfg, progress=progress, **extra)
         recipe.settings.fsdp = fsdp  # read by the loop; a run file cannot ask for it yet
         recipe.run()
     except KeyboardInterrupt:

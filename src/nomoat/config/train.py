@@ -21,7 +21,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 TRAIN_ON = ("assistant", "all", "last")
 QUANTIZE_BASE = (None, "int8", "int4", "nf4")
 METHODS = ("sft", "dpo", "ipo", "simpo", "orpo", "kto", "grpo", "rloo")
-RL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+RL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 class ConfigError(ValueError):
@@ -83,8 +83,8 @@ class TrainConfig:
         num_generations: GRPO/RLOO: completions sampled per prompt (a group).
         max_new_tokens: GRPO/RLOO: longest sampled completion in tokens.
         temperature: GRPO/RLOO: sampling temperature of the rollouts.
-        loss_type: GRPO: `grpo` (per-sequence mean), `bnpo` (per-batch token mean), `dr_grpo` (sum over
-            sequences x max_new_tokens) or `dapo` (token-level over the step).
+        loss_type: GRPO: `grpo` (per-sequence mean), `dr_grpo` (sum over sequences x max_new_tokens) or `dapo`
+            (token-level over the step).
         epsilon: GRPO/RLOO: clipping range of the probability ratio.
         quantize_base: Quantize the frozen base (`int8`, `int4`, `nf4`) while the adapter trains in full precision.
         limit: Use only the first N examples of the data (quick experiments).

@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 from nomoat.util import errors as util_errors
 
 __all__ = [
-    "FORMATS", "ROLES", "Conversation", "DataError", "Example", "FormatSpec", "NoTrainableTokensError", "Preference",
-    "RecordError", "Source", "Text", "detect_format", "parse_record", "register_format", "rename_columns",
+    "FORMATS", "ROLES", "Conversation", "DataError", "Example", "Feedback", "FormatSpec", "NoTrainableTokensError",
+    "Preference", "Prompt", "RecordError", "Source", "Text", "detect_format", "parse_record", "register_format",
+    "rename_columns",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -116,7 +117,26 @@ class Preference:
     source: Source | None = None
 
 
-Example = Conversation | Text | Preference
+@dataclass
+class Feedback:
+    """Unpaired feedback (KTO): a prompt (messages), one answer (assistant messages) and whether it is desirable."""
+
+    prompt: list[dict[str, str]]
+    completion: list[dict[str, str]]
+    desirable: bool
+    source: Source | None = None
+
+
+@dataclass
+class Prompt:
+    """A prompt alone (RL): its messages and the record's other columns (passed on to reward functions)."""
+
+    prompt: list[dict[str, str]]
+    columns: dict[str, Any]
+    source: Source | None = None
+
+
+Example = Conversation | Text | Preference | Feedback | Prompt
 Parser = Callable[[Mapping[str, Any]], Example]
 
 
@@ -129,7 +149,7 @@ class FormatSpec:
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
     description: str = ""
-    kind: str = "sft"  # "sft", "text" or "preference"
+    kind: str = "sft"  # "sft", "text", "preference", "feedback" or "prompt"
 
     def __call__(self, record: Mapping[str, Any]) -> Example:
         """Parse a record (whose keys are already the format's field names)."""
@@ -353,6 +373,43 @@ def parse_text(record: Mapping[str, Any]) -> Text:
     return Text(_string(record, "text"))
 
 
+def _prompt_messages(record: Mapping[str, Any], name: str) -> list[dict[str, str]]:
+    raw = record.get(name)
+    if isinstance(raw, str) and not raw.lstrip().startswith("["):
+        return [{"role": "user", "content": _string(record, name)}]
+    return _messages(_as_list(record, name), name)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "desirable"), ("false", "0", "no", "undesirable")
+
+
+@register_format("kto", required=("prompt", "completion", "label"), kind="feedback")
+def parse_feedback(record: Mapping[str, Any]) -> Feedback:
+    """Unpaired feedback (KTO): prompt, completion (strings or message lists), label true/false."""
+    label = record.get("label")
+    if isinstance(label, str) and label.strip().lower() in (*_TRUE, *_FALSE):
+        label = label.strip().lower() in _TRUE
+    if isinstance(label, int) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise RecordError("label", f"must be true or false, got {json.dumps(label, default=str)[:40]}")
+    completion = _answer(record, "completion")
+    if not any(m["content"].strip() for m in completion) or completion[0]["role"] != "assistant":
+        raise RecordError("completion", "must be a non-empty answer (assistant messages)")
+    return Feedback(_prompt_messages(record, "prompt"), completion, label)
+
+
+@register_format("prompt", required=("prompt",), optional=("messages", "system"), kind="prompt")
+def parse_prompt(record: Mapping[str, Any]) -> Prompt:
+    """Prompts alone (RL): prompt (a string or messages) or messages; other columns go to the reward functions."""
+    name = "prompt" if record.get("prompt") is not None or "messages" not in record else "messages"
+    prompt = _prompt_messages(record, name)
+    system = _string(record, "system", optional=True)
+    if system.strip() and not any(m["role"] == "system" for m in prompt):
+        prompt = [{"role": "system", "content": system}, *prompt]
+    return Prompt(prompt, {k: v for k, v in record.items() if k not in (name, "system")})
+
+
 # ------------------------------------------------------------------------------------------ detection & columns
 def rename_columns(record: Mapping[str, Any], columns: Mapping[str, str] | None) -> dict[str, Any]:
     """Rename a record's keys from the file's column names to the format's field names.
@@ -379,7 +436,7 @@ def detect_format(record: Mapping[str, Any], columns: Mapping[str, str] | None =
     """
     keys = set(rename_columns(record, columns))
     for spec in FORMATS.values():
-        if set(spec.required) <= keys:
+        if spec.kind != "prompt" and set(spec.required) <= keys:  # prompts alone are named (RL picks them itself)
             return spec.name
     listing = "; ".join(f"{s.name} ({', '.join(s.required)})" for s in FORMATS.values())
     raise DataError(

@@ -1,4 +1,4 @@
-"""Preference tuning (`nomoat train --method dpo|ipo|simpo|orpo`): a recipe on the shared training loop.
+"""Preference tuning (`nomoat train --method dpo|ipo|simpo|orpo|kto`): recipes on the shared training loop.
 
 It reuses the SFT recipe's model, LoRA and adapter saving, and owns what is particular to learning from pairs: the
 data (prompt + chosen and prompt + rejected, trained only on the answers), batches that hold the chosen rows of their
@@ -23,14 +23,15 @@ from typing import Any
 
 import torch
 
-from nomoat.data import BatchStream, DataError, Preference, Row, collate, tokenize_preference
+from nomoat.data import IGNORE_INDEX, BatchStream, DataError, Preference, Row, collate, tokenize_preference
+from nomoat.data.formats import Feedback
 from nomoat.lora import disable_lora, load_adapter, lora_state_dict, read_adapter_config
 from nomoat.train import preference_loss as pl
 from nomoat.train.sft import SFTRecipe
 from nomoat.util.errors import UsageError
 from nomoat.util.files import atomic_write_bytes
 
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
 SIMPO_GAMMA_BETA_RATIO = 0.25  # TRL's CPOConfig default: simpo_gamma 0.5 at beta 2
 
 
@@ -131,23 +132,31 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
         if not pairs:
             raise DataError("no pair has trainable tokens in both answers: check --seq-len")
         self._print_summary(pairs)
+        self._make_stream([[(Row.single(c), Row.single(r)) for c, r in batch] for batch in self._batches_of(pairs)])
+
+    def _batches_of(self, items: list[Any]) -> list[list[Any]]:
+        """Global batches (batch size x processes) of `items` in a seeded order, fixed for the whole run."""
+        order = list(range(len(items)))
+        random.Random(self.cfg.seed).shuffle(order)
+        k = self.cfg.batch_size * self.dist.world_size
+        return [[items[i] for i in order[s : s + k]] for s in range(0, len(order), k)]
+
+    def _make_stream(self, batches: list[list[tuple[Row, Row]]]) -> None:
+        """The stream of unit batches, the precomputed reference (if asked) and the step count."""
+        cfg = self.cfg
         self.pad_id = pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        order = list(range(len(pairs)))
-        random.Random(cfg.seed).shuffle(order)
-        k = cfg.batch_size
-        batches = [[Row.single(pairs[i][0]) for i in order[s : s + k]] + [Row.single(pairs[i][1])
-                    for i in order[s : s + k]] for s in range(0, len(order), k)]  # fmt: skip
-        self.stream = BatchStream(batches, 1, seed=cfg.seed, pad_id=pad)
+        self.stream = UnitStream(batches, 1, seed=cfg.seed, pad_id=pad, shard=self.dist.shard)
         self._ref: dict[bytes, torch.Tensor] = {}
         if cfg.precompute_ref and self.method in pl.NEEDS_REFERENCE:
-            self._precompute_ref([collate(rows, pad) for rows in batches])
+            self._precompute_ref([self.stream.collate_units(self.stream.share(b)) for b in batches])
         per_epoch = max(1, len(self.stream) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
         self._acc: dict[str, float] = {}
 
     def _precompute_ref(self, batches: list[dict[str, Any]]) -> None:
         """Reference log-probabilities of every batch, computed once (or read from the run folder on resume)."""
-        path = self.run_dir / "reference_logps.pt"
+        rank, world = self.dist.shard  # each process keeps the reference of its own share
+        path = self.run_dir / ("reference_logps.pt" if world == 1 else f"reference_logps.{rank}-of-{world}.pt")
         if path.is_file():
             self._ref = torch.load(path, weights_only=True)
             return
@@ -161,17 +170,18 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
         atomic_write_bytes(path, buffer.getvalue())
 
     def _reference(self, batch: dict[str, Any]) -> torch.Tensor:
-        """(2P,) reference log-probabilities: precomputed, or the model with its adapter off."""
-        if self._ref:
-            return self._ref[_key(batch["input_ids"])].to(batch["input_ids"].device)
+        """(2P,) reference log-probabilities: precomputed, or the model with its adapter off (or the init adapter)."""
+        known = self._ref.get(_key(batch["input_ids"])) if self._ref else None
+        if known is not None:
+            return known.to(batch["input_ids"].device)
         with self.reference():
             return self._logps(batch)[1]
 
-    def _print_summary(self, pairs: list[tuple[Any, Any]]) -> None:
+    def _print_summary(self, pairs: list[tuple[Any, ...]], noun: str = "pairs") -> None:
         lengths = [len(t) for pair in pairs for t in pair]
         truncated = sum(t.truncated for pair in pairs for t in pair)
         self.summary = self._summary_record(len(pairs), lengths, truncated)
-        self.console.print(f"[bold]data[/bold] {len(pairs)} pairs ({self.dataset.format}), sequence length "
+        self.console.print(f"[bold]data[/bold] {len(pairs)} {noun} ({self.dataset.format}), sequence length "
                            f"{min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), "
                            f"{truncated} sequences truncated at {self.cfg.seq_len}")  # fmt: skip
 
@@ -183,8 +193,8 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
         return _Summary()
 
     def units(self, batch: dict[str, Any]) -> int:
-        """Pairs in the micro-batch."""
-        return batch["input_ids"].shape[0] // 2
+        """Pairs (KTO: examples) in the micro-batch."""
+        return int(batch["units"])
 
     def _logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model(batch["input_ids"], position_ids=batch["position_ids"],
@@ -196,6 +206,8 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
         """The summed pair losses of one micro-batch (chosen rows first, then rejected) and the number of pairs."""
         reference = self._reference(batch) if self.method in pl.NEEDS_REFERENCE else None  # before the policy pass
         logits, logps, counts = self._logps(batch)
+        if not batch["units"]:  # this process's share of a short last batch is empty
+            return logps.sum() * 0, 0
         chosen, rejected = logps.chunk(2)
         n_chosen, n_rejected = counts.chunk(2)
         beta, method = self.beta, self.method
@@ -229,9 +241,119 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
                 "epoch": round(self.stream.epoch + self.stream.index / len(self.stream), 4)}  # fmt: skip
 
 
+class KTORecipe(PreferenceRecipe):
+    """KTO on unpaired feedback (prompt, completion, label): `nomoat train --method kto`.
+
+    Each batch holds its examples, then for each one a KL row: its prompt with the previous example's completion
+    (TRL's cycling of completions within a batch). The KL rows' policy-minus-reference log-ratio, averaged over the
+    batch (all processes) and clamped at 0, is the reference point of the loss; the reference is the adapter off
+    (or the init adapter). Losses of desirable and undesirable completions are weighted by `desirable_weight` and
+    `undesirable_weight`; the loop normalises by examples.
+    """
+
+    def check_dataset(self) -> None:
+        """Unpaired feedback only."""
+        if any(not isinstance(e, Feedback) for e in self.dataset.examples):
+            raise DataError(f"{self.dataset.format} data has no prompt/completion/label records: --method kto needs "
+                            "unpaired feedback (label true or false)")  # fmt: skip
+
+    def _setup_data(self) -> None:
+        self.load_init_adapter()
+        kept, tokenized = [], []
+        for e in self.dataset.examples:
+            tok = self._tokenize(e.prompt, e.completion, e)
+            if tok.num_label_tokens:
+                row = Row.single(tok)
+                row.desirable = e.desirable  # collated into the batch's `desirable` by UnitStream
+                kept.append((e, row))
+                tokenized.append(tok)
+        if len(kept) < 2:
+            raise DataError("KTO needs at least 2 examples with trainable tokens (the KL estimate pairs each prompt "
+                            "with another example's completion): check the data and --seq-len")  # fmt: skip
+        self._print_summary([(t,) for t in tokenized], "examples")
+        batches = []
+        for batch in self._batches_of(kept):
+            shifted = batch[-1:] + batch[:-1]  # example i's KL row: its prompt, example i-1's completion
+            batches.append([(row, Row.single(self._tokenize(e.prompt, other.completion, e)))
+                            for (e, row), (other, _) in zip(batch, shifted)])  # fmt: skip
+        self._make_stream(batches)
+
+    def _tokenize(self, prompt: list[dict[str, str]], completion: list[dict[str, str]], example: Feedback) -> Any:
+        pair = Preference(prompt, completion, completion, example.source)
+        return tokenize_preference(pair, self.tokenizer, self.cfg.seq_len)[0]
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """The summed KTO losses of the micro-batch's examples (its KL rows set the reference point)."""
+        n = int(batch["units"])
+        reference = self._reference(batch)  # (2n,): examples, then KL rows; before the policy pass
+        half = {k: batch[k][:n] for k in ("input_ids", "position_ids", "segment_ids", "labels")}
+        kl_rows = {k: batch[k][n:] for k in half}
+        with torch.no_grad():
+            kl_logps = self._logps(kl_rows)[1] if n else torch.zeros(0, device=reference.device)
+        kl_sum, count = (kl_logps - reference[n:]).sum().item(), n
+        if self.dist.enabled:  # TRL gathers the KL estimate over processes
+            kl_sum, count = self.dist.sum_numbers([kl_sum, count], "the KL estimate")
+        kl = torch.tensor(max(kl_sum / max(count, 1), 0.0), device=reference.device)
+        if not n:
+            return self._logps(batch)[1].sum() * 0, 0
+        _, logps, _ = self._logps(half)
+        losses, rewards = pl.kto_loss(logps, reference[:n], batch["desirable"], kl, self.beta,
+                                      self.cfg.desirable_weight, self.cfg.undesirable_weight)  # fmt: skip
+        good = batch["desirable"]
+        acc = self._acc
+        acc["kl"], acc["kl_n"] = acc.get("kl", 0.0) + kl.item(), acc.get("kl_n", 0) + 1
+        for key, mask in (("chosen", good), ("rejected", ~good)):
+            acc[key] = acc.get(key, 0.0) + rewards[mask].sum().item()
+            acc[f"{key}_n"] = acc.get(f"{key}_n", 0) + int(mask.sum())
+        return losses.sum(), n
+
+    def step_metrics(self, micro: list[dict[str, Any]], units: int) -> dict[str, Any]:
+        """Examples of the step, mean rewards of desirable and undesirable completions, their margin, the KL."""
+        acc, self._acc = self._acc, {}
+        chosen = acc.get("chosen", 0.0) / max(acc.get("chosen_n", 0), 1)
+        rejected = acc.get("rejected", 0.0) / max(acc.get("rejected_n", 0), 1)
+        return {"examples": units, "rewards_chosen": round(chosen, 6), "rewards_rejected": round(rejected, 6),
+                "margin": round(chosen - rejected, 6), "kl": round(acc.get("kl", 0.0) / max(acc.get("kl_n", 0), 1), 6),
+                "epoch": round(self.stream.epoch + self.stream.index / len(self.stream), 4)}  # fmt: skip
+
+
+class UnitStream(BatchStream):
+    """A `BatchStream` of batches of units (a pair: chosen and rejected rows; KTO: an example and its KL row).
+
+    A batch's rows are every unit's first row, then every unit's second row (one forward pass for both). In a
+    data-parallel run each process takes whole units (its contiguous share of the global batch), so a pair is never
+    split across processes. Rows may carry `desirable` (KTO's labels, collated as a bool tensor).
+    """
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.index >= len(self):
+            self.epoch, self.index = self.epoch + 1, 0
+        batches = self.batches(self.epoch)
+        while self.index < len(batches):
+            units = self.share(batches[self.index])
+            self.index += 1  # counted before yielding, as BatchStream does
+            yield self.collate_units(units)
+        self.epoch, self.index = self.epoch + 1, 0
+
+    def share(self, units: list[tuple[Row, Row]]) -> list[tuple[Row, Row]]:
+        """This process's units of a global batch (possibly none)."""
+        rank, world = self.shard
+        return units[len(units) * rank // world : len(units) * (rank + 1) // world]
+
+    def collate_units(self, units: list[tuple[Row, Row]]) -> dict[str, Any]:
+        """Collated rows (first rows, then second rows), `units` and, for KTO, `desirable` (U,)."""
+        pad = 0 if self.pad_id is None else self.pad_id
+        rows = [u[0] for u in units] + [u[1] for u in units] or [Row([pad], [IGNORE_INDEX], [0], [1])] * 2
+        batch = collate(rows, self.pad_id, self.pad_to)
+        batch["units"] = len(units)
+        if units and hasattr(units[0][0], "desirable"):
+            batch["desirable"] = torch.tensor([u[0].desirable for u in units], dtype=torch.bool)
+        return batch
+
+
 def _key(input_ids: torch.Tensor) -> bytes:
     """A batch's identity: its token ids (the stream always collates a batch the same way)."""
     return input_ids.cpu().numpy().tobytes() + bytes(str(tuple(input_ids.shape)), "ascii")
 
 
-__all__ = ["DEFAULT_BETA", "InitAdapterMixin", "PreferenceRecipe", "reference_weights"]
+__all__ = ["DEFAULT_BETA", "InitAdapterMixin", "KTORecipe", "PreferenceRecipe", "UnitStream", "reference_weights"]

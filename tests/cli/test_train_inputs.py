@@ -68,6 +68,17 @@ def test_preference_data_for_sft_is_named_before_the_model_loads(folder, tmp_pat
     assert MODEL_LOADED not in r.output and "tokenize_" not in r.output
 
 
+def test_feedback_and_prompt_data_for_sft_are_named_before_the_model_loads(folder, tmp_path):
+    _, model, _ = folder
+    for name, record, method in [("kto.jsonl", {"prompt": "w5", "completion": "w6", "label": True}, "--method kto"),
+                                 ("prompts.jsonl", {"prompt": "w5"}, "--method grpo")]:  # fmt: skip
+        data = tmp_path / name
+        data.write_text(json.dumps(record) + "\n")
+        r = _train(model, data, tmp_path / "runs", "--format", name.split(".")[0].replace("prompts", "prompt"))
+        assert r.exit_code == 2 and "not SFT examples" in r.output and method in r.output, r.output
+        assert MODEL_LOADED not in r.output and "Traceback" not in r.output
+
+
 def test_truncated_weights_say_download_again(folder, tmp_path):
     _, model, data = folder
     bad = tmp_path / "bad-model"

@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -36,9 +37,22 @@ def server(world):
     srv = Server(world, *(x for n in ADAPTERS for x in ("--adapter", f"{n}={a[n]}")), "--max-running", "8",
                  "--max-queue", "16", "--max-loaded-adapters", "6", "--max-completion-tokens", "512",
                  "--max-prompt-tokens", "200", "--max-body-bytes", "20000",
-                 "--allow-adapter-dir", str(world["root"]))  # fmt: skip
+                 "--allow-adapter-dir", str(world["root"]), "--data-dir", str(_data_dir(world)))  # fmt: skip
     yield srv
     srv.close()
+
+
+def _data_dir(world) -> Path:
+    folder = world["root"] / "datasets"
+    folder.mkdir(exist_ok=True)
+    (folder / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                       '{"role": "assistant", "content": "hello"}]}\n')  # fmt: skip
+    return folder
+
+
+def test_serve_data_dir_is_what_the_studio_reads(server):
+    files = httpx.get(f"{server.url}/v1/studio/data", headers=server.headers).json()["data"]
+    assert [f["path"] for f in files] == ["chat.jsonl"]
 
 
 @pytest.fixture(scope="module")

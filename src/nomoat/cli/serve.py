@@ -79,6 +79,11 @@ def serve(
         Opt("--allow-adapter-dir", help="Let POST /v1/adapters load a `path` inside this folder (repeatable); "
             "without it adapters load over the API from the registry by name only."),
     ] = None,  # fmt: skip
+    data_dir: Annotated[
+        list[Path] | None,
+        Opt("--data-dir", help="A folder whose dataset files the web studio may read for training (repeatable); "
+            "without it the studio trains on uploads only."),
+    ] = None,  # fmt: skip
     cors_origin: Annotated[
         list[str] | None,
         Opt("--cors-origin", help="Let web pages from this origin call the API, e.g. https://app.example "
@@ -118,6 +123,9 @@ def serve(
     for folder in allow_adapter_dir or []:
         if not folder.is_dir():
             fail(f"--allow-adapter-dir {folder}: not a folder")
+    for folder in data_dir or []:
+        if not folder.is_dir():
+            fail(f"--data-dir {folder}: not a folder")
     if log_format not in ("text", "json"):
         fail(f"--log-format must be text or json, got {log_format!r}")
     if shutdown_grace < 0:
@@ -128,13 +136,15 @@ def serve(
     from nomoat.serve import access
     from nomoat.serve.app import ServerState, ServeSettings, create_app
     from nomoat.serve.shutdown import DrainingServer
+    from nomoat.serve.studio import StudioSettings
 
     base = name or model.resolve().name
     settings = ServeSettings(
         model_name=base, api_key=api_key, adapters=adapters, max_loaded_adapters=max_loaded_adapters,
         max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens,
         max_body_bytes=max_body_bytes, adapter_dirs=[d.resolve() for d in allow_adapter_dir or []],
-        cors_origins=list(cors_origin or []),
+        cors_origins=list(cors_origin or []), studio=StudioSettings(data_dirs=[d.resolve() for d in data_dir or []],
+                                                               models={base: str(model)}),
     )  # fmt: skip
 
     def load():  # noqa: ANN202

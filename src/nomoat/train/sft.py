@@ -44,6 +44,7 @@ from nomoat.train.loop import LoopResult, TrainingDivergedError, TrainingLoop
 from nomoat.train.loss import causal_lm_loss_sum
 from nomoat.util.errors import UsageError
 from nomoat.util.files import atomic_write_text, sha256_file
+from nomoat.util.hub import local_path
 
 
 @dataclass
@@ -133,6 +134,11 @@ class SFTRecipe(TrainingLoop):
         if cfg.method == "sft" and self.dataset.format == "preference":
             raise UsageError(f"{cfg.data[0]} holds preference pairs (prompt/chosen/rejected), not SFT examples",
                              hint="use --method dpo (or ipo, simpo, orpo) to learn from pairs")  # fmt: skip
+        if cfg.method == "sft" and self.dataset.format in ("kto", "prompt"):
+            what = "unpaired feedback (prompt/completion/label)" if self.dataset.format == "kto" else "prompts only"
+            raise UsageError(f"{cfg.data[0]} holds {what}, not SFT examples",
+                             hint="use --method kto" if self.dataset.format == "kto" else
+                             "use --method grpo or rloo with --reward")  # fmt: skip
         self.check_dataset()
         self.run_dir = self.dist.from_main(self._run_dir)  # rank 0 picks the folder; the others use it
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,9 +266,9 @@ class SFTRecipe(TrainingLoop):
     def save(self, result: TrainResult) -> Path:
         """Save the adapter (PEFT format, provenance in `nomoat.json`) and the loss curve; returns the adapter dir."""
         cfg = self.cfg
+        local = Path(local_path(cfg.model)).expanduser().resolve()  # `demo` or a Hub id: the folder it names
         provenance = {
-            "base_model": {"path": str(Path(cfg.model).expanduser().resolve()), "sha256": model_content_hash(cfg.model),
-                           "family": self.model.config.family},
+            "base_model": {"path": str(local), "sha256": model_content_hash(local), "family": self.model.config.family},
             "data": [{"path": str(Path(f["path"]).resolve()), "sha256": f["sha256"], "records": f.get("records")}
                      for f in self.dataset.files],
             "data_format": self.dataset.format,

@@ -47,7 +47,9 @@ AdapterSelection = tuple[tuple[str, float], ...]
 
 logger = logging.getLogger(__name__)
 
-PREFILL_CHUNK_TOKENS = 512  # prompt tokens admitted per step, and padded tokens per prefill forward
+PREFILL_CHUNK_TOKENS = 512  # padded tokens per prefill forward (each chunk's first tokens go out when it is done)
+ADMIT_TOKENS_PER_STEP = 2048  # prompt tokens admitted per step: a burst gets its first tokens within one step, and
+# running rows wait at most that many prompt tokens' prefill between two of their tokens
 
 
 class QueueFullError(BusyError, RuntimeError):
@@ -409,7 +411,7 @@ class Engine:
         with self.lock:
             self._retire_cancelled()
             admitted = []
-            budget = PREFILL_CHUNK_TOKENS  # prompt tokens admitted per step: running rows keep decoding meanwhile
+            budget = ADMIT_TOKENS_PER_STEP
             room = self.max_running - len(self.running)
             with self._queue_lock:
                 while self.waiting and len(admitted) < room and (budget > 0 or not admitted):

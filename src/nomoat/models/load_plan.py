@@ -18,6 +18,7 @@ from torch import nn
 from nomoat.config.model import ModelConfig
 from nomoat.models.quantize import (
     DEFAULT_GROUP_SIZE,
+    PANEL,
     QuantizationError,
     QuantizedLinear,
     int8_panels,
@@ -104,15 +105,14 @@ class IntQuantizer(LinearQuantizer):
         n, k = weight.shape
         mode, g = self.layer_mode(n), self.group_size
         layer = QuantizedLinear(k, n, mode, g, bias=bias, dtype=dtype, device="meta")
-        if mode == "int8":
-            codes = torch.empty(n, k, dtype=torch.int8)
+        if mode == "int8":  # straight into the decode kernels' panels (P, in, 64): a piece's rows fill whole panels
+            panels = torch.zeros(-(-n // PANEL), k, PANEL, dtype=torch.int8)
             scale = torch.empty(n, dtype=torch.float32)
             for a, piece in row_chunks(weight, release):
                 q, s = quantize_int8(piece)  # (rows, in) int8, (rows,)
-                codes[a : a + piece.shape[0]] = q
+                panels[a // PANEL : a // PANEL + q.shape[0] // PANEL + (q.shape[0] % PANEL > 0)] = int8_panels(q)
                 scale[a : a + piece.shape[0]] = s
-            layer.qweight, layer.scale = int8_panels(codes), scale  # the decode kernels' panels, held once
-            del codes
+            layer.qweight, layer.scale = panels, scale
         else:
             packed = torch.empty(n // g * k, g // 2 + 4, dtype=torch.uint8)  # rows (group, input channel)
             for a, piece in row_chunks(weight, release):

@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "serve": _LOW | {"lora", "inference", "generate"},
     "export": _LOW | {"lora", "inference"},
     "demo": _LOW | {"lora", "inference", "data", "generate", "train", "eval"},
+    "synth": _LOW | {"lora", "inference", "data", "generate", "train"},
     "__init__": {"util", "config", "models", "tokenizer", "train"},
     "cli": None,  # the top: may import anything
     "__main__": {"cli"},  # python -m nomoat

@@ -8,7 +8,21 @@ from __future__ import annotations
 
 import typer
 
-from nomoat.cli import adapters, demo, deploy, evaluate, export, generate, hub, merge, models, serve, studio, train
+from nomoat.cli import (
+    adapters,
+    demo,
+    deploy,
+    evaluate,
+    export,
+    generate,
+    hub,
+    merge,
+    models,
+    serve,
+    studio,
+    synth,
+    train,
+)
 from nomoat.cli._common import Group
 
 app = typer.Typer(
@@ -38,6 +52,7 @@ app.command()(models.convert)
 app.command()(generate.generate)
 app.command()(generate.chat)
 app.command()(train.train)
+app.command()(synth.synth)
 app.command()(version)
 app.add_typer(adapters.app, name="adapters")
 app.command()(export.export)

@@ -201,8 +201,10 @@ class DecodeModel:
         h = net.model.embed_tokens(ids)  # (B, 1, D)
         if net.config.embed_scale is not None:
             h = h * torch.tensor(net.config.embed_scale, dtype=torch.float32).to(h.dtype)
-        tables = [net.rope_tables(kind, positions, h.dtype) for kind in plan.kinds]  # (B, 1, rd) each
+        dtype = h.dtype  # the model's (fp32, or bf16: the stack's activations are fp32 either way)
+        h = h.float()
+        tables = [net.rope_tables(kind, positions, torch.float32) for kind in plan.kinds]  # (B, 1, rd) each
         out = plan.native.run(h, [c for c, _ in tables], [s for _, s in tables], positions, row0, int(kv_len),
                               cache.k, cache.v, plan.coefficients(B))  # fmt: skip
         self.stack_steps += 1
-        return net.model.norm(out)
+        return net.model.norm(out.to(dtype))

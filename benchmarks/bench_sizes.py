@@ -250,7 +250,8 @@ def extrapolate(small: dict[str, Any], big: dict[str, Any], n_small: int, n_big:
 DECODE_CTX, PREFILL = 2048 + 64, 512
 
 DECODE_WORKER = STATUS + r"""
-import json, sys, time, torch
+import json, resource, sys, time, torch
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # user + system seconds, all threads
 engine, path, new, prefill, ctx, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 torch.set_num_threads(threads)
 g = torch.Generator().manual_seed(0)
@@ -281,9 +282,12 @@ if engine == "nomoat":
     eng.generate(long_prompt, greedy(1))
     prefill_tok_s = prefill / (time.perf_counter() - t)
     reset_peak()
+    c = cpu()
     out = eng.generate(prompt, greedy(new))
+    c = cpu() - c
     peak = status("VmHWM") - base
     res = {"decode_tok_s": out.decode_tokens_per_s, "prefill_tok_s": prefill_tok_s, "loaded_bytes": loaded,
+           "decode_cpu_s_per_token": c / new,
            "kv_cache_bytes": kv, "rss_base": base, "decode_peak_rss_growth": peak,
            "decode_peak_rss_vs_model_plus_kv": round(peak / (loaded + kv), 3),
            "stack_steps": eng.decode.stack_steps, "dtype": str(model.dtype)}
@@ -299,10 +303,11 @@ else:
     prefill_tok_s = prefill / (time.perf_counter() - t)
     llm.reset()
     llm.eval(prompt)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu()
     for _ in range(new):  # greedy by argmax over its logits, as nomoat's run
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
     res = {"decode_tok_s": new / (time.perf_counter() - t), "prefill_tok_s": prefill_tok_s,
+           "decode_cpu_s_per_token": (cpu() - c) / new,
            "peak_rss": status("VmHWM")}
 print(json.dumps({"engine": engine, **res}))
 """

@@ -13,10 +13,18 @@ fresh subprocess, so its peak RSS (/proc VmHWM) is its own:
   sequence 512, batch 1, random tokens, plain torch loops; tokens/s after warm-up steps and the process's peak RSS.
   Targets: peak RSS at 1B <= 3 GB, 3B <= 6 GB, 8B <= 12 GB; tokens/s >= 2x PEFT's at 1B. The 8B shape is measured
   cut to two layer counts and extrapolated per layer to 32 (both measurements are in the JSON).
-- decode: `decode_vs_llamacpp` is where decode tokens/s against llama.cpp on GGUFs of the same weights go; it reports
-  "not measured" until the decode kernels' side fills it in.
+- decode: nomoat's engine on the bf16 model (what `dtype="auto"` loads on a CPU with AVX-512-BF16) against llama.cpp
+  (llama-cpp-python) on an f16 GGUF of the same weights written by llama.cpp's own converter
+  (`llamacpp_converter.py`), each in fresh processes, interleaved (nomoat, llama.cpp, nomoat, ...; `--decode-rounds`),
+  best of the rounds: batch-1 greedy decode tok/s after a 32-token prompt (`--decode-tokens` new tokens: 2,048, or
+  128 with `--quick`), prefill tok/s of a 512-token prompt, and nomoat's peak RSS while decoding (peak reset once the
+  engine is built; counted from the RSS after torch and nomoat are imported) against the loaded model plus its KV
+  cache (sized for 2,048 + 64 positions). Targets: decode >= 1.0x, prefill >= 0.8x, RSS <= 1.3x. nomoat runs under
+  OMP_WAIT_POLICY=PASSIVE (its setting), llama.cpp under ACTIVE (spinning) and PASSIVE, and the ratios take the
+  peer's faster result of the two for each speed.
 
     python benchmarks/bench_sizes.py [--quick] [--layers N] [--steps N] [--warmup N] [--shapes 1b,3b,8b] [--no-peft]
+    python benchmarks/bench_sizes.py --quick --skip load,qlora   # decode against llama.cpp only
 
 `--quick` runs the 1B shape only. Prints one JSON object as its last line (see DESIGN.md, Benchmarks).
 """
@@ -240,16 +248,123 @@ def extrapolate(small: dict[str, Any], big: dict[str, Any], n_small: int, n_big:
             "tokens_per_s": round(SEQ / step, 2), "extrapolated_from_layers": [n_small, n_big]}  # fmt: skip
 
 
-def decode_vs_llamacpp(folder: Path, shape: str, a: argparse.Namespace) -> dict[str, Any]:
-    """Decode (and 512-token prefill) tokens/s of nomoat bf16 / int8 / 4-bit against llama.cpp f16 / q8_0 / q4_0.
+DECODE_CTX, PREFILL = 2048 + 64, 512
 
-    The hook for the decode kernels' side: convert `folder` to GGUF (benchmarks/llamacpp_converter.py), run
-    llama-cpp-python and nomoat's engine on the same weights in this run, and return
-    `{"bf16_vs_f16": x, "int8_vs_q8_0": x, "int4_vs_q4_0": x, "prefill_512_vs_llamacpp": x, "results": [...]}`;
-    `main` turns the ratios into `decode_*` entries of the JSON. Also the place for the peak RSS while decoding
-    2,048 tokens (target <= 1.3x the model plus its KV cache).
+DECODE_WORKER = STATUS + r"""
+import json, resource, sys, time, torch
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # user + system seconds, all threads
+engine, path, new, prefill, ctx, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+torch.set_num_threads(threads)
+g = torch.Generator().manual_seed(0)
+prompt = torch.randint(3, 1000, (32,), generator=g).tolist()
+long_prompt = torch.randint(3, 1000, (prefill,), generator=g).tolist()
+if engine == "nomoat":
+    from nomoat.generate.engine import Engine
+    from nomoat.generate.sampling import SamplingParams
+    from nomoat.models.checkpoint import load_model
+
+    class Tok:  # what the engine needs of a tokenizer, for token ids only
+        eos_token_ids = []
+
+        def stream_decoder(self, skip_special_tokens=False):
+            class D:
+                def add(self, t): return ""
+                def flush(self): return ""
+            return D()
+
+    base = status("VmRSS")
+    model = load_model(path, "bfloat16", "cpu")
+    loaded = tensor_bytes(model)
+    eng = Engine(model, Tok(), max_running=1, max_seq_len=ctx, prefix_cache_bytes=0)
+    kv = sum(t.numel() * t.element_size() for t in eng.cache.k + eng.cache.v)
+    greedy = lambda n: SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+    eng.generate(prompt, greedy(8))  # warm-up
+    t = time.perf_counter()
+    eng.generate(long_prompt, greedy(1))
+    prefill_tok_s = prefill / (time.perf_counter() - t)
+    reset_peak()
+    c = cpu()
+    out = eng.generate(prompt, greedy(new))
+    c = cpu() - c
+    peak = status("VmHWM") - base
+    res = {"decode_tok_s": out.decode_tokens_per_s, "prefill_tok_s": prefill_tok_s, "loaded_bytes": loaded,
+           "decode_cpu_s_per_token": c / new,
+           "kv_cache_bytes": kv, "rss_base": base, "decode_peak_rss_growth": peak,
+           "decode_peak_rss_vs_model_plus_kv": round(peak / (loaded + kv), 3),
+           "stack_steps": eng.decode.stack_steps, "dtype": str(model.dtype)}
+else:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=ctx, n_batch=512, verbose=False)
+    llm.eval(prompt[:8])  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(long_prompt)
+    prefill_tok_s = prefill / (time.perf_counter() - t)
+    llm.reset()
+    llm.eval(prompt)
+    t, c = time.perf_counter(), cpu()
+    for _ in range(new):  # greedy by argmax over its logits, as nomoat's run
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    res = {"decode_tok_s": new / (time.perf_counter() - t), "prefill_tok_s": prefill_tok_s,
+           "decode_cpu_s_per_token": (cpu() - c) / new,
+           "peak_rss": status("VmHWM")}
+print(json.dumps({"engine": engine, **res}))
+"""
+
+
+def _llamacpp_gguf(folder: Path, outtype: str) -> tuple[Path | None, str]:
+    """`folder` as a GGUF of `outtype` written by llama.cpp's converter (cached beside the folder), and what wrote it;
+    (None, why) where llama-cpp-python or its converter is unavailable."""
+    if not _has("llama_cpp"):
+        return None, "absent: llama-cpp-python is not installed (pip install -e .[bench])"
+    sys.path.insert(0, str(HERE))
+    import llamacpp_converter
+
+    out = folder.with_name(f"{folder.name}-{outtype}.gguf")
+    if not out.is_file() or out.stat().st_mtime < (folder / "stamp.json").stat().st_mtime:
+        try:
+            llamacpp_converter.convert(folder, out, outtype)
+        except (RuntimeError, ImportError) as e:
+            return None, f"absent: llama.cpp's converter failed ({str(e).splitlines()[0]})"
+    return out, f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {llamacpp_converter.installed_version()})"
+
+
+def decode_vs_llamacpp(folder: Path, shape: str, a: argparse.Namespace) -> dict[str, Any]:
+    """Decode and 512-token prefill tokens/s of nomoat bf16 against llama.cpp f16 on the same weights, interleaved
+    in fresh processes (best of `--decode-rounds` each), and nomoat's peak RSS while decoding (module docstring).
+
+    Returns `{"bf16_vs_f16": x, "prefill_512_vs_llamacpp": x, "peak_rss_vs_model_plus_kv": x, "results":
+    [...]}`; `main` turns the ratios into `decode_*` entries of the JSON.
     """
-    return {"status": "not measured: decode against llama.cpp is added with the decode kernels"}
+    gguf, source = _llamacpp_gguf(folder, "f16")
+    new = a.decode_tokens or (128 if a.quick else 2048)
+    runs: dict[str, list[dict[str, Any]]] = {"nomoat": [], "llama.cpp-f16": [], "llama.cpp-f16-passive": []}
+    for i in range(a.decode_rounds):
+        for name in runs:
+            if name == "nomoat":
+                r = run(DECODE_WORKER, ["nomoat", str(folder), str(new), str(PREFILL), str(DECODE_CTX), str(a.threads)])
+            elif gguf is not None:
+                env = {"OMP_WAIT_POLICY": "PASSIVE" if name.endswith("-passive") else "ACTIVE"}
+                r = run(DECODE_WORKER, ["llamacpp", str(gguf), str(new), str(PREFILL), str(DECODE_CTX),
+                                        str(a.threads)], env)  # fmt: skip
+            else:
+                continue
+            if r is not None:
+                log(f"  round {i + 1} {name}: decode {r['decode_tok_s']:.2f} tok/s, prefill {r['prefill_tok_s']:.1f}")
+                runs[name].append(r)
+    best = {name: {k: max((r[k] for r in rs), default=None) for k in ("decode_tok_s", "prefill_tok_s")}
+            for name, rs in runs.items()}  # fmt: skip
+    ours = best["nomoat"]
+    peer = {k: max((best[n][k] for n in best if n != "nomoat" and best[n][k]), default=None) for k in ours}
+    out: dict[str, Any] = {"new_tokens": new, "prefill_tokens": PREFILL, "kv_positions": DECODE_CTX,
+                           "llama_cpp_gguf": source, "best": best, "results": runs}  # fmt: skip
+    out["bf16_vs_f16"] = _ratio(ours["decode_tok_s"], peer["decode_tok_s"])
+    out["prefill_512_vs_llamacpp"] = _ratio(ours["prefill_tok_s"], peer["prefill_tok_s"])
+    if runs["nomoat"]:
+        out["peak_rss_vs_model_plus_kv"] = max(r["decode_peak_rss_vs_model_plus_kv"] for r in runs["nomoat"])
+    return out
 
 
 def qlora_entry(shape: str, folder_for: Any, a: argparse.Namespace) -> dict[str, Any]:
@@ -295,6 +410,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT peer")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: load, qlora, decode")
+    ap.add_argument("--decode-tokens", type=int, default=0, help="new tokens per decode run (0: 2048, quick 128)")
+    ap.add_argument("--decode-rounds", type=int, default=2, help="interleaved nomoat / llama.cpp decode rounds")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nomoat-bench" / "sizes")
     a = ap.parse_args()
     shapes = ["1b"] if a.quick else [s.strip() for s in a.shapes.split(",") if s.strip()]
@@ -331,8 +448,13 @@ def main() -> None:
         if "decode" not in skip:
             dec = decode_vs_llamacpp(folder_for(shape, n), shape, a)
             results.append({"shape": shape, "part": "decode", **dec})
-            ratios.update({f"{shape}_decode_{k}": v for k, v in dec.items() if k.endswith(("_vs_f16", "_vs_q8_0",
-                                                                                          "_vs_q4_0", "_vs_llamacpp"))})
+            ends = ("_vs_f16", "_vs_q8_0", "_vs_q4_0", "_vs_llamacpp", "_vs_model_plus_kv")
+            ratios.update({f"{shape}_decode_{k}": v for k, v in dec.items() if k.endswith(ends)})
+            for key, goal, higher in (("bf16_vs_f16", 1.0, True), ("prefill_512_vs_llamacpp", 0.8, True),
+                                      ("peak_rss_vs_model_plus_kv", 1.3, False)):  # fmt: skip
+                if dec.get(key) is not None and not a.layers:
+                    targets[f"{shape}_decode_{key}_{'at_least' if higher else 'at_most'}_{goal}x"] = (
+                        dec[key] >= goal if higher else dec[key] <= goal)
     if "1b_qlora_train_tokens_per_s_vs_peft_bf16" in ratios and not a.layers:
         targets["1b_qlora_tokens_per_s_at_least_2x_peft"] = (ratios["1b_qlora_train_tokens_per_s_vs_peft_bf16"]
                                                               or 0) >= 2.0

@@ -1,5 +1,5 @@
-"""A bf16 model's decode form: its linear layers as bf16 panels (`kernels.linear_bf16`, fp32 sums) against torch's
-own bf16 layers and model."""
+"""A bf16 model's decode form: bf16 panels (`kernels.linear_bf16`, fp32 sums) and the decode model's layers, which read
+the user's bf16 weights in place (`Bf16Linear`), against torch's own bf16 layers and model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 
 from nomoat import kernels
 from nomoat.inference import DecodeConfig, PanelLinear, prepare
+from nomoat.inference.bf16_linear import Bf16Linear
 from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
 
@@ -41,12 +42,12 @@ def test_bf16_layer_matches_torch(built):
             torch.testing.assert_close(got.float(), lin(x).float(), rtol=1.6e-2, atol=2e-2)  # torch's bf16 layer
 
 
-def test_bf16_model_decodes_through_bf16_panels(built, tmp_path):
+def test_bf16_model_decodes_through_shared_bf16_weights(built, tmp_path):
     make_hf_model("llama3", tmp_path)
     model = load_model(tmp_path, "bfloat16", "cpu")
     dm = prepare(model, DecodeConfig())
-    panels = [m for m in dm.net.modules() if isinstance(m, PanelLinear)]
-    assert panels and all(m.bf16 for m in panels)
+    shared = [m for m in dm.net.modules() if isinstance(m, Bf16Linear)]
+    assert shared and not any(type(m) is nn.Linear for m in dm.net.modules())  # every linear layer in decode form
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)  # the user's model is unchanged
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

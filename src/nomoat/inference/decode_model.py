@@ -2,10 +2,11 @@
 
 It holds `net`, a twin of the user's `Transformer`: its own module tree (so an adapter bank can wrap the twin's
 layers, never the user's), sharing the user's embeddings, norms and rotary tables, with each linear layer in its
-decode form (`PanelLinear`: panels, stored once) or, where it has none, the user's layer itself. Prefill runs the
-twin's layers (attention through `scaled_dot_product_attention`). A decode step runs the one-call stack (`stack.py`)
-where the model qualifies, else the twin's layer loop (torch attention); which one is decided once, when the plan is
-built, never per token.
+decode form (`PanelLinear`: panels, stored once; `Bf16Linear`: the user's bf16 weight read in place) or, where it
+has none, the user's layer itself. Prefill runs the twin's layers (attention through
+`scaled_dot_product_attention`). A decode step runs the one-call stack (`stack.py`) where the model qualifies (fp32,
+int8 or bf16 weights; the stack's activations are fp32, its output is cast back to the model's dtype), else the twin's
+layer loop (torch attention); which one is decided once, when the plan is built, never per token.
 
 The twin is a snapshot of the user's weights: `stale()` says whether the user's model changed since (a layer
 replaced, a weight written in place or given new storage: merging an adapter into the base does both), and
@@ -201,8 +202,10 @@ class DecodeModel:
         h = net.model.embed_tokens(ids)  # (B, 1, D)
         if net.config.embed_scale is not None:
             h = h * torch.tensor(net.config.embed_scale, dtype=torch.float32).to(h.dtype)
-        tables = [net.rope_tables(kind, positions, h.dtype) for kind in plan.kinds]  # (B, 1, rd) each
+        dtype = h.dtype  # the model's (fp32, or bf16: the stack's activations are fp32 either way)
+        h = h.float()
+        tables = [net.rope_tables(kind, positions, torch.float32) for kind in plan.kinds]  # (B, 1, rd) each
         out = plan.native.run(h, [c for c, _ in tables], [s for _, s in tables], positions, row0, int(kv_len),
                               cache.k, cache.v, plan.coefficients(B))  # fmt: skip
         self.stack_steps += 1
-        return net.model.norm(out)
+        return net.model.norm(out.to(dtype))

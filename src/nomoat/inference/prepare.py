@@ -4,7 +4,8 @@ The user's model (what `nomoat.load` returned: plain modules, Hugging Face names
 never changed. `prepare` builds a twin of its module tree: container modules are copied (so an adapter bank can wrap
 the twin's layers), embeddings, norms and rotary tables are shared, and each linear layer gets its decode form:
 - fp32 CPU `nn.Linear`: fp32 panels (or int8 panels with `quantize="int8"`);
-- bf16 CPU `nn.Linear` (a bf16 model): bf16 panels (`kernels.linear_bf16`: fp32 sums), or int8 with "int8";
+- bf16 CPU `nn.Linear` (a bf16 model): a `Bf16Linear` reading the user's weight in place (no copy; a tied output
+  head reads the embedding), or int8 panels with "int8";
 - `PackedLinear` (`nomoat.models.packed.pack_model`, what the inference commands load): its own panels, shared, so
   the weights exist once;
 - int8 `QuantizedLinear`: its own int8 panels, shared;
@@ -24,6 +25,7 @@ from torch import nn
 
 from nomoat import kernels
 from nomoat.inference.attention import KernelAttention
+from nomoat.inference.bf16_linear import Bf16Linear
 from nomoat.inference.decode_model import DecodeModel
 from nomoat.inference.panel_linear import PanelLinear
 from nomoat.models.packed import PackedLinear
@@ -52,7 +54,11 @@ class DecodeConfig:
 
 
 def decode_layer(layer: nn.Module, quantize: str | None = None) -> nn.Module:
-    """A linear layer's decode form: a `PanelLinear` where the kernels take it, else a quantized copy or itself."""
+    """A linear layer's decode form: `Bf16Linear`/`PanelLinear` where the kernels take it, else quantized or itself."""
+    if kernels.available() and quantize is None:
+        shared = Bf16Linear.from_module(layer)
+        if shared is not None:
+            return shared
     if kernels.available() and quantize in (None, "int8"):
         panel = PanelLinear.from_module(layer, quantize)
         if panel is not None:

@@ -8,7 +8,9 @@ weights, and each adapter-bank layer's factors (`decode_adapters`, one coefficie
 each row's adapter weights from the banks' current row-group plans (`Plan.coefficients`).
 
 Where it applies: every layer a plain pre-norm `Block` (no sandwich norm, q/k norm, soft-capping, Gemma norm offset
-or MLP bias; SiLU), every projection a `PanelLinear` (fp32 or int8) or an adapter-bank layer over one, fp32 norms.
+or MLP bias; SiLU), every projection a `PanelLinear` (fp32 or int8) or a `Bf16Linear` (a bf16 model: the user's
+weights read in place), or an adapter-bank layer over one; fp32 or bf16 norms. The step's activations are fp32; the KV
+cache is the model's dtype (fp32, or bf16 for a bf16 model).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from nomoat import kernels
 from nomoat.config.model import ModelConfig
 from nomoat.inference.attention import KernelAttention
+from nomoat.inference.bf16_linear import Bf16Linear
 from nomoat.inference.panel_linear import PanelLinear
 from nomoat.models.transformer import MLP, Attention, Block, RMSNorm
 
@@ -74,6 +77,8 @@ def _projection(m: nn.Module, sources: list[Any]) -> list[torch.Tensor] | None:
         m, source = passthrough()
         if all(s is not source for s in sources):
             sources.append(source)
+    if type(m) is Bf16Linear:  # the user's bf16 weight itself
+        return [m.bf16_weight, _EMPTY, _EMPTY if m.bias is None else m.bias]
     if type(m) is not PanelLinear or m.bf16:  # the stack reads fp32 or int8 panels
         return None
     bias = _EMPTY if m.bias is None else m.bias
@@ -88,8 +93,8 @@ def _block_eligible(block: nn.Module, cfg: ModelConfig) -> bool:
     if type(attn) not in (Attention, KernelAttention) or type(mlp) is not MLP or mlp.act != "silu":
         return False
     return all(
-        type(n) is RMSNorm and not n.offset and n.eps == cfg.rms_norm_eps and n.weight.dtype == torch.float32
-        and n.weight.device.type == "cpu" for n in norms
+        type(n) is RMSNorm and not n.offset and n.eps == cfg.rms_norm_eps and n.weight.is_contiguous()
+        and n.weight.dtype in (torch.float32, torch.bfloat16) and n.weight.device.type == "cpu" for n in norms
     )  # fmt: skip
 
 

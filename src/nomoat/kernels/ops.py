@@ -54,6 +54,16 @@ def linear_bf16(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tenso
     return reference.linear_bf16(x, panels, n, bias)
 
 
+def linear_bf16_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` for 2-D fp32 `x` (M, K) and a bf16 weight `W` (N, K), read in place (contiguous, no packing).
+
+    fp32 sums, fp32 result (M, N); `bias` fp32 (N,) or None. Meant for decode's few rows.
+    """
+    if available():
+        return torch.ops.nomoat.linear_bf16_rows(x, weight, bias)
+    return reference.linear_bf16_rows(x, weight, bias)
+
+
 def bf16_dot_rows() -> int | None:
     """Above how many rows `linear_bf16` rounds activations to bf16 (hardware bf16 dot products), or None: never."""
     return 16 if available() and "bf16" in build.current_variant().name else None
@@ -155,6 +165,7 @@ def register_fakes() -> None:
         fake = torch.library.register_fake
         fake("nomoat::linear_f32")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::linear_bf16")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
+        fake("nomoat::linear_bf16_rows")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
         fake("nomoat::linear_i8")(lambda x, panels, scale, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::decode_attention")(
             lambda q, k, v, cos, sin, kc, vc, row0, positions, kv_len, window, scale: q.new_empty(

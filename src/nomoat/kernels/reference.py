@@ -22,6 +22,11 @@ def linear_bf16(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tenso
     return F.linear(x, unpack_bf16(panels, n, x.shape[1]).float(), bias)
 
 
+def linear_bf16_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` in fp32 for x (M, K) fp32 and a bf16 weight W (N, K); returns (M, N)."""
+    return F.linear(x, weight.float(), bias)
+
+
 def linear_int8(
     x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

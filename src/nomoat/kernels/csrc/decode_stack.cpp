@@ -15,6 +15,9 @@
 // unit is idempotent: each intermediate has one buffer per layer (the residual one per half layer: x_next = x +
 // projection, never x += ...), and every shared write stores a final value. A panel unit runs its rows in blocks of
 // MAX_ROWS (the panel stays in L2 between blocks, so memory sees each weight once per step).
+// bf16 models: each projection is the user's own (N, K) bf16 weight, read in place (`rows_bf16.h`: a unit is 64
+// consecutive rows), norm weights and the KV cache may be bf16 (the cache holds keys and values rounded to bf16);
+// activations stay fp32 throughout.
 // Adapters: a row's low-rank product c * (x A^T) is computed once per projection and step (per thread), and
 // each panel unit adds (that product) B^T for its 64 columns.
 #include <ATen/Parallel.h>
@@ -34,6 +37,7 @@
 #include "attend.h"
 #include "gemv.h"
 #include "ops.h"
+#include "rows_bf16.h"
 
 #ifndef SPIN_NS
 #define SPIN_NS 20000
@@ -48,10 +52,11 @@ struct alignas(64) Counter {
   std::atomic<int> v{0};
 };
 
-// One matrix: panels (P, K, 64) fp32 or int8, optional per-channel scale (int8) and bias.
+// One matrix: panels (P, K, 64) fp32 or int8, or a bf16 (N, K) row-major weight; optional per-channel scale (int8)
+// and bias.
 struct Seg {
   const char* w = nullptr;
-  bool i8 = false;
+  bool i8 = false, bf16 = false;
   int64_t P = 0, K = 0, N = 0;
   const float* scale = nullptr;
   const float* bias = nullptr;
@@ -67,8 +72,9 @@ struct Lora {
 constexpr int MAX_LORA_RANK = 256;
 
 struct LayerPlan {
-  const float* w_in = nullptr;
-  const float* w_post = nullptr;
+  const void* w_in = nullptr;  // norm weights, fp32 or (norm16) bf16
+  const void* w_post = nullptr;
+  bool norm16 = false;
   Seg q, k, v, o, gate, up, down;
   int64_t window = 0, kind = 0;
   std::vector<Lora> lora[7];  // per projection: q, k, v, o, gate, up, down
@@ -76,13 +82,30 @@ struct LayerPlan {
 
 // buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
 static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf) {
-  if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.K, buf);
+  if (s.bf16)
+    rows_any_bf16(M, x, ldx, (const uint16_t*)s.w + p * PANEL * s.K, s.K, (int)std::min<int64_t>(PANEL, s.N - p * PANEL),
+                  buf);
+  else if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.K, buf);
   else panel_any<false>(M, x, ldx, s.w + p * s.K * PANEL * 4, s.K, buf);
 }
 
 static Seg make_seg(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias, int64_t K,
                     int64_t N, const char* what) {
   Seg s;
+  if (w.scalar_type() == at::kBFloat16) {  // the (N, K) weight itself
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(0) == N && w.size(1) == K, what,
+                ": bf16 (N, K) contiguous expected");
+    s.bf16 = true;
+    s.w = (const char*)w.data_ptr();
+    s.P = (N + PANEL - 1) / PANEL;
+    s.K = K;
+    s.N = N;
+    if (bias.numel() > 0) {
+      TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N, what, ": bias fp32");
+      s.bias = bias.data_ptr<float>();
+    }
+    return s;
+  }
   TORCH_CHECK(w.dim() == 3 && w.size(2) == PANEL && w.is_contiguous() && w.size(1) == K && w.size(0) * PANEL >= N,
               what, ": panels (P, K, 64) contiguous expected");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar, what, ": fp32 or int8 panels");
@@ -104,6 +127,22 @@ static Seg make_seg(const at::Tensor& w, const at::Tensor& scale, const at::Tens
   return s;
 }
 
+// Writes the new key and value (hd each) at element `at` of bf16 caches, rounded; `knew` becomes the rounded key and
+// the rounded value is returned (in `vr`), so the step attends to what later steps will read.
+static inline const float* store_kv16(char* kc, char* vc, int64_t at, float* knew, const float* vnew, float* vr,
+                                      int64_t hd) {
+  uint16_t* kd = (uint16_t*)kc + at;
+  uint16_t* vd = (uint16_t*)vc + at;
+  for (int64_t i = 0; i < hd; ++i) {
+    const uint16_t k16 = f_to_bf16(knew[i]), v16 = f_to_bf16(vnew[i]);
+    kd[i] = k16;
+    vd[i] = v16;
+    knew[i] = bf16_to_f(k16);
+    vr[i] = bf16_to_f(v16);
+  }
+  return vr;
+}
+
 struct StackPlan : torch::CustomClassHolder {
  public:
   StackPlan(int64_t D, int64_t H, int64_t nkv, int64_t hd, int64_t I, double eps, double scale)
@@ -117,10 +156,12 @@ struct StackPlan : torch::CustomClassHolder {
     TORCH_CHECK(t.size() == 20, "add_layer: 20 tensors expected");
     const int64_t Q = H_ * hd_, KV = nkv_ * hd_;
     for (int i = 0; i < 2; ++i)
-      TORCH_CHECK(t[i].scalar_type() == at::kFloat && t[i].is_contiguous() && t[i].numel() == D_, "norm weight");
+      TORCH_CHECK(t[i].scalar_type() == t[0].scalar_type() && t[i].is_contiguous() && t[i].numel() == D_ &&
+                  (t[i].scalar_type() == at::kFloat || t[i].scalar_type() == at::kBFloat16), "norm weight");
     LayerPlan L;
-    L.w_in = t[0].data_ptr<float>();
-    L.w_post = t[1].data_ptr<float>();
+    L.w_in = t[0].data_ptr();
+    L.w_post = t[1].data_ptr();
+    L.norm16 = t[0].scalar_type() == at::kBFloat16;
     L.q = make_seg(t[2], t[3], t[4], D_, Q, "q_proj");
     L.k = make_seg(t[5], t[6], t[7], D_, KV, "k_proj");
     L.v = make_seg(t[8], t[9], t[10], D_, KV, "v_proj");
@@ -198,15 +239,16 @@ struct StackPlan : torch::CustomClassHolder {
       sptr.push_back(ss[i].data_ptr<float>());
     }
     const int64_t S = kcache[0].size(2);
-    std::vector<float*> kc(L), vc(L);
+    const bool kv16 = kcache[0].scalar_type() == at::kBFloat16;  // else fp32
+    std::vector<char*> kc(L), vc(L);
     for (int64_t l = 0; l < L; ++l) {
       for (auto* c : {&kcache[l], &vcache[l]}) {
-        TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 && c->size(1) == nkv &&
+        TORCH_CHECK(c->scalar_type() == (kv16 ? at::kBFloat16 : at::kFloat) && c->is_contiguous() && c->dim() == 4 && c->size(1) == nkv &&
                     c->size(2) == S && c->size(3) == hd && row0 >= 0 && row0 + M <= c->size(0), "cache layout");
       }
       TORCH_CHECK(layers_[l].kind >= 0 && layers_[l].kind < (int64_t)cs.size(), "rope kind");
-      kc[l] = kcache[l].data_ptr<float>();
-      vc[l] = vcache[l].data_ptr<float>();
+      kc[l] = (char*)kcache[l].data_ptr();
+      vc[l] = (char*)vcache[l].data_ptr();
     }
     TORCH_CHECK(kv_len >= 1 && kv_len <= S, "kv_len");
     TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == M, "positions: int64 (M, 1)");
@@ -228,7 +270,7 @@ struct StackPlan : torch::CustomClassHolder {
     const int nt = std::max(1, at::get_num_threads());
     // Every intermediate has one buffer per layer (and the residual one per half-layer), so that running a unit
     // twice (a thread helping a descheduled one) writes the same values where the first run would have.
-    const int64_t per_thread = M * D + kv_len + 3 * hd + 16;
+    const int64_t per_thread = M * D + kv_len + 4 * hd + 16;
     const size_t need = (size_t)((2 * L + 1) * M * D + L * M * (NQKV + Q + I) + nt * per_thread);
     if (ws_.size() < need) ws_.resize(need);
     float* X = ws_.data();                    // (2L + 1) residual states (M, D)
@@ -256,20 +298,24 @@ struct StackPlan : torch::CustomClassHolder {
       float* qrot = xn + M * D;
       float* knew = qrot + hd;
       float* obuf = knew + hd;
-      float* w = obuf + hd;
+      float* vr = obuf + hd;  // the new value rounded as a bf16 cache holds it
+      float* w = vr + hd;
       int64_t xn_for = -1;          // the phase whose normed input xn holds
       int64_t frontier = 0;         // every phase below it is known complete
       int64_t unit_ns[5] = {0, 0, 0, 0, 0};  // this thread's last duration of a unit, per phase kind
       alignas(64) float buf[MAX_ROWS * PANEL];
       alignas(64) float buf2[MAX_ROWS * PANEL];
 
-      auto norm_into = [&](const float* src, const float* wt) {
+      auto norm_into = [&](const float* src, const void* wt, bool bf) {
         for (int64_t m = 0; m < M; ++m) {
           const float* r = src + m * D;
           double ss2 = 0.0;
           for (int64_t i = 0; i < D; ++i) ss2 += (double)r[i] * (double)r[i];
           const float rstd = (float)(1.0 / std::sqrt(ss2 / (double)D + eps_));
-          for (int64_t i = 0; i < D; ++i) xn[m * D + i] = wt[i] * (r[i] * rstd);
+          if (bf)
+            for (int64_t i = 0; i < D; ++i) xn[m * D + i] = bf16_to_f(((const uint16_t*)wt)[i]) * (r[i] * rstd);
+          else
+            for (int64_t i = 0; i < D; ++i) xn[m * D + i] = ((const float*)wt)[i] * (r[i] * rstd);
         }
       };
 
@@ -353,7 +399,7 @@ struct StackPlan : torch::CustomClassHolder {
         const LayerPlan& ly = layers_[l];
         const int64_t t0 = now_ns();
         if ((ph == 0 || ph == 3) && xn_for != idx) {
-          norm_into(X + (2 * l + (ph == 3)) * M * D, ph == 0 ? ly.w_in : ly.w_post);
+          norm_into(X + (2 * l + (ph == 3)) * M * D, ph == 0 ? ly.w_in : ly.w_post, ly.norm16);
           xn_for = idx;
         }
         if (cf != nullptr && ph != 1) {  // the phase's low-rank products, once per thread
@@ -397,15 +443,24 @@ struct StackPlan : torch::CustomClassHolder {
           rope_head(row + Q + g * hd, c, sn, rd, hd, knew);
           const float* vnew = row + Q + KV + g * hd;
           const int64_t base = ((row0 + b) * nkv + g) * S * hd;
-          std::memcpy(kc[l] + base + p * hd, knew, hd * sizeof(float));
-          std::memcpy(vc[l] + base + p * hd, vnew, hd * sizeof(float));
+          if (kv16) {
+            vnew = store_kv16(kc[l], vc[l], base + p * hd, knew, vnew, vr, hd);
+          } else {
+            std::memcpy((float*)kc[l] + base + p * hd, knew, hd * sizeof(float));
+            std::memcpy((float*)vc[l] + base + p * hd, vnew, hd * sizeof(float));
+          }
           const int64_t hi = std::min(p, kv_len - 1);
           const int64_t lo = ly.window > 0 ? std::max<int64_t>(0, p - ly.window + 1) : 0;
           for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
             rope_head(row + h * hd, c, sn, rd, hd, qrot);
             // out: private, then stored whole (a second run must never expose a partial sum); the new key and
             // value come from this unit's own copies
-            attend_head(qrot, kc[l] + base, vc[l] + base, lo, hi, p, knew, vnew, hd, scale_, w, obuf);
+            if (kv16)
+              attend_head(qrot, (const uint16_t*)kc[l] + base, (const uint16_t*)vc[l] + base, lo, hi, p, knew, vnew,
+                          hd, scale_, w, obuf);
+            else
+              attend_head(qrot, (const float*)kc[l] + base, (const float*)vc[l] + base, lo, hi, p, knew, vnew, hd,
+                          scale_, w, obuf);
             std::memcpy(ATT + (l * M + b) * Q + h * hd, obuf, hd * sizeof(float));
           }
         } else if (ph == 2 || ph == 4) {  // o_proj / down_proj panel: next residual = residual + projection

@@ -19,7 +19,6 @@ import pytest
 from typer.testing import CliRunner
 
 from nomoat.cli import app
-from nomoat.demo import MODEL_DIR
 from nomoat.demo.tasks import generate_items
 from nomoat.synth.output import provenance_path
 from nomoat.synth.teacher import ask_seed
@@ -33,12 +32,12 @@ SETTINGS = ["--mode", "pairs", "--reward", "exact_match", "--samples", "4", "--m
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`nomoat serve` of the embedded model (named `demo`) on a free loopback port, with an API key."""
+    """`nomoat serve demo` (the embedded model by its name) on a free loopback port, with an API key."""
     root = tmp_path_factory.mktemp("synth_serve")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "nomoat.cli", "serve", str(MODEL_DIR), "--name", "demo", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "nomoat.cli", "serve", "demo", "--host", "127.0.0.1",  # `demo` by name, as everywhere
            "--port", str(port), "--api-key", KEY]  # fmt: skip
     log = open(root / "server.log", "w+b")  # noqa: SIM115 - closed below
     env = {**os.environ, "NOMOAT_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}

@@ -111,9 +111,11 @@ def serve(
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from nomoat.models.checkpoint import gguf_source  # loads torch: not at import, for a quick --help
+    from nomoat.util.hub import local_path
 
-    if gguf_source(model) is None and not (model / "config.json").is_file():
-        fail(f"{model} is not a model folder (no config.json), a .gguf file or ollama:NAME")
+    found = local_path(model)  # `demo` and Hub ids name folders too
+    if gguf_source(found) is None and not (Path(found) / "config.json").is_file():
+        fail(f"{model} is not a model folder (no config.json), a .gguf file, a pulled Hub id or ollama:NAME")
     for flag, value in (("--max-running", max_running), ("--max-queue", max_queue),
                         ("--max-loaded-adapters", max_loaded_adapters), ("--max-completion-tokens",
                                                                           max_completion_tokens)):  # fmt: skip

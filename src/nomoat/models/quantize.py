@@ -24,7 +24,8 @@ Kernels (computing in fp32 for fp32 and bf16 models):
     Without the kernels, on CUDA or any other device: dequantize-then-matmul, in chunks of at most `CHUNK_ELEMENTS`
         weights so the temporary stays in cache (and small on a GPU); activations are not rounded there.
     With gradients (an input that requires grad, e.g. LoRA training over a quantized base): the weight is
-        dequantized whole and `F.linear` runs, so autograd reaches the input; quantized weights never train.
+        dequantized (whole, or in chunks inside QLoRA's own autograd function) and multiplied in floating point, so
+        the forward is the exact product its backward differentiates; quantized weights never train.
 Rejected after measuring (torch 2.13 CPU build, AMD EPYC, 2 threads):
     `aten._weight_int8pack_mm`: scalar code for fp32 and fp16 activations (0.5-0.6x the speed of fp32 `F.linear`
         over the 210 matrices, 4-12x slower on cache-resident ones); fast only for bf16 activations on an AVX-512
@@ -192,14 +193,15 @@ def int8_matmul(x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: i
     return out
 
 
-def int4_matmul(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
+def int4_matmul(x: torch.Tensor, panels: torch.Tensor, out_features: int, exact: bool = False) -> torch.Tensor:
     """`x @ W.T` for a 2-D `x` and 4-bit panels of W (out, in), without the whole fp32 weight.
 
-    The compiled `linear_q4` on the CPU (int8 activations per block); elsewhere (or without the kernels) panels are
-    dequantized in chunks of at most `CHUNK_ELEMENTS` weights, each multiplied as it is made.
+    The compiled `linear_q4` on the CPU (int8 activations per block); elsewhere, without the kernels, or `exact`
+    (unrounded activations), panels are dequantized in chunks of at most `CHUNK_ELEMENTS` weights, each multiplied
+    as it is made.
     """
     m, k = x.shape
-    if x.device.type == "cpu" and kernels.available():
+    if x.device.type == "cpu" and kernels.available() and not exact:
         return kernels.linear_q4(x.float(), panels, out_features).to(x.dtype)
     out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
     step = max(1, CHUNK_ELEMENTS // (k * PANEL))  # panels per chunk
@@ -335,7 +337,8 @@ class QuantizedLinear(nn.Module):
         if self.mode == "int8":
             y = int8_matmul(x2, self.qweight, self.scale, self.out_features)
         else:
-            y = int4_matmul(x2, self.qweight, self.out_features)
+            # an input on its way to a gradient (QLoRA's base in training): the exact product its backward assumes
+            y = int4_matmul(x2, self.qweight, self.out_features, exact=x.requires_grad)
         if self.bias is not None:
             y = y.add_(self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
         return y.view(*lead, self.out_features)

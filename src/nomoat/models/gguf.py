@@ -5,7 +5,8 @@
 tensor at a time, dequantizing each block type to the requested dtype and undoing llama.cpp's layout changes (q/k row
 interleaving of the `llama` architecture, Gemma's `1 + weight` norms). With `keep_q4`, the Q4_0 / Q4_1 blocks of
 linear layers are kept as they are (`read_q4`): they become int4 `QuantizedLinear` layers (GGUF's own codes, scales
-and minimums in the 4-bit kernels' panels), never dequantized or re-quantized.
+and minimums in the 4-bit kernels' panels), never dequantized or re-quantized; a tied output head gets the Q4
+embedding's blocks (lookups use the embedding dequantized to the model's dtype).
 """
 
 from __future__ import annotations
@@ -329,6 +330,9 @@ def load_gguf_model(
         raise GGUFError(f"{path}: GGUF lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+        embedding = next((t for t in reader.tensors if name_map.get(t.name) == "model.embed_tokens.weight"), None)
+        if keep_q4 and embedding is not None and _keeps_q4(embedding, "lm_head.weight", {"lm_head"}):
+            model.lm_head = QuantizedLinear.from_q4(*read_q4(embedding)).to(device)  # the file's blocks, as llama.cpp
     model.reset_rope(device)
     for p in model.parameters():
         p.requires_grad_(True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nomoat.config.model import ModelConfig
+from nomoat.kernels import hugepages
 from nomoat.models.quantize import (
     DEFAULT_GROUP_SIZE,
     PANEL,
@@ -119,7 +120,8 @@ class IntQuantizer(LinearQuantizer):
                 scale[a : a + piece.shape[0]] = s
             layer.qweight, layer.scale = panels, scale
         else:  # Q4_0 panels (P, in / 32, 1152), a piece's rows filling whole panels
-            panels = torch.empty(-(-n // PANEL), k // Q4_BLOCK, Q4_CODE_BYTES + 2 * PANEL, dtype=torch.uint8)
+            shape = (-(-n // PANEL), k // Q4_BLOCK, Q4_CODE_BYTES + 2 * PANEL)
+            panels = hugepages.empty(shape, torch.uint8)  # streamed every decode step: huge pages
             for a, piece in row_chunks(weight, release):
                 p0 = a // PANEL
                 panels[p0 : p0 + -(-piece.shape[0] // PANEL)] = q4_panels(*quantize_q4_0(piece))

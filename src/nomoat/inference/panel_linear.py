@@ -5,6 +5,8 @@ a bf16 model decodes with fp32 sums, its activations cast at each layer) or int8
 (`w = q * scale[n]`, quantized here or an int8 `QuantizedLinear`'s own panels, shared). Every call, whatever its
 number of rows, is one `torch.ops.nomoat.linear_*` call (the op runs rows in blocks of 8 over each panel, so memory
 sees each weight once per call). `weight()` rebuilds the (out, in) matrix from the panels for whoever needs it.
+`Q4PanelLinear` is the same over 4-bit panels (GGUF Q4_0 / Q4_1 blocks, `kernels.linear_q4`): an int4
+`QuantizedLinear`'s own panels (shared), or fp32 / bf16 weights quantized to Q4_0 here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from nomoat import kernels
 from nomoat.models.packed import PackedLinear
-from nomoat.models.quantize import QuantizedLinear, int8_panels, quantize_int8
+from nomoat.models.quantize import QuantizedLinear, int8_panels, quantize_int4, quantize_int8
 
 
 class PanelLinear(nn.Module):
@@ -103,3 +105,52 @@ class PanelLinear(nn.Module):
         """Shape summary shown by `print(model)`."""
         kind = "int8" if self.int8 else "bf16" if self.bf16 else "fp32"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
+
+
+class Q4PanelLinear(PanelLinear):
+    """`y = x W^T + b` over 4-bit panels (P, in / 32, 1152 | 1280) uint8 (`kernels.pack_q4`); inference only.
+
+    Args:
+        panels: The 4-bit panels.
+        out_features: Output width.
+        bias: fp32 (out,) or None.
+        in_features: Input width (`32 * panels.shape[1]`).
+    """
+
+    def __init__(self, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                 in_features: int | None = None) -> None:  # fmt: skip
+        super().__init__(panels, out_features, None, bias, in_features or panels.shape[1] * kernels.Q4_BLOCK)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, quantize: str | None = None) -> Q4PanelLinear | None:
+        """The 4-bit form of an int4 CPU `QuantizedLinear` (its panels, shared), else None.
+
+        With `quantize="int4"`, an fp32 / bf16 CPU `nn.Linear` is quantized to Q4_0 here (`in_features % 32 == 0`).
+        """
+        bias = getattr(module, "bias", None)
+        if bias is not None and (not bias.dtype.is_floating_point or bias.device.type != "cpu"):
+            return None
+        bias = None if bias is None else bias.detach().float()
+        if isinstance(module, QuantizedLinear) and module.mode == "int4" and module.qweight.device.type == "cpu":
+            return cls(module.qweight, module.out_features, bias, module.in_features)
+        w = getattr(module, "weight", None)
+        fits = type(module) is nn.Linear and module.in_features % kernels.Q4_BLOCK == 0
+        if fits and quantize == "int4" and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+            return cls(quantize_int4(w), module.out_features, bias, module.in_features)
+        return None
+
+    def weight(self) -> torch.Tensor:
+        """The (out, in) fp32 weight these panels stand for (rebuilt: a new tensor)."""
+        return kernels.dequantize_q4(self.panels, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer to `x` (..., in_features): int8 activations per block, fp32 sums, `x`'s dtype out."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()  # (M, in)
+        y = kernels.linear_q4(x2, self.panels, self.out_features, self.bias)
+        return y.view(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        """Shape summary shown by `print(model)`."""
+        fmt = "q4_1" if self.panels.shape[2] > kernels.layout.Q4_CODE_BYTES + 2 * kernels.PANEL else "q4_0"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}, bias={self.bias is not None}"

@@ -8,7 +8,8 @@ the twin's layers), embeddings, norms and rotary tables are shared, and each lin
   head reads the embedding), or int8 panels with "int8";
 - `PackedLinear` (`nomoat.models.packed.pack_model`, what the inference commands load): its own panels, shared, so
   the weights exist once;
-- int8 `QuantizedLinear`: its own int8 panels, shared;
+- int8 `QuantizedLinear`: its own int8 panels, shared; int4 `QuantizedLinear`: its 4-bit panels, shared
+  (`Q4PanelLinear`; with `quantize="int4"`, fp32 / bf16 layers are quantized to them);
 - anything else (int4, another device, a LoRA layer under training), or no compiled kernels: the layer itself.
 With the compiled kernels and a Llama/Mistral/Qwen2-style model, decode steps then run as one call (`stack.py`);
 other fp32 models run their layers with one attention call per layer at decode (`attention.py`).
@@ -27,7 +28,7 @@ from nomoat import kernels
 from nomoat.inference.attention import KernelAttention
 from nomoat.inference.bf16_linear import Bf16Linear
 from nomoat.inference.decode_model import DecodeModel
-from nomoat.inference.panel_linear import PanelLinear
+from nomoat.inference.panel_linear import PanelLinear, Q4PanelLinear
 from nomoat.models.packed import PackedLinear
 from nomoat.models.quantize import QuantizedLinear, quantize_model
 from nomoat.models.transformer import Attention
@@ -63,6 +64,10 @@ def decode_layer(layer: nn.Module, quantize: str | None = None) -> nn.Module:
         panel = PanelLinear.from_module(layer, quantize)
         if panel is not None:
             return panel
+    if kernels.available() and quantize in (None, "int4"):
+        q4 = Q4PanelLinear.from_module(layer, quantize)  # int4 layers: 4-bit panels (shared or quantized here)
+        if q4 is not None:
+            return q4
     if quantize is not None and type(layer) is nn.Linear:
         holder = nn.Sequential(layer)
         quantize_model(holder, quantize)

@@ -7,7 +7,19 @@ ops' Python face (`ops.py`: the compiled op, or its reference where the build is
 models: `models` and `inference` call it. `NOMOAT_KERNELS=0` turns the compiled kernels off.
 """
 
-from nomoat.kernels.layout import MAX_ROWS, PANEL, pack_bf16, pack_fp32, pack_int8, unpack, unpack_bf16
+from nomoat.kernels.layout import (
+    MAX_ROWS,
+    PANEL,
+    Q4_BLOCK,
+    dequantize_q4,
+    pack_bf16,
+    pack_fp32,
+    pack_int8,
+    pack_q4,
+    unpack,
+    unpack_bf16,
+    unpack_q4,
+)
 from nomoat.kernels.ops import (
     available,
     decode_attention,
@@ -16,6 +28,7 @@ from nomoat.kernels.ops import (
     linear_bf16_rows,
     linear_fp32,
     linear_int8,
+    linear_q4,
     rope,
     softmax_xent_,
     stack_plan,
@@ -26,16 +39,20 @@ from nomoat.kernels.ops import (
 __all__ = [
     "MAX_ROWS",
     "PANEL",
+    "Q4_BLOCK",
     "available",
     "decode_attention",
+    "dequantize_q4",
     "isa",
     "linear_bf16",
     "linear_bf16_rows",
     "linear_fp32",
     "linear_int8",
+    "linear_q4",
     "pack_bf16",
     "pack_fp32",
     "pack_int8",
+    "pack_q4",
     "rope",
     "softmax_xent_",
     "stack_plan",
@@ -43,4 +60,5 @@ __all__ = [
     "swiglu_forward",
     "unpack",
     "unpack_bf16",
+    "unpack_q4",
 ]

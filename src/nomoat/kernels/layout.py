@@ -17,6 +17,8 @@ from nomoat.kernels import hugepages
 
 PANEL = 64  # output channels per panel (4 AVX-512 vectors / 8 AVX2 vectors / 16 NEON vectors of fp32)
 MAX_ROWS = 8  # rows one kernel sweep holds in registers; more rows run in blocks of 8 over each panel
+Q4_BLOCK = 32  # input channels per 4-bit block (GGUF's QK4_0 / QK4_1)
+Q4_CODE_BYTES = PANEL * Q4_BLOCK // 2  # codes of one block of a panel
 
 
 def panels_of(w_t: torch.Tensor) -> torch.Tensor:
@@ -58,3 +60,53 @@ def unpack_bf16(panels: torch.Tensor, n: int, k: int) -> torch.Tensor:
     p, k2, _ = panels.shape
     w = panels.view(p, k2, PANEL, 2).permute(0, 2, 1, 3).reshape(p * PANEL, 2 * k2)
     return w[:n, :k].contiguous()
+
+
+def pack_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+    """4-bit panels (P, K / 32, BB) uint8 of (N, K) codes in [0, 15] with fp16 block scales (and minimums).
+
+    Args:
+        codes: (N, K) uint8 codes, K a multiple of 32: `w = d * (code - 8)` (Q4_0), or `d * code + m` (Q4_1).
+        d: (N, K / 32) fp16 scales.
+        m: (N, K / 32) fp16 minimums (Q4_1), or None (Q4_0).
+
+    Returns:
+        Panels with BB = 1152 (Q4_0) or 1280 (Q4_1) bytes per block, N zero-padded to a multiple of 64.
+    """
+    n, k = codes.shape
+    nb, pad = k // Q4_BLOCK, -n % PANEL
+    p = (n + pad) // PANEL
+    c = F.pad(codes.to(torch.uint8), (0, 0, 0, pad)).view(p, PANEL, nb, 4, 2, 4)  # (P, o, b, kk, half, j)
+    byte = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)  # (P, b, kk, o, j)
+    parts = [byte.reshape(p, nb, Q4_CODE_BYTES)]
+    for t in (d, m) if m is not None else (d,):
+        t = F.pad(t.to(torch.float16), (0, 0, 0, pad)).view(p, PANEL, nb).transpose(1, 2)  # (P, b, o)
+        parts.append(t.contiguous().view(torch.uint8))  # (P, b, 128)
+    out = hugepages.empty((p, nb, sum(x.shape[2] for x in parts)), torch.uint8)
+    a = 0
+    for x in parts:
+        out[:, :, a : a + x.shape[2]] = x
+        a += x.shape[2]
+    return out
+
+
+def unpack_q4(panels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The (n, K) uint8 codes, (n, K / 32) fp16 scales and minimums (None for Q4_0) that 4-bit panels hold."""
+    p, nb, bb = panels.shape
+    byte = panels[:, :, :Q4_CODE_BYTES].reshape(p, nb, 4, PANEL, 4).permute(0, 3, 1, 2, 4)  # (P, o, b, kk, j)
+    codes = torch.stack((byte & 15, byte >> 4), dim=4).reshape(p * PANEL, nb * Q4_BLOCK)[:n]  # (.., kk, half, j)
+
+    def halves(a: int) -> torch.Tensor:
+        t = panels[:, :, a : a + 2 * PANEL].contiguous().view(torch.float16)  # (P, b, o)
+        return t.transpose(1, 2).reshape(p * PANEL, nb)[:n].contiguous()
+
+    m = halves(Q4_CODE_BYTES + 2 * PANEL) if bb > Q4_CODE_BYTES + 2 * PANEL else None
+    return codes.contiguous(), halves(Q4_CODE_BYTES), m
+
+
+def dequantize_q4(panels: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (n, K) matrix 4-bit panels stand for (fp32 arithmetic as GGUF's own dequantization, then `dtype`)."""
+    codes, d, m = unpack_q4(panels, n)
+    q = codes.view(n, -1, Q4_BLOCK).float()  # (n, b, 32)
+    w = d.float()[:, :, None] * q + m.float()[:, :, None] if m is not None else d.float()[:, :, None] * (q - 8)
+    return w.reshape(n, -1).to(dtype)

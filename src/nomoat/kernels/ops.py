@@ -78,6 +78,17 @@ def linear_int8(
     return reference.linear_int8(x, panels, scale, n, bias)
 
 
+def linear_q4(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` for 2-D fp32 `x` (M, K), any M, and 4-bit `panels = layout.pack_q4(...)` of W (n, K); (M, n).
+
+    Each row of `x` is rounded to int8 codes per block of 32 channels (scale absmax / 127, as llama.cpp's Q8
+    activations) and the blocks' dot products run on integers (`reference.quantize_activations` says how).
+    """
+    if available():
+        return torch.ops.nomoat.linear_q4(x, panels, bias, n)
+    return reference.linear_q4(x, panels, n, bias)
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -167,6 +178,7 @@ def register_fakes() -> None:
         fake("nomoat::linear_bf16")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::linear_bf16_rows")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
         fake("nomoat::linear_i8")(lambda x, panels, scale, bias, n: x.new_empty(x.shape[0], n))
+        fake("nomoat::linear_q4")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::decode_attention")(
             lambda q, k, v, cos, sin, kc, vc, row0, positions, kv_len, window, scale: q.new_empty(
                 q.shape[0], 1, q.shape[2] * q.shape[3]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nomoat.kernels.layout import unpack, unpack_bf16
+from nomoat.kernels.layout import Q4_BLOCK, dequantize_q4, unpack, unpack_bf16
 
 
 def linear_fp32(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,6 +32,19 @@ def linear_int8(
 ) -> torch.Tensor:
     """`x @ (q * scale[:, None]).T + bias` for x (M, K) and int8 panels of q (n, K); returns (M, n)."""
     return F.linear(x, unpack(panels, n).float() * scale[:n, None], bias)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Activations (M, K) as `linear_q4` rounds them: int8 per block of 32 (scale absmax / 127), in fp32."""
+    blocks = x.float().reshape(x.shape[0], -1, Q4_BLOCK)  # (M, b, 32)
+    d = blocks.abs().amax(dim=2, keepdim=True) / 127.0
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return (torch.round(blocks * inv) * d).reshape(x.shape)
+
+
+def linear_q4(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` for x (M, K) fp32 and 4-bit panels of W (n, K), activations rounded to int8 per block."""
+    return F.linear(quantize_activations(x), dequantize_q4(panels, n), bias)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

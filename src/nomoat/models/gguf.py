@@ -3,7 +3,10 @@
 `gguf_hf_config(reader)` turns the GGUF metadata into the Hugging Face `config.json` the same model would have (so
 `families.config_from_hf` applies the family's defaults as for a folder), and `load_gguf_model` fills the model one
 tensor at a time, dequantizing each block type to the requested dtype and undoing llama.cpp's layout changes (q/k row
-interleaving of the `llama` architecture, Gemma's `1 + weight` norms). Quantized blocks are not kept as such here.
+interleaving of the `llama` architecture, Gemma's `1 + weight` norms). With `keep_q4`, the Q4_0 / Q4_1 blocks of
+linear layers are kept as they are (`read_q4`): they become int4 `QuantizedLinear` layers (GGUF's own codes, scales
+and minimums in the 4-bit kernels' panels), never dequantized or re-quantized; a tied output head gets the Q4
+embedding's blocks (lookups use the embedding dequantized to the model's dtype).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from nomoat.models.families import FAMILIES, rope_inv_freq, split_fused
+from nomoat.models.quantize import QuantizedLinear
 from nomoat.models.transformer import Transformer
 from nomoat.util.errors import ModelError
 
@@ -217,6 +221,48 @@ def read_tensor(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(tensor.data, qtype)).reshape(shape)
 
 
+Q4_TYPES = ("Q4_0", "Q4_1")
+
+
+def read_q4(tensor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A Q4_0 / Q4_1 GGUF matrix's blocks as they are: (out, in) uint8 codes, (out, in / 32) fp16 scales, minimums.
+
+    A Q4_0 block is an fp16 `d` and 16 bytes of codes (byte j: element j in the low nibble, j + 16 in the high),
+    `w = d * (code - 8)`; Q4_1 adds an fp16 `m` after `d`, `w = d * code + m`. The minimums are None for Q4_0.
+    """
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(tensor.tensor_type).name
+    n, k = (int(d) for d in reversed(tensor.shape))
+    head = 2 if qtype == "Q4_0" else 4
+    raw = torch.from_numpy(np.array(tensor.data).view(np.uint8).reshape(-1, head + 16))  # (n * k / 32, block bytes)
+    qs = raw[:, head:]
+    codes = torch.cat((qs & 15, qs >> 4), dim=1).reshape(n, k)
+    d = raw[:, :2].contiguous().view(torch.float16).reshape(n, k // 32)
+    m = raw[:, 2:4].contiguous().view(torch.float16).reshape(n, k // 32) if head == 4 else None
+    return codes, d, m
+
+
+def _q4_layers(name: str, tensor: Any, arch: str, hf: dict[str, Any], cfg: Any) -> list[tuple[str, QuantizedLinear]]:
+    """The int4 layers one Q4 GGUF tensor makes: (parameter name, layer), rows unpermuted and split as `_convert`."""
+    parts = [None if t is None else _convert(name, t, arch, hf) for t in read_q4(tensor)]  # codes, d, m
+    splits = [split_fused(name, t, cfg) if t is not None else None for t in parts]
+    out = []
+    for i, (param, codes) in enumerate(splits[0]):
+        d, m = splits[1][i][1], None if splits[2] is None else splits[2][i][1]
+        out.append((param, QuantizedLinear.from_q4(codes.contiguous(), d.contiguous(), m)))
+    return out
+
+
+def _keeps_q4(tensor: Any, hf_name: str, linears: set[str]) -> bool:
+    """Whether a GGUF tensor is the Q4_0 / Q4_1 weight of a linear layer (or of Phi-3's fused ones)."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(tensor.tensor_type).name
+    fused = hf_name.endswith(("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"))
+    return qtype in Q4_TYPES and (fused or hf_name.removesuffix(".weight") in linears) and hf_name.endswith(".weight")
+
+
 def _convert(name: str, t: torch.Tensor, arch: str, hf: dict[str, Any]) -> torch.Tensor:
     """Undo what llama.cpp's converter did to a tensor."""
     if arch in ("llama", "mistral"):
@@ -229,13 +275,17 @@ def _convert(name: str, t: torch.Tensor, arch: str, hf: dict[str, Any]) -> torch
     return t
 
 
-def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype, device: torch.device) -> Transformer:
+def load_gguf_model(
+    path: str | os.PathLike, dtype: torch.dtype, device: torch.device, keep_q4: bool = False
+) -> Transformer:
     """Load a GGUF file into nomoat's decoder, one tensor at a time.
 
     Args:
         path: The `.gguf` file (or an Ollama model blob).
         dtype: Target dtype of the parameters.
         device: Target device.
+        keep_q4: Keep the Q4_0 / Q4_1 weights of linear layers as int4 `QuantizedLinear` layers (module docstring);
+            False dequantizes every tensor to `dtype`.
 
     Returns:
         The model in eval mode; `model.config.hf_config` is the equivalent `config.json`.
@@ -251,6 +301,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype, device: torch.d
     with torch.device("meta"):
         model = Transformer(cfg)
     params = dict(model.named_parameters(remove_duplicate=False))
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     loaded: set[str] = set()
     with torch.no_grad():
         for tensor in reader.tensors:
@@ -258,6 +309,11 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype, device: torch.d
                 continue
             if tensor.name not in name_map:
                 raise GGUFError(f"{path}: unexpected tensor {tensor.name} for a GGUF {arch} model")
+            if keep_q4 and _keeps_q4(tensor, name_map[tensor.name], linears):
+                for name, layer in _q4_layers(name_map[tensor.name], tensor, arch, hf, cfg):
+                    _install_q4(model, name, layer, params, device, path, tensor.name)
+                    loaded.add(name)
+                continue
             raw = _convert(name_map[tensor.name], read_tensor(tensor), arch, hf)
             for name, t in split_fused(name_map[tensor.name], raw, cfg):
                 if name not in params or tuple(params[name].shape) != tuple(t.shape):
@@ -274,10 +330,28 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype, device: torch.d
         raise GGUFError(f"{path}: GGUF lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+        embedding = next((t for t in reader.tensors if name_map.get(t.name) == "model.embed_tokens.weight"), None)
+        if keep_q4 and embedding is not None and _keeps_q4(embedding, "lm_head.weight", {"lm_head"}):
+            model.lm_head = QuantizedLinear.from_q4(*read_q4(embedding)).to(device)  # the file's blocks, as llama.cpp
     model.reset_rope(device)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()
+
+
+def _install_q4(model: Transformer, name: str, layer: QuantizedLinear, params: dict[str, Any], device: torch.device,
+                path: Any, tensor_name: str) -> None:  # fmt: skip
+    """Put a kept Q4 layer where the linear layer of parameter `name` is (its bias, loaded or not, carried over)."""
+    want = tuple(params[name].shape) if name in params else "no such tensor"
+    if want != (layer.out_features, layer.in_features):
+        raise GGUFError(f"{path}: tensor {tensor_name} has shape {(layer.out_features, layer.in_features)}, "
+                        f"model needs {want}")  # fmt: skip
+    module_name = name.rpartition(".")[0]
+    parent, _, child = module_name.rpartition(".")
+    old = model.get_submodule(module_name)
+    layer = layer.to(device)
+    layer.bias = old.bias  # a meta placeholder until the GGUF's bias tensor fills it (or already filled)
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
 def gguf_summary(path: str | os.PathLike) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 `LinearQuantizer` is the interface `checkpoint.load_model(quantize=...)` calls once per linear layer with the
 memory-mapped weight; `IntQuantizer` builds `models.quantize`'s int8/int4 layers a piece of rows at a time (codes
-identical to quantizing the whole matrix), so no full-precision copy of a layer, let alone of the model, exists.
+identical to quantizing the whole matrix, each piece packed straight into its panels with vectorized torch ops), so
+no full-precision copy of a layer, let alone of the model, exists.
 `estimate_bytes` / `check_memory` compute, from the checkpoint's tensor shapes alone, the bytes the loaded model
 (plus its KV cache) will hold and refuse with a remedy when that exceeds the free memory (`nomoat.util.memory`).
 The check runs before any tensor is read.
@@ -16,14 +17,18 @@ import torch
 from torch import nn
 
 from nomoat.config.model import ModelConfig
+from nomoat.kernels import hugepages
 from nomoat.models.quantize import (
     DEFAULT_GROUP_SIZE,
     PANEL,
+    Q4_BLOCK,
+    Q4_CODE_BYTES,
     QuantizationError,
     QuantizedLinear,
     int8_panels,
-    quantize_int4,
+    q4_panels,
     quantize_int8,
+    quantize_q4_0,
 )
 from nomoat.models.quantize import MODES as INT_MODES
 from nomoat.util.memory import available_bytes, check_fits
@@ -82,7 +87,7 @@ class LinearQuantizer:
 
 
 class IntQuantizer(LinearQuantizer):
-    """`models.quantize`'s int8 (per output channel) or int4 (groups of output channels) layers, piece by piece."""
+    """`models.quantize`'s int8 (per output channel) or int4 (GGUF Q4_0 blocks) layers, piece by piece."""
 
     def __init__(self, mode: str, group_size: int = DEFAULT_GROUP_SIZE, include_lm_head: bool = True) -> None:
         super().__init__(include_lm_head)
@@ -90,20 +95,21 @@ class IntQuantizer(LinearQuantizer):
             raise QuantizationError(f"unknown quantization mode {mode!r}: expected int8 or int4 (nf4 for QLoRA)")
         self.mode, self.group_size = mode, group_size
 
-    def layer_mode(self, out_features: int) -> str:
-        """int4 needs `out_features % group_size == 0`; other layers fall back to int8 (as `quantize_model`)."""
-        return "int8" if self.mode == "int4" and out_features % self.group_size else self.mode
+    def layer_mode(self, in_features: int) -> str:
+        """int4 needs `in_features % 32 == 0`; other layers fall back to int8 (as `quantize_model`)."""
+        return "int8" if self.mode == "int4" and in_features % Q4_BLOCK else self.mode
 
     def bytes_for(self, out_features: int, in_features: int) -> int:
-        """int8: a byte a weight (outputs padded to 64) plus scales; int4: `group_size / 2 + 4` bytes per group."""
-        if self.layer_mode(out_features) == "int8":
-            return -(-out_features // 64) * 64 * in_features + 4 * out_features  # panels of 64 outputs, scales
-        return out_features // self.group_size * in_features * (self.group_size // 2 + 4)
+        """int8: a byte a weight plus scales; int4: 18 bytes per block of 32 (outputs padded to 64 in both)."""
+        panels = -(-out_features // PANEL)
+        if self.layer_mode(in_features) == "int8":
+            return panels * PANEL * in_features + 4 * out_features  # panels of 64 outputs, scales
+        return panels * in_features // Q4_BLOCK * (Q4_CODE_BYTES + 2 * PANEL)
 
     def quantize(self, weight: torch.Tensor, bias: bool, dtype: torch.dtype, release: Release | None) -> nn.Module:
         """A `QuantizedLinear` holding exactly the codes `QuantizedLinear.from_linear` gives."""
         n, k = weight.shape
-        mode, g = self.layer_mode(n), self.group_size
+        mode, g = self.layer_mode(k), self.group_size
         layer = QuantizedLinear(k, n, mode, g, bias=bias, dtype=dtype, device="meta")
         if mode == "int8":  # straight into the decode kernels' panels (P, in, 64): a piece's rows fill whole panels
             panels = torch.zeros(-(-n // PANEL), k, PANEL, dtype=torch.int8)
@@ -113,11 +119,13 @@ class IntQuantizer(LinearQuantizer):
                 panels[a // PANEL : a // PANEL + q.shape[0] // PANEL + (q.shape[0] % PANEL > 0)] = int8_panels(q)
                 scale[a : a + piece.shape[0]] = s
             layer.qweight, layer.scale = panels, scale
-        else:
-            packed = torch.empty(n // g * k, g // 2 + 4, dtype=torch.uint8)  # rows (group, input channel)
+        else:  # Q4_0 panels (P, in / 32, 1152), a piece's rows filling whole panels
+            shape = (-(-n // PANEL), k // Q4_BLOCK, Q4_CODE_BYTES + 2 * PANEL)
+            panels = hugepages.empty(shape, torch.uint8)  # streamed every decode step: huge pages
             for a, piece in row_chunks(weight, release):
-                packed[a // g * k : (a + piece.shape[0]) // g * k] = quantize_int4(piece, g)
-            layer.qweight = packed
+                p0 = a // PANEL
+                panels[p0 : p0 + -(-piece.shape[0] // PANEL)] = q4_panels(*quantize_q4_0(piece))
+            layer.qweight = panels
         return layer
 
 

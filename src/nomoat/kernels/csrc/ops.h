@@ -14,6 +14,8 @@ at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& panels, const at::Te
 
 // linear_rows.cpp: y = x W^T (+ bias) over a bf16 weight in its own (N, K) layout (read in place), fp32 sums.
 at::Tensor linear_bf16_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+// q4.cpp: y = x W^T (+ bias) over 4-bit panels in blocks of 32 input channels (GGUF Q4_0 / Q4_1), any rows.
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias, int64_t n);
 
 // attention.cpp: one decode step of attention (rope, KV-cache write, attention over the cached keys).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,

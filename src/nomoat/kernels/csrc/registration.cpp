@@ -18,6 +18,7 @@ TORCH_LIBRARY(nomoat, m) {
   m.def("linear_bf16(Tensor x, Tensor panels, Tensor? bias, int n) -> Tensor");
   m.def("linear_bf16_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_i8(Tensor x, Tensor panels, Tensor scale, Tensor? bias, int n) -> Tensor");
+  m.def("linear_q4(Tensor x, Tensor panels, Tensor? bias, int n) -> Tensor");
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, int row0, Tensor positions, int kv_len, int window, float scale) -> Tensor");
@@ -34,6 +35,7 @@ TORCH_LIBRARY_IMPL(nomoat, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_i8", &linear_i8);
   m.impl("linear_bf16_rows", &linear_bf16_rows);
+  m.impl("linear_q4", &linear_q4);
   m.impl("decode_attention", &decode_attention);
   m.impl("swiglu_forward", &swiglu_forward);
   m.impl("swiglu_backward", &swiglu_backward);

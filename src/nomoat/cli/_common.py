@@ -123,6 +123,11 @@ def load_with_adapters(
     folders = resolve_selection(selection)
     unbankable = _unbankable(folders)
     merging = bool(folders and (merge or unbankable))
+    from nomoat.models.checkpoint import cpu_has_fast_bf16, gguf_source
+    from nomoat.util.hub import local_path
+
+    if merging and dtype in (None, "auto") and gguf_source(local_path(model)) is not None:
+        dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"  # what "auto" gives a GGUF, minus its 4-bit blocks
     try:  # quantized as it is read, unless adapters are merged first (they need the full-precision weights)
         m, tok = nomoat.load(model, dtype=dtype, device=device, quantize=None if merging else quantize)
     except ValueError as e:  # a model-loading error (CheckpointError, UnsupportedModelError...) or a bad option

@@ -33,7 +33,7 @@ import torch
 from nomoat.generate.constraints import take_tokens
 from nomoat.generate.prefix_cache import PrefixCache, find_twin, fork_row
 from nomoat.generate.sampling import SamplingBatch, SamplingParams, SamplingState, make_generator, sample
-from nomoat.generate.steps import LogitsHook, apply_logits_hooks, decode_one_token, prefill, prefill_rows
+from nomoat.generate.steps import LogitsHook, apply_logits_hooks, decode_one_token, feed_rows, prefill, prefill_rows
 from nomoat.generate.stopping import StopStringMatcher
 from nomoat.inference import DecodeConfig, DecodeModel, prepare
 from nomoat.lora.bank import AdapterBank, group_rows
@@ -499,9 +499,9 @@ class Engine:
 
     def _decode(self) -> None:
         reqs = self.running
-        for row, req in ((i, r) for i, r in enumerate(reqs) if r.unfed):  # forced tokens: one forward per row
-            with self._plan([req]):
-                prefill(self.decode, self.cache, row, req.prompt + req.output[:-1], req.length - req.unfed)
+        late = [(i, r) for i, r in enumerate(reqs) if r.unfed]  # forced tokens: into the cache in one forward
+        with self._plan([r for _, r in late]):
+            feed_rows(self.decode, self.cache, [(i, r.prompt + r.output[:-1], r.length - r.unfed) for i, r in late])
         tokens = torch.tensor([[r.next_token] for r in reqs], device=self.model.device)
         positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
         plan = self._plan(reqs)

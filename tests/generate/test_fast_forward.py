@@ -74,7 +74,7 @@ def test_forced_tokens_give_the_same_output_in_fewer_steps(engine, adapter):
         constraint = Constraint("json_schema", SCHEMA)
         handles = [engine.submit(p, params, adapter=adapter, logits_hook=grammars.row(constraint)) for p in prompts]
         results[ff] = _run(engine, handles)
-    engine.fast_forward = True
+    engine.fast_forward = False
     (plain, _, plain_steps), (fast, fast_streamed, fast_steps) = results[False], results[True]
     for a, b, streamed in zip(plain, fast, fast_streamed):
         assert b.finish_reason == a.finish_reason == "stop"
@@ -89,8 +89,12 @@ def test_forced_tokens_give_the_same_output_in_fewer_steps(engine, adapter):
 def test_forced_tokens_respect_max_tokens(engine):
     grammars = Grammars.of(engine.tokenizer, engine.model.config.vocab_size)
     params = SamplingParams(temperature=0, max_new_tokens=7)
-    (done,), (streamed,), steps = _run(engine, [engine.submit("a b", params, logits_hook=grammars.row(
-        Constraint("json_schema", SCHEMA)))])  # fmt: skip
+    engine.fast_forward = True
+    try:
+        (done,), (streamed,), steps = _run(engine, [engine.submit("a b", params, logits_hook=grammars.row(
+            Constraint("json_schema", SCHEMA)))])  # fmt: skip
+    finally:
+        engine.fast_forward = False
     assert done.finish_reason == "length" and len(done.token_ids) == 7 == done.completion_tokens
     assert streamed == done.token_ids and '{"temperature_reading'.startswith(done.text) and len(done.text) >= 7
     assert steps == 1  # the first key is forced: the prefill's step takes all seven tokens

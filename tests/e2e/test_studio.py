@@ -3,7 +3,8 @@
 A real `nomoat studio` process serves the embedded demo model with an API key and one `--data-dir`. The tests upload
 a small dataset, preview it, train an adapter for a few steps while the loss chart fills, load the adapter and chat
 with it; check that a model reply carrying HTML never runs; edit a question and regenerate; export a conversation
-and train on the export; and refuse a path outside `--data-dir`. Screenshots of each page go to the artifacts folder
+and train on the export; answer under a JSON schema and call a required tool from the chat page's switches; and refuse
+a path outside `--data-dir`. Screenshots of each page go to the artifacts folder
 (`$NOMOAT_ARTIFACTS`, else pytest's temporary folder); `NOMOAT_UPDATE_DOCS=1` also writes docs/studio.png.
 """
 
@@ -162,8 +163,8 @@ def _wait_answer(page, n, pane="a"):
     return _answers(page, pane).nth(n - 1)
 
 
-def _reference(studio, model, messages, max_tokens=12) -> str:
-    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+def _reference(studio, model, messages, max_tokens=12, **extra) -> str:
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens, **extra}
     r = httpx.post(f"{studio['url']}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                    timeout=60)  # fmt: skip
     assert r.status_code == 200, r.text
@@ -367,4 +368,54 @@ def test_docs_and_phone_width(browser, studio):
         wide = page.evaluate(WIDER_THAN_SCREEN, f"view-{view}")
         assert wide == [], (view, wide)
         _shot(page, studio, f"phone-{view}")
+    _done(page)
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                                  "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+                 "required": ["answer", "count"], "additionalProperties": False}  # fmt: skip
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                               "required": ["city"], "additionalProperties": False}}}  # fmt: skip
+
+
+def test_json_schema_and_tool_switches(browser, studio):
+    jsonschema = pytest.importorskip("jsonschema")
+    page = _page(browser, studio)
+    page.get_by_test_id("clear").click()
+    _greedy(page, max_tokens=64)
+    question = [{"role": "user", "content": "Is it raining?"}]
+    # A JSON schema: a malformed one is refused in the page, a valid one constrains the answer.
+    page.get_by_label("Response format").select_option("json_schema")
+    page.get_by_label("JSON schema").fill('{"type": "object",')
+    page.get_by_test_id("prompt").fill("Is it raining?")
+    page.get_by_test_id("send").click()
+    page.get_by_test_id("structured-error").wait_for(timeout=MS)
+    assert "not valid JSON" in page.get_by_test_id("structured-error").inner_text()
+    page.get_by_test_id("clear").click()
+    page.get_by_label("JSON schema").fill(json.dumps(ANSWER_SCHEMA))
+    page.get_by_test_id("prompt").fill("Is it raining?")
+    page.get_by_test_id("send").click()
+    text = _wait_answer(page, 1).get_by_test_id("assistant-text").inner_text()
+    assert page.get_by_test_id("structured-error").is_hidden()
+    jsonschema.validate(json.loads(text), ANSWER_SCHEMA)
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
+    base = page.get_by_test_id("model-select").input_value()
+    assert json.loads(text) == json.loads(_reference(studio, base, question, 64, response_format=fmt))
+    # A tool that must be called: the answer is a call, rendered with its name and arguments.
+    page.get_by_test_id("clear").click()
+    page.get_by_label("Response format").select_option("text")
+    page.get_by_label("Tools (a JSON array of function definitions)").fill(json.dumps([WEATHER_TOOL]))
+    page.get_by_label("Tool choice").select_option("required")
+    page.get_by_label("Several calls in one answer").uncheck()
+    page.get_by_test_id("prompt").fill("What is the weather in Oslo?")
+    page.get_by_test_id("send").click()
+    answer = _wait_answer(page, 1)
+    assert "tool_calls" in answer.get_by_test_id("answer-stats").inner_text()
+    call = answer.get_by_test_id("tool-call")
+    assert call.count() >= 1
+    assert call.first.get_by_test_id("tool-call-name").inner_text() == "call get_weather"
+    arguments = json.loads(call.first.get_by_test_id("tool-call-arguments").inner_text())
+    jsonschema.validate(arguments, WEATHER_TOOL["function"]["parameters"])
+    _shot(page, studio, "chat-tools")
     _done(page)

@@ -3,7 +3,9 @@
 A `Constraint` says what a row must produce; `Grammars` (one per tokenizer, cached) compiles it with llguidance into
 a `ConstrainedRow`, the row's logits hook: before each sampling it masks every token the grammar forbids at this
 point (the token mask is computed from the tokenizer's vocabulary, which llguidance indexes once per tokenizer), and
-the engine passes it each accepted token (`accept`) so the grammar's state follows the text. When the grammar is
+the engine passes it each accepted token (`accept`) so the grammar's state follows the text. Where the grammar
+forces the next tokens whatever the model says (a fixed key of a schema), `take_tokens` gives them to the engine right
+after the sampled one, so they cost no decode step of their own. When the grammar is
 complete only the end-of-sequence tokens stay allowed, so the row stops; a row that reaches its token limit first
 ends with finish reason "length" and its text is a prefix of a valid output, not a valid output.
 
@@ -17,13 +19,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from nomoat.generate.sampling import SamplingParams
 from nomoat.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -248,3 +251,35 @@ class LogitBias:
     def __call__(self, logits: torch.Tensor) -> None:
         """Add the biases to the logits (V,), in place."""
         logits[self.ids.to(logits.device)] += self.values.to(logits.device)
+
+
+def _grammar_of(hook: Any) -> ConstrainedRow | None:
+    """The grammar state among a row's logits hooks (a `ConstrainedRow` alone or in a `HookChain`), if any."""
+    hooks = hook.hooks if isinstance(hook, HookChain) else [hook]
+    return next((h for h in hooks if isinstance(h, ConstrainedRow)), None)
+
+
+def take_tokens(hook: Any, token: int, params: SamplingParams, fast_forward: bool = True) -> Iterator[int]:
+    """The tokens a row takes in one step: the sampled `token`, then those its grammar forces after it.
+
+    Each token is passed to the hook's `accept` (if it has one) before it is yielded; the forced tokens are read once
+    the sampled one is accepted, and only if the caller asks for the next token (a row that has just finished does
+    not). Rows that return logprobs or apply penalties take no forced tokens: a forced token has no sampled
+    distribution to report, and penalties count the sampled history.
+
+    Args:
+        hook: The row's logits hook (None: no grammar, so nothing is forced).
+        token: The token sampled for the row.
+        params: The row's sampling parameters.
+        fast_forward: Whether forced tokens are taken at all.
+    """
+    accept = getattr(hook, "accept", None)
+    if accept is not None:
+        accept(token)
+    yield token
+    grammar = _grammar_of(hook) if fast_forward else None
+    if grammar is None or params.logprobs or params.has_penalties:
+        return
+    for forced in grammar.forced_tokens():
+        accept(forced)  # type: ignore[misc]  # (a hook holding a grammar accepts tokens)
+        yield forced

@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from nomoat.generate.prefix_cache import PrefixCache
+from nomoat.generate.constraints import take_tokens
+from nomoat.generate.prefix_cache import PrefixCache, find_twin, fork_row
 from nomoat.generate.sampling import SamplingBatch, SamplingParams, SamplingState, make_generator, sample
-from nomoat.generate.steps import LogitsHook, apply_logits_hooks, decode_one_token, prefill, prefill_rows
+from nomoat.generate.steps import LogitsHook, apply_logits_hooks, decode_one_token, feed_rows, prefill, prefill_rows
 from nomoat.generate.stopping import StopStringMatcher
 from nomoat.inference import DecodeConfig, DecodeModel, prepare
 from nomoat.lora.bank import AdapterBank, group_rows
@@ -149,6 +150,7 @@ class _Request:
     first_token_at: float | None = None
     cached: int = 0
     next_token: int | None = None  # sampled, not yet fed back through the model
+    unfed: int = 0  # tokens before `next_token` not in the cache yet (forced by a grammar)
     cancelled: bool = False
     logits_hook: LogitsHook | None = None
 
@@ -205,6 +207,8 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []  # request i owns cache row i
         self.sampling = SamplingState(self.max_running, model.config.vocab_size, model.device)
+        self.fast_forward = False  # take grammar-forced tokens without steps (opt-in: slower at batch 8 on CPUs)
+        self.prefill_tokens = 0  # prompt tokens run through the model (not restored or forked)
         self._last_batch: SamplingBatch | None = None
         self.lock = threading.RLock()  # the rows, the cache and the bank: held for a whole step
         # The waiting queue has a lock of its own, so that submitting (from a server's event loop) never waits for
@@ -443,18 +447,21 @@ class Engine:
     def _admit_all(self, reqs: list[_Request]) -> None:
         """Prefill newly admitted requests, several in one forward, and emit each one's first token.
 
-        A request whose prompt starts with a cached prefix continues from it alone; the others are prefilled in
-        right-padded forwards of at most `PREFILL_CHUNK_TOKENS` tokens (rows may use different adapters: the bank
-        applies each row's selection), each chunk's first tokens emitted as soon as it is done, so a crowd of
-        requests arriving together streams its first tokens chunk by chunk. Padding writes keys and values past a
-        shorter prompt's end; no query sees them (a row's first decode token overwrites its own position first, and
-        attention reads keys up to the query's position only).
+        A request whose prompt starts with a cached prefix continues from it alone; one with another row's prompt and
+        adapters (the `n` samples of a request) is forked from it (keys and values copied); the others are prefilled in
+        right-padded forwards of at most `PREFILL_CHUNK_TOKENS` tokens, each chunk's first tokens sent when it is done.
+        Padding writes keys and values past a shorter prompt's end; no query sees them (a row's first decode token
+        overwrites its position first; attention reads keys up to the query's position only).
         """
         fresh: list[_Request] = []
+        twins: list[_Request] = []
         for req in reqs:
             row = len(self.running)
             self.running.append(req)
             self.sampling.reset_row(row, req.prompt, req.params)
+            if find_twin(req, self.running[:-1]) is not None:
+                twins.append(req)
+                continue
             # Keys and values depend on the adapter: cached prefixes are kept apart per selection.
             req.cached = self.prefix_cache.restore(req.prompt, self.cache, row, req.adapter) if self.prefix_cache else 0
             if req.cached:
@@ -469,10 +476,14 @@ class Engine:
             chunk.append(req)
         if chunk:
             self._prefill(chunk)
+        for k, req in enumerate(twins):
+            req.cached = fork_row(self.cache, self.running, req, twins[k:])
+            self._prefill([req])
 
     def _prefill(self, reqs: list[_Request]) -> None:
         """Prefill requests already in their rows (one alone from its cached prefix), store prefixes, emit."""
         rows = [self.running.index(r) for r in reqs]
+        self.prefill_tokens += sum(len(r.prompt) - r.cached for r in reqs)
         with self._plan(reqs):
             if len(reqs) == 1:
                 logits = prefill(self.decode, self.cache, rows[0], reqs[0].prompt, reqs[0].cached)[None]
@@ -488,6 +499,9 @@ class Engine:
 
     def _decode(self) -> None:
         reqs = self.running
+        late = [(i, r) for i, r in enumerate(reqs) if r.unfed]  # forced tokens: into the cache in one forward
+        with self._plan([r for _, r in late]):
+            feed_rows(self.decode, self.cache, [(i, r.prompt + r.output[:-1], r.length - r.unfed) for i, r in late])
         tokens = torch.tensor([[r.next_token] for r in reqs], device=self.model.device)
         positions = torch.tensor([[r.length] for r in reqs], device=self.model.device)
         plan = self._plan(reqs)
@@ -510,25 +524,24 @@ class Engine:
         now = time.perf_counter()
         finished: list[tuple[_Request, str]] = []
         for i, req in enumerate(reqs):
-            token = tokens[i]
-            req.first_token_at = req.first_token_at or now
-            req.output.append(token)
-            req.next_token = token
-            accept = getattr(req.logits_hook, "accept", None)  # a stateful hook (a grammar) follows the output
-            if accept is not None:
-                accept(token)
-            if token in req.stop_ids:
-                self._emit(req, req.detok.flush(), [], None, final=True)
-                finished.append((req, "stop"))
-                continue
-            lp = TokenLogprob(token, *logprobs[i]) if logprobs[i] is not None else None
-            if lp is not None:
-                req.logprobs.append(lp)
-            if self._emit(req, req.detok.add(token), [token], lp):
-                finished.append((req, "stop"))
-            elif len(req.output) >= req.params.max_new_tokens or req.length + 1 >= self.max_seq_len:
-                self._emit(req, req.detok.flush(), [], None, final=True)
-                finished.append((req, "length"))
+            for forced, token in enumerate(take_tokens(req.logits_hook, tokens[i], req.params, self.fast_forward)):
+                req.first_token_at = req.first_token_at or now
+                req.output.append(token)
+                req.next_token, req.unfed = token, forced
+                if token in req.stop_ids:
+                    self._emit(req, req.detok.flush(), [], None, final=True)
+                    finished.append((req, "stop"))
+                    break
+                lp = TokenLogprob(token, *logprobs[i]) if logprobs[i] is not None else None
+                if lp is not None:
+                    req.logprobs.append(lp)
+                if self._emit(req, req.detok.add(token), [token], lp):
+                    finished.append((req, "stop"))
+                    break
+                if len(req.output) >= req.params.max_new_tokens or req.length + 1 >= self.max_seq_len:
+                    self._emit(req, req.detok.flush(), [], None, final=True)
+                    finished.append((req, "length"))
+                    break
         for req, reason in finished:  # after the loop: retiring moves rows
             self._retire(req, reason)
 
@@ -585,6 +598,3 @@ class Engine:
                 logprobs=req.logprobs,
             )
         )
-
-
-# ---- the small functions --------------------------------------------------------------------------------------------

@@ -4,12 +4,16 @@ Prompts are cut into blocks of `block` tokens; block i is identified by a hash c
 the adapter selection), so two prompts share a cached block exactly when they share every token up to its end. After
 a prefill the engine stores the row's full prompt blocks; before the next it copies the longest cached run into the
 new row and runs only the rest of the prompt. Blocks are evicted least recently used first within a byte budget.
+
+`fork_row` shares a whole prompt between running rows: the `n` samples of one request are prefilled once, and the
+other rows copy that row's keys and values (`find_twin` finds it).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -89,3 +93,39 @@ class PrefixCache:
                 self.bytes -= ok.numel() * ok.element_size() + ov.numel() * ov.element_size()
             self.blocks[h] = (prev, tuple(prompt[lo:hi]), k, v)
             self.bytes += size
+
+
+def find_twin(req: Any, rows: Sequence[Any], pending: Sequence[Any] = ()) -> int | None:
+    """The index in `rows` of the first other request with `req`'s prompt and adapters (None: there is none).
+
+    Requests in `pending` (not prefilled yet) are skipped. Requests are the engine's: anything with `prompt` (token
+    ids) and `adapter` (its selection).
+    """
+    for i, row in enumerate(rows):
+        if row is not req and row.prompt == req.prompt and row.adapter == req.adapter and not any(
+            row is p for p in pending
+        ):
+            return i
+    return None
+
+
+def fork_row(cache: KVCache, rows: Sequence[Any], req: Any, pending: Sequence[Any] = ()) -> int:
+    """Copy the keys and values of `req`'s prompt, all but its last token, from a prefilled twin row into its own.
+
+    Args:
+        cache: The engine's cache; request i of `rows` owns its row i.
+        rows: The running requests (`req` among them).
+        req: The request to fork.
+        pending: Requests whose rows hold no keys and values yet.
+
+    Returns:
+        How many leading prompt tokens are now in `req`'s row (0 when no twin is prefilled).
+    """
+    src = find_twin(req, rows, pending)
+    if src is None:
+        return 0
+    dst, n = rows.index(req), len(req.prompt) - 1
+    for layer in range(len(cache.k)):
+        cache.k[layer][dst, :, :n] = cache.k[layer][src, :, :n]
+        cache.v[layer][dst, :, :n] = cache.v[layer][src, :, :n]
+    return n

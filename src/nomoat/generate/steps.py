@@ -58,6 +58,25 @@ def prefill_rows(
     return model.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])
 
 
+def feed_rows(model: Model, cache: KVCache, work: Sequence[tuple[int, Sequence[int], int]]) -> None:
+    """For each `(row, seq, start)` of `work`, write the keys and values of `seq[start:]` into `row`, in one forward.
+
+    Positions are `start..`; no logits are computed. Shorter rows are padded by repeating their last token at its own
+    position: the copy computes the same keys and values as the token (the same input over the same cached keys), so
+    writing them twice changes nothing.
+    """
+    if not work:
+        return
+    device = model.device
+    width = max(len(seq) - start for _, seq, start in work)
+    ids = torch.tensor([list(seq[start:]) + [seq[-1]] * (width - len(seq) + start) for _, seq, start in work],
+                       device=device)  # fmt: skip  # (R, width)
+    positions = torch.tensor([list(range(start, len(seq))) + [len(seq) - 1] * (width - len(seq) + start)
+                              for _, seq, start in work], device=device)  # fmt: skip  # (R, width)
+    rows = torch.tensor([row for row, _, _ in work], device=device)
+    model(ids, position_ids=positions, cache=cache, rows=rows, return_hidden=True)
+
+
 def decode_one_token(
     model: Model | Callable[..., torch.Tensor], cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:

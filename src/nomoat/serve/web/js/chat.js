@@ -1,13 +1,14 @@
 // The chat page: one or two panes (side by side compare) streaming from /v1/chat/completions, markdown answers,
-// copy, edit-and-regenerate, regenerate, stop, and conversations kept in this browser.
+// copy, edit-and-regenerate, regenerate, stop, structured output and tools, and conversations kept in this browser.
 "use strict";
 
 import { $, apiFetch, download, el, errorText, setStatus, sseEvents } from "./api.js";
 import * as store from "./conversations.js";
 import { copyText, renderMarkdown } from "./markdown.js";
+import { STRUCTURED_IDS, applyFormat, mergeToolCalls, structuredFields, toolCallsNode } from "./structured.js";
 
 const SETTINGS_STORAGE = "nomoat.settings";
-const SETTING_IDS = ["temperature", "top-p", "max-tokens", "seed"];
+const SETTING_IDS = ["temperature", "top-p", "max-tokens", "seed", ...STRUCTURED_IDS];
 
 const state = { ready: false, controllers: new Set(), conv: null };
 
@@ -98,6 +99,7 @@ function messageNode(pane, index, msg) {
   } else {
     item.dataset.state = msg.state || "done";
     renderMarkdown(body, msg.content, true);
+    if (msg.tool_calls?.length) item.append(toolCallsNode(msg.tool_calls));
     item.append(el("div", { class: "stats", testid: "answer-stats", text: msg.stats || "" }));
     if (msg.error) item.insertBefore(el("div", { class: "error", role: "alert", text: msg.error }), item.lastChild);
     actions.append(el("button", { type: "button", class: "link", text: "Regenerate", testid: "regenerate",
@@ -123,7 +125,7 @@ function renderPanes() {
 }
 
 function requestBody(model, messages) {
-  const body = { model, messages, stream: true, stream_options: { include_usage: true } };
+  const body = { model, messages, stream: true, stream_options: { include_usage: true }, ...structuredFields() };
   const num = (id) => ($(id).value.trim() === "" ? null : Number($(id).value));
   const [temperature, topP, maxTokens, seed] = ["temperature", "top-p", "max-tokens", "seed"].map(num);
   if (temperature !== null) body.temperature = temperature;
@@ -186,6 +188,7 @@ async function streamAnswer(pane, model) {
       if (chunk.usage?.completion_tokens != null) usageTokens = chunk.usage.completion_tokens;
       const choice = chunk.choices?.[0];
       if (!choice) continue;
+      if (choice.delta?.tool_calls) msg.tool_calls = mergeToolCalls(msg.tool_calls || [], choice.delta.tool_calls);
       const piece = choice.delta?.content;
       if (piece) {
         if (run.firstAt === null) run.firstAt = performance.now();
@@ -393,6 +396,8 @@ export function initChat() {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) send(e);
   });
   $("stop").addEventListener("click", stopAll);
+  applyFormat();
+  $("response-format").addEventListener("change", applyFormat);
   $("clear").addEventListener("click", newChat);
   $("export-one").addEventListener("click", () => exportConversations(false));
   $("export-all").addEventListener("click", () => exportConversations(true));

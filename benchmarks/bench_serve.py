@@ -16,8 +16,9 @@ every request generates exactly that many). Scenarios:
 Reported: generated tokens/s over the scenario's wall time, and p50/p99 request latency (for one_at_a_time: from the
 moment every client has its request ready, as the clients would see it). A last scenario, ttft64, opens 64 streaming
 clients at once (each on its own adapter of the 32, `stream=True`) and reports the median and p99 time to the first
-streamed token. The server runs with its default number of running rows (chosen from memory) unless
-`--max-running` is given.
+streamed token. Every scenario (and the warm-up) sends prompts of its own: the server's prefix cache keeps prompt
+prefixes per adapter selection, and a scenario that found its prompts cached by an earlier one would prefill less.
+The server runs with its default number of running rows (chosen from memory) unless `--max-running` is given.
 
     python benchmarks/bench_serve.py [--quick]
 
@@ -97,6 +98,11 @@ def ensure_adapters(cache: Path, model: Path, n: int, rank: int = 16) -> list[Pa
                   "use_dora": False, "use_rslora": False, "modules_to_save": None}  # fmt: skip
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return out
+
+
+def make_prompts(n: int, salt: int) -> list[list[int]]:
+    """`n` 32-token prompts of their own for one scenario (`salt`), so that none starts from a prefix another cached."""
+    return [[(7919 * (i + 1) + 31 * j + 104729 * salt) % 40000 + 100 for j in range(32)] for i in range(n)]
 
 
 def free_port() -> int:
@@ -240,24 +246,23 @@ def main() -> None:
     results = []
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
-        prompts = [[(7919 * (i + 1) + 31 * j) % 40000 + 100 for j in range(32)] for i in range(a.clients)]
         names = [f"a{i}" for i in range(a.clients)]
         log("warm-up")
-        run_concurrent(client, prompts, names, 1, 4)
+        run_concurrent(client, make_prompts(a.clients, 0), names, 1, 4)
         scenarios = [("single", [names[0]] * a.clients), ("distinct8", [names[i % 8] for i in range(a.clients)]),
                      ("distinct32", names)]  # fmt: skip
-        for name, models in scenarios:
+        for salt, (name, models) in enumerate(scenarios, start=1):
             log(f"{name}: {a.clients} clients x {rounds} requests x {max_tokens} tokens")
-            tokens, wall, lat = run_concurrent(client, prompts, models, rounds, max_tokens)
+            tokens, wall, lat = run_concurrent(client, make_prompts(a.clients, salt), models, rounds, max_tokens)
             results.append(summary(name, tokens, wall, lat, len(set(models))))
             log(json.dumps(results[-1]))
         log("one_at_a_time (peer): the distinct32 requests, one adapter's batch at a time")
-        tokens, wall, lat = run_one_at_a_time(client, prompts, names, rounds, max_tokens)
+        tokens, wall, lat = run_one_at_a_time(client, make_prompts(a.clients, 4), names, rounds, max_tokens)
         results.append(summary("one_at_a_time", tokens, wall, lat, 1))
         log(json.dumps(results[-1]))
         n = a.ttft_clients
         log(f"ttft{n}: {n} streaming clients at once, each on adapter i % {len(names)}")
-        tokens, wall, ttft = run_ttft(client, prompts, [names[i % len(names)] for i in range(n)], max_tokens)
+        tokens, wall, ttft = run_ttft(client, make_prompts(n, 5), [names[i % len(names)] for i in range(n)], max_tokens)
         row = summary(f"ttft{n}", tokens, wall, ttft, min(n, len(names)))
         row.update(p50_ttft_s=round(percentile(ttft, 50), 2), p99_ttft_s=round(percentile(ttft, 99), 2))
         results.append(row)

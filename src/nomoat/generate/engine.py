@@ -48,7 +48,8 @@ AdapterSelection = tuple[tuple[str, float], ...]
 
 logger = logging.getLogger(__name__)
 
-PREFILL_CHUNK_TOKENS = 512  # padded tokens per prefill forward (each chunk's first tokens go out when it is done)
+PREFILL_CHUNK_TOKENS = 256  # padded tokens per prefill forward: each chunk's first tokens go out when it is done,
+# so smaller chunks give a crowd's median request its first token sooner (a forward's weights stream once per chunk)
 ADMIT_TOKENS_PER_STEP = 2048  # prompt tokens admitted per step: a burst gets its first tokens within one step, and
 # running rows wait at most that many prompt tokens' prefill between two of their tokens
 
@@ -447,11 +448,10 @@ class Engine:
     def _admit_all(self, reqs: list[_Request]) -> None:
         """Prefill newly admitted requests, several in one forward, and emit each one's first token.
 
-        A request whose prompt starts with a cached prefix continues from it alone; one with another row's prompt and
-        adapters (the `n` samples of a request) is forked from it (keys and values copied); the others are prefilled in
-        right-padded forwards of at most `PREFILL_CHUNK_TOKENS` tokens, each chunk's first tokens sent when it is done.
-        Padding writes keys and values past a shorter prompt's end; no query sees them (a row's first decode token
-        overwrites its position first; attention reads keys up to the query's position only).
+        A request with a cached prompt prefix runs only the rest; one with another row's prompt and adapters (the `n`
+        samples of a request) is forked from it. The others are prefilled in right-padded forwards of at most
+        `PREFILL_CHUNK_TOKENS` tokens (rows may differ in adapters and start positions), each chunk's first tokens
+        emitted when it is done. Padding writes keys and values past a shorter prompt's end that no query sees.
         """
         fresh: list[_Request] = []
         twins: list[_Request] = []
@@ -464,13 +464,11 @@ class Engine:
                 continue
             # Keys and values depend on the adapter: cached prefixes are kept apart per selection.
             req.cached = self.prefix_cache.restore(req.prompt, self.cache, row, req.adapter) if self.prefix_cache else 0
-            if req.cached:
-                self._prefill([req])
-            else:
-                fresh.append(req)
+            fresh.append(req)
         chunk: list[_Request] = []
         for req in fresh:
-            if chunk and (len(chunk) + 1) * max(len(r.prompt) for r in [*chunk, req]) > PREFILL_CHUNK_TOKENS:
+            longest = max(len(r.prompt) - r.cached for r in [*chunk, req])
+            if chunk and (len(chunk) + 1) * longest > PREFILL_CHUNK_TOKENS:
                 self._prefill(chunk)
                 chunk = []
             chunk.append(req)
@@ -481,7 +479,7 @@ class Engine:
             self._prefill([req])
 
     def _prefill(self, reqs: list[_Request]) -> None:
-        """Prefill requests already in their rows (one alone from its cached prefix), store prefixes, emit."""
+        """Prefill requests already in their rows (each from its cached prefix, if any), store prefixes, emit."""
         rows = [self.running.index(r) for r in reqs]
         self.prefill_tokens += sum(len(r.prompt) - r.cached for r in reqs)
         with self._plan(reqs):
@@ -490,8 +488,10 @@ class Engine:
             else:
                 index = torch.tensor(rows, device=self.model.device)
                 contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+                starts = [r.cached for r in reqs]
+                args = ([r.prompt for r in reqs], starts) if any(starts) else ([r.prompt for r in reqs],)
                 logits = prefill_rows(self.decode, self.cache, slice(rows[0], rows[-1] + 1) if contiguous else index,
-                                      [r.prompt for r in reqs])  # fmt: skip
+                                      *args)  # fmt: skip
         if self.prefix_cache is not None:
             for req, row in zip(reqs, rows):
                 self.prefix_cache.store(req.prompt, self.cache, row, namespace=req.adapter)

@@ -30,7 +30,6 @@ def apply_logits_hooks(logits: torch.Tensor, hooks: Sequence[LogitsHook | None])
     return logits
 
 
-
 def prefill(model: Model, cache: KVCache, row: int, prompt: Sequence[int], start: int = 0) -> torch.Tensor:
     """Run `prompt[start:]` into cache row `row` (positions `start..`), returning the last position's logits (V,)."""
     device = model.device
@@ -41,19 +40,29 @@ def prefill(model: Model, cache: KVCache, row: int, prompt: Sequence[int], start
 
 
 def prefill_rows(
-    model: Model, cache: KVCache, rows: slice | torch.Tensor, prompts: Sequence[Sequence[int]]
+    model: Model,
+    cache: KVCache,
+    rows: slice | torch.Tensor,
+    prompts: Sequence[Sequence[int]],
+    starts: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Run several prompts into cache `rows` in one forward, right-padded to the longest (positions from 0).
+    """Run several prompts into cache `rows` in one forward, right-padded to the longest rest.
 
-    Returns each prompt's last-position logits (B, V). Positions past a prompt's end hold padding's keys and values
-    until its decode steps overwrite them; attention over the cache never reads a key beyond the query's position.
+    Row i runs `prompts[i][starts[i]:]` at positions `starts[i]..` (default 0: the whole prompt); the positions before
+    its start must already hold the prompt's keys and values (a restored prefix). Returns each prompt's last-position
+    logits (B, V). Positions past a prompt's end hold padding's keys and values until its decode steps overwrite them
+    (padding positions stop at the cache's last one); attention over the cache never reads a key beyond the query's
+    position.
     """
     device = model.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    starts = [0] * len(prompts) if starts is None else list(starts)
+    rests = [list(p[s:]) for p, s in zip(prompts, starts)]
+    lengths = torch.tensor([len(r) for r in rests], device=device)
     ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    for i, r in enumerate(rests):
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    offsets = torch.tensor(starts, device=device)[:, None]  # (B, 1)
+    positions = (offsets + torch.arange(ids.shape[1], device=device)).clamp(max=cache.k[0].shape[2] - 1)  # (B, T)
     hidden = model(ids, position_ids=positions, cache=cache, rows=rows, return_hidden=True)
     return model.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])
 

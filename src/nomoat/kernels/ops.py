@@ -159,6 +159,33 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return fn(logits, targets)
 
 
+def lora_rows_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    rows: torch.Tensor,
+    which: torch.Tensor,
+    coef: torch.Tensor,
+) -> torch.Tensor:
+    """Many adapters over the rows of `x` in one call: y[rows[e]] += coef[e] * (x[rows[e]] a[w]^T) bt[w], w = which[e].
+
+    Args:
+        y: Output (N, out) fp32, unit stride along rows; updated in place and returned.
+        x: Input (N, in) fp32, unit stride along rows.
+        a: Stacked `A` factors (G, r, in) fp32 contiguous (ranks zero-padded to r).
+        bt: Stacked `B^T` factors (G, r, out) fp32 contiguous.
+        rows: int64 (E,): the row of each entry (a row may appear once per adapter of its selection).
+        which: int64 (E,): each entry's adapter, sorted ascending.
+        coef: fp32 (E,): each entry's factor (selection weight times the adapter's scaling).
+    """
+    if available():
+        torch.ops.nomoat.lora_rows_(y, x, a, bt, rows, which, coef)
+    else:
+        reference.lora_rows_(y, x, a, bt, rows, which, coef)
+    return y
+
+
 def stack_plan(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float,
                scale: float) -> Any:  # fmt: skip
     """A new `torch.classes.nomoat.StackPlan` (the decode stack; see `csrc/decode_stack.cpp`); None without kernels."""
@@ -189,5 +216,6 @@ def register_fakes() -> None:
         fake("nomoat::rope")(
             lambda x, cos, sin, backward: x.new_empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3]).transpose(1, 2)
         )
+        fake("nomoat::lora_rows_")(lambda y, x, a, bt, rows, which, coef: None)
         fake("nomoat::softmax_xent_")(lambda logits, targets: logits.new_empty(logits.shape[0]))
         _fakes_registered = True

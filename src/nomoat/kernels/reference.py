@@ -130,3 +130,20 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits.sub_(lse[:, None]).exp_()
     logits[torch.arange(logits.shape[0]), targets] -= 1.0
     return loss
+
+
+def lora_rows_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    rows: torch.Tensor,
+    which: torch.Tensor,
+    coef: torch.Tensor,
+) -> None:
+    """`y[rows[e]] += coef[e] * (x[rows[e]] a[which[e]]^T) bt[which[e]]` for every entry e, one adapter at a time."""
+    for g in which.unique().tolist():
+        sel = which == g
+        r = rows[sel]
+        xa = (x[r] @ a[g].t()) * coef[sel, None]  # (n, r)
+        y.index_add_(0, r, xa @ bt[g])  # (n, out)

@@ -2,7 +2,9 @@
 
 `AdapterBank(model)` wraps each linear layer an added adapter targets in a `MultiLoRALinear`: the base matmul runs
 once for the whole batch, and each group of rows sharing an adapter selection adds `weight * scaling * (x A^T) B^T`
-for every adapter of its selection (the CPU form of S-LoRA's and Punica's segmented kernels). A layer holds its
+for every adapter of its selection: every group of a layer in one `kernels.lora_rows_` call (fp32 on the CPU with
+the compiled kernels: the CPU form of S-LoRA's and Punica's segmented kernels), else in grouped matmuls or a loop
+of small ones. A layer holds its
 adapters stacked once (`a_stack` (N, r, in), `bt_stack` (N, r, out)); base weights are never changed, so any base
 works (plain, packed, quantized). Around each forward pass the engine sets which rows use which selection with
 `with bank.plan([(rows, (("sql", 1.0),)), ...]):` (`group_rows` builds the entries); the decode stack reads the
@@ -18,16 +20,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nomoat import kernels
 from nomoat.config.lora import LoRAConfig
 from nomoat.lora.delta import lora_delta
 from nomoat.lora.peft_format import WEIGHTS_FILE, AdapterError, _from_peft_state, _read_tensors, read_adapter_config
 from nomoat.lora.selection import AdapterSelection, SelectionError
 
 # (rows of the batch, ((adapter name, weight), ...)): rows as a slice or a 1-D index tensor.
-# Several row groups run as two grouped matmuls over the layer's stacked adapters (a segmented GEMM, as Punica's
-# SGMV kernel) instead of a loop of small ops per group: `torch._grouped_mm` (torch >= 2.8; on CPU here, where it
-# measured 2-4x faster than the loop for 32 groups). Without it, or on other devices, the loop runs.
+# The row groups of a layer run segmented (as Punica's SGMV kernel) instead of as a loop of small ops per group:
+# fp32 on the CPU with the compiled kernels, every group in one `kernels.lora_rows_` call (ROWS_KERNEL); otherwise
+# several groups as two grouped matmuls over the layer's stacked adapters, `torch._grouped_mm` (torch >= 2.8; on the
+# CPU it measured 2-4x faster than the loop for 32 groups). With GROUPED_MM off, or on other devices, the loop runs.
 GROUPED_MM = hasattr(torch, "_grouped_mm")
+ROWS_KERNEL = True
 PlanEntry = tuple["slice | torch.Tensor", tuple[tuple[str, float], ...]]
 
 
@@ -56,6 +61,12 @@ class MultiLoRALinear(nn.Module):
         y = self.base(x)
         bank = self._bank[0]
         if not bank.current:
+            return y
+        if GROUPED_MM and ROWS_KERNEL and self.a_stack is not None and _rows_kernel(x, y, self.a_stack):
+            rows, which, coef = bank.row_plan(self.layout, x)
+            if rows.numel():
+                kernels.lora_rows_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.a_stack, self.bt_stack,
+                                   rows, which, coef)  # fmt: skip
             return y
         plan = bank.grouped_plan(self.layout, x) if len(bank.current) > 1 and self.layout else None
         if plan is not None:  # several row groups: all of them in two grouped matmuls
@@ -233,6 +244,35 @@ class AdapterBank:
         finally:
             self.current, self._grouped = previous, previous_grouped
 
+    def row_plan(
+        self, layout: tuple[tuple[str, int, float], ...], x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The current plan as entries for a layer whose stacked adapters are `layout`, sorted by adapter.
+
+        Returns `(rows, which, coef)`: the token row of `x` (flattened to (B*T, in)) of each entry (int64; a row
+        with a stack of adapters appears once per adapter of the layer), its index in the stack (int64), and its
+        `weight * scaling` (fp32). Empty where no row's selection reaches the layer. Cached per layout and shape for
+        the plan's duration (the layers of a model share one layout, so one plan serves them all).
+        """
+        batch, tokens = x.shape[0], x[0].numel() // x.shape[-1]
+        key = ("rows", layout, batch, tokens)
+        if key not in self._grouped:
+            index = {name: (i, scaling) for i, (name, _, scaling) in enumerate(layout)}
+            entries = []  # (stack index, batch row, coefficient)
+            for rows, sel in self.current:
+                row_ids = range(batch)[rows] if isinstance(rows, slice) else rows.tolist()
+                for name, weight in sel:
+                    if name in index:
+                        i, scaling = index[name]
+                        entries.extend((i, row, weight * scaling) for row in row_ids)
+            entries.sort(key=lambda e: (e[0], e[1]))
+            row_t = torch.tensor([e[1] for e in entries], dtype=torch.long)
+            token_rows = (row_t[:, None] * tokens + torch.arange(tokens)).reshape(-1)  # (M,)
+            which = torch.tensor([e[0] for e in entries], dtype=torch.long).repeat_interleave(tokens)
+            coef = torch.tensor([e[2] for e in entries], dtype=torch.float32).repeat_interleave(tokens)
+            self._grouped[key] = (token_rows.to(x.device), which.to(x.device), coef.to(x.device))
+        return self._grouped[key]
+
     def grouped_plan(
         self, layout: tuple[tuple[str, int, float], ...], x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -241,34 +281,24 @@ class AdapterBank:
         Returns `(perm, offs, coeff)`: the token rows of `x` (flattened to (B*T, in)) sorted by adapter (a row with
         a stack of adapters appears once per adapter), the cumulative row count per stacked adapter (int32, as
         `torch._grouped_mm` takes it), and each entry's `weight * scaling` (M, 1). None where grouped matmuls are
-        not available (then the per-group loop runs). Cached per layout and shape for the plan's duration.
+        not available (then the per-group loop runs) or no row's selection reaches the layer.
         """
         if not GROUPED_MM or x.device.type != "cpu":
             return None
-        batch, tokens = x.shape[0], x[0].numel() // x.shape[-1]
-        key = (layout, batch, tokens)
-        if key in self._grouped:
-            return self._grouped[key]
-        index = {name: (i, scaling) for i, (name, _, scaling) in enumerate(layout)}
-        entries = []  # (stack index, batch row, coefficient)
-        for rows, sel in self.current:
-            row_ids = range(batch)[rows] if isinstance(rows, slice) else rows.tolist()
-            for name, weight in sel:
-                if name in index:
-                    i, scaling = index[name]
-                    entries.extend((i, row, weight * scaling) for row in row_ids)
-        if not entries:
-            self._grouped[key] = None
+        rows, which, coef = self.row_plan(layout, x)
+        if not rows.numel():
             return None
-        entries.sort(key=lambda e: (e[0], e[1]))
-        rows_t = torch.tensor([e[1] for e in entries])
-        perm = (rows_t[:, None] * tokens + torch.arange(tokens)).reshape(-1)  # (M,) token rows
-        counts = torch.bincount(torch.tensor([e[0] for e in entries]), minlength=len(layout)) * tokens
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        coeff = torch.tensor([e[2] for e in entries], dtype=x.dtype).repeat_interleave(tokens)[:, None]
-        plan = (perm.to(x.device), offs.to(x.device), coeff.to(x.device))
-        self._grouped[key] = plan
-        return plan
+        offs = torch.cumsum(torch.bincount(which, minlength=len(layout)), 0).to(torch.int32)
+        return rows, offs, coef.to(x.dtype)[:, None]
+
+
+def _rows_kernel(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor) -> bool:
+    """Whether `kernels.lora_rows_` applies a layer's adapters: fp32 CPU activations and factors, compiled kernels."""
+    return (
+        x.dtype == y.dtype == a_stack.dtype == torch.float32
+        and x.device.type == "cpu"
+        and kernels.available()
+    )
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -23,7 +23,7 @@ Ratios (lower is better, <= 1 meets issue's bar): `int8_ppl_increase_vs_q8_0` = 
 and `*_kld_vs_*` on the KL divergences. `fp32_ppl_vs_llamacpp_f32` checks that both engines score the reference
 alike (about 1.0; llama.cpp keeps its KV cache in f16 by default, as run here).
 
-Threads: 2 for both. Peak memory: all seven models at once, about 2 GB.
+Threads: 2 for both (`OMP_WAIT_POLICY=PASSIVE` unless set). One engine's models are loaded at a time: peak about 2 GB.
 
     python benchmarks/bench_quality.py [--quick] [--window 512] [--stride 256] [--tokens N]
 
@@ -32,20 +32,25 @@ Threads: 2 for both. Peak memory: all seven models at once, about 2 GB.
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import json
-import math
 import os
-import platform
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import Any
 
-import torch
+if __name__ == "__main__":  # before torch and llama.cpp load OpenMP: no spinning threads fighting over 2 cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 TEXT = ROOT / "data" / "alice_ch1_2.txt"
@@ -234,30 +239,29 @@ PAIRS = {"int8": ("nomoat_int8", "llamacpp_q8_0"), "int4": ("nomoat_int4", "llam
          "int4_pure": ("nomoat_int4", "llamacpp_q4_0_pure")}  # fmt: skip
 
 
-def build_scorers(gguf_path: Path, work: Path, window: int, peer: bool) -> tuple[dict[str, Scorer], Any, dict]:
-    """Every model's scorer, the tokenizer, and file sizes / setup times."""
+def nomoat_models(f32: Path) -> tuple[dict[str, Scorer], Any]:
+    """nomoat's scorers (fp32, int8, int4) over the reference file, and its tokenizer."""
     import nomoat
 
-    info: dict[str, Any] = {}
-    t = time.perf_counter()
-    f32 = dequantize_gguf(gguf_path, work / "f32.gguf")
-    info["dequantize_s"] = round(time.perf_counter() - t, 1)
     scorers: dict[str, Scorer] = {}
     tokenizer = None
     for name, mode in NOMOAT.items():
         log(f"load {name}")
         model, tokenizer = nomoat.load(str(f32), dtype="float32", device="cpu", quantize=mode)
         scorers[name] = nomoat_scorer(model)
-    if peer:
-        files = {"llamacpp_f32": f32}
-        for name, spec in LLAMACPP.items():
-            if spec is not None:
-                log(f"llama.cpp quantize {name}")
-                files[name] = llamacpp_quantize(f32, work / f"{name}.gguf", *spec)
-        for name, path in files.items():
-            scorers[name] = llamacpp_scorer(path, window)
-            info[f"{name}_file_bytes"] = path.stat().st_size
-    return scorers, tokenizer, info
+    return scorers, tokenizer
+
+
+def llamacpp_models(f32: Path, work: Path, window: int, info: dict[str, Any]) -> dict[str, Scorer]:
+    """llama.cpp's scorers: the reference file and its q8_0 / q4_0 / q4_0-pure quantizations (sizes into `info`)."""
+    files = {"llamacpp_f32": f32}
+    for name, spec in LLAMACPP.items():
+        if spec is not None:
+            log(f"llama.cpp quantize {name}")
+            files[name] = llamacpp_quantize(f32, work / f"{name}.gguf", *spec)
+    for name, path in files.items():
+        info[f"{name}_file_bytes"] = path.stat().st_size
+    return {name: llamacpp_scorer(path, window) for name, path in files.items()}
 
 
 def _increase(stats: dict[str, dict[str, float]], name: str) -> float | None:
@@ -317,12 +321,27 @@ def main() -> None:
     except ImportError:
         peer, peer_note = False, "llama-cpp-python is not installed (pip install -e .[bench]): llama.cpp absent"
     a.work_dir.mkdir(parents=True, exist_ok=True)
-    scorers, tokenizer, info = build_scorers(gguf_path, a.work_dir, a.window, peer)
-    ids = text_ids(tokenizer, a.tokens or (2048 if a.quick else None))
-    log(f"scoring {len(ids)} tokens in windows of {a.window}, stride {a.stride}, {len(scorers)} models")
+    info: dict[str, Any] = {}
     t = time.perf_counter()
-    stats = score_windows(scorers, ids, a.window, a.stride, {k: v for k, v in REFERENCES.items() if k in scorers})
-    info["score_s"] = round(time.perf_counter() - t, 1)
+    f32 = dequantize_gguf(gguf_path, a.work_dir / "f32.gguf")
+    info["dequantize_s"] = round(time.perf_counter() - t, 1)
+    # One engine at a time (its quantized models beside its reference, window by window): about 1.5 GB at most.
+    scorers, tokenizer = nomoat_models(f32)
+    ids = text_ids(tokenizer, a.tokens or (2048 if a.quick else None))
+    refs = {k: v for k, v in REFERENCES.items() if k.startswith("nomoat")}
+    log(f"scoring {len(ids)} tokens in windows of {a.window}, stride {a.stride}: nomoat")
+    t = time.perf_counter()
+    stats = score_windows(scorers, ids, a.window, a.stride, refs)
+    info["nomoat_score_s"] = round(time.perf_counter() - t, 1)
+    del scorers
+    gc.collect()
+    if peer:
+        scorers = llamacpp_models(f32, a.work_dir, a.window, info)
+        refs = {k: v for k, v in REFERENCES.items() if k.startswith("llamacpp")}
+        log("scoring: llama.cpp")
+        t = time.perf_counter()
+        stats.update(score_windows(scorers, ids, a.window, a.stride, refs))
+        info["llamacpp_score_s"] = round(time.perf_counter() - t, 1)
     results = [{"model": name, **{k: round(v, 6) if isinstance(v, float) else v for k, v in s.items()},
                 "ppl_increase": None if _increase(stats, name) is None else round(_increase(stats, name), 5)}
                for name, s in stats.items()]  # fmt: skip

@@ -40,7 +40,8 @@ def test_measured_cells_come_from_a_bench_sizes_json(tmp_path: Path) -> None:
             {"mode": "int8", "rss_base": 500_000_000, "rss_growth_peak": 1_500_000_000}]},
         {"shape": "3b", "layers": 2, "part": "load", "results": [  # a cut model is not the real size: ignored
             {"mode": "int8", "rss_base": 1, "rss_growth_peak": 1}]},
-        {"shape": "1b", "layers": layers, "part": "qlora", "engines": {"nomoat": {"peak_rss": 2_500_000_000}}}]}  # fmt: skip
+        {"shape": "1b", "layers": layers, "part": "qlora",
+         "engines": {"nomoat": {"peak_rss": 2_500_000_000}}}]}  # fmt: skip
     path = tmp_path / "sizes.json"
     path.write_text("log line\n" + json.dumps(out) + "\n")
     cells = laptop_table.measured_cells(path)

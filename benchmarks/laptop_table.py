@@ -18,7 +18,9 @@ a browser running. Measured cells come from a bench_sizes JSON (`--measured`): t
 and of QLoRA training (rest fp32); cells bench_sizes does not measure read "-".
 
     python benchmarks/laptop_table.py                                    # print the tables (markdown)
-    python benchmarks/laptop_table.py --measured sizes.json --write docs/laptop.md
+    python benchmarks/laptop_table.py --measured sizes.json --quality quality.json --write docs/laptop.md
+
+`--quality` adds the perplexity table of a benchmarks/bench_quality.py run (between the doc's quality markers).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ TRAIN_MODE = {"LoRA, bf16 base": None, "QLoRA, nf4 base, rest fp32": "qlora", "Q
 PREFERENCE = ["bf16", "int8", "int4"]  # the first that fits is the recommendation (fp32 gains nothing in quality)
 LOAD_MEASURED = {"bf16", "int8", "int4"}  # the formats bench_sizes loads
 BEGIN, END = "<!-- laptop_table:begin -->", "<!-- laptop_table:end -->"
+QUALITY_BEGIN, QUALITY_END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 
 def config(shape: dict[str, Any]) -> ModelConfig:
@@ -196,17 +199,37 @@ def render(measured: dict[tuple[str, str], float]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_between_markers(doc: Path, text: str) -> None:
-    """Replace what lies between `BEGIN` and `END` in `doc` by `text`."""
+def render_quality(data: dict[str, Any]) -> str:
+    """The perplexity table of a bench_quality JSON (its last line), with its ratios."""
+    if data.get("skipped"):
+        return f"Not measured: {data['skipped']}\n"
+    out = [f"{data['text_tokens']} tokens of `{data['text']}`, windows of {data['window']} (stride {data['stride']}); "
+           f"{data['machine']}.", "",
+           "| engine, format | perplexity | increase over its full precision | KL divergence (nats/token) | "
+           "top-1 agreement |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in data["results"]:
+        inc = r.get("ppl_increase")
+        kld, top1 = r.get("kld"), r.get("top1_agreement")
+        out.append(f"| {r['model'].replace('_', ' ', 1)} | {r['perplexity']:.4f} | "
+                   f"{'-' if inc is None else f'{100 * inc:+.2f}%'} | {'-' if kld is None else f'{kld:.5f}'} | "
+                   f"{'-' if top1 is None else f'{100 * top1:.1f}%'} |")  # fmt: skip
+    out += ["", "nomoat / llama.cpp (below 1: nomoat loses less):", ""]
+    out += [f"- `{k}`: {v}" for k, v in data.get("ratios", {}).items()]
+    return "\n".join(out) + "\n"
+
+
+def write_between_markers(doc: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what lies between `begin` and `end` in `doc` by `text`."""
     content = doc.read_text()
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{text}{end}{tail}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measured", type=Path, help="a bench_sizes JSON output (its last line is read)")
+    ap.add_argument("--quality", type=Path, help="a bench_quality JSON output: its perplexity table too")
     ap.add_argument("--write", type=Path, help=f"replace the part of this file between {BEGIN} and {END}")
     ap.add_argument("--json", action="store_true", help="print the computed rows as JSON instead")
     a = ap.parse_args()
@@ -215,10 +238,13 @@ def main() -> None:
                           "fine_tune": train_rows()}))  # fmt: skip
         return
     text = render(measured_cells(a.measured))
+    quality = render_quality(json.loads(a.quality.read_text().strip().splitlines()[-1])) if a.quality else None
     if a.write:
         write_between_markers(a.write, text)
+        if quality is not None:
+            write_between_markers(a.write, quality, QUALITY_BEGIN, QUALITY_END)
     else:
-        print(text, end="")
+        print(text + (f"\n{quality}" if quality else ""), end="")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,19 @@ def test_write_replaces_only_between_the_markers(tmp_path: Path) -> None:
     doc.write_text(f"intro\n{laptop_table.BEGIN}\nold\n{laptop_table.END}\noutro\n")
     laptop_table.write_between_markers(doc, "new\n")
     assert doc.read_text() == f"intro\n{laptop_table.BEGIN}\nnew\n{laptop_table.END}\noutro\n"
+
+
+def test_quality_table_from_a_bench_quality_json(tmp_path: Path) -> None:
+    data = {"text": "alice_ch1_2.txt", "text_tokens": 2048, "window": 512, "stride": 256, "machine": "x86_64",
+            "results": [{"model": "nomoat_fp32", "perplexity": 10.0, "ppl_increase": None},
+                        {"model": "nomoat_int4", "perplexity": 10.5, "ppl_increase": 0.05, "kld": 0.02,
+                         "top1_agreement": 0.9}],
+            "ratios": {"int4_ppl_increase_vs_q4_0": 0.8}}  # fmt: skip
+    text = laptop_table.render_quality(data)
+    assert "| nomoat int4 | 10.5000 | +5.00% | 0.02000 | 90.0% |" in text
+    assert "| nomoat fp32 | 10.0000 | - | - | - |" in text and "`int4_ppl_increase_vs_q4_0`: 0.8" in text
+    doc = tmp_path / "laptop.md"
+    doc.write_text(f"a\n{laptop_table.QUALITY_BEGIN}\nold\n{laptop_table.QUALITY_END}\nb\n")
+    laptop_table.write_between_markers(doc, text, laptop_table.QUALITY_BEGIN, laptop_table.QUALITY_END)
+    assert doc.read_text() == f"a\n{laptop_table.QUALITY_BEGIN}\n{text}{laptop_table.QUALITY_END}\nb\n"
+    assert laptop_table.render_quality({"skipped": "no model"}) == "Not measured: no model\n"

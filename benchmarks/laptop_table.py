@@ -64,6 +64,9 @@ TRAIN_MODE = {"LoRA, bf16 base": None, "QLoRA, nf4 base, rest fp32": "qlora", "Q
 PREFERENCE = ["bf16", "int8", "int4"]  # the first that fits is the recommendation (fp32 gains nothing in quality)
 LOAD_MEASURED = {"bf16", "int8", "int4"}  # the formats bench_sizes loads
 BEGIN, END = "<!-- laptop_table:begin -->", "<!-- laptop_table:end -->"
+QUALITY_LABELS = {"nomoat_fp32": "nomoat fp32", "nomoat_int8": "nomoat int8", "nomoat_int4": "nomoat int4",
+                  "llamacpp_f32": "llama.cpp F32", "llamacpp_q8_0": "llama.cpp q8_0", "llamacpp_q4_0": "llama.cpp q4_0",
+                  "llamacpp_q4_0_pure": "llama.cpp q4_0 pure"}  # fmt: skip
 QUALITY_BEGIN, QUALITY_END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 
@@ -210,10 +213,15 @@ def render_quality(data: dict[str, Any]) -> str:
     for r in data["results"]:
         inc = r.get("ppl_increase")
         kld, top1 = r.get("kld"), r.get("top1_agreement")
-        out.append(f"| {r['model'].replace('_', ' ', 1)} | {r['perplexity']:.4f} | "
+        out.append(f"| {QUALITY_LABELS.get(r['model'], r['model'])} | {r['perplexity']:.4f} | "
                    f"{'-' if inc is None else f'{100 * inc:+.2f}%'} | {'-' if kld is None else f'{kld:.5f}'} | "
                    f"{'-' if top1 is None else f'{100 * top1:.1f}%'} |")  # fmt: skip
-    out += ["", "nomoat / llama.cpp (below 1: nomoat loses less):", ""]
+    out += [
+        "",
+        "nomoat / llama.cpp (below 1: nomoat loses less; `fp32_ppl_vs_llamacpp_f32` near 1: both engines score "
+        "the reference alike):",
+        "",
+    ]
     out += [f"- `{k}`: {v}" for k, v in data.get("ratios", {}).items()]
     return "\n".join(out) + "\n"
 

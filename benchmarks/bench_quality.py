@@ -60,8 +60,17 @@ THREADS = 2
 Scorer = Callable[[Sequence[int], int], torch.Tensor]
 
 
+def peak_rss_gb() -> float | None:
+    """This process's peak resident memory so far (VmHWM), in GB; None where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")) / 1e9
+    except (OSError, StopIteration):
+        return None
+
+
 def log(msg: str) -> None:
-    print(f"[bench_quality] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench_quality] {msg} (peak RSS so far {peak_rss_gb() or 0:.2f} GB)", file=sys.stderr, flush=True)
 
 
 # ---- the metric --------------------------------------------------------------------------------------------------
@@ -199,11 +208,14 @@ def dequantize_gguf(src: Path, out: Path) -> Path:
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         value = int(gguf.LlamaFileType.ALL_F32) if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
         writer.add_key_value(field.name, value, kind, sub_type=sub)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+    shapes = [tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors]  # numpy order: (rows, columns)
+    for t, shape in zip(reader.tensors, shapes):
+        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), 4 * math.prod(shape), gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for t, shape in zip(reader.tensors, shapes):  # one tensor in memory at a time
+        writer.write_tensor_data(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape))
     writer.close()
     tmp.replace(out)
     return out
@@ -345,6 +357,7 @@ def main() -> None:
     results = [{"model": name, **{k: round(v, 6) if isinstance(v, float) else v for k, v in s.items()},
                 "ppl_increase": None if _increase(stats, name) is None else round(_increase(stats, name), 5)}
                for name, s in stats.items()]  # fmt: skip
+    info["peak_rss_gb"] = peak_rss_gb()
     print(json.dumps({**head, "model": str(gguf_path), "text_tokens": len(ids), "peer": peer_note, "setup": info,
                       "results": results, "ratios": ratios_of(stats)}))  # fmt: skip
 

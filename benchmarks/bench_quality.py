@@ -23,7 +23,8 @@ Ratios (lower is better, <= 1 meets issue's bar): `int8_ppl_increase_vs_q8_0` = 
 and `*_kld_vs_*` on the KL divergences. `fp32_ppl_vs_llamacpp_f32` checks that both engines score the reference
 alike (about 1.0; llama.cpp keeps its KV cache in f16 by default, as run here).
 
-Threads: 2 for both (`OMP_WAIT_POLICY=PASSIVE` unless set). One engine's models are loaded at a time: peak about 2 GB.
+Threads: 2 for both (`OMP_WAIT_POLICY=PASSIVE` unless set). One engine's models are loaded at a time; the peak RSS,
+about 5 GB, is llama.cpp's four contexts, each keeping every position's logits.
 
     python benchmarks/bench_quality.py [--quick] [--window 512] [--stride 256] [--tokens N]
 

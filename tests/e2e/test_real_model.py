@@ -115,8 +115,8 @@ def test_lora_finetune_export_and_reimport(gguf_path: Path, ours, tmp_path: Path
     assert r.returncode == 0, r.stderr[-2000:]
     adapter = next(p.parent for p in out.rglob("adapter_config.json"))
     for how in (["--merge"], []):  # the default load keeps the file's 4-bit blocks: merging dequantizes them first
-        cmd = [sys.executable, "-m", "nomoat.cli", "generate", str(gguf_path), "Say apple.", "--adapter", str(adapter),
-               *how, "--max-tokens", "4"]  # fmt: skip
+        cmd = [sys.executable, "-m", "nomoat.cli", "generate", str(gguf_path), "-p", "Say apple.",
+               "--adapter", str(adapter), *how, "--max-tokens", "4"]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert r.returncode == 0 and r.stdout.strip(), (how, r.stderr[-2000:])
     merged = export_merged(gguf_path, [(adapter, 1.0)], tmp_path / "merged")

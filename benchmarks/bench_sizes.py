@@ -11,8 +11,10 @@ fresh subprocess, so its peak RSS (/proc VmHWM) is its own:
 - qlora: nomoat QLoRA (NF4 base loaded straight into NF4, frozen products in bf16 where the CPU has it, LoRA r16
   alpha 32 on all linear layers in fp32, AdamW) against transformers + PEFT LoRA over a bf16 model (the same LoRA),
   sequence 512, batch 1, random tokens, plain torch loops; tokens/s after warm-up steps and the process's peak RSS.
-  Targets: peak RSS at 1B <= 3 GB, 3B <= 6 GB, 8B <= 12 GB; tokens/s >= 2x PEFT's at 1B. The 8B shape is measured
-  cut to two layer counts and extrapolated per layer to 32 (both measurements are in the JSON).
+  Targets: peak RSS at 1B <= 3 GB, 3B <= 6 GB, 8B <= 12 GB; tokens/s >= 2x PEFT's at 1B. The 3B and 8B shapes are
+  measured cut to 2 and 4 layers and extrapolated per layer (both measurements are in the JSON). nomoat runs as
+  `nomoat train --quantize-base nf4 --dtype bfloat16` does: embeddings, norms and head in bf16 under bf16 autocast.
+  `--malloc-check` adds nomoat with `NOMOAT_MALLOC_TUNING=0`; each run reports its RSS after every step.
 - decode: nomoat's engine on the bf16 model (what `dtype="auto"` loads on a CPU with AVX-512-BF16) against llama.cpp
   (llama-cpp-python) on an f16 GGUF of the same weights written by llama.cpp's own converter
   (`llamacpp_converter.py`), each in fresh processes, interleaved (nomoat, llama.cpp, nomoat, ...; `--decode-rounds`),
@@ -55,6 +57,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 QLORA_TARGET_GB = {"1b": 3.0, "3b": 6.0, "8b": 12.0}
 # The 8B shape trains cut to these layer counts; the full model is extrapolated per layer.
 CUT_8B = (2, 4)
+# QLoRA rows measured on cut models (two layer counts, extrapolated per layer) so that no run passes ~5 GB here.
+QLORA_CUTS = {"3b": (2, 4), "8b": CUT_8B}
 RANK, ALPHA, LR, SEQ = 16, 32, 2e-4, 512
 
 
@@ -143,25 +147,36 @@ RANK, ALPHA, LR, SEQ = 16, 32, 2e-4, 512
 torch.set_num_threads(threads)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 t0 = time.perf_counter()
-if engine == "nomoat":
+autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+if engine.startswith("nomoat"):
     from nomoat.config import LoRAConfig
     from nomoat.lora import inject_lora, trainable_parameters
     from nomoat.lora.nf4 import NF4Linear, load_model_nf4
     from nomoat.train.allocator import tune_cpu_allocator
     from nomoat.train.loss import causal_lm_loss_sum
 
-    tuned = tune_cpu_allocator()  # as the training loop does
-    model = load_model_nf4(path, "float32", "cpu")
+    tuned = tune_cpu_allocator()  # as the training loop does (NOMOAT_MALLOC_TUNING=0 turns it off)
+    # As `nomoat train --quantize-base nf4 --dtype bfloat16`: NF4 linears, the rest bf16, bf16 autocast.
+    model = load_model_nf4(path, "bfloat16", "cpu")
+    rss_loaded = status("VmRSS")
+    by_dtype = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        by_dtype[str(t.dtype)] = by_dtype.get(str(t.dtype), 0) + t.numel() * t.element_size()
     compute = str(next(m for m in model.modules() if isinstance(m, NF4Linear)).compute_dtype)
     inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=0.0, target_modules=TARGETS))
+    for p in model.parameters():  # adapters train in fp32 over the bf16 rest, as the recipe does
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     model.train()
     params = list(trainable_parameters(model).values())
 
     def loss_of(ids):
-        hidden = model(ids, return_hidden=True)
-        s, n = causal_lm_loss_sum(model, hidden, ids)
+        with autocast:
+            hidden = model(ids, return_hidden=True)
+            s, n = causal_lm_loss_sum(model, hidden, ids, 256)  # the recipe's default loss_chunk
         return s / n
-    extra = {"malloc_tuning": tuned, "nf4_compute_dtype": compute, "unquantized_dtype": "float32"}
+    extra = {"malloc_tuning": tuned, "nf4_compute_dtype": compute, "unquantized_dtype": "bfloat16",
+             "adapter_dtype": str(params[0].dtype), "base_bytes_by_dtype": by_dtype, "rss_after_load": rss_loaded}
 else:
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -179,10 +194,10 @@ opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
 setup_s, rss_setup = time.perf_counter() - t0, status("VmRSS")
 g = torch.Generator().manual_seed(0)
 vocab = model.config.vocab_size
-times, losses = [], []
+times, cpu, losses, rss_steps = [], [], [], []
 for i in range(warmup + steps):
     ids = torch.randint(3, vocab, (1, SEQ), generator=g)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     loss = loss_of(ids)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -190,10 +205,13 @@ for i in range(warmup + steps):
     opt.zero_grad(set_to_none=True)
     losses.append(float(loss.detach()))
     times.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
+    rss_steps.append(status("VmRSS"))
     print(f"  {engine} step {i + 1}: {times[-1]:.2f} s, loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
 measured = times[warmup:]
 print(json.dumps({"engine": engine, "setup_s": round(setup_s, 2), "rss_after_setup": rss_setup,
-                  "peak_rss": status("VmHWM"), "step_s": [round(x, 3) for x in measured],
+                  "peak_rss": status("VmHWM"), "rss_after_steps": rss_steps, "step_s": [round(x, 3) for x in measured],
+                  "step_cpu_s": [round(x, 3) for x in cpu[warmup:]],
                   "tokens_per_s": round(SEQ * len(measured) / sum(measured), 2), "losses": losses, **extra}))
 """
 
@@ -222,13 +240,19 @@ def measure_load(folder: Path, tiny: Path, threads: int) -> list[dict[str, Any]]
 
 
 def measure_train(folder: Path, a: argparse.Namespace) -> dict[str, Any]:
-    engines = ["nomoat"] + ([] if a.no_peft else ["peft"])
+    """QLoRA training per engine; `nomoat-untuned` is nomoat with `NOMOAT_MALLOC_TUNING=0` (glibc's defaults)."""
+    engines = ["nomoat"] + ([] if a.no_peft else ["peft"]) + (["nomoat-untuned"] if a.malloc_check else [])
     out: dict[str, Any] = {}
     for engine in engines:
         if engine == "peft" and not _has("peft"):
             out[engine] = {"absent": "peft is not installed (pip install -e .[bench])"}
             continue
-        out[engine] = run(TRAIN_WORKER, [engine, str(folder), str(a.steps), str(a.warmup), str(a.threads)])
+        env = {"NOMOAT_MALLOC_TUNING": "0"} if engine == "nomoat-untuned" else None
+        out[engine] = run(TRAIN_WORKER, [engine, str(folder), str(a.steps), str(a.warmup), str(a.threads)], env)
+        r = out[engine]
+        if r is not None:
+            log(f"  {engine}: {r['tokens_per_s']} tok/s, peak RSS {r['peak_rss'] / GB:.2f} GB, after the last step "
+                f"{r['rss_after_steps'][-1] / GB:.2f} GB")
     return out
 
 
@@ -368,18 +392,30 @@ def decode_vs_llamacpp(folder: Path, shape: str, a: argparse.Namespace) -> dict[
 
 
 def qlora_entry(shape: str, folder_for: Any, a: argparse.Namespace) -> dict[str, Any]:
-    """QLoRA measurements of one shape; the 8B shape through two cuts and a per-layer extrapolation."""
+    """QLoRA measurements of one shape; 3B and 8B through two cuts and a per-layer extrapolation."""
     spec = SHAPES[shape]
-    if shape != "8b" or a.layers:
+    if shape not in QLORA_CUTS or a.layers:
         n = a.layers or spec["layers"]
         return {"layers": n, "engines": measure_train(folder_for(shape, n), a)}
-    cuts = {n: measure_train(folder_for(shape, n), a) for n in CUT_8B}
+    lo_n, hi_n = QLORA_CUTS[shape]
+    cuts = {n: measure_train(folder_for(shape, n), a) for n in (lo_n, hi_n)}
     entry: dict[str, Any] = {"layers": spec["layers"], "cuts": cuts, "engines": {}}
-    for engine in cuts[CUT_8B[0]]:
-        lo, hi = cuts[CUT_8B[0]].get(engine), cuts[CUT_8B[1]].get(engine)
+    for engine in cuts[lo_n]:
+        lo, hi = cuts[lo_n].get(engine), cuts[hi_n].get(engine)
         if lo and hi and "step_s" in lo and "step_s" in hi:
-            entry["engines"][engine] = {**extrapolate(lo, hi, *CUT_8B, spec["layers"]), "engine": engine}
+            entry["engines"][engine] = {**extrapolate(lo, hi, lo_n, hi_n, spec["layers"]), "engine": engine}
     return entry
+
+
+def qlora_memory_ratios(shape: str, entry: dict[str, Any]) -> dict[str, float]:
+    """Steady-state RSS (after the last step) of the measured runs, with and without the allocator tuning."""
+    out: dict[str, float] = {}
+    for engine, key in (("nomoat", "tuned"), ("nomoat-untuned", "untuned")):
+        r = entry["engines"].get(engine) or {}
+        if r.get("rss_after_steps"):
+            out[f"{shape}_qlora_steady_rss_gb_malloc_{key}"] = round(r["rss_after_steps"][-1] / GB, 2)
+            out[f"{shape}_qlora_peak_rss_gb_malloc_{key}"] = round(r["peak_rss"] / GB, 2)
+    return out
 
 
 def machine(threads: int) -> str:
@@ -409,6 +445,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="training steps before measuring")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT peer")
+    ap.add_argument("--malloc-check", action="store_true",
+                    help="also train nomoat with NOMOAT_MALLOC_TUNING=0 (the allocator's effect on memory)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: load, qlora, decode")
     ap.add_argument("--decode-tokens", type=int, default=0, help="new tokens per decode run (0: 2048, quick 128)")
     ap.add_argument("--decode-rounds", type=int, default=2, help="interleaved nomoat / llama.cpp decode rounds")
@@ -436,6 +474,7 @@ def main() -> None:
             entry = qlora_entry(shape, folder_for, a)
             results.append({"shape": shape, "part": "qlora", **entry})
             ours, peer = entry["engines"].get("nomoat"), entry["engines"].get("peft")
+            ratios.update(qlora_memory_ratios(shape, entry))
             if ours:
                 ratios[f"{shape}_qlora_peak_rss_gb"] = round(ours["peak_rss"] / GB, 2)
                 if not a.layers:

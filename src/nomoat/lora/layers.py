@@ -41,6 +41,8 @@ class QuantizedBaseMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         """Input gradient `grad @ W`, with `W` dequantized for this product only (in the base's compute dtype)."""
+        if isinstance(ctx.qbase, NF4Linear):
+            return ctx.qbase.grad_input(grad), None  # a tile of `W` at a time
         cd = getattr(ctx.qbase, "compute_dtype", None) or grad.dtype
         w = ctx.qbase.dequantize(cd)  # (out, in), freed on return
         return (grad.to(cd) @ w).to(grad.dtype), None
@@ -270,8 +272,10 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         out_dtype = result.dtype
-        xa = x.to(self.lora_A.weight.dtype)
-        if self.lora_magnitude_vector is None and result.dtype == xa.dtype:
+        # Under autocast the adapter's products run in the autocast dtype: `x` goes in as it is (an fp32 copy would
+        # be cast straight back, and both copies kept for the backward pass).
+        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        if self.lora_magnitude_vector is None and result.dtype == xa.dtype == self.lora_A.weight.dtype:
             # result += scaling * (A x) B^T in place, one addmm: no (tokens, out) temporary, copy or fresh pages (an
             # out-of-place addmm copies `result` first: measured 8 ms per (1024, 1536) product in training). The base
             # product's backward needs its inputs, not its output, so autograd allows the in-place update.

@@ -9,12 +9,14 @@ absmax of its block of 64 consecutive weights maps to the nearest of the 16 `NF4
 in [-1, 1], with an exact zero); two codes per byte, one fp32 absmax per block. The adapter on top stays in full
 precision. The frozen product runs in `NF4Linear.compute_dtype` (bitsandbytes' `compute_dtype`): in bf16 where the CPU
 has fast bf16 products, the dequantized weight takes half the bytes, while the input, output, adapter and optimizer
-stay fp32.
+stay fp32. The weight is never dequantized whole: forward and backward (`NF4Linear.grad_input`) dequantize one tile
+of at most `CHUNK_ELEMENTS` weights straight into the compute dtype, use it for one product and drop it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -34,7 +36,7 @@ NF4_CODEBOOK = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
-# Weights dequantized per chunk in `NF4Linear.forward`: bounds the temporary full-precision matrix.
+# Weights dequantized per tile in `NF4Linear.forward` and `grad_input`: bounds the temporary dequantized matrix.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -75,20 +77,59 @@ def dequantize_nf4(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The tensor of `shape` that NF4 `packed`/`absmax` stand for, in `dtype` (computed in fp32)."""
-    values = _pair_table(packed.device)[packed.long()].view(-1, block_size) * absmax[:, None]  # (blocks, block)
+    if block_size % 4 or packed.numel() % 2:
+        values = _pair_table(packed.device)[packed.long()].view(-1, block_size) * absmax[:, None]  # (blocks, block)
+        return values.reshape(shape).to(dtype)
+    values = _decode(packed.view(-1, block_size // 2), absmax.view(-1, 1), torch.float32, block_size)  # (blocks, bs)
     return values.reshape(shape).to(dtype)
 
 
+def _decode(packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype, block_size: int) -> torch.Tensor:
+    """Dequantize rows of codes: `packed` uint8 (R, C / 2) (any strides), `absmax` (R, C / block_size): (R, C).
+
+    One table lookup per two bytes (four codes). fp32 gives exactly `codebook[code] * absmax`; a 2-byte `dtype`
+    (the bf16 compute path) multiplies codebook value and absmax rounded to `dtype` (three roundings: within
+    3 * 2^-8 of the exact value, far inside the quantization error).
+    """
+    rows, packed = packed.shape[0], packed.contiguous()
+    if packed.device.type == "cpu":
+        pairs = packed.view(torch.uint16).int().view(-1)  # (R * C / 4,): four codes each
+    else:  # the same numbers from integer ops every backend has
+        two = packed.view(-1, 2).int()
+        pairs = (two[:, 0] | two[:, 1] << 8) if sys.byteorder == "little" else (two[:, 0] << 8 | two[:, 1])
+    table = _quad_table(packed.device, dtype)
+    if dtype.itemsize == 2:
+        values = table.view(torch.int64).view(-1).index_select(0, pairs).view(dtype)  # (R * C,)
+    else:
+        values = table.index_select(0, pairs)  # (R * C / 4, 4)
+    scale = absmax if dtype == torch.float32 else absmax.to(dtype)
+    values = values.view(rows, -1, block_size).mul_(scale[:, :, None]).view(rows, -1)  # (R, C)
+    return values if values.dtype == dtype else values.to(dtype)
+
+
 _PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+_QUAD_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _pair_table(device: torch.device) -> torch.Tensor:
-    """(256, 2) fp32: the two codebook values each byte holds (high nibble first): one lookup per byte, not two."""
+    """(256, 2) fp32: the two codebook values each byte holds (high nibble first)."""
     table = _PAIR_TABLES.get(device)
     if table is None:
         with torch.inference_mode(False):  # a normal tensor even when first made while generating
             book, byte = nf4_codebook(device), torch.arange(256, device=device)
             table = _PAIR_TABLES[device] = torch.stack([book[byte >> 4], book[byte & 15]], dim=1)
+    return table
+
+
+def _quad_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(65536, 4) `dtype`: the four codebook values two packed bytes hold, indexed by the bytes read as one uint16."""
+    key = (device, dtype)
+    table = _QUAD_TABLES.get(key)
+    if table is None:
+        with torch.inference_mode(False):
+            pairs, v = _pair_table(device), torch.arange(1 << 16, device=device)
+            first, second = (v & 255, v >> 8) if sys.byteorder == "little" else (v >> 8, v & 255)
+            table = _QUAD_TABLES[key] = torch.cat([pairs[first], pairs[second]], dim=1).to(dtype).contiguous()
     return table
 
 
@@ -147,19 +188,27 @@ class NF4Linear(nn.Module):
         return new
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out, in) weight these codes stand for, in `dtype`."""
-        shape = (self.out_features, self.in_features)
-        return dequantize_nf4(self.qweight, self.absmax, shape, self.block_size, dtype)
+        """The (out, in) weight these codes stand for, in `dtype`: the weight the layer's products use.
 
-    def _rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantized output rows `[start, end)`: (end - start, in)."""
-        k = self.in_features
-        lo, hi = start * k, end * k  # element range; row boundaries are block boundaries when k % block == 0
-        if lo % self.block_size or hi % self.block_size:
-            return self.dequantize(dtype)[start:end]
-        q = self.qweight[lo // 2 : hi // 2]
-        a = self.absmax[lo // self.block_size : hi // self.block_size]
-        return dequantize_nf4(q, a, (end - start, k), self.block_size, dtype)
+        fp32 is exactly `codebook[code] * absmax`; a 2-byte dtype is computed in that dtype (see `_decode`), as
+        every tile the forward and backward passes use.
+        """
+        n, k = self.out_features, self.in_features
+        if dtype.itemsize == 2 and not (k % self.block_size or self.block_size % 4):
+            return self._tile(0, n, 0, k, dtype)
+        return dequantize_nf4(self.qweight, self.absmax, (n, k), self.block_size, dtype)
+
+    def _tile(self, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized weight tile `W[r0:r1, c0:c1]` in `dtype`: (r1 - r0, c1 - c0).
+
+        Column bounds must be multiples of the block size when blocks lie within rows (`in % block == 0`).
+        """
+        n, k, bs = self.out_features, self.in_features, self.block_size
+        if k % bs or bs % 4:
+            return dequantize_nf4(self.qweight, self.absmax, (n, k), bs, dtype)[r0:r1, c0:c1]
+        q = self.qweight.view(n, k // 2)[r0:r1, c0 // 2 : c1 // 2]  # (R, C / 2)
+        a = self.absmax.view(n, k // bs)[r0:r1, c0 // bs : c1 // bs]  # (R, C / bs)
+        return _decode(q, a, dtype, bs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to `x` (..., in_features), dequantizing at most `CHUNK_ELEMENTS` weights at a time."""
@@ -169,14 +218,30 @@ class NF4Linear(nn.Module):
         return self._product(x)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W.T + b` in `x`'s dtype."""
+        """`x @ W.T + b` in `x`'s dtype, a tile of output rows at a time."""
+        n, k = self.out_features, self.in_features
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        step = max(1, CHUNK_ELEMENTS // self.in_features)
-        if step >= self.out_features or self.in_features % self.block_size:
-            return F.linear(x, self.dequantize(x.dtype), bias)
-        out = torch.cat([F.linear(x, self._rows(i, min(i + step, self.out_features), x.dtype))
-                         for i in range(0, self.out_features, step)], dim=-1)  # fmt: skip
+        step = max(1, CHUNK_ELEMENTS // k)
+        if step >= n or k % self.block_size:
+            return F.linear(x, self._tile(0, n, 0, k, x.dtype), bias)
+        out = torch.cat([F.linear(x, self._tile(i, min(i + step, n), 0, k, x.dtype)) for i in range(0, n, step)],
+                        dim=-1)  # fmt: skip
         return out if bias is None else out + bias
+
+    def grad_input(self, grad: torch.Tensor) -> torch.Tensor:
+        """`grad @ W` (..., in) for `grad` (..., out), in the compute dtype, a tile of input columns at a time.
+
+        Each column tile's product is one output slice: no partial sums, nothing of the weight's size kept.
+        """
+        n, k, bs = self.out_features, self.in_features, self.block_size
+        cd = self.compute_dtype or grad.dtype
+        g = grad.to(cd)
+        step = max(bs, CHUNK_ELEMENTS // n // bs * bs)
+        if step >= k or k % bs:
+            out = g @ self._tile(0, n, 0, k, cd)
+        else:
+            out = torch.cat([g @ self._tile(0, n, c, min(c + step, k), cd) for c in range(0, k, step)], dim=-1)
+        return out.to(grad.dtype)
 
     def extra_repr(self) -> str:
         """Shape and block size, for `print(model)`."""

@@ -79,6 +79,7 @@ from nomoat.train.checkpointing import (
 )
 from nomoat.train.metrics import MetricsWriter, make_progress, plot_loss_curve
 from nomoat.train.optim import build_optimizer, build_scheduler, set_schedule_step
+from nomoat.train.precision import bf16_autocast
 from nomoat.util.errors import NomoatError, UsageError
 from nomoat.util.files import read_json, read_jsonl
 
@@ -95,7 +96,8 @@ class LoopSettings:
 
     Attributes:
         device: `auto`, `cpu` or `cuda[:N]`.
-        dtype: `auto` (bf16 autocast on CUDA), `float32` or `bfloat16` (bf16 autocast anywhere).
+        dtype: `auto` (bf16 autocast on CUDA, and on CPUs with native bf16 products for a bf16/fp16 checkpoint),
+            `float32` or `bfloat16` (bf16 autocast anywhere).
         seed: Seed of torch's and Python's generators, set before the recipe builds anything.
         grad_accum: Micro-batches per optimizer step.
         max_grad_norm: Global gradient-norm clipping (0: off).
@@ -252,8 +254,7 @@ class TrainingLoop:
             self.console, self.show_progress = Console(quiet=True), False
         if self.device.type == "cpu":
             tune_cpu_allocator()  # activations reuse freed memory instead of page-faulting anew each step
-        # bf16 autocast: the default on CUDA; on CPU when asked (fast where the CPU has bf16 instructions).
-        self.autocast = s.dtype in ("bfloat16", "bf16") or (s.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = bf16_autocast(s.dtype, self.device, getattr(self.cfg, "model", None))
         torch.manual_seed(s.seed)
         random.seed(s.seed)
         self.build()
@@ -566,7 +567,6 @@ class TrainingLoop:
             return out
         finally:
             self.dist.close()
-
 
     def _remove_unused_run_dir(self) -> None:
         """Remove the run folder this run made if it failed to start before writing anything there."""

@@ -91,10 +91,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad, (grad_w * grad if ctx.has_w else None), None, None, None
 
 
-def _fused_head(model: torch.nn.Module) -> torch.Tensor | None:
-    """The output head's weight when the fused loss applies (a plain bias-free linear head, no autocast)."""
+def _fused_head(model: torch.nn.Module, device: torch.device) -> torch.Tensor | None:
+    """The output head's weight when the fused loss applies.
+
+    A plain bias-free linear head, without autocast or with a head already in the autocast dtype (a bf16 base
+    under bf16 autocast: the products are the ones autocast would run).
+    """
     head = getattr(model, "lm_head", None)
-    if type(head) is not torch.nn.Linear or head.bias is not None or torch.is_autocast_enabled():
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if torch.is_autocast_enabled(device.type) and head.weight.dtype != torch.get_autocast_dtype(device.type):
         return None
     return head.weight
 
@@ -123,10 +129,10 @@ def causal_lm_loss_sum(
         return hidden.sum() * 0.0, 0
     h = hidden[:, :-1][keep]  # (n, D): only the positions that have a label
     y = targets[keep]  # (n,)
-    weight = _fused_head(model)
+    weight = _fused_head(model, h.device)
     if weight is not None and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         softcap = getattr(getattr(model, "config", None), "final_logit_softcap", None)
-        return _LinearCrossEntropy.apply(h, weight, y, chunk, softcap), n
+        return _LinearCrossEntropy.apply(h.to(weight.dtype), weight, y, chunk, softcap), n
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk):
         hc, yc = h[start : start + chunk], y[start : start + chunk]

@@ -212,7 +212,7 @@ def test_bad_target_and_config_errors(folders):
     ]:
         with pytest.raises(ValueError, match=msg):
             LoRAConfig(**kwargs)
-    with pytest.raises(ValueError, match="unknown LoRAConfig keys: rank"):
+    with pytest.raises(ValueError, match="unknown lora keys: rank"):
         LoRAConfig.from_dict({"rank": 4})
     cfg = LoRAConfig(r=4, alpha=8.0, use_dora=True, modules_to_save=["lm_head"])
     assert LoRAConfig.from_dict(cfg.to_dict()) == cfg

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from nomoat.config import LoRAConfig
 from nomoat.lora import (
     AdapterError,
+    disable_lora,
     inject_lora,
     load_adapter,
     lora_layers,
@@ -110,6 +111,26 @@ def test_modules_to_save_lm_head(folders, tmp_path, family):
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     peft_model = PeftModel.from_pretrained(load_hf(folders[family]), out).eval()
     compare(model, peft_model)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_disable_lora_turns_modules_to_save_off_like_peft(folders, tmp_path, family):
+    """With the adapter off (a DPO/GRPO reference model), a head in modules_to_save is the base head again, as in
+    peft's `disable_adapter()`; on exit the trained head is back."""
+    model = load_model(folders[family], dtype=torch.float32, device="cpu")
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    inject_lora(model, cfg)
+    randomize_ours(model)
+    trained_head = model.lm_head.weight
+    out = save_adapter(model, tmp_path / "a", cfg, str(folders[family]))
+    peft_model = PeftModel.from_pretrained(load_hf(folders[family]), out).eval()
+    with peft_model.disable_adapter(), disable_lora(model):
+        off = compare(model, peft_model)
+    on = compare(model, peft_model)
+    assert model.lm_head.weight is trained_head and trained_head.requires_grad
+    assert (off - on).abs().max() > 1e-3  # the head (and LoRA) matter, so the check means something
+    with disable_lora(model):
+        compare(model, load_hf(folders[family]).eval())  # the base model itself
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "lm_head"])

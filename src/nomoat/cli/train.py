@@ -250,13 +250,12 @@ def train(
         method=method, beta=beta, precompute_ref=precompute_ref or None, init_adapter=init_adapter, reward=reward,
         reward_weights=reward_weight, num_generations=num_generations, max_new_tokens=max_new_tokens,
         temperature=temperature, loss_type=loss_type, epsilon=epsilon, desirable_weight=desirable_weight,
-        undesirable_weight=undesirable_weight,
+        undesirable_weight=undesirable_weight, fsdp=fsdp or None,
     )  # fmt: skip
     try:
         cfg = load_train_config(config, **options)
         extra = {"sampler": engine_sampler} if cfg.method in ("grpo", "rloo") else {}
         recipe = _recipe(cfg.method)(cfg, progress=progress, **extra)
-        recipe.settings.fsdp = fsdp  # read by the loop; a run file cannot ask for it yet
         recipe.run()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

@@ -1,7 +1,7 @@
 """LoRA adapter configuration: the knobs of a low-rank adapter, in the vocabulary of PEFT's `LoraConfig`.
 
 Plain data: it serializes to a dict (and so to YAML or JSON) and validates itself on construction, so a bad value
-fails where it was written, with a message naming the field.
+fails where it was written, with a message naming the run file's key (`lora.r`) and `nomoat train`'s flag (`--rank`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,17 @@ from typing import Any
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian")
+# field -> `nomoat train`'s flag for it (error messages name the run file's key `lora.NAME` and the flag).
+FLAGS = {
+    "r": "--rank", "alpha": "--alpha", "dropout": "--dropout", "target_modules": "--target", "use_rslora": "--rslora",
+    "use_dora": "--dora", "modules_to_save": "--train-module",
+}  # fmt: skip
+
+
+def _bad(name: str, problem: str) -> ValueError:
+    """The error for a bad value of field `name`, worded with the names a user writes."""
+    flag = f" ({FLAGS[name]} on the command line)" if name in FLAGS else ""
+    return ValueError(f"lora.{name} {problem}{flag}")
 
 
 @dataclass
@@ -48,31 +59,29 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
+            raise _bad("r", f"must be a positive integer, got {self.r!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"LoRAConfig.alpha must be a positive number, got {self.alpha!r}")
+            raise _bad("alpha", f"must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise _bad("dropout", f"must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.target_modules, str):
             if not self.target_modules:
-                raise ValueError("LoRAConfig.target_modules is empty: name at least one layer, or use 'all-linear'")
+                raise _bad("target_modules", "is empty: name at least one layer, or use 'all-linear'")
         else:
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(
-                    f"LoRAConfig.target_modules must be a non-empty list of layer names or 'all-linear', "
-                    f"got {self.target_modules!r}"
-                )
+                raise _bad("target_modules", "must be a non-empty list of layer names or 'all-linear', "
+                           f"got {self.target_modules!r}")  # fmt: skip
         self.modules_to_save = list(self.modules_to_save or [])
         if not all(isinstance(m, str) and m for m in self.modules_to_save):
-            raise ValueError(f"LoRAConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+            raise _bad("modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}")
         if self.bias != "none":
-            raise ValueError(f"LoRAConfig.bias must be 'none' (biases stay frozen), got {self.bias!r}")
+            raise _bad("bias", f"must be 'none' (biases stay frozen), got {self.bias!r}")
         if self.init not in INITS:
-            raise ValueError(f"LoRAConfig.init must be one of {', '.join(INITS)}, got {self.init!r}")
+            raise _bad("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         for name in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LoRAConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise _bad(name, f"must be true or false, got {getattr(self, name)!r}")
 
     @property
     def scaling(self) -> float:
@@ -93,5 +102,5 @@ class LoRAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown LoRAConfig keys: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+            raise ValueError(f"unknown lora keys: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         return cls(**data)

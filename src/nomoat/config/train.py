@@ -89,6 +89,7 @@ class TrainConfig:
         quantize_base: Quantize the frozen base (`int8`, `int4`, `nf4`) while the adapter trains in full precision.
         limit: Use only the first N examples of the data (quick experiments).
         resume: Continue the run from its newest checkpoint.
+        fsdp: With several processes (`--nproc`, torchrun): shard the frozen base and the adapter over them (FSDP2).
     """
 
     model: str = ""
@@ -141,6 +142,7 @@ class TrainConfig:
     temperature: float = 1.0
     loss_type: str = "dapo"
     epsilon: float = 0.2
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -190,6 +192,8 @@ class TrainConfig:
             raise ConfigError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("max_grad_norm and weight_decay must not be negative")
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"fsdp must be true or false, got {self.fsdp!r}")
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 

@@ -465,7 +465,9 @@ def _architecture(writer: gguf.GGUFWriter, cfg: ModelConfig, outtype: str) -> No
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_file_type(OUTTYPES[outtype][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if cfg.sliding_window and "sliding_attention" in cfg.layer_types:
+    # llama.cpp reads a Phi-3 window only to warn that it runs Phi-3 in full (llama-model.cpp, LLM_ARCH_PHI3: "Phi SWA
+    # is currently disabled"), so the key is left out; `_warn_sliding_window` tells the user instead.
+    if cfg.sliding_window and "sliding_attention" in cfg.layer_types and cfg.family != "phi3":
         writer.add_sliding_window(int(cfg.sliding_window))
         if cfg.family == "gemma3_text":  # llama.cpp otherwise assumes five sliding layers of six
             writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])

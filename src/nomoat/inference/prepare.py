@@ -10,7 +10,9 @@ the twin's layers), embeddings, norms and rotary tables are shared, and each lin
   the weights exist once;
 - int8 `QuantizedLinear`: its own int8 panels, shared; int4 `QuantizedLinear`: its 4-bit panels, shared
   (`Q4PanelLinear`; with `quantize="int4"`, fp32 / bf16 layers are quantized to them);
-- anything else (int4, another device, a LoRA layer under training), or no compiled kernels: the layer itself.
+- a `LoRALinear` (a model with LoRA injected, e.g. under training): `LiveLayer`, which runs it with its adapter as it
+  is at each call;
+- anything else (another device), or no compiled kernels: the layer itself.
 With the compiled kernels and a Llama/Mistral/Qwen2-style model, decode steps then run as one call (`stack.py`);
 other fp32 models run their layers with one attention call per layer at decode (`attention.py`).
 """
@@ -29,6 +31,7 @@ from nomoat.inference.attention import KernelAttention
 from nomoat.inference.bf16_linear import Bf16Linear
 from nomoat.inference.decode_model import DecodeModel
 from nomoat.inference.panel_linear import PanelLinear, Q4PanelLinear
+from nomoat.lora.layers import LoRALinear
 from nomoat.models.packed import PackedLinear
 from nomoat.models.quantize import QuantizedLinear, quantize_model
 from nomoat.models.transformer import Attention
@@ -54,8 +57,25 @@ class DecodeConfig:
     stack: bool = field(default_factory=_stack_default)
 
 
+class LiveLayer(nn.Module):
+    """A leaf running a layer of the user's model as it is at each call (a LoRA layer: base and live adapter).
+
+    The layer is not a registered child: the twin's traversals (`eval()`, packing) leave the user's layer alone.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output (..., out_features)."""
+        return self.layer(x)
+
+
 def decode_layer(layer: nn.Module, quantize: str | None = None) -> nn.Module:
     """A linear layer's decode form: `Bf16Linear`/`PanelLinear` where the kernels take it, else quantized or itself."""
+    if isinstance(layer, LoRALinear):
+        return LiveLayer(layer)  # its adapter decodes as it is now: nothing of it is packed
     if kernels.available() and quantize is None:
         shared = Bf16Linear.from_module(layer)
         if shared is not None:
@@ -82,7 +102,7 @@ def _twin(
 
     `fp32_cpu`: the model computes in fp32 on the CPU (its attention layers may then decode through the kernels).
     """
-    if isinstance(module, LINEAR_TYPES):
+    if isinstance(module, (*LINEAR_TYPES, LoRALinear)):
         packed[path] = module  # the source of the twin's layer at `path` (watched by `DecodeModel.stale`)
         return decode_layer(module, quantize)
     if not module._modules:

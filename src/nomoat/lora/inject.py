@@ -1,9 +1,10 @@
 """Placing LoRA layers in a model by target-module name (PEFT's matching rules), and taking them out again.
 
 `inject_lora(model, cfg)` replaces each targeted `nn.Linear` (or quantized layer, for QLoRA) by a `LoRALinear` under
-the same module path, freezes every other parameter, makes `modules_to_save` trainable and records the config as
-`model.lora_config`; it changes the model in place. `unload_lora` takes the layers out; `lora_layers`,
-`lora_parameters`, `trainable_parameters` and `count_parameters` inspect them.
+the same module path, freezes every other parameter, makes `modules_to_save` trainable (keeping their base tensors
+for `base_modules_to_save`, the adapter-off view) and records the config as `model.lora_config`; it changes the model
+in place. `unload_lora` takes the layers out; `lora_layers`, `lora_parameters`, `trainable_parameters` and
+`count_parameters` inspect them.
 
 Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, which nomoat keeps split: a LoRA on a fused layer
 is exactly a LoRA on each part with one shared `A` and `B` split by rows, so there the parts share their `lora_A`
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -136,14 +139,19 @@ def _module_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _modules_to_save(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Make `cfg.modules_to_save` trainable; return their full names.
+BASE_PREFIX = "lora_base_"  # a modules_to_save layer's buffer holding the base tensor of its parameter
+
+
+def _modules_to_save(model: nn.Module, cfg: LoRAConfig) -> tuple[list[str], dict[str, dict[str, tuple[str, str]]]]:
+    """Make `cfg.modules_to_save` trainable; return their full names and where each one's base tensors live.
 
     A parameter tied to a module not listed gets its own copy (PEFT trains a copy of the listed module too, so the
-    tied partner keeps the original).
+    tied partner keeps the original, which is then the base tensor); an untied one is trained in place, so its base
+    tensor is a frozen copy (as PEFT's `original_module`), a non-persistent buffer of the module (it moves with the
+    model and stays out of state dicts). The second value maps name -> leaf -> (module name, attribute).
     """
     if not cfg.modules_to_save:
-        return []
+        return [], {}
     all_names = [n for n, _ in model.named_modules()]
     chosen: list[str] = []
     for target in cfg.modules_to_save:
@@ -155,6 +163,7 @@ def _modules_to_save(model: nn.Module, cfg: LoRAConfig) -> list[str]:
             )
         chosen += [h for h in hits if h not in chosen]
     owners = _module_owners(model)
+    bases: dict[str, dict[str, tuple[str, str]]] = {}
     for name in chosen:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
@@ -168,10 +177,37 @@ def _modules_to_save(model: nn.Module, cfg: LoRAConfig) -> list[str]:
                     "%s.%s is tied to %s, which is not in modules_to_save: training an untied copy (as PEFT does)",
                     name, leaf, ", ".join(others),
                 )  # fmt: skip
+                owner = others[0]
+                attr = next(k for k, v in model.get_submodule(owner)._parameters.items() if v is p)
+                bases.setdefault(name, {})[leaf] = (owner, attr)  # stays frozen in its tied partner
                 p = nn.Parameter(p.detach().clone())
                 module._parameters[leaf] = p
+            else:
+                module.register_buffer(BASE_PREFIX + leaf, p.detach().clone(), persistent=False)
+                bases.setdefault(name, {})[leaf] = (name, BASE_PREFIX + leaf)
             p.requires_grad_(True)
-    return chosen
+    return chosen, bases
+
+
+@contextmanager
+def base_modules_to_save(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, each of `model.lora_modules_to_save` holds its base tensors again.
+
+    The adapter's own tensors are put back on exit, even after an exception. `disable_lora` uses it, as PEFT's
+    `disable_adapter` switches `modules_to_save` back to the original module.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for name, leaves in getattr(model, "lora_modules_to_save_base", {}).items():
+            module = model.get_submodule(name)
+            for leaf, (owner, attr) in leaves.items():
+                base = getattr(model.get_submodule(owner), attr)
+                swapped.append((module, leaf, module._parameters[leaf]))
+                module._parameters[leaf] = nn.Parameter(base, requires_grad=False)  # shares the base's storage
+        yield model
+    finally:
+        for module, leaf, trained in reversed(swapped):
+            module._parameters[leaf] = trained
 
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
@@ -204,10 +240,11 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         layers[name] = layer
     if has_fused_projections(model):
         _share_fused_A(layers)
-    saved = _modules_to_save(model, cfg)
+    saved, bases = _modules_to_save(model, cfg)
     attach_groups(model)  # q/k/v and gate/up train as groups (one adapter product each); see lora/group.py
     model.lora_config = cfg
     model.lora_modules_to_save = saved
+    model.lora_modules_to_save_base = bases
     return model
 
 
@@ -220,7 +257,11 @@ def unload_lora(model: nn.Module) -> nn.Module:
     detach_groups(model)
     for name, layer in lora_layers(model).items():
         _set_module(model, name, layer.to_base())
-    for attr in ("lora_config", "lora_modules_to_save"):
+    for name in getattr(model, "lora_modules_to_save_base", {}):
+        module = model.get_submodule(name)
+        for key in [k for k in module._buffers if k.startswith(BASE_PREFIX)]:
+            del module._buffers[key]
+    for attr in ("lora_config", "lora_modules_to_save", "lora_modules_to_save_base"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from nomoat.lora.inject import ADAPTER_MARKERS, lora_layers
+from nomoat.lora.inject import ADAPTER_MARKERS, base_modules_to_save, lora_layers
 
 
 def _embedding_weights(model: nn.Module) -> set[int]:
@@ -53,7 +53,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block.
 
-    Adapters are switched off (merged ones unmerged first) and restored on exit, even after an exception.
+    Adapters are switched off (merged ones unmerged first), `modules_to_save` hold their base tensors, and both are
+    restored on exit, even after an exception.
 
     Example:
         >>> with disable_lora(model):
@@ -66,7 +67,8 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
         layer.unmerge()
         layer.disabled = True
     try:
-        yield model
+        with base_modules_to_save(model):
+            yield model
     finally:
         for layer, merged, disabled in zip(layers, was_merged, was_disabled):
             layer.disabled = disabled

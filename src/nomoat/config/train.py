@@ -66,8 +66,9 @@ class TrainConfig:
         keep_checkpoints: Most recent checkpoints kept on disk.
         log_every: Optimizer steps between lines of `metrics.jsonl`.
         seed: Seed of the adapter's initialisation, dropout, data order and validation split.
-        dtype: `auto` (fp32 on CPU, bf16 autocast on CUDA), `float32`, or `bfloat16` (bf16 autocast over a bf16
-            frozen base, adapters and optimizer in fp32; on CPU worth it where the CPU has bf16 instructions).
+        dtype: `auto` (bf16 autocast on CUDA; on CPU bf16 autocast for a checkpoint saved in bf16/fp16 where the
+            CPU has native bf16 products, found at run time, else fp32; `NOMOAT_CPU_BF16=0/1` overrides),
+            `float32`, or `bfloat16` (bf16 autocast over a bf16 frozen base, adapters and optimizer in fp32).
         device: `auto`, `cpu` or `cuda[:N]`.
         method: `sft` (supervised) or a preference method on prompt/chosen/rejected pairs: `dpo`, `ipo`, `simpo`,
             `orpo`.

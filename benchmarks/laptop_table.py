@@ -15,7 +15,7 @@ number is derived here, not typed:
 
 A configuration fits when its total is within `FREE_GB`, what a 16 GB laptop leaves free with an OS, a desktop and
 a browser running. Measured cells come from a bench_sizes JSON (`--measured`): the peak RSS of loading each format
-and of QLoRA training (rest fp32); cells bench_sizes does not measure read "-".
+and of QLoRA training (rest bf16, as bench_sizes runs it); cells bench_sizes does not measure read "-".
 
     python benchmarks/laptop_table.py                                    # print the tables (markdown)
     python benchmarks/laptop_table.py --measured sizes.json --quality quality.json --write docs/laptop.md
@@ -60,7 +60,7 @@ TRAIN_BASES: list[tuple[str, torch.dtype, torch.dtype, LinearQuantizer | None]] 
     ("QLoRA, nf4 base, rest fp32", torch.float32, torch.bfloat16, NF4Quantizer()),
     ("QLoRA, nf4 base, rest bf16", torch.bfloat16, torch.bfloat16, NF4Quantizer()),
 ]
-TRAIN_MODE = {"LoRA, bf16 base": None, "QLoRA, nf4 base, rest fp32": "qlora", "QLoRA, nf4 base, rest bf16": None}
+TRAIN_MODE = {"LoRA, bf16 base": None, "QLoRA, nf4 base, rest fp32": None, "QLoRA, nf4 base, rest bf16": "qlora"}
 PREFERENCE = ["bf16", "int8", "int4"]  # the first that fits is the recommendation (fp32 gains nothing in quality)
 LOAD_MEASURED = {"bf16", "int8", "int4"}  # the formats bench_sizes loads
 BEGIN, END = "<!-- laptop_table:begin -->", "<!-- laptop_table:end -->"

@@ -51,7 +51,8 @@ import time
 from pathlib import Path
 
 if "--child" not in sys.argv:  # a peer's child process keeps the policy its parent chose
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # with nomoat serve's bounded spin
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 import torch  # noqa: E402
 
@@ -355,7 +356,9 @@ def bench_child(kind: str, args: list, wait_policy: str | None) -> dict:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     if wait_policy is not None:
-        env["OMP_WAIT_POLICY"] = wait_policy
+        env["OMP_WAIT_POLICY"] = wait_policy  # with nomoat's bounded spin (GOMP_SPINCOUNT), as nomoat runs
+    else:
+        env.pop("GOMP_SPINCOUNT", None)
     cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])

@@ -217,7 +217,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores, OMP_WAIT_POLICY=PASSIVE (set by nomoat serve)"
+    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores, OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=100000 "
+            "(set by nomoat serve)")
 
 
 def main() -> None:

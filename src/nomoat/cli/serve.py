@@ -106,10 +106,12 @@ def serve(
     Requests pick the base model, an adapter, or a stack (`base+a:1.0+b:0.5`) in their `model` field; requests
     for different adapters are batched together. GET /health is 503 while the model loads, then 200.
     """
-    # OpenMP reads OMP_WAIT_POLICY once, when torch loads its runtime: only effective if torch is not loaded yet
-    # (it is not, when run from the command line). Passive waiting stops idle threads spinning on small VMs.
+    # OpenMP reads these once, when torch loads its runtime: only effective if torch is not loaded yet (it is not,
+    # when run from the command line). Threads waiting at a barrier spin for about a millisecond, then sleep: a
+    # decode step's many short barriers stay fast, and an idle server's threads do not spin on small VMs.
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     from nomoat.models.checkpoint import gguf_source  # loads torch: not at import, for a quick --help
     from nomoat.util.hub import local_path
 

@@ -47,8 +47,9 @@ def studio(
     Serves the OpenAI-compatible API (as `nomoat serve`) and the studio pages at /, then opens a browser tab.
     Training runs one job at a time, each in its own process; finished adapters go into the registry.
     """
-    if "torch" not in sys.modules:
+    if "torch" not in sys.modules:  # as `nomoat serve`: a bounded spin at barriers, then sleep
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     import uvicorn
 
     from nomoat.demo import MODEL_DIR

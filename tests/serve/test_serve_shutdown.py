@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import time
 
 import httpx
@@ -28,6 +29,28 @@ def _wait_for_drain(srv: Server) -> httpx.Response:
         time.sleep(0.05)
 
 
+def _stalled_request(srv: Server, body: dict) -> tuple[socket.socket, bytes]:
+    """A request whose body is only half sent: it stays in flight, whatever the model's speed, until the rest comes.
+
+    Returns the connected socket and the unsent rest of the body."""
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: {srv.headers['Authorization']}\r\nContent-Length: {len(data)}\r\n\r\n").encode()  # fmt: skip
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+    half = len(data) // 2
+    sock.sendall(head + data[:half])
+    time.sleep(0.5)  # the headers are parsed and the app called long before this
+    return sock, data[half:]
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def test_sigterm_drains_running_streams_and_refuses_new_requests(world):
     srv = Server(world, "--max-completion-tokens", "4000", "--shutdown-grace", "300", "--log-format", "json",
                  "--cors-origin", "https://app.example")  # fmt: skip
@@ -36,6 +59,7 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests(world):
             "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})  # fmt: skip
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
         body = {**LONG, "max_tokens": 3000}
+        stalled, rest = _stalled_request(srv, {"model": "tiny", "prompt": "w5 w6", "max_tokens": 2})
         with httpx.Client(timeout=300) as client, client.stream("POST", f"{srv.url}/v1/completions", json=body,
                                                                  headers=srv.headers) as stream:  # fmt: skip
             lines = stream.iter_lines()
@@ -47,7 +71,11 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests(world):
                                  headers=srv.headers)  # fmt: skip
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
             assert refused.headers["connection"] == "close" and refused.json()["error"]["code"] == "shutting_down"
-            assert srv.proc.poll() is None  # still draining the stream
+            assert srv.proc.poll() is None  # still draining: the stalled request is in flight whatever the speed
+            stalled.sendall(rest)  # a request admitted before the signal is answered in full
+            answer = stalled.recv(65536).decode()
+            assert answer.startswith("HTTP/1.1 200"), answer[:200]
+            stalled.close()
             events += [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 3000
@@ -58,24 +86,30 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests(world):
         srv.close()
     records = [json.loads(line) for line in srv.log.read_text().splitlines() if line.startswith("{")]
     done = [r for r in records if (r["method"], r["path"], r["status"]) == ("POST", "/v1/completions", 200)]
-    assert len(done) == 1 and done[0]["completion_tokens"] == 3000
-    assert done[0]["duration_s"] > 0 and done[0]["request_id"].startswith("cmpl-")
+    assert len(done) == 2 and sorted(r["completion_tokens"] for r in done) == [2, 3000]
+    assert all(r["duration_s"] > 0 and r["request_id"].startswith("cmpl-") for r in done)
     assert {(r["path"], r["status"]) for r in records} >= {("/health", 503), ("/v1/completions", 503)}
 
 
 def test_the_grace_period_bounds_the_drain(world):
     srv = Server(world, "--max-completion-tokens", "4000", "--shutdown-grace", "1")
     try:
+        stalled, _ = _stalled_request(srv, {"model": "tiny", "prompt": "w5 w6", "max_tokens": 2})  # never finishes by itself
         texts = []
-        with httpx.Client(timeout=60) as client, contextlib.suppress(httpx.HTTPError):  # the stream is cut midway
+        with httpx.Client(timeout=60) as client, contextlib.suppress(httpx.HTTPError):  # the stream may be cut midway
             with client.stream("POST", f"{srv.url}/v1/completions", json={**LONG, "max_tokens": 4000},
                                headers=srv.headers) as stream:  # fmt: skip
                 lines = stream.iter_lines()
                 texts.append(next(line for line in lines if line.startswith("data: ")))
+                signalled = time.monotonic()
                 srv.proc.send_signal(signal.SIGTERM)
                 texts.extend(line for line in lines if line.startswith("data: "))
         assert texts  # the stream had begun
-        assert "data: [DONE]" not in texts  # 4000 tokens take several seconds: the stream was cut
-        assert srv.proc.wait(60) is not None
+        assert srv.proc.wait(60) is not None  # exits although a request is still in flight
+        waited = time.monotonic() - signalled
+        assert waited >= 1.0, f"exited {waited:.2f} s after SIGTERM, before the 1 s grace period with a request in flight"
+        cut = _read_all(stalled)  # its connection is closed: nothing, or the error a cancelled request gets
+        assert cut == b"" or cut.startswith(b"HTTP/1.1 500"), cut[:200]
+        stalled.close()
     finally:
         srv.close()

@@ -34,8 +34,9 @@ def _stalled_request(srv: Server, body: dict) -> tuple[socket.socket, bytes]:
 
     Returns the connected socket and the unsent rest of the body."""
     data = json.dumps(body).encode()
+    auth = srv.headers["Authorization"]
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Authorization: {srv.headers['Authorization']}\r\nContent-Length: {len(data)}\r\n\r\n").encode()  # fmt: skip
+            f"Authorization: {auth}\r\nContent-Length: {len(data)}\r\n\r\n").encode()  # fmt: skip
     sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
     half = len(data) // 2
     sock.sendall(head + data[:half])
@@ -94,7 +95,8 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests(world):
 def test_the_grace_period_bounds_the_drain(world):
     srv = Server(world, "--max-completion-tokens", "4000", "--shutdown-grace", "1")
     try:
-        stalled, _ = _stalled_request(srv, {"model": "tiny", "prompt": "w5 w6", "max_tokens": 2})  # never finishes by itself
+        short = {"model": "tiny", "prompt": "w5 w6", "max_tokens": 2}
+        stalled, _ = _stalled_request(srv, short)  # never finishes by itself
         texts = []
         with httpx.Client(timeout=60) as client, contextlib.suppress(httpx.HTTPError):  # the stream may be cut midway
             with client.stream("POST", f"{srv.url}/v1/completions", json={**LONG, "max_tokens": 4000},
@@ -107,7 +109,7 @@ def test_the_grace_period_bounds_the_drain(world):
         assert texts  # the stream had begun
         assert srv.proc.wait(60) is not None  # exits although a request is still in flight
         waited = time.monotonic() - signalled
-        assert waited >= 1.0, f"exited {waited:.2f} s after SIGTERM, before the 1 s grace period with a request in flight"
+        assert waited >= 1.0, f"exited {waited:.2f} s after SIGTERM, before the 1 s grace, with a request in flight"
         cut = _read_all(stalled)  # its connection is closed: nothing, or the error a cancelled request gets
         assert cut == b"" or cut.startswith(b"HTTP/1.1 500"), cut[:200]
         stalled.close()

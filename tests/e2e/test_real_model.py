@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nomoat.export.gguf import export_gguf
 from nomoat.export.merged import export_merged
 from nomoat.generate.engine import Engine
 from nomoat.generate.sampling import SamplingParams
@@ -127,3 +128,7 @@ def test_lora_finetune_export_and_reimport(gguf_path: Path, ours, tmp_path: Path
     with torch.no_grad():
         torch.testing.assert_close(_logits(reloaded, ids), _logits(base, ids), atol=1e-4, rtol=1e-4)
         assert not torch.equal(_logits(reloaded, ids), _logits(ours[0], ids))  # the adapter changed something
+    text = "Hello, world! 12345 <|im_start|>user\nhi<|im_end|>"
+    assert Tokenizer.from_dir(merged).encode(text) == Tokenizer.from_gguf(gguf_path).encode(text)
+    again = export_gguf(merged, [], tmp_path / "again.gguf")  # the merged folder has the tokenizer files it needs
+    assert Tokenizer.from_dir(again).encode(text) == Tokenizer.from_gguf(gguf_path).encode(text)

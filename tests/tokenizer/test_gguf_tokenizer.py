@@ -50,6 +50,25 @@ def test_specials_and_chat_template(pair: tuple[Tokenizer, Tokenizer]) -> None:
     assert ours.apply_chat_template(messages, tokenize=False) == ref.apply_chat_template(messages, tokenize=False)
 
 
+def test_saved_as_a_folder_reads_back_in_nomoat_and_transformers(pair, tmp_path: Path) -> None:  # noqa: ANN001
+    """A GGUF file's tokenizer written as Hugging Face files (what exporting a GGUF base writes) loses nothing."""
+    transformers = pytest.importorskip("transformers")
+    ref, ours = pair
+    ours.save(tmp_path)
+    again = Tokenizer.from_dir(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in STRINGS:
+        for special in (True, False):
+            expected = ref.encode(text, add_special_tokens=special)
+            assert again.encode(text, add_special_tokens=special) == expected, text
+            assert hf(text, add_special_tokens=special)["input_ids"] == expected, text
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    rendered = ref.apply_chat_template(messages, tokenize=False)
+    assert again.apply_chat_template(messages, tokenize=False) == rendered
+    assert hf.apply_chat_template(messages, tokenize=False) == rendered
+    assert (again.bos_token_id, again.eos_token_id) == (ref.bos_token_id, ref.eos_token_id)
+
+
 def test_matches_transformers_gguf_tokenizer(tmp_path: Path) -> None:
     """transformers' own GGUF tokenizer (for the GPT-2 pre-tokenizer it implements) encodes the same ids."""
     transformers = pytest.importorskip("transformers")

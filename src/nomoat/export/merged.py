@@ -1,7 +1,8 @@
 """`export_merged`: a base model with adapters merged in, saved as a Hugging Face safetensors folder.
 
 The merge runs in fp32 and the result is cast once to the chosen dtype; the base's tokenizer and side files
-(`SIDE_FILES`) and an adapter's trained chat template are copied alongside. `ExportError` is raised across `export`.
+(`SIDE_FILES`, or for a GGUF base the tokenizer rebuilt from its metadata) and an adapter's trained chat template are
+written alongside. `ExportError` is raised across `export`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from nomoat.lora.apply import merge_adapters
 from nomoat.lora.peft_format import AdapterError
 from nomoat.models.checkpoint import CheckpointError, load_model, resolve_dtype, save_model
+from nomoat.tokenizer import Tokenizer
 from nomoat.util.errors import ModelError
 from nomoat.util.files import ordinary_modes
 
@@ -68,9 +70,12 @@ def export_merged(
         cfg.hf_config = {**cfg.hf_config, "tie_word_embeddings": False}
     model.to(target)
     save_model(model, out)
-    for name in SIDE_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out / name)
+    if model_dir.is_dir():
+        for name in SIDE_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, out / name)
+    else:  # a GGUF file or an Ollama model: its tokenizer, rebuilt from the metadata, as Hugging Face files
+        Tokenizer.from_gguf(model_dir).save(out)
     template = next((a.chat_template for a in merged if a.chat_template), None)
     has_template = (out / "chat_template.jinja").exists() or "chat_template" in (
         (out / "tokenizer_config.json").read_text() if (out / "tokenizer_config.json").exists() else ""

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from nomoat.tokenizer.chat_template import ChatTemplateError, plain_data, render_chat
 from nomoat.util.errors import ModelError
-from nomoat.util.files import read_json
+from nomoat.util.files import atomic_write_json, atomic_write_text, read_json
 from nomoat.util.hub import local_path
 
 __all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerNotFoundError"]
@@ -247,6 +247,26 @@ class Tokenizer:
         pair = f"{single}{f' {bos_tok}:1' if bos else ''} $B:1{f' {eos_tok}:1' if eos else ''}"
         special = [(t, backend.token_to_id(t)) for t, on in ((bos_tok, bos), (eos_tok, eos)) if on]
         backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+    def save(self, folder: str | Path) -> None:
+        """Write this tokenizer into a model folder as Hugging Face files that `from_dir` and transformers read.
+
+        `tokenizer.json` (post-processor and added tokens included), `tokenizer_config.json` (named and extra special
+        tokens) and the chat templates (`chat_template.jinja`, `additional_chat_templates/NAME.jinja`). Used to give a
+        model made from a GGUF file a tokenizer folder of its own.
+        """
+        folder = Path(folder)
+        atomic_write_text(folder / "tokenizer.json", self.backend.to_str())
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens_map,
+                                  "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces}  # fmt: skip
+        if self.extra_special_tokens:
+            config["extra_special_tokens"] = self.extra_special_tokens
+        atomic_write_json(folder / "tokenizer_config.json", config)
+        for name, template in self.chat_templates.items():
+            named = f"additional_chat_templates/{name}.jinja"
+            target = folder / ("chat_template.jinja" if name == "default" else named)
+            target.parent.mkdir(exist_ok=True)
+            atomic_write_text(target, template)
 
     @staticmethod
     def _read_chat_templates(folder: Path, config: Mapping[str, Any]) -> dict[str, str]:

@@ -103,7 +103,7 @@ def request_body(model: str | None, messages: list[dict[str, str]], params: Samp
     return body
 
 
-def _error_message(status: int, text: str) -> str:
+def error_message(status: int, text: str) -> str:
     """The server's own words from an error body: OpenAI's `{"error": {"message"}}` or FastAPI's `{"detail"}`."""
     try:
         parsed = json.loads(text)
@@ -214,7 +214,7 @@ class RemoteChatSession(ChatHistory):
         except self._httpx.HTTPError as e:
             raise RemoteError(f"cannot reach {self.base_url}: {e}") from e
         if resp.status_code != 200:
-            raise RemoteError(_error_message(resp.status_code, resp.text))
+            raise RemoteError(error_message(resp.status_code, resp.text))
         try:
             cards = resp.json()["data"]
             if not all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in cards):
@@ -280,7 +280,7 @@ class RemoteChatSession(ChatHistory):
             with self._client.stream("POST", "/v1/chat/completions", json=body) as resp:
                 if resp.status_code != 200:
                     resp.read()
-                    raise RemoteError(_error_message(resp.status_code, resp.text))
+                    raise RemoteError(error_message(resp.status_code, resp.text))
                 for data in sse_data(resp.iter_lines()):
                     if data.strip() == "[DONE]":
                         finish_reason = finish_reason or "stop"
@@ -290,7 +290,7 @@ class RemoteChatSession(ChatHistory):
                     except ValueError as e:
                         raise RemoteError(f"the server sent an event that is not JSON: {data[:200]!r}") from e
                     if chunk.get("error"):
-                        raise RemoteError(_error_message(200, json.dumps(chunk)))
+                        raise RemoteError(error_message(200, json.dumps(chunk)))
                     request_id = chunk.get("id") or request_id
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nomoat.generate.remote import _error_message, normalize_base_url, resolve_model
+from nomoat.generate.remote import error_message, normalize_base_url, resolve_model
 from nomoat.util.errors import NomoatError
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -190,7 +190,7 @@ class RemoteTeacher:
         except self._httpx.HTTPError as e:
             raise TeacherError(f"cannot reach {self.url}: {e}", hint="check --teacher-url") from e
         if resp.status_code != 200:
-            raise TeacherError(f"{self.url}/v1/models: {_error_message(resp.status_code, resp.text)}",
+            raise TeacherError(f"{self.url}/v1/models: {error_message(resp.status_code, resp.text)}",
                                hint="name the model with --teacher-model, or check --api-key-env")  # fmt: skip
         try:
             cards = [c for c in resp.json()["data"] if isinstance(c, dict) and isinstance(c.get("id"), str)]
@@ -255,7 +255,7 @@ class RemoteTeacher:
         except self._httpx.HTTPError as e:  # connection refused or reset, timeouts
             raise _Retry(f"{type(e).__name__}: {e or 'no detail'}") from e
         if resp.status_code != 200:
-            message = _error_message(resp.status_code, resp.text)
+            message = error_message(resp.status_code, resp.text)
             if resp.status_code in FATAL_STATUS:
                 hint = "check --teacher-url, --teacher-model and the key in --api-key-env"
                 raise TeacherError(f"{self.url} refused the request: {message}", hint=hint)

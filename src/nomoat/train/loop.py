@@ -86,6 +86,19 @@ from nomoat.util.files import read_json, read_jsonl
 Batch = dict[str, Any]
 
 
+
+@contextlib.contextmanager
+def _handling_signals(handler: Any) -> Iterator[None]:
+    """Within it, SIGINT and SIGTERM go to `handler`; the previous handlers come back after (main thread only)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
 class TrainingDivergedError(NomoatError, RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stops without saving the broken state."""
 
@@ -458,14 +471,8 @@ class TrainingLoop:
             got.append(signum)
             self.console.print("[yellow]writing a checkpoint: stopping as soon as it is complete[/yellow]")
 
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        for sig in previous:
-            signal.signal(sig, handler)
-        try:
+        with _handling_signals(handler):
             yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old if old is not None else signal.SIG_DFL)
         if got:
             self._stop = signal.Signals(got[0]).name
             raise KeyboardInterrupt
@@ -541,14 +548,8 @@ class TrainingLoop:
             self._stop = signal.Signals(signum).name
             self.console.print("[yellow]stopping after this step (Ctrl-C again to stop at once)[/yellow]")
 
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        for sig in previous:
-            signal.signal(sig, handler)
-        try:
+        with _handling_signals(handler):
             yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
     def write_loss_curve(self) -> Path | None:
         """Draw `run_dir/loss.png` from the run's metrics (None without matplotlib)."""

@@ -66,6 +66,34 @@ class Group(TyperGroup):
             return super().invoke(ctx)
 
 
+class LoadFailure:
+    """`on_error` of an app that loads its model in the background: report the error and stop the server.
+
+    Args:
+        model: The model argument, for the message of an unexpected error.
+    """
+
+    def __init__(self, model: object) -> None:
+        self.model = model
+        self.server: Any = None
+
+    def __call__(self, exc: BaseException) -> None:
+        if isinstance(exc, NomoatError):  # raised in the loading thread: reported as the handler would
+            report(exc)
+        else:
+            typer.secho(f"error: could not load {self.model}: {exc}", fg=typer.colors.RED, err=True)
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def run(self, app: Any, server: Any) -> None:
+        """Run `server` (a uvicorn server of `app`) until it exits; exit 1 if the model failed to load."""
+        self.server = server
+        server.should_exit = app.state.error is not None  # loading may already have failed
+        server.run()
+        if app.state.error:
+            raise typer.Exit(1)
+
+
 def human(n: float, unit: str = "") -> str:
     """`1234567` -> `1.2M`: a number with a K/M/B/T suffix; bytes (`unit="B"`) take K/M/G/T (`2.5GB`, not `2.5BB`)."""
     for suffix in ("", "K", "M", "G" if unit == "B" else "B", "T"):

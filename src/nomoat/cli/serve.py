@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from nomoat.cli._common import Device, Dtype, Model, Quantize, fail, report
-from nomoat.util.errors import NomoatError
+from nomoat.cli._common import Device, Dtype, LoadFailure, Model, Quantize, fail
 
 Opt = typer.Option
 
@@ -159,7 +158,6 @@ def serve(
         return Engine(m, tok, max_running=max_running, max_queue=max_queue, max_seq_len=max_seq_len)
 
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    server: uvicorn.Server | None = None
 
     def ready(state: ServerState) -> None:
         names = [base, *(n for n, _ in state.manager.names())] if state.manager else [base]
@@ -171,21 +169,10 @@ def serve(
         typer.echo(f"  or:  OpenAI(base_url='{url}/v1', api_key={'your key' if api_key else repr('none')})"
                    f".chat.completions.create(model='{base}', messages=[...])", err=True)  # fmt: skip
 
-    def failed(exc: BaseException) -> None:
-        if isinstance(exc, NomoatError):  # raised in the loading thread: reported as the handler would
-            report(exc)
-        else:
-            typer.secho(f"error: could not load {model}: {exc}", fg=typer.colors.RED, err=True)
-        if server is not None:
-            server.should_exit = True
-
+    failed = LoadFailure(model)
     typer.echo(f"nomoat serve: loading {model} ({base}); listening on {url} (/health is 503 until ready)", err=True)
     app = create_app(load, settings, on_ready=ready, on_error=failed)
     access.enable(log_format)
     # uvicorn's own access log is off (log_level warning): the app writes one line per request.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
-    server = DrainingServer(config, app.state, shutdown_grace)
-    server.should_exit = app.state.error is not None  # loading may already have failed
-    server.run()
-    if app.state.error:
-        raise typer.Exit(1)
+    failed.run(app, DrainingServer(config, app.state, shutdown_grace))

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from nomoat.cli._common import fail, report
+from nomoat.cli._common import LoadFailure, fail
 from nomoat.util.errors import NomoatError
 
 Opt = typer.Option
@@ -77,29 +77,17 @@ def studio(
         return Engine(m, tok)
 
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    server: uvicorn.Server | None = None
 
     def ready(state: ServerState) -> None:
         typer.echo(f"nomoat studio: ready at {url}/  (API at {url}/v1, docs at {url}/docs)", err=True)
         if browser:
             threading.Thread(target=webbrowser.open, args=(f"{url}/",), daemon=True).start()
 
-    def failed(exc: BaseException) -> None:
-        if isinstance(exc, NomoatError):
-            report(exc)
-        else:
-            typer.secho(f"error: could not load {model}: {exc}", fg=typer.colors.RED, err=True)
-        if server is not None:
-            server.should_exit = True
-
+    failed = LoadFailure(model)
     typer.echo(f"nomoat studio: loading {model} ({base}); listening on {url}", err=True)
     app = create_app(load, settings, on_ready=ready, on_error=failed)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))  # fmt: skip
-    server.should_exit = app.state.error is not None
-    server.run()
-    if app.state.error:
-        raise typer.Exit(1)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    failed.run(app, uvicorn.Server(config))
 
 
 # ---- the preview process ------------------------------------------------------------------------------------------

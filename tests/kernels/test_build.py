@@ -3,6 +3,7 @@ plain-PyTorch reference, and the ops' fake implementations (what torch.compile t
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,24 @@ def test_the_build_is_named_by_its_sources(monkeypatch, tmp_path):
     assert build._sources_hash(variant) == before
     (tmp_path / "vec.h").write_text((tmp_path / "vec.h").read_text() + "\n// changed\n")
     assert build._sources_hash(variant) != before
+
+
+def test_a_second_install_of_the_same_sources_reuses_the_build(built, tmp_path):
+    """Another checkout (or virtualenv) of the same sources loads the cached build as it is: nothing recompiles."""
+    from torch.utils import cpp_extension
+
+    variant = build.current_variant()
+    name = f"nomoat_kernels_{variant.name}_{build._sources_hash(variant)}"
+    folder = Path(cpp_extension._get_build_directory(name, False))
+    files = ("build.ninja", f"{name}.so")
+    before = {f: (folder / f).stat().st_mtime_ns for f in files}
+    shutil.copytree(Path(build.__file__).parents[2] / "nomoat", tmp_path / "src" / "nomoat")
+    code = "from nomoat.kernels import build; print(build.load(), build.CSRC)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "src")})  # fmt: skip
+    assert out.returncode == 0 and out.stdout.split() == ["True", str(tmp_path / "src/nomoat/kernels/csrc")], out
+    assert "compiling" not in out.stderr, out.stderr[-2000:]
+    assert {f: (folder / f).stat().st_mtime_ns for f in files} == before
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ The CPU's instruction sets are read at run time (`/proc/cpuinfo` flags, `torch.b
 and decide the variant built: `avx512` (x86-64-v4, plus AVX-512-BF16 / VNNI where present), `avx2` (x86-64-v3),
 `sse` (x86-64), `neon` (aarch64) or `portable`. Each variant is its own build in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), so a home directory shared by machines of different
-CPUs never hands one machine's build to another; a build's name carries a hash of the sources, so two versions of
-nomoat (or two checkouts) never rebuild over each other's build. `torch.utils.cpp_extension.load` compiles it
+CPUs never hands one machine's build to another; a build's name carries a hash of the sources, and the sources are
+compiled from a copy inside the build's folder, so two versions of nomoat (or two checkouts of one) never rebuild
+over each other's build. `torch.utils.cpp_extension.load` compiles it
 (about a minute, once, with a one-line notice) with ninja, and `torch.ops.load_library` registers
 `torch.ops.nomoat.*` and `torch.classes.nomoat.*`. Without a compiler, with `NOMOAT_KERNELS=0`, or on any build or
 load failure, `load()` returns False after a one-line notice, and every op runs its plain-PyTorch reference
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from nomoat.util.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,23 @@ def _sources_hash(variant: Variant) -> str:
     return digest.hexdigest()[:8]
 
 
+def _staged_sources(folder: Path) -> list[str]:
+    """Copy `csrc/` into the build's own folder and name the sources there.
+
+    ninja's build file names its sources by absolute path: built from the package's own folder, two installs of the
+    same sources (two checkouts, two virtualenvs) would rewrite each other's build file and rebuild in turn. Staged
+    in the build folder (named by the sources' hash), the paths are the same for every install.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in CSRC.iterdir():
+        if path.suffix in (".cpp", ".h"):
+            staged = folder / path.name
+            data = path.read_bytes()
+            if not staged.is_file() or staged.read_bytes() != data:
+                atomic_write_bytes(staged, data)
+    return [str(folder / s) for s in SOURCES]
+
+
 def _build(variant: Variant) -> bool:
     """Compile (or reuse the cached build of) `variant` and load it; False (with a one-line notice) on failure."""
     fallback = "nomoat's ops run their plain PyTorch references (slower)"
@@ -156,9 +176,11 @@ def _build(variant: Variant) -> bool:
             if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
                 logger.warning("compiling nomoat's kernels for this CPU (%s; once, about a minute)...", variant.name)
         flags = ["-O3", *variant.flags, "-ffp-contract=fast", "-fopenmp"]
-        with _build_lock(Path(cpp_extension._get_build_directory(name, False))):
-            cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=flags,
-                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)  # fmt: skip
+        build_dir = Path(cpp_extension._get_build_directory(name, False))
+        with _build_lock(build_dir):
+            sources = _staged_sources(build_dir / "csrc")
+            cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                               build_directory=str(build_dir), is_python_module=False, verbose=False)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: the references
         first = str(exc).splitlines()[0] if str(exc) else ""
         logger.warning("could not build nomoat's kernels (%s: %s); %s", type(exc).__name__, first, fallback)

@@ -7,7 +7,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -26,6 +25,7 @@ from nomoat.generate.remote import (
 from nomoat.generate.sampling import SamplingParams
 from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter
 from nomoat.models.checkpoint import load_model
+from processes import NomoatServer
 
 from train_utils import make_chat_model
 
@@ -47,59 +47,22 @@ def _adapter(model_dir, out, seed: int) -> None:
     save_adapter(model, out, cfg, base_model_name_or_path=str(model_dir))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root, api_key: str | None = KEY):
-    """Spawn `nomoat serve` on a free loopback port with a tiny chat model and one adapter `ad1`; wait for /health."""
+def start_server(root, api_key: str | None = KEY) -> NomoatServer:
+    """`nomoat serve` on a free loopback port with a tiny chat model and one adapter `ad1`, healthy."""
     model_dir = make_chat_model(root / "tiny", seed=0)
     _adapter(model_dir, root / "ad1", seed=1)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "nomoat.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--adapter", f"ad1={root / 'ad1'}"]  # fmt: skip
-    if api_key:
-        cmd += ["--api-key", api_key]
-    log = open(root / "server.log", "w+b")  # noqa: SIM115 - closed by stop_server
-    env = {**os.environ, "NOMOAT_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, log, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    log.seek(0)
-    pytest.fail(f"nomoat serve did not become healthy (exit {proc.returncode}):\n{log.read().decode()[-3000:]}")
-
-
-def stop_server(proc, log) -> None:
-    """Stop the server process and close its log."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    args = ["serve", str(model_dir), "--adapter", f"ad1={root / 'ad1'}", *(["--api-key", api_key] if api_key else [])]
+    return NomoatServer(args, root / "server.log", env={"NOMOAT_HOME": str(root / "home")}, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, log, url = start_server(tmp_path_factory.mktemp("chat_remote"))
+    srv = start_server(tmp_path_factory.mktemp("chat_remote"))
+    url = srv.url
     cards = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
     base = next(c["id"] for c in cards if not c.get("parent"))
     yield url, base
-    stop_server(proc, log)
+    srv.stop()
 
 
 def reference(url: str, model: str, messages: list[dict[str, str]]) -> tuple[str, int]:

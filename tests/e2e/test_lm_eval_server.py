@@ -6,16 +6,11 @@ the same tiny model: same accuracy, per-item loglikelihoods within 1e-4, same ge
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
+from processes import NomoatServer
 from structured_utils import make_structured_model
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -67,43 +62,15 @@ metric_list:
     return [root / "nomoat_mc.yaml", root / "nomoat_gen.yaml"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     model_dir = make_structured_model(root / "tiny", seed=4)
     tasks = _write_tasks(root)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "nomoat.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--name", "tiny", "--dtype", "float32"]  # fmt: skip
-    log = open(root / "server.log", "w+b")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                                             "NOMOAT_HOME": str(root / "home")})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        log.seek(0)
-        pytest.fail(f"nomoat serve did not become healthy:\n{log.read().decode()[-3000:]}")
-    yield url, model_dir, tasks
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    srv = NomoatServer(["serve", str(model_dir), "--name", "tiny", "--dtype", "float32"], root / "server.log",
+                       env={"NOMOAT_HOME": str(root / "home")})  # fmt: skip
+    yield srv.url, model_dir, tasks
+    srv.stop()
 
 
 def _evaluate(model, model_args, tasks):

@@ -6,17 +6,14 @@ the page streams must equal what the official openai client gets for the same re
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import httpx
 import pytest
-from test_chat_remote import KEY, MAX_TOKENS, reference, start_server, stop_server
+from test_chat_remote import KEY, MAX_TOKENS, reference, start_server
 
-CHROMIUM = os.environ.get("NOMOAT_CHROMIUM", "/usr/bin/chromium")  # Debian's package; no playwright download
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+from processes import chromium
+
 SYSTEM = "w9 w10"
 TIMEOUT_MS = 20_000
 STATS = re.compile(r"^\d+ tokens? · \d+\.\d tok/s · first token \d+ ms · (stop|length)$")
@@ -24,30 +21,18 @@ STATS = re.compile(r"^\d+ tokens? · \d+\.\d tok/s · first token \d+ ms · (sto
 
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as e:
-        pytest.skip(f"playwright is not installed ({e}): pip install playwright")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
-    pw = sync_playwright().start()
-    try:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
-    except Exception as e:  # a browser that cannot start here (missing libraries, no /dev/shm, ...)
-        pw.stop()
-        pytest.skip(f"Chromium could not start: {str(e).splitlines()[0]}")
-    yield chromium
-    chromium.close()
-    pw.stop()
+    with chromium(launch_timeout_ms=30_000) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")
 def server(browser, tmp_path_factory):  # after `browser`: no server is started when the browser is skipped
-    proc, log, url = start_server(tmp_path_factory.mktemp("playground"))
+    srv = start_server(tmp_path_factory.mktemp("playground"))
+    url = srv.url
     cards = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
     base = next(c["id"] for c in cards if not c.get("parent"))
     yield url, base
-    stop_server(proc, log)
+    srv.stop()
 
 
 def _answers(page, pane: str):

@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from nomoat.demo import MODEL_DIR
+from processes import NomoatServer, chromium
 
-CHROMIUM = os.environ.get("NOMOAT_CHROMIUM", "/usr/bin/chromium")  # Debian's package; no playwright download
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 KEY = "studio-key-1"
 MS = 30_000
 TRAIN_MS = 600_000  # a training job: a fresh process loads torch and the model (slow on a busy 2-core machine)
@@ -42,12 +38,6 @@ XSS_REPLY = ('Look: <img src=x onerror="window.__xss=1"> and <script>window.__xs
              '[click](javascript:window.__xss=3)\n\n```python\nprint("hi")\n```\n')  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _artifacts(tmp_path_factory) -> Path:
     folder = os.environ.get("NOMOAT_ARTIFACTS")
     out = Path(folder) if folder else tmp_path_factory.mktemp("studio-artifacts")
@@ -57,21 +47,8 @@ def _artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as e:
-        pytest.skip(f"playwright is not installed ({e}): pip install playwright")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
-    pw = sync_playwright().start()
-    try:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-    except Exception as e:  # a browser that cannot start here (missing libraries, no /dev/shm, ...)
-        pw.stop()
-        pytest.skip(f"Chromium could not start: {str(e).splitlines()[0]}")
-    yield chromium
-    chromium.close()
-    pw.stop()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture(scope="module")
@@ -81,32 +58,10 @@ def studio(browser, tmp_path_factory):
     data.mkdir()
     (data / "allowed.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     (root / "secret.jsonl").write_text(json.dumps(CHATS[0]) + "\n")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "nomoat", "studio", "--no-browser", "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", KEY, "--data-dir", str(data)]  # fmt: skip
-    log = open(root / "studio.log", "w+b")  # noqa: SIM115 - closed below
-    env = {**os.environ, "NOMOAT_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        log.seek(0)
-        pytest.fail(f"nomoat studio did not become healthy:\n{log.read().decode()[-3000:]}")
-    yield {"url": url, "root": root, "artifacts": _artifacts(tmp_path_factory)}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    srv = NomoatServer(["studio", "--no-browser", "--api-key", KEY, "--data-dir", str(data)], root / "studio.log",
+                       env={"NOMOAT_HOME": str(root / "home")}, timeout=600)  # fmt: skip
+    yield {"url": srv.url, "root": root, "artifacts": _artifacts(tmp_path_factory)}
+    srv.stop()
 
 
 def _page(browser, studio, width=1280, height=900):

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from nomoat.tokenizer import Tokenizer
+from processes import NomoatServer
 
 from train_utils import make_chat_model, write_chat_data
 
@@ -57,18 +55,6 @@ def _peft_greedy(model: Path, adapter: Path | None) -> list[int]:
     return out[: out.index(2)] if 2 in out else out
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"nomoat serve did not become healthy (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
-
-
 def test_trained_adapter_by_name_in_generate_equals_peft(trained):
     root, model, env = trained
     registered = root / "home" / "adapters" / "flow"
@@ -86,24 +72,11 @@ def test_trained_adapter_served_by_name_equals_peft(trained, tmp_path):
 
     root, model, env = trained
     want = Tokenizer.from_dir(model).decode(_peft_greedy(model, root / "home" / "adapters" / "flow"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nomoat.cli", "serve", str(model), "--port", str(port),
-                                 "--adapter", "flow"], stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    srv = NomoatServer(["serve", str(model), "--adapter", "flow"], tmp_path / "server.log", env=env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_healthy(proc, url, log)
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
         assert {"flow"} <= {m.id for m in client.models.list().data}
         out = client.completions.create(model="flow", prompt=PROMPT, max_tokens=NEW, temperature=0)
         assert out.choices[0].text.strip() == want.strip()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        srv.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from nomoat.generate.engine import Engine
 from nomoat.lora.registry import Registry
 from nomoat.models.checkpoint import load_model
 from nomoat.tokenizer import Tokenizer
+from processes import free_port
 
 from hf_models import hf_config, load_hf, save_word_tokenizer
 from train_utils import WORD_TEMPLATE
@@ -84,17 +84,11 @@ def world(tmp_path_factory):
     return {"root": root, "model": model_dir, "adapters": folders, "home": home}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A `nomoat serve` process on a free loopback port."""
 
     def __init__(self, world: dict, *args: str, key: str | None = KEY) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = world["root"] / f"server-{self.port}.log"
         env = {**os.environ, "NOMOAT_HOME": str(world["home"]), "PYTHONUNBUFFERED": "1"}
@@ -158,7 +152,7 @@ def uvicorn_thread(app: Any) -> Iterator[str]:
     """Serve `app` with uvicorn (real sockets, keep-alive) in a thread of this process; yields its URL."""
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -18,7 +18,7 @@ import openai
 import peft
 import pytest
 import torch
-from serve_world import ADAPTERS, KEY, PROMPT_IDS, ROOT, Server, _free_port, _make_adapter, _make_model, world
+from serve_world import ADAPTERS, KEY, PROMPT_IDS, ROOT, Server, _make_adapter, _make_model, world
 
 from nomoat.generate.engine import Engine
 from nomoat.generate.sampling import SamplingParams
@@ -28,7 +28,7 @@ from nomoat.tokenizer import Tokenizer
 
 from hf_models import load_hf
 
-__all__ = ["KEY", "ROOT", "Server", "_free_port", "_make_adapter", "_make_model", "world"]  # shared with other files
+__all__ = ["KEY", "ROOT", "Server", "_make_adapter", "_make_model", "world"]  # shared with other files
 
 
 @pytest.fixture(scope="module")

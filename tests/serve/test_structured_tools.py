@@ -5,17 +5,13 @@ template); outputs are checked with `jsonschema`, `re` and the client's own type
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import jsonschema
 import pytest
 
+from processes import NomoatServer
 from structured_utils import SCHEMAS, make_random_adapter, make_structured_model
 
 openai = pytest.importorskip("openai")
@@ -32,44 +28,16 @@ ADD = {"type": "function", "function": {"name": "add", "parameters": {
 TOOLS = [WEATHER, ADD]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("structured")
     model_dir = make_structured_model(root / "tiny")
     make_random_adapter(model_dir, root / "ad1", seed=1)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "nomoat.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--adapter", f"ad1={root / 'ad1'}", "--name", "tiny", "--dtype", "float32", "--max-running", "8",
-           "--max-queue", "256"]  # fmt: skip
-    log = open(root / "server.log", "w+b")  # noqa: SIM115 - closed below
-    env = {**os.environ, "NOMOAT_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        log.seek(0)
-        pytest.fail(f"nomoat serve did not become healthy:\n{log.read().decode()[-3000:]}")
-    yield url, model_dir
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    args = ["serve", str(model_dir), "--adapter", f"ad1={root / 'ad1'}", "--name", "tiny", "--dtype", "float32",
+            "--max-running", "8", "--max-queue", "256"]  # fmt: skip
+    srv = NomoatServer(args, root / "server.log", env={"NOMOAT_HOME": str(root / "home")})
+    yield srv.url, model_dir
+    srv.stop()
 
 
 @pytest.fixture(scope="module")

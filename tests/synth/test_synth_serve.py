@@ -8,13 +8,7 @@ scores are recomputed here.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -23,6 +17,7 @@ from nomoat.demo.tasks import generate_items
 from nomoat.synth.output import provenance_path
 from nomoat.synth.teacher import ask_seed
 from nomoat.util.files import sha256_file
+from processes import NomoatServer
 
 KEY = "synth-test-key"
 runner = CliRunner()
@@ -34,36 +29,11 @@ SETTINGS = ["--mode", "pairs", "--reward", "exact_match", "--samples", "4", "--m
 def server(tmp_path_factory):
     """`nomoat serve demo` (the embedded model by its name) on a free loopback port, with an API key."""
     root = tmp_path_factory.mktemp("synth_serve")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "nomoat.cli", "serve", "demo", "--host", "127.0.0.1",  # `demo` by name, as everywhere
-           "--port", str(port), "--api-key", KEY]  # fmt: skip
-    log = open(root / "server.log", "w+b")  # noqa: SIM115 - closed below
-    env = {**os.environ, "NOMOAT_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # the first start may compile the kernels
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        proc.wait()
-        log.seek(0)
-        pytest.fail(f"nomoat serve did not become healthy:\n{log.read().decode()[-3000:]}")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    # `demo` by name, as everywhere; the first start may compile the kernels
+    home = {"NOMOAT_HOME": str(root / "home")}
+    srv = NomoatServer(["serve", "demo", "--api-key", KEY], root / "server.log", env=home, timeout=300)
+    yield srv.url
+    srv.stop()
 
 
 @pytest.fixture(scope="module")

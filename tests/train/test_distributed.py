@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from nomoat.train.checkpointing import list_checkpoints
+from processes import free_port
 
 from train_utils import make_chat_model, write_chat_data
 
@@ -78,12 +78,6 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def _max_diff(a: dict[int, float], b: dict[int, float]) -> float:
     assert sorted(a) == sorted(b), (sorted(a), sorted(b))
     return max(abs(a[k] - b[k]) for k in a)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +151,7 @@ def test_continued_pretraining_two_processes_equal_one(ws):
 
 
 def test_two_node_rendezvous_on_loopback(ws):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nomoat-test", *_train_args(ws, "nodes", 2)]  # fmt: skip
     nodes = [subprocess.Popen(cmd, cwd=ws, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

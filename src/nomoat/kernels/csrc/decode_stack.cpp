@@ -18,6 +18,9 @@
 // bf16 models: each projection is the user's own (N, K) bf16 weight, read in place (`rows_bf16.h`: a unit is 64
 // consecutive rows), norm weights and the KV cache may be bf16 (the cache holds keys and values rounded to bf16);
 // activations stay fp32 throughout.
+// 4-bit layers (q4 panels, q4_rows.h): a projection's input is rounded to int8 per block of 32 once per step, as
+// linear_q4 rounds it: the normed input by each thread beside its norm, the attention and MLP outputs by the units
+// that write them, into shared per-layer buffers.
 // Adapters: a row's low-rank product c * (x A^T) is computed once per projection and step (per thread), and
 // each panel unit adds (that product) B^T for its 64 columns.
 #include <ATen/Parallel.h>

@@ -14,7 +14,7 @@ of two runs. nomoat runs with `OMP_WAIT_POLICY=PASSIVE` (what its server sets).
     python benchmarks/bench_q4.py [--quick] [--layers N] [--new 64] [--runs 4] [--prefill 128]
 
 `--quick`: 3 runs of 32 new tokens. Prints one JSON object as its last line; ratios are nomoat / llama.cpp
-(higher is faster).
+(higher is faster); a nomoat result's `stack` says whether its decode steps ran in the one-call decode stack.
 """
 
 from __future__ import annotations
@@ -112,18 +112,20 @@ def child(kind: str, path: str) -> None:
     prompt = torch.randint(3, 1000, (32,), generator=g).tolist()
     long_prompt = torch.randint(3, 1000, (512,), generator=g).tolist()
     t0 = time.perf_counter()
+    info: dict[str, Any] = {}
     if kind.startswith("llamacpp"):
         decode, prefill = _llamacpp(path, prompt, long_prompt)
     else:
-        decode, prefill = _nomoat(path, kind, prompt, long_prompt)
-    print(json.dumps({"ready": True, "load_s": round(time.perf_counter() - t0, 2)}), flush=True)
+        decode, prefill = _nomoat(path, kind, prompt, long_prompt, info)
+    print(json.dumps({"ready": True, "load_s": round(time.perf_counter() - t0, 2), **info}), flush=True)
     for line in sys.stdin:
         what, n = line.split()
         value = decode(int(n)) if what == "decode" else prefill(int(n))
         print(json.dumps({what: value}), flush=True)
 
 
-def _nomoat(path: str, kind: str, prompt: list[int], long_prompt: list[int]) -> tuple[Any, Any]:
+def _nomoat(path: str, kind: str, prompt: list[int], long_prompt: list[int], info: dict[str, Any]) -> tuple[Any, Any]:
+    """The engine's decode and prefill timers; `info` gets whether its decode steps run in the one-call stack."""
     import torch
 
     sys.path.insert(0, str(SRC))
@@ -150,6 +152,7 @@ def _nomoat(path: str, kind: str, prompt: list[int], long_prompt: list[int]) -> 
         model = load_model(path, dtype=torch.float32, device="cpu", quantize="int4")
     engine = Engine(model, NullTokenizer(), max_running=1, max_seq_len=1024, prefix_cache_bytes=0)
     engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))  # warm-up
+    info["stack"] = engine.decode.plan is not None and engine.decode.stack_steps >= 7  # every decode step of it
 
     def decode(n: int) -> float:
         return engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
@@ -260,7 +263,8 @@ def main() -> None:
             if k not in peers:
                 ratios[f"{k}_decode_tok_s_vs_llamacpp_q4_0"] = round(best[k] / peer, 3)
                 ratios[f"{k}_prefill_{a.prefill}_tok_s_vs_llamacpp_q4_0"] = round(best_prefill[k] / peer_prefill, 3)
-    results = [{"engine": k, "load_s": children[k].info.get("load_s"), "decode_tok_s": best[k],
+    results = [{"engine": k, "load_s": children[k].info.get("load_s"), "stack": children[k].info.get("stack"),
+                "decode_tok_s": best[k],
                 "decode_runs": decode[k], "prefill_tok_s": best_prefill[k], "prefill_runs": prefill[k]}
                for k in kinds]  # fmt: skip
     machine = f"{platform.machine()} {platform.processor()}, {os.cpu_count()} cores"

@@ -8,9 +8,10 @@ weights, and each adapter-bank layer's factors (`decode_adapters`, one coefficie
 each row's adapter weights from the banks' current row-group plans (`Plan.coefficients`).
 
 Where it applies: every layer a plain pre-norm `Block` (no sandwich norm, q/k norm, soft-capping, Gemma norm offset
-or MLP bias; SiLU), every projection a `PanelLinear` (fp32 or int8) or a `Bf16Linear` (a bf16 model: the user's
-weights read in place), or an adapter-bank layer over one; fp32 or bf16 norms. The step's activations are fp32; the KV
-cache is the model's dtype (fp32, or bf16 for a bf16 model).
+or MLP bias; SiLU), every projection a `PanelLinear` (fp32 or int8), a `Bf16Linear` (a bf16 model: the user's
+weights read in place) or a `Q4PanelLinear` (4-bit panels: each projection's input rounded to int8 per block of 32,
+as `linear_q4` rounds it), or an adapter-bank layer over one; fp32 or bf16 norms. The step's activations are fp32;
+the KV cache is the model's dtype (fp32, or bf16 for a bf16 model).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from nomoat import kernels
 from nomoat.config.model import ModelConfig
 from nomoat.inference.attention import KernelAttention
 from nomoat.inference.bf16_linear import Bf16Linear
-from nomoat.inference.panel_linear import PanelLinear
+from nomoat.inference.panel_linear import PanelLinear, Q4PanelLinear
 from nomoat.models.transformer import MLP, Attention, Block, RMSNorm
 
 _EMPTY = torch.empty(0)
@@ -79,6 +80,8 @@ def _projection(m: nn.Module, sources: list[Any]) -> list[torch.Tensor] | None:
             sources.append(source)
     if type(m) is Bf16Linear:  # the user's bf16 weight itself
         return [m.bf16_weight, _EMPTY, _EMPTY if m.bias is None else m.bias]
+    if type(m) is Q4PanelLinear:  # 4-bit panels (Q4_0 / Q4_1 blocks): no per-channel scale
+        return [m.panels, _EMPTY, _EMPTY if m.bias is None else m.bias]
     if type(m) is not PanelLinear or m.bf16:  # the stack reads fp32 or int8 panels
         return None
     bias = _EMPTY if m.bias is None else m.bias

@@ -18,6 +18,9 @@
 // bf16 models: each projection is the user's own (N, K) bf16 weight, read in place (`rows_bf16.h`: a unit is 64
 // consecutive rows), norm weights and the KV cache may be bf16 (the cache holds keys and values rounded to bf16);
 // activations stay fp32 throughout.
+// 4-bit layers (q4 panels, q4_rows.h): a projection's input is rounded to int8 per block of 32 once per step, as
+// linear_q4 rounds it: the normed input by each thread beside its norm, the attention and MLP outputs by the units
+// that write them, into shared per-layer buffers.
 // Adapters: a row's low-rank product c * (x A^T) is computed once per projection and step (per thread), and
 // each panel unit adds (that product) B^T for its 64 columns.
 #include <ATen/Parallel.h>
@@ -37,6 +40,7 @@
 #include "attend.h"
 #include "gemv.h"
 #include "ops.h"
+#include "q4_rows.h"
 #include "rows_bf16.h"
 
 #ifndef SPIN_NS
@@ -58,6 +62,8 @@ struct Seg {
   const char* w = nullptr;
   bool i8 = false, bf16 = false;
   int64_t P = 0, K = 0, N = 0;
+  bool q4 = false;  // 4-bit panels (P, K / 32, BB) (q4_rows.h): read from the input's int8 blocks, `q4in`
+  int64_t BB = 0;
   const float* scale = nullptr;
   const float* bias = nullptr;
 };
@@ -81,8 +87,11 @@ struct LayerPlan {
 };
 
 // buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
-static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf) {
-  if (s.bf16)
+// A q4 segment reads `q4in`, the same rows quantized per block of 32 (q4_rows.h), instead of x.
+static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf,
+                              const q4k::Q4Rows& q4in = {}) {
+  if (s.q4) q4k::q4_panel(q4in, M, (const uint8_t*)s.w + p * (s.K / q4k::QK) * s.BB, s.BB, buf);
+  else if (s.bf16)
     rows_any_bf16(M, x, ldx, (const uint16_t*)s.w + p * PANEL * s.K, s.K, (int)std::min<int64_t>(PANEL, s.N - p * PANEL),
                   buf);
   else if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.K, buf);
@@ -102,6 +111,22 @@ static Seg make_seg(const at::Tensor& w, const at::Tensor& scale, const at::Tens
     s.N = N;
     if (bias.numel() > 0) {
       TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N, what, ": bias fp32");
+      s.bias = bias.data_ptr<float>();
+    }
+    return s;
+  }
+  if (w.scalar_type() == at::kByte) {  // 4-bit panels
+    TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && K % q4k::QK == 0 && w.size(1) * q4k::QK == K &&
+                w.size(0) * PANEL >= N && (w.size(2) == q4k::CODE_BYTES + 2 * PANEL ||
+                w.size(2) == q4k::CODE_BYTES + 4 * PANEL), what, ": q4 panels (P, K / 32, 1152 | 1280) expected");
+    s.q4 = true;
+    s.w = (const char*)w.data_ptr();
+    s.P = w.size(0);
+    s.BB = w.size(2);
+    s.K = K;
+    s.N = N;
+    if (bias.numel() > 0) {
+      TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() >= N, what, ": bias fp32");
       s.bias = bias.data_ptr<float>();
     }
     return s;
@@ -172,6 +197,7 @@ struct StackPlan : torch::CustomClassHolder {
     TORCH_CHECK(L.gate.P == L.up.P, "gate/up panel counts differ");
     L.window = window;
     L.kind = kind;
+    any_q4_ = any_q4_ || L.q.q4 || L.k.q4 || L.v.q4 || L.o.q4 || L.gate.q4 || L.up.q4 || L.down.q4;
     layers_.push_back(L);
     for (auto& x : t) keep_.push_back(x);
   }
@@ -279,6 +305,23 @@ struct StackPlan : torch::CustomClassHolder {
     float* ACT = ATT + L * M * Q;             // per layer (M, I)
     float* TLS = ACT + L * M * I;             // per thread: normed input (M, D), rope and score scratch
     std::memcpy(X, x.contiguous().data_ptr<float>(), M * D * sizeof(float));
+    // q4 layers: the o/down inputs quantized per block of 32 by the units that write them (shared, per layer).
+    // Attention units write whole blocks when a key/value head's query heads span them; else each thread
+    // quantizes the attention output itself.
+    const bool att_blocks = (rep * hd) % q4k::QK == 0;
+    const int64_t NQ = any_q4_ ? L * M * (Q + I) : 0;
+    if (q4_q_.size() < (size_t)NQ) {
+      q4_q_.resize(NQ);
+      q4_d_.resize(NQ / q4k::QK + 1);
+      q4_s_.resize(NQ / q4k::QK + 1);
+    }
+    auto q4_att = [&](int64_t l) -> q4k::Q4Rows {  // layer l's attention output (M, Q), then its MLP's (M, I)
+      return {q4_q_.data() + l * M * Q, q4_d_.data() + l * M * Q / q4k::QK, q4_s_.data() + l * M * Q / q4k::QK, Q};
+    };
+    auto q4_act = [&](int64_t l) -> q4k::Q4Rows {
+      const int64_t o = L * M * Q + l * M * I;
+      return {q4_q_.data() + o, q4_d_.data() + o / q4k::QK, q4_s_.data() + o / q4k::QK, I};
+    };
 
     const int64_t NP = L * 5;
     std::vector<int> total(NP);
@@ -301,6 +344,21 @@ struct StackPlan : torch::CustomClassHolder {
       float* vr = obuf + hd;  // the new value rounded as a bf16 cache holds it
       float* w = vr + hd;
       int64_t xn_for = -1;          // the phase whose normed input xn holds
+      std::vector<int8_t> xq;       // q4 layers: xn (or the attention output) quantized per block (this thread's)
+      std::vector<float> xq_d;
+      std::vector<int32_t> xq_s;
+      auto quantize_own = [&](const float* src, int64_t K) -> q4k::Q4Rows {
+        if ((int64_t)xq.size() < M * K) {
+          xq.resize(M * K);
+          xq_d.resize(M * K / q4k::QK);
+          xq_s.resize(M * K / q4k::QK);
+        }
+        for (int64_t m = 0; m < M; ++m)
+          q4k::quantize_blocks(src, K, m, 0, K / q4k::QK, xq.data(), xq_d.data(), xq_s.data(), K);
+        return {xq.data(), xq_d.data(), xq_s.data(), K};
+      };
+      q4k::Q4Rows qn;  // what xq holds, for the phase xn_for (or xq_for)
+      int64_t xq_for = -1;
       int64_t frontier = 0;         // every phase below it is known complete
       int64_t unit_ns[5] = {0, 0, 0, 0, 0};  // this thread's last duration of a unit, per phase kind
       alignas(64) float buf[MAX_ROWS * PANEL];
@@ -402,6 +460,12 @@ struct StackPlan : torch::CustomClassHolder {
           norm_into(X + (2 * l + (ph == 3)) * M * D, ph == 0 ? ly.w_in : ly.w_post, ly.norm16);
           xn_for = idx;
         }
+        const bool own_q4 = ph == 0 ? ly.q.q4 || ly.k.q4 || ly.v.q4 : ph == 3 ? ly.gate.q4 || ly.up.q4
+                          : ph == 2 && ly.o.q4 && !att_blocks;  // inputs this thread quantizes itself
+        if (own_q4 && xq_for != idx) {
+          qn = ph == 2 ? quantize_own(ATT + l * M * Q, Q) : quantize_own(xn, D);
+          xq_for = idx;
+        }
         if (cf != nullptr && ph != 1) {  // the phase's low-rank products, once per thread
           const float* in = ph == 2 ? ATT + l * M * Q : ph == 4 ? ACT + l * M * I : xn;
           low_rank(idx, ly, in, ph == 2 ? Q : ph == 4 ? I : D);
@@ -423,7 +487,7 @@ struct StackPlan : torch::CustomClassHolder {
           const int proj = s == &ly.q ? 0 : s == &ly.k ? 1 : 2;
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // row blocks: the panel stays in L2 between them
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
-            panel_gemv(*s, p, mm, xn + m0 * D, D, buf);
+            panel_gemv(*s, p, mm, xn + m0 * D, D, buf, s->q4 ? qn.rows(m0) : q4k::Q4Rows{});
             const bool has_d = lora_delta(ly, proj, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               float* dst = QKV + (l * M + m0 + m) * NQKV + off + n0;
@@ -463,6 +527,11 @@ struct StackPlan : torch::CustomClassHolder {
                           scale_, w, obuf);
             std::memcpy(ATT + (l * M + b) * Q + h * hd, obuf, hd * sizeof(float));
           }
+          if (ly.o.q4 && att_blocks) {
+            const q4k::Q4Rows a = q4_att(l);
+            q4k::quantize_blocks(ATT + l * M * Q, Q, b, g * rep * hd / q4k::QK, (g + 1) * rep * hd / q4k::QK,
+                                 (int8_t*)a.xq, (float*)a.dx, (int32_t*)a.sq, Q);
+          }
         } else if (ph == 2 || ph == 4) {  // o_proj / down_proj panel: next residual = residual + projection
           const Seg& s = ph == 2 ? ly.o : ly.down;
           const float* in = ph == 2 ? ATT + l * M * Q : ACT + l * M * I;
@@ -472,7 +541,8 @@ struct StackPlan : torch::CustomClassHolder {
           const int64_t n0 = (int64_t)u * PANEL, nn = std::min<int64_t>(PANEL, D - n0);
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
-            panel_gemv(s, u, mm, in + m0 * K, K, buf);
+            const q4k::Q4Rows qin = !s.q4 ? q4k::Q4Rows{} : ph == 4 ? q4_act(l) : att_blocks ? q4_att(l) : qn;
+            panel_gemv(s, u, mm, in + m0 * K, K, buf, s.q4 ? qin.rows(m0) : q4k::Q4Rows{});
             const bool has_d = lora_delta(ly, ph == 2 ? 3 : 6, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               const float* src = buf + m * PANEL;
@@ -490,8 +560,9 @@ struct StackPlan : torch::CustomClassHolder {
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const float* x = xn + m0 * D;
-            panel_gemv(ly.gate, u, mm, x, D, buf);
-            panel_gemv(ly.up, u, mm, x, D, buf2);
+            const q4k::Q4Rows qx = ly.gate.q4 || ly.up.q4 ? qn.rows(m0) : q4k::Q4Rows{};
+            panel_gemv(ly.gate, u, mm, x, D, buf, qx);
+            panel_gemv(ly.up, u, mm, x, D, buf2, qx);
             const bool has_g = lora_delta(ly, 4, n0, nn, dl, m0, mm);
             const bool has_u = lora_delta(ly, 5, n0, nn, dl2, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
@@ -502,6 +573,11 @@ struct StackPlan : torch::CustomClassHolder {
                 if (has_g) gv += dl[m * PANEL + j];
                 if (has_u) uv += dl2[m * PANEL + j];
                 dst[j] = gv / (1.f + std::exp(-gv)) * uv;
+              }
+              if (ly.down.q4) {  // this panel's blocks of the down projection's input
+                const q4k::Q4Rows a = q4_act(l);
+                q4k::quantize_blocks(ACT + l * M * I, I, m0 + m, n0 / q4k::QK, (n0 + nn) / q4k::QK, (int8_t*)a.xq,
+                                     (float*)a.dx, (int32_t*)a.sq, I);
               }
             }
           }
@@ -572,6 +648,10 @@ struct StackPlan : torch::CustomClassHolder {
   std::vector<LayerPlan> layers_;
   std::vector<at::Tensor> keep_;
   std::vector<float> ws_;
+  bool any_q4_ = false;
+  std::vector<int8_t> q4_q_;  // q4 layers: quantized o/down inputs, per layer (`run`)
+  std::vector<float> q4_d_;
+  std::vector<int32_t> q4_s_;
   std::mutex mu_;
   std::atomic<int64_t> helped_{0};
   int64_t spin_ns_ = SPIN_NS, unit_factor_ = 2;

@@ -52,7 +52,7 @@ def start_server(root, api_key: str | None = KEY) -> NomoatServer:
     model_dir = make_chat_model(root / "tiny", seed=0)
     _adapter(model_dir, root / "ad1", seed=1)
     args = ["serve", str(model_dir), "--adapter", f"ad1={root / 'ad1'}", *(["--api-key", api_key] if api_key else [])]
-    return NomoatServer(args, root / "server.log", env={"NOMOAT_HOME": str(root / "home")}, timeout=60)
+    return NomoatServer(args, root / "server.log", env={"NOMOAT_HOME": str(root / "home")})
 
 
 @pytest.fixture(scope="module")

@@ -236,9 +236,9 @@ def test_lora_injection_is_followed(built, tmp_path):
     assert _rel(again, before) < 1e-5
 
 
-def _adapter(model_dir, out, seed, r):
+def _adapter(model_dir, out, seed, r, targets=None):
     lora_model = load_model(model_dir, "float32", "cpu")
-    cfg = LoRAConfig(r=r, alpha=2 * r)
+    cfg = LoRAConfig(r=r, alpha=2 * r) if targets is None else LoRAConfig(r=r, alpha=2 * r, target_modules=targets)
     inject_lora(lora_model, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -314,6 +314,49 @@ def test_many_rows_and_adapters_in_the_stack(built, mode, tmp_path):
         out[stack] = _decode_logits(dm, prompts, 3, during_decode=lambda b=bank, p=plan: b.plan(p))
         assert dm.stack_steps == (3 if stack else 0)
     plain = _decode_logits(prepare(model, DecodeConfig(stack=True)), prompts, 3)
+    assert _rel(out[True], plain) > 1e-3  # the adapters change the logits
+    assert _rel(out[True], out[False]) < 1e-5
+
+
+@pytest.mark.parametrize("threads, spin", [(2, 20000), (3, -1)])
+def test_many_distinct_adapters_in_one_step(built, threads, spin, tmp_path):
+    """27 rows over 12 adapters in one step: 11 rows share one adapter (two blocks of the adapter phase's units),
+    ten rows each their own (ranks 1 to 16; some adapt only the attention or only the MLP projections), weighted
+    stacks, a row without adapter. Equals the layer loop with the bank's own LoRA path, also when every unit runs
+    again once complete (spin -1: the adapter products are stored whole, never accumulated)."""
+    model_dir = tmp_path / "model"
+    _make("llama_wide", model_dir)
+    names = [f"a{i}" for i in range(12)]
+    ranks = [8, 1, 16, 4, 3, 12, 2, 8, 5, 16, 6, 7]
+    targets = [None, ["q_proj", "v_proj", "o_proj"], None, ["gate_proj", "up_proj", "down_proj"], None, ["k_proj"],
+               None, ["down_proj", "q_proj"], None, None, ["o_proj", "up_proj"], None]  # fmt: skip
+    folders = {n: _adapter(model_dir, tmp_path / n, 40 + i, r, t)
+               for i, (n, r, t) in enumerate(zip(names, ranks, targets))}  # fmt: skip
+    selections = [(("a0", 1.0),)] * 11 + [((names[1 + i], 1.0),) for i in range(10)]
+    selections += [(), (("a0", 0.5), ("a3", -0.7)), (("a11", 1.0), ("a1", 0.3)), (("a11", 1.0),),
+                   (("a2", 0.25), ("a7", 1.5), ("a10", 0.5)), (("a0", 1.0),)]  # fmt: skip
+    prompts = [[(11 * i + j) % 200 + 3 for j in range(2 + i % 4)] for i in range(len(selections))]
+    model = load_model(model_dir, "float32", "cpu")
+    pack_model(model)
+    out = {}
+    for stack in (True, False):
+        dm = prepare(model, DecodeConfig(stack=stack))
+        bank = AdapterBank(dm.net)
+        for name, folder in folders.items():
+            bank.add(name, folder)
+        dm.rebuild_plan()
+        plan = group_rows(selections, torch.device("cpu"))
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        if stack:
+            dm.plan.native.set_spin(spin, 0 if spin <= 0 else 2)
+        try:
+            out[stack] = _decode_logits(dm, prompts, 3, during_decode=lambda b=bank, p=plan: b.plan(p))
+        finally:
+            torch.set_num_threads(saved)
+        assert dm.stack_steps == (3 if stack else 0)
+    plain = _decode_logits(prepare(model, DecodeConfig(stack=True)), prompts, 3)
+    assert _rel(out[True][:, 21], plain[:, 21]) < 1e-5  # the row without adapter
     assert _rel(out[True], plain) > 1e-3  # the adapters change the logits
     assert _rel(out[True], out[False]) < 1e-5
 

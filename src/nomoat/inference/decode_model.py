@@ -156,6 +156,11 @@ class DecodeModel:
     def rebuild_plan(self) -> None:
         """(Re)build the decode stack's plan from `net`'s layers: after adapters are added to or removed from a bank."""
         self.plan = None  # drop the old plan's references first
+        if self.use_stack:
+            banks = {id(b): b for m in self.net.modules() if hasattr(m, "decode_passthrough")
+                     for b in (m.decode_passthrough()[1],)}  # fmt: skip
+            for bank in banks.values():
+                bank.compact()  # the stacks the plan streams, in huge pages
         self.plan = build_plan(self.net) if self.use_stack else None
 
     # ---- running ------------------------------------------------------------------------------------------------

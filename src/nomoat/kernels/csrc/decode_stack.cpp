@@ -8,10 +8,11 @@
 //
 // Threading: ONE OpenMP parallel region per step. Each layer is five phases (q/k/v panels; attention over (row,
 // key/value head); output-projection panels added to the residual; gate/up panel pairs with SiLU; down panels added
-// to the residual). A phase's units are claimed one at a time from an atomic counter, and a unit runs once the
-// previous phase has finished all its units (per-unit done flags and a count, not a barrier of threads). A thread that
-// needs a phase finished spins for SPIN_NS plus twice its own last time for such a unit, then runs the unfinished
-// units itself (a descheduled thread must not stall the step). A unit may thus run twice, even concurrently, so every
+// to the residual), each projection phase preceded by an adapter phase (no units in a step without adapters). A
+// phase's units are claimed one at a time from an atomic counter, and a unit runs once the previous phase has
+// finished all its units (per-unit done flags and a count, not a barrier of threads). A thread that needs a phase
+// finished spins for SPIN_NS plus twice its own last time for such a unit, then runs the unfinished units itself (a
+// descheduled thread must not stall the step). A unit may thus run twice, even concurrently, so every
 // unit is idempotent: each intermediate has one buffer per layer (the residual one per half layer: x_next = x +
 // projection, never x += ...), and every shared write stores a final value. A panel unit runs its rows in blocks of
 // MAX_ROWS (the panel stays in L2 between blocks, so memory sees each weight once per step).
@@ -21,14 +22,18 @@
 // 4-bit layers (q4 panels, q4_rows.h): a projection's input is rounded to int8 per block of 32 once per step, as
 // linear_q4 rounds it: the normed input by each thread beside its norm, the attention and MLP outputs by the units
 // that write them, into shared per-layer buffers.
-// Adapters: a row's low-rank product c * (x A^T) is computed once per projection and step (per thread), and
-// each panel unit adds (that product) B^T for its 64 columns.
+// Adapters (`stack_lora.h`): an adapter phase computes the low-rank products c * (x A^T) of the next phase's
+// projections once per step, in units of rows sharing an adapter; each panel unit adds (products) Bt for its columns.
+// NOMOAT_STACK_PROFILE=1 (read when the plan is made) sums the CPU time of each phase kind's units and of the waits
+// (`profile`).
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <ctime>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -42,6 +47,8 @@
 #include "ops.h"
 #include "q4_rows.h"
 #include "rows_bf16.h"
+#include "stack_lora.h"
+#include "stack_parts.h"
 
 #ifndef SPIN_NS
 #define SPIN_NS 20000
@@ -52,127 +59,28 @@ static inline int64_t now_ns() {
       .count();
 }
 
+// This thread's CPU time (the profile's clock: a loaded machine's preemptions do not count).
+static inline int64_t cpu_ns() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 struct alignas(64) Counter {
   std::atomic<int> v{0};
 };
 
-// One matrix: panels (P, K, 64) fp32 or int8, or a bf16 (N, K) row-major weight; optional per-channel scale (int8)
-// and bias.
-struct Seg {
-  const char* w = nullptr;
-  bool i8 = false, bf16 = false;
-  int64_t P = 0, K = 0, N = 0;
-  bool q4 = false;  // 4-bit panels (P, K / 32, BB) (q4_rows.h): read from the input's int8 blocks, `q4in`
-  int64_t BB = 0;
-  const float* scale = nullptr;
-  const float* bias = nullptr;
-};
-
-// One adapter's LoRA factors on one projection: delta(x) = coef[row][slot] * scale * (x A^T) Bt.
-struct Lora {
-  int64_t slot = 0, r = 0, in = 0, out = 0;
-  float scale = 1.f;
-  const float* A = nullptr;   // (r, in)
-  const float* Bt = nullptr;  // (r, out)
-};
-constexpr int MAX_LORA_RANK = 256;
-
-struct LayerPlan {
-  const void* w_in = nullptr;  // norm weights, fp32 or (norm16) bf16
-  const void* w_post = nullptr;
-  bool norm16 = false;
-  Seg q, k, v, o, gate, up, down;
-  int64_t window = 0, kind = 0;
-  std::vector<Lora> lora[7];  // per projection: q, k, v, o, gate, up, down
-};
-
-// buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
-// A q4 segment reads `q4in`, the same rows quantized per block of 32 (q4_rows.h), instead of x.
-static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf,
-                              const q4k::Q4Rows& q4in = {}) {
-  if (s.q4) q4k::q4_panel(q4in, M, (const uint8_t*)s.w + p * (s.K / q4k::QK) * s.BB, s.BB, buf);
-  else if (s.bf16)
-    rows_any_bf16(M, x, ldx, (const uint16_t*)s.w + p * PANEL * s.K, s.K, (int)std::min<int64_t>(PANEL, s.N - p * PANEL),
-                  buf);
-  else if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.K, buf);
-  else panel_any<false>(M, x, ldx, s.w + p * s.K * PANEL * 4, s.K, buf);
-}
-
-static Seg make_seg(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias, int64_t K,
-                    int64_t N, const char* what) {
-  Seg s;
-  if (w.scalar_type() == at::kBFloat16) {  // the (N, K) weight itself
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(0) == N && w.size(1) == K, what,
-                ": bf16 (N, K) contiguous expected");
-    s.bf16 = true;
-    s.w = (const char*)w.data_ptr();
-    s.P = (N + PANEL - 1) / PANEL;
-    s.K = K;
-    s.N = N;
-    if (bias.numel() > 0) {
-      TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N, what, ": bias fp32");
-      s.bias = bias.data_ptr<float>();
-    }
-    return s;
-  }
-  if (w.scalar_type() == at::kByte) {  // 4-bit panels
-    TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && K % q4k::QK == 0 && w.size(1) * q4k::QK == K &&
-                w.size(0) * PANEL >= N && (w.size(2) == q4k::CODE_BYTES + 2 * PANEL ||
-                w.size(2) == q4k::CODE_BYTES + 4 * PANEL), what, ": q4 panels (P, K / 32, 1152 | 1280) expected");
-    s.q4 = true;
-    s.w = (const char*)w.data_ptr();
-    s.P = w.size(0);
-    s.BB = w.size(2);
-    s.K = K;
-    s.N = N;
-    if (bias.numel() > 0) {
-      TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() >= N, what, ": bias fp32");
-      s.bias = bias.data_ptr<float>();
-    }
-    return s;
-  }
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == PANEL && w.is_contiguous() && w.size(1) == K && w.size(0) * PANEL >= N,
-              what, ": panels (P, K, 64) contiguous expected");
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar, what, ": fp32 or int8 panels");
-  s.i8 = w.scalar_type() == at::kChar;
-  s.w = (const char*)w.data_ptr();
-  s.P = w.size(0);
-  s.K = K;
-  s.N = N;
-  if (s.i8) {
-    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() >= N,
-                what, ": int8 panels need fp32 scales (N,)");
-    s.scale = scale.data_ptr<float>();
-  }
-  if (bias.numel() > 0) {
-    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() >= N,
-                what, ": bias fp32 (N,)");
-    s.bias = bias.data_ptr<float>();
-  }
-  return s;
-}
-
-// Writes the new key and value (hd each) at element `at` of bf16 caches, rounded; `knew` becomes the rounded key and
-// the rounded value is returned (in `vr`), so the step attends to what later steps will read.
-static inline const float* store_kv16(char* kc, char* vc, int64_t at, float* knew, const float* vnew, float* vr,
-                                      int64_t hd) {
-  uint16_t* kd = (uint16_t*)kc + at;
-  uint16_t* vd = (uint16_t*)vc + at;
-  for (int64_t i = 0; i < hd; ++i) {
-    const uint16_t k16 = f_to_bf16(knew[i]), v16 = f_to_bf16(vnew[i]);
-    kd[i] = k16;
-    vd[i] = v16;
-    knew[i] = bf16_to_f(k16);
-    vr[i] = bf16_to_f(v16);
-  }
-  return vr;
-}
+// A layer's nine phases: the adapter phase (-1) before each projection phase, and the five phase kinds 0-4.
+constexpr int NPH = 9;
+constexpr int PH_KIND[NPH] = {-1, 0, 1, -1, 2, -1, 3, -1, 4};
 
 struct StackPlan : torch::CustomClassHolder {
  public:
   StackPlan(int64_t D, int64_t H, int64_t nkv, int64_t hd, int64_t I, double eps, double scale)
       : D_(D), H_(H), nkv_(nkv), hd_(hd), I_(I), eps_(eps), scale_((float)scale) {
     TORCH_CHECK(H > 0 && nkv > 0 && H % nkv == 0 && hd > 0 && D > 0 && I > 0, "bad shapes");
+    const char* prof = std::getenv("NOMOAT_STACK_PROFILE");
+    profiling_ = prof != nullptr && prof[0] != '\0' && prof[0] != '0';
   }
 
   // t: w_in, w_post, then (panels, scale, bias) for q, k, v, o and (panels, scale) for gate, up, down; an absent
@@ -223,10 +131,19 @@ struct StackPlan : torch::CustomClassHolder {
     e.scale = (float)scale;
     e.A = A.data_ptr<float>();
     e.Bt = Bt.data_ptr<float>();
-    layers_[layer].lora[proj].push_back(e);
+    layers_[layer].ad.add((int)proj, e);
     lora_slots_ = std::max(lora_slots_, slot + 1);
+    lora_rank_ = std::max(lora_rank_, e.r);
     keep_.push_back(A);
     keep_.push_back(Bt);
+  }
+
+  // With NOMOAT_STACK_PROFILE set: milliseconds spent since the last call (all threads) in the units of each phase
+  // kind (adapter products, q/k/v, attention, o, gate/up, down), then waiting for phases; resets the sums.
+  std::vector<double> profile() {
+    std::vector<double> out;
+    for (auto& p : prof_) out.push_back((double)p.exchange(0) * 1e-6);
+    return out;
   }
 
   // Units run by a thread that gave up waiting for the thread holding them (so twice, or first by the helper).
@@ -296,14 +213,18 @@ struct StackPlan : torch::CustomClassHolder {
     const int nt = std::max(1, at::get_num_threads());
     // Every intermediate has one buffer per layer (and the residual one per half-layer), so that running a unit
     // twice (a thread helping a descheduled one) writes the same values where the first run would have.
-    const int64_t per_thread = M * D + kv_len + 4 * hd + 16;
-    const size_t need = (size_t)((2 * L + 1) * M * D + L * M * (NQKV + Q + I) + nt * per_thread);
+    LoraStep ls;  // the step's adapter entries and their blocks (stack_lora.h)
+    if (cf != nullptr) ls.build(cf, M, ncf, lora_slots_);
+    const int64_t E = ls.E, R = lora_rank_;
+    const int64_t per_thread = M * D + kv_len + 4 * hd + 16 + MAX_ROWS * D;
+    const size_t need = (size_t)((2 * L + 1) * M * D + L * M * (NQKV + Q + I) + L * E * 7 * R + nt * per_thread);
     if (ws_.size() < need) ws_.resize(need);
     float* X = ws_.data();                    // (2L + 1) residual states (M, D)
     float* QKV = X + (2 * L + 1) * M * D;     // per layer (M, NQKV)
     float* ATT = QKV + L * M * NQKV;          // per layer (M, Q)
     float* ACT = ATT + L * M * Q;             // per layer (M, I)
-    float* TLS = ACT + L * M * I;             // per thread: normed input (M, D), rope and score scratch
+    float* XA = ACT + L * M * I;              // per layer adapter products (E, 7, R)
+    float* TLS = XA + L * E * 7 * R;          // per thread: normed input (M, D), rope and score scratch
     std::memcpy(X, x.contiguous().data_ptr<float>(), M * D * sizeof(float));
     // q4 layers: the o/down inputs quantized per block of 32 by the units that write them (shared, per layer).
     // Attention units write whole blocks when a key/value head's query heads span them; else each thread
@@ -323,13 +244,13 @@ struct StackPlan : torch::CustomClassHolder {
       return {q4_q_.data() + o, q4_d_.data() + o / q4k::QK, q4_s_.data() + o / q4k::QK, I};
     };
 
-    const int64_t NP = L * 5;
+    const int64_t NP = L * NPH, NA = E > 0 ? ls.blocks() : 0;
     std::vector<int> total(NP);
     std::vector<int64_t> first(NP + 1, 0);
     for (int64_t l = 0; l < L; ++l) {
       const LayerPlan& ly = layers_[l];
-      const int64_t t5[5] = {ly.q.P + ly.k.P + ly.v.P, M * nkv, ly.o.P, ly.gate.P, ly.down.P};
-      for (int ph = 0; ph < 5; ++ph) total[l * 5 + ph] = (int)t5[ph];
+      const int64_t t9[NPH] = {NA, ly.q.P + ly.k.P + ly.v.P, M * nkv, NA, ly.o.P, NA, ly.gate.P, NA, ly.down.P};
+      for (int ph = 0; ph < NPH; ++ph) total[l * NPH + ph] = (int)t9[ph];
     }
     for (int64_t i = 0; i < NP; ++i) first[i + 1] = first[i] + total[i];
     std::unique_ptr<Counter[]> next(new Counter[NP]), done(new Counter[NP]);
@@ -343,6 +264,7 @@ struct StackPlan : torch::CustomClassHolder {
       float* obuf = knew + hd;
       float* vr = obuf + hd;  // the new value rounded as a bf16 cache holds it
       float* w = vr + hd;
+      float* nrows = w + kv_len + 16;  // an adapter unit's normed rows (MAX_ROWS, D)
       int64_t xn_for = -1;          // the phase whose normed input xn holds
       std::vector<int8_t> xq;       // q4 layers: xn (or the attention output) quantized per block (this thread's)
       std::vector<float> xq_d;
@@ -360,102 +282,46 @@ struct StackPlan : torch::CustomClassHolder {
       q4k::Q4Rows qn;  // what xq holds, for the phase xn_for (or xq_for)
       int64_t xq_for = -1;
       int64_t frontier = 0;         // every phase below it is known complete
-      int64_t unit_ns[5] = {0, 0, 0, 0, 0};  // this thread's last duration of a unit, per phase kind
+      int64_t unit_ns[NPH] = {};    // this thread's last duration of a unit, per phase of a layer
       alignas(64) float buf[MAX_ROWS * PANEL];
       alignas(64) float buf2[MAX_ROWS * PANEL];
 
       auto norm_into = [&](const float* src, const void* wt, bool bf) {
-        for (int64_t m = 0; m < M; ++m) {
-          const float* r = src + m * D;
-          double ss2 = 0.0;
-          for (int64_t i = 0; i < D; ++i) ss2 += (double)r[i] * (double)r[i];
-          const float rstd = (float)(1.0 / std::sqrt(ss2 / (double)D + eps_));
-          if (bf)
-            for (int64_t i = 0; i < D; ++i) xn[m * D + i] = bf16_to_f(((const uint16_t*)wt)[i]) * (r[i] * rstd);
-          else
-            for (int64_t i = 0; i < D; ++i) xn[m * D + i] = ((const float*)wt)[i] * (r[i] * rstd);
-        }
+        for (int64_t m = 0; m < M; ++m) norm_row(src + m * D, wt, bf, D, eps_, xn + m * D);
       };
 
-      // Low-rank products, once per (row, adapter, projection) and phase: this thread's copy of
-      // c * (x_m A^T) for every row m and adapter whose coefficient c is nonzero, made when the thread first runs a
-      // unit of the phase (so twice at most with two threads, never once per panel). `acts[proj]` lists them
-      // adapter by adapter: (row, entry, offset of its r values in `xa`). Thread-private: a helped unit is unaffected.
-      struct Act {
-        int64_t m, e, off;
-      };
-      std::vector<float> xa;
-      std::vector<Act> acts[7];
-      int64_t xa_for = -1;  // the phase whose products xa holds
-      auto low_rank = [&](int64_t idx, const LayerPlan& ly, const float* x, int64_t ldx) {
-        if (xa_for == idx) return;
-        xa_for = idx;
-        const int ph = (int)(idx % 5);
-        const int p0 = ph == 0 ? 0 : ph == 2 ? 3 : ph == 3 ? 4 : 6, np = ph == 0 ? 3 : ph == 3 ? 2 : 1;
-        int64_t need = 0;
-        for (int proj = p0; proj < p0 + np; ++proj) {
-          acts[proj].clear();
-          for (int64_t e = 0; e < (int64_t)ly.lora[proj].size(); ++e)  // adapter-major: rows share A's reads
-            for (int64_t m = 0; m < M; ++m)
-              if (cf[m * ncf + ly.lora[proj][e].slot] != 0.f) {
-                acts[proj].push_back({m, e, need});
-                need += ly.lora[proj][e].r;
-              }
-        }
-        if ((int64_t)xa.size() < need) xa.resize(need);
-        for (int proj = p0; proj < p0 + np; ++proj) {
-          const std::vector<Act>& all = acts[proj];
-          for (size_t g0 = 0, g1; g0 < all.size(); g0 = g1) {  // the rows of one adapter: each row of A read once
-            for (g1 = g0 + 1; g1 < all.size() && all[g1].e == all[g0].e;) ++g1;
-            const Lora& a = ly.lora[proj][all[g0].e];
-            for (int64_t i = 0; i < a.r; ++i) {
-              const float* ai = a.A + i * a.in;
-              for (size_t t = g0; t < g1; ++t) {
-                const float* xm = x + all[t].m * ldx;
-                vf acc = vf{};
-                int64_t k = 0;
-                for (; k + W <= a.in; k += W) acc += ld(xm + k) * ld(ai + k);
-                float sum = hsum(acc);
-                for (; k < a.in; ++k) sum += xm[k] * ai[k];
-                xa[all[t].off + i] = sum * cf[all[t].m * ncf + a.slot] * a.scale;
-              }
-            }
+      // Adapter unit u (a block of entries of one adapter) before phase kind ph of layer l: the low-rank products
+      // of the phase's projections for the block's rows, into the layer's product buffer (stored whole).
+      auto lora_unit = [&](int64_t l, int ph, int64_t u) {
+        const LayerPlan& ly = layers_[l];
+        const int64_t e0 = ls.block[u];
+        const int n = (int)(ls.block[u + 1] - e0);
+        const float* xs[MAX_ROWS];
+        for (int j = 0; j < n; ++j) {
+          const int64_t m = ls.row[e0 + j];
+          if (ph == 0 || ph == 3) {
+            norm_row(X + (2 * l + (ph == 3)) * M * D + m * D, ph == 0 ? ly.w_in : ly.w_post, ly.norm16, D, eps_,
+                     nrows + j * D);
+            xs[j] = nrows + j * D;
+          } else {
+            xs[j] = ph == 2 ? ATT + (l * M + m) * Q : ACT + (l * M + m) * I;
           }
         }
+        lora_products(ly.ad, ls, u, ph, xs, XA + l * E * 7 * R, R);
       };
 
-      // dl (mm x 64) = the adapters' delta on columns n0.. (nn of them) of projection `proj` for rows m0..m0+mm of
-      // the step, from the phase's low-rank products (`low_rank` first); false when no adapter applies to them
-      // (dl untouched).
-      auto lora_delta = [&](const LayerPlan& ly, int proj, int64_t n0, int64_t nn, float* dl, int64_t m0,
-                            int mm) -> bool {
-        if (cf == nullptr || ly.lora[proj].empty()) return false;
-        bool any = false;
-        for (const Act& t : acts[proj]) {
-          if (t.m < m0 || t.m >= m0 + mm) continue;
-          if (!any) {
-            std::memset(dl, 0, sizeof(float) * MAX_ROWS * PANEL);
-            any = true;
-          }
-          const Lora& a = ly.lora[proj][t.e];
-          float* d = dl + (t.m - m0) * PANEL;
-          for (int64_t i = 0; i < a.r; ++i) {
-            const float* b = a.Bt + i * a.out + n0;
-            const float w = xa[t.off + i];
-            for (int64_t j = 0; j < nn; ++j) d[j] += w * b[j];
-          }
-        }
-        return any;
+      auto lora_delta = [&](int64_t l, int proj, int64_t n0, int64_t nn, float* dl, int64_t m0, int mm) -> bool {
+        return E > 0 && lora_rows_delta(layers_[l].ad, ls, XA + l * E * 7 * R, R, proj, n0, nn, m0, mm, dl);
       };
       alignas(64) float dl[MAX_ROWS * PANEL];
       alignas(64) float dl2[MAX_ROWS * PANEL];
 
       // Unit u of phase idx; its inputs (the previous phases) are complete. Idempotent.
       auto run_unit = [&](int64_t idx, int u) {
-        const int64_t l = idx / 5;
-        const int ph = (int)(idx % 5);
+        const int64_t l = idx / NPH;
+        const int sub = (int)(idx % NPH), ph = PH_KIND[sub];
         const LayerPlan& ly = layers_[l];
-        const int64_t t0 = now_ns();
+        const int64_t t0 = now_ns(), c0 = profiling_ ? cpu_ns() : 0;
         if ((ph == 0 || ph == 3) && xn_for != idx) {
           norm_into(X + (2 * l + (ph == 3)) * M * D, ph == 0 ? ly.w_in : ly.w_post, ly.norm16);
           xn_for = idx;
@@ -466,11 +332,9 @@ struct StackPlan : torch::CustomClassHolder {
           qn = ph == 2 ? quantize_own(ATT + l * M * Q, Q) : quantize_own(xn, D);
           xq_for = idx;
         }
-        if (cf != nullptr && ph != 1) {  // the phase's low-rank products, once per thread
-          const float* in = ph == 2 ? ATT + l * M * Q : ph == 4 ? ACT + l * M * I : xn;
-          low_rank(idx, ly, in, ph == 2 ? Q : ph == 4 ? I : D);
-        }
-        if (ph == 0) {  // q/k/v panel -> qkv (M, NQKV)
+        if (ph < 0) {  // an adapter phase: the next phase's low-rank products
+          lora_unit(l, PH_KIND[sub + 1], u);
+        } else if (ph == 0) {  // q/k/v panel -> qkv (M, NQKV)
           const Seg* s = &ly.q;
           int64_t p = u, off = 0;
           if (p >= ly.q.P) {
@@ -488,7 +352,7 @@ struct StackPlan : torch::CustomClassHolder {
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // row blocks: the panel stays in L2 between them
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             panel_gemv(*s, p, mm, xn + m0 * D, D, buf, s->q4 ? qn.rows(m0) : q4k::Q4Rows{});
-            const bool has_d = lora_delta(ly, proj, n0, nn, dl, m0, mm);
+            const bool has_d = lora_delta(l, proj, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               float* dst = QKV + (l * M + m0 + m) * NQKV + off + n0;
               const float* src = buf + m * PANEL;
@@ -543,7 +407,7 @@ struct StackPlan : torch::CustomClassHolder {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const q4k::Q4Rows qin = !s.q4 ? q4k::Q4Rows{} : ph == 4 ? q4_act(l) : att_blocks ? q4_att(l) : qn;
             panel_gemv(s, u, mm, in + m0 * K, K, buf, s.q4 ? qin.rows(m0) : q4k::Q4Rows{});
-            const bool has_d = lora_delta(ly, ph == 2 ? 3 : 6, n0, nn, dl, m0, mm);
+            const bool has_d = lora_delta(l, ph == 2 ? 3 : 6, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               const float* src = buf + m * PANEL;
               const int64_t r = (m0 + m) * D + n0;
@@ -563,8 +427,8 @@ struct StackPlan : torch::CustomClassHolder {
             const q4k::Q4Rows qx = ly.gate.q4 || ly.up.q4 ? qn.rows(m0) : q4k::Q4Rows{};
             panel_gemv(ly.gate, u, mm, x, D, buf, qx);
             panel_gemv(ly.up, u, mm, x, D, buf2, qx);
-            const bool has_g = lora_delta(ly, 4, n0, nn, dl, m0, mm);
-            const bool has_u = lora_delta(ly, 5, n0, nn, dl2, m0, mm);
+            const bool has_g = lora_delta(l, 4, n0, nn, dl, m0, mm);
+            const bool has_u = lora_delta(l, 5, n0, nn, dl2, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               float* dst = ACT + (l * M + m0 + m) * I + n0;
               for (int64_t j = 0; j < nn; ++j) {
@@ -584,7 +448,8 @@ struct StackPlan : torch::CustomClassHolder {
         }
         if (flag[first[idx] + u].exchange(1, std::memory_order_acq_rel) == 0)
           done[idx].v.fetch_add(1, std::memory_order_release);
-        unit_ns[ph] = now_ns() - t0;
+        unit_ns[sub] = now_ns() - t0;
+        if (profiling_) prof_[ph + 1].fetch_add(cpu_ns() - c0, std::memory_order_relaxed);
       };
 
       // Returns once every phase up to idx is complete: waits briefly for the units other threads hold, then
@@ -599,8 +464,8 @@ struct StackPlan : torch::CustomClassHolder {
             continue;
           }
           if (done[j].v.load(std::memory_order_acquire) >= total[j]) continue;
-          const int64_t budget = spin_ns_ + unit_factor_ * unit_ns[j % 5];
-          const int64_t t0 = now_ns();
+          const int64_t budget = spin_ns_ + unit_factor_ * unit_ns[j % NPH];
+          const int64_t t0 = now_ns(), c0 = profiling_ ? cpu_ns() : 0;
           bool ok = false;
           while (!ok && budget > 0) {
             for (int i = 0; i < 32 && !ok; ++i) {
@@ -609,6 +474,7 @@ struct StackPlan : torch::CustomClassHolder {
             }
             if (now_ns() - t0 > budget) break;
           }
+          if (profiling_) prof_[6].fetch_add(cpu_ns() - c0, std::memory_order_relaxed);
           if (ok) continue;
           for (int u = 0; u < total[j]; ++u)  // help: run what is not finished yet (maybe a second time)
             if (flag[first[j] + u].load(std::memory_order_acquire) == 0) {
@@ -655,7 +521,9 @@ struct StackPlan : torch::CustomClassHolder {
   std::mutex mu_;
   std::atomic<int64_t> helped_{0};
   int64_t spin_ns_ = SPIN_NS, unit_factor_ = 2;
-  int64_t lora_slots_ = 0;
+  int64_t lora_slots_ = 0, lora_rank_ = 0;
+  bool profiling_ = false;
+  std::atomic<int64_t> prof_[7] = {};
 };
 
 
@@ -669,5 +537,6 @@ void register_decode_stack(torch::Library& m) {
       .def("num_layers", &StackPlan::num_layers)
       .def("helped", &StackPlan::helped)
       .def("set_spin", &StackPlan::set_spin)
+      .def("profile", &StackPlan::profile)
       .def("run", &StackPlan::run);
 }

@@ -1,0 +1,161 @@
+// Per-row LoRA adapters inside the decode stack (`decode_stack.cpp`): a row's delta on a projection is
+// sum over its adapters of coef * scale * (x A^T) Bt.
+//
+// A step lists its adapter entries (row, slot, coefficient; nonzero coefficients only), sorted by slot then row, and
+// cuts them into blocks of up to MAX_ROWS entries of one slot. Before each projection phase of a layer, an adapter
+// phase whose units are those blocks computes the low-rank products c * scale * (x A^T) of every projection of the
+// next phase once (each row of A read once per block, its rows' dot products together) into the layer's product
+// buffer; each panel unit then adds (products) Bt for its 64 columns (`lora_expand`). Products are stored whole
+// (a unit may run twice, see decode_stack.cpp), in one buffer per layer: entry t, projection p at ((t * 7) + p) * R.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "gemv.h"
+
+// One adapter's LoRA factors on one projection: delta(x) = coef[row][slot] * scale * (x A^T) Bt.
+struct Lora {
+  int64_t slot = 0, r = 0, in = 0, out = 0;
+  float scale = 1.f;
+  const float* A = nullptr;   // (r, in)
+  const float* Bt = nullptr;  // (r, out)
+};
+constexpr int MAX_LORA_RANK = 256;
+
+// A layer's adapters on its seven projections (q, k, v, o, gate, up, down), and each slot's entry per projection.
+struct LayerLoras {
+  std::vector<Lora> lora[7];
+  std::vector<int> by_slot[7];  // slot -> index into lora[p], or -1
+
+  void add(int proj, const Lora& e) {
+    if ((int64_t)by_slot[proj].size() <= e.slot) by_slot[proj].resize(e.slot + 1, -1);
+    by_slot[proj][e.slot] = (int)lora[proj].size();
+    lora[proj].push_back(e);
+  }
+  const Lora* find(int proj, int64_t slot) const {
+    if (slot >= (int64_t)by_slot[proj].size() || by_slot[proj][slot] < 0) return nullptr;
+    return &lora[proj][by_slot[proj][slot]];
+  }
+};
+
+// The step's adapter entries (see the top of this file).
+struct LoraStep {
+  int64_t E = 0;
+  std::vector<int64_t> row, slot, block, row_ptr, row_ent;
+  std::vector<float> coef;
+
+  // From coef (M, ncf): the entries with a nonzero coefficient among the first `slots` columns.
+  void build(const float* cf, int64_t M, int64_t ncf, int64_t slots) {
+    for (int64_t s = 0; s < slots; ++s)
+      for (int64_t m = 0; m < M; ++m)
+        if (cf[m * ncf + s] != 0.f) {
+          if (row.empty() || slot.back() != s || (int64_t)row.size() - block.back() >= MAX_ROWS)
+            block.push_back((int64_t)row.size());
+          row.push_back(m);
+          slot.push_back(s);
+          coef.push_back(cf[m * ncf + s]);
+        }
+    E = (int64_t)row.size();
+    block.push_back(E);
+    row_ptr.assign(M + 1, 0);
+    for (int64_t t = 0; t < E; ++t) ++row_ptr[row[t] + 1];
+    for (int64_t m = 0; m < M; ++m) row_ptr[m + 1] += row_ptr[m];
+    row_ent.resize(E);
+    std::vector<int64_t> fill(row_ptr.begin(), row_ptr.end() - 1);
+    for (int64_t t = 0; t < E; ++t) row_ent[fill[row[t]]++] = t;
+  }
+  int64_t blocks() const { return (int64_t)block.size() - 1; }
+};
+
+// out[j][i] = c[j] * a.scale * dot(x_j, A_i) for the N rows x_j of one block: each row of A is read once.
+template <int N>
+static inline void lora_shrink_rows(const Lora& a, const float* const* xs, const float* c, float* const* out) {
+  for (int64_t i = 0; i < a.r; ++i) {
+    const float* ai = a.A + i * a.in;
+    vf acc[N];
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) acc[j] = vf{};
+    int64_t k = 0;
+    for (; k + W <= a.in; k += W) {
+      const vf av = ld(ai + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < N; ++j) acc[j] += ld(xs[j] + k) * av;
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) {
+      float s = hsum(acc[j]);
+      for (int64_t kk = k; kk < a.in; ++kk) s += xs[j][kk] * ai[kk];
+      out[j][i] = s * c[j] * a.scale;
+    }
+  }
+}
+
+static inline void lora_shrink(const Lora& a, int n, const float* const* xs, const float* c, float* const* out) {
+  switch (n) {
+    case 1: lora_shrink_rows<1>(a, xs, c, out); break;
+    case 2: lora_shrink_rows<2>(a, xs, c, out); break;
+    case 3: lora_shrink_rows<3>(a, xs, c, out); break;
+    case 4: lora_shrink_rows<4>(a, xs, c, out); break;
+    case 5: lora_shrink_rows<5>(a, xs, c, out); break;
+    case 6: lora_shrink_rows<6>(a, xs, c, out); break;
+    case 7: lora_shrink_rows<7>(a, xs, c, out); break;
+    default: lora_shrink_rows<8>(a, xs, c, out); break;
+  }
+}
+
+// d[0..nn) += t (a.r products) times columns n0..n0+nn of a.Bt; a whole panel's 64 columns stay in registers.
+static inline void lora_expand(const float* t, const Lora& a, int64_t n0, int64_t nn, float* d) {
+  const float* b = a.Bt + n0;
+  if (nn == PANEL) {
+    vf acc[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = ld(d + v * W);
+    for (int64_t i = 0; i < a.r; ++i, b += a.out) {
+      const vf ti = splat(t[i]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] += ti * ld(b + v * W);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) st(d + v * W, acc[v]);
+    return;
+  }
+  for (int64_t i = 0; i < a.r; ++i, b += a.out)
+    for (int64_t j = 0; j < nn; ++j) d[j] += t[i] * b[j];
+}
+
+// Adapter unit u (block u of `ls`) before phase kind ph (0 q/k/v, 2 o, 3 gate/up, 4 down): the products of the
+// phase's projections for the block's rows xs, into the layer's product buffer xa (E, 7, R).
+static inline void lora_products(const LayerLoras& ad, const LoraStep& ls, int64_t u, int ph, const float* const* xs,
+                                 float* xa, int64_t R) {
+  const int64_t e0 = ls.block[u], slot = ls.slot[e0];
+  const int n = (int)(ls.block[u + 1] - e0);
+  const int p0 = ph == 0 ? 0 : ph == 2 ? 3 : ph == 3 ? 4 : 6, np = ph == 0 ? 3 : ph == 3 ? 2 : 1;
+  float* outs[MAX_ROWS];
+  for (int proj = p0; proj < p0 + np; ++proj) {
+    const Lora* a = ad.find(proj, slot);
+    if (a == nullptr) continue;
+    for (int j = 0; j < n; ++j) outs[j] = xa + ((e0 + j) * 7 + proj) * R;
+    lora_shrink(*a, n, xs, ls.coef.data() + e0, outs);
+  }
+}
+
+// dl (mm x 64) = the adapters' delta on columns n0.. (nn of them) of projection `proj` for rows m0..m0+mm of the
+// step, from the layer's products xa (E, 7, R); false when no adapter applies to them (dl untouched).
+static inline bool lora_rows_delta(const LayerLoras& ad, const LoraStep& ls, const float* xa, int64_t R, int proj,
+                                   int64_t n0, int64_t nn, int64_t m0, int mm, float* dl) {
+  if (ad.lora[proj].empty()) return false;
+  bool any = false;
+  for (int64_t m = m0; m < m0 + mm; ++m)
+    for (int64_t q = ls.row_ptr[m]; q < ls.row_ptr[m + 1]; ++q) {
+      const int64_t t = ls.row_ent[q];
+      const Lora* a = ad.find(proj, ls.slot[t]);
+      if (a == nullptr) continue;
+      if (!any) {
+        std::memset(dl, 0, sizeof(float) * MAX_ROWS * PANEL);
+        any = true;
+      }
+      lora_expand(xa + (t * 7 + proj) * R, *a, n0, nn, dl + (m - m0) * PANEL);
+    }
+  return any;
+}

@@ -1,0 +1,128 @@
+// The decode stack's building blocks (`decode_stack.cpp`): one projection's weights (`Seg`: fp32, int8 or q4
+// panels, or a bf16 row-major weight, read in place), a layer's plan, the normed row, one panel's product and the
+// store of a new key and value into a bf16 cache.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "gemv.h"
+#include "q4_rows.h"
+#include "rows_bf16.h"
+#include "stack_lora.h"
+
+// One matrix: panels (P, K, 64) fp32 or int8, or a bf16 (N, K) row-major weight; optional per-channel scale (int8)
+// and bias.
+struct Seg {
+  const char* w = nullptr;
+  bool i8 = false, bf16 = false;
+  int64_t P = 0, K = 0, N = 0;
+  bool q4 = false;  // 4-bit panels (P, K / 32, BB) (q4_rows.h): read from the input's int8 blocks, `q4in`
+  int64_t BB = 0;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+};
+
+struct LayerPlan {
+  const void* w_in = nullptr;  // norm weights, fp32 or (norm16) bf16
+  const void* w_post = nullptr;
+  bool norm16 = false;
+  Seg q, k, v, o, gate, up, down;
+  int64_t window = 0, kind = 0;
+  LayerLoras ad;  // adapters per projection: q, k, v, o, gate, up, down
+};
+
+// The normed row: out = rmsnorm(r) * w (D channels; w fp32 or, norm16, bf16).
+static inline void norm_row(const float* r, const void* w, bool norm16, int64_t D, double eps, float* out) {
+  double ss2 = 0.0;
+  for (int64_t i = 0; i < D; ++i) ss2 += (double)r[i] * (double)r[i];
+  const float rstd = (float)(1.0 / std::sqrt(ss2 / (double)D + eps));
+  if (norm16)
+    for (int64_t i = 0; i < D; ++i) out[i] = bf16_to_f(((const uint16_t*)w)[i]) * (r[i] * rstd);
+  else
+    for (int64_t i = 0; i < D; ++i) out[i] = ((const float*)w)[i] * (r[i] * rstd);
+}
+
+// buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
+// A q4 segment reads `q4in`, the same rows quantized per block of 32 (q4_rows.h), instead of x.
+static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf,
+                              const q4k::Q4Rows& q4in = {}) {
+  if (s.q4) q4k::q4_panel(q4in, M, (const uint8_t*)s.w + p * (s.K / q4k::QK) * s.BB, s.BB, buf);
+  else if (s.bf16)
+    rows_any_bf16(M, x, ldx, (const uint16_t*)s.w + p * PANEL * s.K, s.K, (int)std::min<int64_t>(PANEL, s.N - p * PANEL),
+                  buf);
+  else if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.K, buf);
+  else panel_any<false>(M, x, ldx, s.w + p * s.K * PANEL * 4, s.K, buf);
+}
+
+static Seg make_seg(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias, int64_t K,
+                    int64_t N, const char* what) {
+  Seg s;
+  if (w.scalar_type() == at::kBFloat16) {  // the (N, K) weight itself
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(0) == N && w.size(1) == K, what,
+                ": bf16 (N, K) contiguous expected");
+    s.bf16 = true;
+    s.w = (const char*)w.data_ptr();
+    s.P = (N + PANEL - 1) / PANEL;
+    s.K = K;
+    s.N = N;
+    if (bias.numel() > 0) {
+      TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N, what, ": bias fp32");
+      s.bias = bias.data_ptr<float>();
+    }
+    return s;
+  }
+  if (w.scalar_type() == at::kByte) {  // 4-bit panels
+    TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && K % q4k::QK == 0 && w.size(1) * q4k::QK == K &&
+                w.size(0) * PANEL >= N && (w.size(2) == q4k::CODE_BYTES + 2 * PANEL ||
+                w.size(2) == q4k::CODE_BYTES + 4 * PANEL), what, ": q4 panels (P, K / 32, 1152 | 1280) expected");
+    s.q4 = true;
+    s.w = (const char*)w.data_ptr();
+    s.P = w.size(0);
+    s.BB = w.size(2);
+    s.K = K;
+    s.N = N;
+    if (bias.numel() > 0) {
+      TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() >= N, what, ": bias fp32");
+      s.bias = bias.data_ptr<float>();
+    }
+    return s;
+  }
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == PANEL && w.is_contiguous() && w.size(1) == K && w.size(0) * PANEL >= N,
+              what, ": panels (P, K, 64) contiguous expected");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar, what, ": fp32 or int8 panels");
+  s.i8 = w.scalar_type() == at::kChar;
+  s.w = (const char*)w.data_ptr();
+  s.P = w.size(0);
+  s.K = K;
+  s.N = N;
+  if (s.i8) {
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() >= N,
+                what, ": int8 panels need fp32 scales (N,)");
+    s.scale = scale.data_ptr<float>();
+  }
+  if (bias.numel() > 0) {
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() >= N,
+                what, ": bias fp32 (N,)");
+    s.bias = bias.data_ptr<float>();
+  }
+  return s;
+}
+
+// Writes the new key and value (hd each) at element `at` of bf16 caches, rounded; `knew` becomes the rounded key and
+// the rounded value is returned (in `vr`), so the step attends to what later steps will read.
+static inline const float* store_kv16(char* kc, char* vc, int64_t at, float* knew, const float* vnew, float* vr,
+                                      int64_t hd) {
+  uint16_t* kd = (uint16_t*)kc + at;
+  uint16_t* vd = (uint16_t*)vc + at;
+  for (int64_t i = 0; i < hd; ++i) {
+    const uint16_t k16 = f_to_bf16(knew[i]), v16 = f_to_bf16(vnew[i]);
+    kd[i] = k16;
+    vd[i] = v16;
+    knew[i] = bf16_to_f(k16);
+    vr[i] = bf16_to_f(v16);
+  }
+  return vr;
+}

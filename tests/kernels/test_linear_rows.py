@@ -29,6 +29,18 @@ def test_linear_bf16_rows_matches_reference(built, n, k, rows):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [31, 32, 33, 47, 95, 96])
+def test_linear_bf16_rows_pair_steps_and_tails(built, k):
+    """Steps of 2W values (even/odd halves of 32-bit lanes) with every kind of tail, over units and sweeps that
+    read the next rows ahead (129 rows: two full units and one row)."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(129, k, generator=g).bfloat16()
+    for rows in (1, 2, 4, 6):
+        x = torch.randn(rows, k, generator=g)
+        want = (x.double() @ w.double().T).float()
+        torch.testing.assert_close(kernels.linear_bf16_rows(x, w), want, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_bf16_rows_reads_a_strided_batch(built):
     """Rows of a wider tensor (row stride above K) give the rows' own products."""
     g = torch.Generator().manual_seed(3)

@@ -5,11 +5,15 @@
 // gives the even values (a 16-bit shift) and the odd ones (a mask) as fp32, exactly, against the activations split
 // into even and odd lanes once per step; up to 4 activation rows share every weight load; one horizontal sum per
 // output. Each sweep prefetches the next sweep's rows into L2 (every row restarts the hardware prefetchers).
+// AVX-512-BF16 builds instead round the activations to bf16 (`bf16_dot_mode`, on by default) and take the products
+// of each (even, odd) pair with one instruction (vdpbf16ps), fp32 sums.
 // More activation rows run in blocks of 4 over the same R weight rows (still in L1/L2). The same source serves
 // AVX-512, AVX2, SSE, NEON and portable builds (vector extensions only). Also: bf16 <-> fp32 scalars.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 
 #include "vec.h"
 
@@ -71,6 +75,20 @@ static inline void split_f32(const float* p, vf& even, vf& odd) {
 #undef NOMOAT_ODD
 }
 
+// Whether rows_any_bf16 rounds activations to bf16 and takes hardware bf16 dot products (the precision of the bf16
+// model's own torch layers): 1 by default in AVX-512-BF16 builds (`NOMOAT_BF16_DOT=0` in the environment: 0), always
+// 0 elsewhere; one setting for the process, changed by the `bf16_dot` op.
+#if defined(__AVX512BF16__)
+constexpr bool HAS_BF16_DOT = true;
+#else
+constexpr bool HAS_BF16_DOT = false;
+#endif
+static inline int bf16_dot_default() {
+  const char* env = std::getenv("NOMOAT_BF16_DOT");
+  return HAS_BF16_DOT && !(env != nullptr && env[0] == '0') ? 1 : 0;
+}
+inline std::atomic<int> bf16_dot_mode{bf16_dot_default()};
+
 // Read-ahead of weight rows into L2 (each row is its own stream: the hardware prefetchers restart at every row).
 static inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
@@ -82,7 +100,8 @@ constexpr int rows_per_sweep() {
 
 // out[m * 64 + r] = x[m] . W[r] for M activation rows and R weight rows (row stride K), 2W values of each row per
 // step (`split_bf16`). Each step also prefetches the same offset of row r + `ahead` (the next sweep's rows; 0: none).
-template <int M, int R>
+// DOT: the activations rounded to bf16 (to nearest even) and hardware bf16 dot products of pairs, fp32 sums.
+template <int M, int R, bool DOT>
 static inline void rows_sweep(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t ahead, float* out) {
   vf acc[M][R];
 #pragma GCC unroll 8
@@ -92,6 +111,24 @@ static inline void rows_sweep(const float* x, int64_t ldx, const uint16_t* w, in
   const int64_t pf = ahead * K;
   int64_t k = 0;
   for (; k + 2 * W <= K; k += 2 * W) {
+#if defined(__AVX512BF16__)
+    if constexpr (DOT) {
+      __m512bh wv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        prefetch_l2(w + r * K + k + pf);
+        wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const float* xm = x + m * ldx + k;
+        const __m512bh xb = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xm + W), _mm512_loadu_ps(xm));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[m][r] = (vf)_mm512_dpbf16_ps((__m512)acc[m][r], xb, wv[r]);
+      }
+      continue;
+    }
+#endif
     vf we[R], wo[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -114,30 +151,31 @@ static inline void rows_sweep(const float* x, int64_t ldx, const uint16_t* w, in
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       float s = hsum(acc[m][r]);
-      for (int64_t t = k; t < K; ++t) s += x[m * ldx + t] * bf16_to_f(w[r * K + t]);
+      for (int64_t t = k; t < K; ++t) {
+        const float xt = DOT ? bf16_to_f(f_to_bf16(x[m * ldx + t])) : x[m * ldx + t];
+        s += xt * bf16_to_f(w[r * K + t]);
+      }
       out[m * 64 + r] = s;
     }
 }
 
 // Rows 0..nn-1 of w for M activation rows; `more`: rows nn.. exist and this call is the first over these weight rows
 // (so the last sweep reads them ahead too).
-template <int M>
+template <int M, bool DOT>
 static void rows_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int nn, bool first, bool more,
                        float* out) {
   constexpr int R = rows_per_sweep<M>();
   int r = 0;
   for (; r + R <= nn; r += R) {
     const int64_t ahead = !first ? 0 : (r + 2 * R <= nn || more) ? R : 0;
-    rows_sweep<M, R>(x, ldx, w + r * K, K, ahead, out + r);
+    rows_sweep<M, R, DOT>(x, ldx, w + r * K, K, ahead, out + r);
   }
-  for (; r < nn; ++r) rows_sweep<M, 1>(x, ldx, w + r * K, K, 0, out + r);
+  for (; r < nn; ++r) rows_sweep<M, 1, DOT>(x, ldx, w + r * K, K, 0, out + r);
 }
 
-// out (m x 64, row stride 64) for any m >= 1: columns 0..nn-1 = x (m x K) times rows 0..nn-1 of w (row stride K).
-// Weight rows go 8 at a time, every block of 4 activation rows over them before the next 8 (so they stay in L1/L2);
-// the first block reads the next 8 rows ahead (none past row nn: the caller's next unit may be another thread's).
-static inline void rows_any_bf16(int m, const float* x, int64_t ldx, const uint16_t* w, int64_t K, int nn,
-                                 float* out) {
+template <bool DOT>
+static inline void rows_any_bf16_as(int m, const float* x, int64_t ldx, const uint16_t* w, int64_t K, int nn,
+                                    float* out) {
   for (int r0 = 0; r0 < nn; r0 += 8) {
     const int rn = std::min(8, nn - r0);
     const bool more = r0 + 8 < nn;
@@ -147,11 +185,23 @@ static inline void rows_any_bf16(int m, const float* x, int64_t ldx, const uint1
       const uint16_t* wr = w + r0 * K;
       const bool first = m0 == 0;
       switch (std::min(4, m - m0)) {
-        case 1: rows_block<1>(xm, ldx, wr, K, rn, first, more, om); break;
-        case 2: rows_block<2>(xm, ldx, wr, K, rn, first, more, om); break;
-        case 3: rows_block<3>(xm, ldx, wr, K, rn, first, more, om); break;
-        default: rows_block<4>(xm, ldx, wr, K, rn, first, more, om); break;
+        case 1: rows_block<1, DOT>(xm, ldx, wr, K, rn, first, more, om); break;
+        case 2: rows_block<2, DOT>(xm, ldx, wr, K, rn, first, more, om); break;
+        case 3: rows_block<3, DOT>(xm, ldx, wr, K, rn, first, more, om); break;
+        default: rows_block<4, DOT>(xm, ldx, wr, K, rn, first, more, om); break;
       }
     }
   }
+}
+
+// out (m x 64, row stride 64) for any m >= 1: columns 0..nn-1 = x (m x K) times rows 0..nn-1 of w (row stride K).
+// Weight rows go 8 at a time, every block of 4 activation rows over them before the next 8 (so they stay in L1/L2);
+// the first block reads the next 8 rows ahead (none past row nn: the caller's next unit may be another thread's).
+// Exact fp32 activations, or bf16 dot products where `bf16_dot_mode` is set (and the build has them).
+static inline void rows_any_bf16(int m, const float* x, int64_t ldx, const uint16_t* w, int64_t K, int nn,
+                                 float* out) {
+  if (HAS_BF16_DOT && bf16_dot_mode.load(std::memory_order_relaxed) != 0)
+    rows_any_bf16_as<HAS_BF16_DOT>(m, x, ldx, w, K, nn, out);
+  else
+    rows_any_bf16_as<false>(m, x, ldx, w, K, nn, out);
 }

@@ -2,7 +2,8 @@
 
 A bf16 model's weights stay in their own (out, in) row-major layout, shared with the user's `nn.Linear` (or with the
 embedding, for a tied output head), so a bf16 model's decode model adds no weight memory. Decode calls (a few rows)
-run `kernels.linear_bf16_rows` (each weight row widened to fp32 in registers, fp32 sums, fp32 activations); prefill
+run `kernels.linear_bf16_rows` (fp32 sums; where the CPU has AVX-512-BF16 the activations are rounded to bf16 in
+registers for its dot products, as the model's own bf16 layers round them, else exact fp32 activations); prefill
 calls (many rows) run torch's bf16 matmul (oneDNN: AVX-512-BF16 / AMX where the CPU has them), as the model itself
 would. The one-call decode stack (`stack.py`) reads the same weights. Decode streams every weight once per token, so
 the weight's memory is moved into huge pages where it lies (`hugepages.advise`: fewer TLB misses, the same bytes).

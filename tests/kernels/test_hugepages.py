@@ -54,6 +54,23 @@ def test_huge_pages_back_the_tensor_where_the_kernel_allows() -> None:
     assert int(t.sum()) == 4 << 20
 
 
+def test_advise_moves_an_existing_tensor_into_huge_pages_in_place() -> None:
+    """A tensor in ordinary (4 KiB-page) memory keeps its address and contents; its whole 2 MiB stretches become huge
+    pages where the kernel has MADV_COLLAPSE and allows huge pages; a tensor under 2 MiB is left alone."""
+    t = torch.arange(3 << 20, dtype=torch.int32)  # 12 MiB: at least five whole aligned stretches
+    before = (t.data_ptr(), t.clone())
+    done = hugepages.advise(t)
+    assert t.data_ptr() == before[0] and torch.equal(t, before[1])
+    m = _mapping_of(-(-t.data_ptr() // hugepages.HUGE) * hugepages.HUGE)  # advised: its own mapping from there
+    assert m is not None
+    if done:
+        assert m["AnonHugePages"] >= 5 * 2048
+    else:
+        assert _thp_mode() == "never" or m["AnonHugePages"] == 0
+    assert not hugepages.advise(torch.ones(1000))
+    assert not hugepages.advise(t.view(1024, -1)[:, :7])  # not contiguous
+
+
 def test_memory_is_released_with_the_last_view() -> None:
     t = hugepages.empty((1 << 20,), torch.float32)
     ptr = t.data_ptr()

@@ -2,9 +2,11 @@
 
 A bf16 model's weights stay in their own (out, in) row-major layout, shared with the user's `nn.Linear` (or with the
 embedding, for a tied output head), so a bf16 model's decode model adds no weight memory. Decode calls (a few rows)
-run `kernels.linear_bf16_rows` (each weight row widened to fp32 in registers, fp32 sums, fp32 activations); prefill
+run `kernels.linear_bf16_rows` (fp32 sums; where the CPU has AVX-512-BF16 the activations are rounded to bf16 in
+registers for its dot products, as the model's own bf16 layers round them, else exact fp32 activations); prefill
 calls (many rows) run torch's bf16 matmul (oneDNN: AVX-512-BF16 / AMX where the CPU has them), as the model itself
-would. The one-call decode stack (`stack.py`) reads the same weights.
+would. The one-call decode stack (`stack.py`) reads the same weights. Decode streams every weight once per token, so
+the weight's memory is moved into huge pages where it lies (`hugepages.advise`: fewer TLB misses, the same bytes).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nomoat import kernels
+from nomoat.kernels import hugepages
 
 DECODE_ROWS = 16  # up to this many rows a call runs the decode kernel; above, torch's bf16 matmul
 
@@ -30,6 +33,7 @@ class Bf16Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bf16_weight", weight.detach(), persistent=False)
+        hugepages.advise(self.bf16_weight)  # in place: decode reads it every token
         self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
 
     @classmethod

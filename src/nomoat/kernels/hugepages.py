@@ -11,6 +11,10 @@ beyond it is ever backed by a page) and asks the kernel for huge pages (`madvise
 `/sys/kernel/mm/transparent_hugepage/enabled` is `madvise` or `always`) before any page is touched, so that the
 first write faults huge pages in directly. The mapping is unmapped when the tensor's storage is freed. Tensors under
 2 MiB, platforms other than Linux, `NOMOAT_HUGE_PAGES=0` and any failure get plain `torch.empty`.
+
+`advise(t)` moves a tensor that already exists (a weight decode reads in place) into huge pages where it lies: the
+kernel copies each whole 2 MiB stretch inside it into a huge page (`MADV_COLLAPSE`, Linux 6.1+; one stretch at a time,
+so memory never grows by more than a page); elsewhere it is a no-op.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 HUGE = 2 << 20  # bytes of an x86-64 / arm64 transparent huge page
 _MADV_HUGEPAGE = 14
+_MADV_COLLAPSE = 25
 _PROT = mmap.PROT_READ | mmap.PROT_WRITE
 _FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _FAILED = ctypes.c_void_p(-1).value
@@ -96,6 +101,27 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     release = weakref.finalize(buf, _libc().munmap, start, length)  # the storage holds `buf`; freed with it
     release.atexit = False  # at exit the process's memory goes anyway; unmapping then could pull it from under a tensor
     return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)
+
+
+def advise(t: torch.Tensor) -> bool:
+    """Put the whole 2 MiB stretches of CPU tensor `t`'s memory in huge pages, in place (see the module docstring).
+
+    Returns True where the kernel did; False for tensors without a whole aligned stretch, with huge pages disabled,
+    off Linux, or where the kernel refuses (too old, file-backed memory): `t` is unchanged either way.
+    """
+    if t.device.type != "cpu" or not t.is_contiguous() or not enabled():
+        return False
+    start = t.data_ptr()  # the view's own first element
+    first = -(-start // HUGE) * HUGE
+    last = (start + t.numel() * t.element_size()) // HUGE * HUGE
+    if last <= first:
+        return False
+    libc = _libc()
+    libc.madvise(first, last - first, _MADV_HUGEPAGE)  # keep them huge (khugepaged, later faults)
+    if libc.madvise(first, last - first, _MADV_COLLAPSE) != 0:
+        logger.debug("madvise(MADV_COLLAPSE) failed (errno %d); 4 KiB pages stay", ctypes.get_errno())
+        return False
+    return True
 
 
 def copy(t: torch.Tensor) -> torch.Tensor:

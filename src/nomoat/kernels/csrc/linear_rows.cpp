@@ -1,5 +1,6 @@
 // y = x W^T (+ bias) for a few fp32 rows of activations over a bf16 weight in its own (N, K) row-major layout (a bf16
-// `nn.Linear`'s weight or a tied embedding, read in place): the decode-time matmul of bf16 models, fp32 sums.
+// `nn.Linear`'s weight or a tied embedding, read in place): the decode-time matmul of bf16 models, fp32 sums; and the
+// process's choice between exact fp32 activations and hardware bf16 dot products for it (`bf16_dot`).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -47,3 +48,13 @@ at::Tensor linear_bf16_rows(const at::Tensor& x_in, const at::Tensor& w, const s
   }
   return y;
 }
+
+// Sets (mode 0: exact fp32 activations; 1: activations rounded to bf16, hardware bf16 dot products, where the build
+// has them) or with -1 only reads the mode of every bf16 row kernel of the process (this op and the decode stack);
+// returns the mode in effect.
+static int64_t bf16_dot(int64_t mode) {
+  if (mode >= 0) bf16_dot_mode.store(HAS_BF16_DOT && mode > 0 ? 1 : 0);
+  return bf16_dot_mode.load();
+}
+
+TORCH_LIBRARY_FRAGMENT(nomoat, m) { m.def("bf16_dot(int mode) -> int", &bf16_dot); }

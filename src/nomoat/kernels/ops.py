@@ -57,7 +57,9 @@ def linear_bf16(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tenso
 def linear_bf16_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T + bias` for 2-D fp32 `x` (M, K) and a bf16 weight `W` (N, K), read in place (contiguous, no packing).
 
-    fp32 sums, fp32 result (M, N); `bias` fp32 (N,) or None. Meant for decode's few rows.
+    fp32 sums, fp32 result (M, N); `bias` fp32 (N,) or None. Meant for decode's few rows. On CPUs with AVX-512-BF16
+    the compiled op rounds `x` to bf16 in registers and uses hardware bf16 dot products (the precision of a bf16
+    model's own layers); `NOMOAT_BF16_DOT=0` keeps exact fp32 activations.
     """
     if available():
         return torch.ops.nomoat.linear_bf16_rows(x, weight, bias)

@@ -18,7 +18,8 @@
 // MAX_ROWS (the panel stays in L2 between blocks, so memory sees each weight once per step).
 // bf16 models: each projection is the user's own (N, K) bf16 weight, read in place (`rows_bf16.h`: a unit is 64
 // consecutive rows), norm weights and the KV cache may be bf16 (the cache holds keys and values rounded to bf16);
-// activations stay fp32 throughout.
+// activations stay fp32, except that where the CPU has bf16 dot products (AVX-512-BF16) a projection's input is
+// rounded to bf16 in registers (`NOMOAT_BF16_DOT=0`: exact fp32).
 // 4-bit layers (q4 panels, q4_rows.h): a projection's input is rounded to int8 per block of 32 once per step, as
 // linear_q4 rounds it: the normed input by each thread beside its norm, the attention and MLP outputs by the units
 // that write them, into shared per-layer buffers.

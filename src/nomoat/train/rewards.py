@@ -3,8 +3,8 @@
 A reward function has TRL's signature: `reward(completions, prompts, **columns) -> list[float]`, one float (or None:
 no opinion) per completion; `columns` holds the data record's other fields, one list per column, aligned with the
 completions. `--reward` names a built-in (`exact_match`, `digit_match`, `numeric_match`, `json_valid`,
-`regex=PATTERN`, `length=N`) or a user function as `module:function` or `path/to/file.py:function`. `score` runs every function on
-a batch and checks what comes back, naming the function that failed.
+`regex=PATTERN`, `length=N`) or a user function as `module:function` or `path/to/file.py:function`. `score` runs
+every function on a batch and checks what comes back, naming the function that failed.
 """
 
 from __future__ import annotations

@@ -6,21 +6,27 @@
 #
 # Writes OUT (default runs/grpo-subtraction): data/ (train.jsonl, heldout.jsonl), the run folder NAME/ (adapter,
 # metrics.jsonl with the reward per step, rollouts.jsonl) and eval.json (accuracy of the base and of the adapter).
-# NOMOAT and PYTHON name the commands to use (default: nomoat and python on the PATH).
+# NOMOAT and PYTHON name the commands to use (default: nomoat and python on the PATH); REWARD (exact_match, or
+# digit_match for partial credit by place), GENERATIONS, BATCH, TEMPERATURE and LR override the training settings.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-runs/grpo-subtraction}
 NAME=${NAME:-grpo-sub}
 STEPS=${STEPS:-200}
 HELDOUT=${HELDOUT:-100}
+REWARD=${REWARD:-exact_match}
+GENERATIONS=${GENERATIONS:-8}
+BATCH=${BATCH:-8}
+TEMPERATURE=${TEMPERATURE:-0.7}
+LR=${LR:-1e-3}
 NOMOAT=${NOMOAT:-nomoat}
 PYTHON=${PYTHON:-python}
 
 $PYTHON "$here/subtraction_data.py" "$OUT/data" --train 3000 --heldout "$HELDOUT"
 rm -rf "${OUT:?}/$NAME"  # this script's own run folder: a rerun starts over
 start=$(date +%s)
-$NOMOAT train demo --method grpo --data "$OUT/data/train.jsonl" --reward exact_match \
-    --num-generations 8 --batch-size 8 --max-new-tokens 6 --temperature 0.7 --lr 1e-3 \
+$NOMOAT train demo --method grpo --data "$OUT/data/train.jsonl" --reward "$REWARD" \
+    --num-generations "$GENERATIONS" --batch-size "$BATCH" --max-new-tokens 6 --temperature "$TEMPERATURE" --lr "$LR" \
     --max-steps "$STEPS" --seq-len 96 --name "$NAME" --output-dir "$OUT" --no-progress
 echo "training took $(( $(date +%s) - start )) s"
 rm -f "$OUT/eval.json"

@@ -19,7 +19,7 @@ from nomoat.lora import inject_lora, lora_state_dict, merge_lora
 from nomoat.models.checkpoint import load_model
 from nomoat.tokenizer import Tokenizer
 from nomoat.train.rewards import RewardError
-from nomoat.train.rl import RLRecipe, live_view, token_logps
+from nomoat.train.rl import RLRecipe, token_logps
 from nomoat.util.errors import UsageError
 
 from train_utils import make_chat_model
@@ -88,7 +88,7 @@ def test_rollouts_equal_the_engine_used_directly(tmp_path):
 
 def test_the_trained_adapter_is_live_in_the_next_rollout(tmp_path):
     model, tok = _model_with_lora(tmp_path)
-    engine = Engine(live_view(model), tok, max_running=2, max_seq_len=32)
+    engine = Engine(model, tok, max_running=2, max_seq_len=32)  # the model under training itself, no view of it
     prompt = [3, 40, 41, 4]
     params = SamplingParams(temperature=0.0, max_new_tokens=1, logprobs=True, top_logprobs=5)
 
@@ -126,6 +126,23 @@ def test_one_grpo_step_raises_the_rewarded_completions(tmp_path):
         new, mask = token_logps(recipe._logits(batch), batch["labels"])
     change = ((new - batch["old_logps"]) * mask).sum(-1)  # (N,) log-probability change of each completion
     assert change[adv > 0].mean() > 0 > change[adv < 0].mean()
+
+
+def test_log_probabilities_are_those_of_the_sampling_temperature(tmp_path):
+    """As TRL's trainers: the policy's log-probabilities come from the logits divided by the temperature."""
+    recipe = RLRecipe(_config(tmp_path, "temperature", temperature=0.5, max_new_tokens=3), console=QUIET,
+                      progress=False, sampler=engine_sampler)  # fmt: skip
+    recipe.setup()
+    batch = recipe.prepare_step([recipe._next_batch()])[0]
+    with torch.no_grad():
+        logits = recipe.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    expected = torch.log_softmax(logits[:, :-1].float() / 0.5, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    assert mask.any()
+    torch.testing.assert_close(batch["old_logps"][mask], expected[mask], atol=1e-5, rtol=1e-5)
+    untempered = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    assert not torch.allclose(batch["old_logps"][mask], untempered[mask], atol=1e-3)
 
 
 def test_grpo_trains_writes_metrics_and_rollouts(tmp_path):

@@ -2,9 +2,9 @@
 
 A reward function has TRL's signature: `reward(completions, prompts, **columns) -> list[float]`, one float (or None:
 no opinion) per completion; `columns` holds the data record's other fields, one list per column, aligned with the
-completions. `--reward` names a built-in (`exact_match`, `numeric_match`, `json_valid`, `regex=PATTERN`,
-`length=N`) or a user function as `module:function` or `path/to/file.py:function`. `score` runs every function on
-a batch and checks what comes back, naming the function that failed.
+completions. `--reward` names a built-in (`exact_match`, `digit_match`, `numeric_match`, `json_valid`,
+`regex=PATTERN`, `length=N`) or a user function as `module:function` or `path/to/file.py:function`. `score` runs
+every function on a batch and checks what comes back, naming the function that failed.
 """
 
 from __future__ import annotations
@@ -39,6 +39,21 @@ def exact_match(completions: list[str], prompts: list[Any], **columns: Any) -> l
     """1 where the completion, stripped, equals the `answer` column's value, else 0."""
     answers = _column(columns, "answer", "exact_match")
     return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answers)]
+
+
+def digit_match(completions: list[str], prompts: list[Any], **columns: Any) -> list[float]:
+    """Partial credit: the share of the `answer` column's characters that the completion has at the same place.
+
+    Both are stripped and aligned on their last character (so digits of a number line up by place value); the count
+    of equal places is divided by the longer length. 1 exactly where `exact_match` gives 1; "42" for "32" gives 0.5.
+    """
+    answers = _column(columns, "answer", "digit_match")
+    out = []
+    for c, a in zip(completions, answers):
+        c, a = c.strip(), str(a).strip()
+        longest = max(len(c), len(a))
+        out.append(sum(x == y for x, y in zip(reversed(c), reversed(a))) / longest if longest else 1.0)
+    return out
 
 
 def numeric_match(completions: list[str], prompts: list[Any], **columns: Any) -> list[float]:
@@ -92,8 +107,8 @@ def _length(target: str) -> RewardFn:
     return length
 
 
-BUILTINS: dict[str, RewardFn] = {"exact_match": exact_match, "numeric_match": numeric_match,
-                                 "json_valid": json_valid}  # fmt: skip
+BUILTINS: dict[str, RewardFn] = {"exact_match": exact_match, "digit_match": digit_match,
+                                 "numeric_match": numeric_match, "json_valid": json_valid}  # fmt: skip
 WITH_ARGUMENT: dict[str, Callable[[str], RewardFn]] = {"regex": _regex, "length": _length}
 
 
@@ -158,5 +173,5 @@ def score(rewards: Sequence[tuple[str, RewardFn]], completions: list[str], promp
     return out
 
 
-__all__ = ["BUILTINS", "RewardError", "RewardFn", "exact_match", "json_valid", "load_reward", "numeric_match",
-           "score"]  # fmt: skip
+__all__ = ["BUILTINS", "RewardError", "RewardFn", "digit_match", "exact_match", "json_valid", "load_reward",
+           "numeric_match", "score"]  # fmt: skip

@@ -15,7 +15,6 @@ ratio is 1 with the gradient of the log-probability (as TRL with `num_iterations
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -26,7 +25,6 @@ from torch import nn
 
 from nomoat.data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, BatchStream, DataError, Row, collate
 from nomoat.data.formats import Prompt
-from nomoat.lora import LoRALinear
 from nomoat.train import rewards as rw
 from nomoat.train.preference import InitAdapterMixin
 from nomoat.train.sft import SFTRecipe
@@ -154,40 +152,13 @@ def rloo_loss(
 # ---- rollouts from the live adapter ----------------------------------------------------------------------------
 
 
-class _LiveLayer(nn.Module):
-    """A leaf that runs a LoRA layer under training as it is now.
-
-    It has no submodules, so a decode model built over it uses the layer itself, with its current adapter weights,
-    instead of packing a snapshot of them.
-    """
-
-    def __init__(self, layer: LoRALinear) -> None:
-        super().__init__()
-        object.__setattr__(self, "layer", layer)  # not registered: invisible to module traversal
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA layer's output (..., out_features)."""
-        return self.layer(x)
-
-
 def live_view(model: nn.Module) -> nn.Module:
-    """A view of a LoRA-trained model for an engine to decode with.
+    """The model an engine decodes the rollouts with: the trained model itself.
 
-    Its module tree is copied down to the LoRA layers, which are wrapped as leaves; every tensor is shared. Each
-    rollout then uses the adapter as the last optimizer step left it, with no copy of weights per step.
+    An engine's decode twin (`nomoat.inference.prepare`) runs each LoRA layer as it is at each call, so every
+    rollout uses the adapter as the last optimizer step left it, with no copy of weights per step.
     """
-
-    def view(module: nn.Module) -> nn.Module:
-        if isinstance(module, LoRALinear):
-            return _LiveLayer(module)
-        if not module._modules:
-            return module
-        twin = copy.copy(module)
-        twin._modules = {k: None if c is None else view(c) for k, c in module._modules.items()}
-        twin._parameters, twin._buffers = dict(module._parameters), dict(module._buffers)
-        return twin
-
-    return view(model)
+    return model
 
 
 # ---- the recipe -------------------------------------------------------------------------------------------------
@@ -338,7 +309,14 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
                 "ref_logps": None if ref is None else ref.cpu()}  # fmt: skip
 
     def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+        """(N, T, V) logits divided by the sampling temperature.
+
+        Their log-probabilities are those of the distribution the rollouts were sampled from, as in TRL's trainers
+        (for the policy, the old policy and the reference alike).
+        """
+        logits = self.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+        t = self.cfg.temperature
+        return logits / t if t > 0 and t != 1.0 else logits
 
     def _record(self, prompts: list[int], examples: list[Prompt], texts: list[str], per_fn: torch.Tensor,
                 total: torch.Tensor, mask: torch.Tensor) -> None:  # fmt: skip

@@ -44,12 +44,15 @@ def _launch(nproc: int) -> None:
 
 
 def engine_sampler(model: Any, tokenizer: Any, rows: int, max_seq_len: int) -> Any:
-    """RL rollouts through nomoat's engine over a live view of the trained model (its LoRA layers as they are)."""
+    """RL rollouts through nomoat's engine over the trained model itself.
+
+    The engine's decode model (`nomoat.inference.prepare`) runs each LoRA layer as it is at each call, so every rollout
+    uses the adapter as the last optimizer step left it, with no copy of weights per step.
+    """
     from nomoat.generate.engine import Engine
     from nomoat.generate.sampling import SamplingParams
-    from nomoat.train.rl import live_view
 
-    engine = Engine(live_view(model), tokenizer, max_running=min(rows, 64), max_queue=max(rows, 256),
+    engine = Engine(model, tokenizer, max_running=min(rows, 64), max_queue=max(rows, 256),
                     max_seq_len=max_seq_len)  # fmt: skip
 
     def sample(requests: list[tuple[list[int], int]], temperature: float, max_new_tokens: int) -> list[Any]:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
 
 from nomoat.data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, BatchStream, DataError, Row, collate
 from nomoat.data.formats import Prompt
@@ -147,18 +146,6 @@ def rloo_loss(
     losses = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
     clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon) & (advantages > 0))
     return losses.sum(), logps.shape[0], {"clipped": clipped}
-
-
-# ---- rollouts from the live adapter ----------------------------------------------------------------------------
-
-
-def live_view(model: nn.Module) -> nn.Module:
-    """The model an engine decodes the rollouts with: the trained model itself.
-
-    An engine's decode twin (`nomoat.inference.prepare`) runs each LoRA layer as it is at each call, so every
-    rollout uses the adapter as the last optimizer step left it, with no copy of weights per step.
-    """
-    return model
 
 
 # ---- the recipe -------------------------------------------------------------------------------------------------
@@ -387,5 +374,5 @@ class _Summary:
         return dict(self.data)
 
 
-__all__ = ["DEFAULT_BETA", "PromptStream", "RLRecipe", "grpo_advantages", "grpo_loss", "live_view",
+__all__ = ["DEFAULT_BETA", "PromptStream", "RLRecipe", "grpo_advantages", "grpo_loss",
            "rloo_advantages", "rloo_loss", "token_logps"]  # fmt: skip

@@ -52,3 +52,19 @@ def test_fake_gives_the_shape_for_compile():
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         out = torch.ops.nomoat.nf4_decode_bf16(mode.from_tensor(q), mode.from_tensor(a), 64)
     assert out.shape == (8, 128) and out.dtype == torch.bfloat16
+
+
+def test_nf4_layer_products_equal_with_and_without_the_compiled_decode(monkeypatch):
+    from torch import nn
+
+    import nomoat.lora.nf4 as nf4
+
+    torch.manual_seed(0)
+    layer = nf4.NF4Linear.from_linear(nn.Linear(256, 192, bias=True))
+    layer.compute_dtype = torch.bfloat16
+    x, g = torch.randn(2, 9, 256), torch.randn(2, 9, 192)
+    compiled = layer.dequantize(torch.bfloat16), layer(x), layer.grad_input(g)
+    monkeypatch.setattr(nf4.ops, "available", lambda: False)  # the plain-torch tile decode
+    plain = layer.dequantize(torch.bfloat16), layer(x), layer.grad_input(g)
+    for a, b in zip(compiled, plain):
+        assert torch.equal(a, b)

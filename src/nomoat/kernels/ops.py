@@ -220,4 +220,26 @@ def register_fakes() -> None:
         )
         fake("nomoat::lora_rows_")(lambda y, x, a, bt, rows, which, coef: None)
         fake("nomoat::softmax_xent_")(lambda logits, targets: logits.new_empty(logits.shape[0]))
+        _register_nf4_fakes()
         _fakes_registered = True
+
+
+# ---- NF4 (QLoRA's frozen base) ------------------------------------------------------------------------------------
+
+
+def nf4_decode_bf16(qweight: torch.Tensor, absmax: torch.Tensor, block: int) -> torch.Tensor:
+    """A bf16 tile (R, C) of an NF4 weight from its codes `qweight` uint8 (R, C / 2) and `absmax` fp32 (R, C / block).
+
+    Both may be views into a larger weight (any row stride, unit stride along rows). Each value is
+    `bf16(bf16(codebook[code]) * bf16(absmax))`, the plain-torch bf16 tile of `nomoat.lora.nf4` bit for bit.
+    """
+    if qweight.device.type == "cpu" and available():
+        return torch.ops.nomoat.nf4_decode_bf16(qweight, absmax, block)
+    return reference.nf4_decode_bf16(qweight, absmax, block)
+
+
+def _register_nf4_fakes() -> None:
+    """Fake implementation of the NF4 op (called by `register_fakes`)."""
+    torch.library.register_fake("nomoat::nf4_decode_bf16")(
+        lambda q, a, block: q.new_empty(q.shape[0], 2 * q.shape[1], dtype=torch.bfloat16)
+    )

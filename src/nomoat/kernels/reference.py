@@ -147,3 +147,26 @@ def lora_rows_(
         r = rows[sel]
         xa = (x[r] @ a[g].t()) * coef[sel, None]  # (n, r)
         y.index_add_(0, r, xa @ bt[g])  # (n, out)
+
+
+# ---- NF4 (QLoRA's frozen base) ------------------------------------------------------------------------------------
+
+# The 16 NF4 values (QLoRA paper, appendix E), lowest code first; `nomoat.lora.nf4.NF4_CODEBOOK` holds the same.
+_NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+
+def nf4_decode_bf16(qweight: torch.Tensor, absmax: torch.Tensor, block: int) -> torch.Tensor:
+    """bf16 tile (R, C) of NF4 codes `qweight` uint8 (R, C / 2) (high nibble first), `absmax` fp32 (R, C / block).
+
+    Each value is `bf16(bf16(codebook[code]) * bf16(absmax))`.
+    """
+    book = torch.tensor(_NF4_VALUES, dtype=torch.float32, device=qweight.device).to(torch.bfloat16)
+    q = qweight.long()
+    codes = torch.stack([q >> 4, q & 15], dim=-1).reshape(q.shape[0], -1)  # (R, C)
+    values = book[codes].view(q.shape[0], -1, block)  # (R, C / block, block)
+    return (values * absmax.to(torch.bfloat16)[:, :, None]).reshape(q.shape[0], -1)

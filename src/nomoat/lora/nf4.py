@@ -9,8 +9,9 @@ absmax of its block of 64 consecutive weights maps to the nearest of the 16 `NF4
 in [-1, 1], with an exact zero); two codes per byte, one fp32 absmax per block. The adapter on top stays in full
 precision. The frozen product runs in `NF4Linear.compute_dtype` (bitsandbytes' `compute_dtype`): in bf16 where the CPU
 has fast bf16 products, the dequantized weight takes half the bytes, while the input, output, adapter and optimizer
-stay fp32. The weight is never dequantized whole: forward and backward (`NF4Linear.grad_input`) dequantize one tile
-of at most `CHUNK_ELEMENTS` weights straight into the compute dtype, use it for one product and drop it.
+stay fp32. No dequantized weight is kept: forward and backward (`NF4Linear.grad_input`) dequantize one tile
+of at most `CHUNK_ELEMENTS` weights straight into the compute dtype, use it for one product and drop it. A bf16
+tile on the CPU is decoded by the compiled `nomoat.kernels.ops.nf4_decode_bf16` (the same values as `_decode`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nomoat.kernels import hugepages
+from nomoat.kernels import hugepages, ops
 from nomoat.models.checkpoint import load_model, read_hf_config, resolve_device, resolve_dtype
 from nomoat.models.load_plan import LinearQuantizer, Release, row_chunks
 from nomoat.models.transformer import Transformer
@@ -37,7 +38,7 @@ NF4_CODEBOOK = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 # Weights dequantized per tile in `NF4Linear.forward` and `grad_input`: bounds the temporary dequantized matrix.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 24
 
 
 def nf4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
@@ -208,6 +209,8 @@ class NF4Linear(nn.Module):
             return dequantize_nf4(self.qweight, self.absmax, (n, k), bs, dtype)[r0:r1, c0:c1]
         q = self.qweight.view(n, k // 2)[r0:r1, c0 // 2 : c1 // 2]  # (R, C / 2)
         a = self.absmax.view(n, k // bs)[r0:r1, c0 // bs : c1 // bs]  # (R, C / bs)
+        if dtype == torch.bfloat16 and q.device.type == "cpu" and ops.available():
+            return ops.nf4_decode_bf16(q, a, bs)  # the same values as `_decode`, compiled
         return _decode(q, a, dtype, bs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,78 +1,45 @@
 """DPO training speed and memory: nomoat's preference recipe against TRL's `DPOTrainer` (transformers + PEFT).
 
-Both train the same random SmolLM2-135M-shaped model folder (built with transformers; `--tiny`: a 2-layer model
-with a 512-word vocabulary) on the same conversational pairs (prompt/chosen/rejected message lists, rendered with
-the same chat template by both), LoRA r=16, alpha 32 on q,k,v,o,gate,up,down, sequence length 512, 2 pairs per
-step, AdamW lr 2e-4 constant, fp32 on the CPU, sigmoid DPO with beta 0.1, the reference being the adapter switched
-off in both. Each engine runs in its own subprocess, so its peak RSS (`ru_maxrss`) is its own.
+Both train the same random SmolLM2-135M-shaped model folder (`train_bench.build_model`; `--tiny`: 2 layers) on the
+same conversational pairs (prompt/chosen/rejected message lists, rendered with the same chat template by both) that
+fill the sequence length: a prompt of 200-250 words and answers of 200-250 words make sequences of 410-510 tokens,
+under the limit of 512, so neither engine truncates. LoRA r=16, alpha 32 on q,k,v,o,gate,up,down, 2 pairs per step,
+AdamW lr 2e-4 constant, fp32 on the CPU, sigmoid DPO with beta 0.1, the reference being the adapter switched off in
+both. Each engine runs in its own subprocess, so its peak RSS (`ru_maxrss`) is its own.
 
 Measured after `--warmup` steps: pairs per second over wall time per step; tokens/s is that times the mean
 tokens of a pair (prompt + chosen and prompt + rejected, nomoat's tokenization), the same factor for both. Targets
 (issue): tokens/s >= 2x TRL, peak RSS <= 0.7x. TRL is a benchmark extra; absent, it is reported as absent.
 
-    python benchmarks/bench_dpo.py [--quick] [--tiny] [--steps N] [--warmup N]
+    python benchmarks/bench_dpo.py [--quick] [--tiny] [--steps N] [--warmup N] [--repeats R]
 
 Prints one JSON object as its last line (see DESIGN.md, Benchmarks).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import os
-import platform
 import random
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")  # fmt: skip
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+import train_bench as tb
+
+SEQ_LEN, PAIRS_PER_STEP = 512, 2
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def build(folder: Path, tiny: bool, pairs: int, seed: int = 0) -> None:
-    """A random SmolLM2-135M-shaped Llama (or a tiny one), a word tokenizer with a chat template, and pairs."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = 512 if tiny else 49152
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2) if tiny else dict(hidden_size=576, intermediate_size=1536,
-                 num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)  # fmt: skip
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=True,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)  # fmt: skip
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 3, "<|im_end|>": 4, "user": 5, "assistant": 6,
-             **{f"w{i}": i for i in range(7, vocab)}}  # fmt: skip
-    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "<|im_end|>",
-                                                               "pad_token": "<pad>", "chat_template": TEMPLATE}))
-    rng = random.Random(seed)
-
-    def text(lo: int, hi: int) -> str:
-        return " ".join(f"w{rng.randrange(7, vocab)}" for _ in range(rng.randint(lo, hi)))
-
-    with open(folder / "pairs.jsonl", "w") as f:
-        for _ in range(pairs):
-            f.write(json.dumps({"prompt": [{"role": "user", "content": text(20, 200)}],
-                                "chosen": [{"role": "assistant", "content": text(20, 150)}],
-                                "rejected": [{"role": "assistant", "content": text(20, 150)}]}) + "\n")  # fmt: skip
+def write_pairs(folder: Path, tiny: bool, n: int, seed: int = 0) -> Path:
+    """`n` conversational pairs of random words whose sequences nearly fill `SEQ_LEN` (see the module docstring)."""
+    rng, vocab = random.Random(seed), tb.vocab_size(tiny)
+    path = folder / "pairs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": tb.words(rng, vocab, 200, 250)}],
+                                "chosen": [{"role": "assistant", "content": tb.words(rng, vocab, 200, 250)}],
+                                "rejected": [{"role": "assistant", "content": tb.words(rng, vocab, 200, 250)}]}) + "\n")
+    return path
 
 
 def run_nomoat(folder: Path, steps: int, warmup: int) -> dict[str, Any]:
@@ -85,17 +52,16 @@ def run_nomoat(folder: Path, steps: int, warmup: int) -> dict[str, Any]:
     from nomoat.train.preference import PreferenceRecipe
 
     cfg = TrainConfig(model=str(folder), data=[str(folder / "pairs.jsonl")], method="dpo", beta=0.1,
-                      output_dir=str(folder / "runs"), max_steps=steps, batch_size=2, seq_len=512, lr=2e-4,
-                      schedule="constant", warmup_steps=0, dtype="float32", device="cpu", log_every=1,
-                      lora={"r": 16, "alpha": 32, "target_modules": TARGETS})  # fmt: skip
+                      output_dir=str(folder / "runs"), max_steps=steps, batch_size=PAIRS_PER_STEP, seq_len=SEQ_LEN,
+                      lr=2e-4, schedule="constant", warmup_steps=0, dtype="float32", device="cpu", log_every=1,
+                      lora={"r": 16, "alpha": 32, "target_modules": tb.TARGETS})  # fmt: skip
     result = PreferenceRecipe(cfg, console=Console(quiet=True), progress=False).run()
-    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()][warmup:]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records)
+    records, seconds = tb.nomoat_metrics(result.run_dir, warmup)
     tok = Tokenizer.from_dir(folder)
-    pair_tokens = [sum(len(t) for t in tokenize_preference(e, tok, 512))
+    pair_tokens = [sum(len(t) for t in tokenize_preference(e, tok, SEQ_LEN))
                    for e in load_dataset(folder / "pairs.jsonl").examples]  # fmt: skip
     return {"pairs_per_s": sum(r["pairs"] for r in records) / seconds,
-            "mean_pair_tokens": sum(pair_tokens) / len(pair_tokens), "peak_rss_mib": round(peak_rss_mib(), 1)}
+            "mean_pair_tokens": sum(pair_tokens) / len(pair_tokens), "peak_rss_mib": round(tb.peak_rss_mib(), 1)}
 
 
 def run_trl(folder: Path, steps: int, warmup: int) -> dict[str, Any]:
@@ -106,58 +72,31 @@ def run_trl(folder: Path, steps: int, warmup: int) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     times: list[float] = []
-
-    class Clock(transformers.TrainerCallback):
-        def on_step_begin(self, *a: Any, **k: Any) -> None:
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            times.append(time.perf_counter() - self.t)
-
     records = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
-    args = DPOConfig(output_dir=str(folder / "trl"), per_device_train_batch_size=2, max_steps=steps,
-                     learning_rate=2e-4, lr_scheduler_type="constant", beta=0.1, max_length=512, use_cpu=True,
+    args = DPOConfig(output_dir=str(folder / "trl"), per_device_train_batch_size=PAIRS_PER_STEP, max_steps=steps,
+                     learning_rate=2e-4, lr_scheduler_type="constant", beta=0.1, max_length=SEQ_LEN, use_cpu=True,
                      report_to=[], save_strategy="no", logging_steps=1, bf16=False)  # fmt: skip
     trainer = DPOTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(folder), args=args,
                          train_dataset=datasets.Dataset.from_list(records),
                          processing_class=transformers.AutoTokenizer.from_pretrained(folder),
-                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"),
-                         callbacks=[Clock()])  # fmt: skip
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=tb.TARGETS, task_type="CAUSAL_LM"),
+                         callbacks=[tb.step_clock(times)])  # fmt: skip
     trainer.train()
     measured = times[warmup:]
-    return {"pairs_per_s": 2 * len(measured) / sum(measured), "peak_rss_mib": round(peak_rss_mib(), 1)}
+    return {"pairs_per_s": PAIRS_PER_STEP * len(measured) / sum(measured), "peak_rss_mib": round(tb.peak_rss_mib(), 1)}
 
 
 def main() -> None:
-    """Build the model and data, run each engine in a subprocess, print the JSON summary."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer steps")
-    p.add_argument("--tiny", action="store_true", help="a 2-layer model (a smoke run of the script)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--worker", choices=["nomoat", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    steps = a.steps or (6 if a.quick or a.tiny else 20)
-    if a.worker:
-        fn = run_nomoat if a.worker == "nomoat" else run_trl
-        print(json.dumps(fn(a.dir, steps, a.warmup)))
+    """Build the model and data, run each engine in subprocesses, print the JSON summary."""
+    a = tb.parse_args(__doc__, steps=12, quick_steps=6, warmup=2)
+    if tb.worker_main(a, {"nomoat": run_nomoat, "trl": run_trl}):
         return
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        build(folder, a.tiny, pairs=2 * steps + 8)
-        results: list[dict[str, Any]] = []
-        for engine in ("nomoat", "trl"):
-            if engine == "trl" and importlib.util.find_spec("trl") is None:
-                results.append({"engine": "trl", "absent": True})
-                continue
-            out = subprocess.run([sys.executable, __file__, "--worker", engine, "--dir", str(folder), "--steps",
-                                  str(steps), "--warmup", str(a.warmup)], capture_output=True, text=True,
-                                 env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})  # fmt: skip
-            if out.returncode != 0:
-                results.append({"engine": engine, "error": out.stderr[-2000:]})
-                continue
-            results.append({"engine": engine, **json.loads(out.stdout.strip().splitlines()[-1])})
+        tb.build_model(folder, a.tiny)
+        write_pairs(folder, a.tiny, PAIRS_PER_STEP * a.steps + 8)
+        results = tb.run_engines(__file__, folder, a, speed="pairs_per_s")
     tokens = next((r["mean_pair_tokens"] for r in results if "mean_pair_tokens" in r), None)
     for r in results:
         if "pairs_per_s" in r and tokens:
@@ -167,9 +106,7 @@ def main() -> None:
     if "tokens_per_s" in by.get("nomoat", {}) and "tokens_per_s" in by.get("trl", {}):
         ratios = {"train_tokens_per_s_vs_trl": round(by["nomoat"]["tokens_per_s"] / by["trl"]["tokens_per_s"], 3),
                   "peak_rss_vs_trl": round(by["nomoat"]["peak_rss_mib"] / by["trl"]["peak_rss_mib"], 3)}  # fmt: skip
-    print(json.dumps({"benchmark": "dpo", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-                      "model": "tiny" if a.tiny else "SmolLM2-135M shape", "steps": steps, "warmup": a.warmup,
-                      "results": results, "ratios": ratios}))  # fmt: skip
+    print(tb.summary("dpo", a, results, ratios, load))
 
 
 if __name__ == "__main__":

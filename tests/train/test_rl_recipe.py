@@ -119,12 +119,15 @@ def test_one_grpo_step_raises_the_rewarded_completions(tmp_path):
     batch = recipe.prepare_step([recipe._next_batch()])[0]
     adv = batch["advantages"]
     assert (adv > 0).any() and (adv < 0).any()
+    assert batch["old_logps"] is None  # one update per generation: the sampling policy is the one the loss runs
+    with torch.no_grad():
+        old, _ = token_logps(recipe._logits(batch), batch["labels"])
     loss_sum, units = recipe.loss_step(batch)
     (loss_sum / units).backward()
     recipe.optimizer.step()
     with torch.no_grad():
         new, mask = token_logps(recipe._logits(batch), batch["labels"])
-    change = ((new - batch["old_logps"]) * mask).sum(-1)  # (N,) log-probability change of each completion
+    change = ((new - old) * mask).sum(-1)  # (N,) log-probability change of each completion
     assert change[adv > 0].mean() > 0 > change[adv < 0].mean()
 
 
@@ -136,13 +139,14 @@ def test_log_probabilities_are_those_of_the_sampling_temperature(tmp_path):
     batch = recipe.prepare_step([recipe._next_batch()])[0]
     with torch.no_grad():
         logits = recipe.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+        policy, _ = token_logps(recipe._logits(batch), batch["labels"])  # what the loss and the reference use
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     expected = torch.log_softmax(logits[:, :-1].float() / 0.5, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     assert mask.any()
-    torch.testing.assert_close(batch["old_logps"][mask], expected[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(policy[mask], expected[mask], atol=1e-5, rtol=1e-5)
     untempered = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    assert not torch.allclose(batch["old_logps"][mask], untempered[mask], atol=1e-3)
+    assert not torch.allclose(policy[mask], untempered[mask], atol=1e-3)
 
 
 def test_grpo_trains_writes_metrics_and_rollouts(tmp_path):

@@ -275,16 +275,17 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
         total = (per_fn * weights).nansum(0)  # (N,)
         dev = self.device
         b = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        old = ref = None  # one update per generation batch: the sampling policy is the one `loss` runs
         with torch.no_grad(), self.autocast_context():
-            old = token_logps(self._logits(b), b["labels"])[0].float()
-            ref = None
             if self.beta != 0.0:
                 with self.reference():
                     ref = token_logps(self._logits(b), b["labels"])[0].float()
+                if cfg.method == "rloo":  # RLOO's reward penalty needs the sampling policy's log-probabilities now
+                    old = token_logps(self._logits(b), b["labels"])[0].float()
         mask = b["labels"][:, 1:] != IGNORE_INDEX
         shaped = total.clone()
         if cfg.method == "rloo":
-            if ref is not None:  # RLOO's KL is a reward penalty: beta x the sequence's log-ratio
+            if old is not None and ref is not None:  # RLOO's KL is a reward penalty: beta x the sequence's log-ratio
                 shaped = shaped - self.beta * ((old - ref) * mask).sum(-1).cpu()
             advantages = rloo_advantages(shaped, G)
         else:
@@ -292,7 +293,7 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
         self._record(prompts, examples, texts, per_fn, total, mask)
         units = len(rows) if cfg.method == "rloo" or cfg.loss_type == "grpo" else (
             len(rows) * cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else int(mask.sum()))  # fmt: skip
-        return {**batch, "advantages": advantages, "old_logps": old.cpu(), "units": units,
+        return {**batch, "advantages": advantages, "old_logps": None if old is None else old.cpu(), "units": units,
                 "ref_logps": None if ref is None else ref.cpu()}  # fmt: skip
 
     def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -336,10 +337,13 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
         if batch.get("empty"):
             return logps.sum() * 0, 0
         cfg = self.cfg
+        # The policy that sampled is this one (no update in between): its log-probabilities are these, detached, and
+        # the ratio is 1 with the log-probability's gradient, as TRL computes it with num_iterations=1.
+        old = batch["old_logps"] if batch.get("old_logps") is not None else logps.detach()
         if cfg.method == "rloo":
-            loss, n, stats = rloo_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.epsilon)
+            loss, n, stats = rloo_loss(logps, old, batch["advantages"], mask, cfg.epsilon)
         else:
-            loss, n, stats = grpo_loss(logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], mask,
+            loss, n, stats = grpo_loss(logps, old, batch["ref_logps"], batch["advantages"], mask,
                                        self.beta, cfg.epsilon, cfg.loss_type, cfg.max_new_tokens)  # fmt: skip
             kl = stats["kl"]
             self._acc["kl"] = self._acc.get("kl", 0.0) + float((kl * mask).sum())

@@ -253,9 +253,17 @@ def test_weight_bytes_before_and_after(model_dirs):
     # Each fp32 weight (4 bytes) becomes 1 byte (outputs padded to 64-channel panels), plus a 4-byte scale per output.
     assert before - info["bytes_after"] == sum(4 * n * k - -(-n // 64) * 64 * k - 4 * n for n, k in shapes)
     model = quantize_model(_load(model_dirs("llama3")), "int4")
-    # int4 (Q4_0): half a byte per weight plus a 2-byte fp16 scale per 32 weights, outputs padded to 64 channels.
-    assert before - model.quantization["bytes_after"] == sum(4 * n * k - -(-n // 64) * 64 * k // 32 * 18
-                                                             for n, k in shapes)  # fmt: skip
+    # int4 (Q4_0): half a byte per weight plus a 2-byte fp16 scale per 32 weights, outputs padded to 64 channels;
+    # the output head int8, as above.
+    named = {name: m.weight.shape for name, m in _load(model_dirs("llama3")).named_modules()
+             if isinstance(m, nn.Linear)}  # fmt: skip
+    assert "lm_head" in named and model.quantization["layers"]["lm_head"] == "int8"
+
+    def kept(name: str, n: int, k: int) -> int:
+        return -(-n // 64) * 64 * k + 4 * n if name == "lm_head" else -(-n // 64) * 64 * k // 32 * 18
+
+    assert before - model.quantization["bytes_after"] == sum(4 * n * k - kept(name, n, k)
+                                                             for name, (n, k) in named.items())  # fmt: skip
 
 
 def test_bad_mode_and_group_size_errors(model_dirs):

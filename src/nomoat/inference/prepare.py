@@ -9,7 +9,8 @@ the twin's layers), embeddings, norms and rotary tables are shared, and each lin
 - `PackedLinear` (`nomoat.models.packed.pack_model`, what the inference commands load): its own panels, shared, so
   the weights exist once;
 - int8 `QuantizedLinear`: its own int8 panels, shared; int4 `QuantizedLinear`: its 4-bit panels, shared
-  (`Q4PanelLinear`; with `quantize="int4"`, fp32 / bf16 layers are quantized to them);
+  (`Q4PanelLinear`; with `quantize="int4"`, fp32 / bf16 layers are quantized to them, the output head to int8
+  panels: `nomoat.models.quantize.layer_mode`);
 - a `LoRALinear` (a model with LoRA injected, e.g. under training): `LiveLayer`, which runs it with its adapter as it
   is at each call;
 - anything else (another device), or no compiled kernels: the layer itself.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +35,7 @@ from nomoat.inference.decode_model import DecodeModel
 from nomoat.inference.panel_linear import PanelLinear, Q4PanelLinear
 from nomoat.lora.layers import LoRALinear
 from nomoat.models.packed import PackedLinear
-from nomoat.models.quantize import QuantizedLinear, quantize_model
+from nomoat.models.quantize import QuantizedLinear, layer_mode, quantize_model
 from nomoat.models.transformer import Attention
 
 LINEAR_TYPES = (nn.Linear, PackedLinear, QuantizedLinear)
@@ -96,7 +98,8 @@ def decode_layer(layer: nn.Module, quantize: str | None = None) -> nn.Module:
 
 
 def _twin(
-    module: nn.Module, path: str, packed: dict[str, nn.Module], quantize: str | None, fp32_cpu: bool
+    module: nn.Module, path: str, packed: dict[str, nn.Module], make_layer: Callable[[nn.Module], nn.Module],
+    fp32_cpu: bool,
 ) -> nn.Module:
     """A copy of `module`'s tree down to its leaves: linear layers in decode form, other leaves shared.
 
@@ -104,12 +107,12 @@ def _twin(
     """
     if isinstance(module, (*LINEAR_TYPES, LoRALinear)):
         packed[path] = module  # the source of the twin's layer at `path` (watched by `DecodeModel.stale`)
-        return decode_layer(module, quantize)
+        return make_layer(module)
     if not module._modules:
         return module  # embeddings, norms: shared
     twin = copy.copy(module)
     twin._modules = {
-        name: None if child is None else _twin(child, f"{path}.{name}" if path else name, packed, quantize, fp32_cpu)
+        name: None if child is None else _twin(child, f"{path}.{name}" if path else name, packed, make_layer, fp32_cpu)
         for name, child in module._modules.items()
     }
     twin._parameters = dict(module._parameters)
@@ -129,9 +132,12 @@ def prepare(model: nn.Module, config: DecodeConfig | None = None) -> DecodeModel
     config = config or DecodeConfig()
     packed: dict[str, nn.Module] = {}
     fp32_cpu = model.dtype == torch.float32 and model.device.type == "cpu"
-    net = _twin(model, "", packed, config.quantize, fp32_cpu).eval()
 
     def make_layer(layer: nn.Module) -> nn.Module:
-        return decode_layer(layer, config.quantize)
+        quantize = config.quantize
+        if quantize and layer is getattr(model, "lm_head", None):
+            quantize = layer_mode("lm_head", quantize)  # int4: the output head gets int8 panels
+        return decode_layer(layer, quantize)
 
+    net = _twin(model, "", packed, make_layer, fp32_cpu).eval()
     return DecodeModel(model, net, packed, make_layer, stack=config.stack)

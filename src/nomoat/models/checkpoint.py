@@ -293,7 +293,8 @@ def _quantize_in_place(model: Transformer, quantizer: LinearQuantizer, names: li
     for name in names:
         linear = model.get_submodule(name)
         w = linear.weight.detach()
-        layer = quantizer.quantize(w if w.device.type == "cpu" else w.cpu(), linear.bias is not None, w.dtype, None)
+        q = quantizer.for_layer(name)
+        layer = q.quantize(w if w.device.type == "cpu" else w.cpu(), linear.bias is not None, w.dtype, None)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone())
         _install(model, name, layer.to(dev))
@@ -322,7 +323,8 @@ def load_model(
             `ollama:NAME[:TAG]`, `demo` or a Hub id `ORG/NAME[@REV]` in the Hugging Face cache.
         dtype: `"auto"` (see `resolve_dtype`), a `torch.dtype` or a name such as `"bfloat16"`.
         device: `"auto"`, `"cpu"`, `"cuda"`, ...
-        quantize: None, `"int8"`, `"int4"` (every linear layer, the head included, as `quantize_model`) or a
+        quantize: None, `"int8"`, `"int4"` (every linear layer, the head included, as `quantize_model`: under
+            int4 the head is int8, `nomoat.models.quantize.layer_mode`) or a
             `LinearQuantizer` (e.g. `nomoat.lora.nf4.NF4Quantizer`, or an `IntQuantizer` without the head).
         context: Positions of KV cache the caller will allocate, counted in the memory check (None: not counted).
         check: Check the memory needed against what is free first (`nomoat.util.memory`).
@@ -408,7 +410,8 @@ def _fill(
                     module_name, _, leaf = name.rpartition(".")
                     module = model.get_submodule(module_name)
                     if leaf == "weight" and module_name in linears and quantizer and quantizer.wants(module_name):
-                        layer = quantizer.quantize(tensor, module.bias is not None, dt, reader.release)
+                        q = quantizer.for_layer(module_name)  # int4: the output head is int8
+                        layer = q.quantize(tensor, module.bias is not None, dt, reader.release)
                         if module.bias is not None and not module.bias.is_meta:
                             layer.bias = module.bias
                         _install(model, module_name, layer.to(dev) if dev.type != "cpu" else layer)
@@ -442,7 +445,8 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int
     under a temporary name beside `path` and renamed into place.
     """
     cfg = model.config
-    inference_only = sorted({type(m).__name__ for m in model.modules()} & {"QuantizedLinear", "PackedLinear"})
+    packed = {"QuantizedLinear", "PackedLinear", "PackedEmbedding"}
+    inference_only = sorted({type(m).__name__ for m in model.modules()} & packed)
     if inference_only:
         raise CheckpointError(
             f"this model has inference-only layers ({', '.join(inference_only)}: quantized or packed for generation) "

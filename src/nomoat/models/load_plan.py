@@ -1,9 +1,10 @@
 """What a model load produces and whether it fits: per-layer quantizers and the memory check.
 
 `LinearQuantizer` is the interface `checkpoint.load_model(quantize=...)` calls once per linear layer with the
-memory-mapped weight; `IntQuantizer` builds `models.quantize`'s int8/int4 layers a piece of rows at a time (codes
-identical to quantizing the whole matrix, each piece packed straight into its panels with vectorized torch ops), so
-no full-precision copy of a layer, let alone of the model, exists.
+memory-mapped weight (`for_layer(name)` first: a format may treat a layer apart, as int4 does the output head);
+`IntQuantizer` builds `models.quantize`'s int8/int4 layers a piece of rows at a time (codes identical to quantizing
+the whole matrix, each piece packed straight into its panels with vectorized torch ops), so no full-precision copy of
+a layer, let alone of the model, exists.
 `estimate_bytes` / `check_memory` compute, from the checkpoint's tensor shapes alone, the bytes the loaded model
 (plus its KV cache) will hold and refuse with a remedy when that exceeds the free memory (`nomoat.util.memory`).
 The check runs before any tensor is read.
@@ -26,6 +27,8 @@ from nomoat.models.quantize import (
     QuantizationError,
     QuantizedLinear,
     int8_panels,
+    is_head,
+    layer_mode,
     q4_panels,
     quantize_int8,
     quantize_q4_0,
@@ -65,7 +68,8 @@ class LinearQuantizer:
 
     Subclasses set `mode` and implement `bytes_for(out, in)` (the layer's bytes in this format, for the memory
     check) and `quantize(weight, bias, dtype, release)` (the frozen layer; its bias, when `bias`, is left on the meta
-    device in `dtype` for the loader to fill). `wants(name)` picks the layers: all, or all but the output head.
+    device in `dtype` for the loader to fill). `wants(name)` picks the layers: all, or all but the output head;
+    `for_layer(name)` is the quantizer a wanted layer gets (this one, unless a subclass picks another).
     """
 
     mode = "none"
@@ -75,7 +79,11 @@ class LinearQuantizer:
 
     def wants(self, name: str) -> bool:
         """Whether the linear layer at module path `name` is quantized."""
-        return self.include_lm_head or name.rsplit(".", 1)[-1] != "lm_head"
+        return self.include_lm_head or not is_head(name)
+
+    def for_layer(self, name: str) -> LinearQuantizer:
+        """The quantizer of the linear layer at module path `name`: this one."""
+        return self
 
     def bytes_for(self, out_features: int, in_features: int) -> int:
         """Bytes of one (out, in) layer in this format."""
@@ -87,7 +95,11 @@ class LinearQuantizer:
 
 
 class IntQuantizer(LinearQuantizer):
-    """`models.quantize`'s int8 (per output channel) or int4 (GGUF Q4_0 blocks) layers, piece by piece."""
+    """`models.quantize`'s int8 (per output channel) or int4 (GGUF Q4_0 blocks) layers, piece by piece.
+
+    Layers get `quantize.layer_mode`'s format: under int4 the output head is int8 (`for_layer`), and so is a layer
+    whose `in_features` is not a multiple of 32 (`layer_mode`).
+    """
 
     def __init__(self, mode: str, group_size: int = DEFAULT_GROUP_SIZE, include_lm_head: bool = True) -> None:
         super().__init__(include_lm_head)
@@ -95,9 +107,15 @@ class IntQuantizer(LinearQuantizer):
             raise QuantizationError(f"unknown quantization mode {mode!r}: expected int8 or int4 (nf4 for QLoRA)")
         self.mode, self.group_size = mode, group_size
 
+    def for_layer(self, name: str) -> IntQuantizer:
+        """This quantizer, or an int8 one for the layer at `name` where `quantize.layer_mode` says so (an int4 head)."""
+        if layer_mode(name, self.mode) == self.mode:
+            return self
+        return IntQuantizer(layer_mode(name, self.mode), self.group_size, self.include_lm_head)
+
     def layer_mode(self, in_features: int) -> str:
         """int4 needs `in_features % 32 == 0`; other layers fall back to int8 (as `quantize_model`)."""
-        return "int8" if self.mode == "int4" and in_features % Q4_BLOCK else self.mode
+        return layer_mode("", self.mode, in_features, Q4_BLOCK)
 
     def bytes_for(self, out_features: int, in_features: int) -> int:
         """int8: a byte a weight plus scales; int4: 18 bytes per block of 32 (outputs padded to 64 in both)."""
@@ -149,7 +167,7 @@ def estimate_bytes(shapes: Shapes, dtype: torch.dtype, quantizer: LinearQuantize
         dtype: The dtype unquantized tensors load in.
         quantizer: The format of the linear layers, or None.
         tied: The head shares the embeddings (a stored `lm_head.weight` is then skipped); quantizing the head gives
-            it its own copy, counted here.
+            it its own copy, counted here (in the head's format: `quantizer.for_layer("lm_head")`).
     """
     total = 0
     for name, shape in shapes:
@@ -157,12 +175,13 @@ def estimate_bytes(shapes: Shapes, dtype: torch.dtype, quantizer: LinearQuantize
             continue
         embedding = name.endswith("embed_tokens.weight")
         linear = len(shape) == 2 and not embedding
-        if quantizer is not None and linear and quantizer.wants(name.removesuffix(".weight")):
-            total += quantizer.bytes_for(shape[0], shape[1])
+        layer = name.removesuffix(".weight")
+        if quantizer is not None and linear and quantizer.wants(layer):
+            total += quantizer.for_layer(layer).bytes_for(shape[0], shape[1])
         else:
             total += torch.Size(shape).numel() * dtype.itemsize
         if quantizer is not None and tied and embedding and quantizer.wants("lm_head"):
-            total += quantizer.bytes_for(shape[0], shape[1])
+            total += quantizer.for_layer("lm_head").bytes_for(shape[0], shape[1])
     return total
 
 

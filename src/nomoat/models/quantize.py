@@ -35,11 +35,14 @@ Rejected after measuring (torch 2.13 CPU build, AMD EPYC, 2 threads):
         `Int4WeightOnlyConfig` needs GPU kernel packages even on CPU. Not used.
     fbgemm's 4-bit embedding bags (groups along output channels): per-row overhead held int4 decode below fp32.
 
-A tied output head (`lm_head.weight is model.embed_tokens.weight`): the embedding keeps its full-precision matrix
-(lookups are unchanged) and the head gets its own quantized copy, so quantizing the head adds `vocab * hidden` bytes
-(int8) or `0.5625 * vocab * hidden` bytes (int4) to the model's memory, while the head's per-token read
-drops 4x (int8) or 7x (int4): for SmolLM2-135M the head is 21% of fp32's per-token weight traffic, hence quantized
-by default. `include_lm_head=False` leaves the head alone (and shared).
+The output head (the layer named `lm_head`) under int4 is quantized to int8 per channel, not to 4 bits: the head
+decides every next-token distribution, and 4-bit codes there cost more quality than in any other layer, so llama.cpp's
+q4_0 keeps its output matrix at higher precision too (q8_0 or q6_k). `layer_mode` is the one rule, which loading
+(`load_plan.IntQuantizer`) and the decode model's own quantization follow too; GGUF tensors already stored as Q4
+keep their blocks. A tied output head (`lm_head.weight is model.embed_tokens.weight`): the embedding keeps its
+full-precision matrix (lookups are unchanged) and the head gets its own int8 copy, `vocab * hidden` bytes more, while
+the head's per-token read drops 4x: for SmolLM2-135M the head is 21% of fp32's per-token weight traffic, hence
+quantized by default. `include_lm_head=False` leaves the head alone (and shared).
 
 Thread count: on small VMs, OpenMP's default spin-waiting can stall tiny parallel ops for milliseconds (seen here
 in attention at decode); the benchmark sets `OMP_WAIT_POLICY=PASSIVE`, which the serving process should set too.
@@ -64,6 +67,7 @@ logger = logging.getLogger(__name__)
 MODES = ("int8", "int4")
 INT4_FORMATS = ("q4_0", "q4_1")
 DEFAULT_GROUP_SIZE = 32  # GGUF's Q4_0 / Q4_1 block: the only int4 group size
+HEAD_NAME = "lm_head"  # the output head's module name: int8 under int4 (`layer_mode`)
 # Rows up to which an int8 layer on the CPU runs the compiled panel kernel (all of them: it also serves prefill).
 INT8_KERNEL_MAX_ROWS = 1 << 62
 # Weights dequantized per chunk on the dequantize-then-matmul path: 2M elements is 8 MB of fp32 scratch per thread.
@@ -89,6 +93,23 @@ def _check_group(in_features: int, group_size: int) -> None:
             f"int4 blocks run along input channels, so in_features must be divisible by {Q4_BLOCK}: "
             f"{in_features} % {Q4_BLOCK} = {in_features % Q4_BLOCK}; use int8 for this layer"
         )
+
+
+def is_head(name: str) -> bool:
+    """Whether the module path `name` is the output head (`lm_head`, at any depth)."""
+    return name.rsplit(".", 1)[-1] == HEAD_NAME
+
+
+def layer_mode(name: str, mode: str, in_features: int | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> str:
+    """The format the linear layer at module path `name` gets when a model is quantized to `mode`.
+
+    int8 stays int8. Under int4, the output head is int8 per channel (the module docstring says why), and so is a
+    layer whose `in_features` (None: not known yet) is not a multiple of the int4 block; every other layer is int4.
+    """
+    _check_mode(mode)
+    if mode == "int4" and (is_head(name) or (in_features is not None and in_features % group_size)):
+        return "int8"
+    return mode
 
 
 # ---- formats: quantize and dequantize one matrix ------------------------------------------------------------------
@@ -378,15 +399,15 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every `nn.Linear` of `model` in place by a weight-only `QuantizedLinear` under the same name.
 
-    An int4 layer whose `in_features` is not divisible by 32 is quantized to int8 instead (logged).
-    Every `nn.Linear` is a target: attach LoRA adapters after quantizing, not before.
-    A tied `lm_head` gets its own quantized copy; the embedding keeps its full-precision matrix (see the module
-    docstring for the memory cost). The result is also described in `model.quantization` (a dict: mode,
-    group_size, bytes before and after, the mode of each replaced layer).
+    Each layer's format is `layer_mode`'s: under int4 the output head is int8 per channel, and a layer whose
+    `in_features` is not divisible by 32 is int8 too (logged). Every `nn.Linear` is a target: attach LoRA adapters
+    after quantizing, not before. A tied `lm_head` gets its own quantized copy; the embedding keeps its
+    full-precision matrix (see the module docstring for the memory cost). The result is also described in
+    `model.quantization` (a dict: mode, group_size, bytes before and after, the mode of each replaced layer).
 
     Args:
         model: Any module (a `nomoat.models.transformer.Transformer` in practice); changed in place.
-        mode: `"int8"` or `"int4"` (GGUF Q4_0 blocks).
+        mode: `"int8"` or `"int4"` (GGUF Q4_0 blocks; the head int8).
         group_size: Input channels per int4 block: 32, GGUF's.
         include_lm_head: Quantize the module named `lm_head` too (default); False keeps it in full precision.
 
@@ -402,14 +423,13 @@ def quantize_model(
     targets = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (include_lm_head or name.rsplit(".", 1)[-1] != "lm_head")
+        if isinstance(module, nn.Linear) and (include_lm_head or not is_head(name))
     ]
     layers: dict[str, str] = {}
     for name in targets:
         linear = model.get_submodule(name)
-        layer_mode = mode
-        if mode == "int4" and linear.in_features % group_size:
-            layer_mode = "int8"
+        this_mode = layer_mode(name, mode, linear.in_features, group_size)
+        if this_mode != mode and not is_head(name):
             logger.warning(
                 "%s: in_features %d is not divisible by the int4 block %d; quantized to int8 instead",
                 name, linear.in_features, group_size,
@@ -418,10 +438,10 @@ def quantize_model(
             logger.info("%s is tied to an embedding: the embedding stays full precision, the head gets a copy", name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear.from_linear(linear, layer_mode, group_size))
+        setattr(parent, child, QuantizedLinear.from_linear(linear, this_mode, group_size))
         del linear
         hugepages.release_freed_memory()  # the fp32 weight's memory goes back now: the peak is one layer more
-        layers[name] = layer_mode
+        layers[name] = this_mode
     after = weight_bytes(model)
     info: dict[str, Any] = {
         "mode": mode,

@@ -4,8 +4,8 @@ Model: the real SmolLM2-135M-Instruct whose Q4_1 GGUF `../shared/real-models/smo
 reason in the JSON, where the script or the file is missing). Its weights are dequantized once into an F32 GGUF
 (same metadata and vocabulary, every tensor F32): that file is the full-precision reference of both engines.
 llama.cpp quantizes it with its own quantizer (`llama_model_quantize`) to q8_0, q4_0 (llama.cpp's default mix: its
-tied embedding/output matrix stays 8-bit) and q4_0 "pure" (every matrix 4-bit, as nomoat's int4 quantizes its
-head); nomoat loads the same F32 file as fp32, `quantize="int8"` and `quantize="int4"`.
+tied embedding/output matrix stays 8-bit, as nomoat's int4 keeps its head int8) and q4_0 "pure" (every matrix
+4-bit: what a 4-bit head costs); nomoat loads the same F32 file as fp32, `quantize="int8"` and `quantize="int4"`.
 
 Text: benchmarks/data/alice_ch1_2.txt, chapters I-II of Lewis Carroll's "Alice's Adventures in Wonderland" (1865,
 public domain; Project Gutenberg eBook #11, Millennium Fulcrum Edition 3.0, without the Project Gutenberg header).

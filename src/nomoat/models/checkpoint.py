@@ -417,7 +417,10 @@ def _fill(
                         _install(model, module_name, layer.to(dev) if dev.type != "cpu" else layer)
                         hugepages.release_freed_memory()  # the quantizer's freed temporaries: not kept by malloc
                     else:
-                        dest = torch.empty(tensor.shape, dtype=dt, device=dev)
+                        # CPU weights of 2 MiB and more start in transparent huge pages (fewer TLB misses when
+                        # decoding streams them; no in-place collapse needed later)
+                        dest = (hugepages.empty(tuple(tensor.shape), dt) if dev.type == "cpu"
+                                else torch.empty(tensor.shape, dtype=dt, device=dev))  # fmt: skip
                         _copy_chunked(dest, tensor, reader)
                         module._parameters[leaf] = nn.Parameter(dest, requires_grad=False)
                     loaded.add(name)

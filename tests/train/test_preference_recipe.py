@@ -124,3 +124,25 @@ def test_a_pair_with_one_answer_twice_is_refused_before_the_model_loads(tmp_path
     with pytest.raises(DataError) as err:
         PreferenceRecipe(cfg, console=QUIET, progress=False).run()
     assert "same.jsonl:2" in str(err.value) and "same answer" in str(err.value)
+
+
+def test_log_probabilities_in_chunks_equal_those_of_the_full_logits(tmp_path):
+    """The recipe's per-row log-probabilities (chunked, no full-vocabulary logits) and their gradients equal
+    `sequence_logps` over the model's whole logits, the function the TRL comparisons check."""
+    import torch
+
+    from nomoat.train import preference_loss as pl
+
+    recipe = PreferenceRecipe(_config(tmp_path, "chunks", loss_chunk=3), console=QUIET, progress=False)
+    recipe.setup()
+    batch = recipe._next_batch()
+    _, logps, counts = recipe._logps(batch)
+    params = [p for p in recipe.model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(logps.sum(), params)
+    logits = recipe.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+    want, want_counts = pl.sequence_logps(logits, batch["labels"])
+    want_grads = torch.autograd.grad(want.sum(), params)
+    assert counts.tolist() == want_counts.tolist() and min(counts.tolist()) > 3  # more than one chunk per row
+    torch.testing.assert_close(logps, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

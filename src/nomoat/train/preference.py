@@ -27,6 +27,7 @@ from nomoat.data import IGNORE_INDEX, BatchStream, DataError, Preference, Row, c
 from nomoat.data.formats import Feedback
 from nomoat.lora import disable_lora, load_adapter, lora_state_dict, read_adapter_config
 from nomoat.train import preference_loss as pl
+from nomoat.train.loss import causal_lm_loss_sum
 from nomoat.train.sft import SFTRecipe
 from nomoat.util.errors import UsageError
 from nomoat.util.files import atomic_write_bytes
@@ -196,16 +197,24 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
         """Pairs (KTO: examples) in the micro-batch."""
         return int(batch["units"])
 
-    def _logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["input_ids"], position_ids=batch["position_ids"],
-                            segment_ids=batch["segment_ids"])  # fmt: skip  # (2P, T, V)
-        logps, counts = pl.sequence_logps(logits, batch["labels"])  # (2P,), (2P,)
-        return logits, logps, counts
+    def _logps(self, batch: dict[str, Any]) -> tuple[None, torch.Tensor, torch.Tensor]:
+        """Each row's summed log-probability of its label tokens and their count, both (N,).
+
+        A row's log-probability is minus its summed next-token cross-entropy, computed in chunks of `loss_chunk`
+        label tokens as SFT's loss is (`causal_lm_loss_sum`): full-vocabulary logits never exist for a whole row.
+        """
+        hidden = self.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
+                            return_hidden=True)  # fmt: skip  # (N, T, D)
+        sums = [causal_lm_loss_sum(self.model, hidden[i : i + 1], batch["labels"][i : i + 1], self.cfg.loss_chunk)
+                for i in range(hidden.shape[0])]  # fmt: skip
+        logps = -torch.stack([loss for loss, _ in sums])  # (N,)
+        counts = torch.tensor([n for _, n in sums], device=logps.device)  # (N,)
+        return None, logps, counts
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """The summed pair losses of one micro-batch (chosen rows first, then rejected) and the number of pairs."""
         reference = self._reference(batch) if self.method in pl.NEEDS_REFERENCE else None  # before the policy pass
-        logits, logps, counts = self._logps(batch)
+        _, logps, counts = self._logps(batch)
         if not batch["units"]:  # this process's share of a short last batch is empty
             return logps.sum() * 0, 0
         chosen, rejected = logps.chunk(2)

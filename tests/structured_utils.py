@@ -10,6 +10,7 @@ import transformers
 
 from hf_models import hf_config
 from tokenizer_utils import byte_level_bpe, read_template, write_folder
+from train_utils import random_adapter
 
 VOCAB = 768  # the byte-level tokenizer has 706 tokens; the embedding is padded past them, as real models' are
 
@@ -30,18 +31,7 @@ def make_structured_model(path: Path, seed: int = 0) -> Path:
 
 def make_random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
     """A random PEFT adapter over `model_dir` (B != 0, so it changes the answers)."""
-    from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter
-    from nomoat.models.checkpoint import load_model
-
-    model = load_model(model_dir, dtype=torch.float32, device="cpu")
-    cfg = LoRAConfig(r=4, alpha=8)
-    inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(model, out, cfg, base_model_name_or_path=str(model_dir))
-    return out
+    return random_adapter(model_dir, out, seed)
 
 
 # Schemas a random model can finish: bounded strings, enums, bounded numbers, short arrays, nested objects.

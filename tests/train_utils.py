@@ -46,3 +46,24 @@ def write_chat_data(path: Path, n: int = 24, seed: int = 0, max_words: int = 20)
         lines.append(json.dumps({"messages": msgs}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def random_adapter(model_dir: Path, out: Path, seed: int, scale: float = 0.3, provenance: dict | None = None,
+                   **cfg) -> Path:  # noqa: ANN003  # fmt: skip
+    """A LoRA adapter over `model_dir` with random A and B (B != 0, so it changes the answers), saved in PEFT format.
+
+    `cfg` are `LoRAConfig` fields (default r 4, alpha 8); `scale` is the factors' standard deviation."""
+    import torch
+
+    from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter
+    from nomoat.models.checkpoint import load_model
+
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    config = LoRAConfig(**{"r": 4, "alpha": 8, **cfg})
+    inject_lora(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    save_adapter(model, out, config, base_model_name_or_path=str(model_dir), provenance=provenance)
+    return out

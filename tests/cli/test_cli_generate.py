@@ -12,6 +12,7 @@ from nomoat.cli import app
 from nomoat.generate.chat import read_message
 
 from hf_models import make_hf_model, save_word_tokenizer
+from train_utils import random_adapter
 
 TEMPLATE = (
     "{% for m in messages %}{{ '<s>' + m['role'] + ' ' + m['content'] + ' </s>' }}{% endfor %}"
@@ -106,28 +107,13 @@ def test_generate_quantized(model_dir, mode):
 # ---- adapters: the engine's bank by default, merged into the base with --merge --------------------------------------
 
 
-def _adapter(model_dir, out, seed: int, **cfg):
-    """A LoRA adapter with random A and B (so it changes the model), saved in PEFT format."""
-    from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter
-    from nomoat.models.checkpoint import load_model
-
-    model = load_model(model_dir, dtype=torch.float32, device="cpu")
-    config = LoRAConfig(**{"r": 4, "alpha": 8, **cfg})
-    inject_lora(model, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(model, out, config, base_model_name_or_path=str(model_dir))
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapters(model_dir, tmp_path_factory):
     path, _ = model_dir
     root = tmp_path_factory.mktemp("adapters")
-    return {"a": _adapter(path, root / "a", seed=1), "b": _adapter(path, root / "b", seed=2, target_modules=["v_proj"]),
-            "d": _adapter(path, root / "d", seed=3, use_dora=True)}  # fmt: skip
+    return {"a": random_adapter(path, root / "a", seed=1),
+            "b": random_adapter(path, root / "b", seed=2, target_modules=["v_proj"]),
+            "d": random_adapter(path, root / "d", seed=3, use_dora=True)}  # fmt: skip
 
 
 def _tokens(path, *args):

@@ -10,7 +10,6 @@ import sys
 
 import httpx
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from nomoat.cli import app
@@ -23,11 +22,9 @@ from nomoat.generate.remote import (
     sse_data,
 )
 from nomoat.generate.sampling import SamplingParams
-from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter
-from nomoat.models.checkpoint import load_model
 from processes import NomoatServer
 
-from train_utils import make_chat_model
+from train_utils import make_chat_model, random_adapter
 
 KEY = "test-key-123"
 MAX_TOKENS = 10
@@ -35,22 +32,10 @@ ANSWER = re.compile(r"bot> (.*?)\n\[(\d+) tokens · ([^·\]]+) · (\w+)\]")
 runner = CliRunner()
 
 
-def _adapter(model_dir, out, seed: int) -> None:
-    """A random PEFT adapter (B != 0, so it changes the answers)."""
-    model = load_model(model_dir, dtype=torch.float32, device="cpu")
-    cfg = LoRAConfig(r=4, alpha=8)
-    inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(model, out, cfg, base_model_name_or_path=str(model_dir))
-
-
 def start_server(root, api_key: str | None = KEY) -> NomoatServer:
     """`nomoat serve` on a free loopback port with a tiny chat model and one adapter `ad1`, healthy."""
     model_dir = make_chat_model(root / "tiny", seed=0)
-    _adapter(model_dir, root / "ad1", seed=1)
+    random_adapter(model_dir, root / "ad1", seed=1)
     args = ["serve", str(model_dir), "--adapter", f"ad1={root / 'ad1'}", *(["--api-key", api_key] if api_key else [])]
     return NomoatServer(args, root / "server.log", env={"NOMOAT_HOME": str(root / "home")})
 

@@ -24,27 +24,14 @@ from nomoat.eval import (
     score_answer,
     score_sequences,
 )
-from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter
+from nomoat.lora import LoRAConfig, inject_lora
 from nomoat.models.checkpoint import load_model
 from nomoat.tokenizer import Tokenizer
 
 from hf_models import VOCAB, load_hf, make_hf_model, save_word_tokenizer
-from train_utils import make_chat_model
+from train_utils import make_chat_model, random_adapter
 
 runner = CliRunner()
-
-
-def _adapter(model_dir, out, seed: int, **cfg) -> None:
-    """A LoRA adapter with random A and B (so it changes the model), saved in PEFT format."""
-    model = load_model(model_dir, dtype=torch.float32, device="cpu")
-    config = LoRAConfig(**{"r": 4, "alpha": 8, **cfg})
-    inject_lora(model, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora_parameters(model).items():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-    save_adapter(model, out, config, base_model_name_or_path=str(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -438,3 +425,7 @@ def test_fully_trained_module_adapter_scores_as_peft_and_leaves_the_base(plain, 
     assert layers["m"].nll == pytest.approx(expected, rel=1e-5) and merged["m"].nll == pytest.approx(expected, rel=1e-5)
     assert layers["m"].nll != layers["base"].nll
     assert perplexity(model, texts, tok).nll == layers["base"].nll
+
+
+def _adapter(model_dir, out, seed: int, **cfg):  # noqa: ANN001, ANN003, ANN202
+    return random_adapter(model_dir, out, seed, scale=0.4, **cfg)

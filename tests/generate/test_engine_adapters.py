@@ -8,25 +8,16 @@ import torch
 
 from nomoat.generate.engine import Engine
 from nomoat.generate.sampling import SamplingParams
-from nomoat.lora import AdapterError, LoRAConfig, inject_lora, lora_parameters, merge_lora, save_adapter, unload_lora
+from nomoat.lora import AdapterError, lora_parameters, merge_lora, unload_lora
 from nomoat.lora.peft_format import load_adapter
 from nomoat.models.checkpoint import load_model
 from nomoat.tokenizer import Tokenizer
 
 from hf_models import load_hf, make_hf_model, save_word_tokenizer
+from train_utils import random_adapter
 
 PROMPT = [5, 17, 99, 3, 250, 8, 41, 77, 12, 6, 300, 9, 14, 201, 33, 7, 18, 90, 4, 66]  # > one 16-token block
 N = 10
-
-
-def _adapter(model_dir, out, seed: int, **cfg) -> None:
-    model = load_model(model_dir, dtype=torch.float32, device="cpu")
-    inject_lora(model, LoRAConfig(**{"r": 4, "alpha": 8, **cfg}))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(model, out, LoRAConfig(**{"r": 4, "alpha": 8, **cfg}), base_model_name_or_path=str(model_dir))
 
 
 @pytest.fixture(scope="module", params=["llama3", "phi3"])
@@ -35,8 +26,8 @@ def setup(request, tmp_path_factory):
     model_dir = root / "model"
     make_hf_model(request.param, model_dir)
     save_word_tokenizer(model_dir)
-    _adapter(model_dir, root / "a", seed=1)
-    _adapter(model_dir, root / "b", seed=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    random_adapter(model_dir, root / "a", seed=1)
+    random_adapter(model_dir, root / "b", seed=2, target_modules=["q_proj", "v_proj", "down_proj"])
     return model_dir, root
 
 
@@ -95,7 +86,7 @@ def test_bad_selections_and_adapters(setup, tmp_path):
         engine.submit(PROMPT, adapter=(("zz", 1.0),))
     with pytest.raises(AdapterError, match="already loaded"):
         engine.add_adapter("a", root / "a")
-    _adapter(model_dir, tmp_path / "dora", seed=3, use_dora=True)
+    random_adapter(model_dir, tmp_path / "dora", seed=3, use_dora=True)
     with pytest.raises(AdapterError, match="DoRA"):
         engine.add_adapter("d", tmp_path / "dora")
 
@@ -126,7 +117,7 @@ def test_grouped_matmul_path_equals_loop_and_merged(setup, tmp_path, monkeypatch
     from nomoat.lora.apply import merge_adapters
 
     model_dir, root = setup
-    _adapter(model_dir, tmp_path / "c", seed=3, r=8, alpha=4)  # another rank: stacks are zero-padded
+    random_adapter(model_dir, tmp_path / "c", seed=3, r=8, alpha=4)  # another rank: stacks are zero-padded
     folders = {"a": root / "a", "b": root / "b", "c": tmp_path / "c"}
     model = load_model(model_dir, dtype=torch.float32, device="cpu").eval()
     bank = bank_mod.AdapterBank(model)

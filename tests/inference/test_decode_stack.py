@@ -16,7 +16,7 @@ from nomoat.generate.engine import Engine
 from nomoat.generate.sampling import SamplingParams
 from nomoat.inference import DecodeConfig, DecodeModel, PanelLinear, prepare
 from nomoat.kernels import build
-from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter, unload_lora
+from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, unload_lora
 from nomoat.lora.bank import AdapterBank, group_rows
 from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
@@ -25,6 +25,7 @@ from nomoat.models.quantize import quantize_model
 from nomoat.tokenizer import Tokenizer
 
 from hf_models import hf_config, save_word_tokenizer
+from train_utils import random_adapter
 
 # name -> (family in hf_models, config overrides). The base tiny models have 32-wide k/v projections (not whole
 # 64-channel panels, so q/k/v run as three matrices); "wide" shapes make every projection whole panels (fused).
@@ -234,18 +235,6 @@ def test_lora_injection_is_followed(built, tmp_path):
     again = _decode_logits(dm, [prompt], 4)
     assert dm.stack_steps == 8
     assert _rel(again, before) < 1e-5
-
-
-def _adapter(model_dir, out, seed, r, targets=None):
-    lora_model = load_model(model_dir, "float32", "cpu")
-    cfg = LoRAConfig(r=r, alpha=2 * r) if targets is None else LoRAConfig(r=r, alpha=2 * r, target_modules=targets)
-    inject_lora(lora_model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(lora_model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(lora_model, out, cfg, base_model_name_or_path=str(model_dir))
-    return out
 
 
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
@@ -518,3 +507,8 @@ def test_layer_loop_with_kernel_attention_equals_transformers(built, name, tmp_p
     got = _decode_logits(engine.decode, ids, 5)
     want = _decode_logits(DecodeModel(model, model, {}, lambda m: m, stack=False), ids, 5)  # the user's layers
     assert _rel(got, want) < 1e-5
+
+
+def _adapter(model_dir, out, seed, r, targets=None):  # noqa: ANN001, ANN202
+    extra = {} if targets is None else {"target_modules": targets}
+    return random_adapter(model_dir, out, seed, r=r, alpha=2 * r, **extra)

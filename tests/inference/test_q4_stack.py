@@ -9,13 +9,13 @@ import transformers
 from nomoat import kernels
 from nomoat.inference import DecodeConfig, DecodeModel, prepare
 from nomoat.inference.panel_linear import Q4PanelLinear
-from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, save_adapter
 from nomoat.lora.bank import AdapterBank, group_rows
 from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
 from nomoat.models.quantize import QuantizedLinear
 
 from hf_models import hf_config, save_word_tokenizer
+from train_utils import random_adapter
 
 # name -> (family, config overrides). "llama_mha": one query head per key/value head of 16 channels, so an attention
 # unit's output (16 channels) is not whole blocks of 32: the output projection's input is quantized per thread.
@@ -122,18 +122,6 @@ def test_q4_stack_bf16_rest(built, tmp_path):
     assert _rel(got, ref) < 5e-2
 
 
-def _adapter(model_dir, out, seed: int, r: int):
-    lora_model = load_model(model_dir, "float32", "cpu")
-    cfg = LoRAConfig(r=r, alpha=2 * r)
-    inject_lora(lora_model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(lora_model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(lora_model, out, cfg, base_model_name_or_path=str(model_dir))
-    return out
-
-
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
 @pytest.mark.parametrize("rows", [1, 3, 11])
 def test_q4_stack_with_adapters(built, fmt, rows, tmp_path):
@@ -141,7 +129,8 @@ def test_q4_stack_with_adapters(built, fmt, rows, tmp_path):
     own layer path."""
     model_dir = tmp_path / "model"
     _make("llama", model_dir)
-    folders = {n: _adapter(model_dir, tmp_path / n, 30 + i, r) for i, (n, r) in enumerate([("a", 4), ("b", 8)])}
+    folders = {n: random_adapter(model_dir, tmp_path / n, 30 + i, r=r, alpha=2 * r)
+               for i, (n, r) in enumerate([("a", 4), ("b", 8)])}  # fmt: skip
     selections = [((("a", 1.0),), (("a", 0.6), ("b", -0.4)), ())[i % 3] for i in range(rows)]
     model = _q4_model(model_dir, fmt)
     out = {}

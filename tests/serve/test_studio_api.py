@@ -15,19 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from nomoat.config.lora import LoRAConfig
 from nomoat.config.train import TrainConfig
 from nomoat.data import load_dataset, summarize, tokenize_example
 from nomoat.demo import MODEL_DIR
-from nomoat.lora import inject_lora, lora_parameters, save_adapter
 from nomoat.lora.registry import Registry
-from nomoat.models.checkpoint import load_model
 from nomoat.serve.app import ServeSettings, create_app
 from nomoat.serve.studio import StudioSettings
 from nomoat.tokenizer import Tokenizer
+
+from train_utils import random_adapter
 
 KEY = "sk-studio-test"
 ORIGIN = {"Origin": "http://testserver", "Authorization": f"Bearer {KEY}"}
@@ -169,16 +168,8 @@ def test_preview_matches_the_data_library(world):
 
 
 def _adapter(out: Path, seed: int) -> Path:
-    model = load_model(MODEL_DIR, dtype=torch.float32, device="cpu")
-    cfg = LoRAConfig(r=2, alpha=4)
-    inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    save_adapter(model, out, cfg, base_model_name_or_path=str(MODEL_DIR),
-                 provenance={"metrics": {"final_loss": 0.5, "steps": 3}, "training": {"method": "sft"}})  # fmt: skip
-    return out
+    return random_adapter(MODEL_DIR, out, seed, scale=0.01, r=2, alpha=4,
+                          provenance={"metrics": {"final_loss": 0.5, "steps": 3}, "training": {"method": "sft"}})
 
 
 def test_registry_table_load_and_delete(world):

@@ -18,14 +18,14 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from nomoat.config.lora import LoRAConfig
 from nomoat.demo import MODEL_DIR
-from nomoat.lora import inject_lora, lora_parameters, save_adapter
 from nomoat.lora.registry import Registry
 from nomoat.models.checkpoint import load_model
 from nomoat.serve.app import ServeSettings, create_app
 from nomoat.serve.studio import StudioSettings
 from nomoat.tokenizer import Tokenizer
+
+from train_utils import random_adapter
 
 KEY = "sk-studio-jobs"
 ORIGIN = {"Origin": "http://testserver", "Authorization": f"Bearer {KEY}"}
@@ -49,16 +49,8 @@ class StubEngine:
 
 
 def _adapter(out: Path, seed: int) -> Path:
-    model = load_model(MODEL_DIR, dtype=torch.float32, device="cpu")
-    cfg = LoRAConfig(r=2, alpha=4)
-    inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    save_adapter(model, out, cfg, base_model_name_or_path=str(MODEL_DIR),
-                 provenance={"metrics": {"final_loss": 0.5, "steps": 3}, "training": {"method": "sft"}})  # fmt: skip
-    return out
+    return random_adapter(MODEL_DIR, out, seed, scale=0.05, r=2, alpha=4,
+                          provenance={"metrics": {"final_loss": 0.5, "steps": 3}, "training": {"method": "sft"}})
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def synth(
     num: Annotated[int, Opt("--num", "-n", help="instructions: records wanted in the file.", min=1)] = 100,
     samples: Annotated[int, Opt("--samples", help="pairs: answers sampled per prompt.", min=2)] = 4,
     reward: Annotated[list[str] | None, Opt("--reward", help="pairs: rank samples by a reward (repeatable): "
-                                            "exact_match, numeric_match, json_valid, regex=P, length=N, "
+                                            "exact_match, digit_match, numeric_match, json_valid, regex=P, length=N, "
                                             "MODULE:FUNC or file.py:FUNC.")] = None,
     reward_weight: Annotated[list[float] | None, Opt("--reward-weight", help="pairs: one weight per --reward.")] = None,
     judge: Annotated[bool, Opt("--judge", help="pairs: the teacher rates each sample 1-10 (added to any reward).")] = (

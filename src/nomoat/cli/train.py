@@ -199,8 +199,8 @@ def train(
     ] = False,
     reward: Annotated[
         list[str] | None,
-        Opt("--reward", help="GRPO/RLOO: a reward (repeatable): exact_match, numeric_match, json_valid, regex=P, "
-            "length=N, or MODULE:FUNC / file.py:FUNC."),
+        Opt("--reward", help="GRPO/RLOO: a reward (repeatable): exact_match, digit_match, numeric_match, json_valid, "
+            "regex=P, length=N, or MODULE:FUNC / file.py:FUNC."),
     ] = None,
     reward_weight: Annotated[
         list[float] | None, Opt("--reward-weight", help="GRPO/RLOO: one weight per --reward (repeatable).")

@@ -58,11 +58,11 @@ def test_the_reference_is_the_base_with_the_init_adapter(tmp_path):
     ours = recipe._reference(batch)
     torch.testing.assert_close(ours, _peft_logps(tmp_path, adapter, batch), atol=1e-4, rtol=1e-5)
     with torch.no_grad():  # the policy starts as the same adapter (trainable), so it equals the reference
-        torch.testing.assert_close(recipe._logps(batch)[1], ours, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(recipe._logps(batch)[0], ours, atol=1e-5, rtol=1e-6)
         from nomoat.lora import disable_lora
 
         with disable_lora(recipe.model):
-            base = recipe._logps(batch)[1]
+            base = recipe._logps(batch)[0]
     assert (base - ours).abs().max() > 1e-2  # the adapter matters: the reference is not the bare base
 
 

@@ -121,7 +121,7 @@ def test_a_kto_batch_has_trls_loss_and_gradients(tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     for a, p in zip(ours_grads, params, strict=True):
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
-    kl_ours = (recipe._logps({k: batch[k][n:] for k in ("input_ids", "position_ids", "segment_ids", "labels")})[1])
+    kl_ours = (recipe._logps({k: batch[k][n:] for k in ("input_ids", "position_ids", "segment_ids", "labels")})[0])
     assert kl_ours.shape == (n,)
 
 

@@ -136,7 +136,7 @@ def test_log_probabilities_in_chunks_equal_those_of_the_full_logits(tmp_path):
     recipe = PreferenceRecipe(_config(tmp_path, "chunks", loss_chunk=3), console=QUIET, progress=False)
     recipe.setup()
     batch = recipe._next_batch()
-    _, logps, counts = recipe._logps(batch)
+    logps, counts = recipe._logps(batch)
     params = [p for p in recipe.model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(logps.sum(), params)
     logits = recipe.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])

@@ -165,7 +165,7 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
             with self.reference():
                 ids = batch["input_ids"]
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                self._ref[_key(ids)] = self._logps(batch)[1].float().cpu()
+                self._ref[_key(ids)] = self._logps(batch)[0].float().cpu()
         buffer = io.BytesIO()
         torch.save(self._ref, buffer)
         atomic_write_bytes(path, buffer.getvalue())
@@ -176,7 +176,7 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
         if known is not None:
             return known.to(batch["input_ids"].device)
         with self.reference():
-            return self._logps(batch)[1]
+            return self._logps(batch)[0]
 
     def _print_summary(self, pairs: list[tuple[Any, ...]], noun: str = "pairs") -> None:
         lengths = [len(t) for pair in pairs for t in pair]
@@ -197,7 +197,7 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
         """Pairs (KTO: examples) in the micro-batch."""
         return int(batch["units"])
 
-    def _logps(self, batch: dict[str, Any]) -> tuple[None, torch.Tensor, torch.Tensor]:
+    def _logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's summed log-probability of its label tokens and their count, both (N,).
 
         A row's log-probability is minus its summed next-token cross-entropy, computed in chunks of `loss_chunk`
@@ -209,12 +209,12 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
                 for i in range(hidden.shape[0])]  # fmt: skip
         logps = -torch.stack([loss for loss, _ in sums])  # (N,)
         counts = torch.tensor([n for _, n in sums], device=logps.device)  # (N,)
-        return None, logps, counts
+        return logps, counts
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """The summed pair losses of one micro-batch (chosen rows first, then rejected) and the number of pairs."""
         reference = self._reference(batch) if self.method in pl.NEEDS_REFERENCE else None  # before the policy pass
-        _, logps, counts = self._logps(batch)
+        logps, counts = self._logps(batch)
         if not batch["units"]:  # this process's share of a short last batch is empty
             return logps.sum() * 0, 0
         chosen, rejected = logps.chunk(2)
@@ -298,14 +298,14 @@ class KTORecipe(PreferenceRecipe):
         half = {k: batch[k][:n] for k in ("input_ids", "position_ids", "segment_ids", "labels")}
         kl_rows = {k: batch[k][n:] for k in half}
         with torch.no_grad():
-            kl_logps = self._logps(kl_rows)[1] if n else torch.zeros(0, device=reference.device)
+            kl_logps = self._logps(kl_rows)[0] if n else torch.zeros(0, device=reference.device)
         kl_sum, count = (kl_logps - reference[n:]).sum().item(), n
         if self.dist.enabled:  # TRL gathers the KL estimate over processes
             kl_sum, count = self.dist.sum_numbers([kl_sum, count], "the KL estimate")
         kl = torch.tensor(max(kl_sum / max(count, 1), 0.0), device=reference.device)
         if not n:
-            return self._logps(batch)[1].sum() * 0, 0
-        _, logps, _ = self._logps(half)
+            return self._logps(batch)[0].sum() * 0, 0
+        logps, _ = self._logps(half)
         losses, rewards = pl.kto_loss(logps, reference[:n], batch["desirable"], kl, self.beta,
                                       self.cfg.desirable_weight, self.cfg.undesirable_weight)  # fmt: skip
         good = batch["desirable"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from test_preference_recipe import _config
+from test_preference_recipe import _config, both_layouts
 
 from nomoat.config.lora import LoRAConfig
 from nomoat.lora import inject_lora, lora_state_dict, read_adapter_config, save_adapter
@@ -54,9 +54,9 @@ def test_the_reference_is_the_base_with_the_init_adapter(tmp_path):
                               progress=False)  # fmt: skip
     recipe.setup()
     assert recipe.cfg.lora.r == 4 and recipe.cfg.lora.alpha == 8
-    batch = next(iter(recipe.stream))
+    batch, rows = both_layouts(recipe)  # trained on one row per pair; peft reads one row per answer
     ours = recipe._reference(batch)
-    torch.testing.assert_close(ours, _peft_logps(tmp_path, adapter, batch), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ours, _peft_logps(tmp_path, adapter, rows), atol=1e-4, rtol=1e-5)
     with torch.no_grad():  # the policy starts as the same adapter (trainable), so it equals the reference
         torch.testing.assert_close(recipe._logps(batch)[0], ours, atol=1e-5, rtol=1e-6)
         from nomoat.lora import disable_lora

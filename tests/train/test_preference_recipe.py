@@ -126,21 +126,37 @@ def test_a_pair_with_one_answer_twice_is_refused_before_the_model_loads(tmp_path
     assert "same.jsonl:2" in str(err.value) and "same answer" in str(err.value)
 
 
+def both_layouts(recipe: PreferenceRecipe) -> tuple[dict, dict]:
+    """The first batch twice: one row per pair (the prompt once, as the recipe trains) and one row per answer."""
+    stream = recipe.stream
+    units = stream.share(stream.batches(0)[0])
+    packed = stream.collate_units(units)
+    stream.share_prefix = False
+    try:
+        rows = stream.collate_units(units)
+    finally:
+        stream.share_prefix = True
+    assert packed["input_ids"].shape[0] == len(units) and rows["input_ids"].shape[0] == 2 * len(units)
+    assert int((packed["segment_ids"] > 0).sum()) < int((rows["segment_ids"] > 0).sum())  # the prompts are shared
+    return packed, rows
+
+
 def test_log_probabilities_in_chunks_equal_those_of_the_full_logits(tmp_path):
-    """The recipe's per-row log-probabilities (chunked, no full-vocabulary logits) and their gradients equal
-    `sequence_logps` over the model's whole logits, the function the TRL comparisons check."""
+    """The recipe's per-answer log-probabilities (one row per pair, its prompt once; chunked, no full-vocabulary
+    logits) and their gradients equal `sequence_logps` over the whole logits of one row per answer, the function
+    the TRL comparisons check."""
     import torch
 
     from nomoat.train import preference_loss as pl
 
     recipe = PreferenceRecipe(_config(tmp_path, "chunks", loss_chunk=3), console=QUIET, progress=False)
     recipe.setup()
-    batch = recipe._next_batch()
-    logps, counts = recipe._logps(batch)
+    packed, rows = both_layouts(recipe)
+    logps, counts = recipe._logps(packed)
     params = [p for p in recipe.model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(logps.sum(), params)
-    logits = recipe.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
-    want, want_counts = pl.sequence_logps(logits, batch["labels"])
+    logits = recipe.model(rows["input_ids"], position_ids=rows["position_ids"], segment_ids=rows["segment_ids"])
+    want, want_counts = pl.sequence_logps(logits, rows["labels"])
     want_grads = torch.autograd.grad(want.sum(), params)
     assert counts.tolist() == want_counts.tolist() and min(counts.tolist()) > 3  # more than one chunk per row
     torch.testing.assert_close(logps, want, atol=1e-5, rtol=1e-5)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from nomoat import kernels
-from nomoat.models.transformer import Attention, CacheArgs, Segments
+from nomoat.models.segments import Segments
+from nomoat.models.transformer import Attention, CacheArgs
 
 
 class KernelAttention(Attention):

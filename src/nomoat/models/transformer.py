@@ -17,37 +17,11 @@ from nomoat.config.model import ModelConfig
 from nomoat.models import fused_ops
 from nomoat.models.families import rope_inv_freq
 from nomoat.models.kv_cache import KVCache
+from nomoat.models.segments import Segments, segment_attention
 
 # What a cached forward hands each attention layer: the cache, the batch's cache rows, the positions of the new
 # tokens (B, T), and how many cached positions to attend over.
 CacheArgs = tuple[KVCache, "slice | torch.Tensor", torch.Tensor, int]
-
-
-class Segments:
-    """Where the examples of packed (or right-padded) rows lie: `spans[b]` lists `(start, end)` per example of row b.
-
-    Attention over segments runs causal attention inside each example on its own (block-diagonal attention without
-    a mask): no work is spent on the blocks a mask would hide, and no (T, T) mask is stored for the backward pass.
-    Positions outside every span (padding) get zero outputs.
-    """
-
-    def __init__(self, segment_ids: torch.Tensor) -> None:
-        ids = segment_ids.tolist()
-        self.spans: list[list[tuple[int, int]]] = []
-        for row in ids:
-            spans, start = [], 0
-            for t in range(1, len(row) + 1):
-                if t == len(row) or row[t] != row[start]:
-                    if row[start] != 0:
-                        spans.append((start, t))
-                    start = t
-            self.spans.append(spans)
-        self.T = segment_ids.shape[1]
-
-    @property
-    def trivial(self) -> bool:
-        """Every row is one example covering the whole row: plain causal attention does it in one call."""
-        return all(len(s) == 1 and s[0] == (0, self.T) for s in self.spans)
 
 
 class RMSNorm(nn.Module):
@@ -198,86 +172,13 @@ class Attention(nn.Module):
         )
 
     def _segment_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
-        """Causal attention within each example of each row: (B, T, H, hd), zeros at padding."""
+        """Causal attention within each example of each row (and its shared prefix): (B, T, H, hd), zeros at padding."""
         cfg = self.cfg
         window = cfg.sliding_window if cfg.layer_types[self.layer_idx] == "sliding_attention" else None
         if seg.trivial and (window is None or seg.T <= window):
             return self._attend(q, k, v, None).transpose(1, 2)
-        longest = max((e - s for spans in seg.spans for s, e in spans), default=0)
-        if (
-            _FLASH_CPU_BACKWARD is not None
-            and q.device.type == "cpu"
-            and q.dtype in (torch.float32, torch.bfloat16)
-            and cfg.attn_logit_softcap is None
-            and (window is None or longest <= window)
-        ):
-            padded = any(sum(e - s for s, e in spans) < seg.T for spans in seg.spans)
-            return _SegmentAttentionFn.apply(q, k, v, seg.spans, cfg.query_scale, padded)
-        rows = []
-        for b, spans in enumerate(seg.spans):
-            pieces, at = [], 0
-            for start, end in spans:
-                if start > at:
-                    pieces.append(q.new_zeros(1, start - at, q.shape[1], q.shape[3]))
-                mask = None
-                if window is not None and end - start > window:
-                    idx = torch.arange(end - start, device=q.device)
-                    mask = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
-                sl = slice(start, end)
-                out = self._attend(q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], mask)
-                pieces.append(out.transpose(1, 2))  # (1, L, H, hd)
-                at = end
-            if at < seg.T:
-                pieces.append(q.new_zeros(1, seg.T - at, q.shape[1], q.shape[3]))
-            rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-        return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-
-
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
-class _SegmentAttentionFn(torch.autograd.Function):
-    """Causal attention within each packed example, as one autograd node over torch's CPU flash-attention kernels.
-
-    Run through autograd, each example's attention is a slice of q/k/v, an SDPA call and a concatenation, and the
-    backward pass of every slice allocates a zero-filled gradient of the whole (B, H, T, hd) tensor to add into: three
-    per example and layer. Here the forward writes each example's output into one (B, T, H, hd) tensor and the
-    backward writes each example's q/k/v gradients into one tensor each; the kernels and their arithmetic are the
-    same as `F.scaled_dot_product_attention(is_causal=True)` on CPU, so the results are bit-identical.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, spans, scale, padded):  # noqa: ANN001, ANN205
-        B, H, T, hd = q.shape
-        out = q.new_zeros(B, T, H, hd) if padded else q.new_empty(B, T, H, hd)
-        lses = []
-        for b, row in enumerate(spans):
-            for start, end in row:
-                sl = slice(start, end)
-                o, lse = _FLASH_CPU(q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], 0.0, True,
-                                    scale=scale)  # fmt: skip
-                out[b : b + 1, sl] = o.transpose(1, 2)
-                lses.append(lse)
-        ctx.save_for_backward(q, k, v, out, *lses)
-        ctx.spans, ctx.scale, ctx.padded = spans, scale, padded
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        q, k, v, out, *lses = ctx.saved_tensors
-        new = torch.zeros_like if ctx.padded else torch.empty_like
-        gq, gk, gv = new(q), new(k), new(v)
-        i = 0
-        for b, row in enumerate(ctx.spans):
-            for start, end in row:
-                sl = slice(start, end)
-                g = _FLASH_CPU_BACKWARD(grad[b : b + 1, sl].transpose(1, 2), q[b : b + 1, :, sl], k[b : b + 1, :, sl],
-                                        v[b : b + 1, :, sl], out[b : b + 1, sl].transpose(1, 2), lses[i], 0.0, True,
-                                        scale=ctx.scale)  # fmt: skip
-                gq[b : b + 1, :, sl], gk[b : b + 1, :, sl], gv[b : b + 1, :, sl] = g
-                i += 1
-        return gq, gk, gv, None, None, None
+        return segment_attention(q, k, v, seg, cfg.query_scale, window, self._attend,
+                                 flash=cfg.attn_logit_softcap is None)  # fmt: skip
 
 
 def _decode_attention(
@@ -495,6 +396,7 @@ class Transformer(nn.Module):
         rows: slice | torch.Tensor | None = None,
         kv_len: int | None = None,
         segment_ids: torch.Tensor | None = None,
+        prefix_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute next-token logits.
 
@@ -512,6 +414,9 @@ class Transformer(nn.Module):
             segment_ids: For packed rows (B, T): which example each token belongs to (1, 2, ...; 0 for padding).
                 Attention is then block-diagonal (causal within an example, nothing across examples) and
                 `attention_mask` is ignored. Pass `position_ids` restarting at 0 for each example.
+            prefix_ids: With `segment_ids` (B, T): for each token, the segment id of an earlier example of its row
+                that its own example continues (0: none); that example's queries also see all of it (a shared
+                prompt computed once), and its `position_ids` continue the prefix's.
 
         Returns:
             Logits (B, T, vocab) in the model dtype, soft-capped where the family does it.
@@ -536,7 +441,7 @@ class Transformer(nn.Module):
             masks = self._cached_masks(position_ids, kv_len)
         else:
             if segment_ids is not None:
-                segments = Segments(segment_ids)
+                segments = Segments(segment_ids, prefix_ids)
                 masks = {kind: segments for kind in self.rope_types}
             else:
                 masks = self._masks(attention_mask, T, device)

@@ -128,16 +128,24 @@ def causal_lm_loss_sum(
     if n == 0:
         return hidden.sum() * 0.0, 0
     h = hidden[:, :-1][keep]  # (n, D): only the positions that have a label
-    y = targets[keep]  # (n,)
+    return token_loss_sum(model, h, targets[keep], chunk), n
+
+
+def token_loss_sum(model: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of predicting tokens `y` (n,) from hidden states `h` (n, D), computed in chunks.
+
+    The head runs on at most `chunk` rows at a time; with grad, each chunk is recomputed in the backward pass.
+    Returns a 0-dim fp32 tensor (with grad where `h` or the head has it).
+    """
     weight = _fused_head(model, h.device)
     if weight is not None and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         softcap = getattr(getattr(model, "config", None), "final_logit_softcap", None)
-        return _LinearCrossEntropy.apply(h.to(weight.dtype), weight, y, chunk, softcap), n
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk):
+        return _LinearCrossEntropy.apply(h.to(weight.dtype), weight, y, chunk, softcap)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(y), chunk):
         hc, yc = h[start : start + chunk], y[start : start + chunk]
         if torch.is_grad_enabled() and hc.requires_grad:
             total = total + checkpoint(_chunk_loss, model, hc, yc, use_reentrant=False)
         else:
             total = total + _chunk_loss(model, hc, yc)
-    return total, n
+    return total

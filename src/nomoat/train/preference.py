@@ -1,8 +1,8 @@
 """Preference tuning (`nomoat train --method dpo|ipo|simpo|orpo|kto`): recipes on the shared training loop.
 
 It reuses the SFT recipe's model, LoRA and adapter saving, and owns what is particular to learning from pairs: the
-data (prompt + chosen and prompt + rejected, trained only on the answers), batches that hold the chosen rows of their
-pairs followed by the rejected rows (one forward pass for both), the reference (the same model under
+data (prompt + chosen and prompt + rejected, trained only on the answers), batches with one row per pair (its prompt
+computed once, both answers attending to it: `models.segments`), the reference (the same model under
 `disable_lora` with no grad: no second copy in memory; with `precompute_ref`, its log-probabilities are computed
 once and kept in the run folder as `reference_logps.pt`), the pair losses of `nomoat.train.preference_loss`, and the
 per-step reward metrics. The loop normalises by pairs (`units`).
@@ -27,7 +27,7 @@ from nomoat.data import IGNORE_INDEX, BatchStream, DataError, Preference, Row, c
 from nomoat.data.formats import Feedback
 from nomoat.lora import disable_lora, load_adapter, lora_state_dict, read_adapter_config
 from nomoat.train import preference_loss as pl
-from nomoat.train.loss import causal_lm_loss_sum
+from nomoat.train.loss import token_loss_sum
 from nomoat.train.sft import SFTRecipe
 from nomoat.util.errors import UsageError
 from nomoat.util.files import atomic_write_bytes
@@ -147,6 +147,7 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
         cfg = self.cfg
         self.pad_id = pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.stream = UnitStream(batches, 1, seed=cfg.seed, pad_id=pad, shard=self.dist.shard)
+        self.stream.share_prefix = self.method in pl.PAIRED_METHODS  # KTO slices its batches' rows
         self._ref: dict[bytes, torch.Tensor] = {}
         if cfg.precompute_ref and self.method in pl.NEEDS_REFERENCE:
             self._precompute_ref([self.stream.collate_units(self.stream.share(b)) for b in batches])
@@ -198,18 +199,28 @@ class PreferenceRecipe(InitAdapterMixin, SFTRecipe):
         return int(batch["units"])
 
     def _logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's summed log-probability of its label tokens and their count, both (N,).
+        """Each answer's summed log-probability of its label tokens and their count, both (N,).
 
-        A row's log-probability is minus its summed next-token cross-entropy, computed in chunks of `loss_chunk`
-        label tokens as SFT's loss is (`causal_lm_loss_sum`): full-vocabulary logits never exist for a whole row.
+        An answer is a row, or a `slot` of a row that holds a whole pair (`UnitStream.share_prefix`). Its
+        log-probability is minus its summed next-token cross-entropy, computed in chunks of `loss_chunk` label tokens
+        (`token_loss_sum`): full-vocabulary logits never exist for a whole row.
         """
         hidden = self.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
-                            return_hidden=True)  # fmt: skip  # (N, T, D)
-        sums = [causal_lm_loss_sum(self.model, hidden[i : i + 1], batch["labels"][i : i + 1], self.cfg.loss_chunk)
-                for i in range(hidden.shape[0])]  # fmt: skip
-        logps = -torch.stack([loss for loss, _ in sums])  # (N,)
-        counts = torch.tensor([n for _, n in sums], device=logps.device)  # (N,)
-        return logps, counts
+                            prefix_ids=batch.get("prefix_ids"), return_hidden=True)  # fmt: skip  # (B, T, D)
+        labels = batch["labels"]
+        slots = batch.get("slots") or [(b, 0, labels.shape[1], None) for b in range(labels.shape[0])]
+        logps, counts = [], []
+        for b, start, end, first in slots:
+            pred = torch.arange(start - 1, end - 1, device=labels.device)  # the position predicting each token
+            targets = labels[b, start:end]
+            if first is None:  # the slot's first token is predicted by nothing (a row's first token)
+                pred, targets = pred[1:], targets[1:]
+            else:
+                pred[0] = first  # the last token of the shared prompt
+            keep = targets != IGNORE_INDEX
+            logps.append(-token_loss_sum(self.model, hidden[b, pred[keep]], targets[keep], self.cfg.loss_chunk))
+            counts.append(int(keep.sum()))
+        return torch.stack(logps), torch.tensor(counts, device=labels.device)
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """The summed pair losses of one micro-batch (chosen rows first, then rejected) and the number of pairs."""
@@ -334,6 +345,8 @@ class UnitStream(BatchStream):
     split across processes. Rows may carry `desirable` (KTO's labels, collated as a bool tensor).
     """
 
+    share_prefix = False  # one row per pair, its prompt computed once (`collate_units`)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.index >= len(self):
             self.epoch, self.index = self.epoch + 1, 0
@@ -350,14 +363,47 @@ class UnitStream(BatchStream):
         return units[len(units) * rank // world : len(units) * (rank + 1) // world]
 
     def collate_units(self, units: list[tuple[Row, Row]]) -> dict[str, Any]:
-        """Collated rows (first rows, then second rows), `units` and, for KTO, `desirable` (U,)."""
+        """Collated rows (first rows, then second rows), `units` and, for KTO, `desirable` (U,).
+
+        With `share_prefix`, each unit is one row instead (`_pair_row`: the prompt once, then both answers), and
+        `slots` says where each answer lies: first answers, then second answers, as the rows would be.
+        """
         pad = 0 if self.pad_id is None else self.pad_id
-        rows = [u[0] for u in units] + [u[1] for u in units] or [Row([pad], [IGNORE_INDEX], [0], [1])] * 2
-        batch = collate(rows, self.pad_id, self.pad_to)
+        if self.share_prefix and units:
+            packed = [_pair_row(first, second) for first, second in units]
+            batch = collate([row for row, _, _ in packed], self.pad_id, self.pad_to)
+            batch["prefix_ids"] = torch.tensor([parent + [0] * (batch["input_ids"].shape[1] - len(parent))
+                                                for _, parent, _ in packed], dtype=torch.long)  # fmt: skip
+            batch["slots"] = [(b, *slots[side]) for side in (0, 1) for b, (_, _, slots) in enumerate(packed)]
+        else:
+            rows = [u[0] for u in units] + [u[1] for u in units] or [Row([pad], [IGNORE_INDEX], [0], [1])] * 2
+            batch = collate(rows, self.pad_id, self.pad_to)
         batch["units"] = len(units)
         if units and hasattr(units[0][0], "desirable"):
             batch["desirable"] = torch.tensor([u[0].desirable for u in units], dtype=torch.bool)
         return batch
+
+
+Slot = tuple[int, int, "int | None"]  # an answer's (start, end) in its row, and the position predicting its first token
+
+
+def _pair_row(first: Row, second: Row) -> tuple[Row, list[int], tuple[Slot, Slot]]:
+    """One row holding a unit's two single-example rows, their shared unlabelled prefix (the prompt) once.
+
+    The row is `first`, then `second` without the prefix; `second`'s tokens keep their positions and attend to the
+    prefix (its `prefix_ids`, returned second). Attention in each is what it would be in its own row, so the answers'
+    log-probabilities are the same. Returns the row, its prefix ids and each answer's `Slot`.
+    """
+    a, b = first.input_ids, second.input_ids
+    p, limit = 0, min(len(a), len(b)) - 1  # each answer keeps at least one token of its own
+    while p < limit and a[p] == b[p] and first.labels[p] == IGNORE_INDEX and second.labels[p] == IGNORE_INDEX:
+        p += 1
+    rest = len(b) - p
+    row = Row(a + b[p:], first.labels + second.labels[p:], first.position_ids + second.position_ids[p:],
+              [1] * p + [2] * (len(a) - p) + [3] * rest if p else [1] * len(a) + [2] * rest,
+              first.sources + second.sources)  # fmt: skip
+    parent = [0] * p + [1] * (len(a) - p + rest) if p else [0] * len(row.input_ids)
+    return row, parent, ((0, len(a), None), (len(a), len(row.input_ids), p - 1 if p else None))
 
 
 def _key(input_ids: torch.Tensor) -> bytes:

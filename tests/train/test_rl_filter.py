@@ -1,6 +1,6 @@
-"""GRPO's group filtering (`--filter-groups`, DAPO's dynamic sampling) and refilling (`--refill-rounds`) on a tiny model:
-the groups left in the loss, the step's normaliser, the refill from the next prompts and the `flat_groups` metric,
-each checked against what is recomputed from the rollouts themselves."""
+"""GRPO's group filtering (`--filter-groups`, DAPO's dynamic sampling) and refilling (`--refill-rounds`) on a tiny
+model: the groups left in the loss, the step's normaliser, the refill from the next prompts and the `flat_groups`
+metric, each checked against what is recomputed from the rollouts themselves."""
 
 from __future__ import annotations
 

@@ -218,6 +218,16 @@ def train(
         str | None, Opt("--loss-type", help="GRPO: grpo, dr_grpo or dapo.", show_default="dapo")
     ] = None,
     epsilon: Annotated[float | None, Opt("--epsilon", help="GRPO/RLOO: ratio clipping.", show_default="0.2")] = None,
+    filter_groups: Annotated[
+        bool | None,
+        Opt("--filter-groups/--no-filter-groups", help="GRPO/RLOO: leave out of the loss the groups whose completions "
+            "all got the same reward (no gradient), as DAPO's dynamic sampling.", show_default=False),
+    ] = None,
+    refill_rounds: Annotated[
+        int | None,
+        Opt("--refill-rounds", help="GRPO/RLOO with --filter-groups: up to N more rollout batches of the next "
+            "prompts per micro-batch, to refill the step with groups that teach.", show_default="0", min=0),
+    ] = None,
     desirable_weight: Annotated[
         float | None, Opt("--desirable-weight", help="KTO: weight of desirable examples.", show_default="1")
     ] = None,
@@ -252,7 +262,8 @@ def train(
         dtype=dtype, device=device, quantize_base=quantize_base, limit=limit, resume=resume or None,
         method=method, beta=beta, precompute_ref=precompute_ref or None, init_adapter=init_adapter, reward=reward,
         reward_weights=reward_weight, num_generations=num_generations, max_new_tokens=max_new_tokens,
-        temperature=temperature, loss_type=loss_type, epsilon=epsilon, desirable_weight=desirable_weight,
+        temperature=temperature, loss_type=loss_type, epsilon=epsilon, filter_groups=filter_groups,
+        refill_rounds=refill_rounds, desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight, fsdp=fsdp or None,
     )  # fmt: skip
     try:

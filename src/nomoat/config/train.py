@@ -87,6 +87,11 @@ class TrainConfig:
         loss_type: GRPO: `grpo` (per-sequence mean), `dr_grpo` (sum over sequences x max_new_tokens) or `dapo`
             (token-level over the step).
         epsilon: GRPO/RLOO: clipping range of the probability ratio.
+        filter_groups: GRPO/RLOO: leave out of the loss the groups whose completions all got the same reward (their
+            advantages are 0: no gradient), so the step's normalisation counts only groups that teach (DAPO's
+            dynamic sampling, with `refill_rounds`).
+        refill_rounds: GRPO/RLOO with `filter_groups`: up to this many more rollout batches per micro-batch, of the
+            next prompts, to refill it with groups that teach (0: filter only).
         quantize_base: Quantize the frozen base (`int8`, `int4`, `nf4`) while the adapter trains in full precision.
         limit: Use only the first N examples of the data (quick experiments).
         resume: Continue the run from its newest checkpoint.
@@ -143,6 +148,8 @@ class TrainConfig:
     temperature: float = 1.0
     loss_type: str = "dapo"
     epsilon: float = 0.2
+    filter_groups: bool = False
+    refill_rounds: int = 0
     fsdp: bool = False
 
     def __post_init__(self) -> None:
@@ -183,6 +190,8 @@ class TrainConfig:
         if self.num_generations < 2 or self.max_new_tokens < 1 or not self.temperature >= 0 or self.epsilon < 0:
             raise ConfigError("num_generations must be at least 2, max_new_tokens at least 1, temperature and "
                               "epsilon not negative")  # fmt: skip
+        if self.refill_rounds < 0:
+            raise ConfigError(f"refill_rounds must not be negative, got {self.refill_rounds}")
         if self.desirable_weight < 0 or self.undesirable_weight < 0:
             raise ConfigError("desirable_weight and undesirable_weight must not be negative")
         if self.quantize_base not in QUANTIZE_BASE:

@@ -73,6 +73,17 @@ def grpo_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> to
     return adv.reshape(-1)
 
 
+def completion_units(cfg: Any, mask: torch.Tensor) -> int:
+    """The units a batch of completions adds to the step's normaliser.
+
+    Completions (RLOO, GRPO's `grpo`), completions x `max_new_tokens` (`dr_grpo`) or completion tokens (`dapo`);
+    `mask` is (N, T) over completion tokens.
+    """
+    if cfg.method == "rloo" or cfg.loss_type == "grpo":
+        return int(mask.shape[0])
+    return int(mask.shape[0]) * cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else int(mask.sum())
+
+
 def rloo_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
     """RLOO's advantages: each reward minus the mean of the other completions of its prompt (N,)."""
     grouped = rewards.view(-1, group)  # (P, G)
@@ -248,8 +259,50 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
             self.model.train()
 
     def prepare_step(self, micro: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Sample, score and batch the rollouts of every micro-batch of the step (no grad)."""
-        return [self._rollout_batch(m["prompts"]) for m in micro]
+        """Sample, score and batch the rollouts of every micro-batch of the step (no grad).
+
+        With `filter_groups`, the groups whose advantages are all 0 are left out, and up to `refill_rounds` rollout
+        batches of the next prompts per micro-batch refill the step with groups that teach (DAPO's dynamic
+        sampling); a step where no group teaches keeps its batches as they are (no gradient, but a valid step).
+        """
+        batches = [self._rollout_batch(m["prompts"]) for m in micro]
+        if not self.cfg.filter_groups:
+            return batches
+        G = self.cfg.num_generations
+        wanted = sampled = sum(len(b["advantages"]) // G for b in batches if not b.get("empty"))
+        kept, have = [], 0
+        for b in batches:  # sharded ranks run one forward pass per micro-batch alike: a flat one stays
+            teaching = self._teaching_groups(b)
+            have += 0 if teaching is None else len(teaching["advantages"]) // G
+            kept += [teaching] if teaching is not None else [b] if self.sharded else []
+        for _ in range(0 if self.sharded else self.cfg.refill_rounds * len(micro)):
+            if have >= wanted:
+                break
+            extra = self._rollout_batch(self._next_batch()["prompts"])
+            sampled += 0 if extra.get("empty") else len(extra["advantages"]) // G
+            teaching = self._teaching_groups(extra, limit=wanted - have)
+            if teaching is not None:
+                kept.append(teaching)
+                have += len(teaching["advantages"]) // G
+        self._acc["flat_groups"] = self._acc.get("flat_groups", 0) + sampled - have
+        self._acc["groups"] = self._acc.get("groups", 0) + sampled
+        return kept or batches
+
+    def _teaching_groups(self, batch: dict[str, Any], limit: int | None = None) -> dict[str, Any] | None:
+        """`batch` without its groups whose advantages are all 0, at most `limit` groups; None when none is left."""
+        if batch.get("empty"):
+            return None
+        G = self.cfg.num_generations
+        teaching = batch["advantages"].view(-1, G).abs().amax(1) > 1e-6  # (P,)
+        groups = teaching.nonzero().flatten()[:limit]
+        if len(groups) == 0:
+            return None
+        rows = (groups.unsqueeze(1) * G + torch.arange(G)).flatten()  # (P' x G,)
+        out = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        mask = out["labels"][:, 1:] != IGNORE_INDEX  # (N', T-1)
+        out["num_label_tokens"] = int(mask.sum())
+        out["units"] = completion_units(self.cfg, mask)
+        return out
 
     def _rollout_batch(self, prompts: list[int]) -> dict[str, Any]:
         cfg, G = self.cfg, self.cfg.num_generations
@@ -363,6 +416,8 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
             out[f"reward_std/{name}"] = round(float(values[~values.isnan()].std()) if values.numel() > 1 else 0.0, 6)
         if "kl_tokens" in acc:
             out["kl"] = round(acc["kl"] / max(acc["kl_tokens"], 1), 6)
+        if "groups" in acc:
+            out["flat_groups"] = round(acc["flat_groups"] / max(acc["groups"], 1), 6)
         out["completion_length"] = round(float(lengths.mean()), 2)
         seqs = len(lengths) if self.cfg.method == "rloo" else max(int(lengths.sum()), 1)
         out["clip_fraction"] = round(acc.get("clipped", 0) / seqs, 6)
@@ -378,5 +433,5 @@ class _Summary:
         return dict(self.data)
 
 
-__all__ = ["DEFAULT_BETA", "PromptStream", "RLRecipe", "grpo_advantages", "grpo_loss",
+__all__ = ["DEFAULT_BETA", "PromptStream", "RLRecipe", "completion_units", "grpo_advantages", "grpo_loss",
            "rloo_advantages", "rloo_loss", "token_logps"]  # fmt: skip

@@ -13,6 +13,12 @@ every request generates exactly that many). Scenarios:
   one request pending at a time, so every adapter's batch holds one request; the swap itself is not charged (which
   flatters the peer). It runs through the same server, so HTTP and engine costs are the same on both sides.
 
+- single_bf16 / distinct32_bf16: single and distinct32 again on a second server whose adapters are the same 32
+  saved with bf16 factors (as PEFT saves the adapters of bf16 models); its default `--adapter-dtype auto` keeps
+  them in bf16, half the bytes a step with many distinct adapters reads. The fp32 scenarios above keep fp32 factors
+  (auto never rounds an fp32 file on an fp32 model). Each server's log says the dtype its bank holds, reported as
+  `adapter_dtype` in every row.
+
 Reported: generated tokens/s over the scenario's wall time, and p50/p99 request latency (for one_at_a_time: from the
 moment every client has its request ready, as the clients would see it). A last scenario, ttft64, opens 64 streaming
 clients at once (each on its own adapter of the 32, `stream=True`) and reports the median and p99 time to the first
@@ -64,6 +70,24 @@ def ensure_model(cache: Path) -> Path:
     cfg["eos_token"] = "<bench_eos>"  # added past the vocabulary: generation always runs to max_tokens
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
     return folder
+
+
+def bf16_copies(cache: Path, adapters: list[Path]) -> list[Path]:
+    """The adapters with their factors rounded to bf16, as PEFT saves the adapters of a bf16 model (cached)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = []
+    for folder in adapters:
+        half = cache / f"{folder.parent.name}-bf16" / folder.name
+        out.append(half)
+        if (half / "adapter_model.safetensors").is_file():
+            continue
+        half.mkdir(parents=True, exist_ok=True)
+        tensors = load_file(folder / "adapter_model.safetensors")
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, half / "adapter_model.safetensors")
+        (half / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    return out
 
 
 def ensure_adapters(cache: Path, model: Path, n: int, rank: int = 16) -> list[Path]:
@@ -132,12 +156,21 @@ def start_server(
             raise RuntimeError(f"server exited: {log_file.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                time.sleep(0.5)  # the ready lines follow /health's 200
                 return proc, url
         except httpx.TransportError:
             pass
         if time.time() > deadline:
             raise RuntimeError("server did not become ready")
         time.sleep(0.5)
+
+
+def factor_dtype(log_file: Path) -> str:
+    """The dtype the server's adapter bank holds, from its ready line ("adapter factors in bfloat16 ...")."""
+    for line in log_file.read_text().splitlines():
+        if "adapter factors in " in line:
+            return line.split("adapter factors in ", 1)[1].split()[0]
+    return "unknown"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -221,9 +254,35 @@ def machine() -> str:
             "(set by nomoat serve)")
 
 
+def run_bf16(a: argparse.Namespace, model: Path, adapters: list[Path], rounds: int, max_tokens: int) -> list[dict]:
+    """single and distinct32 on a second server over the adapters saved in bf16 (its default --adapter-dtype)."""
+    import openai
+
+    half = bf16_copies(a.cache_dir, adapters)
+    log_file = a.cache_dir / "bench_serve-server-bf16.log"
+    log(f"starting nomoat serve with {len(half)} bf16 adapters (log: {log_file})")
+    proc, url = start_server(model, half, a.max_running, log_file)
+    dtype = factor_dtype(log_file)
+    results = []
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
+        names = [f"a{i}" for i in range(a.clients)]
+        run_concurrent(client, make_prompts(a.clients, 0), names, 1, 4)  # warm-up
+        for salt, (name, models) in enumerate((("single_bf16", [names[0]] * a.clients), ("distinct32_bf16", names)),
+                                              start=6):  # fmt: skip
+            log(f"{name}: {a.clients} clients x {rounds} requests x {max_tokens} tokens")
+            tokens, wall, lat = run_concurrent(client, make_prompts(a.clients, salt), models, rounds, max_tokens)
+            results.append({**summary(name, tokens, wall, lat, len(set(models))), "adapter_dtype": dtype})
+            log(json.dumps(results[-1]))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="One round of 32-token completions (about 3 minutes).")
+    p.add_argument("--quick", action="store_true", help="One round of 32-token completions (about 4 minutes).")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
@@ -244,6 +303,7 @@ def main() -> None:
     log_file = a.cache_dir / "bench_serve-server.log"
     log(f"starting nomoat serve with {len(adapters)} adapters (log: {log_file})")
     proc, url = start_server(model, adapters, a.max_running, log_file)
+    dtype = factor_dtype(log_file)
     results = []
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
@@ -271,6 +331,9 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+    for r in results:
+        r["adapter_dtype"] = dtype
+    results += run_bf16(a, model, adapters, rounds, max_tokens)
     by = {r["scenario"]: r for r in results}
     tps = {k: v["tokens_per_s"] for k, v in by.items()}
     ratios = {
@@ -279,6 +342,8 @@ def main() -> None:
         "distinct32_tokens_per_s_vs_one_adapter_at_a_time": round(tps["distinct32"] / tps["one_at_a_time"], 3),
         "distinct32_p50_latency_vs_one_adapter_at_a_time": round(
             by["distinct32"]["p50_latency_s"] / by["one_at_a_time"]["p50_latency_s"], 3),
+        "distinct32_bf16_tokens_per_s_vs_single_adapter_bf16": round(tps["distinct32_bf16"] / tps["single_bf16"], 3),
+        "distinct32_bf16_tokens_per_s_vs_single_adapter": round(tps["distinct32_bf16"] / tps["single"], 3),
     }  # fmt: skip
     row = next(r for r in results if r["scenario"].startswith("ttft"))
     ttft = {"clients": a.ttft_clients, "p50_s": row["p50_ttft_s"], "p99_s": row["p99_ttft_s"]}

@@ -80,3 +80,16 @@ def test_lora_rows_fake_traces_under_compile():
     expected = _oracle(*args) * 2
     out = torch.compile(fn, backend="eager", fullgraph=True)(args[0].clone(), *args[1:])
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lora_rows_bf16_factors(shape):
+    """bf16 factors: equal to the fp32 oracle over the bf16-rounded factors (widened exactly, fp32 sums)."""
+    if not kernels.available():
+        pytest.skip("the compiled kernels are not built here")
+    y, x, a, bt, rows, which, coef = _case(*shape, seed=sum(shape) + 1)
+    a16, bt16 = a.to(torch.bfloat16), bt.to(torch.bfloat16)
+    expected = _oracle(y, x, a16.float(), bt16.float(), rows, which, coef)
+    out = y.clone()
+    kernels.lora_rows_(out, x, a16, bt16, rows, which, coef)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))

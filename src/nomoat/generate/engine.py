@@ -180,6 +180,8 @@ class Engine:
         adapters: LoRA adapters to load, name -> PEFT-format folder (more with `add_adapter`). Each request picks
             its own selection; rows of one batch may use different adapters.
         decode_config: How the decode model is prepared (`nomoat.inference.DecodeConfig`; default: its defaults).
+        adapter_dtype: The dtype the adapters' factors are kept in: "auto", "float32" or "bfloat16"
+            (`nomoat.lora.bank.resolve_adapter_dtype`).
     """
 
     def __init__(
@@ -194,10 +196,12 @@ class Engine:
         compile: bool = False,
         adapters: dict[str, str | Path] | None = None,
         decode_config: DecodeConfig | None = None,
+        adapter_dtype: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.decode: DecodeModel = prepare(model, decode_config)
         self.bank: AdapterBank | None = None
+        self.adapter_dtype = adapter_dtype
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.max_seq_len = max_seq_len or min(model.config.max_position_embeddings, 4096)
@@ -235,7 +239,7 @@ class Engine:
         """
         with self.lock:
             if self.bank is None:
-                self.bank = AdapterBank(self.decode.net)  # the decode model's layers, never the user's
+                self.bank = AdapterBank(self.decode.net, self.adapter_dtype)  # the decode model's layers
             self.bank.add(name, folder)
             self.decode.rebuild_plan()
 

@@ -124,7 +124,7 @@ def build_plan(net: nn.Module) -> Plan | None:
                 return None
             tensors += parts
             for name, a, bt, scaling in m.decode_adapters() if hasattr(m, "decode_adapters") else ():
-                if a.dtype != torch.float32 or bt.dtype != torch.float32 or a.device.type != "cpu":
+                if a.dtype not in (torch.float32, torch.bfloat16) or bt.dtype != a.dtype or a.device.type != "cpu":
                     return None
                 loras.append((i, j, slots.setdefault(name, len(slots)), a, bt, float(scaling)))
         if any(t.numel() for t in (tensors[16], tensors[19], tensors[22])):

@@ -2,13 +2,14 @@
 
 `AdapterBank(model)` wraps each linear layer an added adapter targets in a `MultiLoRALinear`: the base matmul runs
 once for the whole batch, and each group of rows sharing an adapter selection adds `weight * scaling * (x A^T) B^T`
-for every adapter of its selection: every group of a layer in one `kernels.lora_rows_` call (fp32 on the CPU with
-the compiled kernels: the CPU form of S-LoRA's and Punica's segmented kernels), else in grouped matmuls or a loop
-of small ones. A layer holds its
-adapters stacked once (`a_stack` (N, r, in), `bt_stack` (N, r, out)); base weights are never changed, so any base
-works (plain, packed, quantized). Around each forward pass the engine sets which rows use which selection with
-`with bank.plan([(rows, (("sql", 1.0),)), ...]):` (`group_rows` builds the entries); the decode stack reads the
-same stacks through `MultiLoRALinear.decode_adapters`.
+for every adapter of its selection: every group of a layer in one `kernels.lora_rows_` call (fp32 activations on the
+CPU with the compiled kernels: the CPU form of S-LoRA's and Punica's segmented kernels), else in grouped matmuls or
+a loop of small ones. A layer holds its adapters stacked once (`a_stack` (N, r, in), `bt_stack` (N, r, out)); base
+weights are never changed, so any base works (plain, packed, quantized). Around each forward pass the engine sets
+which rows use which selection with `with bank.plan([(rows, (("sql", 1.0),)), ...]):` (`group_rows` builds the
+entries); the decode stack reads the same stacks through `MultiLoRALinear.decode_adapters`. The bank holds the
+factors of every adapter in one dtype (`adapter_dtype`, see `resolve_adapter_dtype`): bf16 halves the bytes a decode
+step with many distinct adapters streams; the compiled kernels widen bf16 factors to fp32 and sum in fp32.
 """
 
 from __future__ import annotations
@@ -29,12 +30,33 @@ from nomoat.lora.selection import AdapterSelection, SelectionError
 
 # (rows of the batch, ((adapter name, weight), ...)): rows as a slice or a 1-D index tensor.
 # The row groups of a layer run segmented (as Punica's SGMV kernel) instead of as a loop of small ops per group:
-# fp32 on the CPU with the compiled kernels, every group in one `kernels.lora_rows_` call (ROWS_KERNEL); otherwise
-# several groups as two grouped matmuls over the layer's stacked adapters, `torch._grouped_mm` (torch >= 2.8; on the
-# CPU it measured 2-4x faster than the loop for 32 groups). With GROUPED_MM off, or on other devices, the loop runs.
+# fp32 activations on the CPU with the compiled kernels, every group in one `kernels.lora_rows_` call (ROWS_KERNEL);
+# otherwise several groups as two grouped matmuls over the layer's stacked adapters, `torch._grouped_mm` (torch >=
+# 2.8; on the CPU it measured 2-4x faster than the loop for 32 groups). With GROUPED_MM off, or on other devices,
+# the loop runs.
 GROUPED_MM = hasattr(torch, "_grouped_mm")
 ROWS_KERNEL = True
 PlanEntry = tuple["slice | torch.Tensor", tuple[tuple[str, float], ...]]
+ADAPTER_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_adapter_dtype(choice: str, file_dtypes: set[torch.dtype], model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a bank keeps one adapter's factors in (`AdapterBank(adapter_dtype=...)`).
+
+    "float32" and "bfloat16" are what they say (bfloat16 rounds fp32 factors to nearest even). "auto" never rounds
+    what the adapter file holds unless the base itself computes in bf16: bfloat16 when the file's factors are all
+    bf16 (as PEFT saves adapters trained on bf16 models) or the model's weights are bf16, else the model's dtype.
+
+    Raises:
+        ValueError: An unknown choice.
+    """
+    if choice not in ADAPTER_DTYPES:
+        raise ValueError(f"adapter dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {choice!r}")
+    if choice != "auto":
+        return getattr(torch, choice)
+    if file_dtypes == {torch.bfloat16} or model_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return model_dtype
 
 
 class MultiLoRALinear(nn.Module):
@@ -74,9 +96,10 @@ class MultiLoRALinear(nn.Module):
         if plan is not None:  # several row groups: all of them in two grouped matmuls
             perm, offs, coeff = plan
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-            xa = torch._grouped_mm(x2.index_select(0, perm), self.a_stack.transpose(1, 2), offs=offs)  # (M, r)
+            a_stack, bt_stack = self.a_stack.to(x.dtype), self.bt_stack.to(x.dtype)  # factors kept in another dtype
+            xa = torch._grouped_mm(x2.index_select(0, perm), a_stack.transpose(1, 2), offs=offs)  # (M, r)
             xa *= coeff
-            y2.index_add_(0, perm, torch._grouped_mm(xa, self.bt_stack, offs=offs).to(y.dtype))  # (M, out)
+            y2.index_add_(0, perm, torch._grouped_mm(xa, bt_stack, offs=offs).to(y.dtype))  # (M, out)
             return y
         for rows, selection in bank.current:
             delta = None
@@ -85,7 +108,7 @@ class MultiLoRALinear(nn.Module):
                 if ab is None:  # this adapter does not target this layer
                     continue
                 a, bt, scaling = ab
-                d = lora_delta(x[rows], a, bt.t(), scaling * weight)  # (rows, T, out)
+                d = lora_delta(x[rows], a.to(x.dtype), bt.t().to(x.dtype), scaling * weight)  # (rows, T, out)
                 delta = d if delta is None else delta + d
             if delta is not None:
                 if isinstance(rows, slice):
@@ -125,8 +148,9 @@ class MultiLoRALinear(nn.Module):
             return
         r = max(ab[0].shape[0] for _, ab in entries)
         a0, bt0 = entries[0][1][0], entries[0][1][1]
-        self.a_stack = a0.new_zeros(len(entries), r, a0.shape[1])
-        self.bt_stack = bt0.new_zeros(len(entries), r, bt0.shape[1])
+        dtype = bank.factor_dtype or a0.dtype
+        self.a_stack = a0.new_zeros(len(entries), r, a0.shape[1], dtype=dtype)
+        self.bt_stack = bt0.new_zeros(len(entries), r, bt0.shape[1], dtype=dtype)
         for i, (name, (a, bt, scaling)) in enumerate(entries):
             k = a.shape[0]
             self.a_stack[i, :k], self.bt_stack[i, :k] = a, bt
@@ -139,11 +163,20 @@ class AdapterBank:
     Args:
         model: The base model (a nomoat `Transformer`), typically in eval mode for inference; its target layers are
             wrapped in place as adapters that target them are added.
+        adapter_dtype: "auto", "float32" or "bfloat16": the dtype each added adapter's factors are kept in
+            (`resolve_adapter_dtype`). The bank holds all of them in one dtype: that one where every adapter's
+            agrees, else fp32 (which holds bf16 values exactly), so an adapter is never rounded because of another.
+
+    Raises:
+        ValueError: An unknown `adapter_dtype`.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, adapter_dtype: str = "auto") -> None:
+        resolve_adapter_dtype(adapter_dtype, set(), torch.float32)  # validates the choice
         self.model = model
+        self.adapter_dtype = adapter_dtype
         self.tensors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}  # each adapter's own resolved dtype
         self.configs: dict[str, LoRAConfig] = {}
         self.current: list[PlanEntry] = []
         self._grouped: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
@@ -152,6 +185,12 @@ class AdapterBank:
     def names(self) -> list[str]:
         """The loaded adapters' names, sorted."""
         return sorted(self.tensors)
+
+    @property
+    def factor_dtype(self) -> torch.dtype | None:
+        """The dtype the bank's factors are in (None without adapters): the adapters' own, or fp32 where they differ."""
+        found = set(self.dtypes.values())
+        return None if not found else found.pop() if len(found) == 1 else torch.float32
 
     def add(self, name: str, folder: str | Path) -> LoRAConfig:
         """Load a PEFT-format LoRA adapter folder under `name`.
@@ -182,7 +221,8 @@ class AdapterBank:
             if leaf not in ("A.weight", "B.weight"):
                 raise AdapterError(f"{path / WEIGHTS_FILE}: unexpected tensor {key}")
             pairs.setdefault(module, {})[leaf[0]] = value
-        device, dtype = _device_dtype(self.model)
+        device, model_dtype = _device_dtype(self.model)
+        dtype = resolve_adapter_dtype(self.adapter_dtype, {v.dtype for v in incoming.values()}, model_dtype)
         loaded: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for module, ab in sorted(pairs.items()):
             layer = modules.get(module)
@@ -197,21 +237,35 @@ class AdapterBank:
                 raise AdapterError(f"{path / WEIGHTS_FILE}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                                    f"the layer is {layer.out_features}x{layer.in_features}")  # fmt: skip
             loaded[module] = (a.to(device, dtype).contiguous(), b.t().to(device, dtype).contiguous(), cfg.scaling)
+        before = self.factor_dtype
         self.tensors[name] = loaded
+        self.dtypes[name] = dtype
         self.configs[name] = cfg
         for module in loaded:
             self._wrap(module).rebuild()
+        if self.factor_dtype != before:
+            self._rebuild_all()
         return cfg
 
     def remove(self, name: str) -> None:
         """Forget an adapter (its layers stay wrapped; they cost nothing without adapters)."""
+        before = self.factor_dtype
         gone = self.tensors.pop(name, None) or {}
+        self.dtypes.pop(name, None)
         self.configs.pop(name, None)
         modules = dict(self.model.named_modules())
         for module in gone:
             layer = modules.get(module)
             if isinstance(layer, MultiLoRALinear):
                 layer.rebuild()
+        if self.factor_dtype != before and self.tensors:
+            self._rebuild_all()
+
+    def _rebuild_all(self) -> None:
+        """Restack every layer: the bank's factor dtype changed (the values held are exact in either dtype)."""
+        for m in self.model.modules():
+            if isinstance(m, MultiLoRALinear) and m._bank[0] is self:
+                m.rebuild()
 
     def compact(self) -> None:
         """Move every layer's adapter stacks into one buffer in huge pages (`kernels.hugepages`).
@@ -321,9 +375,10 @@ class AdapterBank:
 
 
 def _rows_kernel(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor) -> bool:
-    """Whether `kernels.lora_rows_` applies a layer's adapters: fp32 CPU activations and factors, compiled kernels."""
+    """Whether `kernels.lora_rows_` applies a layer's adapters: fp32 CPU activations, fp32 or bf16 factors."""
     return (
-        x.dtype == y.dtype == a_stack.dtype == torch.float32
+        x.dtype == y.dtype == torch.float32
+        and a_stack.dtype in (torch.float32, torch.bfloat16)
         and x.device.type == "cpu"
         and kernels.available()
     )

@@ -114,12 +114,14 @@ struct StackPlan : torch::CustomClassHolder {
   int64_t num_layers() const { return (int64_t)layers_.size(); }
 
   // Registers adapter `slot`'s factors on projection `proj` (0-6: q, k, v, o, gate, up, down) of layer `layer`:
-  // A (r, in) and Bt (r, out) fp32 contiguous; `scale` multiplies the per-row coefficient given to `run`.
+  // A (r, in) and Bt (r, out) contiguous, both fp32 or both bf16; `scale` multiplies the per-row coefficient given
+  // to `run`.
   void add_lora(int64_t layer, int64_t proj, int64_t slot, at::Tensor A, at::Tensor Bt, double scale) {
     TORCH_CHECK(layer >= 0 && layer < num_layers() && proj >= 0 && proj < 7 && slot >= 0, "add_lora: indices");
-    TORCH_CHECK(A.scalar_type() == at::kFloat && Bt.scalar_type() == at::kFloat && A.is_contiguous() &&
-                Bt.is_contiguous() && A.dim() == 2 && Bt.dim() == 2 && A.size(0) == Bt.size(0),
-                "add_lora: A (r, in) and Bt (r, out), fp32 contiguous");
+    TORCH_CHECK((A.scalar_type() == at::kFloat || A.scalar_type() == at::kBFloat16) &&
+                Bt.scalar_type() == A.scalar_type() && A.is_contiguous() && Bt.is_contiguous() && A.dim() == 2 &&
+                Bt.dim() == 2 && A.size(0) == Bt.size(0),
+                "add_lora: A (r, in) and Bt (r, out), contiguous, both fp32 or both bf16");
     TORCH_CHECK(A.size(0) <= MAX_LORA_RANK, "add_lora: rank above ", MAX_LORA_RANK);
     const LayerPlan& L = layers_[layer];
     const Seg* segs[7] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
@@ -130,8 +132,9 @@ struct StackPlan : torch::CustomClassHolder {
     e.in = A.size(1);
     e.out = Bt.size(1);
     e.scale = (float)scale;
-    e.A = A.data_ptr<float>();
-    e.Bt = Bt.data_ptr<float>();
+    e.bf16 = A.scalar_type() == at::kBFloat16;
+    e.A = A.data_ptr();
+    e.Bt = Bt.data_ptr();
     layers_[layer].ad.add((int)proj, e);
     lora_slots_ = std::max(lora_slots_, slot + 1);
     lora_rank_ = std::max(lora_rank_, e.r);
@@ -314,6 +317,9 @@ struct StackPlan : torch::CustomClassHolder {
       auto lora_delta = [&](int64_t l, int proj, int64_t n0, int64_t nn, float* dl, int64_t m0, int mm) -> bool {
         return E > 0 && lora_rows_delta(layers_[l].ad, ls, XA + l * E * 7 * R, R, proj, n0, nn, m0, mm, dl);
       };
+      auto lora_ahead = [&](int64_t l, int proj, int64_t n0, int64_t nn, int64_t m0, int mm) {
+        if (E > 0) lora_rows_prefetch(layers_[l].ad, ls, proj, n0, nn, m0, mm);
+      };
       alignas(64) float dl[MAX_ROWS * PANEL];
       alignas(64) float dl2[MAX_ROWS * PANEL];
 
@@ -352,6 +358,7 @@ struct StackPlan : torch::CustomClassHolder {
           const int proj = s == &ly.q ? 0 : s == &ly.k ? 1 : 2;
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // row blocks: the panel stays in L2 between them
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
+            lora_ahead(l, proj, n0, nn, m0, mm);
             panel_gemv(*s, p, mm, xn + m0 * D, D, buf, s->q4 ? qn.rows(m0) : q4k::Q4Rows{});
             const bool has_d = lora_delta(l, proj, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
@@ -407,6 +414,7 @@ struct StackPlan : torch::CustomClassHolder {
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const q4k::Q4Rows qin = !s.q4 ? q4k::Q4Rows{} : ph == 4 ? q4_act(l) : att_blocks ? q4_att(l) : qn;
+            lora_ahead(l, ph == 2 ? 3 : 6, n0, nn, m0, mm);
             panel_gemv(s, u, mm, in + m0 * K, K, buf, s.q4 ? qin.rows(m0) : q4k::Q4Rows{});
             const bool has_d = lora_delta(l, ph == 2 ? 3 : 6, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
@@ -426,7 +434,9 @@ struct StackPlan : torch::CustomClassHolder {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const float* x = xn + m0 * D;
             const q4k::Q4Rows qx = ly.gate.q4 || ly.up.q4 ? qn.rows(m0) : q4k::Q4Rows{};
+            lora_ahead(l, 4, n0, nn, m0, mm);
             panel_gemv(ly.gate, u, mm, x, D, buf, qx);
+            lora_ahead(l, 5, n0, nn, m0, mm);
             panel_gemv(ly.up, u, mm, x, D, buf2, qx);
             const bool has_g = lora_delta(l, 4, n0, nn, dl, m0, mm);
             const bool has_u = lora_delta(l, 5, n0, nn, dl2, m0, mm);

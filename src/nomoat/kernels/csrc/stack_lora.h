@@ -5,22 +5,33 @@
 // cuts them into blocks of up to MAX_ROWS entries of one slot. Before each projection phase of a layer, an adapter
 // phase whose units are those blocks computes the low-rank products c * scale * (x A^T) of every projection of the
 // next phase once (each row of A read once per block, its rows' dot products together) into the layer's product
-// buffer; each panel unit then adds (products) Bt for its 64 columns (`lora_expand`). Products are stored whole
-// (a unit may run twice, see decode_stack.cpp), in one buffer per layer: entry t, projection p at ((t * 7) + p) * R.
+// buffer; each panel unit then adds (products) Bt for its 64 columns (`lora_expand`), having asked for every
+// entry's columns of Bt before its base product (`lora_rows_prefetch`: each entry's slice is r short rows far apart,
+// and read when needed every one of them is a cache miss). Products are stored whole (a unit may run twice, see decode_stack.cpp), in one
+// buffer per layer: entry t, projection p at ((t * 7) + p) * R.
+// Factors are fp32 or bf16 (half the bytes a step streams; widened exactly to fp32 in registers, fp32 sums).
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "gemv.h"
+#include "rows_bf16.h"
 
 // One adapter's LoRA factors on one projection: delta(x) = coef[row][slot] * scale * (x A^T) Bt.
 struct Lora {
   int64_t slot = 0, r = 0, in = 0, out = 0;
   float scale = 1.f;
-  const float* A = nullptr;   // (r, in)
-  const float* Bt = nullptr;  // (r, out)
+  bool bf16 = false;          // factors in bf16 (else fp32)
+  const void* A = nullptr;    // (r, in)
+  const void* Bt = nullptr;   // (r, out)
 };
+
+// W factor values from p as fp32 (bf16 widened exactly), and one value.
+static inline vf ld_factor(const float* p) { return ld(p); }
+static inline vf ld_factor(const uint16_t* p) { return widen_bf16(p); }
+static inline float factor_at(const float* p, int64_t i) { return p[i]; }
+static inline float factor_at(const uint16_t* p, int64_t i) { return bf16_to_f(p[i]); }
 constexpr int MAX_LORA_RANK = 256;
 
 // A layer's adapters on its seven projections (q, k, v, o, gate, up, down), and each slot's entry per projection.
@@ -69,44 +80,52 @@ struct LoraStep {
 };
 
 // out[j][i] = c[j] * a.scale * dot(x_j, A_i) for the N rows x_j of one block: each row of A is read once.
-template <int N>
+template <int N, typename T>
 static inline void lora_shrink_rows(const Lora& a, const float* const* xs, const float* c, float* const* out) {
+  const T* A = (const T*)a.A;
   for (int64_t i = 0; i < a.r; ++i) {
-    const float* ai = a.A + i * a.in;
+    const T* ai = A + i * a.in;
     vf acc[N];
 #pragma GCC unroll 8
     for (int j = 0; j < N; ++j) acc[j] = vf{};
     int64_t k = 0;
     for (; k + W <= a.in; k += W) {
-      const vf av = ld(ai + k);
+      const vf av = ld_factor(ai + k);
 #pragma GCC unroll 8
       for (int j = 0; j < N; ++j) acc[j] += ld(xs[j] + k) * av;
     }
 #pragma GCC unroll 8
     for (int j = 0; j < N; ++j) {
       float s = hsum(acc[j]);
-      for (int64_t kk = k; kk < a.in; ++kk) s += xs[j][kk] * ai[kk];
+      for (int64_t kk = k; kk < a.in; ++kk) s += xs[j][kk] * factor_at(ai, kk);
       out[j][i] = s * c[j] * a.scale;
     }
   }
 }
 
-static inline void lora_shrink(const Lora& a, int n, const float* const* xs, const float* c, float* const* out) {
+template <typename T>
+static inline void lora_shrink_t(const Lora& a, int n, const float* const* xs, const float* c, float* const* out) {
   switch (n) {
-    case 1: lora_shrink_rows<1>(a, xs, c, out); break;
-    case 2: lora_shrink_rows<2>(a, xs, c, out); break;
-    case 3: lora_shrink_rows<3>(a, xs, c, out); break;
-    case 4: lora_shrink_rows<4>(a, xs, c, out); break;
-    case 5: lora_shrink_rows<5>(a, xs, c, out); break;
-    case 6: lora_shrink_rows<6>(a, xs, c, out); break;
-    case 7: lora_shrink_rows<7>(a, xs, c, out); break;
-    default: lora_shrink_rows<8>(a, xs, c, out); break;
+    case 1: lora_shrink_rows<1, T>(a, xs, c, out); break;
+    case 2: lora_shrink_rows<2, T>(a, xs, c, out); break;
+    case 3: lora_shrink_rows<3, T>(a, xs, c, out); break;
+    case 4: lora_shrink_rows<4, T>(a, xs, c, out); break;
+    case 5: lora_shrink_rows<5, T>(a, xs, c, out); break;
+    case 6: lora_shrink_rows<6, T>(a, xs, c, out); break;
+    case 7: lora_shrink_rows<7, T>(a, xs, c, out); break;
+    default: lora_shrink_rows<8, T>(a, xs, c, out); break;
   }
 }
 
+static inline void lora_shrink(const Lora& a, int n, const float* const* xs, const float* c, float* const* out) {
+  if (a.bf16) lora_shrink_t<uint16_t>(a, n, xs, c, out);
+  else lora_shrink_t<float>(a, n, xs, c, out);
+}
+
 // d[0..nn) += t (a.r products) times columns n0..n0+nn of a.Bt; a whole panel's 64 columns stay in registers.
-static inline void lora_expand(const float* t, const Lora& a, int64_t n0, int64_t nn, float* d) {
-  const float* b = a.Bt + n0;
+template <typename T>
+static inline void lora_expand_t(const float* t, const Lora& a, int64_t n0, int64_t nn, float* d) {
+  const T* b = (const T*)a.Bt + n0;
   if (nn == PANEL) {
     vf acc[NV];
 #pragma GCC unroll 8
@@ -114,14 +133,27 @@ static inline void lora_expand(const float* t, const Lora& a, int64_t n0, int64_
     for (int64_t i = 0; i < a.r; ++i, b += a.out) {
       const vf ti = splat(t[i]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] += ti * ld(b + v * W);
+      for (int v = 0; v < NV; ++v) acc[v] += ti * ld_factor(b + v * W);
     }
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) st(d + v * W, acc[v]);
     return;
   }
   for (int64_t i = 0; i < a.r; ++i, b += a.out)
-    for (int64_t j = 0; j < nn; ++j) d[j] += t[i] * b[j];
+    for (int64_t j = 0; j < nn; ++j) d[j] += t[i] * factor_at(b, j);
+}
+
+static inline void lora_expand(const float* t, const Lora& a, int64_t n0, int64_t nn, float* d) {
+  if (a.bf16) lora_expand_t<uint16_t>(t, a, n0, nn, d);
+  else lora_expand_t<float>(t, a, n0, nn, d);
+}
+
+// Read-ahead of columns n0..n0+nn of every row of a.Bt.
+static inline void lora_prefetch_cols(const Lora& a, int64_t n0, int64_t nn) {
+  const int64_t esz = a.bf16 ? 2 : 4, row = a.out * esz;
+  const char* b = (const char*)a.Bt + n0 * esz;
+  for (int64_t i = 0; i < a.r; ++i, b += row)
+    for (int64_t o = 0; o < nn * esz; o += 64) __builtin_prefetch(b + o, 0, 2);
 }
 
 // Adapter unit u (block u of `ls`) before phase kind ph (0 q/k/v, 2 o, 3 gate/up, 4 down): the products of the
@@ -138,6 +170,16 @@ static inline void lora_products(const LayerLoras& ad, const LoraStep& ls, int64
     for (int j = 0; j < n; ++j) outs[j] = xa + ((e0 + j) * 7 + proj) * R;
     lora_shrink(*a, n, xs, ls.coef.data() + e0, outs);
   }
+}
+
+// Read-ahead (into L2) of columns n0..n0+nn of Bt of every adapter entry of rows m0..m0+mm on projection `proj`:
+// a panel unit asks before its base product, which hides the misses behind it.
+static inline void lora_rows_prefetch(const LayerLoras& ad, const LoraStep& ls, int proj, int64_t n0, int64_t nn,
+                                      int64_t m0, int mm) {
+  if (ad.lora[proj].empty()) return;
+  for (int64_t m = m0; m < m0 + mm; ++m)
+    for (int64_t q = ls.row_ptr[m]; q < ls.row_ptr[m + 1]; ++q)
+      if (const Lora* a = ad.find(proj, ls.slot[ls.row_ent[q]])) lora_prefetch_cols(*a, n0, nn);
 }
 
 // dl (mm x 64) = the adapters' delta on columns n0.. (nn of them) of projection `proj` for rows m0..m0+mm of the

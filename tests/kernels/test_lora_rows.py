@@ -93,3 +93,13 @@ def test_lora_rows_bf16_factors(shape):
     out = y.clone()
     kernels.lora_rows_(out, x, a16, bt16, rows, which, coef)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_the_reference_takes_bf16_factors():
+    """The plain-torch reference (the fallback without a compiler) widens bf16 factors as the kernel does."""
+    y, x, a, bt, rows, which, coef = _case(*SHAPES[0], seed=7)
+    a16, bt16 = a.to(torch.bfloat16), bt.to(torch.bfloat16)
+    expected = _oracle(y, x, a16.float(), bt16.float(), rows, which, coef)
+    out = y.clone()
+    reference.lora_rows_(out, x, a16, bt16, rows, which, coef)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))

@@ -175,8 +175,8 @@ def lora_rows_(
     Args:
         y: Output (N, out) fp32, unit stride along rows; updated in place and returned.
         x: Input (N, in) fp32, unit stride along rows.
-        a: Stacked `A` factors (G, r, in) fp32 contiguous (ranks zero-padded to r).
-        bt: Stacked `B^T` factors (G, r, out) fp32 contiguous.
+        a: Stacked `A` factors (G, r, in) fp32 or bf16 contiguous (ranks zero-padded to r).
+        bt: Stacked `B^T` factors (G, r, out) fp32 or bf16 contiguous (the same dtype as `a`).
         rows: int64 (E,): the row of each entry (a row may appear once per adapter of its selection).
         which: int64 (E,): each entry's adapter, sorted ascending.
         coef: fp32 (E,): each entry's factor (selection weight times the adapter's scaling).

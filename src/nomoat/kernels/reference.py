@@ -141,12 +141,15 @@ def lora_rows_(
     which: torch.Tensor,
     coef: torch.Tensor,
 ) -> None:
-    """`y[rows[e]] += coef[e] * (x[rows[e]] a[which[e]]^T) bt[which[e]]` for every entry e, one adapter at a time."""
+    """`y[rows[e]] += coef[e] * (x[rows[e]] a[which[e]]^T) bt[which[e]]` for every entry e, one adapter at a time.
+
+    Factors may be fp32 or bf16; they are widened to fp32, as the kernel does.
+    """
     for g in which.unique().tolist():
         sel = which == g
         r = rows[sel]
-        xa = (x[r] @ a[g].t()) * coef[sel, None]  # (n, r)
-        y.index_add_(0, r, xa @ bt[g])  # (n, out)
+        xa = (x[r] @ a[g].float().t()) * coef[sel, None]  # (n, r)
+        y.index_add_(0, r, xa @ bt[g].float())  # (n, out)
 
 
 # ---- NF4 (QLoRA's frozen base) ------------------------------------------------------------------------------------

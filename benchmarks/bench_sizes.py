@@ -14,7 +14,9 @@ fresh subprocess, so its peak RSS (/proc VmHWM) is its own:
   Targets: peak RSS at 1B <= 3 GB, 3B <= 6 GB, 8B <= 12 GB; tokens/s >= 2x PEFT's at 1B. The 3B and 8B shapes are
   measured cut to 2 and 4 layers and extrapolated per layer (both measurements are in the JSON). nomoat runs as
   `nomoat train --quantize-base nf4 --dtype bfloat16` does: embeddings, norms and head in bf16 under bf16 autocast.
-  `--malloc-check` adds nomoat with `NOMOAT_MALLOC_TUNING=0`; each run reports its RSS after every step.
+  `--malloc-check` adds nomoat with `NOMOAT_MALLOC_TUNING=0`, `--checkpointing-check` nomoat with activation
+  checkpointing (`--grad-checkpointing`: each layer recomputed in the backward pass); each run reports its RSS after
+  every step.
 - decode: nomoat's engine on the bf16 model (what `dtype="auto"` loads on a CPU with AVX-512-BF16) against llama.cpp
   (llama-cpp-python) on an f16 GGUF of the same weights written by llama.cpp's own converter
   (`llamacpp_converter.py`), each in fresh processes, interleaved (nomoat, llama.cpp, nomoat, ...; `--decode-rounds`),
@@ -27,6 +29,7 @@ fresh subprocess, so its peak RSS (/proc VmHWM) is its own:
 
     python benchmarks/bench_sizes.py [--quick] [--layers N] [--steps N] [--warmup N] [--shapes 1b,3b,8b] [--no-peft]
     python benchmarks/bench_sizes.py --quick --skip load,qlora   # decode against llama.cpp only
+    python benchmarks/bench_sizes.py --shapes 3b,8b --skip load,decode --no-peft   # QLoRA memory at 3B and 8B only
 
 `--quick` runs the 1B shape only. Prints one JSON object as its last line (see DESIGN.md, Benchmarks).
 """
@@ -158,6 +161,7 @@ if engine.startswith("nomoat"):
     tuned = tune_cpu_allocator()  # as the training loop does (NOMOAT_MALLOC_TUNING=0 turns it off)
     # As `nomoat train --quantize-base nf4 --dtype bfloat16`: NF4 linears, the rest bf16, bf16 autocast.
     model = load_model_nf4(path, "bfloat16", "cpu")
+    model.gradient_checkpointing = engine == "nomoat-checkpointed"
     rss_loaded = status("VmRSS")
     by_dtype = {}
     for t in list(model.parameters()) + list(model.buffers()):
@@ -175,7 +179,8 @@ if engine.startswith("nomoat"):
             hidden = model(ids, return_hidden=True)
             s, n = causal_lm_loss_sum(model, hidden, ids, 256)  # the recipe's default loss_chunk
         return s / n
-    extra = {"malloc_tuning": tuned, "nf4_compute_dtype": compute, "unquantized_dtype": "bfloat16",
+    extra = {"malloc_tuning": tuned, "grad_checkpointing": model.gradient_checkpointing,
+             "nf4_compute_dtype": compute, "unquantized_dtype": "bfloat16",
              "adapter_dtype": str(params[0].dtype), "base_bytes_by_dtype": by_dtype, "rss_after_load": rss_loaded}
 else:
     import transformers
@@ -240,8 +245,10 @@ def measure_load(folder: Path, tiny: Path, threads: int) -> list[dict[str, Any]]
 
 
 def measure_train(folder: Path, a: argparse.Namespace) -> dict[str, Any]:
-    """QLoRA training per engine; `nomoat-untuned` is nomoat with `NOMOAT_MALLOC_TUNING=0` (glibc's defaults)."""
+    """QLoRA training per engine; `nomoat-untuned` is nomoat with `NOMOAT_MALLOC_TUNING=0` (glibc's defaults),
+    `nomoat-checkpointed` nomoat with activation checkpointing."""
     engines = ["nomoat"] + ([] if a.no_peft else ["peft"]) + (["nomoat-untuned"] if a.malloc_check else [])
+    engines += ["nomoat-checkpointed"] if a.checkpointing_check else []
     out: dict[str, Any] = {}
     for engine in engines:
         if engine == "peft" and not _has("peft"):
@@ -410,11 +417,13 @@ def qlora_entry(shape: str, folder_for: Any, a: argparse.Namespace) -> dict[str,
 def qlora_memory_ratios(shape: str, entry: dict[str, Any]) -> dict[str, float]:
     """Steady-state RSS (after the last step) of the measured runs, with and without the allocator tuning."""
     out: dict[str, float] = {}
-    for engine, key in (("nomoat", "tuned"), ("nomoat-untuned", "untuned")):
+    for engine, key in (("nomoat", "malloc_tuned"), ("nomoat-untuned", "malloc_untuned"),
+                        ("nomoat-checkpointed", "checkpointed")):  # fmt: skip
         r = entry["engines"].get(engine) or {}
         if r.get("rss_after_steps"):
-            out[f"{shape}_qlora_steady_rss_gb_malloc_{key}"] = round(r["rss_after_steps"][-1] / GB, 2)
-            out[f"{shape}_qlora_peak_rss_gb_malloc_{key}"] = round(r["peak_rss"] / GB, 2)
+            out[f"{shape}_qlora_steady_rss_gb_{key}"] = round(r["rss_after_steps"][-1] / GB, 2)
+        if r.get("peak_rss"):
+            out[f"{shape}_qlora_peak_rss_gb_{key}"] = round(r["peak_rss"] / GB, 2)
     return out
 
 
@@ -447,6 +456,8 @@ def main() -> None:
     ap.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT peer")
     ap.add_argument("--malloc-check", action="store_true",
                     help="also train nomoat with NOMOAT_MALLOC_TUNING=0 (the allocator's effect on memory)")
+    ap.add_argument("--checkpointing-check", action="store_true",
+                    help="also train nomoat with activation checkpointing (memory against recomputation)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: load, qlora, decode")
     ap.add_argument("--decode-tokens", type=int, default=0, help="new tokens per decode run (0: 2048, quick 128)")
     ap.add_argument("--decode-rounds", type=int, default=2, help="interleaved nomoat / llama.cpp decode rounds")

@@ -68,3 +68,12 @@ def test_nf4_layer_products_equal_with_and_without_the_compiled_decode(monkeypat
     plain = layer.dequantize(torch.bfloat16), layer(x), layer.grad_input(g)
     for a, b in zip(compiled, plain):
         assert torch.equal(a, b)
+
+
+def test_decode_into_a_buffer_passes_opcheck_and_equals_the_reference():
+    q, a = _codes(7, 96, 32, seed=4)
+    out = torch.empty(7, 96, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.nomoat.nf4_decode_bf16_out.default, (q, a, 32, out),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    assert ops.nf4_decode_bf16_out(q, a, 32, out) is out
+    assert torch.equal(out.view(torch.int16), reference.nf4_decode_bf16(q, a, 32).view(torch.int16))

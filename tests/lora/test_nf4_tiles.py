@@ -107,3 +107,59 @@ def test_qlora_layer_under_autocast_keeps_no_fp32_copy_of_its_input():
     y.float().sum().backward()
     assert layer.lora_A.weight.grad is not None and layer.lora_A.weight.grad.dtype == torch.float32
     assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+def _bf16_layer(out_f: int, in_f: int, seed: int) -> NF4Linear:
+    torch.manual_seed(seed)
+    layer = NF4Linear.from_linear(nn.Linear(in_f, out_f, bias=False))
+    layer.compute_dtype = torch.bfloat16
+    return layer
+
+
+def test_products_share_one_tile_buffer_and_keep_their_own_outputs(monkeypatch):
+    """Forward and input-gradient tiles of layers of several sizes reuse one buffer, and every product still
+    equals the one over that layer's own dequantized weight (no output aliases the buffer)."""
+    layers = [_bf16_layer(192, 256, 0), _bf16_layer(64, 256, 1), _bf16_layer(256, 192, 2)]
+    monkeypatch.setattr(nf4, "CHUNK_ELEMENTS", 256 * 96)  # tiles of 96 rows or 128 columns
+    x, outs, grads = torch.randn(5, 256), [], []
+    for layer in layers + layers:  # twice: the second round allocates no tile
+        if layer is layers[0] and outs:
+            ptr = nf4._SCRATCH.cpu.data_ptr() if nf4.ops.available() else None
+        xi = x if layer.in_features == 256 else torch.randn(5, 192)
+        outs.append((layer, xi, layer(xi)))
+        g = torch.randn(5, layer.out_features)
+        grads.append((layer, g, layer.grad_input(g)))
+    if nf4.ops.available():
+        assert nf4._SCRATCH.cpu.data_ptr() == ptr
+    for layer, xi, y in outs:
+        w = layer.dequantize(torch.bfloat16)  # (out, in)
+        torch.testing.assert_close(y, F.linear(xi.bfloat16(), w).float(), rtol=2e-2, atol=2e-2)
+    for layer, g, dx in grads:
+        torch.testing.assert_close(dx, (g.bfloat16() @ layer.dequantize(torch.bfloat16)).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_plain_nf4_layers_under_autograd_keep_their_own_tiles():
+    """Two same-shaped NF4 layers in a row with the input requiring grad (no LoRA): autograd keeps each product's
+    weight, so the input gradient must be the one over both real weights, not over whichever tile came last."""
+    a, b = _bf16_layer(128, 128, 0), _bf16_layer(128, 128, 1)
+    x = torch.randn(4, 128, requires_grad=True)
+    b(a(x)).float().sum().backward()
+    wa, wb = a.dequantize(), b.dequantize()
+    xr = x.detach().clone().requires_grad_(True)
+    F.linear(F.linear(xr, wa), wb).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.skipif(not nf4.ops.available(), reason="the compiled kernels are not available here")
+def test_compiled_decode_into_a_buffer_equals_the_reference_decode():
+    from nomoat.kernels import reference
+
+    torch.manual_seed(0)
+    q, a = quantize_nf4(torch.randn(48, 512), 64)
+    q, a = q.view(48, 256), a.view(48, 8)
+    tq, ta = q[5:37, 64:192], a[5:37, 2:6]  # a tile of rows 5..36, columns 128..383 of the weight
+    out = torch.full((32, 256), float("nan"), dtype=torch.bfloat16)
+    torch.ops.nomoat.nf4_decode_bf16_out(tq, ta, 64, out)
+    assert torch.equal(out.view(torch.int16), reference.nf4_decode_bf16(q, a, 64)[5:37, 128:384].view(torch.int16))
+    with pytest.raises(RuntimeError, match="contiguous bf16"):
+        torch.ops.nomoat.nf4_decode_bf16_out(tq, ta, 64, torch.empty(32, 255, dtype=torch.bfloat16))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -102,3 +103,35 @@ def test_lr_schedule_shapes():
     assert lr_factor(80, 100, 0, "constant") == 1.0
     assert all(0 < lr_factor(s, 50, 5, "cosine") <= 1 for s in range(50))
     assert math.isclose(lr_factor(30, 50, 10, "linear"), 0.5)
+
+
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
+def test_chunks_are_capped_by_the_logits_they_hold(model, head_dtype, monkeypatch):
+    """With `LOGITS_ELEMENTS` below a chunk's logits, the chunk shrinks and the loss and gradients are unchanged
+    (fp32 head; bf16 head under bf16 autocast, against the same products done in full)."""
+    import nomoat.train.loss as loss_mod
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (1, 24))
+    hidden = model(ids, return_hidden=True).detach().to(head_dtype)
+    head = torch.nn.Linear(hidden.shape[-1], VOCAB, bias=False, dtype=head_dtype)
+    head.weight.data.normal_(std=0.02)
+    wrapper = torch.nn.Module()
+    wrapper.lm_head, wrapper.config = head, types.SimpleNamespace(vocab_size=VOCAB)  # no soft-capping
+    h_ref = hidden.detach().requires_grad_(True)
+    logits = (h_ref[0, :-1] @ head.weight.t()).float()
+    ref = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
+    g_ref, gw_ref = torch.autograd.grad(ref, (h_ref, head.weight))
+    seen = []
+    real = loss_mod._logits_buffer
+    monkeypatch.setattr(loss_mod, "_logits_buffer", lambda *a: seen.append(a[0]) or real(*a))
+    monkeypatch.setattr(loss_mod, "LOGITS_ELEMENTS", VOCAB * 5)  # at most 5 rows a chunk
+    h = hidden.detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=head_dtype == torch.bfloat16):
+        total, n = causal_lm_loss_sum(wrapper, h, ids, chunk=1024)
+    total.backward()
+    assert n == 23 and seen and max(seen) == 5
+    tol = {"atol": 1e-4, "rtol": 1e-5} if head_dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(total, ref, **tol)
+    torch.testing.assert_close(h.grad.float(), g_ref.float(), **tol)
+    torch.testing.assert_close(head.weight.grad.float(), gw_ref.float(), **tol)

@@ -238,8 +238,18 @@ def nf4_decode_bf16(qweight: torch.Tensor, absmax: torch.Tensor, block: int) -> 
     return reference.nf4_decode_bf16(qweight, absmax, block)
 
 
+def nf4_decode_bf16_out(qweight: torch.Tensor, absmax: torch.Tensor, block: int, out: torch.Tensor) -> torch.Tensor:
+    """`nf4_decode_bf16` written into `out` (contiguous bf16 (R, C)): a buffer reused from tile to tile; returns it."""
+    if qweight.device.type == "cpu" and available():
+        torch.ops.nomoat.nf4_decode_bf16_out(qweight, absmax, block, out)
+    else:
+        out.copy_(reference.nf4_decode_bf16(qweight, absmax, block))
+    return out
+
+
 def _register_nf4_fakes() -> None:
-    """Fake implementation of the NF4 op (called by `register_fakes`)."""
+    """Fake implementations of the NF4 ops (called by `register_fakes`)."""
     torch.library.register_fake("nomoat::nf4_decode_bf16")(
         lambda q, a, block: q.new_empty(q.shape[0], 2 * q.shape[1], dtype=torch.bfloat16)
     )
+    torch.library.register_fake("nomoat::nf4_decode_bf16_out")(lambda q, a, block, out: None)

@@ -11,13 +11,16 @@ precision. The frozen product runs in `NF4Linear.compute_dtype` (bitsandbytes' `
 has fast bf16 products, the dequantized weight takes half the bytes, while the input, output, adapter and optimizer
 stay fp32. No dequantized weight is kept: forward and backward (`NF4Linear.grad_input`) dequantize one tile
 of at most `CHUNK_ELEMENTS` weights straight into the compute dtype, use it for one product and drop it. A bf16
-tile on the CPU is decoded by the compiled `nomoat.kernels.ops.nf4_decode_bf16` (the same values as `_decode`).
+tile on the CPU is decoded by the compiled `nomoat.kernels.ops.nf4_decode_bf16` (the same values as `_decode`),
+into one buffer per thread that every product reuses: a fresh tile per product would leave holes of its size in the
+heap between the activations a training step keeps, and the process would grow by about one tile per layer.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -38,7 +41,8 @@ NF4_CODEBOOK = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 # Weights dequantized per tile in `NF4Linear.forward` and `grad_input`: bounds the temporary dequantized matrix.
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 22
+_SCRATCH = threading.local()  # `cpu`: this thread's bf16 tile buffer for the compiled decode (`_scratch_tile`)
 
 
 def nf4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
@@ -199,10 +203,12 @@ class NF4Linear(nn.Module):
             return self._tile(0, n, 0, k, dtype)
         return dequantize_nf4(self.qweight, self.absmax, (n, k), self.block_size, dtype)
 
-    def _tile(self, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
+    def _tile(self, r0: int, r1: int, c0: int, c1: int, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor:
         """Dequantized weight tile `W[r0:r1, c0:c1]` in `dtype`: (r1 - r0, c1 - c0).
 
-        Column bounds must be multiples of the block size when blocks lie within rows (`in % block == 0`).
+        Column bounds must be multiples of the block size when blocks lie within rows (`in % block == 0`). With
+        `scratch`, a compiled bf16 tile is written into this thread's reused buffer: valid until the next scratch
+        tile, so only for a product that uses it at once (never for a weight handed out).
         """
         n, k, bs = self.out_features, self.in_features, self.block_size
         if k % bs or bs % 4:
@@ -210,6 +216,9 @@ class NF4Linear(nn.Module):
         q = self.qweight.view(n, k // 2)[r0:r1, c0 // 2 : c1 // 2]  # (R, C / 2)
         a = self.absmax.view(n, k // bs)[r0:r1, c0 // bs : c1 // bs]  # (R, C / bs)
         if dtype == torch.bfloat16 and q.device.type == "cpu" and ops.available():
+            if scratch:
+                out = _scratch_tile(r1 - r0, c1 - c0)  # (R, C)
+                return ops.nf4_decode_bf16_out(q, a, bs, out)
             return ops.nf4_decode_bf16(q, a, bs)  # the same values as `_decode`, compiled
         return _decode(q, a, dtype, bs)
 
@@ -225,10 +234,12 @@ class NF4Linear(nn.Module):
         n, k = self.out_features, self.in_features
         bias = None if self.bias is None else self.bias.to(x.dtype)
         step = max(1, CHUNK_ELEMENTS // k)
+        # A product autograd records keeps its weight for the input's gradient: that tile must be a tensor of its own.
+        scratch = not (torch.is_grad_enabled() and x.requires_grad)
         if step >= n or k % self.block_size:
-            return F.linear(x, self._tile(0, n, 0, k, x.dtype), bias)
-        out = torch.cat([F.linear(x, self._tile(i, min(i + step, n), 0, k, x.dtype)) for i in range(0, n, step)],
-                        dim=-1)  # fmt: skip
+            return F.linear(x, self._tile(0, n, 0, k, x.dtype, scratch), bias)
+        out = torch.cat([F.linear(x, self._tile(i, min(i + step, n), 0, k, x.dtype, scratch))
+                         for i in range(0, n, step)], dim=-1)  # fmt: skip
         return out if bias is None else out + bias
 
     def grad_input(self, grad: torch.Tensor) -> torch.Tensor:
@@ -240,10 +251,12 @@ class NF4Linear(nn.Module):
         cd = self.compute_dtype or grad.dtype
         g = grad.to(cd)
         step = max(bs, CHUNK_ELEMENTS // n // bs * bs)
+        scratch = not (torch.is_grad_enabled() and g.requires_grad)  # a double backward keeps its tiles
         if step >= k or k % bs:
-            out = g @ self._tile(0, n, 0, k, cd)
+            out = g @ self._tile(0, n, 0, k, cd, scratch)
         else:
-            out = torch.cat([g @ self._tile(0, n, c, min(c + step, k), cd) for c in range(0, k, step)], dim=-1)
+            out = torch.cat([g @ self._tile(0, n, c, min(c + step, k), cd, scratch) for c in range(0, k, step)],
+                            dim=-1)  # fmt: skip
         return out.to(grad.dtype)
 
     def extra_repr(self) -> str:
@@ -253,6 +266,16 @@ class NF4Linear(nn.Module):
             f"block_size={self.block_size}, bias={self.bias is not None}"
             + ("" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}")
         )
+
+
+def _scratch_tile(rows: int, cols: int) -> torch.Tensor:
+    """This thread's bf16 tile buffer as a contiguous (rows, cols) tensor, grown (never shrunk) to fit."""
+    buf = getattr(_SCRATCH, "cpu", None)
+    if buf is None or buf.numel() < rows * cols:
+        _SCRATCH.cpu = None  # the old buffer goes before the larger one is allocated
+        with torch.inference_mode(False):  # a normal tensor even when first made while generating
+            buf = _SCRATCH.cpu = torch.empty(rows * cols, dtype=torch.bfloat16)
+    return buf[: rows * cols].view(rows, cols)
 
 
 def quantize_model_nf4(

@@ -3,7 +3,8 @@
 The full-vocabulary logits of a batch are the largest tensor of LoRA training (Qwen2.5: 151,936 floats per
 token, 1.2 GB for 2 x 1024 tokens in fp32, and autograd keeps the softmax too). Here the output head runs only on
 positions that have a label, in chunks, and each chunk is recomputed in the backward pass instead of stored: at
-most `chunk` rows of logits exist at any time, in the forward and in the backward.
+most `chunk` rows of logits exist at any time, in the forward and in the backward, and fewer where `chunk` rows
+would pass `LOGITS_ELEMENTS` logits (a 128k vocabulary: 32 rows, 16 MB in fp32).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from nomoat.models import fused_ops
 
 IGNORE_INDEX = -100
+# Logits one chunk may hold (rows x vocabulary): bounds the chunk's memory whatever the vocabulary.
+LOGITS_ELEMENTS = 1 << 22
 
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -55,10 +58,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], targets[start : start + chunk]
+            logits = _logits_buffer(len(yc), chunk, weight)  # (c, V) fp32
             if weight.dtype == torch.float32:
-                logits = torch.mm(hc, weight.t(), out=_logits_buffer(len(yc), chunk, weight))  # (c, V)
+                torch.mm(hc, weight.t(), out=logits)
             else:
-                logits = (hc @ weight.t()).float()
+                logits.copy_(hc @ weight.t())  # a half-precision (c, V) temporary
             if softcap is None and fused_ops.applicable(logits):
                 # One pass per row (L2-resident): the loss, and softmax - onehot in place of the logits.
                 total += fused_ops.softmax_xent_(logits, yc).sum()
@@ -117,7 +121,7 @@ def causal_lm_loss_sum(
         model: Anything with `logits(hidden)` (a `Transformer`; soft-capping included) or a plain head module.
         hidden: Final normed hidden states (B, T, D).
         labels: Targets (B, T), `-100` where masked.
-        chunk: Labelled positions per chunk.
+        chunk: Labelled positions per chunk, at most (fewer where their logits would pass `LOGITS_ELEMENTS`).
 
     Returns:
         `(loss_sum, n_tokens)`: the summed loss (a 0-dim fp32 tensor with grad) and how many positions it covers.
@@ -134,9 +138,13 @@ def causal_lm_loss_sum(
 def token_loss_sum(model: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Summed cross-entropy of predicting tokens `y` (n,) from hidden states `h` (n, D), computed in chunks.
 
-    The head runs on at most `chunk` rows at a time; with grad, each chunk is recomputed in the backward pass.
-    Returns a 0-dim fp32 tensor (with grad where `h` or the head has it).
+    The head runs on at most `chunk` rows at a time (fewer where the vocabulary is large: at most `LOGITS_ELEMENTS`
+    logits a chunk); with grad, each chunk is recomputed in the backward pass. Returns a 0-dim fp32 tensor (with grad
+    where `h` or the head has it).
     """
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab:
+        chunk = max(1, min(chunk, LOGITS_ELEMENTS // vocab))
     weight = _fused_head(model, h.device)
     if weight is not None and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         softcap = getattr(getattr(model, "config", None), "final_logit_softcap", None)

@@ -1,6 +1,7 @@
 // NF4 (QLoRA's 4-bit NormalFloat) weights decoded to bf16 for the frozen products of QLoRA training: one tile of
 // the weight at a time, straight from the packed codes, so the products that follow run on bf16 (oneDNN) and no
-// dequantized copy of the whole weight ever exists. Registered as torch.ops.nomoat.nf4_decode_bf16 (fake in ops.py).
+// dequantized copy of the whole weight ever exists. Registered as torch.ops.nomoat.nf4_decode_bf16 (fake in ops.py)
+// and nf4_decode_bf16_out (into a caller's buffer, reused from product to product).
 //
 // Each value is bf16(bf16(codebook[code]) * bf16(absmax)), both products rounded to nearest even: exactly what
 // `nomoat.lora.nf4._decode` computes in torch for a bf16 tile, so the compiled and plain paths agree bit for bit.
@@ -79,15 +80,19 @@ void decode_row(const uint8_t* q, const float* a, uint16_t* out, int64_t bytes, 
 
 }  // namespace
 
-// qweight: uint8 (R, C / 2), absmax: fp32 (R, C / block), each with unit stride along its last dimension (any row
-// stride: a tile of a larger weight); returns the bf16 (R, C) tile.
-at::Tensor nf4_decode_bf16(const at::Tensor& qweight, const at::Tensor& absmax, int64_t block) {
+namespace {
+
+// Checks the tiles (uint8 (R, C / 2) codes and fp32 (R, C / block) absmax values, each with unit stride along its
+// last dimension, any row stride: a tile of a larger weight) and decodes them into `out`, bf16 (R, C) contiguous.
+void decode_into(const at::Tensor& qweight, const at::Tensor& absmax, int64_t block, const at::Tensor& out) {
   TORCH_CHECK(qweight.dim() == 2 && absmax.dim() == 2 && qweight.size(0) == absmax.size(0), "nf4: 2-D tiles");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && absmax.scalar_type() == at::kFloat, "nf4: uint8 codes, fp32 absmax");
   TORCH_CHECK(block > 0 && block % 2 == 0 && qweight.size(1) * 2 == absmax.size(1) * block, "nf4: block size");
   TORCH_CHECK(qweight.stride(1) == 1 && absmax.stride(1) == 1, "nf4: unit stride along rows");
   const int64_t rows = qweight.size(0), bytes = qweight.size(1);
-  auto out = at::empty({rows, 2 * bytes}, qweight.options().dtype(at::kBFloat16));
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == rows &&
+                  out.size(1) == 2 * bytes,
+              "nf4: out must be a contiguous bf16 (R, C) tensor");
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const float* a = absmax.data_ptr<float>();
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
@@ -97,9 +102,30 @@ at::Tensor nf4_decode_bf16(const at::Tensor& qweight, const at::Tensor& absmax, 
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) decode_row(q + r * qs, a + r * as, o + r * 2 * bytes, bytes, block, book);
   });
+}
+
+}  // namespace
+
+// Returns the bf16 (R, C) tile of the codes `qweight` uint8 (R, C / 2) with `absmax` fp32 (R, C / block).
+at::Tensor nf4_decode_bf16(const at::Tensor& qweight, const at::Tensor& absmax, int64_t block) {
+  TORCH_CHECK(qweight.dim() == 2, "nf4: 2-D tiles");
+  auto out = at::empty({qweight.size(0), 2 * qweight.size(1)}, qweight.options().dtype(at::kBFloat16));
+  decode_into(qweight, absmax, block, out);
   return out;
 }
 
-TORCH_LIBRARY_FRAGMENT(nomoat, m) { m.def("nf4_decode_bf16(Tensor qweight, Tensor absmax, int block) -> Tensor"); }
+// The same tile written into `out` (contiguous bf16 (R, C)): a caller's reused buffer, so that decoding a tile for
+// every product allocates nothing.
+void nf4_decode_bf16_out(const at::Tensor& qweight, const at::Tensor& absmax, int64_t block, at::Tensor& out) {
+  decode_into(qweight, absmax, block, out);
+}
 
-TORCH_LIBRARY_IMPL(nomoat, CPU, m) { m.impl("nf4_decode_bf16", &nf4_decode_bf16); }
+TORCH_LIBRARY_FRAGMENT(nomoat, m) {
+  m.def("nf4_decode_bf16(Tensor qweight, Tensor absmax, int block) -> Tensor");
+  m.def("nf4_decode_bf16_out(Tensor qweight, Tensor absmax, int block, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(nomoat, CPU, m) {
+  m.impl("nf4_decode_bf16", &nf4_decode_bf16);
+  m.impl("nf4_decode_bf16_out", &nf4_decode_bf16_out);
+}

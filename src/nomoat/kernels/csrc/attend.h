@@ -1,4 +1,6 @@
-// Rotary embedding and single-query attention of one head: shared by the decode attention op and the decode stack.
+// Rotary embedding and single-query attention of one head, or of the query heads that share one key/value head
+// (`attend_heads`, each cached key and value read once for the group): shared by the decode attention op and the
+// decode stack.
 // The cached keys and values are fp32 or bf16 (`T`: float or uint16_t holding bf16, widened in registers).
 #pragma once
 
@@ -79,6 +81,80 @@ static void attend_fixed(const float* q, const C* kb, const C* vb, int64_t lo, i
   for (int j = 0; j < NVH; ++j) st(out + j * W, acc[j] * inv);
 }
 
+// The same for R query heads that share one key/value head (a GQA group): q holds R rows of hd, `w` R rows of score
+// scratch `ws` floats apart, out R rows of hd. Each key and value vector is loaded once for the R heads.
+template <int NVH, int R, typename C>
+static void attend_fixed_group(const float* q, const C* kb, const C* vb, int64_t lo, int64_t hi, int64_t p,
+                               const float* knew, const float* vnew, float scale, float* w, int64_t ws, float* out) {
+  constexpr int64_t hd = NVH * W;
+  vf qv[R][NVH];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NVH; ++j) qv[r][j] = ld(q + r * hd + j * W) * scale;
+  const int64_t T = hi - lo + 1;
+  float mx[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) mx[r] = -INFINITY;
+  auto scores = [&](const auto* kt, int64_t t) {
+    vf kv[NVH];
+#pragma GCC unroll 16
+    for (int j = 0; j < NVH; ++j) kv[j] = ld_cache(kt + j * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      vf acc = qv[r][0] * kv[0];
+#pragma GCC unroll 16
+      for (int j = 1; j < NVH; ++j) acc += qv[r][j] * kv[j];
+      const float sc = hsum(acc);
+      w[r * ws + t] = sc;
+      mx[r] = sc > mx[r] ? sc : mx[r];
+    }
+  };
+  for (int64_t t = lo; t <= hi; ++t) {
+    if (knew && t == p) scores(knew, t - lo);
+    else scores(kb + t * hd, t - lo);
+  }
+  float inv[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    float* wr = w + r * ws;
+    vf vs = vf{};
+    int64_t i = 0;
+    for (; i + W <= T; i += W) {
+      const vf e = vexp(ld(wr + i) - mx[r]);
+      st(wr + i, e);
+      vs += e;
+    }
+    float sum = hsum(vs);
+    for (; i < T; ++i) sum += (wr[i] = sexp(wr[i] - mx[r]));
+    inv[r] = 1.f / sum;
+  }
+  vf acc[R][NVH];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NVH; ++j) acc[r][j] = vf{};
+  auto add = [&](const auto* vt, int64_t t) {
+    vf vv[NVH];
+#pragma GCC unroll 16
+    for (int j = 0; j < NVH; ++j) vv[j] = ld_cache(vt + j * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const vf e = splat(w[r * ws + t]);
+#pragma GCC unroll 16
+      for (int j = 0; j < NVH; ++j) acc[r][j] += e * vv[j];
+    }
+  };
+  for (int64_t t = lo; t <= hi; ++t) {
+    if (vnew && t == p) add(vnew, t - lo);
+    else add(vb + t * hd, t - lo);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NVH; ++j) st(out + r * hd + j * W, acc[r][j] * inv[r]);
+}
+
 // The same for any head size (scalar loops; hd not a multiple of the vector width).
 template <typename C>
 static void attend_any(const float* q, const C* kb, const C* vb, int64_t lo, int64_t hi, int64_t p,
@@ -113,5 +189,52 @@ static inline void attend_head(const float* q, const C* kb, const C* vb, int64_t
     case 16: attend_fixed<16>(q, kb, vb, lo, hi, p, knew, vnew, scale, w, out); break;
     case 32: attend_fixed<32>(q, kb, vb, lo, hi, p, knew, vnew, scale, w, out); break;
     default: attend_any(q, kb, vb, lo, hi, p, knew, vnew, hd, scale, w, out); break;
+  }
+}
+
+// Heads that fit in registers together: R heads of NVH vectors with R * NVH <= 16, at most 4.
+template <int NVH>
+constexpr int group_heads() {
+  return NVH >= 16 ? 1 : std::min(4, 16 / NVH);
+}
+
+template <int NVH, typename C>
+static void attend_group_fixed(int64_t n, const float* q, const C* kb, const C* vb, int64_t lo, int64_t hi, int64_t p,
+                               const float* knew, const float* vnew, float scale, float* w, int64_t ws, float* out) {
+  constexpr int G = group_heads<NVH>(), hd = NVH * W;
+  int64_t h = 0;
+  for (; h + G <= n; h += G)
+    attend_fixed_group<NVH, G>(q + h * hd, kb, vb, lo, hi, p, knew, vnew, scale, w, ws, out + h * hd);
+  switch (n - h) {  // the rest: fewer than G heads
+    case 0: break;
+    case 1: attend_fixed_group<NVH, 1>(q + h * hd, kb, vb, lo, hi, p, knew, vnew, scale, w, ws, out + h * hd); break;
+    case 2:
+      if constexpr (G > 2)
+        attend_fixed_group<NVH, 2>(q + h * hd, kb, vb, lo, hi, p, knew, vnew, scale, w, ws, out + h * hd);
+      break;
+    default:
+      if constexpr (G > 3)
+        attend_fixed_group<NVH, 3>(q + h * hd, kb, vb, lo, hi, p, knew, vnew, scale, w, ws, out + h * hd);
+      break;
+  }
+}
+
+// Decode attention of n query heads (q: n rows of hd) over one key/value head, as `attend_head` for each, the heads
+// taken together in groups that fit in registers so each key and value is read once per group. `w`: n rows of
+// scratch, ws >= hi - lo + 1 floats apart; out: n rows of hd.
+template <typename C>
+static inline void attend_heads(int64_t n, const float* q, const C* kb, const C* vb, int64_t lo, int64_t hi, int64_t p,
+                                const float* knew, const float* vnew, int64_t hd, float scale, float* w, int64_t ws,
+                                float* out) {
+  switch (hd == W * (hd / W) ? hd / W : 0) {
+    case 1: attend_group_fixed<1>(n, q, kb, vb, lo, hi, p, knew, vnew, scale, w, ws, out); break;
+    case 2: attend_group_fixed<2>(n, q, kb, vb, lo, hi, p, knew, vnew, scale, w, ws, out); break;
+    case 4: attend_group_fixed<4>(n, q, kb, vb, lo, hi, p, knew, vnew, scale, w, ws, out); break;
+    case 8: attend_group_fixed<8>(n, q, kb, vb, lo, hi, p, knew, vnew, scale, w, ws, out); break;
+    case 16: attend_group_fixed<16>(n, q, kb, vb, lo, hi, p, knew, vnew, scale, w, ws, out); break;
+    default:
+      for (int64_t h = 0; h < n; ++h)
+        attend_head(q + h * hd, kb, vb, lo, hi, p, knew, vnew, hd, scale, w, out + h * hd);
+      break;
   }
 }

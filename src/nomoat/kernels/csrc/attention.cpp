@@ -43,13 +43,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float sc = (float)scale;
   // Threads only when there is enough work to pay for waking them (long contexts, big batches).
 #pragma omp parallel for schedule(static) if (B * H * kv_len * hd > (1 << 18))
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int64_t b = bh / H, h = bh % H, g = h / rep;
+  for (int64_t bg = 0; bg < B * nkv; ++bg) {  // a row's key/value head and its query heads (each key read once)
+    const int64_t b = bg / nkv, g = bg % nkv, h0 = b * H + g * rep;
     const int64_t hi = std::min(pos[b], kv_len - 1), lo = window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0;
     const float* kb = kcp + ((row0 + b) * nkv + g) * S * hd;
     const float* vb = vcp + ((row0 + b) * nkv + g) * S * hd;
-    std::vector<float> w(std::max<int64_t>(hi - lo + 1, 1));
-    attend_head(qrp + bh * hd, kb, vb, lo, hi, pos[b], nullptr, nullptr, hd, sc, w.data(), op + bh * hd);
+    const int64_t ws = std::max<int64_t>(hi - lo + 1, 1);
+    std::vector<float> w(rep * ws);
+    attend_heads(rep, qrp + h0 * hd, kb, vb, lo, hi, pos[b], (const float*)nullptr, (const float*)nullptr, hd, sc,
+                 w.data(), ws, op + h0 * hd);
   }
   return out;
 }

@@ -220,7 +220,8 @@ struct StackPlan : torch::CustomClassHolder {
     LoraStep ls;  // the step's adapter entries and their blocks (stack_lora.h)
     if (cf != nullptr) ls.build(cf, M, ncf, lora_slots_);
     const int64_t E = ls.E, R = lora_rank_;
-    const int64_t per_thread = M * D + kv_len + 4 * hd + 16 + MAX_ROWS * D;
+    const int64_t ws = kv_len + 16;  // a query head's score scratch
+    const int64_t per_thread = M * D + (2 * rep + 2) * hd + rep * ws + MAX_ROWS * D;
     const size_t need = (size_t)((2 * L + 1) * M * D + L * M * (NQKV + Q + I) + L * E * 7 * R + nt * per_thread);
     if (ws_.size() < need) ws_.resize(need);
     float* X = ws_.data();                    // (2L + 1) residual states (M, D)
@@ -263,12 +264,12 @@ struct StackPlan : torch::CustomClassHolder {
 
     auto body = [&](int tid) {
       float* xn = TLS + (int64_t)tid * per_thread;
-      float* qrot = xn + M * D;
-      float* knew = qrot + hd;
-      float* obuf = knew + hd;
-      float* vr = obuf + hd;  // the new value rounded as a bf16 cache holds it
-      float* w = vr + hd;
-      float* nrows = w + kv_len + 16;  // an adapter unit's normed rows (MAX_ROWS, D)
+      float* qrot = xn + M * D;  // a key/value head's query heads, rotated (rep, hd)
+      float* knew = qrot + rep * hd;
+      float* obuf = knew + hd;  // their attention outputs (rep, hd)
+      float* vr = obuf + rep * hd;  // the new value rounded as a bf16 cache holds it
+      float* w = vr + hd;  // scores (rep, ws)
+      float* nrows = w + rep * ws;  // an adapter unit's normed rows (MAX_ROWS, D)
       int64_t xn_for = -1;          // the phase whose normed input xn holds
       std::vector<int8_t> xq;       // q4 layers: xn (or the attention output) quantized per block (this thread's)
       std::vector<float> xq_d;
@@ -387,18 +388,16 @@ struct StackPlan : torch::CustomClassHolder {
           }
           const int64_t hi = std::min(p, kv_len - 1);
           const int64_t lo = ly.window > 0 ? std::max<int64_t>(0, p - ly.window + 1) : 0;
-          for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
-            rope_head(row + h * hd, c, sn, rd, hd, qrot);
-            // out: private, then stored whole (a second run must never expose a partial sum); the new key and
-            // value come from this unit's own copies
-            if (kv16)
-              attend_head(qrot, (const uint16_t*)kc[l] + base, (const uint16_t*)vc[l] + base, lo, hi, p, knew, vnew,
-                          hd, scale_, w, obuf);
-            else
-              attend_head(qrot, (const float*)kc[l] + base, (const float*)vc[l] + base, lo, hi, p, knew, vnew, hd,
-                          scale_, w, obuf);
-            std::memcpy(ATT + (l * M + b) * Q + h * hd, obuf, hd * sizeof(float));
-          }
+          for (int64_t h = 0; h < rep; ++h) rope_head(row + (g * rep + h) * hd, c, sn, rd, hd, qrot + h * hd);
+          // the group's query heads together (each key and value read once); out: private, then stored whole (a
+          // second run must never expose a partial sum); the new key and value come from this unit's own copies
+          if (kv16)
+            attend_heads(rep, qrot, (const uint16_t*)kc[l] + base, (const uint16_t*)vc[l] + base, lo, hi, p, knew,
+                         vnew, hd, scale_, w, ws, obuf);
+          else
+            attend_heads(rep, qrot, (const float*)kc[l] + base, (const float*)vc[l] + base, lo, hi, p, knew, vnew, hd,
+                         scale_, w, ws, obuf);
+          std::memcpy(ATT + (l * M + b) * Q + g * rep * hd, obuf, rep * hd * sizeof(float));
           if (ly.o.q4 && att_blocks) {
             const q4k::Q4Rows a = q4_att(l);
             q4k::quantize_blocks(ATT + l * M * Q, Q, b, g * rep * hd / q4k::QK, (g + 1) * rep * hd / q4k::QK,
@@ -447,8 +446,10 @@ struct StackPlan : torch::CustomClassHolder {
                 float uv = ly.up.scale ? buf2[m * PANEL + j] * ly.up.scale[n0 + j] : buf2[m * PANEL + j];
                 if (has_g) gv += dl[m * PANEL + j];
                 if (has_u) uv += dl2[m * PANEL + j];
-                dst[j] = gv / (1.f + std::exp(-gv)) * uv;
+                buf[m * PANEL + j] = gv;
+                buf2[m * PANEL + j] = uv;
               }
+              silu_mul(buf + m * PANEL, buf2 + m * PANEL, nn, dst);
               if (ly.down.q4) {  // this panel's blocks of the down projection's input
                 const q4k::Q4Rows a = q4_act(l);
                 q4k::quantize_blocks(ACT + l * M * I, I, m0 + m, n0 / q4k::QK, (n0 + nn) / q4k::QK, (int8_t*)a.xq,

@@ -41,6 +41,20 @@ static inline vf load_w(const void* base, int64_t off) {
   }
 }
 
+// Keeps a loaded weight vector in a register: without it GCC folds the load into every row's FMA as a memory operand
+// (x86), so M rows would read each weight M times from L2 and many-row sweeps run at about half the FMA rate. One or
+// two rows keep the folded form (memory-bound: the weights stream from DRAM, and the folded loop issues faster).
+template <int M>
+static inline void pin_w(vf& v) {
+#if defined(__AVX512F__)
+  if constexpr (M >= 3) asm("" : "+v"(v));
+#elif defined(__SSE2__)
+  if constexpr (M >= 3) asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
 // acc[m][c] += x[m, k] * w[k, c0 + c*W ...] over all k, for M rows and C vectors of one panel; writes out[m][...].
 template <bool I8, int M, int C>
 static void sweep(const float* x, int64_t ldx, const void* w, int64_t K, int c0, float* out /* M x PANEL */) {
@@ -52,7 +66,10 @@ static void sweep(const float* x, int64_t ldx, const void* w, int64_t K, int c0,
   for (int64_t k = 0; k < K; ++k) {
     vf wv[C];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) wv[c] = load_w<I8>(w, k * PANEL + c0 + c * W);
+    for (int c = 0; c < C; ++c) {
+      wv[c] = load_w<I8>(w, k * PANEL + c0 + c * W);
+      if constexpr (!I8) pin_w<M>(wv[c]);
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const float xs = x[m * ldx + k];
@@ -75,7 +92,9 @@ constexpr int cols() {
 
 template <bool I8, int M>
 static void panel_rows(const float* x, int64_t ldx, const void* w, int64_t K, float* out) {
-  if constexpr (M > 4 && cols<4>() == NV) {  // two row blocks at full panel width beat column sweeps
+  // Over 6 rows (or where M rows do not fit at full width), blocks of 4 rows at full panel width: they beat column
+  // sweeps, and 4 + 3 or 4 + 4 rows beat 6 + 1 or 6 + 2 (a one- or two-row sweep is load-bound).
+  if constexpr (M > 4 && cols<4>() == NV && (M > 6 || cols<M>() < NV)) {
     panel_rows<I8, 4>(x, ldx, w, K, out);
     panel_rows<I8, M - 4>(x + 4 * ldx, ldx, w, K, out + 4 * PANEL);
   } else {

@@ -1,5 +1,6 @@
 // Vector helpers shared by every nomoat kernel: a W-lane fp32 vector type (GCC/Clang vector extensions, so one source
-// compiles to AVX-512, AVX2, SSE or NEON), loads and stores, a vectorised exp, a horizontal sum, a spin-wait pause.
+// compiles to AVX-512, AVX2, SSE or NEON), loads and stores, a vectorised exp and SwiGLU product, a horizontal sum, a
+// spin-wait pause.
 // Every ISA-specific intrinsic sits behind a feature macro; without any, the portable code below is used.
 #pragma once
 
@@ -55,6 +56,16 @@ static inline vf vexp(vf x) {
 static inline float sexp(float x) {
   vf v = splat(x);
   return vexp(v)[0];
+}
+
+// out[j] = silu(g[j]) * u[j] = g[j] / (1 + exp(-g[j])) * u[j] for n values (the SwiGLU product; out may be g or u).
+static inline void silu_mul(const float* g, const float* u, int64_t n, float* out) {
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const vf gv = ld(g + j);
+    st(out + j, gv / (1.f + vexp(-gv)) * ld(u + j));
+  }
+  for (; j < n; ++j) out[j] = g[j] / (1.f + sexp(-g[j])) * u[j];
 }
 
 static inline float hsum(vf v) {

@@ -164,9 +164,9 @@ def test_long_rows(built, name, tmp_path):
     _check_stack_matches(model, prompts, 5)
 
 
-@pytest.mark.parametrize("n_rows", [8, 9, 17])
+@pytest.mark.parametrize("n_rows", [8, 9, 17, 32, 33])
 def test_any_number_of_rows(built, n_rows, tmp_path):
-    """8 rows, 9 and 17 (blocks of 8 and a remainder inside each panel unit) all take the stack and agree."""
+    """8 rows to 33 (blocks of 8 and a remainder inside each panel unit) all take the stack and agree."""
     _make("llama_wide", tmp_path)
     model = load_model(tmp_path, "float32", "cpu")
     pack_model(model)

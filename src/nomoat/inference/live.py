@@ -45,6 +45,10 @@ class LiveAdapters:
         """Nothing to move: the factors are the trained parameters (or copies the size of one of them)."""
 
 
+_NO_ADAPTER = LiveAdapters()
+_NO_ADAPTER.current = []  # the source of a layer that lost its adapter (merged): no row uses any
+
+
 class LiveLoRALinear(nn.Module):
     """The decode form of a `LoRALinear`: its base packed once, plus its adapter as it is now (module docstring).
 
@@ -114,7 +118,7 @@ class LiveLoRALinear(nn.Module):
 
     def decode_passthrough(self) -> tuple[nn.Module, LiveAdapters]:
         """The base's decode form and the source of the live adapter (the decode stack reads both)."""
-        return self.base, self._source[0]
+        return self.base, self._source[0] if self.layer is not None else _NO_ADAPTER
 
     def decode_adapters(self) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
         """`(LIVE, A (r, in), Bt (r, out), scaling)` for the decode stack (none without an adapter)."""

@@ -5,7 +5,9 @@ Both train the same random SmolLM2-135M-shaped model folder (`train_bench.build_
 same prompts: one prompt per step with G=8 completions of at most 128 tokens (temperature 1), a length reward, LoRA
 r=16 alpha 32 on q,k,v,o,gate,up,down, AdamW lr 2e-4 constant, fp32 on the CPU, no KL (beta 0, both defaults),
 DAPO's token-level loss. Each engine runs in its own subprocess (its own peak RSS). The random model hardly ever
-ends a completion early, so both sample about 128 tokens each (`mean_completion_tokens` says).
+ends a completion early, so both sample about 128 tokens each (`mean_completion_tokens` says), about 840 characters
+of words: the length reward's target, 800 characters, sits near them, so rewards differ within a group and every
+step's update is a real one (a target far from every completion scores them all 0: zero advantages).
 
 Measured after `--warmup` steps: completed samples per second over the wall time of whole steps (sampling, scoring
 and the update). Target (issue): >= 3x TRL. TRL is a benchmark extra; absent, it is reported as absent.
@@ -27,12 +29,13 @@ from typing import Any
 import train_bench as tb
 
 G, MAX_NEW = 8, 128
+TARGET_CHARS = 800  # the length reward's target
 
 
 def length_reward(completions: list[Any], **kw: Any) -> list[float]:
-    """Reward for TRL: 1 at 200 characters, falling linearly to 0 (nomoat's built-in `length=200`)."""
+    """Reward for TRL: 1 at TARGET_CHARS characters, falling linearly to 0 (nomoat's built-in `length=N`)."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [max(0.0, 1 - abs(len(t) - 200) / 200) for t in texts]
+    return [max(0.0, 1 - abs(len(t) - TARGET_CHARS) / TARGET_CHARS) for t in texts]
 
 
 def write_prompts(folder: Path, tiny: bool, n: int, seed: int = 1) -> Path:
@@ -52,7 +55,8 @@ def run_nomoat(folder: Path, steps: int, warmup: int) -> dict[str, Any]:
     from nomoat.config.train import TrainConfig
     from nomoat.train.rl import RLRecipe
 
-    cfg = TrainConfig(model=str(folder), data=[str(folder / "prompts.jsonl")], method="grpo", reward=["length=200"],
+    cfg = TrainConfig(model=str(folder), data=[str(folder / "prompts.jsonl")], method="grpo",
+                      reward=[f"length={TARGET_CHARS}"],
                       output_dir=str(folder / "runs"), max_steps=steps, batch_size=1, num_generations=G,
                       max_new_tokens=MAX_NEW, seq_len=512, lr=2e-4, schedule="constant", warmup_steps=0,
                       dtype="float32", device="cpu", log_every=1, loss_type="dapo",

@@ -210,8 +210,8 @@ def test_greedy_equals_transformers(built, name, tmp_path):
 
 
 def test_lora_injection_is_followed(built, tmp_path):
-    """An adapter injected into the user's model replaces its layers: the decode model follows (its layer loop over
-    the LoRA layers, outputs right), and once the adapter is unloaded the stack runs again."""
+    """An adapter injected into the user's model replaces its layers: the decode model follows (the stack over the
+    int8 bases with the live adapter, outputs right), and once the adapter is unloaded the stack runs without it."""
     _make("llama", tmp_path)
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
     prompt = [5, 9, 33, 100, 7]
@@ -219,21 +219,22 @@ def test_lora_injection_is_followed(built, tmp_path):
     before = _decode_logits(dm, [prompt], 4)
     assert dm.stack_steps == 4 and not dm.stale()
     inject_lora(model, LoRAConfig(r=4, alpha=8))  # B starts at zero: same function, different modules
-    assert dm.stale() and dm.refresh() and dm.plan is None
+    assert dm.stale() and dm.refresh() and dm.plan is not None
     with torch.no_grad():
         lora = _decode_logits(dm, [prompt], 4)
-    assert dm.stack_steps == 4
+    assert dm.stack_steps == 8
     assert _rel(lora, before) < 1e-5
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():
         for p in lora_parameters(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     changed = _decode_logits(dm, [prompt], 4)
-    assert _rel(changed, before) > 1e-3  # the adapter really applies (the stack would have ignored it)
+    assert _rel(changed, before) > 1e-3  # the adapter really applies (the stack reads it live)
+    assert dm.stack_steps == 12
     unload_lora(model)
     assert dm.refresh() and dm.plan is not None
     again = _decode_logits(dm, [prompt], 4)
-    assert dm.stack_steps == 8
+    assert dm.stack_steps == 16
     assert _rel(again, before) < 1e-5
 
 

@@ -11,8 +11,9 @@ the twin's layers), embeddings, norms and rotary tables are shared, and each lin
 - int8 `QuantizedLinear`: its own int8 panels, shared; int4 `QuantizedLinear`: its 4-bit panels, shared
   (`Q4PanelLinear`; with `quantize="int4"`, fp32 / bf16 layers are quantized to them, the output head to int8
   panels: `nomoat.models.quantize.layer_mode`);
-- a `LoRALinear` (a model with LoRA injected, e.g. under training): `LiveLayer`, which runs it with its adapter as it
-  is at each call;
+- a `LoRALinear` (a model with LoRA injected, e.g. under training): `LiveLoRALinear` (`live.py`), its base in the
+  decode form above (packed once) and its adapter read live by the decode stack; where the stack cannot hold the
+  adapter (DoRA, a rank above 256), `LiveLayer`, which runs the user's layer as it is at each call;
 - anything else (another device), or no compiled kernels: the layer itself.
 With the compiled kernels and a Llama/Mistral/Qwen2-style model, decode steps then run as one call (`stack.py`);
 other fp32 models run their layers with one attention call per layer at decode (`attention.py`).
@@ -32,6 +33,7 @@ from nomoat import kernels
 from nomoat.inference.attention import KernelAttention
 from nomoat.inference.bf16_linear import Bf16Linear
 from nomoat.inference.decode_model import DecodeModel
+from nomoat.inference.live import LiveAdapters, live_layer
 from nomoat.inference.panel_linear import PanelLinear, Q4PanelLinear
 from nomoat.lora.layers import LoRALinear
 from nomoat.models.packed import PackedLinear
@@ -132,11 +134,16 @@ def prepare(model: nn.Module, config: DecodeConfig | None = None) -> DecodeModel
     config = config or DecodeConfig()
     packed: dict[str, nn.Module] = {}
     fp32_cpu = model.dtype == torch.float32 and model.device.type == "cpu"
+    live = LiveAdapters()  # one source for every live LoRA layer: the stack's coefficient column of the adapter
 
     def make_layer(layer: nn.Module) -> nn.Module:
         quantize = config.quantize
         if quantize and layer is getattr(model, "lm_head", None):
             quantize = layer_mode("lm_head", quantize)  # int4: the output head gets int8 panels
+        if isinstance(layer, LoRALinear):
+            made = live_layer(layer, lambda base: decode_layer(base, quantize), live)
+            if made is not None:
+                return made
         return decode_layer(layer, quantize)
 
     net = _twin(model, "", packed, make_layer, fp32_cpu).eval()

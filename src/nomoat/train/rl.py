@@ -25,6 +25,7 @@ import torch
 from nomoat.data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, BatchStream, DataError, Row, collate
 from nomoat.data.formats import Prompt
 from nomoat.train import rewards as rw
+from nomoat.train.logps import label_logps
 from nomoat.train.preference import InitAdapterMixin
 from nomoat.train.sft import SFTRecipe
 from nomoat.util.errors import UsageError
@@ -332,9 +333,9 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
         with torch.no_grad(), self.autocast_context():
             if self.beta != 0.0:
                 with self.reference():
-                    ref = token_logps(self._logits(b), b["labels"])[0].float()
+                    ref = self._token_logps(b)[0]
                 if cfg.method == "rloo":  # RLOO's reward penalty needs the sampling policy's log-probabilities now
-                    old = token_logps(self._logits(b), b["labels"])[0].float()
+                    old = self._token_logps(b)[0]
         mask = b["labels"][:, 1:] != IGNORE_INDEX
         shaped = total.clone()
         if cfg.method == "rloo":
@@ -348,6 +349,16 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
             len(rows) * cfg.max_new_tokens if cfg.loss_type == "dr_grpo" else int(mask.sum()))  # fmt: skip
         return {**batch, "advantages": advantages, "old_logps": None if old is None else old.cpu(), "units": units,
                 "ref_logps": None if ref is None else ref.cpu()}  # fmt: skip
+
+    def _token_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, T-1) log-probabilities of the label tokens at the sampling temperature, and their mask.
+
+        Those of `token_logps(self._logits(batch), labels)`, with the output head run only on completion tokens, a
+        chunk of `loss_chunk` at a time (`nomoat.train.logps`): full-vocabulary logits never exist for a whole row.
+        """
+        hidden = self.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
+                            return_hidden=True)  # fmt: skip  # (N, T, D)
+        return label_logps(self.model, hidden, batch["labels"], self.cfg.temperature, self.cfg.loss_chunk)
 
     def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """(N, T, V) logits divided by the sampling temperature.
@@ -386,7 +397,7 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """The summed policy-gradient loss of one micro-batch of rollouts."""
-        logps, mask = token_logps(self._logits(batch), batch["labels"])
+        logps, mask = self._token_logps(batch)
         if batch.get("empty"):
             return logps.sum() * 0, 0
         cfg = self.cfg

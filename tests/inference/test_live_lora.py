@@ -150,3 +150,34 @@ def test_engine_rollouts_after_an_optimizer_step_carry_the_new_adapter(tmp_path)
     second = check()
     assert engine.decode.stack_steps - steps0 >= 2 * (len(first) - 1)  # both rollouts decoded through the stack
     assert second != first
+
+
+def test_the_training_sampler_rolls_out_each_step_adapter_for_a_repeated_prompt(tmp_path):
+    """RL's sampler (`cli.train.engine_sampler`) asked the same prompt before and after an optimizer step decodes the
+    new adapter: no prompt cache holds keys and values computed under the old one."""
+    from nomoat.cli.train import engine_sampler
+
+    LONG = PROMPT * 4  # longer than the engine's prefix blocks, so a prefix cache would keep it
+    _, model = _models(tmp_path)
+    tok = Tokenizer.from_dir(tmp_path / "m")
+    sample = engine_sampler(model, tok, rows=2, max_seq_len=64)
+
+    def greedy(n: int) -> list[int]:  # the training model's own greedy continuation, stopping at EOS as the engine
+        ids = list(LONG)
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+                if ids[-1] == tok.eos_token_id:
+                    break
+        return ids[len(LONG) :]
+
+    first = sample([(LONG, 0)], 0.0, 6)[0][0]
+    assert first == greedy(6)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    model.train()
+    seq = torch.tensor([LONG + first])
+    model(seq)[0, len(LONG) - 1 : -1].log_softmax(-1).gather(1, torch.tensor(first)[:, None]).sum().backward()
+    opt.step()  # lowers the greedy completion's probability
+    model.eval()
+    second = sample([(LONG, 0)], 0.0, 6)[0][0]
+    assert second == greedy(6) and second != first

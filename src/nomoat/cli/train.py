@@ -47,13 +47,15 @@ def engine_sampler(model: Any, tokenizer: Any, rows: int, max_seq_len: int) -> A
     """RL rollouts through nomoat's engine over the trained model itself.
 
     The engine's decode model (`nomoat.inference.prepare`) runs each LoRA layer as it is at each call, so every rollout
-    uses the adapter as the last optimizer step left it, with no copy of weights per step.
+    uses the adapter as the last optimizer step left it, with no copy of weights per step. Its prompt-prefix cache is
+    off: cached keys and values would hold an earlier step's adapter (a step's completions of one prompt still share
+    its prefill).
     """
     from nomoat.generate.engine import Engine
     from nomoat.generate.sampling import SamplingParams
 
     engine = Engine(model, tokenizer, max_running=min(rows, 64), max_queue=max(rows, 256),
-                    max_seq_len=max_seq_len)  # fmt: skip
+                    max_seq_len=max_seq_len, prefix_cache_bytes=0)  # fmt: skip
 
     def sample(requests: list[tuple[list[int], int]], temperature: float, max_new_tokens: int) -> list[Any]:
         handles = [engine.submit(ids, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,

@@ -66,6 +66,17 @@ def _copy_into_peft(model, reference) -> None:
                 p.copy_(ours[name.removeprefix("base_model.model.").replace(".default", "")])
 
 
+def _lower(model, prompt: list[int], completion: list[int]) -> None:
+    """One AdamW step (lr 0.2) on the adapter that lowers `completion`'s probability after `prompt`."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    model.train()
+    seq = torch.tensor([prompt + completion])
+    logps = model(seq)[0, len(prompt) - 1 : -1].log_softmax(-1)  # (len(completion), V)
+    logps.gather(1, torch.tensor(completion)[:, None]).sum().backward()
+    opt.step()
+    model.eval()
+
+
 def test_the_stack_decodes_the_live_adapter_as_peft_and_follows_an_optimizer_step(tmp_path):
     reference, model = _models(tmp_path)
     dm = prepare(model)
@@ -141,12 +152,7 @@ def test_engine_rollouts_after_an_optimizer_step_carry_the_new_adapter(tmp_path)
 
     steps0 = engine.decode.stack_steps
     first = check()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.2)
-    model.train()
-    seq = torch.tensor([PROMPT + first])
-    model(seq)[0, len(PROMPT) - 1 : -1].log_softmax(-1).gather(1, torch.tensor(first)[:, None]).sum().backward()
-    opt.step()  # lowers the greedy completion's probability
-    model.eval()
+    _lower(model, PROMPT, first)
     second = check()
     assert engine.decode.stack_steps - steps0 >= 2 * (len(first) - 1)  # both rollouts decoded through the stack
     assert second != first
@@ -173,11 +179,6 @@ def test_the_training_sampler_rolls_out_each_step_adapter_for_a_repeated_prompt(
 
     first = sample([(LONG, 0)], 0.0, 6)[0][0]
     assert first == greedy(6)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.2)
-    model.train()
-    seq = torch.tensor([LONG + first])
-    model(seq)[0, len(LONG) - 1 : -1].log_softmax(-1).gather(1, torch.tensor(first)[:, None]).sum().backward()
-    opt.step()  # lowers the greedy completion's probability
-    model.eval()
+    _lower(model, LONG, first)
     second = sample([(LONG, 0)], 0.0, 6)[0][0]
     assert second == greedy(6) and second != first

@@ -174,14 +174,11 @@ class Engine:
         prefix_cache_bytes: Memory budget for cached prompt prefixes' keys and values (0 disables prefix caching).
         prefix_block: Granularity of prefix matching, in tokens.
         compile: Run the decode step's layer loop through `torch.compile` (dynamic shapes) where the one-call
-            decode stack does not apply (the stack is compiled C++ already). Off by default: on a 2-core CPU it
-            measured +8% decode speed for a 60 s compile (SmolLM2-135M shape); on GPUs it is worth trying. Steps
-            with adapter rows run eagerly.
+            decode stack does not apply (its compile time rarely pays on a CPU); steps with adapter rows run eagerly.
         adapters: LoRA adapters to load, name -> PEFT-format folder (more with `add_adapter`). Each request picks
             its own selection; rows of one batch may use different adapters.
         decode_config: How the decode model is prepared (`nomoat.inference.DecodeConfig`; default: its defaults).
-        adapter_dtype: The dtype the adapters' factors are kept in: "auto", "float32" or "bfloat16"
-            (`nomoat.lora.bank.resolve_adapter_dtype`).
+        adapter_dtype: The adapters' factor dtype: "auto", "float32" or "bfloat16" (`bank.resolve_adapter_dtype`).
     """
 
     def __init__(
@@ -201,9 +198,7 @@ class Engine:
         self.model = model.eval()
         self.decode: DecodeModel = prepare(model, decode_config)
         self.bank: AdapterBank | None = None
-        self.adapter_dtype = adapter_dtype
-        self.tokenizer = tokenizer
-        self.max_queue = max_queue
+        self.adapter_dtype, self.tokenizer, self.max_queue = adapter_dtype, tokenizer, max_queue
         self.max_seq_len = max_seq_len or min(model.config.max_position_embeddings, 4096)
         self.max_running = max_running or rows_for_memory(model.config, self.max_seq_len, model.dtype, model.device)
         self.cache = KVCache(model.config, self.max_running, self.max_seq_len, model.dtype, model.device)

@@ -41,7 +41,7 @@ NF4_CODEBOOK = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 # Weights dequantized per tile in `NF4Linear.forward` and `grad_input`: bounds the temporary dequantized matrix.
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 22
 _SCRATCH = threading.local()  # `cpu`: this thread's bf16 tile buffer for the compiled decode (`_scratch_tile`)
 
 

@@ -188,6 +188,11 @@ def test_all_linear_excludes_head(folders):
     names = set(lora_layers(model))
     assert len(names) == 2 * 7 and "lm_head" not in names
     model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
+    inject_lora(model, LoRAConfig(r=2, target_modules=["all-linear"]))  # what `--target all-linear` passes
+    assert set(lora_layers(model)) == names
+    with pytest.raises(ValueError, match="give it alone"):
+        LoRAConfig(r=2, target_modules=["all-linear", "q_proj"])
+    model = load_model(folders["llama3"], dtype=torch.float32, device="cpu")
     inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "lm_head"]))
     assert set(lora_layers(model)) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"}
 

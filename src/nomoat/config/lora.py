@@ -69,7 +69,12 @@ class LoRAConfig:
                 raise _bad("target_modules", "is empty: name at least one layer, or use 'all-linear'")
         else:
             self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            if ALL_LINEAR in self.target_modules:  # `--target all-linear` on the command line gives a list
+                if len(self.target_modules) > 1:
+                    raise _bad("target_modules", f"'{ALL_LINEAR}' already selects every linear layer: give it alone, "
+                               f"got {self.target_modules!r}")  # fmt: skip
+                self.target_modules = ALL_LINEAR
+            elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise _bad("target_modules", "must be a non-empty list of layer names or 'all-linear', "
                            f"got {self.target_modules!r}")  # fmt: skip
         self.modules_to_save = list(self.modules_to_save or [])

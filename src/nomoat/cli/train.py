@@ -241,7 +241,7 @@ def train(
         Opt("--init-adapter", help="Preference/RL: start from this adapter; its frozen weights are the reference."),
     ] = None,
 ) -> None:
-    """Fine-tune a LoRA adapter on your data (instruction tuning or continued pretraining).
+    """Fine-tune a LoRA adapter on your data: instructions, preferences (DPO, KTO...), rewards (GRPO, RLOO), raw text.
 
     Writes the run folder (checkpoints, metrics.jsonl, loss.png, TensorBoard events) and the adapter in PEFT's format
     with a nomoat.json provenance record. Every option can also be set in a YAML file given with --config.

@@ -88,9 +88,9 @@ class _SwiGLUDownLoRA(torch.autograd.Function):
         la, lb = lora_a.to(dt), lora_b.to(dt)
         grad_b = ((g2.t() @ a) * s).to(lora_b.dtype) if need_b else None  # (out, r)
         grad_a_out = (g2 @ lb) * s  # (N, r)
-        base = g2 @ weight if ctx.qbase is None else _quantized_grad_input(ctx.qbase, g2)
-        grad_p = base.addmm_(grad_a_out, la).view(gate.shape)  # (..., I)
-        if fused_ops.applicable(gate, up, grad_p):
+        base = g2 @ weight if ctx.qbase is None else _quantized_grad_input(ctx.qbase, g2)  # (N, I)
+        if fused_ops.applicable(gate, up, g2):
+            grad_p = base.addmm_(grad_a_out, la).view(gate.shape)  # (..., I)
             p = torch.empty_like(gate) if need_a else None  # recomputed with the gradients
             grad_gate, grad_up = fused_ops.swiglu_backward(gate, up, grad_p, p)
             grad_lora_a = None if p is None else grad_a_out.t() @ p.reshape(-1, gate.shape[-1])  # (r, I)
@@ -100,6 +100,7 @@ class _SwiGLUDownLoRA(torch.autograd.Function):
         grad_lora_a = None
         if need_a:
             grad_lora_a = (grad_a_out.t() @ (act * up).reshape(-1, gate.shape[-1])).to(lora_a.dtype)  # (r, I)
+        grad_p = base.addmm_(grad_a_out, la).view(gate.shape)  # (..., I)
         grad_up = grad_p * act
         # silu'(g) = sig * (1 + g * (1 - sig)) = sig + act * (1 - sig); in place, to spare (N, I) temporaries.
         dsilu = torch.rsub(sig, 1.0).mul_(act).add_(sig)

@@ -52,7 +52,8 @@ def tune_cpu_allocator() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1:
-        logger.debug("malloc: mmap threshold %d MiB, trim threshold %d MiB", MMAP_THRESHOLD >> 20,
-                     _TRIM_THRESHOLD >> 20)
+        logger.debug(
+            "malloc: mmap threshold %d MiB, trim threshold %d MiB", MMAP_THRESHOLD >> 20, _TRIM_THRESHOLD >> 20
+        )
         _done["result"] = True
     return _done["result"]

@@ -150,6 +150,38 @@ def test_plain_nf4_layers_under_autograd_keep_their_own_tiles():
     torch.testing.assert_close(x.grad, xr.grad, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("compute", [None, torch.bfloat16])
+def test_plain_nf4_layer_under_autograd_saves_no_weight(compute):
+    """An NF4 layer without LoRA on an input that needs grad keeps nothing of its weight's size for the backward
+    pass (the weight is decoded again there), and its input gradient and bias gradient are those of the dequantized
+    layer."""
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(128, 192))
+    layer.compute_dtype = compute
+    layer.bias.requires_grad_(True)  # a bias that trains still gets its gradient
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    x = torch.randn(6, 128, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    assert not [t for t in saved if t.numel() >= layer.in_features * layer.out_features]
+    g = torch.randn(6, 192)
+    y.backward(g)
+    cd = compute or torch.float32
+    w = layer.dequantize(cd)
+    xr = x.detach().clone().requires_grad_(True)
+    br = layer.bias.detach().clone().requires_grad_(True)
+    F.linear(xr.to(cd), w, br.to(cd)).float().backward(g)
+    tol = {} if compute is None else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    torch.testing.assert_close(layer.bias.grad, br.grad, **tol)
+
+
 @pytest.mark.skipif(not nf4.ops.available(), reason="the compiled kernels are not available here")
 def test_compiled_decode_into_a_buffer_equals_the_reference_decode():
     from nomoat.kernels import reference

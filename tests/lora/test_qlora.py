@@ -179,6 +179,35 @@ def test_backward_keeps_no_dequantized_weight(mode):
     assert max(saved) >= weight_numel
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_swiglu_down_matches_plain_autograd(dtype):
+    """`swiglu_forward` over an NF4 down projection (which keeps neither `silu(gate) * up` nor any weight) gives
+    the output and gradients of plain autograd over the dequantized weight, in the activations' dtype."""
+    q, ref_q, _, _ = pair("nf4")  # down: 64 -> 96
+    torch.manual_seed(1)
+    gate, up, g = torch.randn(2, 5, 64).to(dtype), torch.randn(2, 5, 64).to(dtype), torch.randn(2, 5, 96).to(dtype)
+    ga, ua = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = q.swiglu_forward(ga, ua)
+    assert y is not None and y.dtype == dtype and type(y.grad_fn).__name__ == "_SwiGLUDownLoRABackward"
+    # gate, up, the rank-r product and the adapter: no third (N, I) tensor (the product) and no weight.
+    assert sorted(saved)[-3:] == [q.lora_B.weight.numel(), gate.numel(), gate.numel()], saved
+    got = torch.autograd.grad((y * g).sum(), [ga, ua, q.lora_A.weight, q.lora_B.weight])
+    # Reference: the textbook expression over the dequantized weight, adapter in the activations' dtype.
+    ga2, ua2 = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    a, b = (w.detach().clone().requires_grad_(True) for w in (ref_q.lora_A.weight, ref_q.lora_B.weight))
+    p = nn.functional.silu(ga2) * ua2
+    w = q.qbase.dequantize(dtype)
+    yr = p @ w.T + ref_q.bias.to(dtype) + ((p @ a.to(dtype).T) @ b.to(dtype).T) * q.scaling
+    exp = torch.autograd.grad((yr * g).sum(), [ga2, ua2, a, b])
+    # bf16: a few units in the last place of the largest value (the plain LoRA layer's own path differs as much).
+    rel = 1e-6 if dtype == torch.float32 else 2e-2
+    for name, x, e in zip(("y", "gate", "up", "lora_A", "lora_B"), (y, *got), (yr, *exp)):
+        assert x.dtype == e.dtype, name
+        assert (x.float() - e.float()).abs().max() <= rel * e.abs().max(), name
+
+
 def test_merge_into_quantized_base_is_refused():
     q, _, _, _ = pair("int8")
     model = nn.Sequential()

@@ -42,3 +42,31 @@ def test_tuned_allocator_reuses_freed_blocks() -> None:
     # re-faulted every block in one environment (183,680 faults) and about 6% of them in another (10,688).
     assert faults < 20_000, faults
     assert faults <= faults_default, (faults, faults_default)
+
+
+BIG = """
+import torch
+from nomoat.train.allocator import MMAP_THRESHOLD, tune_cpu_allocator
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+tuned = tune_cpu_allocator()
+small = [torch.ones(1 << 16) for _ in range(8)]  # 256 KB blocks from the heap, before and after the large block
+big = torch.ones(64 * MMAP_THRESHOLD // 4)  # 16 x the threshold, written
+small += [torch.ones(1 << 16) for _ in range(8)]
+before = rss()
+del big
+print(int(tuned), before - rss(), 64 * MMAP_THRESHOLD)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_tuned_allocator_returns_large_blocks_on_free() -> None:
+    """A block above the mmap threshold is not kept in the heap once freed, whatever lies around it."""
+    out = subprocess.run([sys.executable, "-c", BIG], env={**os.environ, "NOMOAT_MALLOC_TUNING": "1"},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    tuned, released, size = (int(v) for v in out.stdout.split())
+    assert tuned
+    assert released >= 0.95 * size, (released, size)

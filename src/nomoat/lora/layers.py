@@ -25,6 +25,14 @@ from nomoat.models.quantize import QuantizedLinear
 QuantizedBase = QuantizedLinear | NF4Linear
 
 
+def _quantized_grad_input(qbase: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """`grad @ W` for a quantized frozen `W`, in `grad`'s dtype, dequantizing `W` for this product only."""
+    if isinstance(qbase, NF4Linear):
+        return qbase.grad_input(grad)  # a tile of `W` at a time
+    cd = getattr(qbase, "compute_dtype", None) or grad.dtype
+    return (grad.to(cd) @ qbase.dequantize(cd)).to(grad.dtype)  # `W` (out, in) freed on return
+
+
 class QuantizedBaseMatmul(torch.autograd.Function):
     """`x @ W.T` for a quantized frozen `W`, saving nothing for backward but a reference to the quantized module.
 
@@ -41,11 +49,7 @@ class QuantizedBaseMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         """Input gradient `grad @ W`, with `W` dequantized for this product only (in the base's compute dtype)."""
-        if isinstance(ctx.qbase, NF4Linear):
-            return ctx.qbase.grad_input(grad), None  # a tile of `W` at a time
-        cd = getattr(ctx.qbase, "compute_dtype", None) or grad.dtype
-        w = ctx.qbase.dequantize(cd)  # (out, in), freed on return
-        return (grad.to(cd) @ w).to(grad.dtype), None
+        return _quantized_grad_input(ctx.qbase, grad), None
 
 
 class _SwiGLUDownLoRA(torch.autograd.Function):
@@ -53,44 +57,55 @@ class _SwiGLUDownLoRA(torch.autograd.Function):
 
     The product `p = silu(gate) * up` (tokens x intermediate, the largest activation of a layer) is what the
     gradient of `lora_A` needs; it is recomputed from `gate` and `up` in the backward pass (a cheap elementwise
-    step) instead of being kept, which saves a third of the MLP's training memory.
+    step) instead of being kept, which saves a third of the MLP's training memory. The frozen base is a weight
+    tensor or, for QLoRA, an `NF4Linear` (`qbase`, decoded again a tile at a time in the backward pass, as in
+    `QuantizedBaseMatmul`); the products run in `gate`'s dtype, the adapter cast to it (as autocast would).
     """
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling):  # noqa: ANN001, ANN205
-        p = fused_ops.swiglu_forward(gate, up) if fused_ops.applicable(gate, up) else F.silu(gate) * up  # (..., I)
-        lead = p.shape[:-1]
-        p2 = p.reshape(-1, p.shape[-1])  # (N, I)
-        a = p2 @ lora_a.t()  # (N, r)
-        y = lora_up(a, lora_b, scaling, out=F.linear(p2, weight, bias))  # (N, out), the update in place
+    def forward(ctx, gate, up, weight, qbase, bias, lora_a, lora_b, scaling):  # noqa: ANN001, ANN205
+        with torch.autocast(gate.device.type, enabled=False):  # the dtypes are explicit
+            dt = gate.dtype
+            p = fused_ops.swiglu_forward(gate, up) if fused_ops.applicable(gate, up) else F.silu(gate) * up  # (..., I)
+            lead = p.shape[:-1]
+            p2 = p.reshape(-1, p.shape[-1])  # (N, I)
+            a = p2 @ lora_a.to(dt).t()  # (N, r)
+            base = F.linear(p2, weight, bias) if qbase is None else qbase(p2)
+            if qbase is not None and bias is not None:
+                base = base + bias.to(dt)
+            del p, p2
+            y = lora_up(a, lora_b.to(dt), scaling, out=base)  # (N, out), the update in place
         ctx.save_for_backward(gate, up, a, weight, lora_a, lora_b)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.qbase = scaling, qbase
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         gate, up, a, weight, lora_a, lora_b = ctx.saved_tensors
-        s = ctx.scaling
-        g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_b = (g2.t() @ a) * s if ctx.needs_input_grad[5] else None  # (out, r)
-        grad_a_out = (g2 @ lora_b) * s  # (N, r)
+        s, dt = ctx.scaling, gate.dtype
+        need_a, need_b = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+        g2 = grad.reshape(-1, grad.shape[-1]).to(dt)  # (N, out)
+        la, lb = lora_a.to(dt), lora_b.to(dt)
+        grad_b = ((g2.t() @ a) * s).to(lora_b.dtype) if need_b else None  # (out, r)
+        grad_a_out = (g2 @ lb) * s  # (N, r)
+        base = g2 @ weight if ctx.qbase is None else _quantized_grad_input(ctx.qbase, g2)  # (N, I)
         if fused_ops.applicable(gate, up, g2):
-            grad_p = (g2 @ weight).addmm_(grad_a_out, lora_a).view(gate.shape)  # (..., I)
-            p = torch.empty_like(gate) if ctx.needs_input_grad[4] else None  # recomputed with the gradients
+            grad_p = base.addmm_(grad_a_out, la).view(gate.shape)  # (..., I)
+            p = torch.empty_like(gate) if need_a else None  # recomputed with the gradients
             grad_gate, grad_up = fused_ops.swiglu_backward(gate, up, grad_p, p)
             grad_lora_a = None if p is None else grad_a_out.t() @ p.reshape(-1, gate.shape[-1])  # (r, I)
-            return grad_gate, grad_up, None, None, grad_lora_a, grad_b, None
+            return grad_gate, grad_up, None, None, None, grad_lora_a, grad_b, None
         sig = torch.sigmoid(gate)
         act = gate * sig
         grad_lora_a = None
-        if ctx.needs_input_grad[4]:
-            grad_lora_a = grad_a_out.t() @ (act * up).reshape(-1, gate.shape[-1])  # (r, I), p recomputed
-        grad_p = (g2 @ weight).addmm_(grad_a_out, lora_a).view(gate.shape)  # (..., I)
+        if need_a:
+            grad_lora_a = (grad_a_out.t() @ (act * up).reshape(-1, gate.shape[-1])).to(lora_a.dtype)  # (r, I)
+        grad_p = base.addmm_(grad_a_out, la).view(gate.shape)  # (..., I)
         grad_up = grad_p * act
         # silu'(g) = sig * (1 + g * (1 - sig)) = sig + act * (1 - sig); in place, to spare (N, I) temporaries.
         dsilu = torch.rsub(sig, 1.0).mul_(act).add_(sig)
         grad_gate = grad_p.mul_(up).mul_(dsilu)
-        return grad_gate, grad_up, None, None, grad_lora_a, grad_b, None
+        return grad_gate, grad_up, None, None, None, grad_lora_a, grad_b, None
 
 
 def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -290,16 +305,24 @@ class LoRALinear(nn.Module):
     def swiglu_forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
         """`self(silu(gate) * up)` for training, without keeping the product for the backward pass.
 
-        Returns None when this layer cannot (DoRA, dropout, a quantized, merged, disabled or trainable base, or
-        autocast); the caller then runs the plain path.
+        Returns None when this layer cannot (DoRA, dropout, a merged, disabled or trainable base, an int8/int4
+        base, or autocast over a full-precision base); the caller then runs the plain path. Over an NF4 base (QLoRA)
+        autocast is allowed: its products run in `gate`'s dtype, which autocast gave the layers before.
         """
-        plain = (self.qbase is None and self.lora_magnitude_vector is None and not self.merged and not self.disabled
-                 and isinstance(self.lora_dropout, nn.Identity) and not torch.is_autocast_enabled()
-                 and self.weight is not None and not self.weight.requires_grad
+        plain = (self.lora_magnitude_vector is None and not self.merged and not self.disabled
+                 and isinstance(self.lora_dropout, nn.Identity) and gate.dtype == up.dtype
                  and (self.bias is None or not self.bias.requires_grad))  # fmt: skip
-        if not plain or not (gate.dtype == up.dtype == self.weight.dtype == self.lora_A.weight.dtype):
+        if not plain:
             return None
-        return _SwiGLUDownLoRA.apply(gate, up, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
+        if self.qbase is not None:
+            if not isinstance(self.qbase, NF4Linear) or not gate.is_floating_point():
+                return None  # int8/int4 bases: their no-grad product is not the exact one training uses
+            return _SwiGLUDownLoRA.apply(gate, up, None, self.qbase, self.bias, self.lora_A.weight,
+                                         self.lora_B.weight, self.scaling)  # fmt: skip
+        if (torch.is_autocast_enabled() or self.weight is None or self.weight.requires_grad
+                or not (gate.dtype == self.weight.dtype == self.lora_A.weight.dtype)):  # fmt: skip
+            return None
+        return _SwiGLUDownLoRA.apply(gate, up, self.weight, None, self.bias, self.lora_A.weight, self.lora_B.weight,
                                      self.scaling)  # fmt: skip
 
     def _dora_term(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

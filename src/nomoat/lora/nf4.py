@@ -223,16 +223,24 @@ class NF4Linear(nn.Module):
         return _decode(q, a, dtype, bs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the layer to `x` (..., in_features), dequantizing at most `CHUNK_ELEMENTS` weights at a time."""
-        cd = self.compute_dtype
-        if cd is not None and cd != x.dtype:
-            return self._product(x.to(cd)).to(x.dtype)
-        return self._product(x)
+        """Apply the layer to `x` (..., in_features), dequantizing at most `CHUNK_ELEMENTS` weights at a time.
 
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W.T + b` in `x`'s dtype, a tile of output rows at a time."""
+        Under autograd (an input that requires grad) no tile is kept for the backward pass: `_NF4Matmul` decodes the
+        weight again there (`grad_input`), as a QLoRA adapter's base product does.
+        """
+        cd = self.compute_dtype
+        xc = x.to(cd) if cd is not None and cd != x.dtype else x
+        if torch.is_grad_enabled() and xc.requires_grad:
+            out = _NF4Matmul.apply(xc, self)  # (..., out), without the bias
+            out = out if self.bias is None else out + self.bias.to(out.dtype)
+        else:
+            out = self._product(xc)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _product(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """`x @ W.T + b` (`x @ W.T` without `with_bias`) in `x`'s dtype, a tile of output rows at a time."""
         n, k = self.out_features, self.in_features
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = None if self.bias is None or not with_bias else self.bias.to(x.dtype)
         step = max(1, CHUNK_ELEMENTS // k)
         # A product autograd records keeps its weight for the input's gradient: that tile must be a tensor of its own.
         scratch = not (torch.is_grad_enabled() and x.requires_grad)
@@ -266,6 +274,25 @@ class NF4Linear(nn.Module):
             f"block_size={self.block_size}, bias={self.bias is not None}"
             + ("" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}")
         )
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """`x @ W.T` for a frozen `NF4Linear`, keeping only a reference to the layer for the backward pass.
+
+    The backward pass decodes the weight again a tile at a time (`NF4Linear.grad_input`), so no decoded tile of the
+    weight outlives the product that used it. The weight gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:  # type: ignore[override]
+        """(..., out) in `x`'s dtype, computed without recording (scratch tiles)."""
+        ctx.layer = layer  # a module reference, not a saved tensor
+        return layer._product(x, with_bias=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        """`grad @ W` (..., in), in the compute dtype."""
+        return ctx.layer.grad_input(grad), None
 
 
 def _scratch_tile(rows: int, cols: int) -> torch.Tensor:

@@ -1,15 +1,21 @@
-"""Keep freed memory in the training process, so each step's activations do not page-fault anew (glibc, CPU).
+"""The C heap settings of the training process (glibc, CPU): freed activations reused, large blocks never kept.
 
 torch allocates CPU tensors with `malloc`. glibc serves large blocks (above a threshold that adapts up to 32 MB) with
 fresh `mmap`s and gives them back to the kernel on free, and trims the top of the heap whenever more than twice that
-threshold is free. A training step allocates and frees the same few hundred MB of activations and gradients every
-step, so without tuning every step touches new pages, which the kernel zero-fills on first write; with the
-thresholds raised, the memory freed in one step is what the next reuses, at the same peak RSS.
+threshold is free. A training step allocates and frees the same activations and gradients every step. Two things
+decide its memory and speed:
 
-`tune_cpu_allocator()` raises the mmap and trim thresholds once per process (`mallopt`); elsewhere than glibc it
-does nothing. `NOMOAT_MALLOC_TUNING=0` leaves the allocator as it is. The raised trim threshold would also keep what
-a model load frees (quantizers' temporaries, a full-precision copy quantized afterwards): loading therefore trims
-the heap explicitly (`malloc_trim`, in `models.checkpoint.load_model`), and what stays is only what steps reuse.
+- small and middle-sized blocks (hidden states, attention tensors, gradients of a few MB) should come from the
+  heap and be reused step after step, instead of being zero-filled anew by the kernel on their first write;
+- large blocks (a model's MLP activations, logits chunks) should never sit in the heap: kept and freed in a
+  different order each step, they leave holes that smaller blocks split, so later large blocks extend the heap and
+  the process grows step after step by hundreds of MB.
+
+`tune_cpu_allocator()` therefore pins the mmap threshold at `MMAP_THRESHOLD` (below it: the heap, reused; from it
+on: a mapping of its own, returned on free) and raises the trim threshold so the heap keeps what the next step
+reuses (`mallopt`, once per process); elsewhere than glibc it does nothing. `NOMOAT_MALLOC_TUNING=0` leaves the
+allocator as it is. Loading trims the heap explicitly (`malloc_trim`, in `models.checkpoint.load_model`), so what a
+load frees is not kept either.
 """
 
 from __future__ import annotations
@@ -24,13 +30,13 @@ logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 512 << 20  # blocks up to this come from the heap and are reused; larger ones still use mmap
-_FALLBACK_THRESHOLD = 32 << 20  # glibc's own ceiling for the adaptive threshold, accepted by every version
+MMAP_THRESHOLD = 8 << 20  # blocks of this size and more get a mapping of their own, returned on free
+_TRIM_THRESHOLD = 1 << 30  # the top of the heap is trimmed only when far more is free than any step reuses
 _done: dict[str, bool] = {}
 
 
 def tune_cpu_allocator() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process (once); True when they are set.
+    """Pin glibc's mmap threshold and raise its trim threshold for this process (once); True when they are set.
 
     Returns False (and changes nothing) off Linux/glibc, when `NOMOAT_MALLOC_TUNING=0`, or when `mallopt` refuses.
     """
@@ -45,11 +51,9 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):  # musl and other libcs without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    for threshold in (_MMAP_THRESHOLD, _FALLBACK_THRESHOLD):
-        if mallopt(_M_MMAP_THRESHOLD, threshold) == 1:
-            # Trim only when far more is free than any step reuses (the default is twice the mmap threshold).
-            mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
-            logger.debug("malloc: mmap threshold %d MiB, trim threshold %d MiB", threshold >> 20, threshold >> 19)
-            _done["result"] = True
-            break
+    if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1:
+        logger.debug(
+            "malloc: mmap threshold %d MiB, trim threshold %d MiB", MMAP_THRESHOLD >> 20, _TRIM_THRESHOLD >> 20
+        )
+        _done["result"] = True
     return _done["result"]

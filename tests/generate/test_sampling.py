@@ -332,6 +332,27 @@ def test_draws_follow_the_processed_softmax(params: SamplingParams) -> None:
         assert float(((counts - raw) ** 2 / raw).sum()) > CHI2_999[v - 1]
 
 
+def test_draws_are_gumbel_max_with_torch_exponential_noise() -> None:
+    """Each sampling row takes argmax(processed - log E), E from torch's `exponential_` on its own generator (the
+    reference: the noise drawn row by row as torch draws it), and leaves that generator where `exponential_` would."""
+    rows = [SamplingParams(seed=5), SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=40, seed=9),
+            SamplingParams(seed=5, top_p=0.8)]  # fmt: skip
+    logits = _logits(len(rows), v=4099, scale=1.0)
+    gens, refs = [make_generator(p) for p in rows], [make_generator(p) for p in rows]
+    for _ in range(3):
+        got = sample(logits, None, None, rows, gens).tokens
+        processed = process_logits(logits, None, None, rows)
+        for i, p in enumerate(rows):
+            if p.is_greedy:
+                assert int(got[i]) == int(processed[i].argmax())
+                continue
+            noise = torch.empty(logits.shape[1]).exponential_(generator=refs[i])
+            assert int(got[i]) == int((processed[i] - noise.clamp_min(1e-30).log()).argmax())
+    for i, p in enumerate(rows):
+        if not p.is_greedy:
+            assert torch.equal(gens[i].get_state(), refs[i].get_state())
+
+
 def test_logprobs_are_the_raw_log_softmax() -> None:
     rows = [
         SamplingParams(temperature=0.5, repetition_penalty=1.5, top_k=4, logprobs=True, seed=0),

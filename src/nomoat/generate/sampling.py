@@ -497,18 +497,29 @@ class SampleOutput:
 def _draw(processed: torch.Tensor, batch: SamplingBatch, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Gumbel-max draws for the sampling rows: (n,) tokens distributed as softmax of their processed logits."""
     noise = torch.empty(len(batch.sampled), processed.shape[-1], dtype=processed.dtype, device=processed.device)
+    uniform = torch.empty(noise.shape, dtype=torch.float64)  # (n, V): the CPU generators' draws
+    on_cpu = []
     for j, row in enumerate(batch.sampled):  # noise: (n, V)
         # The one loop over rows: each request draws from its own generator, so a seeded request gets the same
         # numbers whatever else shares its batch.
         gen = generators[row]
         if gen is None:
             raise ValueError(f"row {row} samples (temperature > 0) but has no generator: see make_generator")
-        if gen.device == noise.device:
+        if gen.device.type == "cpu":  # with CUDA logits too: the same numbers on any device
+            uniform[j].uniform_(generator=gen)
+            on_cpu.append(j)
+        else:
             noise[j].exponential_(generator=gen)
-        else:  # e.g. a CPU generator with CUDA logits: slower (a host draw and a copy) but the same numbers
-            noise[j].copy_(
-                torch.empty(noise.shape[1], dtype=noise.dtype, device=gen.device).exponential_(generator=gen)
-            )
+    if on_cpu:
+        # torch's CPU `exponential_` is -log1p(-u) of the generator's float64 uniforms one at a time; drawing the
+        # uniforms and transforming them as one tensor gives the same numbers (and leaves the generator in the same
+        # state) about 3x faster.
+        exp1 = uniform.neg_().log1p_().neg_().to(noise.dtype)  # (n, V) ~ Exp(1)
+        if len(on_cpu) == len(batch.sampled):
+            noise.copy_(exp1)
+        else:
+            rows = torch.tensor(on_cpu)
+            noise.index_copy_(0, rows.to(noise.device), exp1.index_select(0, rows).to(noise.device))
     # argmax(logits - log E) with E ~ Exp(1) picks token i with probability softmax(logits)_i, using only
     # elementwise ops and an exact max, so a row's result cannot depend on the batch. The clamp guards against
     # an exponential sample of exactly 0 (-log 0 = inf would tie every token).

@@ -4,11 +4,13 @@
 shared prefix: a preference pair's prompt, computed once for both answers), in which case its queries see all of
 that prefix and causally their own tokens. `segment_attention` computes it per example with no (T, T) mask: through
 torch's CPU flash-attention kernels as one autograd node where they apply, else through a per-example fallback.
+`share_prefixes` lays rows that begin alike (G completions of one prompt) out that way: each prefix once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -203,4 +205,66 @@ def _additive(length: int, prefix: Span, like: torch.Tensor) -> torch.Tensor:
     ]
 
 
-__all__ = ["Segments", "segment_attention"]
+class SharedRows(NamedTuple):
+    """Rows laid out in one packed row, each shared prefix once (`share_prefixes`)."""
+
+    input_ids: torch.Tensor  # (1, S)
+    position_ids: torch.Tensor  # (1, S)
+    segment_ids: torch.Tensor  # (1, S)
+    prefix_ids: torch.Tensor  # (1, S)
+    index: torch.Tensor  # (N, T): where each token of each original row lies in the packed row (0 at padding)
+
+
+def share_prefixes(input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int],
+                   shared: list[int]) -> SharedRows:  # fmt: skip
+    """One packed row holding single-example rows, the prefix that consecutive rows share computed once.
+
+    Consecutive rows whose first `shared[n]` tokens are the same (the same count and ids: G completions of one
+    prompt) form a group: the packed row holds the group's prefix as one example, then each row's remaining tokens
+    as an example that continues it (keeping their positions), so every token attends to exactly what it saw in its
+    own row. A row with nothing after the prefix adds no example (its tokens are the prefix's); a row with
+    `shared[n] == 0` is an example of its own.
+
+    Args:
+        input_ids: (N, T) right-padded rows.
+        position_ids: (N, T) their positions.
+        lengths: Each row's real tokens.
+        shared: Each row's leading tokens that it may share with its neighbours (at most its length).
+    """
+    ids, pos = input_ids.tolist(), position_ids.tolist()
+    out_ids: list[int] = []
+    out_pos: list[int] = []
+    out_seg: list[int] = []
+    out_pre: list[int] = []
+    index = [[0] * input_ids.shape[1] for _ in ids]
+    segment, prefix_start, prefix_seg, group_key = 0, 0, 0, None
+
+    def emit(row: int, start: int, end: int, parent: int) -> None:
+        nonlocal segment
+        segment += 1
+        index[row][start:end] = range(len(out_ids), len(out_ids) + end - start)
+        out_ids.extend(ids[row][start:end])
+        out_pos.extend(pos[row][start:end])
+        out_seg.extend([segment] * (end - start))
+        out_pre.extend([parent] * (end - start))
+
+    for n, (length, p) in enumerate(zip(lengths, shared)):
+        key = (p, tuple(ids[n][:p])) if p else None
+        if key is None:
+            emit(n, 0, length, 0)
+            group_key = None
+            continue
+        if key != group_key:
+            prefix_start, group_key = len(out_ids), key
+            emit(n, 0, p, 0)
+            prefix_seg = segment
+        else:
+            index[n][:p] = range(prefix_start, prefix_start + p)
+        if length > p:
+            emit(n, p, length, prefix_seg)
+    as_row = lambda values: torch.tensor([values], dtype=torch.long, device=input_ids.device)  # noqa: E731
+    return SharedRows(as_row(out_ids), as_row(out_pos), as_row(out_seg), as_row(out_pre),
+                      torch.tensor(index, dtype=torch.long, device=input_ids.device))  # fmt: skip
+
+
+__all__ = ["Segments", "SharedRows", "segment_attention", "share_prefixes"]

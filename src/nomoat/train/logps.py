@@ -73,7 +73,12 @@ def _chunk_logps(model: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, inv_t
 
 
 def label_logps(
-    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk: int = 256
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk: int = 256,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the label tokens under the logits divided by `temperature`, and their mask.
 
@@ -82,10 +87,12 @@ def label_logps(
 
     Args:
         model: The `Transformer` whose head (`logits`, `lm_head`) maps hidden states to logits.
-        hidden: Final normed hidden states (N, T, D).
+        hidden: Final normed hidden states (N, T, D), or (B, S, D) with `index`.
         labels: (N, T) token ids, `IGNORE_INDEX` where no log-probability is wanted.
         temperature: The sampling temperature (0 or 1: the logits as they are).
         chunk: Label positions per chunk of the head.
+        index: (N, T): where token t of row n lies in `hidden` flattened to (B x S, D) (rows laid out otherwise,
+            e.g. `nomoat.models.segments.share_prefixes`); None: `hidden` is (N, T, D) as the labels.
 
     Returns:
         `(logps, mask)`, both (N, T-1): log p(token t+1) (0 where masked) and whether position t has a label.
@@ -93,7 +100,10 @@ def label_logps(
     targets = labels[:, 1:]  # (N, T-1)
     mask = targets != IGNORE_INDEX
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
-    h = hidden[:, :-1][mask]  # (n, D): only the positions that have a label
+    if index is None:
+        h = hidden[:, :-1][mask]  # (n, D): only the positions that have a label
+    else:
+        h = hidden.flatten(0, 1)[index[:, :-1][mask]]  # (n, D)
     y = targets[mask]  # (n,)
     weight = _frozen_head(model, h)
     if weight is not None:

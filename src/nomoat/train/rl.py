@@ -24,6 +24,7 @@ import torch
 
 from nomoat.data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, BatchStream, DataError, Row, collate
 from nomoat.data.formats import Prompt
+from nomoat.models.segments import share_prefixes
 from nomoat.train import rewards as rw
 from nomoat.train.logps import label_logps
 from nomoat.train.preference import InitAdapterMixin
@@ -355,10 +356,21 @@ class RLRecipe(InitAdapterMixin, SFTRecipe):
 
         Those of `token_logps(self._logits(batch), labels)`, with the output head run only on completion tokens, a
         chunk of `loss_chunk` at a time (`nomoat.train.logps`): full-vocabulary logits never exist for a whole row.
+        The completions of one prompt run as one packed row with the prompt once (`share_prefixes`): each attends to
+        the prompt's keys and values as in its own row, and the prompt's gradients sum over its completions.
         """
-        hidden = self.model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
-                            return_hidden=True)  # fmt: skip  # (N, T, D)
-        return label_logps(self.model, hidden, batch["labels"], self.cfg.temperature, self.cfg.loss_chunk)
+        labels = batch["labels"]  # (N, T)
+        if batch.get("empty") or self.cfg.num_generations < 2:
+            hidden = self.model(batch["input_ids"], position_ids=batch["position_ids"],
+                                segment_ids=batch["segment_ids"], return_hidden=True)  # fmt: skip  # (N, T, D)
+            return label_logps(self.model, hidden, labels, self.cfg.temperature, self.cfg.loss_chunk)
+        lengths = (batch["segment_ids"] != 0).sum(1)  # (N,)
+        labelled = labels != IGNORE_INDEX  # (N, T)
+        prompts = torch.where(labelled.any(1), labelled.int().argmax(1), lengths)  # (N,) tokens before the first label
+        rows = share_prefixes(batch["input_ids"], batch["position_ids"], lengths.tolist(), prompts.tolist())
+        hidden = self.model(rows.input_ids, position_ids=rows.position_ids, segment_ids=rows.segment_ids,
+                            prefix_ids=rows.prefix_ids, return_hidden=True)  # fmt: skip  # (1, S, D)
+        return label_logps(self.model, hidden, labels, self.cfg.temperature, self.cfg.loss_chunk, index=rows.index)
 
     def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """(N, T, V) logits divided by the sampling temperature.

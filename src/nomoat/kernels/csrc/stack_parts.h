@@ -47,7 +47,8 @@ static inline void norm_row(const float* r, const void* w, bool norm16, int64_t 
 
 // buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
 // A q4 segment reads `q4in`, the same rows quantized per block of 32 (q4_rows.h), instead of x. `ah`: a read-ahead
-// paced over the product (fp32 and int8 panels; the other kinds ask for it all at the end).
+// paced over the product (fp32 and int8 panels); what it has not asked for of its required part (`Ahead::must`) is
+// asked for at the end (all of it for the other kinds).
 static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf,
                               const q4k::Q4Rows& q4in = {}, Ahead* ah = nullptr) {
   if (s.q4) q4k::q4_panel(q4in, M, (const uint8_t*)s.w + p * (s.K / q4k::QK) * s.BB, s.BB, buf);

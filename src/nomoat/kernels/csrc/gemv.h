@@ -92,7 +92,7 @@ static inline void pin_w(vf& v) {
 }
 
 // acc[m][c] += x[m, k] * w[k, c0 + c*W ...] over all k, for M rows and C vectors of one panel; writes out[m][...].
-template <bool I8, int M, int C>
+template <bool I8, int M, int C, bool AH = false>
 static void sweep(const float* x, int64_t ldx, const void* w, int64_t K, int c0, float* out /* M x PANEL */,
                   Ahead* ah = nullptr) {
   vf acc[M][C];
@@ -101,7 +101,7 @@ static void sweep(const float* x, int64_t ldx, const void* w, int64_t K, int c0,
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) acc[m][c] = vf{};
   for (int64_t k = 0; k < K; ++k) {
-    if (ah != nullptr) ah->step();
+    if constexpr (AH) ah->step();  // a loop of its own: no test per k where there is no read-ahead
     vf wv[C];
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
@@ -137,7 +137,9 @@ static void panel_rows(const float* x, int64_t ldx, const void* w, int64_t K, fl
     panel_rows<I8, M - 4>(x + 4 * ldx, ldx, w, K, out + 4 * PANEL, ah);
   } else {
     constexpr int C = cols<M>();
-    for (int c0 = 0; c0 < PANEL; c0 += C * W) sweep<I8, M, C>(x, ldx, w, K, c0, out, ah);
+    for (int c0 = 0; c0 < PANEL; c0 += C * W)
+      if (ah != nullptr) sweep<I8, M, C, true>(x, ldx, w, K, c0, out, ah);
+      else sweep<I8, M, C>(x, ldx, w, K, c0, out);
   }
 }
 

@@ -318,8 +318,30 @@ struct StackPlan : torch::CustomClassHolder {
       auto lora_delta = [&](int64_t l, int proj, int64_t n0, int64_t nn, float* dl, int64_t m0, int mm) -> bool {
         return E > 0 && lora_rows_delta(layers_[l].ad, ls, XA + l * E * 7 * R, R, proj, n0, nn, m0, mm, dl);
       };
-      auto lora_ahead = [&](int64_t l, int proj, int64_t n0, int64_t nn, int64_t m0, int mm) {
-        if (E > 0) lora_rows_prefetch(layers_[l].ad, ls, proj, n0, nn, m0, mm);
+      // Read-ahead of the Bt columns a panel unit's row block m0 adds: the first block's asked for at once, each
+      // next block's queued on `ah`, which the block's panel product paces over its FMAs (null: nothing to read).
+      // Then (unit u of phase idx, row block m0) its share of the A factors of the next adapter phase: q/k/v units
+      // ask for the o projection's, o units for gate/up's, gate/up units (the gate product) for down's, down units
+      // for the next layer's q/k/v; what a product has no time for is dropped (read when needed).
+      Ahead ah_a, ah_b;
+      const int64_t nb = (M + MAX_ROWS - 1) / MAX_ROWS;
+      auto lora_ahead = [&](int64_t l, int proj, int64_t n0, int64_t nn, int64_t m0, int mm, Ahead& ah,
+                            int64_t idx = -1, int64_t u = 0) -> Ahead* {
+        if (E == 0) return nullptr;
+        ah.clear();
+        if (!layers_[l].ad.lora[proj].empty()) {
+          if (m0 == 0) lora_rows_prefetch(layers_[l].ad, ls, proj, n0, nn, m0, mm);
+          const int64_t m1 = m0 + mm;
+          const int next = (int)std::min<int64_t>(MAX_ROWS, M - m1);
+          if (m1 < M) lora_rows_queue(layers_[l].ad, ls, proj, n0, nn, m1, next, ah);
+        }
+        ah.must = ah.n;
+        if (idx >= 0) {
+          const int ph = PH_KIND[idx % NPH], nxt = ph == 0 ? 2 : ph == 2 ? 3 : ph == 3 ? 4 : 0;
+          const int64_t ln = ph == 4 ? l + 1 : l;
+          if (ln < L) lora_a_queue(layers_[ln].ad, ls, nxt, u * nb + m0 / MAX_ROWS, total[idx] * nb, ah);
+        }
+        return ah.n > 0 ? &ah : nullptr;
       };
       alignas(64) float dl[MAX_ROWS * PANEL];
       alignas(64) float dl2[MAX_ROWS * PANEL];
@@ -359,8 +381,8 @@ struct StackPlan : torch::CustomClassHolder {
           const int proj = s == &ly.q ? 0 : s == &ly.k ? 1 : 2;
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // row blocks: the panel stays in L2 between them
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
-            lora_ahead(l, proj, n0, nn, m0, mm);
-            panel_gemv(*s, p, mm, xn + m0 * D, D, buf, s->q4 ? qn.rows(m0) : q4k::Q4Rows{});
+            Ahead* ah = lora_ahead(l, proj, n0, nn, m0, mm, ah_a, idx, u);
+            panel_gemv(*s, p, mm, xn + m0 * D, D, buf, s->q4 ? qn.rows(m0) : q4k::Q4Rows{}, ah);
             const bool has_d = lora_delta(l, proj, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               float* dst = QKV + (l * M + m0 + m) * NQKV + off + n0;
@@ -413,8 +435,8 @@ struct StackPlan : torch::CustomClassHolder {
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const q4k::Q4Rows qin = !s.q4 ? q4k::Q4Rows{} : ph == 4 ? q4_act(l) : att_blocks ? q4_att(l) : qn;
-            lora_ahead(l, ph == 2 ? 3 : 6, n0, nn, m0, mm);
-            panel_gemv(s, u, mm, in + m0 * K, K, buf, s.q4 ? qin.rows(m0) : q4k::Q4Rows{});
+            Ahead* ah = lora_ahead(l, ph == 2 ? 3 : 6, n0, nn, m0, mm, ah_a, idx, u);
+            panel_gemv(s, u, mm, in + m0 * K, K, buf, s.q4 ? qin.rows(m0) : q4k::Q4Rows{}, ah);
             const bool has_d = lora_delta(l, ph == 2 ? 3 : 6, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               const float* src = buf + m * PANEL;
@@ -433,10 +455,8 @@ struct StackPlan : torch::CustomClassHolder {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const float* x = xn + m0 * D;
             const q4k::Q4Rows qx = ly.gate.q4 || ly.up.q4 ? qn.rows(m0) : q4k::Q4Rows{};
-            lora_ahead(l, 4, n0, nn, m0, mm);
-            panel_gemv(ly.gate, u, mm, x, D, buf, qx);
-            lora_ahead(l, 5, n0, nn, m0, mm);
-            panel_gemv(ly.up, u, mm, x, D, buf2, qx);
+            panel_gemv(ly.gate, u, mm, x, D, buf, qx, lora_ahead(l, 4, n0, nn, m0, mm, ah_a, idx, u));
+            panel_gemv(ly.up, u, mm, x, D, buf2, qx, lora_ahead(l, 5, n0, nn, m0, mm, ah_b));
             const bool has_g = lora_delta(l, 4, n0, nn, dl, m0, mm);
             const bool has_u = lora_delta(l, 5, n0, nn, dl2, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {

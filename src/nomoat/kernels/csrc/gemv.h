@@ -41,6 +41,42 @@ static inline vf load_w(const void* base, int64_t off) {
   }
 }
 
+// A paced read-ahead: strided byte ranges a caller will read soon (rows of `width` bytes, `stride` apart), asked for
+// one cache line at a time while a sweep computes (`sweep` takes one step per k). Prefetches issued in one
+// burst fill the core's miss buffers, and the ones past them get no line (measured: a burst ahead of a panel
+// product overlapped none of its reads); spread over the product's FMAs they stream while it computes.
+struct Ahead {
+  static constexpr int CAP = 64;
+  struct Range {
+    const char* p;
+    int64_t stride, width;
+    int rows;
+  };
+  Range r[CAP];
+  int n = 0, i = 0, row = 0, must = 0;  // flush() issues the first `must` ranges only (the rest may wait or drop)
+  int64_t off = 0;
+
+  void add(const void* p, int64_t stride, int rows, int64_t width) {
+    if (n < CAP && rows > 0 && width > 0) r[n++] = {(const char*)p, stride, width, rows};
+  }
+  inline void step() {
+    if (i >= n) return;
+    const Range& g = r[i];
+    __builtin_prefetch(g.p + row * g.stride + off, 0, 2);
+    if ((off += 64) >= g.width) {
+      off = 0;
+      if (++row >= g.rows) {
+        row = 0;
+        ++i;
+      }
+    }
+  }
+  void flush() {
+    while (i < must) step();
+  }
+  void clear() { n = i = row = must = 0, off = 0; }
+};
+
 // Keeps a loaded weight vector in a register: without it GCC folds the load into every row's FMA as a memory operand
 // (x86), so M rows would read each weight M times from L2 and many-row sweeps run at about half the FMA rate. One or
 // two rows keep the folded form (memory-bound: the weights stream from DRAM, and the folded loop issues faster).
@@ -56,14 +92,16 @@ static inline void pin_w(vf& v) {
 }
 
 // acc[m][c] += x[m, k] * w[k, c0 + c*W ...] over all k, for M rows and C vectors of one panel; writes out[m][...].
-template <bool I8, int M, int C>
-static void sweep(const float* x, int64_t ldx, const void* w, int64_t K, int c0, float* out /* M x PANEL */) {
+template <bool I8, int M, int C, bool AH = false>
+static void sweep(const float* x, int64_t ldx, const void* w, int64_t K, int c0, float* out /* M x PANEL */,
+                  Ahead* ah = nullptr) {
   vf acc[M][C];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) acc[m][c] = vf{};
   for (int64_t k = 0; k < K; ++k) {
+    if constexpr (AH) ah->step();  // a loop of its own: no test per k where there is no read-ahead
     vf wv[C];
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
@@ -91,30 +129,32 @@ constexpr int cols() {
 }
 
 template <bool I8, int M>
-static void panel_rows(const float* x, int64_t ldx, const void* w, int64_t K, float* out) {
+static void panel_rows(const float* x, int64_t ldx, const void* w, int64_t K, float* out, Ahead* ah = nullptr) {
   // Over 6 rows (or where M rows do not fit at full width), blocks of 4 rows at full panel width: they beat column
   // sweeps, and 4 + 3 or 4 + 4 rows beat 6 + 1 or 6 + 2 (a one- or two-row sweep is load-bound).
   if constexpr (M > 4 && cols<4>() == NV && (M > 6 || cols<M>() < NV)) {
-    panel_rows<I8, 4>(x, ldx, w, K, out);
-    panel_rows<I8, M - 4>(x + 4 * ldx, ldx, w, K, out + 4 * PANEL);
+    panel_rows<I8, 4>(x, ldx, w, K, out, ah);
+    panel_rows<I8, M - 4>(x + 4 * ldx, ldx, w, K, out + 4 * PANEL, ah);
   } else {
     constexpr int C = cols<M>();
-    for (int c0 = 0; c0 < PANEL; c0 += C * W) sweep<I8, M, C>(x, ldx, w, K, c0, out);
+    for (int c0 = 0; c0 < PANEL; c0 += C * W)
+      if (ah != nullptr) sweep<I8, M, C, true>(x, ldx, w, K, c0, out, ah);
+      else sweep<I8, M, C>(x, ldx, w, K, c0, out);
   }
 }
 
-// out (m x 64) for 1 <= m <= 8 rows.
+// out (m x 64) for 1 <= m <= 8 rows; `ah`: a read-ahead to pace over the product.
 template <bool I8>
-static void panel_any(int m, const float* x, int64_t ldx, const void* w, int64_t K, float* out) {
+static void panel_any(int m, const float* x, int64_t ldx, const void* w, int64_t K, float* out, Ahead* ah = nullptr) {
   switch (m) {
-    case 1: panel_rows<I8, 1>(x, ldx, w, K, out); break;
-    case 2: panel_rows<I8, 2>(x, ldx, w, K, out); break;
-    case 3: panel_rows<I8, 3>(x, ldx, w, K, out); break;
-    case 4: panel_rows<I8, 4>(x, ldx, w, K, out); break;
-    case 5: panel_rows<I8, 5>(x, ldx, w, K, out); break;
-    case 6: panel_rows<I8, 6>(x, ldx, w, K, out); break;
-    case 7: panel_rows<I8, 7>(x, ldx, w, K, out); break;
-    default: panel_rows<I8, 8>(x, ldx, w, K, out); break;
+    case 1: panel_rows<I8, 1>(x, ldx, w, K, out, ah); break;
+    case 2: panel_rows<I8, 2>(x, ldx, w, K, out, ah); break;
+    case 3: panel_rows<I8, 3>(x, ldx, w, K, out, ah); break;
+    case 4: panel_rows<I8, 4>(x, ldx, w, K, out, ah); break;
+    case 5: panel_rows<I8, 5>(x, ldx, w, K, out, ah); break;
+    case 6: panel_rows<I8, 6>(x, ldx, w, K, out, ah); break;
+    case 7: panel_rows<I8, 7>(x, ldx, w, K, out, ah); break;
+    default: panel_rows<I8, 8>(x, ldx, w, K, out, ah); break;
   }
 }
 

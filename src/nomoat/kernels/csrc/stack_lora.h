@@ -5,13 +5,17 @@
 // cuts them into blocks of up to MAX_ROWS entries of one slot. Before each projection phase of a layer, an adapter
 // phase whose units are those blocks computes the low-rank products c * scale * (x A^T) of every projection of the
 // next phase once (each row of A read once per block, its rows' dot products together) into the layer's product
-// buffer; each panel unit then adds (products) Bt for its 64 columns (`lora_expand`), having asked for every
-// entry's columns of Bt before its base product (`lora_rows_prefetch`: each entry's slice is r short rows far apart,
-// and read when needed every one of them is a cache miss). Products are stored whole (a unit may run twice, see decode_stack.cpp), in one
-// buffer per layer: entry t, projection p at ((t * 7) + p) * R.
+// buffer; each panel unit then adds (products) Bt for its 64 columns (`lora_expand`). Reads ahead: each entry's
+// slice of Bt is r short rows far apart (read when needed, every one a cache miss), and the adapter phase has no
+// compute to hide its reads of A behind, so a panel unit asks for its first row block's Bt columns before its base
+// product (`lora_rows_prefetch`), then queues the next row block's, and a share of the A factors of the next adapter
+// phase (`lora_a_queue`), on a read-ahead its panel product paces over its FMAs (`Ahead`, gemv.h). Products are
+// stored whole (a unit may run twice, see decode_stack.cpp), in one buffer per layer: entry t, projection p at
+// ((t * 7) + p) * R.
 // Factors are fp32 or bf16 (half the bytes a step streams; widened exactly to fp32 in registers, fp32 sums).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -53,7 +57,7 @@ struct LayerLoras {
 // The step's adapter entries (see the top of this file).
 struct LoraStep {
   int64_t E = 0;
-  std::vector<int64_t> row, slot, block, row_ptr, row_ent;
+  std::vector<int64_t> row, slot, block, row_ptr, row_ent, distinct;  // distinct: the step's slots, in order
   std::vector<float> coef;
 
   // From coef (M, ncf): the entries with a nonzero coefficient among the first `slots` columns.
@@ -63,6 +67,7 @@ struct LoraStep {
         if (cf[m * ncf + s] != 0.f) {
           if (row.empty() || slot.back() != s || (int64_t)row.size() - block.back() >= MAX_ROWS)
             block.push_back((int64_t)row.size());
+          if (distinct.empty() || distinct.back() != s) distinct.push_back(s);
           row.push_back(m);
           slot.push_back(s);
           coef.push_back(cf[m * ncf + s]);
@@ -156,13 +161,17 @@ static inline void lora_prefetch_cols(const Lora& a, int64_t n0, int64_t nn) {
     for (int64_t o = 0; o < nn * esz; o += 64) __builtin_prefetch(b + o, 0, 2);
 }
 
+// The projections of phase kind ph (0 q/k/v, 2 o, 3 gate/up, 4 down): p0 .. p0 + np.
+static inline int phase_p0(int ph) { return ph == 0 ? 0 : ph == 2 ? 3 : ph == 3 ? 4 : 6; }
+static inline int phase_np(int ph) { return ph == 0 ? 3 : ph == 3 ? 2 : 1; }
+
 // Adapter unit u (block u of `ls`) before phase kind ph (0 q/k/v, 2 o, 3 gate/up, 4 down): the products of the
 // phase's projections for the block's rows xs, into the layer's product buffer xa (E, 7, R).
 static inline void lora_products(const LayerLoras& ad, const LoraStep& ls, int64_t u, int ph, const float* const* xs,
                                  float* xa, int64_t R) {
   const int64_t e0 = ls.block[u], slot = ls.slot[e0];
   const int n = (int)(ls.block[u + 1] - e0);
-  const int p0 = ph == 0 ? 0 : ph == 2 ? 3 : ph == 3 ? 4 : 6, np = ph == 0 ? 3 : ph == 3 ? 2 : 1;
+  const int p0 = phase_p0(ph), np = phase_np(ph);
   float* outs[MAX_ROWS];
   for (int proj = p0; proj < p0 + np; ++proj) {
     const Lora* a = ad.find(proj, slot);
@@ -180,6 +189,43 @@ static inline void lora_rows_prefetch(const LayerLoras& ad, const LoraStep& ls, 
   for (int64_t m = m0; m < m0 + mm; ++m)
     for (int64_t q = ls.row_ptr[m]; q < ls.row_ptr[m + 1]; ++q)
       if (const Lora* a = ad.find(proj, ls.slot[ls.row_ent[q]])) lora_prefetch_cols(*a, n0, nn);
+}
+
+// The same columns of Bt for rows m0..m0+mm, queued on a paced read-ahead (the previous row block's panel product
+// asks for them while it computes).
+static inline void lora_rows_queue(const LayerLoras& ad, const LoraStep& ls, int proj, int64_t n0, int64_t nn,
+                                   int64_t m0, int mm, Ahead& ah) {
+  if (ad.lora[proj].empty()) return;
+  for (int64_t m = m0; m < m0 + mm; ++m)
+    for (int64_t q = ls.row_ptr[m]; q < ls.row_ptr[m + 1]; ++q)
+      if (const Lora* a = ad.find(proj, ls.slot[ls.row_ent[q]])) {
+        const int64_t esz = a->bf16 ? 2 : 4;
+        ah.add((const char*)a->Bt + n0 * esz, a->out * esz, (int)a->r, nn * esz);
+      }
+}
+
+// Part i of n of the A factors the adapter phase before phase kind ph reads (each distinct slot of the step on the
+// phase's projections, in that order), queued on a read-ahead: the panel units of the phase before it ask for them
+// while they compute, so the adapter phase (nothing to overlap its reads with) finds them in cache.
+static inline void lora_a_queue(const LayerLoras& ad, const LoraStep& ls, int ph, int64_t i, int64_t n, Ahead& ah) {
+  const int p0 = phase_p0(ph), np = phase_np(ph);
+  int64_t total = 0;
+  for (int proj = p0; proj < p0 + np; ++proj)
+    if (!ad.lora[proj].empty())
+      for (int64_t s : ls.distinct)
+        if (const Lora* a = ad.find(proj, s)) total += a->r * a->in * (a->bf16 ? 2 : 4);
+  const int64_t lo = (total * i / n) & ~(int64_t)63, hi = total * (i + 1) / n;
+  int64_t at = 0;
+  for (int proj = p0; proj < p0 + np && at < hi; ++proj) {
+    if (ad.lora[proj].empty()) continue;
+    for (size_t q = 0; q < ls.distinct.size() && at < hi; ++q) {
+      const Lora* a = ad.find(proj, ls.distinct[q]);
+      if (a == nullptr) continue;
+      const int64_t bytes = a->r * a->in * (a->bf16 ? 2 : 4), b0 = std::max(lo, at), b1 = std::min(hi, at + bytes);
+      if (b0 < b1) ah.add((const char*)a->A + (b0 - at), 0, 1, b1 - b0);
+      at += bytes;
+    }
+  }
 }
 
 // dl (mm x 64) = the adapters' delta on columns n0.. (nn of them) of projection `proj` for rows m0..m0+mm of the

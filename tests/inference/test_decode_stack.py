@@ -275,7 +275,17 @@ def test_adapter_bank_rows_run_in_the_stack(built, mode, tmp_path):
 def test_many_rows_and_adapters_in_the_stack(built, mode, tmp_path):
     """19 rows (three row blocks of the panel kernels) over six adapters of different ranks: each row one adapter,
     a weighted stack of two, or none. The stack's LoRA terms (each row's low-rank product made once per projection,
-    then added panel by panel) equal the layer loop with the bank's own (torch) LoRA path."""
+    then added panel by panel) equal the layer loop with the bank's own (torch) LoRA path. int8 runs the exact
+    (fp32-activation) kernels; their int8-activation mode is tested in test_int8_dot_stack.py."""
+    was = kernels.int8_dot()
+    kernels.int8_dot(0)
+    try:
+        _many_rows_and_adapters(mode, tmp_path)
+    finally:
+        kernels.int8_dot(was)
+
+
+def _many_rows_and_adapters(mode: str, tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
     _make("llama", model_dir)
     names = [f"a{i}" for i in range(6)]

@@ -93,9 +93,26 @@ def test_logits_close_to_fp32(model_dirs, family, mode):
     assert rel <= 2 * rel_seen, (rel, rel_seen)
 
 
+@pytest.fixture(params=[0, 1], ids=["exact", "int8dot"])
+def int8_mode(request):
+    """Each int8 kernel mode this machine has in turn (restored after): 1 rounds the activations to int8 per block of
+    32 and takes integer dot products (AVX-512-VNNI builds); 0 keeps them fp32 (and without the kernels)."""
+    was = Q.kernels.int8_dot()
+    if Q.kernels.int8_dot(request.param) != request.param:
+        Q.kernels.int8_dot(was)
+        pytest.skip("no integer int8 dot products here (no AVX-512-VNNI build)")
+    yield request.param
+    Q.kernels.int8_dot(was)
+
+
+def _kernel_rounds(mode: str) -> bool:
+    """Whether the CPU kernel of a `mode` layer rounds its activations to int8 per block of 32 (inputs of 96 or 64)."""
+    return Q.kernels.available() and (mode == "int4" or Q.kernels.int8_dot() == 1)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_kernel_matches_dequantized_reference(mode, bias):
+def test_kernel_matches_dequantized_reference(mode, bias, int8_mode):
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=bias)
     layer = QuantizedLinear.from_linear(linear, mode)
@@ -107,7 +124,7 @@ def test_kernel_matches_dequantized_reference(mode, bias):
             got = layer(x)
             want = F.linear(x, reference_weight, linear.bias)
             rounded = want
-            if mode == "int4" and Q.kernels.available():  # the kernel's int8 activations
+            if _kernel_rounds(mode):  # the kernel's int8 activations
                 rounded = F.linear(quantize_activations(x.reshape(-1, 96)).view(shape), reference_weight, linear.bias)
         assert got.shape == want.shape and got.dtype == x.dtype
         assert ((got - rounded).abs().max() / want.abs().max()).item() < 1e-4, shape
@@ -133,18 +150,18 @@ def test_dequantized_weight_is_within_half_a_step():
     assert (err4 <= d.abs() * (half + 8 / 2048) + 1e-7).all()
 
 
-def test_generic_path_agrees_with_kernel_path(monkeypatch):
+def test_generic_path_agrees_with_kernel_path(monkeypatch, int8_mode):
     """The device-independent path (what CUDA runs) gives what the CPU kernels give (int8 and 4-bit panels).
 
-    The 4-bit kernel rounds activations to int8 per block, so the generic path is fed activations rounded the same
-    way (it does not round them itself).
+    The 4-bit kernel (and the int8 one in its dot-product mode) rounds activations to int8 per block, so the generic
+    path is fed activations rounded the same way (it does not round them itself).
     """
     torch.manual_seed(0)
     linear = nn.Linear(64, 96, bias=True)
     x = torch.randn(3, 64)
     for mode in ("int8", "int4"):
         layer = QuantizedLinear.from_linear(linear, mode)
-        kernel_input = quantize_activations(x) if mode == "int4" and Q.kernels.available() else x
+        kernel_input = quantize_activations(x) if _kernel_rounds(mode) else x
         with torch.no_grad():
             kernel = layer(x)
             monkeypatch.setattr(Q, "INT8_KERNEL_MAX_ROWS", 0)

@@ -3,6 +3,8 @@ fallback when they cannot be built."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import nn
 
 from nomoat import kernels
 from nomoat.kernels import build, ops
+from nomoat.kernels.reference import quantize_activations
 from nomoat.models import quantize
 from nomoat.models.packed import PackedLinear, pack_model
 from nomoat.models.quantize import QuantizedLinear, int8_codes, int8_panels, quantize_int8
@@ -52,9 +55,35 @@ def test_fp32_non_contiguous_input(built):
         assert _rel_err(kernels.linear_fp32(x, panels, 45), F.linear(x, w)) < 1e-5
 
 
+@pytest.fixture(params=[0, 1], ids=["exact", "int8dot"])
+def int8_mode(built, request):
+    """Each int8 mode this build has in turn (the process's setting restored after): 1 rounds the activations to
+    int8 per block of 32 and takes integer dot products (AVX-512-VNNI builds)."""
+    was = kernels.int8_dot()
+    if kernels.int8_dot(request.param) != request.param:
+        kernels.int8_dot(was)
+        pytest.skip("this build has no integer int8 dot products (AVX-512-VNNI)")
+    yield request.param
+    kernels.int8_dot(was)
+
+
+def _int8_input(x: torch.Tensor, mode: int) -> torch.Tensor:
+    """The activations the int8 kernel multiplies: rounded per block of 32 in the dot mode (K a multiple of 32)."""
+    return quantize_activations(x) if mode and x.shape[1] % 32 == 0 else x
+
+
+def test_int8_dot_mode_and_its_default(built):
+    """The integer dot-product mode exists exactly where the build has AVX-512-VNNI; the exact mode is the default."""
+    has = "vnni" in build.current_variant().name
+    was = kernels.int8_dot()
+    assert was == (int(has) if os.environ.get("NOMOAT_I8_DOT") == "1" else 0)
+    assert kernels.int8_dot(1) == int(has) and kernels.int8_dot(0) == 0
+    kernels.int8_dot(was)
+
+
 @pytest.mark.parametrize("k, n", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_matches_dequantized(built, k, n, bias):
+def test_int8_matches_dequantized(int8_mode, k, n, bias):
     g = torch.Generator().manual_seed(k * 7 + n)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
@@ -65,9 +94,29 @@ def test_int8_matches_dequantized(built, k, n, bias):
     for m in range(1, 10):
         x = torch.randn(m, k, generator=g)
         y = kernels.linear_int8(x, panels, scale, n, b)
-        assert _rel_err(y, F.linear(x, ref_w, b)) < 1e-5
+        assert _rel_err(y, F.linear(_int8_input(x, int8_mode), ref_w, b)) < 1e-5
     x = torch.randn(3, 2 * k, generator=g)[:, ::2]  # non-contiguous
-    assert _rel_err(kernels.linear_int8(x, panels, scale, n), F.linear(x, ref_w)) < 1e-5
+    assert _rel_err(kernels.linear_int8(x, panels, scale, n), F.linear(_int8_input(x, int8_mode), ref_w)) < 1e-5
+
+
+@pytest.mark.parametrize("k, n, m", [(64, 64, 1), (576, 192, 3), (1536, 130, 9), (96, 77, 2)])
+def test_int8_dot_error_is_within_half_an_activation_step(int8_mode, k, n, m):
+    """Against the exact product, the dot mode is off by at most what rounding each activation to its block's
+    int8 step (absmax / 127, so at most half a step off) can move each output: sum over blocks of half the step
+    times the block's sum of |w|. The exact mode stays within fp32 rounding."""
+    g = torch.Generator().manual_seed(k + n + m)
+    q, scale = quantize_int8(torch.randn(n, k, generator=g))
+    ref_w = q.float() * scale[:, None]
+    x = torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g) * 4  # blocks of different ranges
+    y = kernels.linear_int8(x, int8_panels(q), scale, n)
+    exact = F.linear(x.double(), ref_w.double())
+    half_step = x.reshape(m, k // 32, 32).abs().amax(2).double() / 127 / 2  # (m, blocks)
+    w_abs = ref_w.abs().double().reshape(n, k // 32, 32).sum(2)  # (n, blocks)
+    bound = half_step @ w_abs.T if int8_mode else torch.zeros(m, n, dtype=torch.float64)  # (m, n)
+    slack = 1e-5 * exact.abs().max()
+    assert ((y.double() - exact).abs() <= bound + slack).all()
+    if int8_mode:
+        assert (y.double() - exact).abs().max() > slack  # the rounding shows: the bound is not vacuous
 
 
 @pytest.mark.parametrize("k, n", SHAPES)

@@ -23,6 +23,7 @@ from nomoat.kernels.layout import (
 from nomoat.kernels.ops import (
     available,
     decode_attention,
+    int8_dot,
     isa,
     linear_bf16,
     linear_bf16_rows,
@@ -44,6 +45,7 @@ __all__ = [
     "available",
     "decode_attention",
     "dequantize_q4",
+    "int8_dot",
     "isa",
     "linear_bf16",
     "linear_bf16_rows",

@@ -74,10 +74,25 @@ def bf16_dot_rows() -> int | None:
 def linear_int8(
     x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`x @ (q * scale[:, None]).T + bias` for 2-D fp32 `x` (M, K) and `panels = layout.pack_int8(q.T)`; (M, n)."""
+    """`x @ (q * scale[:, None]).T + bias` for 2-D fp32 `x` (M, K) and `panels = layout.pack_int8(q.T)`; (M, n).
+
+    Where the build has AVX-512-VNNI and K is a multiple of 32 (`int8_dot`), the compiled op rounds each row of `x`
+    to int8 per block of 32 channels (as `linear_q4` does, llama.cpp's q8_0 activations) and takes integer dot
+    products (`reference.linear_int8_dot`); by default, and elsewhere, `x` stays fp32 (exact sums).
+    """
     if available():
         return torch.ops.nomoat.linear_i8(x, panels, scale, bias, n)
     return reference.linear_int8(x, panels, scale, n, bias)
+
+
+def int8_dot(mode: int = -1) -> int:
+    """The process's int8 mode (`linear_int8` and the decode stack): 1 int8 activations, 0 exact fp32 ones.
+
+    Mode 1 takes integer dot products over activations rounded to int8 per block of 32; `mode` 0 or 1 sets it first
+    (1 only takes where the build has VNNI), -1 only reads. 0 by default (`NOMOAT_I8_DOT=1` in the environment:
+    1 where the build has VNNI): the rounded activations lose more than llama.cpp's q8_0; always 0 without the kernels.
+    """
+    return int(torch.ops.nomoat.i8_dot(mode)) if available() else 0
 
 
 def linear_q4(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:

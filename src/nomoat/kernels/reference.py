@@ -42,6 +42,16 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks * inv) * d).reshape(x.shape)
 
 
+def linear_int8_dot(
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`linear_int8` over x (M, K) rounded to int8 per block of 32 (`quantize_activations`); returns (M, n).
+
+    What the compiled op computes in its integer dot-product mode (`ops.int8_dot`).
+    """
+    return linear_int8(quantize_activations(x), panels, scale, n, bias)
+
+
 def linear_q4(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T + bias` for x (M, K) fp32 and 4-bit panels of W (n, K), activations rounded to int8 per block."""
     return F.linear(quantize_activations(x), dequantize_q4(panels, n), bias)

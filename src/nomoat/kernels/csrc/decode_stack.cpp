@@ -20,8 +20,8 @@
 // consecutive rows), norm weights and the KV cache may be bf16 (the cache holds keys and values rounded to bf16);
 // activations stay fp32, except that where the CPU has bf16 dot products (AVX-512-BF16) a projection's input is
 // rounded to bf16 in registers (`NOMOAT_BF16_DOT=0`: exact fp32).
-// 4-bit layers (q4 panels, q4_rows.h): a projection's input is rounded to int8 per block of 32 once per step, as
-// linear_q4 rounds it: the normed input by each thread beside its norm, the attention and MLP outputs by the units
+// 4-bit layers (q4 panels, q4_rows.h), and int8 layers where the build has VNNI (int8_dot.h, `i8_dot_mode`): a
+// projection's input is rounded to int8 per block of 32 once per step, as linear_q4 / linear_i8 round it: the normed input by each thread beside its norm, the attention and MLP outputs by the units
 // that write them, into shared per-layer buffers.
 // Adapters (`stack_lora.h`): an adapter phase computes the low-rank products c * (x A^T) of the next phase's
 // projections once per step, in units of rows sharing an adapter; each panel unit adds (products) Bt for its columns.
@@ -107,6 +107,7 @@ struct StackPlan : torch::CustomClassHolder {
     L.window = window;
     L.kind = kind;
     any_q4_ = any_q4_ || L.q.q4 || L.k.q4 || L.v.q4 || L.o.q4 || L.gate.q4 || L.up.q4 || L.down.q4;
+    any_i8_ = any_i8_ || L.q.i8 || L.k.i8 || L.v.i8 || L.o.i8 || L.gate.i8 || L.up.i8 || L.down.i8;
     layers_.push_back(L);
     for (auto& x : t) keep_.push_back(x);
   }
@@ -214,6 +215,8 @@ struct StackPlan : torch::CustomClassHolder {
     const int64_t ncf = coef.numel() > 0 ? coef.size(1) : 0;
 
     std::lock_guard<std::mutex> lock(mu_);  // the workspace is the plan's: one call at a time
+    const bool i8dot = i8_dot_on(q4k::QK);  // int8 segments (of whole blocks) read int8 inputs this step
+    auto qin = [&](const Seg& s) { return s.q4 || (i8dot && s.i8 && s.K % q4k::QK == 0); };  // int8-block input
     const int nt = std::max(1, at::get_num_threads());
     // Every intermediate has one buffer per layer (and the residual one per half-layer), so that running a unit
     // twice (a thread helping a descheduled one) writes the same values where the first run would have.
@@ -235,7 +238,7 @@ struct StackPlan : torch::CustomClassHolder {
     // Attention units write whole blocks when a key/value head's query heads span them; else each thread
     // quantizes the attention output itself.
     const bool att_blocks = (rep * hd) % q4k::QK == 0;
-    const int64_t NQ = any_q4_ ? L * M * (Q + I) : 0;
+    const int64_t NQ = any_q4_ || (i8dot && any_i8_) ? L * M * (Q + I) : 0;
     if (q4_q_.size() < (size_t)NQ) {
       q4_q_.resize(NQ);
       q4_d_.resize(NQ / q4k::QK + 1);
@@ -356,8 +359,8 @@ struct StackPlan : torch::CustomClassHolder {
           norm_into(X + (2 * l + (ph == 3)) * M * D, ph == 0 ? ly.w_in : ly.w_post, ly.norm16);
           xn_for = idx;
         }
-        const bool own_q4 = ph == 0 ? ly.q.q4 || ly.k.q4 || ly.v.q4 : ph == 3 ? ly.gate.q4 || ly.up.q4
-                          : ph == 2 && ly.o.q4 && !att_blocks;  // inputs this thread quantizes itself
+        const bool own_q4 = ph == 0 ? qin(ly.q) || qin(ly.k) || qin(ly.v) : ph == 3 ? qin(ly.gate) || qin(ly.up)
+                          : ph == 2 && qin(ly.o) && !att_blocks;  // inputs this thread quantizes itself
         if (own_q4 && xq_for != idx) {
           qn = ph == 2 ? quantize_own(ATT + l * M * Q, Q) : quantize_own(xn, D);
           xq_for = idx;
@@ -381,8 +384,13 @@ struct StackPlan : torch::CustomClassHolder {
           const int proj = s == &ly.q ? 0 : s == &ly.k ? 1 : 2;
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // row blocks: the panel stays in L2 between them
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
+<<<<<<< HEAD
             Ahead* ah = lora_ahead(l, proj, n0, nn, m0, mm, ah_a, idx, u);
             panel_gemv(*s, p, mm, xn + m0 * D, D, buf, s->q4 ? qn.rows(m0) : q4k::Q4Rows{}, ah);
+=======
+            lora_ahead(l, proj, n0, nn, m0, mm);
+            panel_gemv(*s, p, mm, xn + m0 * D, D, buf, qin(*s) ? qn.rows(m0) : q4k::Q4Rows{});
+>>>>>>> int8
             const bool has_d = lora_delta(l, proj, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               float* dst = QKV + (l * M + m0 + m) * NQKV + off + n0;
@@ -420,7 +428,7 @@ struct StackPlan : torch::CustomClassHolder {
             attend_heads(rep, qrot, (const float*)kc[l] + base, (const float*)vc[l] + base, lo, hi, p, knew, vnew, hd,
                          scale_, w, ws, obuf);
           std::memcpy(ATT + (l * M + b) * Q + g * rep * hd, obuf, rep * hd * sizeof(float));
-          if (ly.o.q4 && att_blocks) {
+          if (qin(ly.o) && att_blocks) {
             const q4k::Q4Rows a = q4_att(l);
             q4k::quantize_blocks(ATT + l * M * Q, Q, b, g * rep * hd / q4k::QK, (g + 1) * rep * hd / q4k::QK,
                                  (int8_t*)a.xq, (float*)a.dx, (int32_t*)a.sq, Q);
@@ -434,9 +442,15 @@ struct StackPlan : torch::CustomClassHolder {
           const int64_t n0 = (int64_t)u * PANEL, nn = std::min<int64_t>(PANEL, D - n0);
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
+<<<<<<< HEAD
             const q4k::Q4Rows qin = !s.q4 ? q4k::Q4Rows{} : ph == 4 ? q4_act(l) : att_blocks ? q4_att(l) : qn;
             Ahead* ah = lora_ahead(l, ph == 2 ? 3 : 6, n0, nn, m0, mm, ah_a, idx, u);
             panel_gemv(s, u, mm, in + m0 * K, K, buf, s.q4 ? qin.rows(m0) : q4k::Q4Rows{}, ah);
+=======
+            const q4k::Q4Rows xq_in = !qin(s) ? q4k::Q4Rows{} : ph == 4 ? q4_act(l) : att_blocks ? q4_att(l) : qn;
+            lora_ahead(l, ph == 2 ? 3 : 6, n0, nn, m0, mm);
+            panel_gemv(s, u, mm, in + m0 * K, K, buf, xq_in.rows(m0));
+>>>>>>> int8
             const bool has_d = lora_delta(l, ph == 2 ? 3 : 6, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               const float* src = buf + m * PANEL;
@@ -454,9 +468,17 @@ struct StackPlan : torch::CustomClassHolder {
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const float* x = xn + m0 * D;
+<<<<<<< HEAD
             const q4k::Q4Rows qx = ly.gate.q4 || ly.up.q4 ? qn.rows(m0) : q4k::Q4Rows{};
             panel_gemv(ly.gate, u, mm, x, D, buf, qx, lora_ahead(l, 4, n0, nn, m0, mm, ah_a, idx, u));
             panel_gemv(ly.up, u, mm, x, D, buf2, qx, lora_ahead(l, 5, n0, nn, m0, mm, ah_b));
+=======
+            const q4k::Q4Rows qx = qin(ly.gate) || qin(ly.up) ? qn.rows(m0) : q4k::Q4Rows{};
+            lora_ahead(l, 4, n0, nn, m0, mm);
+            panel_gemv(ly.gate, u, mm, x, D, buf, qx);
+            lora_ahead(l, 5, n0, nn, m0, mm);
+            panel_gemv(ly.up, u, mm, x, D, buf2, qx);
+>>>>>>> int8
             const bool has_g = lora_delta(l, 4, n0, nn, dl, m0, mm);
             const bool has_u = lora_delta(l, 5, n0, nn, dl2, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
@@ -470,7 +492,7 @@ struct StackPlan : torch::CustomClassHolder {
                 buf2[m * PANEL + j] = uv;
               }
               silu_mul(buf + m * PANEL, buf2 + m * PANEL, nn, dst);
-              if (ly.down.q4) {  // this panel's blocks of the down projection's input
+              if (qin(ly.down)) {  // this panel's blocks of the down projection's input
                 const q4k::Q4Rows a = q4_act(l);
                 q4k::quantize_blocks(ACT + l * M * I, I, m0 + m, n0 / q4k::QK, (n0 + nn) / q4k::QK, (int8_t*)a.xq,
                                      (float*)a.dx, (int32_t*)a.sq, I);
@@ -546,7 +568,7 @@ struct StackPlan : torch::CustomClassHolder {
   std::vector<LayerPlan> layers_;
   std::vector<at::Tensor> keep_;
   std::vector<float> ws_;
-  bool any_q4_ = false;
+  bool any_q4_ = false, any_i8_ = false;
   std::vector<int8_t> q4_q_;  // q4 layers: quantized o/down inputs, per layer (`run`)
   std::vector<float> q4_d_;
   std::vector<int32_t> q4_s_;

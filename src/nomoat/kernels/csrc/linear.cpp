@@ -1,11 +1,14 @@
 // y = x W^T (+ bias) for a few rows of activations over weights in panels (gemv.h), fp32, bf16 (fp32 accumulation) or
-// int8 codes with per-channel scales: the decode-time matmul, bound by how fast the weights stream from memory.
+// int8 codes with per-channel scales: the decode-time matmul, bound by how fast the weights stream from memory. Where
+// the build has VNNI, int8 panels take the rows rounded to int8 per block of 32 and integer dot products
+// (int8_dot.h; `i8_dot` op, `NOMOAT_I8_DOT=1`, opt-in; by default the exact fp32 path).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "gemv.h"
+#include "int8_dot.h"
 #include "ops.h"
 
 enum Kind { F32 = 0, I8 = 1, BF16 = 2 };
@@ -46,6 +49,18 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
     bf16_pairs(xp, ldx, M, K, xpairs.data());
   }
 #endif
+  // int8 panels with integer dot products: the rows rounded to int8 per block of 32 once
+  std::vector<int8_t> xq;
+  std::vector<float> xd;
+  std::vector<int32_t> xs;
+  if (T == I8 && i8_dot_on(K)) {
+    xq.resize(M * K);
+    xd.resize(M * K / q4k::QK);
+    xs.resize(M * K / q4k::QK);
+    for (int64_t m = 0; m < M; ++m)
+      q4k::quantize_blocks(xp, ldx, m, 0, K / q4k::QK, xq.data(), xd.data(), xs.data(), K);
+  }
+  const q4k::Q4Rows xrows{xq.data(), xd.data(), xs.data(), K};
   // Dynamic scheduling, one panel at a time: on a shared 2-core VM one thread is often descheduled, and a static
   // split would make the other wait for its whole half. Small matrices run on the calling thread: waking a sleeping
   // OpenMP worker costs tens of microseconds, about what the second core saves on 2 MB of weights.
@@ -63,6 +78,9 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
         panel_any_dpbf16(mm, xpairs.data() + m0 * kstored, kstored, (const uint16_t*)w, buf);
       else
 #endif
+      if (!xq.empty())
+        i8k::panel_any(mm, xrows.rows(m0), (const int8_t*)w, buf);
+      else
         panel_of<T>(mm, xp + m0 * ldx, ldx, w, K, buf);
       for (int m = 0; m < mm; ++m) {
         float* dst = yp + (m0 + m) * N + n0;
@@ -95,3 +113,13 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std:
   TORCH_CHECK(panels.scalar_type() == at::kBFloat16, "bf16 panels expected");
   return linear_impl<BF16>(x, panels, nullptr, bias, n);
 }
+
+// Sets (mode 0: exact fp32 activations, int8 weights widened; 1: activations rounded to int8 per block of 32, integer
+// dot products, where the build has VNNI) or with -1 only reads the mode of every int8 panel kernel of the process
+// (linear_i8 and the decode stack); returns the mode in effect.
+static int64_t i8_dot(int64_t mode) {
+  if (mode >= 0) i8_dot_mode.store(HAS_I8_DOT && mode > 0 ? 1 : 0);
+  return i8_dot_mode.load();
+}
+
+TORCH_LIBRARY_FRAGMENT(nomoat, m) { m.def("i8_dot(int mode) -> int", &i8_dot); }

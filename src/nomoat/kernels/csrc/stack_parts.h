@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "gemv.h"
+#include "int8_dot.h"
 #include "q4_rows.h"
 #include "rows_bf16.h"
 #include "stack_lora.h"
@@ -46,15 +47,17 @@ static inline void norm_row(const float* r, const void* w, bool norm16, int64_t 
 }
 
 // buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
-// A q4 segment reads `q4in`, the same rows quantized per block of 32 (q4_rows.h), instead of x. `ah`: a read-ahead
-// paced over the product (fp32 and int8 panels); what it has not asked for of its required part (`Ahead::must`) is
-// asked for at the end (all of it for the other kinds).
+// A q4 segment reads `q4in`, the same rows quantized per block of 32 (q4_rows.h), instead of x; so does an int8 one
+// given `q4in` (integer dot products, int8_dot.h). `ah`: a read-ahead paced over the product (fp32 and int8 panels of
+// the exact path); what it has not asked for of its required part (`Ahead::must`) is asked for at the end (all of it
+// for the other kinds).
 static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf,
                               const q4k::Q4Rows& q4in = {}, Ahead* ah = nullptr) {
   if (s.q4) q4k::q4_panel(q4in, M, (const uint8_t*)s.w + p * (s.K / q4k::QK) * s.BB, s.BB, buf);
   else if (s.bf16)
     rows_any_bf16(M, x, ldx, (const uint16_t*)s.w + p * PANEL * s.K, s.K, (int)std::min<int64_t>(PANEL, s.N - p * PANEL),
                   buf);
+  else if (s.i8 && q4in.xq != nullptr) i8k::panel_any(M, q4in, (const int8_t*)s.w + p * s.K * PANEL, buf);
   else if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.K, buf, ah);
   else panel_any<false>(M, x, ldx, s.w + p * s.K * PANEL * 4, s.K, buf, ah);
   if (ah != nullptr) ah->flush();

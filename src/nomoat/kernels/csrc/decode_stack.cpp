@@ -384,13 +384,8 @@ struct StackPlan : torch::CustomClassHolder {
           const int proj = s == &ly.q ? 0 : s == &ly.k ? 1 : 2;
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // row blocks: the panel stays in L2 between them
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
-<<<<<<< HEAD
             Ahead* ah = lora_ahead(l, proj, n0, nn, m0, mm, ah_a, idx, u);
-            panel_gemv(*s, p, mm, xn + m0 * D, D, buf, s->q4 ? qn.rows(m0) : q4k::Q4Rows{}, ah);
-=======
-            lora_ahead(l, proj, n0, nn, m0, mm);
-            panel_gemv(*s, p, mm, xn + m0 * D, D, buf, qin(*s) ? qn.rows(m0) : q4k::Q4Rows{});
->>>>>>> int8
+            panel_gemv(*s, p, mm, xn + m0 * D, D, buf, qin(*s) ? qn.rows(m0) : q4k::Q4Rows{}, ah);
             const bool has_d = lora_delta(l, proj, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               float* dst = QKV + (l * M + m0 + m) * NQKV + off + n0;
@@ -442,15 +437,9 @@ struct StackPlan : torch::CustomClassHolder {
           const int64_t n0 = (int64_t)u * PANEL, nn = std::min<int64_t>(PANEL, D - n0);
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
-<<<<<<< HEAD
-            const q4k::Q4Rows qin = !s.q4 ? q4k::Q4Rows{} : ph == 4 ? q4_act(l) : att_blocks ? q4_att(l) : qn;
-            Ahead* ah = lora_ahead(l, ph == 2 ? 3 : 6, n0, nn, m0, mm, ah_a, idx, u);
-            panel_gemv(s, u, mm, in + m0 * K, K, buf, s.q4 ? qin.rows(m0) : q4k::Q4Rows{}, ah);
-=======
             const q4k::Q4Rows xq_in = !qin(s) ? q4k::Q4Rows{} : ph == 4 ? q4_act(l) : att_blocks ? q4_att(l) : qn;
-            lora_ahead(l, ph == 2 ? 3 : 6, n0, nn, m0, mm);
-            panel_gemv(s, u, mm, in + m0 * K, K, buf, xq_in.rows(m0));
->>>>>>> int8
+            Ahead* ah = lora_ahead(l, ph == 2 ? 3 : 6, n0, nn, m0, mm, ah_a, idx, u);
+            panel_gemv(s, u, mm, in + m0 * K, K, buf, xq_in.rows(m0), ah);
             const bool has_d = lora_delta(l, ph == 2 ? 3 : 6, n0, nn, dl, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {
               const float* src = buf + m * PANEL;
@@ -468,17 +457,11 @@ struct StackPlan : torch::CustomClassHolder {
           for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const float* x = xn + m0 * D;
-<<<<<<< HEAD
-            const q4k::Q4Rows qx = ly.gate.q4 || ly.up.q4 ? qn.rows(m0) : q4k::Q4Rows{};
-            panel_gemv(ly.gate, u, mm, x, D, buf, qx, lora_ahead(l, 4, n0, nn, m0, mm, ah_a, idx, u));
-            panel_gemv(ly.up, u, mm, x, D, buf2, qx, lora_ahead(l, 5, n0, nn, m0, mm, ah_b));
-=======
             const q4k::Q4Rows qx = qin(ly.gate) || qin(ly.up) ? qn.rows(m0) : q4k::Q4Rows{};
-            lora_ahead(l, 4, n0, nn, m0, mm);
-            panel_gemv(ly.gate, u, mm, x, D, buf, qx);
-            lora_ahead(l, 5, n0, nn, m0, mm);
-            panel_gemv(ly.up, u, mm, x, D, buf2, qx);
->>>>>>> int8
+            panel_gemv(ly.gate, u, mm, x, D, buf, qin(ly.gate) ? qx : q4k::Q4Rows{},
+                       lora_ahead(l, 4, n0, nn, m0, mm, ah_a, idx, u));
+            panel_gemv(ly.up, u, mm, x, D, buf2, qin(ly.up) ? qx : q4k::Q4Rows{},
+                       lora_ahead(l, 5, n0, nn, m0, mm, ah_b));
             const bool has_g = lora_delta(l, 4, n0, nn, dl, m0, mm);
             const bool has_u = lora_delta(l, 5, n0, nn, dl2, m0, mm);
             for (int64_t m = 0; m < mm; ++m) {

@@ -15,6 +15,21 @@ def _kernels_built():
     kernels.available()
 
 
+@pytest.fixture(params=[0, 1], ids=["exact", "int8dot"])
+def int8_mode(request):
+    """Each int8 kernel mode this build has in turn (the process's setting restored after): 1 rounds the activations
+    to int8 per block of 32 and takes integer dot products (AVX-512-VNNI builds); 0 keeps them fp32 (the default, and
+    the only mode without the kernels)."""
+    from nomoat import kernels
+
+    was = kernels.int8_dot()
+    if kernels.int8_dot(request.param) != request.param:
+        kernels.int8_dot(was)
+        pytest.skip("no integer int8 dot products here (no AVX-512-VNNI build)")
+    yield request.param
+    kernels.int8_dot(was)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

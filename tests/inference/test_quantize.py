@@ -93,18 +93,6 @@ def test_logits_close_to_fp32(model_dirs, family, mode):
     assert rel <= 2 * rel_seen, (rel, rel_seen)
 
 
-@pytest.fixture(params=[0, 1], ids=["exact", "int8dot"])
-def int8_mode(request):
-    """Each int8 kernel mode this machine has in turn (restored after): 1 rounds the activations to int8 per block of
-    32 and takes integer dot products (AVX-512-VNNI builds); 0 keeps them fp32 (and without the kernels)."""
-    was = Q.kernels.int8_dot()
-    if Q.kernels.int8_dot(request.param) != request.param:
-        Q.kernels.int8_dot(was)
-        pytest.skip("no integer int8 dot products here (no AVX-512-VNNI build)")
-    yield request.param
-    Q.kernels.int8_dot(was)
-
-
 def _kernel_rounds(mode: str) -> bool:
     """Whether the CPU kernel of a `mode` layer rounds its activations to int8 per block of 32 (inputs of 96 or 64)."""
     return Q.kernels.available() and (mode == "int4" or Q.kernels.int8_dot() == 1)

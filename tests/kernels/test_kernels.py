@@ -55,18 +55,6 @@ def test_fp32_non_contiguous_input(built):
         assert _rel_err(kernels.linear_fp32(x, panels, 45), F.linear(x, w)) < 1e-5
 
 
-@pytest.fixture(params=[0, 1], ids=["exact", "int8dot"])
-def int8_mode(built, request):
-    """Each int8 mode this build has in turn (the process's setting restored after): 1 rounds the activations to
-    int8 per block of 32 and takes integer dot products (AVX-512-VNNI builds)."""
-    was = kernels.int8_dot()
-    if kernels.int8_dot(request.param) != request.param:
-        kernels.int8_dot(was)
-        pytest.skip("this build has no integer int8 dot products (AVX-512-VNNI)")
-    yield request.param
-    kernels.int8_dot(was)
-
-
 def _int8_input(x: torch.Tensor, mode: int) -> torch.Tensor:
     """The activations the int8 kernel multiplies: rounded per block of 32 in the dot mode (K a multiple of 32)."""
     return quantize_activations(x) if mode and x.shape[1] % 32 == 0 else x
@@ -83,7 +71,7 @@ def test_int8_dot_mode_and_its_default(built):
 
 @pytest.mark.parametrize("k, n", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_matches_dequantized(int8_mode, k, n, bias):
+def test_int8_matches_dequantized(built, int8_mode, k, n, bias):
     g = torch.Generator().manual_seed(k * 7 + n)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
@@ -100,7 +88,7 @@ def test_int8_matches_dequantized(int8_mode, k, n, bias):
 
 
 @pytest.mark.parametrize("k, n, m", [(64, 64, 1), (576, 192, 3), (1536, 130, 9), (96, 77, 2)])
-def test_int8_dot_error_is_within_half_an_activation_step(int8_mode, k, n, m):
+def test_int8_dot_error_is_within_half_an_activation_step(built, int8_mode, k, n, m):
     """Against the exact product, the dot mode is off by at most what rounding each activation to its block's
     int8 step (absmax / 127, so at most half a step off) can move each output: sum over blocks of half the step
     times the block's sum of |w|. The exact mode stays within fp32 rounding."""

@@ -26,17 +26,6 @@ def built() -> None:
     assert kernels.available(), "nomoat's kernels did not build: see the log for the compiler error"
 
 
-@pytest.fixture(params=[0, 1], ids=["exact", "int8dot"])
-def int8_mode(built, request):
-    """Each int8 mode this build has in turn (restored after): 1 rounds the activations to int8 per block of 32."""
-    was = kernels.int8_dot()
-    if kernels.int8_dot(request.param) != request.param:
-        kernels.int8_dot(was)
-        pytest.skip("this build has no integer int8 dot products (AVX-512-VNNI)")
-    yield request.param
-    kernels.int8_dot(was)
-
-
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
 
@@ -73,7 +62,7 @@ def test_fp32_panels_at_many_rows_strided_input(built):
 
 
 @pytest.mark.parametrize("k, n", SHAPES)
-def test_int8_panels_at_many_rows(int8_mode, k, n):
+def test_int8_panels_at_many_rows(built, int8_mode, k, n):
     g = torch.Generator().manual_seed(3 * k + n)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g) / 64 + 1e-3

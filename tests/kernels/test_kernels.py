@@ -89,6 +89,8 @@ def test_int8_matches_dequantized(built, int8_mode, k, n, bias):
         x = torch.randn(m, k, generator=g)
         y = kernels.linear_int8(x, panels, scale, n, b)
         assert _rel_err(y, F.linear(_int8_input(x, int8_mode), ref_w, b)) < 1e-5
+        exact = kernels.linear_int8(x, panels, scale, n, b, exact=True)  # fp32 activations in either mode
+        assert _rel_err(exact, F.linear(x, ref_w, b)) < 1e-5
     x = torch.randn(3, 2 * k, generator=g)[:, ::2]  # non-contiguous
     assert _rel_err(kernels.linear_int8(x, panels, scale, n), F.linear(_int8_input(x, int8_mode), ref_w)) < 1e-5
 

@@ -72,17 +72,23 @@ def bf16_dot_rows() -> int | None:
 
 
 def linear_int8(
-    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    scale: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
     """`x @ W.T + bias` for 2-D fp32 `x` (M, K) and `panels, scale = layout.pack_int8(q, d)`; (M, n).
 
     `W = d * q` per block of 32 input channels (GGUF Q8_0's blocks; `scale` the (P, ceil(K / 32), 64) fp16 block
     scales). By default where the build has AVX-512-VNNI and K is a multiple of 32 (`int8_dot`), the compiled op rounds
     each row of `x` to int8 per block of 32 channels (as `linear_q4` does: llama.cpp's q8_0 x q8_0 arithmetic) and
-    takes integer dot products (`reference.linear_int8_dot`); in mode 0, and elsewhere, `x` stays fp32 (exact sums).
+    takes integer dot products (`reference.linear_int8_dot`); in mode 0, with `exact`, and elsewhere, `x` stays fp32
+    (exact sums: what a product on its way to a gradient needs).
     """
     if available():
-        return torch.ops.nomoat.linear_i8(x, panels, scale, bias, n)
+        return torch.ops.nomoat.linear_i8(x, panels, scale, bias, n, exact)
     return reference.linear_int8(x, panels, scale, n, bias)
 
 
@@ -223,7 +229,7 @@ def register_fakes() -> None:
         fake("nomoat::linear_f32")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::linear_bf16")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::linear_bf16_rows")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
-        fake("nomoat::linear_i8")(lambda x, panels, scale, bias, n: x.new_empty(x.shape[0], n))
+        fake("nomoat::linear_i8")(lambda x, panels, scale, bias, n, exact=False: x.new_empty(x.shape[0], n))
         fake("nomoat::linear_q4")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::decode_attention")(
             lambda q, k, v, cos, sin, kc, vc, row0, positions, kv_len, window, scale: q.new_empty(

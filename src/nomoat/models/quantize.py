@@ -209,15 +209,19 @@ def quantize_int4(weight: torch.Tensor, fmt: str = "q4_0") -> torch.Tensor:
 
 # ---- kernels ------------------------------------------------------------------------------------------------------
 
-def int8_matmul(x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+def int8_matmul(
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, exact: bool = False
+) -> torch.Tensor:
     """`x @ W.T` for a 2-D `x` and int8 panels of W (n, in) with their block scales, without the whole fp32 weight.
+
+    `exact`: fp32 activations even where the CPU kernel would round them to int8 (`kernels.int8_dot`).
 
     The compiled panel kernel on the CPU; elsewhere (or without the kernels) panels are dequantized in chunks of
     at most `CHUNK_ELEMENTS` weights, each multiplied as it is made.
     """
     m, k = x.shape
     if x.device.type == "cpu" and m <= INT8_KERNEL_MAX_ROWS and kernels.available():
-        return kernels.linear_int8(x.float(), panels, scale, n).to(x.dtype)
+        return kernels.linear_int8(x.float(), panels, scale, n, exact=exact).to(x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     step = max(1, CHUNK_ELEMENTS // (k * PANEL))  # panels per chunk
     for p0 in range(0, panels.shape[0], step):
@@ -391,10 +395,10 @@ class QuantizedLinear(nn.Module):
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        # an input on its way to a gradient (QLoRA's base in training): the exact product its backward assumes
         if self.mode == "int8":
-            y = int8_matmul(x2, self.qweight, self.scale, self.out_features)
+            y = int8_matmul(x2, self.qweight, self.scale, self.out_features, exact=x.requires_grad)
         else:
-            # an input on its way to a gradient (QLoRA's base in training): the exact product its backward assumes
             y = int4_matmul(x2, self.qweight, self.out_features, exact=x.requires_grad)
         if self.bias is not None:
             y = y.add_(self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))

@@ -24,9 +24,10 @@ static inline void panel_of(int m, const float* x, int64_t ldx, const char* w, c
 }
 
 // `dp`: int8 panels' block scales (P, ceil(K / 32), 64) fp16, nullptr for the other kinds.
+// `exact`: int8 panels take fp32 activations whatever the process's mode (`i8_dot`).
 template <int T>
 static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, const uint16_t* dp,
-                              const std::optional<at::Tensor>& bias, int64_t N) {
+                              const std::optional<at::Tensor>& bias, int64_t N, bool exact = false) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: 2-D fp32");
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   TORCH_CHECK(wp.dim() == 3 && wp.is_contiguous(), "w: (P, K, 64) contiguous panels");
@@ -56,7 +57,7 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
   std::vector<int8_t> xq;
   std::vector<float> xd;
   std::vector<int32_t> xs;
-  if (T == I8 && i8_dot_on(K)) {
+  if (T == I8 && !exact && i8_dot_on(K)) {
     xq.resize(M * K);
     xd.resize(M * K / q4k::QK);
     xs.resize(M * K / q4k::QK);
@@ -103,14 +104,14 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::
 }
 
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scale,
-                     const std::optional<at::Tensor>& bias, int64_t n) {
+                     const std::optional<at::Tensor>& bias, int64_t n, bool exact) {
   TORCH_CHECK(panels.scalar_type() == at::kChar, "int8 panels expected");
   TORCH_CHECK(panels.dim() == 3, "int8 panels: (P, K, 64)");
   const int64_t nb = (panels.size(1) + I8_BLOCK - 1) / I8_BLOCK;
   TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.dim() == 3 &&
               scale.size(0) == panels.size(0) && scale.size(1) == nb && scale.size(2) == PANEL,
               "scale: fp16 block scales (P, ceil(K / 32), 64)");
-  return linear_impl<I8>(x, panels, (const uint16_t*)scale.data_ptr(), bias, n);
+  return linear_impl<I8>(x, panels, (const uint16_t*)scale.data_ptr(), bias, n, exact);
 }
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,

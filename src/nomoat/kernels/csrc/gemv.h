@@ -139,7 +139,8 @@ static inline void pin_w(vf& v) {
 }
 
 // acc[m][c] += x[m, k] * w[k, c0 + c*W ...] over all k, for M rows and C vectors of one panel; writes out[m][...].
-// int8 panels (I8): `ds` the panel's block scales (nb, 64), each code widened and scaled by its block's scale.
+// int8 panels (I8): `ds` the panel's block scales (nb, 64); each code is widened and multiplied by its block's scale,
+// or, where the registers hold a second set of accumulators (few rows), each block's sums are scaled once.
 template <bool I8, int M, int C, bool AH = false>
 static void sweep(const float* x, int64_t ldx, const void* w, const uint16_t* ds, int64_t K, int c0,
                   float* out /* M x PANEL */, Ahead* ah = nullptr) {
@@ -156,6 +157,31 @@ static void sweep(const float* x, int64_t ldx, const void* w, const uint16_t* ds
       for (int c = 0; c < C; ++c) sv[c] = load_scales(ds + (k0 / I8_BLOCK) * PANEL, c0 + c * W);
     }
     const int64_t k1 = std::min<int64_t>(K, k0 + step);
+    if constexpr (I8 && 2 * M * C + C + 1 <= NREG) {
+      // Few rows: the block's sums unscaled in registers of their own, scaled once per block (no multiply per k).
+      vf bacc[M][C];
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) bacc[m][c] = vf{};
+      for (int64_t k = k0; k < k1; ++k) {
+        if constexpr (AH) ah->step();
+        vf wv[C];
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) wv[c] = load_w<true>(w, k * PANEL + c0 + c * W);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const float xs = x[m * ldx + k];
+#pragma GCC unroll 8
+          for (int c = 0; c < C; ++c) bacc[m][c] += xs * wv[c];
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[m][c] += bacc[m][c] * sv[c];
+      continue;
+    }
     for (int64_t k = k0; k < k1; ++k) {
       if constexpr (AH) ah->step();  // a loop of its own: no test per k where there is no read-ahead
       vf wv[C];

@@ -45,7 +45,7 @@ from nomoat.kernels import build  # noqa: E402
 from nomoat.models.checkpoint import load_model  # noqa: E402
 from nomoat.models.kv_cache import KVCache  # noqa: E402
 from nomoat.models.packed import pack_model  # noqa: E402
-from nomoat.models.quantize import quantize_model  # noqa: E402
+from nomoat.models.quantize import quantize_int8, quantize_model  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -90,8 +90,7 @@ def matmul_gbs(plain: torch.nn.Module, runs: int) -> dict[str, float]:
     }
     if kernels.available():
         panels = [kernels.pack_fp32(w) for w in ws]
-        q = [(w / (w.abs().amax(1, keepdim=True) / 127)).round().to(torch.int8) for w in ws]
-        qp, sc = [kernels.pack_int8(t.t()) for t in q], [w.abs().amax(1) / 127 for w in ws]
+        qp, sc = zip(*(kernels.pack_int8(*quantize_int8(w)) for w in ws))  # GGUF Q8_0 blocks
         calls["kernels_fp32"] = lambda i, w: kernels.linear_fp32(xs[w.shape[1]], panels[i], w.shape[0])
         calls["kernels_int8"] = lambda i, w: kernels.linear_int8(xs[w.shape[1]], qp[i], sc[i], w.shape[0])
     best = dict.fromkeys(calls, 0.0)

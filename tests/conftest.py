@@ -18,8 +18,8 @@ def _kernels_built():
 @pytest.fixture(params=[0, 1], ids=["exact", "int8dot"])
 def int8_mode(request):
     """Each int8 kernel mode this build has in turn (the process's setting restored after): 1 rounds the activations
-    to int8 per block of 32 and takes integer dot products (AVX-512-VNNI builds); 0 keeps them fp32 (the default, and
-    the only mode without the kernels)."""
+    to int8 per block of 32 and takes integer dot products (AVX-512-VNNI builds, where it is the default); 0 keeps
+    them fp32 (the only mode without VNNI or the kernels)."""
     from nomoat import kernels
 
     was = kernels.int8_dot()

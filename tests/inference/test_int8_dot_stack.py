@@ -20,11 +20,14 @@ from train_utils import random_adapter
 
 # name -> (family, config overrides). "llama_mha": one query head per key/value head of 16 channels, so an attention
 # unit's output (16 channels) is not whole blocks of 32: the output projection's input is quantized per thread.
+# "llama_odd": an MLP width of 88 (no multiple of 32 or 64): the down projection's last block scale covers 24 input
+# channels, and it takes the exact path (fp32 input) beside the other projections' integer one.
 MODELS = {
     "llama": ("llama3", {}),
     "qwen2": ("qwen2", {}),  # q/k/v biases
     "mistral": ("mistral", {}),  # sliding window
     "llama_mha": ("llama3", dict(num_key_value_heads=4)),
+    "llama_odd": ("llama3", dict(intermediate_size=88)),
 }
 
 
@@ -116,8 +119,8 @@ def test_int8_dot_stack_matches_layers(dot_mode, name, rows, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_int8_dot_logits_stay_near_exact_int8(dot_mode, name, tmp_path):
-    """Rounding the activations per block of 32 (step absmax / 127) adds an error of the size of the per-channel
-    weight rounding's (step absmax / 127): against fp32, the dot mode's logits stay within twice the exact int8
+    """Rounding the activations per block of 32 (step absmax / 127) adds an error of the size of the weights'
+    rounding per block of 32 (step absmax / 127): against fp32, the dot mode's logits stay within twice the exact int8
     mode's distance, and the greedy tokens of both modes are fp32's."""
     _make(name, tmp_path)
     prompts = _prompts(3)
@@ -132,12 +135,18 @@ def test_int8_dot_logits_stay_near_exact_int8(dot_mode, name, tmp_path):
 @pytest.mark.parametrize("rows", [1, 11])
 def test_int8_dot_stack_with_adapters(dot_mode, rows, tmp_path):
     """Rows with one adapter, a weighted pair or none over int8 layers: the stack's LoRA terms equal the bank's own
-    layer path."""
+    layer path.
+
+    The two paths add the adapters' terms in different fp32 orders, so a projection input within a rounding error of
+    an int8 rounding boundary rounds differently now and then, and through the KV cache later steps then differ by
+    about 2e-3. Measured on these weights: with the pair weighted 0.6, row 10 (alone too) met such a boundary at the
+    first step (3.9e-5, then 1.9e-3), and moving the weight by 1e-5 took it off (27 row-weight cases then within 6e-7);
+    hence 0.61 here, the rest within 1e-4 as before."""
     model_dir = tmp_path / "model"
     _make("llama", model_dir)
     folders = {n: random_adapter(model_dir, tmp_path / n, 30 + i, r=r, alpha=2 * r)
                for i, (n, r) in enumerate([("a", 4), ("b", 8)])}  # fmt: skip
-    selections = [((("a", 1.0),), (("a", 0.6), ("b", -0.4)), ())[i % 3] for i in range(rows)]
+    selections = [((("a", 1.0),), (("a", 0.61), ("b", -0.4)), ())[i % 3] for i in range(rows)]
     model = quantize_model(load_model(model_dir, "float32", "cpu"), "int8")
     out = {}
     for stack in (True, False):

@@ -39,6 +39,7 @@ from nomoat.models.kv_cache import KVCache
 from nomoat.models.quantize import QuantizationError, QuantizedLinear, quantize_model, weight_bytes
 
 from hf_models import VOCAB, make_hf_model
+from q8_oracle import dequantized, q8_0
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_quantize  # noqa: E402
@@ -125,9 +126,12 @@ def test_dequantized_weight_is_within_half_a_step():
     linear = nn.Linear(96, 64, bias=False)
     with torch.no_grad():
         linear.weight.copy_(w)
-    err8 = (QuantizedLinear.from_linear(linear, "int8").dequantize() - w).abs()
-    step8 = w.abs().amax(dim=1, keepdim=True) / 127
-    assert (err8 <= step8 / 2 + 1e-7).all()
+    w8 = QuantizedLinear.from_linear(linear, "int8").dequantize()
+    assert torch.equal(w8, dequantized(*q8_0(w)))  # GGUF Q8_0's blocks (the gguf package's), exactly
+    err8 = (w8 - w).abs()
+    step8 = (w.view(64, 3, 32).abs().amax(dim=2, keepdim=True) / 127).expand(-1, -1, 32).reshape(64, 96)
+    # Half a step of the block, plus the fp16 rounding of d (relative 2^-11) times |code| <= 127.
+    assert (err8 <= step8 * (0.5 + 127 / 2048) + 1e-7).all()
     err4 = (QuantizedLinear.from_linear(linear, "int4", group_size=32).dequantize() - w).abs()
     blocks = w.view(64, 3, 32)  # Q4_0 blocks run along input channels
     vmax = blocks.gather(2, blocks.abs().argmax(dim=2, keepdim=True))  # signed value of largest magnitude
@@ -236,11 +240,14 @@ def test_int8_codes_are_held_once_as_panels():
     torch.manual_seed(0)
     linear = nn.Linear(40, 100)
     layer = QuantizedLinear.from_linear(linear, "int8")
-    q, scale = Q.quantize_int8(linear.weight)
+    q, d = Q.quantize_int8(linear.weight)
     assert layer.qweight.dtype == torch.int8 and layer.qweight.shape == (2, 40, 64)
-    assert torch.equal(layer.int8_codes(), q) and torch.equal(layer.scale, scale)
+    assert layer.scale.dtype == torch.float16 and layer.scale.shape == (2, 2, 64)  # 40 inputs: blocks of 32 and 8
+    assert torch.equal(layer.int8_codes(), q) and torch.equal(layer.int8_scales(), d)
+    oq, od = q8_0(linear.weight)
+    assert torch.equal(q, oq) and torch.equal(d, od)
     assert torch.equal(layer.qweight[1, :, :36], q[64:].t()) and not layer.qweight[1, :, 36:].any()
-    assert torch.equal(layer.dequantize(), q.float() * scale[:, None])
+    assert torch.equal(layer.dequantize(), dequantized(q, d))
     assert set(layer.state_dict()) == {"qweight", "scale", "bias"}
     panel = PanelLinear.from_module(layer)
     if panel is not None:  # with the compiled kernels: the decode form shares the layer's codes
@@ -255,8 +262,9 @@ def test_weight_bytes_before_and_after(model_dirs):
     quantize_model(model, "int8")
     info = model.quantization
     assert info["bytes_before"] == before and info["bytes_after"] == weight_bytes(model)
-    # Each fp32 weight (4 bytes) becomes 1 byte (outputs padded to 64-channel panels), plus a 4-byte scale per output.
-    assert before - info["bytes_after"] == sum(4 * n * k - -(-n // 64) * 64 * k - 4 * n for n, k in shapes)
+    # Each fp32 weight (4 bytes) becomes 1 byte (outputs padded to 64-channel panels), plus a 2-byte scale per block
+    # of 32 input channels (GGUF Q8_0).
+    assert before - info["bytes_after"] == sum(4 * n * k - -(-n // 64) * 64 * (k + 2 * -(-k // 32)) for n, k in shapes)
     model = quantize_model(_load(model_dirs("llama3")), "int4")
     # int4 (Q4_0): half a byte per weight plus a 2-byte fp16 scale per 32 weights, outputs padded to 64 channels;
     # the output head int8, as above.
@@ -265,7 +273,7 @@ def test_weight_bytes_before_and_after(model_dirs):
     assert "lm_head" in named and model.quantization["layers"]["lm_head"] == "int8"
 
     def kept(name: str, n: int, k: int) -> int:
-        return -(-n // 64) * 64 * k + 4 * n if name == "lm_head" else -(-n // 64) * 64 * k // 32 * 18
+        return -(-n // 64) * 64 * (k + 2 * -(-k // 32)) if name == "lm_head" else -(-n // 64) * 64 * k // 32 * 18
 
     assert before - model.quantization["bytes_after"] == sum(4 * n * k - kept(name, n, k)
                                                              for name, (n, k) in named.items())  # fmt: skip

@@ -71,8 +71,8 @@ def test_linear_ops_match_references_at_any_row_count(built):
     g = torch.Generator().manual_seed(0)
     w, b = _rand(130, 77, g=g), _rand(130, g=g)
     q = torch.randint(-127, 128, (130, 77), generator=g, dtype=torch.int8)
-    scale = torch.rand(130, generator=g) + 0.1
-    p32, p8 = kernels.pack_fp32(w), kernels.pack_int8(q.t())
+    d = (torch.rand(130, 3, generator=g) + 0.1).half()
+    p32, (p8, scale) = kernels.pack_fp32(w), kernels.pack_int8(q, d)
     for m in (1, 5, 8, 9, 17, 40):
         x = _rand(m, 77, g=g)
         torch.testing.assert_close(kernels.linear_fp32(x, p32, 130, b), reference.linear_fp32(x, p32, 130, b),
@@ -81,6 +81,9 @@ def test_linear_ops_match_references_at_any_row_count(built):
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
         torch.testing.assert_close(reference.linear_fp32(x, p32, 130, b), F.linear(x, w, b))  # the oracle itself
     assert torch.equal(kernels.unpack(p32, 130), w) and torch.equal(kernels.unpack(p8, 130), q)
+    assert torch.equal(kernels.unpack_int8(p8, scale, 130)[1], d)
+    want = q.float() * d.float().repeat_interleave(32, dim=1)[:, :77]  # the int8 oracle itself, by plain torch
+    torch.testing.assert_close(reference.linear_int8(x, p8, scale, 130, b), F.linear(x, want, b))
 
 
 def test_training_ops_match_references(built):
@@ -119,7 +122,7 @@ def test_fake_implementations_pass_opcheck(built):
     cases = [
         (torch.ops.nomoat.linear_f32.default, (x, kernels.pack_fp32(w), None, 70)),
         (torch.ops.nomoat.linear_i8.default,
-         (x, kernels.pack_int8(q.t()), torch.rand(70, generator=g), _rand(70, g=g), 70)),
+         (x, *kernels.pack_int8(q, torch.rand(70, 2, generator=g).half()), _rand(70, g=g), 70)),
         (torch.ops.nomoat.swiglu_forward.default, (gate, up)),
         (torch.ops.nomoat.swiglu_backward.default, (gate, up, _rand(4, 33, g=g), torch.empty(4, 33))),
         (torch.ops.nomoat.rope.default, (_rand(1, 2, 3, 8, g=g), _rand(1, 3, 8, g=g), _rand(1, 3, 8, g=g), False)),

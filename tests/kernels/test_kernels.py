@@ -17,6 +17,8 @@ from nomoat.models import quantize
 from nomoat.models.packed import PackedLinear, pack_model
 from nomoat.models.quantize import QuantizedLinear, int8_codes, int8_panels, quantize_int8
 
+from q8_oracle import dequantized, q8_0
+
 # Odd widths (not multiples of 8, 16 or the 64-channel panel) next to model-like ones.
 SHAPES = [(1, 1), (7, 13), (19, 37), (64, 64), (65, 130), (100, 577), (576, 192)]
 
@@ -61,10 +63,11 @@ def _int8_input(x: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def test_int8_dot_mode_and_its_default(built):
-    """The integer dot-product mode exists exactly where the build has AVX-512-VNNI; the exact mode is the default."""
+    """The integer dot-product mode exists exactly where the build has AVX-512-VNNI, and is the default there
+    (`NOMOAT_I8_DOT=0` starts in the exact mode)."""
     has = "vnni" in build.current_variant().name
     was = kernels.int8_dot()
-    assert was == (int(has) if os.environ.get("NOMOAT_I8_DOT") == "1" else 0)
+    assert was == (0 if os.environ.get("NOMOAT_I8_DOT") == "0" else int(has))
     assert kernels.int8_dot(1) == int(has) and kernels.int8_dot(0) == 0
     kernels.int8_dot(was)
 
@@ -75,14 +78,19 @@ def test_int8_matches_dequantized(built, int8_mode, k, n, bias):
     g = torch.Generator().manual_seed(k * 7 + n)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    q, scale = quantize_int8(w)
-    ref_w = q.float() * scale[:, None]  # independent: plain torch ops
-    panels = int8_panels(q)
+    q, d = quantize_int8(w)
+    oq, od = q8_0(w)  # the gguf package's Q8_0 blocks: nomoat's codes and scales are llama.cpp's, bit for bit
+    assert torch.equal(q, oq) and torch.equal(d.view(torch.int16), od.view(torch.int16))
+    ref_w = dequantized(oq, od)  # independent: plain torch ops
+    panels, scale = int8_panels(q, d)
     assert torch.equal(int8_codes(panels, n), q)  # the panels give the plain codes back exactly
+    assert torch.equal(kernels.unpack_int8(panels, scale, n)[1].view(torch.int16), d.view(torch.int16))
     for m in range(1, 10):
         x = torch.randn(m, k, generator=g)
         y = kernels.linear_int8(x, panels, scale, n, b)
         assert _rel_err(y, F.linear(_int8_input(x, int8_mode), ref_w, b)) < 1e-5
+        exact = kernels.linear_int8(x, panels, scale, n, b, exact=True)  # fp32 activations in either mode
+        assert _rel_err(exact, F.linear(x, ref_w, b)) < 1e-5
     x = torch.randn(3, 2 * k, generator=g)[:, ::2]  # non-contiguous
     assert _rel_err(kernels.linear_int8(x, panels, scale, n), F.linear(_int8_input(x, int8_mode), ref_w)) < 1e-5
 
@@ -93,10 +101,10 @@ def test_int8_dot_error_is_within_half_an_activation_step(built, int8_mode, k, n
     int8 step (absmax / 127, so at most half a step off) can move each output: sum over blocks of half the step
     times the block's sum of |w|. The exact mode stays within fp32 rounding."""
     g = torch.Generator().manual_seed(k + n + m)
-    q, scale = quantize_int8(torch.randn(n, k, generator=g))
-    ref_w = q.float() * scale[:, None]
+    q, d = quantize_int8(torch.randn(n, k, generator=g) * torch.rand(n, k, generator=g) * 4)
+    ref_w = dequantized(q, d)
     x = torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g) * 4  # blocks of different ranges
-    y = kernels.linear_int8(x, int8_panels(q), scale, n)
+    y = kernels.linear_int8(x, *int8_panels(q, d), n)
     exact = F.linear(x.double(), ref_w.double())
     half_step = x.reshape(m, k // 32, 32).abs().amax(2).double() / 127 / 2  # (m, blocks)
     w_abs = ref_w.abs().double().reshape(n, k // 32, 32).sum(2)  # (n, blocks)

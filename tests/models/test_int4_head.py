@@ -1,8 +1,9 @@
-"""Under int4 the output head is int8 per channel (`nomoat.models.quantize.layer_mode`), however the model is quantized.
+"""Under int4 the output head is int8 (GGUF Q8_0 blocks; `nomoat.models.quantize.layer_mode`), however the model is
+quantized.
 
-The oracle of the head's codes is torch's own per-channel quantizer (`torch.quantize_per_channel`, symmetric, scale
-absmax / 127); the oracle of the logits is the fp32 model with every linear weight replaced by what its codes stand
-for (4-bit blocks dequantized by plain torch arithmetic from `quantize_q4_0`'s codes, the head from torch's int8 codes),
+The oracle of the head's codes and block scales is the `gguf` package's Q8_0 quantizer (llama.cpp's own); the oracle
+of the logits is the fp32 model with every linear weight replaced by what its codes stand for (4-bit blocks
+dequantized by plain torch arithmetic from `quantize_q4_0`'s codes, the head from the gguf package's Q8_0 blocks),
 run by torch alone.
 """
 
@@ -23,13 +24,7 @@ from nomoat.models.checkpoint import load_model, tensor_shapes
 from nomoat.models.quantize import QuantizedLinear, layer_mode, quantize_model, quantize_q4_0
 
 from hf_models import make_hf_model, padded_batch
-
-
-def _torch_int8(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 codes of `w` by torch's quantizer (the independent oracle)."""
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny).double()
-    q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-    return q.int_repr(), scale.float()
+from q8_oracle import dequantized, q8_0
 
 
 def _q4_dequantized(w: torch.Tensor) -> torch.Tensor:
@@ -50,9 +45,8 @@ def test_layer_mode_is_the_rule() -> None:
     assert layer_mode("lm_head", "int8") == "int8" and layer_mode("q_proj", "int8", 48) == "int8"
 
 
-@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # the oracle; deprecated, still exact
 @pytest.mark.parametrize("family", ["llama3", "llama_tied_mqa"])  # a separate head, a head tied to the embedding
-def test_int4_head_is_int8_per_channel_and_logits_follow(family: str, tmp_path: Path) -> None:
+def test_int4_head_is_int8_q8_0_blocks_and_logits_follow(family: str, tmp_path: Path) -> None:
     make_hf_model(family, tmp_path)
     fp32 = load_model(tmp_path, "float32", "cpu")
     tied = fp32.lm_head.weight is fp32.model.embed_tokens.weight
@@ -64,24 +58,23 @@ def test_int4_head_is_int8_per_channel_and_logits_follow(family: str, tmp_path: 
         assert model.quantization["layers"]["lm_head"] == "int8"
         assert {m.mode for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and n != "lm_head"} == {
             "int4"}
-        codes, scale = _torch_int8(fp32.lm_head.weight.detach())
-        assert torch.equal(head.int8_codes(), codes)
-        torch.testing.assert_close(head.scale, scale, rtol=1e-6, atol=0)
+        codes, d = q8_0(fp32.lm_head.weight.detach())
+        assert torch.equal(head.int8_codes(), codes) and torch.equal(head.int8_scales(), d)
         if tied:  # lookups keep the full-precision embedding
             assert torch.equal(model.model.embed_tokens.weight, fp32.model.embed_tokens.weight)
 
     # The reference: fp32 weights replaced by what the codes stand for, run by torch (activations rounded per block
-    # where the 4-bit kernel rounds them).
+    # where the 4-bit kernel rounds them, and the int8 one in its integer dot-product mode).
     ref = load_model(tmp_path, "float32", "cpu")
     ref.lm_head = nn.Linear(ref.lm_head.in_features, ref.lm_head.out_features, bias=False)
     with torch.no_grad():
         for name, m in ref.named_modules():
             if type(m) is nn.Linear and name != "lm_head":
                 m.weight.copy_(_q4_dequantized(fp32.get_submodule(name).weight.detach()))
-        ref.lm_head.weight.copy_(codes.float() * scale[:, None])
+        ref.lm_head.weight.copy_(dequantized(codes, d))
     if kernels.available():
         for name, m in ref.named_modules():
-            if type(m) is nn.Linear and name != "lm_head":
+            if type(m) is nn.Linear and (name != "lm_head" or kernels.int8_dot() == 1):
                 m.register_forward_pre_hook(_round_per_block)
     ids, mask = padded_batch()
     with torch.no_grad():

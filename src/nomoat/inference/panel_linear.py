@@ -1,10 +1,11 @@
 """`PanelLinear`: a linear layer of the decode model, its weight held once, in the decode kernels' panel layout.
 
 fp32 panels (`W`, from an fp32 `nn.Linear` or a `PackedLinear`'s own panels), bf16 panels (from a bf16 `nn.Linear`:
-a bf16 model decodes with fp32 sums, its activations cast at each layer) or int8 panels with per-channel scales
-(`w = q * scale[n]`, quantized here or an int8 `QuantizedLinear`'s own panels, shared). Every call, whatever its
-number of rows, is one `torch.ops.nomoat.linear_*` call (the op runs rows in blocks of 8 over each panel, so memory
-sees each weight once per call). `weight()` rebuilds the (out, in) matrix from the panels for whoever needs it.
+a bf16 model decodes with fp32 sums, its activations cast at each layer) or int8 panels with fp16 scales per block
+of 32 input channels (GGUF Q8_0's `w = d * q`, quantized here or an int8 `QuantizedLinear`'s own panels, shared).
+Every call, whatever its number of rows, is one `torch.ops.nomoat.linear_*` call (the op runs rows in blocks of 8
+over each panel, so memory sees each weight once per call). `weight()` rebuilds the (out, in) matrix from the panels
+for whoever needs it.
 `Q4PanelLinear` is the same over 4-bit panels (GGUF Q4_0 / Q4_1 blocks, `kernels.linear_q4`): an int4
 `QuantizedLinear`'s own panels (shared), or fp32 / bf16 weights quantized to Q4_0 here.
 """
@@ -25,7 +26,7 @@ class PanelLinear(nn.Module):
     Args:
         panels: (P, in, 64) fp32 or int8 panels (`nomoat.kernels.pack_fp32` / `pack_int8`).
         out_features: Output width (`P * 64` or fewer: the rest is padding).
-        scale: fp32 (out,) per-channel scales of int8 panels; None for fp32 and bf16.
+        scale: (P, ceil(in / 32), 64) fp16 block scales of int8 panels (`pack_int8`); None for fp32 and bf16.
         bias: fp32 (out,) or None.
         in_features: Input width (needed for bf16 panels, which hold input channels in pairs).
     """
@@ -59,7 +60,7 @@ class PanelLinear(nn.Module):
     def from_module(cls, module: nn.Module, quantize: str | None = None) -> PanelLinear | None:
         """The panel form of an fp32/bf16 CPU `nn.Linear`, or of a `PackedLinear` or int8 `QuantizedLinear` (shared).
 
-        `quantize="int8"` quantizes fp32 or bf16 weights (symmetric per output channel, as `QuantizedLinear`). None
+        `quantize="int8"` quantizes fp32 or bf16 weights (GGUF Q8_0 blocks, as `QuantizedLinear`). None
         where the module has no panel form (another type, dtype or device; int4): the decode model keeps the module.
         """
         bias = getattr(module, "bias", None)
@@ -69,8 +70,8 @@ class PanelLinear(nn.Module):
         if type(module) is nn.Linear and module.weight.device.type == "cpu":
             w = module.weight
             if quantize == "int8" and w.dtype in (torch.float32, torch.bfloat16):
-                q, scale = quantize_int8(w)
-                return cls(int8_panels(q), module.out_features, scale, bias)
+                panels, scale = int8_panels(*quantize_int8(w))
+                return cls(panels, module.out_features, scale, bias)
             if w.dtype == torch.float32:
                 return cls(kernels.pack_fp32(w), module.out_features, None, bias)
             if w.dtype == torch.bfloat16 and quantize is None:
@@ -79,15 +80,16 @@ class PanelLinear(nn.Module):
         if type(module) is PackedLinear and module.panels is not None:
             return cls(module.panels, module.out_features, None, bias)
         if isinstance(module, QuantizedLinear) and module.mode == "int8" and module.qweight.device.type == "cpu":
-            return cls(module.qweight, module.out_features, module.scale.float(), bias)  # shared: codes held once
+            return cls(module.qweight, module.out_features, module.scale, bias)  # shared: codes held once
         return None
 
     def weight(self) -> torch.Tensor:
         """The (out, in) fp32 weight these panels stand for (rebuilt: a new tensor)."""
         if self.bf16:
             return kernels.unpack_bf16(self.panels, self.out_features, self.in_features).float()
-        w = kernels.unpack(self.panels, self.out_features)
-        return w.float() * self.scale[:, None] if self.int8 else w
+        if self.int8:
+            return kernels.dequantize_int8(self.panels, self.scale, self.out_features)
+        return kernels.unpack(self.panels, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to `x` (..., in_features): fp32 sums, the result in `x`'s dtype (fp32 or bf16)."""

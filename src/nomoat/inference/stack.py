@@ -80,7 +80,7 @@ def _projection(m: nn.Module, sources: list[Any]) -> list[torch.Tensor] | None:
             sources.append(source)
     if type(m) is Bf16Linear:  # the user's bf16 weight itself
         return [m.bf16_weight, _EMPTY, _EMPTY if m.bias is None else m.bias]
-    if type(m) is Q4PanelLinear:  # 4-bit panels (Q4_0 / Q4_1 blocks): no per-channel scale
+    if type(m) is Q4PanelLinear:  # 4-bit panels (Q4_0 / Q4_1 blocks): scales inside
         return [m.panels, _EMPTY, _EMPTY if m.bias is None else m.bias]
     if type(m) is not PanelLinear or m.bf16:  # the stack reads fp32 or int8 panels
         return None

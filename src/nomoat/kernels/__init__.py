@@ -8,9 +8,11 @@ models: `models` and `inference` call it. `NOMOAT_KERNELS=0` turns the compiled 
 """
 
 from nomoat.kernels.layout import (
+    I8_BLOCK,
     MAX_ROWS,
     PANEL,
     Q4_BLOCK,
+    dequantize_int8,
     dequantize_q4,
     pack_bf16,
     pack_fp32,
@@ -18,6 +20,7 @@ from nomoat.kernels.layout import (
     pack_q4,
     unpack,
     unpack_bf16,
+    unpack_int8,
     unpack_q4,
 )
 from nomoat.kernels.ops import (
@@ -39,11 +42,13 @@ from nomoat.kernels.ops import (
 )
 
 __all__ = [
+    "I8_BLOCK",
     "MAX_ROWS",
     "PANEL",
     "Q4_BLOCK",
     "available",
     "decode_attention",
+    "dequantize_int8",
     "dequantize_q4",
     "int8_dot",
     "isa",
@@ -64,5 +69,6 @@ __all__ = [
     "swiglu_forward",
     "unpack",
     "unpack_bf16",
+    "unpack_int8",
     "unpack_q4",
 ]

@@ -5,7 +5,10 @@ An (N, K) matrix is cut into panels of `PANEL` (64) consecutive output channels,
 memory every decode step, so they are allocated in huge pages. `unpack` gives the matrix back exactly (a permutation),
 so a model holding only panels can still hand out its weights. bf16 panels interleave pairs of input channels
 (`panels[p, k // 2, 2 * j + k % 2] = W[p * 64 + j, k]`, K padded to even): one 32-bit word holds two channels of one
-output, which the kernels widen to fp32 with a shift and a mask.
+output, which the kernels widen to fp32 with a shift and a mask. int8 panels hold codes `q` beside fp16 scales per block
+of 32 input channels per output channel (GGUF Q8_0's blocks: `W[n, k] = d[n, k // 32] * q[n, k]`), the scales
+(P, ceil(K / 32), 64) in the order the integer dot kernel accumulates the channels (`I8_SCALE_ORDER`,
+`csrc/int8_dot.h`): `scales[p, b, I8_SCALE_ORDER[j]] = d[p * 64 + j, b]`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ PANEL = 64  # output channels per panel (4 AVX-512 vectors / 8 AVX2 vectors / 16
 MAX_ROWS = 8  # rows one kernel sweep holds in registers; more rows run in blocks of 8 over each panel
 Q4_BLOCK = 32  # input channels per 4-bit block (GGUF's QK4_0 / QK4_1)
 Q4_CODE_BYTES = PANEL * Q4_BLOCK // 2  # codes of one block of a panel
+I8_BLOCK = 32  # input channels per int8 block scale (GGUF's QK8_0)
+# Where int8 block scales keep channel j of a panel: 16 i + 4 L + q for j = 16 L + 4 i + q (an involution).
+I8_SCALE_ORDER = torch.tensor([16 * ((j >> 2) & 3) + 4 * (j >> 4) + (j & 3) for j in range(PANEL)])
 
 
 def panels_of(w_t: torch.Tensor) -> torch.Tensor:
@@ -35,9 +41,36 @@ def pack_fp32(weight: torch.Tensor) -> torch.Tensor:
     return panels_of(weight.detach().float().t())
 
 
-def pack_int8(q_t: torch.Tensor) -> torch.Tensor:
-    """Panels (P, K, 64) int8 of (K, N) int8 codes (the transposed weight), for `linear_int8`."""
-    return panels_of(q_t.to(torch.int8))
+def pack_int8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Panels of (N, K) int8 codes and their (N, ceil(K / 32)) fp16 block scales, for `linear_int8`.
+
+    Returns:
+        `panels` (P, K, 64) int8 and `scales` (P, ceil(K / 32), 64) fp16 (channels in `I8_SCALE_ORDER`), N
+        zero-padded to a multiple of 64.
+    """
+    n, k = q.shape
+    nb = -(-k // I8_BLOCK)
+    if tuple(d.shape) != (n, nb):
+        raise ValueError(f"pack_int8: scales {tuple(d.shape)} for codes {tuple(q.shape)}; expected ({n}, {nb})")
+    t = F.pad(d.to(torch.float16), (0, 0, 0, -n % PANEL)).view(-1, PANEL, nb).transpose(1, 2)  # (P, nb, 64)
+    scales = torch.empty_like(t)
+    scales[:, :, I8_SCALE_ORDER] = t
+    return panels_of(q.to(torch.int8).t()), hugepages.copy(scales)
+
+
+def unpack_int8(panels: torch.Tensor, scales: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (n, K) int8 codes and (n, ceil(K / 32)) fp16 block scales that int8 panels and their scales hold."""
+    p, nb, _ = scales.shape
+    d = scales[:, :, I8_SCALE_ORDER.to(scales.device)].transpose(1, 2).reshape(p * PANEL, nb)[:n].contiguous()
+    return unpack(panels, n), d
+
+
+def dequantize_int8(
+    panels: torch.Tensor, scales: torch.Tensor, n: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The (n, K) matrix int8 panels stand for: `d * q` in fp32 (exact: an fp16 scale times a code), then `dtype`."""
+    q, d = unpack_int8(panels, scales, n)
+    return (q.float() * d.float().repeat_interleave(I8_BLOCK, dim=1)[:, : q.shape[1]]).to(dtype)
 
 
 def unpack(panels: torch.Tensor, n: int) -> torch.Tensor:

@@ -72,16 +72,23 @@ def bf16_dot_rows() -> int | None:
 
 
 def linear_int8(
-    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    scale: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
-    """`x @ (q * scale[:, None]).T + bias` for 2-D fp32 `x` (M, K) and `panels = layout.pack_int8(q.T)`; (M, n).
+    """`x @ W.T + bias` for 2-D fp32 `x` (M, K) and `panels, scale = layout.pack_int8(q, d)`; (M, n).
 
-    Where the build has AVX-512-VNNI and K is a multiple of 32 (`int8_dot`), the compiled op rounds each row of `x`
-    to int8 per block of 32 channels (as `linear_q4` does, llama.cpp's q8_0 activations) and takes integer dot
-    products (`reference.linear_int8_dot`); by default, and elsewhere, `x` stays fp32 (exact sums).
+    `W = d * q` per block of 32 input channels (GGUF Q8_0's blocks; `scale` the (P, ceil(K / 32), 64) fp16 block
+    scales). By default where the build has AVX-512-VNNI and K is a multiple of 32 (`int8_dot`), the compiled op rounds
+    each row of `x` to int8 per block of 32 channels (as `linear_q4` does: llama.cpp's q8_0 x q8_0 arithmetic) and
+    takes integer dot products (`reference.linear_int8_dot`); in mode 0, with `exact`, and elsewhere, `x` stays fp32
+    (exact sums: what a product on its way to a gradient needs).
     """
     if available():
-        return torch.ops.nomoat.linear_i8(x, panels, scale, bias, n)
+        return torch.ops.nomoat.linear_i8(x, panels, scale, bias, n, exact)
     return reference.linear_int8(x, panels, scale, n, bias)
 
 
@@ -89,8 +96,9 @@ def int8_dot(mode: int = -1) -> int:
     """The process's int8 mode (`linear_int8` and the decode stack): 1 int8 activations, 0 exact fp32 ones.
 
     Mode 1 takes integer dot products over activations rounded to int8 per block of 32; `mode` 0 or 1 sets it first
-    (1 only takes where the build has VNNI), -1 only reads. 0 by default (`NOMOAT_I8_DOT=1` in the environment:
-    1 where the build has VNNI): the rounded activations lose more than llama.cpp's q8_0; always 0 without the kernels.
+    (1 only takes where the build has VNNI), -1 only reads. 1 by default where the build has VNNI (with per-block
+    weight scales it is llama.cpp's q8_0 arithmetic, as accurate and faster than the exact path); `NOMOAT_I8_DOT=0` in
+    the environment starts the process in mode 0; always 0 without VNNI or the kernels.
     """
     return int(torch.ops.nomoat.i8_dot(mode)) if available() else 0
 
@@ -221,7 +229,7 @@ def register_fakes() -> None:
         fake("nomoat::linear_f32")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::linear_bf16")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::linear_bf16_rows")(lambda x, w, bias: x.new_empty(x.shape[0], w.shape[0]))
-        fake("nomoat::linear_i8")(lambda x, panels, scale, bias, n: x.new_empty(x.shape[0], n))
+        fake("nomoat::linear_i8")(lambda x, panels, scale, bias, n, exact=False: x.new_empty(x.shape[0], n))
         fake("nomoat::linear_q4")(lambda x, panels, bias, n: x.new_empty(x.shape[0], n))
         fake("nomoat::decode_attention")(
             lambda q, k, v, cos, sin, kc, vc, row0, positions, kv_len, window, scale: q.new_empty(

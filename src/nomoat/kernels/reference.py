@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nomoat.kernels.layout import Q4_BLOCK, dequantize_q4, unpack, unpack_bf16
+from nomoat.kernels.layout import Q4_BLOCK, dequantize_int8, dequantize_q4, unpack, unpack_bf16
 
 
 def linear_fp32(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,8 +30,11 @@ def linear_bf16_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def linear_int8(
     x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`x @ (q * scale[:, None]).T + bias` for x (M, K) and int8 panels of q (n, K); returns (M, n)."""
-    return F.linear(x, unpack(panels, n).float() * scale[:n, None], bias)
+    """`x @ W.T + bias` for x (M, K) and int8 panels of W (n, K) with their fp16 block scales `scale`; (M, n).
+
+    `W[i, k] = d[i, k // 32] * q[i, k]` (`layout.dequantize_int8`, GGUF Q8_0's blocks).
+    """
+    return F.linear(x, dequantize_int8(panels, scale, n), bias)
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:

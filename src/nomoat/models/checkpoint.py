@@ -344,10 +344,12 @@ def load_model(
     if gguf_file is not None:
         from nomoat.models.gguf import load_gguf_model
 
-        # Q4_0 / Q4_1 blocks are kept (4-bit kernels) for int4, and by default on the CPU unless a dtype is asked.
-        keep_q4 = (quantizer is None and dtype in (None, "auto") and dev.type == "cpu") or (
-            isinstance(quantizer, IntQuantizer) and quantizer.mode == "int4")  # fmt: skip
-        model = load_gguf_model(gguf_file, resolve_dtype(dtype, dev, {"torch_dtype": "bfloat16"}), dev, keep_q4)
+        # Q4_0 / Q4_1 blocks are kept (4-bit kernels) for int4, Q8_0 ones (nomoat's int8 format) for int8, and both by
+        # default on the CPU unless a dtype is asked.
+        default = quantizer is None and dtype in (None, "auto") and dev.type == "cpu"
+        mode = quantizer.mode if isinstance(quantizer, IntQuantizer) else None
+        model = load_gguf_model(gguf_file, resolve_dtype(dtype, dev, {"torch_dtype": "bfloat16"}), dev,
+                                default or mode == "int4", default or mode == "int8")  # fmt: skip
         if quantizer is not None:
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and quantizer.wants(n)]
             _quantize_in_place(model, quantizer, names, dev)

@@ -6,7 +6,8 @@ tensor at a time, dequantizing each block type to the requested dtype and undoin
 interleaving of the `llama` architecture, Gemma's `1 + weight` norms). With `keep_q4`, the Q4_0 / Q4_1 blocks of
 linear layers are kept as they are (`read_q4`): they become int4 `QuantizedLinear` layers (GGUF's own codes, scales
 and minimums in the 4-bit kernels' panels), never dequantized or re-quantized; a tied output head gets the Q4
-embedding's blocks (lookups use the embedding dequantized to the model's dtype).
+embedding's blocks (lookups use the embedding dequantized to the model's dtype). With `keep_q8`, Q8_0 blocks become
+int8 `QuantizedLinear` layers the same way (GGUF's own codes and fp16 block scales: nomoat's int8 format is Q8_0's).
 """
 
 from __future__ import annotations
@@ -222,6 +223,19 @@ def read_tensor(tensor: Any) -> torch.Tensor:
 
 
 Q4_TYPES = ("Q4_0", "Q4_1")
+Q8_TYPES = ("Q8_0",)
+
+
+def read_q8(tensor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 GGUF matrix's blocks as they are: (out, in) int8 codes and (out, in / 32) fp16 scales (`w = d * q`).
+
+    A Q8_0 block is an fp16 `d` and 32 int8 codes.
+    """
+    n, k = (int(d) for d in reversed(tensor.shape))
+    raw = torch.from_numpy(np.array(tensor.data).view(np.uint8).reshape(-1, 34))  # (n * k / 32, block bytes)
+    codes = raw[:, 2:].contiguous().view(torch.int8).reshape(n, k)
+    d = raw[:, :2].contiguous().view(torch.float16).reshape(n, k // 32)
+    return codes, d
 
 
 def read_q4(tensor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -243,24 +257,39 @@ def read_q4(tensor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | Non
     return codes, d, m
 
 
-def _q4_layers(name: str, tensor: Any, arch: str, hf: dict[str, Any], cfg: Any) -> list[tuple[str, QuantizedLinear]]:
-    """The int4 layers one Q4 GGUF tensor makes: (parameter name, layer), rows unpermuted and split as `_convert`."""
-    parts = [None if t is None else _convert(name, t, arch, hf) for t in read_q4(tensor)]  # codes, d, m
-    splits = [split_fused(name, t, cfg) if t is not None else None for t in parts]
+def _kept_layer(tensor: Any) -> QuantizedLinear:
+    """The quantized layer a Q4_0 / Q4_1 / Q8_0 GGUF matrix makes, its blocks kept (no conversion)."""
+    return QuantizedLinear.from_q8(*read_q8(tensor)) if _qtype(tensor) in Q8_TYPES else QuantizedLinear.from_q4(
+        *read_q4(tensor))  # fmt: skip
+
+
+def _kept_layers(name: str, tensor: Any, arch: str, hf: dict[str, Any], cfg: Any) -> list[tuple[str, QuantizedLinear]]:
+    """The layers one kept GGUF tensor makes: (parameter name, layer), rows unpermuted and split as `_convert`."""
+    q8 = _qtype(tensor) in Q8_TYPES
+    parts = [None if t is None else _convert(name, t, arch, hf) for t in (read_q8(tensor) if q8 else read_q4(tensor))]
+    splits = [split_fused(name, t, cfg) if t is not None else None for t in parts]  # codes, d (, m)
     out = []
     for i, (param, codes) in enumerate(splits[0]):
-        d, m = splits[1][i][1], None if splits[2] is None else splits[2][i][1]
-        out.append((param, QuantizedLinear.from_q4(codes.contiguous(), d.contiguous(), m)))
+        d = splits[1][i][1].contiguous()
+        if q8:
+            out.append((param, QuantizedLinear.from_q8(codes.contiguous(), d)))
+        else:
+            m = None if splits[2] is None else splits[2][i][1].contiguous()
+            out.append((param, QuantizedLinear.from_q4(codes.contiguous(), d, m)))
     return out
 
 
-def _keeps_q4(tensor: Any, hf_name: str, linears: set[str]) -> bool:
-    """Whether a GGUF tensor is the Q4_0 / Q4_1 weight of a linear layer (or of Phi-3's fused ones)."""
+def _qtype(tensor: Any) -> str:
     import gguf
 
-    qtype = gguf.GGMLQuantizationType(tensor.tensor_type).name
+    return gguf.GGMLQuantizationType(tensor.tensor_type).name
+
+
+def _keeps(tensor: Any, hf_name: str, linears: set[str], types: tuple[str, ...]) -> bool:
+    """Whether a GGUF tensor is a weight of one of `types` of a linear layer (or of Phi-3's fused ones)."""
     fused = hf_name.endswith(("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"))
-    return qtype in Q4_TYPES and (fused or hf_name.removesuffix(".weight") in linears) and hf_name.endswith(".weight")
+    linear = fused or hf_name.removesuffix(".weight") in linears
+    return _qtype(tensor) in types and linear and hf_name.endswith(".weight")
 
 
 def _convert(name: str, t: torch.Tensor, arch: str, hf: dict[str, Any]) -> torch.Tensor:
@@ -276,7 +305,7 @@ def _convert(name: str, t: torch.Tensor, arch: str, hf: dict[str, Any]) -> torch
 
 
 def load_gguf_model(
-    path: str | os.PathLike, dtype: torch.dtype, device: torch.device, keep_q4: bool = False
+    path: str | os.PathLike, dtype: torch.dtype, device: torch.device, keep_q4: bool = False, keep_q8: bool = False
 ) -> Transformer:
     """Load a GGUF file into nomoat's decoder, one tensor at a time.
 
@@ -286,6 +315,7 @@ def load_gguf_model(
         device: Target device.
         keep_q4: Keep the Q4_0 / Q4_1 weights of linear layers as int4 `QuantizedLinear` layers (module docstring);
             False dequantizes every tensor to `dtype`.
+        keep_q8: Keep the Q8_0 weights of linear layers as int8 `QuantizedLinear` layers (their blocks exactly).
 
     Returns:
         The model in eval mode; `model.config.hf_config` is the equivalent `config.json`.
@@ -303,15 +333,16 @@ def load_gguf_model(
     params = dict(model.named_parameters(remove_duplicate=False))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     loaded: set[str] = set()
+    kept = (Q4_TYPES if keep_q4 else ()) + (Q8_TYPES if keep_q8 else ())
     with torch.no_grad():
         for tensor in reader.tensors:
             if tensor.name in SKIPPED:
                 continue
             if tensor.name not in name_map:
                 raise GGUFError(f"{path}: unexpected tensor {tensor.name} for a GGUF {arch} model")
-            if keep_q4 and _keeps_q4(tensor, name_map[tensor.name], linears):
-                for name, layer in _q4_layers(name_map[tensor.name], tensor, arch, hf, cfg):
-                    _install_q4(model, name, layer, params, device, path, tensor.name)
+            if _keeps(tensor, name_map[tensor.name], linears, kept):
+                for name, layer in _kept_layers(name_map[tensor.name], tensor, arch, hf, cfg):
+                    _install_kept(model, name, layer, params, device, path, tensor.name)
                     loaded.add(name)
                 continue
             raw = _convert(name_map[tensor.name], read_tensor(tensor), arch, hf)
@@ -331,17 +362,17 @@ def load_gguf_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         embedding = next((t for t in reader.tensors if name_map.get(t.name) == "model.embed_tokens.weight"), None)
-        if keep_q4 and embedding is not None and _keeps_q4(embedding, "lm_head.weight", {"lm_head"}):
-            model.lm_head = QuantizedLinear.from_q4(*read_q4(embedding)).to(device)  # the file's blocks, as llama.cpp
+        if embedding is not None and _keeps(embedding, "lm_head.weight", {"lm_head"}, kept):
+            model.lm_head = _kept_layer(embedding).to(device)  # the file's blocks, as llama.cpp
     model.reset_rope(device)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()
 
 
-def _install_q4(model: Transformer, name: str, layer: QuantizedLinear, params: dict[str, Any], device: torch.device,
+def _install_kept(model: Transformer, name: str, layer: QuantizedLinear, params: dict[str, Any], device: torch.device,
                 path: Any, tensor_name: str) -> None:  # fmt: skip
-    """Put a kept Q4 layer where the linear layer of parameter `name` is (its bias, loaded or not, carried over)."""
+    """Put a kept Q4 / Q8 layer where the linear layer of parameter `name` is (its bias, loaded or not, kept)."""
     want = tuple(params[name].shape) if name in params else "no such tensor"
     if want != (layer.out_features, layer.in_features):
         raise GGUFError(f"{path}: tensor {tensor_name} has shape {(layer.out_features, layer.in_features)}, "

@@ -95,7 +95,7 @@ class LinearQuantizer:
 
 
 class IntQuantizer(LinearQuantizer):
-    """`models.quantize`'s int8 (per output channel) or int4 (GGUF Q4_0 blocks) layers, piece by piece.
+    """`models.quantize`'s int8 (GGUF Q8_0 blocks) or int4 (GGUF Q4_0 blocks) layers, piece by piece.
 
     Layers get `quantize.layer_mode`'s format: under int4 the output head is int8 (`for_layer`), and so is a layer
     whose `in_features` is not a multiple of 32 (`layer_mode`).
@@ -118,10 +118,10 @@ class IntQuantizer(LinearQuantizer):
         return layer_mode("", self.mode, in_features, Q4_BLOCK)
 
     def bytes_for(self, out_features: int, in_features: int) -> int:
-        """int8: a byte a weight plus scales; int4: 18 bytes per block of 32 (outputs padded to 64 in both)."""
+        """int8: 34 bytes per block of 32 (a last block may be shorter); int4: 18 (outputs padded to 64 in both)."""
         panels = -(-out_features // PANEL)
-        if self.layer_mode(in_features) == "int8":
-            return panels * PANEL * in_features + 4 * out_features  # panels of 64 outputs, scales
+        if self.layer_mode(in_features) == "int8":  # panels of 64 outputs, fp16 block scales
+            return panels * PANEL * (in_features + 2 * -(-in_features // Q4_BLOCK))
         return panels * in_features // Q4_BLOCK * (Q4_CODE_BYTES + 2 * PANEL)
 
     def quantize(self, weight: torch.Tensor, bias: bool, dtype: torch.dtype, release: Release | None) -> nn.Module:
@@ -130,12 +130,12 @@ class IntQuantizer(LinearQuantizer):
         mode, g = self.layer_mode(k), self.group_size
         layer = QuantizedLinear(k, n, mode, g, bias=bias, dtype=dtype, device="meta")
         if mode == "int8":  # straight into the decode kernels' panels (P, in, 64): a piece's rows fill whole panels
-            panels = torch.zeros(-(-n // PANEL), k, PANEL, dtype=torch.int8)
-            scale = torch.empty(n, dtype=torch.float32)
+            panels = hugepages.empty((-(-n // PANEL), k, PANEL), torch.int8)  # streamed every decode step
+            scale = hugepages.empty((panels.shape[0], -(-k // Q4_BLOCK), PANEL), torch.float16)
             for a, piece in row_chunks(weight, release):
-                q, s = quantize_int8(piece)  # (rows, in) int8, (rows,)
-                panels[a // PANEL : a // PANEL + q.shape[0] // PANEL + (q.shape[0] % PANEL > 0)] = int8_panels(q)
-                scale[a : a + piece.shape[0]] = s
+                p0 = a // PANEL
+                codes, d = int8_panels(*quantize_int8(piece))  # (pieces's panels, in, 64), (.., in / 32, 64)
+                panels[p0 : p0 + codes.shape[0]], scale[p0 : p0 + d.shape[0]] = codes, d
             layer.qweight, layer.scale = panels, scale
         else:  # Q4_0 panels (P, in / 32, 1152), a piece's rows filling whole panels
             shape = (-(-n // PANEL), k // Q4_BLOCK, Q4_CODE_BYTES + 2 * PANEL)

@@ -6,9 +6,12 @@ come back in the input's dtype. `weight_bytes(model)` counts weight bytes; `mode
 before and after.
 
 Formats (each held once, in the compiled kernels' panel layout, `nomoat.kernels.layout`):
-    int8: symmetric, one fp32 scale per output channel: `w[n, k] = q[n, k] * scale[n]`, `q` in [-127, 127]:
-        `qweight` (P, in, 64) int8 panels of 64 output channels, k-major. `int8_codes()` gives the plain (out, in)
-        int8 matrix back (a permutation). 1 byte per weight (+ 4 per output channel, + the padding to 64 channels).
+    int8: GGUF Q8_0's blocks: symmetric, an fp16 scale per block of 32 consecutive *input* channels of each output
+        channel, `w[n, k] = d[n, k // 32] * q[n, k]`, `q` in [-127, 127], `d = absmax / 127` (llama.cpp's rounding):
+        `qweight` (P, in, 64) int8 panels of 64 output channels, k-major, and `scale` (P, ceil(in / 32), 64) fp16
+        (`kernels.pack_int8`). `int8_codes()` / `int8_scales()` give the plain (out, in) codes and (out, in / 32)
+        scales back. 1.0625 bytes per weight (+ the padding to 64 channels). GGUF files' Q8_0 tensors load into it
+        unchanged (`from_q8`); any `in_features` works (a last block of fewer than 32 channels has its own scale).
     int4: GGUF's 4-bit blocks of 32 consecutive *input* channels, an fp16 scale `d` per block: Q4_0 (what
         quantizing gives, with llama.cpp's own rounding: `w = d * (code - 8)`, 0.5625 bytes per weight) or Q4_1
         (`w = d * code + m`, with an fp16 minimum `m`, 0.625 bytes per weight; what a GGUF Q4_1 tensor keeps):
@@ -20,7 +23,8 @@ Kernels (computing in fp32 for fp32 and bf16 models):
     CPU with the compiled kernels, any number of rows: `kernels.linear_int8` / `kernels.linear_q4` on the panels,
         the ops the decode model runs too (`nomoat.inference.prepare` shares these panels: the codes exist once).
         `linear_q4` rounds each activation row to int8 per block of 32 channels (as llama.cpp does for Q4_0) and
-        computes the blocks' dot products on integers (AVX-512-VNNI, AVX-512BW or AVX2).
+        computes the blocks' dot products on integers (AVX-512-VNNI, AVX-512BW or AVX2); so does `linear_int8`
+        where the CPU has AVX-512-VNNI (llama.cpp's q8_0 arithmetic; `kernels.int8_dot`), else fp32 activations.
     Without the kernels, on CUDA or any other device: dequantize-then-matmul, in chunks of at most `CHUNK_ELEMENTS`
         weights so the temporary stays in cache (and small on a GPU); activations are not rounded there.
     With gradients (an input that requires grad, e.g. LoRA training over a quantized base): the weight is
@@ -35,7 +39,7 @@ Rejected after measuring (torch 2.13 CPU build, AMD EPYC, 2 threads):
         `Int4WeightOnlyConfig` needs GPU kernel packages even on CPU. Not used.
     fbgemm's 4-bit embedding bags (groups along output channels): per-row overhead held int4 decode below fp32.
 
-The output head (the layer named `lm_head`) under int4 is quantized to int8 per channel, not to 4 bits: the head
+The output head (the layer named `lm_head`) under int4 is quantized to int8 (Q8_0 blocks), not to 4 bits: the head
 decides every next-token distribution, and 4-bit codes there cost more quality than in any other layer, so llama.cpp's
 q4_0 keeps its output matrix at higher precision too (q8_0 or q6_k). `layer_mode` is the one rule, which loading
 (`load_plan.IntQuantizer`) and the decode model's own quantization follow too; GGUF tensors already stored as Q4
@@ -59,7 +63,7 @@ from torch import nn
 
 from nomoat import kernels
 from nomoat.kernels import hugepages
-from nomoat.kernels.layout import PANEL, Q4_BLOCK, Q4_CODE_BYTES
+from nomoat.kernels.layout import I8_BLOCK, PANEL, Q4_BLOCK, Q4_CODE_BYTES
 from nomoat.util.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -103,7 +107,7 @@ def is_head(name: str) -> bool:
 def layer_mode(name: str, mode: str, in_features: int | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> str:
     """The format the linear layer at module path `name` gets when a model is quantized to `mode`.
 
-    int8 stays int8. Under int4, the output head is int8 per channel (the module docstring says why), and so is a
+    int8 stays int8. Under int4, the output head is int8 (the module docstring says why), and so is a
     layer whose `in_features` (None: not known yet) is not a multiple of the int4 block; every other layer is int4.
     """
     _check_mode(mode)
@@ -116,27 +120,36 @@ def layer_mode(name: str, mode: str, in_features: int | None = None, group_size:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 codes of a matrix.
+    """GGUF Q8_0 codes of a matrix, rounded as llama.cpp (and the `gguf` package) round them.
+
+    Per block of 32 input channels: `d = absmax / 127`, `q = round(x / d)` half away from zero (computed with fp32
+    `d`, stored as fp16). A last block of fewer than 32 channels (`in % 32 != 0`) is its own block.
 
     Args:
         weight: (out, in) floating-point matrix.
 
     Returns:
-        `q`: int8 (out, in) in [-127, 127]; `scale`: fp32 (out,) with `weight ~= q * scale[:, None]`.
+        `q`: int8 (out, in) in [-127, 127]; `d`: fp16 (out, ceil(in / 32)), with `weight ~= d * q` per block.
     """
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    n, k = weight.shape
+    w = F.pad(weight.detach().float(), (0, -k % I8_BLOCK)).reshape(n, -1, I8_BLOCK)  # (out, b, 32)
+    d = w.abs().amax(dim=2, keepdim=True) / 127.0
+    v = w * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    a = v.abs()
+    q = torch.sign(v) * (a.floor() + (2 * (a - a.floor())).floor())  # gguf's np_roundf: half away from zero
+    return q.clamp_(-127, 127).to(torch.int8).reshape(n, -1)[:, :k].contiguous(), d.squeeze(2).half()
 
 
-def int8_panels(q: torch.Tensor) -> torch.Tensor:
-    """Panels (P, in, 64) int8 of (out, in) int8 codes: the kernels' layout (huge pages on the CPU), any device."""
+def int8_panels(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Panels (P, in, 64) int8 and block scales (P, ceil(in / 32), 64) fp16 of codes and scales, any device.
+
+    `q` (out, in) int8 and `d` (out, ceil(in / 32)) fp16, as `quantize_int8` gives them; the kernels' layout
+    (`kernels.pack_int8`, huge pages on the CPU).
+    """
     if q.device.type == "cpu":
-        return kernels.pack_int8(q.t())
-    n, k = q.shape
-    padded = F.pad(q, (0, 0, 0, -n % PANEL))  # (P * 64, in)
-    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+        return kernels.pack_int8(q, d)
+    panels, scales = kernels.pack_int8(q.cpu(), d.cpu())
+    return panels.to(q.device), scales.to(q.device)
 
 
 def int8_codes(panels: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -196,21 +209,25 @@ def quantize_int4(weight: torch.Tensor, fmt: str = "q4_0") -> torch.Tensor:
 
 # ---- kernels ------------------------------------------------------------------------------------------------------
 
-def int8_matmul(x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
-    """`x @ (q * scale[:, None]).T` for a 2-D `x` and int8 panels of `q` (n, in), without the whole fp32 weight.
+def int8_matmul(
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, exact: bool = False
+) -> torch.Tensor:
+    """`x @ W.T` for a 2-D `x` and int8 panels of W (n, in) with their block scales, without the whole fp32 weight.
+
+    `exact`: fp32 activations even where the CPU kernel would round them to int8 (`kernels.int8_dot`).
 
     The compiled panel kernel on the CPU; elsewhere (or without the kernels) panels are dequantized in chunks of
     at most `CHUNK_ELEMENTS` weights, each multiplied as it is made.
     """
     m, k = x.shape
     if x.device.type == "cpu" and m <= INT8_KERNEL_MAX_ROWS and kernels.available():
-        return kernels.linear_int8(x.float(), panels, scale, n).to(x.dtype)
+        return kernels.linear_int8(x.float(), panels, scale, n, exact=exact).to(x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     step = max(1, CHUNK_ELEMENTS // (k * PANEL))  # panels per chunk
     for p0 in range(0, panels.shape[0], step):
         n0, n1 = p0 * PANEL, min(n, (p0 + step) * PANEL)
-        w = panels[p0 : p0 + step].transpose(1, 2).reshape(-1, k)[: n1 - n0].to(x.dtype)  # (n1 - n0, in)
-        torch.mm(x, w.mul_(scale[n0:n1, None].to(x.dtype)).t(), out=out[:, n0:n1])
+        w = kernels.dequantize_int8(panels[p0 : p0 + step], scale[p0 : p0 + step], n1 - n0, x.dtype)
+        torch.mm(x, w.t(), out=out[:, n0:n1])
     return out
 
 
@@ -237,11 +254,11 @@ def int4_matmul(x: torch.Tensor, panels: torch.Tensor, out_features: int, exact:
 
 
 class QuantizedLinear(nn.Module):
-    """A weight-only quantized `nn.Linear` (int8 per output channel, or int4 in GGUF blocks) for inputs of any shape.
+    """A weight-only quantized `nn.Linear` (int8 or int4, in GGUF's blocks) for inputs of any shape.
 
-    Build one from a trained layer with `QuantizedLinear.from_linear(linear, mode)`, or from GGUF Q4_0 / Q4_1
-    codes with `from_q4`. The packed weights (and int8 scales) are buffers: they follow `.to(device)` and appear in
-    `state_dict`. The bias, if any, stays a full-precision parameter.
+    Build one from a trained layer with `QuantizedLinear.from_linear(linear, mode)`, or from GGUF Q8_0 blocks with
+    `from_q8`, Q4_0 / Q4_1 ones with `from_q4`. The packed weights (and int8 scales) are buffers: they follow
+    `.to(device)` and appear in `state_dict`. The bias, if any, stays a full-precision parameter.
 
     Args:
         in_features: Input width.
@@ -274,7 +291,8 @@ class QuantizedLinear(nn.Module):
         if mode == "int8":
             self.group_size = None
             self.register_buffer("qweight", torch.zeros(panels, in_features, PANEL, dtype=torch.int8, device=device))
-            self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+            shape = (panels, -(-in_features // I8_BLOCK), PANEL)
+            self.register_buffer("scale", torch.ones(shape, dtype=torch.float16, device=device))
         else:
             _check_group(in_features, group_size)
             if int4_format not in INT4_FORMATS:
@@ -304,8 +322,7 @@ class QuantizedLinear(nn.Module):
         new = cls(k, n, mode, group_size, linear.bias is not None, w.dtype, "meta", int4_format)
         with torch.no_grad():
             if mode == "int8":
-                q, new.scale = quantize_int8(w)
-                new.qweight = int8_panels(q)
+                new.qweight, new.scale = int8_panels(*quantize_int8(w))
             else:
                 new.qweight = quantize_int4(w, int4_format)
             if linear.bias is not None:
@@ -337,17 +354,40 @@ class QuantizedLinear(nn.Module):
             new.bias = nn.Parameter(bias.detach().clone())
         return new
 
+    @classmethod
+    def from_q8(cls, codes: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """An int8 layer holding given GGUF Q8_0 blocks exactly (no re-quantization).
+
+        Args:
+            codes: (out, in) int8 codes.
+            d: (out, ceil(in / 32)) fp16 block scales (`w = d * q`).
+            bias: (out,) bias, or None.
+        """
+        n, k = codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        new = cls(k, n, "int8", DEFAULT_GROUP_SIZE, bias is not None, dtype, "meta")
+        new.qweight, new.scale = int8_panels(codes, d)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach().clone())
+        return new
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight these integers stand for, in `dtype`, computed with plain torch ops."""
         if self.mode == "int8":
-            return self.int8_codes().to(dtype) * self.scale.to(dtype)[:, None]
+            return kernels.dequantize_int8(self.qweight, self.scale, self.out_features, dtype)
         return kernels.dequantize_q4(self.qweight, self.out_features, dtype)
 
     def int8_codes(self) -> torch.Tensor:
-        """The plain (out, in) int8 codes of an int8 layer (`w = q * scale[:, None]`), rebuilt from the panels."""
+        """The plain (out, in) int8 codes of an int8 layer (`w = d * q` per block), rebuilt from the panels."""
         if self.mode != "int8":
             raise QuantizationError(f"int8_codes: the layer is {self.mode}")
         return int8_codes(self.qweight, self.out_features)
+
+    def int8_scales(self) -> torch.Tensor:
+        """The plain (out, ceil(in / 32)) fp16 block scales of an int8 layer, rebuilt from the panels' order."""
+        if self.mode != "int8":
+            raise QuantizationError(f"int8_scales: the layer is {self.mode}")
+        return kernels.unpack_int8(self.qweight, self.scale, self.out_features)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to `x` (..., in_features); the output has `x`'s dtype."""
@@ -355,10 +395,10 @@ class QuantizedLinear(nn.Module):
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        # an input on its way to a gradient (QLoRA's base in training): the exact product its backward assumes
         if self.mode == "int8":
-            y = int8_matmul(x2, self.qweight, self.scale, self.out_features)
+            y = int8_matmul(x2, self.qweight, self.scale, self.out_features, exact=x.requires_grad)
         else:
-            # an input on its way to a gradient (QLoRA's base in training): the exact product its backward assumes
             y = int4_matmul(x2, self.qweight, self.out_features, exact=x.requires_grad)
         if self.bias is not None:
             y = y.add_(self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
@@ -399,7 +439,7 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every `nn.Linear` of `model` in place by a weight-only `QuantizedLinear` under the same name.
 
-    Each layer's format is `layer_mode`'s: under int4 the output head is int8 per channel, and a layer whose
+    Each layer's format is `layer_mode`'s: under int4 the output head is int8, and a layer whose
     `in_features` is not divisible by 32 is int8 too (logged). Every `nn.Linear` is a target: attach LoRA adapters
     after quantizing, not before. A tied `lm_head` gets its own quantized copy; the embedding keeps its
     full-precision matrix (see the module docstring for the memory cost). The result is also described in

@@ -1,5 +1,5 @@
 // Every layer of a Llama/Mistral/Qwen2-style pre-norm decoder stack for one decode step, in one call (fp32
-// activations, fp32 or int8 panel weights, optional per-row LoRA adapters), for any number of rows (one new token
+// activations, fp32 or int8 panel weights (int8: fp16 scales per block of 32 input channels), optional per-row LoRA adapters), for any number of rows (one new token
 // each); returns the hidden states before the final norm:
 //
 //   for each layer:  x_n = rmsnorm(x) * w_in;  qkv = x_n Wqkv^T (+ bias);  rope on q, k;  write k, v into the cache
@@ -20,9 +20,10 @@
 // consecutive rows), norm weights and the KV cache may be bf16 (the cache holds keys and values rounded to bf16);
 // activations stay fp32, except that where the CPU has bf16 dot products (AVX-512-BF16) a projection's input is
 // rounded to bf16 in registers (`NOMOAT_BF16_DOT=0`: exact fp32).
-// 4-bit layers (q4 panels, q4_rows.h), and int8 layers where the build has VNNI (int8_dot.h, `i8_dot_mode`): a
-// projection's input is rounded to int8 per block of 32 once per step, as linear_q4 / linear_i8 round it: the normed input by each thread beside its norm, the attention and MLP outputs by the units
-// that write them, into shared per-layer buffers.
+// 4-bit layers (q4 panels, q4_rows.h), and int8 layers where the build has VNNI (int8_dot.h, `i8_dot_mode`, on by
+// default): a projection's input is rounded to int8 per block of 32 once per step, as linear_q4 / linear_i8 round it:
+// the normed input by each thread beside its norm, the attention and MLP outputs by the units that write them, into
+// shared per-layer buffers.
 // Adapters (`stack_lora.h`): an adapter phase computes the low-rank products c * (x A^T) of the next phase's
 // projections once per step, in units of rows sharing an adapter; each panel unit adds (products) Bt for its columns.
 // NOMOAT_STACK_PROFILE=1 (read when the plan is made) sums the CPU time of each phase kind's units and of the waits
@@ -84,8 +85,8 @@ struct StackPlan : torch::CustomClassHolder {
     profiling_ = prof != nullptr && prof[0] != '\0' && prof[0] != '0';
   }
 
-  // t: w_in, w_post, then (panels, scale, bias) for q, k, v, o and (panels, scale) for gate, up, down; an absent
-  // scale or bias is an empty tensor. window: sliding window or 0; kind: index of the layer's rope table.
+  // t: w_in, w_post, then (panels, scale, bias) for q, k, v, o and (panels, scale) for gate, up, down (scale: int8
+  // panels' fp16 block scales (P, ceil(K / 32), 64)); an absent scale or bias is an empty tensor. window: sliding window or 0; kind: index of the layer's rope table.
   void add_layer(std::vector<at::Tensor> t, int64_t window, int64_t kind) {
     TORCH_CHECK(t.size() == 20, "add_layer: 20 tensors expected");
     const int64_t Q = H_ * hd_, KV = nkv_ * hd_;
@@ -391,8 +392,7 @@ struct StackPlan : torch::CustomClassHolder {
               float* dst = QKV + (l * M + m0 + m) * NQKV + off + n0;
               const float* src = buf + m * PANEL;
               for (int64_t j = 0; j < nn; ++j) {
-                float v = s->scale ? src[j] * s->scale[n0 + j] : src[j];
-                v = s->bias ? v + s->bias[n0 + j] : v;
+                float v = s->bias ? src[j] + s->bias[n0 + j] : src[j];
                 dst[j] = has_d ? v + dl[m * PANEL + j] : v;
               }
             }
@@ -445,8 +445,7 @@ struct StackPlan : torch::CustomClassHolder {
               const float* src = buf + m * PANEL;
               const int64_t r = (m0 + m) * D + n0;
               for (int64_t j = 0; j < nn; ++j) {
-                float v = s.scale ? src[j] * s.scale[n0 + j] : src[j];
-                v = s.bias ? v + s.bias[n0 + j] : v;
+                float v = s.bias ? src[j] + s.bias[n0 + j] : src[j];
                 if (has_d) v += dl[m * PANEL + j];
                 xout[r + j] = xin[r + j] + v;
               }
@@ -467,8 +466,7 @@ struct StackPlan : torch::CustomClassHolder {
             for (int64_t m = 0; m < mm; ++m) {
               float* dst = ACT + (l * M + m0 + m) * I + n0;
               for (int64_t j = 0; j < nn; ++j) {
-                float gv = ly.gate.scale ? buf[m * PANEL + j] * ly.gate.scale[n0 + j] : buf[m * PANEL + j];
-                float uv = ly.up.scale ? buf2[m * PANEL + j] * ly.up.scale[n0 + j] : buf2[m * PANEL + j];
+                float gv = buf[m * PANEL + j], uv = buf2[m * PANEL + j];
                 if (has_g) gv += dl[m * PANEL + j];
                 if (has_u) uv += dl2[m * PANEL + j];
                 buf[m * PANEL + j] = gv;

@@ -5,9 +5,14 @@
 // contiguous stream; the kernel walks it k by k, broadcasting x[m, k] and accumulating 64 outputs per row in vector
 // registers: no horizontal sums, one FMA per weight vector per row, and the M rows share each weight load. Where M
 // rows times the panel's vectors would spill registers, a panel is swept in column halves or quarters (the panel
-// stays in L2 between sweeps, so memory still sees each weight once). int8 panels hold codes (w = q * scale[n]),
-// converted to fp32 in registers and scaled once per output by the caller.
+// stays in L2 between sweeps, so memory still sees each weight once). int8 panels hold codes with an fp16 scale per
+// block of 32 input channels per output channel (GGUF Q8_0's blocks: w[n, k] = d[n, k / 32] * q[n, k]), the scales
+// beside the codes as (P, ceil(K / 32), 64) in the order of the integer dot kernel (`i8_scale_pos`, int8_dot.h); here
+// each block's 64 scales are loaded once and every code is widened to fp32 and multiplied by its scale (exact: an
+// fp16 scale times a code of 8 bits fits fp32's mantissa), so the sums are those of the dequantized weight.
 #pragma once
+
+#include <algorithm>
 
 #include "vec.h"
 
@@ -16,6 +21,48 @@ constexpr int MAX_ROWS = 8;                // rows one sweep holds in registers;
 #ifndef SERIAL_BYTES_LOG2
 #define SERIAL_BYTES_LOG2 21
 #endif
+
+constexpr int I8_BLOCK = 32;  // input channels per int8 block scale (GGUF's QK8_0)
+
+// Where block scales (P, nb, 64) keep the scale of channel `ch` of a panel: the integer dot kernel accumulates channel
+// 16 L + 4 i + q in lane 4 L + q of its vector i (int8_dot.h), so it stores at 16 i + 4 L + q (an involution).
+static inline int i8_scale_pos(int ch) { return 16 * ((ch >> 2) & 3) + 4 * (ch >> 4) + (ch & 3); }
+
+// An IEEE half as fp32 (any ISA).
+static inline float half_to_f(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 1023u;
+  uint32_t u;
+  if (e == 0) {  // zero or subnormal: m * 2^-24, exact in fp32
+    float r = (float)m * 5.9604644775390625e-8f;
+    std::memcpy(&u, &r, 4);
+    u |= sign;
+  } else {
+    u = sign | (e == 31 ? 0x7f800000u : (e + 112) << 23) | (m << 13);
+  }
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+// The fp32 scales of channels ch0 .. ch0 + W - 1 (ch0 a multiple of W) from one block's 64 fp16 scales `s` (stored
+// at `i8_scale_pos`: each run of four channels is four consecutive halves).
+static inline vf load_scales(const uint16_t* s, int ch0) {
+#if defined(__AVX512F__)
+  uint64_t g[4];  // W = 16, ch0 = 16 L: channels 16 L + 4 i + q at 16 i + 4 L + q
+  for (int i = 0; i < 4; ++i) std::memcpy(&g[i], s + 16 * i + 4 * (ch0 >> 4), 8);
+  return (vf)_mm512_cvtph_ps(_mm256_set_epi64x((long long)g[3], (long long)g[2], (long long)g[1], (long long)g[0]));
+#elif defined(__AVX__) && defined(__F16C__)
+  uint64_t g[2];  // W = 8: two runs of four
+  for (int i = 0; i < 2; ++i) std::memcpy(&g[i], s + i8_scale_pos(ch0 + 4 * i), 8);
+  return (vf)_mm256_cvtph_ps(_mm_set_epi64x((long long)g[1], (long long)g[0]));
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+  return (vf)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + i8_scale_pos(ch0))));  // W = 4: one run
+#else
+  vf r;
+  for (int j = 0; j < W; ++j) r[j] = half_to_f(s[i8_scale_pos(ch0 + j)]);
+  return r;
+#endif
+}
 
 template <bool I8>
 static inline vf load_w(const void* base, int64_t off) {
@@ -92,27 +139,64 @@ static inline void pin_w(vf& v) {
 }
 
 // acc[m][c] += x[m, k] * w[k, c0 + c*W ...] over all k, for M rows and C vectors of one panel; writes out[m][...].
+// int8 panels (I8): `ds` the panel's block scales (nb, 64); each code is widened and multiplied by its block's scale,
+// or, where the registers hold a second set of accumulators (few rows), each block's sums are scaled once.
 template <bool I8, int M, int C, bool AH = false>
-static void sweep(const float* x, int64_t ldx, const void* w, int64_t K, int c0, float* out /* M x PANEL */,
-                  Ahead* ah = nullptr) {
+static void sweep(const float* x, int64_t ldx, const void* w, const uint16_t* ds, int64_t K, int c0,
+                  float* out /* M x PANEL */, Ahead* ah = nullptr) {
   vf acc[M][C];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) acc[m][c] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
-    if constexpr (AH) ah->step();  // a loop of its own: no test per k where there is no read-ahead
-    vf wv[C];
+  const int64_t step = I8 ? I8_BLOCK : K;
+  for (int64_t k0 = 0; k0 < K; k0 += step) {
+    vf sv[C];
+    if constexpr (I8) {
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      wv[c] = load_w<I8>(w, k * PANEL + c0 + c * W);
-      if constexpr (!I8) pin_w<M>(wv[c]);
+      for (int c = 0; c < C; ++c) sv[c] = load_scales(ds + (k0 / I8_BLOCK) * PANEL, c0 + c * W);
     }
+    const int64_t k1 = std::min<int64_t>(K, k0 + step);
+    if constexpr (I8 && 2 * M * C + C + 1 <= NREG) {
+      // Few rows: the block's sums unscaled in registers of their own, scaled once per block (no multiply per k).
+      vf bacc[M][C];
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      const float xs = x[m * ldx + k];
+      for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) acc[m][c] += xs * wv[c];
+        for (int c = 0; c < C; ++c) bacc[m][c] = vf{};
+      for (int64_t k = k0; k < k1; ++k) {
+        if constexpr (AH) ah->step();
+        vf wv[C];
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) wv[c] = load_w<true>(w, k * PANEL + c0 + c * W);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const float xs = x[m * ldx + k];
+#pragma GCC unroll 8
+          for (int c = 0; c < C; ++c) bacc[m][c] += xs * wv[c];
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[m][c] += bacc[m][c] * sv[c];
+      continue;
+    }
+    for (int64_t k = k0; k < k1; ++k) {
+      if constexpr (AH) ah->step();  // a loop of its own: no test per k where there is no read-ahead
+      vf wv[C];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        wv[c] = load_w<I8>(w, k * PANEL + c0 + c * W);
+        if constexpr (I8) wv[c] *= sv[c];
+        else pin_w<M>(wv[c]);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const float xs = x[m * ldx + k];
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[m][c] += xs * wv[c];
+      }
     }
   }
 #pragma GCC unroll 8
@@ -129,32 +213,35 @@ constexpr int cols() {
 }
 
 template <bool I8, int M>
-static void panel_rows(const float* x, int64_t ldx, const void* w, int64_t K, float* out, Ahead* ah = nullptr) {
+static void panel_rows(const float* x, int64_t ldx, const void* w, const uint16_t* ds, int64_t K, float* out,
+                       Ahead* ah = nullptr) {
   // Over 6 rows (or where M rows do not fit at full width), blocks of 4 rows at full panel width: they beat column
   // sweeps, and 4 + 3 or 4 + 4 rows beat 6 + 1 or 6 + 2 (a one- or two-row sweep is load-bound).
   if constexpr (M > 4 && cols<4>() == NV && (M > 6 || cols<M>() < NV)) {
-    panel_rows<I8, 4>(x, ldx, w, K, out, ah);
-    panel_rows<I8, M - 4>(x + 4 * ldx, ldx, w, K, out + 4 * PANEL, ah);
+    panel_rows<I8, 4>(x, ldx, w, ds, K, out, ah);
+    panel_rows<I8, M - 4>(x + 4 * ldx, ldx, w, ds, K, out + 4 * PANEL, ah);
   } else {
     constexpr int C = cols<M>();
     for (int c0 = 0; c0 < PANEL; c0 += C * W)
-      if (ah != nullptr) sweep<I8, M, C, true>(x, ldx, w, K, c0, out, ah);
-      else sweep<I8, M, C>(x, ldx, w, K, c0, out);
+      if (ah != nullptr) sweep<I8, M, C, true>(x, ldx, w, ds, K, c0, out, ah);
+      else sweep<I8, M, C>(x, ldx, w, ds, K, c0, out);
   }
 }
 
-// out (m x 64) for 1 <= m <= 8 rows; `ah`: a read-ahead to pace over the product.
+// out (m x 64) for 1 <= m <= 8 rows; `ds`: an int8 panel's block scales (nb, 64) fp16 (nullptr for fp32 panels);
+// `ah`: a read-ahead to pace over the product.
 template <bool I8>
-static void panel_any(int m, const float* x, int64_t ldx, const void* w, int64_t K, float* out, Ahead* ah = nullptr) {
+static void panel_any(int m, const float* x, int64_t ldx, const void* w, const uint16_t* ds, int64_t K, float* out,
+                      Ahead* ah = nullptr) {
   switch (m) {
-    case 1: panel_rows<I8, 1>(x, ldx, w, K, out, ah); break;
-    case 2: panel_rows<I8, 2>(x, ldx, w, K, out, ah); break;
-    case 3: panel_rows<I8, 3>(x, ldx, w, K, out, ah); break;
-    case 4: panel_rows<I8, 4>(x, ldx, w, K, out, ah); break;
-    case 5: panel_rows<I8, 5>(x, ldx, w, K, out, ah); break;
-    case 6: panel_rows<I8, 6>(x, ldx, w, K, out, ah); break;
-    case 7: panel_rows<I8, 7>(x, ldx, w, K, out, ah); break;
-    default: panel_rows<I8, 8>(x, ldx, w, K, out, ah); break;
+    case 1: panel_rows<I8, 1>(x, ldx, w, ds, K, out, ah); break;
+    case 2: panel_rows<I8, 2>(x, ldx, w, ds, K, out, ah); break;
+    case 3: panel_rows<I8, 3>(x, ldx, w, ds, K, out, ah); break;
+    case 4: panel_rows<I8, 4>(x, ldx, w, ds, K, out, ah); break;
+    case 5: panel_rows<I8, 5>(x, ldx, w, ds, K, out, ah); break;
+    case 6: panel_rows<I8, 6>(x, ldx, w, ds, K, out, ah); break;
+    case 7: panel_rows<I8, 7>(x, ldx, w, ds, K, out, ah); break;
+    default: panel_rows<I8, 8>(x, ldx, w, ds, K, out, ah); break;
   }
 }
 

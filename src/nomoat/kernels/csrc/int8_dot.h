@@ -1,18 +1,20 @@
-// int8 panels (gemv.h's layout: (P, K, 64) int8 codes, w = q * scale[n]) against activations rounded to int8 per
-// block of 32 input channels (q4k::Q4Rows: llama.cpp's q8_0 activations, as the 4-bit kernels take them), with
-// integer dot products: AVX-512-VNNI `vpdpbusd` adds four byte products per 32-bit lane in one instruction.
+// int8 panels (gemv.h's layout: (P, K, 64) int8 codes with fp16 scales per block of 32 input channels per output
+// channel, GGUF Q8_0's w = d[n, b] * q) against activations rounded to int8 per block of 32 input channels
+// (q4k::Q4Rows: llama.cpp's q8_0 activations, as the 4-bit kernels take them), with integer dot products: AVX-512-VNNI
+// `vpdpbusd` adds four byte products per 32-bit lane in one instruction. This is llama.cpp's q8_0 x q8_0 arithmetic.
 //
 // The panel is k-major (64 channels per k), while `vpdpbusd` wants four consecutive k of one channel in a lane: four
 // k rows (4 x 64 bytes) are interleaved in registers by two rounds of byte and word unpacks into four vectors whose
-// lane 4 L + q (L: the 128-bit lane) holds channel 16 L + 4 i + q of vector i; the lane order is undone once per
+// lane 4 L + q (L: the 128-bit lane) holds channel 16 L + 4 i + q of vector i; the block scales are stored in that
+// order (`i8_scale_pos`), so each block's weight scales are four vector loads, and the lane order is undone once per
 // panel. `vpdpbusd` multiplies unsigned by signed bytes: the codes are offset by 128 (an XOR of the sign bit), and
 // 128 times the block's sum of activation codes (`sq`) is taken off each block's integer sum, exactly. Each block's
-// sum is scaled by the block's activation scale in fp32; the caller scales each output channel by scale[n].
+// sum is scaled by the product of the block's activation scale and its weight scales, in fp32.
 //
-// Off by default, opt-in where the build has VNNI (`NOMOAT_I8_DOT=1` or the `i8_dot` op; `i8_dot_mode`): rounding the
-// activations on top of per-channel int8 weights loses more than llama.cpp's q8_0 does (perplexity +0.72% against
-// q8_0's +0.31% on SmolLM2-135M), so the exact path
-// of fp32 activations and widened weights (gemv.h) is the default. Only inputs of a multiple of 32 channels take it.
+// The default where the build has VNNI (with per-block weight scales, as accurate as llama.cpp's q8_0: perplexity
+// measured in benchmarks/bench_quality.py); `NOMOAT_I8_DOT=0` (or the `i8_dot` op, `i8_dot_mode`) forces the exact
+// path of fp32 activations and widened weights (gemv.h), which builds without VNNI always take. Only inputs of a
+// multiple of 32 channels take the integer path.
 #pragma once
 
 #include <atomic>
@@ -30,7 +32,7 @@ constexpr bool HAS_I8_DOT = false;
 
 static inline int i8_dot_default() {
   const char* env = std::getenv("NOMOAT_I8_DOT");
-  return HAS_I8_DOT && env != nullptr && env[0] == '1' ? 1 : 0;
+  return HAS_I8_DOT && !(env != nullptr && env[0] == '0') ? 1 : 0;
 }
 // Whether int8 panels take int8 activations and integer dot products: one setting for the process.
 inline std::atomic<int> i8_dot_mode{i8_dot_default()};
@@ -57,9 +59,9 @@ static inline void quads(const int8_t* p, __m512i v[4]) {
   v[3] = _mm512_xor_si512(_mm512_unpackhi_epi16(b, d), off);
 }
 
-// out (M x 64) = M rows of quantized activations times one int8 panel (unscaled by the channel scales).
+// out (M x 64) = M rows of quantized activations times one int8 panel with block scales `ds` (nb, 64).
 template <int M>
-static void panel_rows(const q4k::Q4Rows& x, const int8_t* w, float* out) {
+static void panel_rows(const q4k::Q4Rows& x, const int8_t* w, const uint16_t* ds, float* out) {
   const int64_t K = x.K, nb = K / q4k::QK;
   __m512 acc[M][4];
 #pragma GCC unroll 8
@@ -86,13 +88,17 @@ static void panel_rows(const q4k::Q4Rows& x, const int8_t* w, float* out) {
         for (int i = 0; i < 4; ++i) s[m][i] = _mm512_dpbusd_epi32(s[m][i], v[i], xb);
       }
     }
+    __m512 dw[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) dw[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ds + b * PANEL + 16 * i)));
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const __m512i corr = _mm512_set1_epi32(128 * x.sq[m * nb + b]);
       const __m512 d = _mm512_set1_ps(x.dx[m * nb + b]);
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i)
-        acc[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[m][i], corr)), d, acc[m][i]);
+        acc[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[m][i], corr)), _mm512_mul_ps(dw[i], d),
+                                    acc[m][i]);
     }
   }
 #pragma GCC unroll 8
@@ -108,15 +114,15 @@ static void panel_rows(const q4k::Q4Rows& x, const int8_t* w, float* out) {
 
 // out (m x 64) for 1 <= m <= 8 rows: blocks of at most 2 rows (their sums and the four weight quads fit the
 // register file); the panel stays in L1/L2 between blocks.
-static inline void panel_any(int m, const q4k::Q4Rows& x, const int8_t* w, float* out) {
+static inline void panel_any(int m, const q4k::Q4Rows& x, const int8_t* w, const uint16_t* ds, float* out) {
   for (int m0 = 0; m0 < m; m0 += 2) {
-    if (m - m0 >= 2) panel_rows<2>(x.rows(m0), w, out + m0 * PANEL);
-    else panel_rows<1>(x.rows(m0), w, out + m0 * PANEL);
+    if (m - m0 >= 2) panel_rows<2>(x.rows(m0), w, ds, out + m0 * PANEL);
+    else panel_rows<1>(x.rows(m0), w, ds, out + m0 * PANEL);
   }
 }
 #else
 // Builds without VNNI never take the integer path (`i8_dot_on`); plain loops keep the call well-defined.
-static inline void panel_any(int m, const q4k::Q4Rows& x, const int8_t* w, float* out) {
+static inline void panel_any(int m, const q4k::Q4Rows& x, const int8_t* w, const uint16_t* ds, float* out) {
   const int64_t K = x.K, nb = K / q4k::QK;
   for (int r = 0; r < m; ++r)
     for (int o = 0; o < PANEL; ++o) {
@@ -124,7 +130,7 @@ static inline void panel_any(int m, const q4k::Q4Rows& x, const int8_t* w, float
       for (int64_t b = 0; b < nb; ++b) {
         int32_t s = 0;
         for (int64_t k = b * q4k::QK; k < (b + 1) * q4k::QK; ++k) s += (int32_t)x.xq[r * K + k] * w[k * PANEL + o];
-        acc += (float)s * x.dx[r * nb + b];
+        acc += (float)s * (half_to_f(ds[b * PANEL + i8_scale_pos(o)]) * x.dx[r * nb + b]);
       }
       out[r * PANEL + o] = acc;
     }

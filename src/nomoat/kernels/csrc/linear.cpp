@@ -1,7 +1,7 @@
 // y = x W^T (+ bias) for a few rows of activations over weights in panels (gemv.h), fp32, bf16 (fp32 accumulation) or
-// int8 codes with per-channel scales: the decode-time matmul, bound by how fast the weights stream from memory. Where
-// the build has VNNI, int8 panels take the rows rounded to int8 per block of 32 and integer dot products
-// (int8_dot.h; `i8_dot` op, `NOMOAT_I8_DOT=1`, opt-in; by default the exact fp32 path).
+// int8 codes with fp16 scales per block of 32 input channels (GGUF Q8_0's blocks): the decode-time matmul, bound by
+// how fast the weights stream from memory. Where the build has VNNI, int8 panels take the rows rounded to int8 per
+// block of 32 and integer dot products by default (int8_dot.h; `i8_dot` op, `NOMOAT_I8_DOT=0`: the exact fp32 path).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -17,14 +17,17 @@ enum Kind { F32 = 0, I8 = 1, BF16 = 2 };
 constexpr int64_t BF16_DOT_MIN_ROWS = 16;
 
 template <int T>
-static inline void panel_of(int m, const float* x, int64_t ldx, const char* w, int64_t K, float* out) {
+static inline void panel_of(int m, const float* x, int64_t ldx, const char* w, const uint16_t* ds, int64_t K,
+                            float* out) {
   if constexpr (T == BF16) panel_any_bf16(m, x, ldx, (const uint16_t*)w, K, out);
-  else panel_any<T == I8>(m, x, ldx, w, K, out);
+  else panel_any<T == I8>(m, x, ldx, w, ds, K, out);
 }
 
+// `dp`: int8 panels' block scales (P, ceil(K / 32), 64) fp16, nullptr for the other kinds.
+// `exact`: int8 panels take fp32 activations whatever the process's mode (`i8_dot`).
 template <int T>
-static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, const float* sp,
-                              const std::optional<at::Tensor>& bias, int64_t N) {
+static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, const uint16_t* dp,
+                              const std::optional<at::Tensor>& bias, int64_t N, bool exact = false) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: 2-D fp32");
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   TORCH_CHECK(wp.dim() == 3 && wp.is_contiguous(), "w: (P, K, 64) contiguous panels");
@@ -34,6 +37,7 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
   const float* xp = x.data_ptr<float>();
   const char* wb = (const char*)wp.data_ptr();
   const int64_t panel_bytes = kstored * width * (T == F32 ? 4 : T == I8 ? 1 : 2);
+  const int64_t panel_scales = (K + I8_BLOCK - 1) / I8_BLOCK * PANEL;  // int8: fp16 block scales per panel
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() >= N, "bias: fp32 (N,)");
@@ -53,7 +57,7 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
   std::vector<int8_t> xq;
   std::vector<float> xd;
   std::vector<int32_t> xs;
-  if (T == I8 && i8_dot_on(K)) {
+  if (T == I8 && !exact && i8_dot_on(K)) {
     xq.resize(M * K);
     xd.resize(M * K / q4k::QK);
     xs.resize(M * K / q4k::QK);
@@ -70,6 +74,7 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
   for (int64_t p = 0; p < P; ++p) {
     alignas(64) float buf[MAX_ROWS * PANEL];
     const char* w = wb + p * panel_bytes;
+    const uint16_t* ds = dp != nullptr ? dp + p * panel_scales : nullptr;
     const int64_t n0 = p * PANEL, nn = std::min<int64_t>(PANEL, N - n0);
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // the panel stays in L2 across row blocks
       const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
@@ -79,16 +84,13 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
       else
 #endif
       if (!xq.empty())
-        i8k::panel_any(mm, xrows.rows(m0), (const int8_t*)w, buf);
+        i8k::panel_any(mm, xrows.rows(m0), (const int8_t*)w, ds, buf);
       else
-        panel_of<T>(mm, xp + m0 * ldx, ldx, w, K, buf);
+        panel_of<T>(mm, xp + m0 * ldx, ldx, w, ds, K, buf);
       for (int m = 0; m < mm; ++m) {
         float* dst = yp + (m0 + m) * N + n0;
         const float* src = buf + m * PANEL;
-        for (int j = 0; j < nn; ++j) {
-          float v = sp ? src[j] * sp[n0 + j] : src[j];
-          dst[j] = bp ? v + bp[n0 + j] : v;
-        }
+        for (int j = 0; j < nn; ++j) dst[j] = bp ? src[j] + bp[n0 + j] : src[j];
       }
     }
   }
@@ -102,10 +104,14 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::
 }
 
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scale,
-                     const std::optional<at::Tensor>& bias, int64_t n) {
+                     const std::optional<at::Tensor>& bias, int64_t n, bool exact) {
   TORCH_CHECK(panels.scalar_type() == at::kChar, "int8 panels expected");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() >= n, "scale: fp32 (n,)");
-  return linear_impl<I8>(x, panels, scale.data_ptr<float>(), bias, n);
+  TORCH_CHECK(panels.dim() == 3, "int8 panels: (P, K, 64)");
+  const int64_t nb = (panels.size(1) + I8_BLOCK - 1) / I8_BLOCK;
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.dim() == 3 &&
+              scale.size(0) == panels.size(0) && scale.size(1) == nb && scale.size(2) == PANEL,
+              "scale: fp16 block scales (P, ceil(K / 32), 64)");
+  return linear_impl<I8>(x, panels, (const uint16_t*)scale.data_ptr(), bias, n, exact);
 }
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
@@ -114,8 +120,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std:
   return linear_impl<BF16>(x, panels, nullptr, bias, n);
 }
 
-// Sets (mode 0: exact fp32 activations, int8 weights widened; 1: activations rounded to int8 per block of 32, integer
-// dot products, where the build has VNNI) or with -1 only reads the mode of every int8 panel kernel of the process
+// Sets (mode 0: exact fp32 activations, int8 weights widened; 1, the default where the build has VNNI: activations
+// rounded to int8 per block of 32, integer dot products) or with -1 only reads the mode of every int8 panel kernel of the process
 // (linear_i8 and the decode stack); returns the mode in effect.
 static int64_t i8_dot(int64_t mode) {
   if (mode >= 0) i8_dot_mode.store(HAS_I8_DOT && mode > 0 ? 1 : 0);

@@ -10,7 +10,7 @@
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias, int64_t n);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias, int64_t n);
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scale,
-                     const std::optional<at::Tensor>& bias, int64_t n);
+                     const std::optional<at::Tensor>& bias, int64_t n, bool exact);
 
 // linear_rows.cpp: y = x W^T (+ bias) over a bf16 weight in its own (N, K) layout (read in place), fp32 sums.
 at::Tensor linear_bf16_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);

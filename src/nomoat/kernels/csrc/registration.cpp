@@ -17,7 +17,7 @@ TORCH_LIBRARY(nomoat, m) {
   m.def("linear_f32(Tensor x, Tensor panels, Tensor? bias, int n) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor panels, Tensor? bias, int n) -> Tensor");
   m.def("linear_bf16_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("linear_i8(Tensor x, Tensor panels, Tensor scale, Tensor? bias, int n) -> Tensor");
+  m.def("linear_i8(Tensor x, Tensor panels, Tensor scale, Tensor? bias, int n, bool exact=False) -> Tensor");
   m.def("linear_q4(Tensor x, Tensor panels, Tensor? bias, int n) -> Tensor");
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "

@@ -14,16 +14,18 @@
 #include "rows_bf16.h"
 #include "stack_lora.h"
 
-// One matrix: panels (P, K, 64) fp32 or int8, or a bf16 (N, K) row-major weight; optional per-channel scale (int8)
-// and bias.
+// One matrix: panels (P, K, 64) fp32 or int8 (with fp16 block scales (P, ceil(K / 32), 64)), or a bf16 (N, K)
+// row-major weight; optional bias.
 struct Seg {
   const char* w = nullptr;
   bool i8 = false, bf16 = false;
   int64_t P = 0, K = 0, N = 0;
   bool q4 = false;  // 4-bit panels (P, K / 32, BB) (q4_rows.h): read from the input's int8 blocks, `q4in`
   int64_t BB = 0;
-  const float* scale = nullptr;
+  const uint16_t* ds = nullptr;  // int8: block scales
   const float* bias = nullptr;
+  // int8: the block scales of panel p
+  const uint16_t* ds_of(int64_t p) const { return ds + p * ((K + I8_BLOCK - 1) / I8_BLOCK) * PANEL; }
 };
 
 struct LayerPlan {
@@ -46,7 +48,7 @@ static inline void norm_row(const float* r, const void* w, bool norm16, int64_t 
     for (int64_t i = 0; i < D; ++i) out[i] = ((const float*)w)[i] * (r[i] * rstd);
 }
 
-// buf (M x 64) = x (M x K, row stride ldx) times panel p of `s` (unscaled).
+// buf (M x 64) = x (M x K, row stride ldx) times panel p of `s`.
 // A q4 segment reads `q4in`, the same rows quantized per block of 32 (q4_rows.h), instead of x; so does an int8 one
 // given `q4in` (integer dot products, int8_dot.h). `ah`: a read-ahead paced over the product (fp32 and int8 panels of
 // the exact path); what it has not asked for of its required part (`Ahead::must`) is asked for at the end (all of it
@@ -57,9 +59,9 @@ static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, in
   else if (s.bf16)
     rows_any_bf16(M, x, ldx, (const uint16_t*)s.w + p * PANEL * s.K, s.K, (int)std::min<int64_t>(PANEL, s.N - p * PANEL),
                   buf);
-  else if (s.i8 && q4in.xq != nullptr) i8k::panel_any(M, q4in, (const int8_t*)s.w + p * s.K * PANEL, buf);
-  else if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.K, buf, ah);
-  else panel_any<false>(M, x, ldx, s.w + p * s.K * PANEL * 4, s.K, buf, ah);
+  else if (s.i8 && q4in.xq != nullptr) i8k::panel_any(M, q4in, (const int8_t*)s.w + p * s.K * PANEL, s.ds_of(p), buf);
+  else if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.ds_of(p), s.K, buf, ah);
+  else panel_any<false>(M, x, ldx, s.w + p * s.K * PANEL * 4, nullptr, s.K, buf, ah);
   if (ah != nullptr) ah->flush();
 }
 
@@ -105,9 +107,10 @@ static Seg make_seg(const at::Tensor& w, const at::Tensor& scale, const at::Tens
   s.K = K;
   s.N = N;
   if (s.i8) {
-    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() >= N,
-                what, ": int8 panels need fp32 scales (N,)");
-    s.scale = scale.data_ptr<float>();
+    TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.dim() == 3 &&
+                scale.size(0) == s.P && scale.size(1) == (K + I8_BLOCK - 1) / I8_BLOCK && scale.size(2) == PANEL,
+                what, ": int8 panels need fp16 block scales (P, ceil(K / 32), 64)");
+    s.ds = (const uint16_t*)scale.data_ptr();
   }
   if (bias.numel() > 0) {
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() >= N,

@@ -322,8 +322,8 @@ struct StackPlan : torch::CustomClassHolder {
       auto lora_delta = [&](int64_t l, int proj, int64_t n0, int64_t nn, float* dl, int64_t m0, int mm) -> bool {
         return E > 0 && lora_rows_delta(layers_[l].ad, ls, XA + l * E * 7 * R, R, proj, n0, nn, m0, mm, dl);
       };
-      // Read-ahead of the Bt columns a panel unit's row block m0 adds: the first block's asked for at once, each
-      // next block's queued on `ah`, which the block's panel product paces over its FMAs (null: nothing to read).
+      // Read-ahead of the Bt columns a panel unit's row block m0 adds, queued on `ah`, which the block's own panel
+      // product paces over its FMAs (null: nothing to read); the lines arrive long before the product ends.
       // Then (unit u of phase idx, row block m0) its share of the A factors of the next adapter phase: q/k/v units
       // ask for the o projection's, o units for gate/up's, gate/up units (the gate product) for down's, down units
       // for the next layer's q/k/v; what a product has no time for is dropped (read when needed).
@@ -333,12 +333,7 @@ struct StackPlan : torch::CustomClassHolder {
                             int64_t idx = -1, int64_t u = 0) -> Ahead* {
         if (E == 0) return nullptr;
         ah.clear();
-        if (!layers_[l].ad.lora[proj].empty()) {
-          if (m0 == 0) lora_rows_prefetch(layers_[l].ad, ls, proj, n0, nn, m0, mm);
-          const int64_t m1 = m0 + mm;
-          const int next = (int)std::min<int64_t>(MAX_ROWS, M - m1);
-          if (m1 < M) lora_rows_queue(layers_[l].ad, ls, proj, n0, nn, m1, next, ah);
-        }
+        lora_rows_queue(layers_[l].ad, ls, proj, n0, nn, m0, mm, ah);
         ah.must = ah.n;
         if (idx >= 0) {
           const int ph = PH_KIND[idx % NPH], nxt = ph == 0 ? 2 : ph == 2 ? 3 : ph == 3 ? 4 : 0;

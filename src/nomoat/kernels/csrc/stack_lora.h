@@ -7,9 +7,11 @@
 // next phase once (each row of A read once per block, its rows' dot products together) into the layer's product
 // buffer; each panel unit then adds (products) Bt for its 64 columns (`lora_expand`). Reads ahead: each entry's
 // slice of Bt is r short rows far apart (read when needed, every one a cache miss), and the adapter phase has no
-// compute to hide its reads of A behind, so a panel unit asks for its first row block's Bt columns before its base
-// product (`lora_rows_prefetch`), then queues the next row block's, and a share of the A factors of the next adapter
-// phase (`lora_a_queue`), on a read-ahead its panel product paces over its FMAs (`Ahead`, gemv.h). Products are
+// compute to hide its reads of A behind, so for each row block a panel unit queues the block's Bt columns
+// (`lora_rows_queue`) and a share of the A factors of the next adapter phase (`lora_a_queue`) on a read-ahead the
+// block's own panel product paces over its FMAs (`Ahead`, gemv.h). (Asking for the first block's Bt in one burst
+// before the product and pacing each next block's behind the block before it was measured 6% slower with 32
+// distinct adapters: a burst fills the core's miss buffers and stalls the product's own loads.) Products are
 // stored whole (a unit may run twice, see decode_stack.cpp), in one buffer per layer: entry t, projection p at
 // ((t * 7) + p) * R.
 // Factors are fp32 or bf16 (half the bytes a step streams; widened exactly to fp32 in registers, fp32 sums).
@@ -153,14 +155,6 @@ static inline void lora_expand(const float* t, const Lora& a, int64_t n0, int64_
   else lora_expand_t<float>(t, a, n0, nn, d);
 }
 
-// Read-ahead of columns n0..n0+nn of every row of a.Bt.
-static inline void lora_prefetch_cols(const Lora& a, int64_t n0, int64_t nn) {
-  const int64_t esz = a.bf16 ? 2 : 4, row = a.out * esz;
-  const char* b = (const char*)a.Bt + n0 * esz;
-  for (int64_t i = 0; i < a.r; ++i, b += row)
-    for (int64_t o = 0; o < nn * esz; o += 64) __builtin_prefetch(b + o, 0, 2);
-}
-
 // The projections of phase kind ph (0 q/k/v, 2 o, 3 gate/up, 4 down): p0 .. p0 + np.
 static inline int phase_p0(int ph) { return ph == 0 ? 0 : ph == 2 ? 3 : ph == 3 ? 4 : 6; }
 static inline int phase_np(int ph) { return ph == 0 ? 3 : ph == 3 ? 2 : 1; }
@@ -181,18 +175,8 @@ static inline void lora_products(const LayerLoras& ad, const LoraStep& ls, int64
   }
 }
 
-// Read-ahead (into L2) of columns n0..n0+nn of Bt of every adapter entry of rows m0..m0+mm on projection `proj`:
-// a panel unit asks before its base product, which hides the misses behind it.
-static inline void lora_rows_prefetch(const LayerLoras& ad, const LoraStep& ls, int proj, int64_t n0, int64_t nn,
-                                      int64_t m0, int mm) {
-  if (ad.lora[proj].empty()) return;
-  for (int64_t m = m0; m < m0 + mm; ++m)
-    for (int64_t q = ls.row_ptr[m]; q < ls.row_ptr[m + 1]; ++q)
-      if (const Lora* a = ad.find(proj, ls.slot[ls.row_ent[q]])) lora_prefetch_cols(*a, n0, nn);
-}
-
-// The same columns of Bt for rows m0..m0+mm, queued on a paced read-ahead (the previous row block's panel product
-// asks for them while it computes).
+// Columns n0..n0+nn of Bt of every adapter entry of rows m0..m0+mm on projection `proj`, queued on a paced
+// read-ahead (the rows' panel product asks for them while it computes).
 static inline void lora_rows_queue(const LayerLoras& ad, const LoraStep& ls, int proj, int64_t n0, int64_t nn,
                                    int64_t m0, int mm, Ahead& ah) {
   if (ad.lora[proj].empty()) return;

@@ -137,6 +137,11 @@ def test_arena_puts_small_tensors_and_tails_in_huge_pages() -> None:
     mb = _mapping_of(ptr)
     if mb is not None and _thp_mode() in ("madvise", "always"):
         assert mb["AnonHugePages"] <= huge_before - 4 * 2048  # its whole huge pages went back
+    temp = hugepages.arena_empty((1000,), torch.float32)  # a temporary freed before the next tensor is made
+    where = temp.data_ptr()
+    del temp
+    gc.collect()
+    assert hugepages.arena_empty((10,), torch.float32).data_ptr() == where  # its place is the next one's
     alone = hugepages.arena_empty((hugepages.CHUNK // 4 + 1024,), torch.float32)  # over a chunk: one of its own
     ptr = alone.data_ptr()
     assert _mapping_of(ptr) is not None and hugepages._ARENA.chunk() is not None

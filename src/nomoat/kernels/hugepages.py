@@ -18,8 +18,8 @@ partial 2 MiB of a 3.5 MB MLP matrix) lie in huge pages too, where `empty` would
 on that VM (SmolLM2-135M shapes, fp32 decode at 2 threads): with `empty`, 302 of the 538 MB of panels were in huge
 pages and the q/k/v and o panels streamed at 14 GB/s per thread against 19-20 for the MLP's; all in the arena, every
 projection streamed at 24-27 GB/s and a token took 14% less CPU time. A chunk is unmapped when its last tensor goes;
-a tensor that goes before its neighbours gives back the whole huge pages inside it (`MADV_DONTNEED`), so a loader's
-temporaries cost no memory.
+a tensor that goes before its neighbours gives back the whole huge pages inside it (`MADV_DONTNEED`), and the last
+tensor made, freed before the next is made (a loader's temporary), gives its place back to the next one.
 
 `advise(t)` moves a tensor that already exists (a weight decode reads in place) into huge pages where it lies: the
 kernel copies each whole 2 MiB stretch inside it into a huge page (`MADV_COLLAPSE`, Linux 6.1+; one stretch at a time,
@@ -150,7 +150,7 @@ class _Arena:
     """The current chunk (a weak reference: a chunk whose tensors are all gone is unmapped) and its next free byte."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a finalizer (`_release`) may run while the lock is held
         self.chunk: weakref.ref[Any] | None = None
         self.used = 0
 
@@ -158,11 +158,22 @@ class _Arena:
 _ARENA = _Arena()
 
 
-def _release(start: int, end: int) -> None:
-    """Give back the whole huge pages inside [start, end) (an arena tensor freed before its chunk)."""
+def _release(base: int, start: int, end: int) -> None:
+    """Give back the whole huge pages inside [start, end) of the chunk at `base` (an arena tensor freed).
+
+    The place itself goes back too where nothing was made after it (a temporary).
+    """
+    with _ARENA.lock:
+        chunk = _ARENA.chunk() if _ARENA.chunk is not None else None
+        if chunk is not None and ctypes.addressof(chunk) == base and _ARENA.used == _aligned(end - base):
+            _ARENA.used = start - base
     a, b = -(-start // HUGE) * HUGE, end // HUGE * HUGE
     if b > a:
         _libc().madvise(a, b - a, _MADV_DONTNEED)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
 
 
 def arena_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -192,10 +203,10 @@ def arena_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torc
         else:
             used = _ARENA.used
         if _ARENA.chunk is not None and _ARENA.chunk() is chunk:
-            _ARENA.used = -(-(used + nbytes) // _ALIGN) * _ALIGN
+            _ARENA.used = _aligned(used + nbytes)
     piece = (ctypes.c_char * nbytes).from_buffer(chunk, used)  # keeps the chunk mapped while it lives
     base = ctypes.addressof(piece)
-    weakref.finalize(piece, _release, base, base + nbytes).atexit = False
+    weakref.finalize(piece, _release, ctypes.addressof(chunk), base, base + nbytes).atexit = False
     return torch.frombuffer(piece, dtype=dtype, count=math.prod(shape)).view(shape)
 
 

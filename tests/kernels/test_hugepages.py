@@ -109,3 +109,42 @@ def test_packed_panels_and_kv_cache_use_huge_pages() -> None:
     cfg = type("Cfg", (), {"num_kv_heads": 4, "head_dim": 64, "num_layers": 2})()
     cache = KVCache(cfg, 4, 1024, torch.float32, "cpu")
     assert cache.k[0].data_ptr() % hugepages.HUGE == 0 and not cache.k[0].any() and not cache.v[1].any()
+
+
+def test_arena_puts_small_tensors_and_tails_in_huge_pages() -> None:
+    """Tensors under 2 MiB and the tails of larger ones share huge pages (where the kernel allows them); contents are
+    each tensor's own; a tensor freed before its neighbours gives back the whole huge pages inside it, and the chunk
+    is unmapped with its last tensor."""
+    shapes = [(576, 576), (192, 576), (1536, 577), (3, 5)]
+    src = [torch.randn(s) for s in shapes]
+    ts = [hugepages.arena_copy(s) for s in src]
+    for s, t in zip(src, ts):
+        assert torch.equal(s, t) and t.is_contiguous() and t.data_ptr() % 64 == 0
+    ends = sorted((t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in ts)
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # no overlap
+    big = hugepages.arena_empty((3 << 20,), torch.float32)  # 12 MiB: whole huge pages inside it
+    big.fill_(1.0)
+    m = _mapping_of(ts[0].data_ptr())
+    assert m is not None
+    if _thp_mode() in ("madvise", "always"):
+        first = ts[0].data_ptr() // hugepages.HUGE * hugepages.HUGE  # every page the small tensors touch is huge
+        assert m["AnonHugePages"] * 1024 >= max(e for _, e in ends) - first - hugepages.HUGE
+    mb = _mapping_of(big.data_ptr())
+    huge_before = mb["AnonHugePages"]
+    ptr = big.data_ptr()
+    del big
+    gc.collect()
+    mb = _mapping_of(ptr)
+    if mb is not None and _thp_mode() in ("madvise", "always"):
+        assert mb["AnonHugePages"] <= huge_before - 4 * 2048  # its whole huge pages went back
+    temp = hugepages.arena_empty((1000,), torch.float32)  # a temporary freed before the next tensor is made
+    where = temp.data_ptr()
+    del temp
+    gc.collect()
+    assert hugepages.arena_empty((10,), torch.float32).data_ptr() == where  # its place is the next one's
+    alone = hugepages.arena_empty((hugepages.CHUNK // 4 + 1024,), torch.float32)  # over a chunk: one of its own
+    ptr = alone.data_ptr()
+    assert _mapping_of(ptr) is not None and hugepages._ARENA.chunk() is not None
+    del alone
+    gc.collect()
+    assert _mapping_of(ptr) is None  # unmapped with its last tensor

@@ -6,7 +6,8 @@ decode form (`PanelLinear`: panels, stored once; `Bf16Linear`: the user's bf16 w
 has none, the user's layer itself. Prefill runs the twin's layers (attention through
 `scaled_dot_product_attention`). A decode step runs the one-call stack (`stack.py`) where the model qualifies (fp32,
 int8 or bf16 weights; the stack's activations are fp32, its output is cast back to the model's dtype), else the twin's
-layer loop (torch attention); which one is decided once, when the plan is built, never per token.
+layer loop (torch attention); which one is decided once, when the plan is built, never per token. Where the plan holds
+the final norm and output head (`Plan.head`), a step's logits come from the same call.
 
 The twin is a snapshot of the user's weights: `stale()` says whether the user's model changed since (a layer
 replaced, a weight written in place or given new storage: merging an adapter into the base does both), and
@@ -185,6 +186,8 @@ class DecodeModel:
         """
         stacked = self.plan is not None and input_ids.shape[1] == 1 and cache is not None
         if stacked and not isinstance(rows, torch.Tensor):  # a decode step (one token per row, rows a slice)
+            if not return_hidden and self.plan.head:
+                return self._stack_step(input_ids, position_ids, cache, rows, kv_len, logits=True)
             h = self._stack_step(input_ids, position_ids, cache, rows, kv_len)
             return h if return_hidden else self.net.logits(h)
         return self.net(input_ids, position_ids=position_ids, cache=cache, rows=rows, kv_len=kv_len,
@@ -197,9 +200,18 @@ class DecodeModel:
         return self.net.logits(hidden)
 
     def _stack_step(
-        self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice | None, kv_len: int | None
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        rows: slice | None,
+        kv_len: int | None,
+        logits: bool = False,
     ) -> torch.Tensor:
-        """One token per row through every layer in one call; the final normed hidden states (B, 1, D)."""
+        """One token per row through every layer in one call: the final normed hidden states (B, 1, D).
+
+        With `logits` (a plan with the head, `Plan.head`), the logits (B, 1, V) instead, from the same call.
+        """
         net, plan = self.net, self.plan
         B = ids.shape[0]
         row0 = 0 if rows is None else (rows.start or 0)
@@ -211,6 +223,6 @@ class DecodeModel:
         h = h.float()
         tables = [net.rope_tables(kind, positions, torch.float32) for kind in plan.kinds]  # (B, 1, rd) each
         out = plan.native.run(h, [c for c, _ in tables], [s for _, s in tables], positions, row0, int(kv_len),
-                              cache.k, cache.v, plan.coefficients(B))  # fmt: skip
+                              cache.k, cache.v, plan.coefficients(B), logits)  # fmt: skip
         self.stack_steps += 1
-        return net.model.norm(out.to(dtype))
+        return out if logits else net.model.norm(out.to(dtype))

@@ -12,6 +12,10 @@ or MLP bias; SiLU), every projection a `PanelLinear` (fp32 or int8), a `Bf16Line
 weights read in place) or a `Q4PanelLinear` (4-bit panels: each projection's input rounded to int8 per block of 32,
 as `linear_q4` rounds it), or an adapter-bank layer over one; fp32 or bf16 norms. The step's activations are fp32;
 the KV cache is the model's dtype (fp32, or bf16 for a bf16 model).
+
+An fp32 model whose output head is an fp32 or int8 `PanelLinear` (no soft-capping, a plain final `RMSNorm`) gets its
+final norm and head in the same call too (`Plan.head`): one parallel region per decode step instead of two, and no
+norm between them.
 """
 
 from __future__ import annotations
@@ -51,10 +55,14 @@ class Plan:
         kinds: Layer types, in the order of the rope tables `run` takes.
         sources: Adapter banks (objects with `current`: (rows, ((name, weight), ...)) entries) the layers belong to.
         slots: Adapter name -> coefficient column.
+        head: Whether the plan can end a step with the final norm and the output head (`run`'s last argument).
     """
 
-    def __init__(self, native: Any, kinds: list[str], sources: list[Any], slots: dict[str, int]) -> None:
+    def __init__(
+        self, native: Any, kinds: list[str], sources: list[Any], slots: dict[str, int], head: bool = False
+    ) -> None:
         self.native = native
+        self.head = head
         self.kinds = kinds
         self.sources = tuple(sources)
         self.slots = dict(slots)
@@ -101,6 +109,22 @@ def _block_eligible(block: nn.Module, cfg: ModelConfig) -> bool:
     )  # fmt: skip
 
 
+def _head_parts(net: nn.Module, cfg: ModelConfig) -> list[torch.Tensor] | None:
+    """[norm weight, panels, scale, bias] of an fp32 model's final norm and fp32 / int8 panel head, else None."""
+    head, norm = getattr(net, "lm_head", None), getattr(net.model, "norm", None)
+    if type(head) is not PanelLinear or head.bf16 or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    if cfg.final_logit_softcap is not None or net.dtype != torch.float32:
+        return None
+    if type(norm) is not RMSNorm or norm.offset or norm.eps != cfg.rms_norm_eps or norm.weight.dtype != torch.float32:
+        return None
+    if not norm.weight.is_contiguous() or norm._forward_hooks or norm._forward_pre_hooks:
+        return None
+    empty = _EMPTY
+    return [norm.weight.detach(), head.panels, empty if head.scale is None else head.scale,
+            empty if head.bias is None else head.bias]  # fmt: skip
+
+
 def build_plan(net: nn.Module) -> Plan | None:
     """The stack plan of a decode model's `Transformer` whose layers all qualify (module docstring), else None."""
     cfg = net.config
@@ -135,4 +159,7 @@ def build_plan(net: nn.Module) -> Plan | None:
         native.add_layer(tensors, int(window), kinds.index(kind))
     for i, j, slot, a, bt, scaling in loras:
         native.add_lora(i, j, slot, a, bt, scaling)
-    return Plan(native, kinds, sources, slots)
+    head = _head_parts(net, cfg)
+    if head is not None:
+        native.set_head(*head, net.lm_head.out_features)
+    return Plan(native, kinds, sources, slots, head=head is not None)

@@ -12,6 +12,15 @@ beyond it is ever backed by a page) and asks the kernel for huge pages (`madvise
 first write faults huge pages in directly. The mapping is unmapped when the tensor's storage is freed. Tensors under
 2 MiB, platforms other than Linux, `NOMOAT_HUGE_PAGES=0` and any failure get plain `torch.empty`.
 
+`arena_empty(shape, dtype)` (and `arena_copy`) is for weights: tensors carved one after another out of shared huge-page
+chunks, so that a matrix under 2 MiB (a small model's attention projections) and the tail of a larger one (the last
+partial 2 MiB of a 3.5 MB MLP matrix) lie in huge pages too, where `empty` would leave them in 4 KiB pages. Measured
+on that VM (SmolLM2-135M shapes, fp32 decode at 2 threads): with `empty`, 302 of the 538 MB of panels were in huge
+pages and the q/k/v and o panels streamed at 14 GB/s per thread against 19-20 for the MLP's; all in the arena, every
+projection streamed at 24-27 GB/s and a token took 14% less CPU time. A chunk is unmapped when its last tensor goes;
+a tensor that goes before its neighbours gives back the whole huge pages inside it (`MADV_DONTNEED`), and the last
+tensor made, freed before the next is made (a loader's temporary), gives its place back to the next one.
+
 `advise(t)` moves a tensor that already exists (a weight decode reads in place) into huge pages where it lies: the
 kernel copies each whole 2 MiB stretch inside it into a huge page (`MADV_COLLAPSE`, Linux 6.1+; one stretch at a time,
 so memory never grows by more than a page); elsewhere it is a no-op.
@@ -27,6 +36,7 @@ import math
 import mmap
 import os
 import sys
+import threading
 import weakref
 from typing import Any
 
@@ -127,6 +137,82 @@ def advise(t: torch.Tensor) -> bool:
 def copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of CPU tensor `t` made with `empty` (huge pages where possible)."""
     out = empty(t.shape, t.dtype)
+    out.copy_(t)
+    return out
+
+
+CHUNK = 16 * HUGE  # the arena's least chunk (a larger tensor gets a chunk of its own size, rounded up to 2 MiB)
+_ALIGN = 64  # bytes: each arena tensor starts on a cache line
+_MADV_DONTNEED = 4
+
+
+class _Arena:
+    """The current chunk (a weak reference: a chunk whose tensors are all gone is unmapped) and its next free byte."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # a finalizer (`_release`) may run while the lock is held
+        self.chunk: weakref.ref[Any] | None = None
+        self.used = 0
+
+
+_ARENA = _Arena()
+
+
+def _release(base: int, start: int, end: int) -> None:
+    """Give back the whole huge pages inside [start, end) of the chunk at `base` (an arena tensor freed).
+
+    The place itself goes back too where nothing was made after it (a temporary).
+    """
+    with _ARENA.lock:
+        chunk = _ARENA.chunk() if _ARENA.chunk is not None else None
+        if chunk is not None and ctypes.addressof(chunk) == base and _ARENA.used == _aligned(end - base):
+            _ARENA.used = start - base
+    a, b = -(-start // HUGE) * HUGE, end // HUGE * HUGE
+    if b > a:
+        _libc().madvise(a, b - a, _MADV_DONTNEED)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def arena_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor carved from the shared huge-page arena (see the module docstring).
+
+    For weights that stream at decode: it starts on a cache line (not on a 2 MiB boundary as `empty`'s do), and
+    shares its first and last huge page with the tensors made before and after it. Plain `torch.empty` where huge
+    pages are off or unavailable.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0 or not enabled():
+        return torch.empty(shape, dtype=dtype)
+    with _ARENA.lock:
+        chunk = _ARENA.chunk() if _ARENA.chunk is not None else None
+        if chunk is None or len(chunk) - _ARENA.used < nbytes:
+            mapped = _mapping(max(CHUNK, -(-nbytes // HUGE) * HUGE))
+            if mapped is None:
+                return torch.empty(shape, dtype=dtype)
+            start, length = mapped
+            new = (ctypes.c_char * length).from_address(start)
+            release = weakref.finalize(new, _libc().munmap, start, length)
+            release.atexit = False
+            # the new chunk becomes the current one unless the old has more room left
+            if chunk is None or length - nbytes >= len(chunk) - _ARENA.used:
+                _ARENA.chunk, _ARENA.used = weakref.ref(new), 0
+            chunk, used = new, 0
+        else:
+            used = _ARENA.used
+        if _ARENA.chunk is not None and _ARENA.chunk() is chunk:
+            _ARENA.used = _aligned(used + nbytes)
+    piece = (ctypes.c_char * nbytes).from_buffer(chunk, used)  # keeps the chunk mapped while it lives
+    base = ctypes.addressof(piece)
+    weakref.finalize(piece, _release, ctypes.addressof(chunk), base, base + nbytes).atexit = False
+    return torch.frombuffer(piece, dtype=dtype, count=math.prod(shape)).view(shape)
+
+
+def arena_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of CPU tensor `t` made with `arena_empty`."""
+    out = arena_empty(t.shape, t.dtype)
     out.copy_(t)
     return out
 

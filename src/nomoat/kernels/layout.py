@@ -33,7 +33,7 @@ def panels_of(w_t: torch.Tensor) -> torch.Tensor:
     pad = -n % PANEL
     if pad:
         w_t = F.pad(w_t, (0, pad))
-    return hugepages.copy(w_t.reshape(k, -1, PANEL).permute(1, 0, 2))  # streamed every token: huge pages
+    return hugepages.arena_copy(w_t.reshape(k, -1, PANEL).permute(1, 0, 2))  # streamed every token: huge pages
 
 
 def pack_fp32(weight: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ def pack_int8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     t = F.pad(d.to(torch.float16), (0, 0, 0, -n % PANEL)).view(-1, PANEL, nb).transpose(1, 2)  # (P, nb, 64)
     scales = torch.empty_like(t)
     scales[:, :, I8_SCALE_ORDER] = t
-    return panels_of(q.to(torch.int8).t()), hugepages.copy(scales)
+    return panels_of(q.to(torch.int8).t()), hugepages.arena_copy(scales)  # streamed with the codes
 
 
 def unpack_int8(panels: torch.Tensor, scales: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +85,7 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     n, k = w.shape
     w = F.pad(w, (0, k % 2, 0, -n % PANEL))  # (P * 64, K2 * 2)
     pairs = w.view(-1, PANEL, (k + 1) // 2, 2).permute(0, 2, 1, 3)  # (P, K2, 64, 2)
-    return hugepages.copy(pairs.reshape(pairs.shape[0], pairs.shape[1], 2 * PANEL))
+    return hugepages.arena_copy(pairs.reshape(pairs.shape[0], pairs.shape[1], 2 * PANEL))
 
 
 def unpack_bf16(panels: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -115,7 +115,7 @@ def pack_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None)
     for t in (d, m) if m is not None else (d,):
         t = F.pad(t.to(torch.float16), (0, 0, 0, pad)).view(p, PANEL, nb).transpose(1, 2)  # (P, b, o)
         parts.append(t.contiguous().view(torch.uint8))  # (P, b, 128)
-    out = hugepages.empty((p, nb, sum(x.shape[2] for x in parts)), torch.uint8)
+    out = hugepages.arena_empty((p, nb, sum(x.shape[2] for x in parts)), torch.uint8)
     a = 0
     for x in parts:
         out[:, :, a : a + x.shape[2]] = x

@@ -130,8 +130,8 @@ class IntQuantizer(LinearQuantizer):
         mode, g = self.layer_mode(k), self.group_size
         layer = QuantizedLinear(k, n, mode, g, bias=bias, dtype=dtype, device="meta")
         if mode == "int8":  # straight into the decode kernels' panels (P, in, 64): a piece's rows fill whole panels
-            panels = hugepages.empty((-(-n // PANEL), k, PANEL), torch.int8)  # streamed every decode step
-            scale = hugepages.empty((panels.shape[0], -(-k // Q4_BLOCK), PANEL), torch.float16)
+            panels = hugepages.arena_empty((-(-n // PANEL), k, PANEL), torch.int8).zero_()  # streamed: huge pages
+            scale = hugepages.arena_empty((panels.shape[0], -(-k // Q4_BLOCK), PANEL), torch.float16).zero_()
             for a, piece in row_chunks(weight, release):
                 p0 = a // PANEL
                 codes, d = int8_panels(*quantize_int8(piece))  # (pieces's panels, in, 64), (.., in / 32, 64)
@@ -139,7 +139,7 @@ class IntQuantizer(LinearQuantizer):
             layer.qweight, layer.scale = panels, scale
         else:  # Q4_0 panels (P, in / 32, 1152), a piece's rows filling whole panels
             shape = (-(-n // PANEL), k // Q4_BLOCK, Q4_CODE_BYTES + 2 * PANEL)
-            panels = hugepages.empty(shape, torch.uint8)  # streamed every decode step: huge pages
+            panels = hugepages.arena_empty(shape, torch.uint8)  # streamed every decode step: huge pages
             for a, piece in row_chunks(weight, release):
                 p0 = a // PANEL
                 panels[p0 : p0 + -(-piece.shape[0] // PANEL)] = q4_panels(*quantize_q4_0(piece))

@@ -26,16 +26,17 @@
 // shared per-layer buffers.
 // Adapters (`stack_lora.h`): an adapter phase computes the low-rank products c * (x A^T) of the next phase's
 // projections once per step, in units of rows sharing an adapter; each panel unit adds (products) Bt for its columns.
+// Output head (`set_head`, `run(..., head)`): the final norm and the head's panels (fp32 or int8) run as one more phase of
+// the same region, so that a step's logits need no second region (a worker's wake-up) and no norm between calls: each
+// thread norms the final hidden states itself beside its first head unit, each unit writes its 64 logits.
 // NOMOAT_STACK_PROFILE=1 (read when the plan is made) sums the CPU time of each phase kind's units and of the waits
-// (`profile`).
+// (`profile`; the head's units last).
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdlib>
-#include <ctime>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -55,22 +56,6 @@
 #ifndef SPIN_NS
 #define SPIN_NS 20000
 #endif
-
-static inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-// This thread's CPU time (the profile's clock: a loaded machine's preemptions do not count).
-static inline int64_t cpu_ns() {
-  timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-struct alignas(64) Counter {
-  std::atomic<int> v{0};
-};
 
 // A layer's nine phases: the adapter phase (-1) before each projection phase, and the five phase kinds 0-4.
 constexpr int NPH = 9;
@@ -144,8 +129,22 @@ struct StackPlan : torch::CustomClassHolder {
     keep_.push_back(Bt);
   }
 
+  // The output head `run(..., head)` ends with: logits = rmsnorm(h) * norm_w times w^T (+ bias), w fp32 or int8 panels
+  // (P, D, 64) (int8: with fp16 block scales `scale`) of `n` outputs; an absent scale or bias is an empty tensor.
+  void set_head(at::Tensor norm_w, at::Tensor w, at::Tensor scale, at::Tensor bias, int64_t n) {
+    TORCH_CHECK(norm_w.is_contiguous() && norm_w.numel() == D_ &&
+                (norm_w.scalar_type() == at::kFloat || norm_w.scalar_type() == at::kBFloat16), "head: norm weight");
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar, "head: fp32 or int8 panels");
+    head_ = make_seg(w, scale, bias, D_, n, "lm_head");
+    head_norm_ = norm_w.data_ptr();
+    head_norm16_ = norm_w.scalar_type() == at::kBFloat16;
+    has_head_ = true;
+    for (auto& t : {norm_w, w, scale, bias}) keep_.push_back(t);
+  }
+
   // With NOMOAT_STACK_PROFILE set: milliseconds spent since the last call (all threads) in the units of each phase
-  // kind (adapter products, q/k/v, attention, o, gate/up, down), then waiting for phases; resets the sums.
+  // kind (adapter products, q/k/v, attention, o, gate/up, down), then waiting for phases, then in the head's units;
+  // resets the sums.
   std::vector<double> profile() {
     std::vector<double> out;
     for (auto& p : prof_) out.push_back((double)p.exchange(0) * 1e-6);
@@ -163,10 +162,12 @@ struct StackPlan : torch::CustomClassHolder {
     unit_factor_ = unit_factor;
   }
 
-  // Runs every layer on x (M, 1, D) for one token per row; returns the new hidden states (M, 1, D).
-  at::Tensor run(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
-                    at::Tensor positions, int64_t row0, int64_t kv_len, std::vector<at::Tensor> kcache,
-                    std::vector<at::Tensor> vcache, at::Tensor coef) {
+  // Runs every layer on x (M, 1, D) for one token per row; returns the new hidden states (M, 1, D), or with `head`
+  // the logits (M, 1, n) of the final norm and the output head (`set_head`), run in the same region.
+  at::Tensor run(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin, at::Tensor positions,
+                 int64_t row0, int64_t kv_len, std::vector<at::Tensor> kcache, std::vector<at::Tensor> vcache,
+                 at::Tensor coef, bool head) {
+    TORCH_CHECK(!head || has_head_, "run: no head (set_head)");
     const int64_t L = num_layers(), D = D_, H = H_, nkv = nkv_, hd = hd_, I = I_;
     const int64_t Q = H * hd, KV = nkv * hd, NQKV = Q + 2 * KV, rep = H / nkv;
     TORCH_CHECK(L > 0, "no layers");
@@ -174,19 +175,9 @@ struct StackPlan : torch::CustomClassHolder {
     const int64_t M = x.size(0);
     TORCH_CHECK(M >= 1, "at least one row");
     TORCH_CHECK((int64_t)kcache.size() == L && (int64_t)vcache.size() == L, "one key and value cache per layer");
-    TORCH_CHECK(cos.size() == sin.size() && !cos.empty(), "rope tables");
-    std::vector<at::Tensor> cs, ss;
-    std::vector<const float*> cptr, sptr;
-    const int64_t rd = cos[0].size(-1);
-    TORCH_CHECK(rd <= hd && rd % 2 == 0, "rope width");
-    for (size_t i = 0; i < cos.size(); ++i) {
-      cs.push_back(cos[i].contiguous());
-      ss.push_back(sin[i].contiguous());
-      TORCH_CHECK(cs[i].scalar_type() == at::kFloat && ss[i].scalar_type() == at::kFloat &&
-                  cs[i].numel() == M * rd && ss[i].numel() == M * rd, "rope tables: fp32 (M, 1, rd)");
-      cptr.push_back(cs[i].data_ptr<float>());
-      sptr.push_back(ss[i].data_ptr<float>());
-    }
+    const RopeTables rt(cos, sin, M, hd);
+    const int64_t rd = rt.rd;
+    const std::vector<const float*>&cptr = rt.cptr, &sptr = rt.sptr;
     const int64_t S = kcache[0].size(2);
     const bool kv16 = kcache[0].scalar_type() == at::kBFloat16;  // else fp32
     std::vector<char*> kc(L), vc(L);
@@ -195,7 +186,7 @@ struct StackPlan : torch::CustomClassHolder {
         TORCH_CHECK(c->scalar_type() == (kv16 ? at::kBFloat16 : at::kFloat) && c->is_contiguous() && c->dim() == 4 && c->size(1) == nkv &&
                     c->size(2) == S && c->size(3) == hd && row0 >= 0 && row0 + M <= c->size(0), "cache layout");
       }
-      TORCH_CHECK(layers_[l].kind >= 0 && layers_[l].kind < (int64_t)cs.size(), "rope kind");
+      TORCH_CHECK(layers_[l].kind >= 0 && layers_[l].kind < (int64_t)cptr.size(), "rope kind");
       kc[l] = (char*)kcache[l].data_ptr();
       vc[l] = (char*)vcache[l].data_ptr();
     }
@@ -253,7 +244,11 @@ struct StackPlan : torch::CustomClassHolder {
       return {q4_q_.data() + o, q4_d_.data() + o / q4k::QK, q4_s_.data() + o / q4k::QK, I};
     };
 
-    const int64_t NP = L * NPH, NA = E > 0 ? ls.blocks() : 0;
+    // phases: NPH per layer, then (head) the output head's panels
+    const int64_t HP = L * NPH, NP = HP + (head ? 1 : 0), NA = E > 0 ? ls.blocks() : 0;
+    const int64_t NV = head ? head_.N : 0;
+    auto out = at::empty({M, 1, head ? NV : D}, x.options());
+    float* logits = head ? out.data_ptr<float>() : nullptr;
     std::vector<int> total(NP);
     std::vector<int64_t> first(NP + 1, 0);
     for (int64_t l = 0; l < L; ++l) {
@@ -261,6 +256,7 @@ struct StackPlan : torch::CustomClassHolder {
       const int64_t t9[NPH] = {NA, ly.q.P + ly.k.P + ly.v.P, M * nkv, NA, ly.o.P, NA, ly.gate.P, NA, ly.down.P};
       for (int ph = 0; ph < NPH; ++ph) total[l * NPH + ph] = (int)t9[ph];
     }
+    if (head) total[HP] = (int)head_.P;
     for (int64_t i = 0; i < NP; ++i) first[i + 1] = first[i] + total[i];
     std::unique_ptr<Counter[]> next(new Counter[NP]), done(new Counter[NP]);
     std::unique_ptr<std::atomic<unsigned char>[]> flag(new std::atomic<unsigned char>[first[NP]]);
@@ -291,7 +287,7 @@ struct StackPlan : torch::CustomClassHolder {
       q4k::Q4Rows qn;  // what xq holds, for the phase xn_for (or xq_for)
       int64_t xq_for = -1;
       int64_t frontier = 0;         // every phase below it is known complete
-      int64_t unit_ns[NPH] = {};    // this thread's last duration of a unit, per phase of a layer
+      int64_t unit_ns[NPH + 1] = {};  // this thread's last duration of a unit, per phase of a layer (and the head's)
       alignas(64) float buf[MAX_ROWS * PANEL];
       alignas(64) float buf2[MAX_ROWS * PANEL];
 
@@ -346,7 +342,27 @@ struct StackPlan : torch::CustomClassHolder {
       alignas(64) float dl2[MAX_ROWS * PANEL];
 
       // Unit u of phase idx; its inputs (the previous phases) are complete. Idempotent.
+      // Head unit u: 64 logits of every row from the final hidden states, normed by this thread once per step.
+      auto head_unit = [&](int u) {
+        const int64_t c0 = profiling_ ? cpu_ns() : 0, t0 = now_ns();
+        if (xn_for != HP) {
+          norm_into(X + 2 * L * M * D, head_norm_, head_norm16_);
+          xn_for = HP;
+        }
+        const bool q = qin(head_);
+        if (q && xq_for != HP) {
+          qn = quantize_own(xn, D);
+          xq_for = HP;
+        }
+        head_panel(head_, u, M, xn, q ? qn : q4k::Q4Rows{}, buf, logits);
+        if (flag[first[HP] + u].exchange(1, std::memory_order_acq_rel) == 0)
+          done[HP].v.fetch_add(1, std::memory_order_release);
+        unit_ns[NPH] = now_ns() - t0;
+        if (profiling_) prof_[7].fetch_add(cpu_ns() - c0, std::memory_order_relaxed);
+      };
+
       auto run_unit = [&](int64_t idx, int u) {
+        if (idx == HP) return head_unit(u);
         const int64_t l = idx / NPH;
         const int sub = (int)(idx % NPH), ph = PH_KIND[sub];
         const LayerPlan& ly = layers_[l];
@@ -494,7 +510,7 @@ struct StackPlan : torch::CustomClassHolder {
             continue;
           }
           if (done[j].v.load(std::memory_order_acquire) >= total[j]) continue;
-          const int64_t budget = spin_ns_ + unit_factor_ * unit_ns[j % NPH];
+          const int64_t budget = spin_ns_ + unit_factor_ * unit_ns[j == HP ? NPH : j % NPH];
           const int64_t t0 = now_ns(), c0 = profiling_ ? cpu_ns() : 0;
           bool ok = false;
           while (!ok && budget > 0) {
@@ -532,8 +548,7 @@ struct StackPlan : torch::CustomClassHolder {
     } else {
       body(0);
     }
-    auto out = at::empty({M, 1, D}, x.options());
-    std::memcpy(out.data_ptr<float>(), X + 2 * L * M * D, M * D * sizeof(float));
+    if (!head) std::memcpy(out.data_ptr<float>(), X + 2 * L * M * D, M * D * sizeof(float));
     return out;
   }
 
@@ -553,7 +568,10 @@ struct StackPlan : torch::CustomClassHolder {
   int64_t spin_ns_ = SPIN_NS, unit_factor_ = 2;
   int64_t lora_slots_ = 0, lora_rank_ = 0;
   bool profiling_ = false;
-  std::atomic<int64_t> prof_[7] = {};
+  std::atomic<int64_t> prof_[8] = {};
+  Seg head_;  // the output head (`set_head`)
+  const void* head_norm_ = nullptr;
+  bool head_norm16_ = false, has_head_ = false;
 };
 
 
@@ -568,5 +586,6 @@ void register_decode_stack(torch::Library& m) {
       .def("helped", &StackPlan::helped)
       .def("set_spin", &StackPlan::set_spin)
       .def("profile", &StackPlan::profile)
+      .def("set_head", &StackPlan::set_head)
       .def("run", &StackPlan::run);
 }

@@ -5,14 +5,55 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
+#include <vector>
 
 #include "gemv.h"
 #include "int8_dot.h"
 #include "q4_rows.h"
 #include "rows_bf16.h"
 #include "stack_lora.h"
+
+static inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// This thread's CPU time (the profile's clock: a loaded machine's preemptions do not count).
+static inline int64_t cpu_ns() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+struct alignas(64) Counter {
+  std::atomic<int> v{0};
+};
+
+// A step's rope tables, one (M, 1, rd) fp32 cos and sin per layer kind (contiguous copies held while the step runs).
+struct RopeTables {
+  std::vector<at::Tensor> cs, ss;
+  std::vector<const float*> cptr, sptr;
+  int64_t rd = 0;
+  RopeTables(const std::vector<at::Tensor>& cos, const std::vector<at::Tensor>& sin, int64_t M, int64_t hd) {
+    TORCH_CHECK(cos.size() == sin.size() && !cos.empty(), "rope tables");
+    rd = cos[0].size(-1);
+    TORCH_CHECK(rd <= hd && rd % 2 == 0, "rope width");
+    for (size_t i = 0; i < cos.size(); ++i) {
+      cs.push_back(cos[i].contiguous());
+      ss.push_back(sin[i].contiguous());
+      TORCH_CHECK(cs[i].scalar_type() == at::kFloat && ss[i].scalar_type() == at::kFloat &&
+                  cs[i].numel() == M * rd && ss[i].numel() == M * rd, "rope tables: fp32 (M, 1, rd)");
+      cptr.push_back(cs[i].data_ptr<float>());
+      sptr.push_back(ss[i].data_ptr<float>());
+    }
+  }
+};
 
 // One matrix: panels (P, K, 64) fp32 or int8 (with fp16 block scales (P, ceil(K / 32), 64)), or a bf16 (N, K)
 // row-major weight; optional bias.
@@ -134,4 +175,20 @@ static inline const float* store_kv16(char* kc, char* vc, int64_t at, float* kne
     vr[i] = bf16_to_f(v16);
   }
   return vr;
+}
+
+// Panel u of an output head `s` (fp32 or int8 panels of s.N outputs) for M normed rows xn (M, s.K): logits (M, s.N)
+// columns u * 64 ... (biased); `q`: the rows quantized per block (int8 dot products) or empty; buf: scratch.
+static inline void head_panel(const Seg& s, int64_t u, int64_t M, const float* xn, const q4k::Q4Rows& q, float* buf,
+                              float* logits) {
+  const int64_t n0 = u * PANEL, nn = std::min<int64_t>(PANEL, s.N - n0);
+  for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+    const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
+    panel_gemv(s, u, mm, xn + m0 * s.K, s.K, buf, q.rows(m0));
+    for (int64_t m = 0; m < mm; ++m) {
+      float* dst = logits + (m0 + m) * s.N + n0;
+      const float* src = buf + m * PANEL;
+      for (int64_t j = 0; j < nn; ++j) dst[j] = s.bias ? src[j] + s.bias[n0 + j] : src[j];
+    }
+  }
 }

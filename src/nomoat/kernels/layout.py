@@ -27,13 +27,17 @@ I8_BLOCK = 32  # input channels per int8 block scale (GGUF's QK8_0)
 I8_SCALE_ORDER = torch.tensor([16 * ((j >> 2) & 3) + 4 * (j >> 4) + (j & 3) for j in range(PANEL)])
 
 
-def panels_of(w_t: torch.Tensor) -> torch.Tensor:
-    """(K, N) k-major weights -> (P, K, PANEL) panels, N zero-padded to a multiple of PANEL."""
+def panels_of(w_t: torch.Tensor, arena: bool = True) -> torch.Tensor:
+    """(K, N) k-major weights -> (P, K, PANEL) panels, N zero-padded to a multiple of PANEL.
+
+    In the huge-page arena (streamed every token), unless `arena` is False: a temporary that a loader copies on.
+    """
     k, n = w_t.shape
     pad = -n % PANEL
     if pad:
         w_t = F.pad(w_t, (0, pad))
-    return hugepages.arena_copy(w_t.reshape(k, -1, PANEL).permute(1, 0, 2))  # streamed every token: huge pages
+    t = w_t.reshape(k, -1, PANEL).permute(1, 0, 2)
+    return hugepages.arena_copy(t) if arena else t.contiguous()
 
 
 def pack_fp32(weight: torch.Tensor) -> torch.Tensor:
@@ -41,8 +45,10 @@ def pack_fp32(weight: torch.Tensor) -> torch.Tensor:
     return panels_of(weight.detach().float().t())
 
 
-def pack_int8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_int8(q: torch.Tensor, d: torch.Tensor, arena: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Panels of (N, K) int8 codes and their (N, ceil(K / 32)) fp16 block scales, for `linear_int8`.
+
+    In the huge-page arena unless `arena` is False (`panels_of`).
 
     Returns:
         `panels` (P, K, 64) int8 and `scales` (P, ceil(K / 32), 64) fp16 (channels in `I8_SCALE_ORDER`), N
@@ -55,7 +61,7 @@ def pack_int8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     t = F.pad(d.to(torch.float16), (0, 0, 0, -n % PANEL)).view(-1, PANEL, nb).transpose(1, 2)  # (P, nb, 64)
     scales = torch.empty_like(t)
     scales[:, :, I8_SCALE_ORDER] = t
-    return panels_of(q.to(torch.int8).t()), hugepages.arena_copy(scales)  # streamed with the codes
+    return panels_of(q.to(torch.int8).t(), arena), hugepages.arena_copy(scales) if arena else scales
 
 
 def unpack_int8(panels: torch.Tensor, scales: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

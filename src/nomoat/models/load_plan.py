@@ -134,7 +134,7 @@ class IntQuantizer(LinearQuantizer):
             scale = hugepages.arena_empty((panels.shape[0], -(-k // Q4_BLOCK), PANEL), torch.float16).zero_()
             for a, piece in row_chunks(weight, release):
                 p0 = a // PANEL
-                codes, d = int8_panels(*quantize_int8(piece))  # (pieces's panels, in, 64), (.., in / 32, 64)
+                codes, d = int8_panels(*quantize_int8(piece), arena=False)  # plain temporaries, copied on
                 panels[p0 : p0 + codes.shape[0]], scale[p0 : p0 + d.shape[0]] = codes, d
             layer.qweight, layer.scale = panels, scale
         else:  # Q4_0 panels (P, in / 32, 1152), a piece's rows filling whole panels

@@ -132,22 +132,29 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         `q`: int8 (out, in) in [-127, 127]; `d`: fp16 (out, ceil(in / 32)), with `weight ~= d * q` per block.
     """
     n, k = weight.shape
-    w = F.pad(weight.detach().float(), (0, -k % I8_BLOCK)).reshape(n, -1, I8_BLOCK)  # (out, b, 32)
-    d = w.abs().amax(dim=2, keepdim=True) / 127.0
-    v = w * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    a = v.abs()
-    q = torch.sign(v) * (a.floor() + (2 * (a - a.floor())).floor())  # gguf's np_roundf: half away from zero
-    return q.clamp_(-127, 127).to(torch.int8).reshape(n, -1)[:, :k].contiguous(), d.squeeze(2).half()
+    nb = -(-k // I8_BLOCK)
+    # One fp32 working copy, worked on in place (a loader quantizes pieces of rows: few temporaries, little memory).
+    w = torch.zeros((n, nb * I8_BLOCK), dtype=torch.float32, device=weight.device)
+    w[:, :k] = weight.detach()
+    w = w.view(n, nb, I8_BLOCK)  # (out, b, 32)
+    d = w.abs().amax(dim=2, keepdim=True).div_(127.0)
+    w.mul_(torch.where(d == 0, torch.zeros_like(d), 1.0 / d))
+    sign = torch.sign(w)
+    w.abs_()
+    floored = w.floor()
+    w.sub_(floored).mul_(2).floor_().add_(floored).mul_(sign)  # gguf's np_roundf: half away from zero
+    del sign, floored
+    return w.clamp_(-127, 127).to(torch.int8).view(n, -1)[:, :k].contiguous(), d.squeeze(2).half()
 
 
-def int8_panels(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_panels(q: torch.Tensor, d: torch.Tensor, arena: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Panels (P, in, 64) int8 and block scales (P, ceil(in / 32), 64) fp16 of codes and scales, any device.
 
     `q` (out, in) int8 and `d` (out, ceil(in / 32)) fp16, as `quantize_int8` gives them; the kernels' layout
-    (`kernels.pack_int8`, huge pages on the CPU).
+    (`kernels.pack_int8`, huge pages on the CPU unless `arena` is False: a temporary copied on).
     """
     if q.device.type == "cpu":
-        return kernels.pack_int8(q, d)
+        return kernels.pack_int8(q, d, arena)
     panels, scales = kernels.pack_int8(q.cpu(), d.cpu())
     return panels.to(q.device), scales.to(q.device)
 

@@ -149,14 +149,30 @@ static void sweep(const float* x, int64_t ldx, const void* w, const uint16_t* ds
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) acc[m][c] = vf{};
-  const int64_t step = I8 ? I8_BLOCK : K;
-  for (int64_t k0 = 0; k0 < K; k0 += step) {
+  if constexpr (!I8) {  // fp32: the plain loop over k (inside the block loop below it compiles ~20% slower at 8 rows)
+    for (int64_t k = 0; k < K; ++k) {
+      if constexpr (AH) ah->step();  // a loop of its own: no test per k where there is no read-ahead
+      vf wv[C];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        wv[c] = load_w<false>(w, k * PANEL + c0 + c * W);
+        pin_w<M>(wv[c]);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const float xs = x[m * ldx + k];
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[m][c] += xs * wv[c];
+      }
+    }
+  }
+  for (int64_t k0 = 0; I8 && k0 < K; k0 += I8_BLOCK) {
     vf sv[C];
     if constexpr (I8) {
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) sv[c] = load_scales(ds + (k0 / I8_BLOCK) * PANEL, c0 + c * W);
     }
-    const int64_t k1 = std::min<int64_t>(K, k0 + step);
+    const int64_t k1 = std::min<int64_t>(K, k0 + I8_BLOCK);
     if constexpr (I8 && 2 * M * C + C + 1 <= NREG) {
       // Few rows: the block's sums unscaled in registers of their own, scaled once per block (no multiply per k).
       vf bacc[M][C];
@@ -186,11 +202,7 @@ static void sweep(const float* x, int64_t ldx, const void* w, const uint16_t* ds
       if constexpr (AH) ah->step();  // a loop of its own: no test per k where there is no read-ahead
       vf wv[C];
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) {
-        wv[c] = load_w<I8>(w, k * PANEL + c0 + c * W);
-        if constexpr (I8) wv[c] *= sv[c];
-        else pin_w<M>(wv[c]);
-      }
+      for (int c = 0; c < C; ++c) wv[c] = load_w<I8>(w, k * PANEL + c0 + c * W) * sv[c];
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         const float xs = x[m * ldx + k];

@@ -20,7 +20,10 @@ every request generates exactly that many). Scenarios:
   `adapter_dtype` in every row.
 
 Reported: generated tokens/s over the scenario's wall time, and p50/p99 request latency (for one_at_a_time: from the
-moment every client has its request ready, as the clients would see it). A last scenario, ttft64, opens 64 streaming
+moment every client has its request ready, as the clients would see it). The throughput scenarios (single, distinct8,
+distinct32, and the two bf16 ones) run `--repeats` times each, interleaved, and report their median tokens/s (every
+run in `tokens_per_s_runs`): one run of a few seconds moves by 10% on a shared machine, and a scenario always run
+first or last would carry the machine's drift into the ratios. A last scenario, ttft64, opens 64 streaming
 clients at once (each on its own adapter of the 32, `stream=True`) and reports the median and p99 time to the first
 streamed token. Every scenario (and the warm-up) sends prompts of its own: the server's prefix cache keeps prompt
 prefixes per adapter selection, and a scenario that found its prompts cached by an earlier one would prefill less.
@@ -226,6 +229,33 @@ def run_ttft(client, prompts: list[list[int]], models: list[str], max_tokens: in
     return sum(t for t, _ in results), time.perf_counter() - start, [f for _, f in results]
 
 
+def run_repeats(client, scenarios: list[tuple[str, list[str]]], repeats: int, rounds: int, max_tokens: int,
+                salt0: int) -> list[dict]:  # fmt: skip
+    """Every scenario `repeats` times, interleaved (repeat r starts at scenario r, so none always runs first or after
+    the same one) and each time on prompts of its own; a scenario's row is its median tokens/s over the repeats
+    (all of them in `tokens_per_s_runs`); its tokens, wall time and latencies are those of all its runs."""
+    runs: dict[str, list[tuple[int, float, list[float]]]] = {name: [] for name, _ in scenarios}
+    for r in range(repeats):
+        for k in range(len(scenarios)):
+            index = (r + k) % len(scenarios)
+            name, models = scenarios[index]
+            log(f"{name} (repeat {r + 1}/{repeats}): {len(models)} clients x {rounds} requests x {max_tokens} tokens")
+            salt = salt0 + r * len(scenarios) + index
+            runs[name].append(run_concurrent(client, make_prompts(len(models), salt), models, rounds, max_tokens))
+            tokens, wall, _ = runs[name][-1]
+            log(f"{name}: {tokens / wall:.1f} tokens/s")
+    rows = []
+    for name, models in scenarios:
+        speeds = [tokens / wall for tokens, wall, _ in runs[name]]
+        latencies = [x for _, _, lat in runs[name] for x in lat]
+        row = summary(name, sum(t for t, _, _ in runs[name]), sum(w for _, w, _ in runs[name]), latencies,
+                      len(set(models)))  # fmt: skip
+        row["tokens_per_s"] = round(percentile(speeds, 50), 1)
+        rows.append({**row, "tokens_per_s_runs": [round(x, 1) for x in speeds]})
+        log(json.dumps(rows[-1]))
+    return rows
+
+
 def run_one_at_a_time(client, prompts: list[list[int]], models: list[str], rounds: int, max_tokens: int) -> tuple:
     """The same requests, one adapter's batch at a time (one request each: one pending request per client)."""
     tokens, latencies = 0, []
@@ -268,12 +298,9 @@ def run_bf16(a: argparse.Namespace, model: Path, adapters: list[Path], rounds: i
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
         names = [f"a{i}" for i in range(a.clients)]
         run_concurrent(client, make_prompts(a.clients, 0), names, 1, 4)  # warm-up
-        for salt, (name, models) in enumerate((("single_bf16", [names[0]] * a.clients), ("distinct32_bf16", names)),
-                                              start=6):  # fmt: skip
-            log(f"{name}: {a.clients} clients x {rounds} requests x {max_tokens} tokens")
-            tokens, wall, lat = run_concurrent(client, make_prompts(a.clients, salt), models, rounds, max_tokens)
-            results.append({**summary(name, tokens, wall, lat, len(set(models))), "adapter_dtype": dtype})
-            log(json.dumps(results[-1]))
+        scenarios = [("single_bf16", [names[0]] * a.clients), ("distinct32_bf16", names)]
+        results += [{**r, "adapter_dtype": dtype} for r in run_repeats(client, scenarios, a.repeats, rounds, max_tokens,
+                                                                       salt0=100)]  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(30)
@@ -282,10 +309,12 @@ def run_bf16(a: argparse.Namespace, model: Path, adapters: list[Path], rounds: i
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="One round of 32-token completions (about 4 minutes).")
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="One round of 32-token completions per run (about 5 minutes).")
+    p.add_argument("--clients", type=int, default=32, help="Concurrent clients (and adapters).")
+    p.add_argument("--rounds", type=int, default=None, help="Requests per client in each scenario run.")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="Runs of each throughput scenario, interleaved; each reports its median.")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=None, help="New tokens per request (32 quick, else 64).")
     p.add_argument("--max-running", type=int, default=None, help="Server batch rows (default: the server's own).")
     p.add_argument("--ttft-clients", type=int, default=64, help="Streaming clients of the ttft scenario.")
     p.add_argument(
@@ -312,11 +341,7 @@ def main() -> None:
         run_concurrent(client, make_prompts(a.clients, 0), names, 1, 4)
         scenarios = [("single", [names[0]] * a.clients), ("distinct8", [names[i % 8] for i in range(a.clients)]),
                      ("distinct32", names)]  # fmt: skip
-        for salt, (name, models) in enumerate(scenarios, start=1):
-            log(f"{name}: {a.clients} clients x {rounds} requests x {max_tokens} tokens")
-            tokens, wall, lat = run_concurrent(client, make_prompts(a.clients, salt), models, rounds, max_tokens)
-            results.append(summary(name, tokens, wall, lat, len(set(models))))
-            log(json.dumps(results[-1]))
+        results += run_repeats(client, scenarios, a.repeats, rounds, max_tokens, salt0=10)
         log("one_at_a_time (peer): the distinct32 requests, one adapter's batch at a time")
         tokens, wall, lat = run_one_at_a_time(client, make_prompts(a.clients, 4), names, rounds, max_tokens)
         results.append(summary("one_at_a_time", tokens, wall, lat, 1))

@@ -19,9 +19,7 @@ Prints one JSON object as its last line (see DESIGN.md, Benchmarks).
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -91,22 +89,13 @@ def main() -> None:
     a = tb.parse_args(__doc__, steps=12, quick_steps=6, warmup=2)
     if tb.worker_main(a, {"nomoat": run_nomoat, "trl": run_trl}):
         return
-    load = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "model"
-        tb.build_model(folder, a.tiny)
-        write_pairs(folder, a.tiny, PAIRS_PER_STEP * a.steps + 8)
-        results = tb.run_engines(__file__, folder, a, speed="pairs_per_s")
+    n_pairs = PAIRS_PER_STEP * a.steps + 8
+    results, load = tb.run_benchmark(__file__, a, lambda folder: write_pairs(folder, a.tiny, n_pairs), "pairs_per_s")
     tokens = next((r["mean_pair_tokens"] for r in results if "mean_pair_tokens" in r), None)
     for r in results:
         if "pairs_per_s" in r and tokens:
             r["tokens_per_s"] = round(r["pairs_per_s"] * tokens, 1)
-    by = {r["engine"]: r for r in results}
-    ratios = {}
-    if "tokens_per_s" in by.get("nomoat", {}) and "tokens_per_s" in by.get("trl", {}):
-        ratios = {"train_tokens_per_s_vs_trl": round(by["nomoat"]["tokens_per_s"] / by["trl"]["tokens_per_s"], 3),
-                  "peak_rss_vs_trl": round(by["nomoat"]["peak_rss_mib"] / by["trl"]["peak_rss_mib"], 3)}  # fmt: skip
-    print(tb.summary("dpo", a, results, ratios, load))
+    print(tb.summary("dpo", a, results, tb.ratios_vs_trl(results, "tokens_per_s", "train_tokens_per_s_vs_trl"), load))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ Prints one JSON object as its last line (see DESIGN.md, Benchmarks).
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -97,18 +95,9 @@ def main() -> None:
     a = tb.parse_args(__doc__, steps=10, quick_steps=3, warmup=1)
     if tb.worker_main(a, {"nomoat": run_nomoat, "trl": run_trl}):
         return
-    load = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "model"
-        tb.build_model(folder, a.tiny)
-        write_prompts(folder, a.tiny, a.steps + 2)
-        results = tb.run_engines(__file__, folder, a, speed="samples_per_s")
-    by = {r["engine"]: r for r in results}
-    ratios = {}
-    if "samples_per_s" in by.get("nomoat", {}) and "samples_per_s" in by.get("trl", {}):
-        ratios = {"samples_per_s_vs_trl": round(by["nomoat"]["samples_per_s"] / by["trl"]["samples_per_s"], 3),
-                  "peak_rss_vs_trl": round(by["nomoat"]["peak_rss_mib"] / by["trl"]["peak_rss_mib"], 3)}  # fmt: skip
-    print(tb.summary("grpo", a, results, ratios, load))
+    n_prompts = a.steps + 2
+    results, load = tb.run_benchmark(__file__, a, lambda f: write_prompts(f, a.tiny, n_prompts), "samples_per_s")
+    print(tb.summary("grpo", a, results, tb.ratios_vs_trl(results, "samples_per_s", "samples_per_s_vs_trl"), load))
 
 
 if __name__ == "__main__":

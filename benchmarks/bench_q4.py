@@ -129,22 +129,11 @@ def _nomoat(path: str, kind: str, prompt: list[int], long_prompt: list[int], inf
     import torch
 
     sys.path.insert(0, str(SRC))
+    from bench_generate import NullTokenizer  # benchmarks/ is the script's folder
+
     from nomoat.generate.engine import Engine
     from nomoat.generate.sampling import SamplingParams
     from nomoat.models.checkpoint import load_model
-
-    class NullTokenizer:
-        eos_token_ids: list[int] = []
-
-        def stream_decoder(self, skip_special_tokens: bool = False) -> Any:
-            class _D:
-                def add(self, t: int) -> str:
-                    return ""
-
-                def flush(self) -> str:
-                    return ""
-
-            return _D()
 
     if kind == "nomoat_default":
         model = load_model(path, device="cpu")

@@ -43,11 +43,12 @@ if __name__ == "__main__":  # before torch loads OpenMP
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+
+from machine_info import describe, ratio  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -390,8 +391,8 @@ def decode_vs_llamacpp(folder: Path, shape: str, a: argparse.Namespace) -> dict[
     peer = {k: max((best[n][k] for n in best if n != "nomoat" and best[n][k]), default=None) for k in ours}
     out: dict[str, Any] = {"new_tokens": new, "prefill_tokens": PREFILL, "kv_positions": DECODE_CTX,
                            "llama_cpp_gguf": source, "best": best, "results": runs}  # fmt: skip
-    out["bf16_vs_f16"] = _ratio(ours["decode_tok_s"], peer["decode_tok_s"])
-    out["prefill_512_vs_llamacpp"] = _ratio(ours["prefill_tok_s"], peer["prefill_tok_s"])
+    out["bf16_vs_f16"] = ratio(ours["decode_tok_s"], peer["decode_tok_s"])
+    out["prefill_512_vs_llamacpp"] = ratio(ours["prefill_tok_s"], peer["prefill_tok_s"])
     if runs["nomoat"]:
         out["peak_rss_vs_model_plus_kv"] = max(r["decode_peak_rss_vs_model_plus_kv"] for r in runs["nomoat"])
     return out
@@ -424,24 +425,6 @@ def qlora_memory_ratios(shape: str, entry: dict[str, Any]) -> dict[str, float]:
         if r.get("peak_rss"):
             out[f"{shape}_qlora_peak_rss_gb_{key}"] = round(r["peak_rss"] / GB, 2)
     return out
-
-
-def machine(threads: int) -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                   if x.startswith("model name"))  # fmt: skip
-        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    except (OSError, StopIteration):
-        mem = float("nan")
-    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}, "
-            f"torch threads {threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
 
 
 def main() -> None:
@@ -491,9 +474,9 @@ def main() -> None:
                     targets[f"{shape}_qlora_peak_rss_at_most_{QLORA_TARGET_GB[shape]}gb"] = (
                         ours["peak_rss"] / GB <= QLORA_TARGET_GB[shape])
             if ours and peer and "tokens_per_s" in peer:
-                ratios[f"{shape}_qlora_train_tokens_per_s_vs_peft_bf16"] = _ratio(ours["tokens_per_s"],
+                ratios[f"{shape}_qlora_train_tokens_per_s_vs_peft_bf16"] = ratio(ours["tokens_per_s"],
                                                                                   peer["tokens_per_s"])
-                ratios[f"{shape}_qlora_peak_rss_vs_peft_bf16"] = _ratio(ours["peak_rss"], peer["peak_rss"])
+                ratios[f"{shape}_qlora_peak_rss_vs_peft_bf16"] = ratio(ours["peak_rss"], peer["peak_rss"])
         if "decode" not in skip:
             dec = decode_vs_llamacpp(folder_for(shape, n), shape, a)
             results.append({"shape": shape, "part": "decode", **dec})
@@ -507,7 +490,7 @@ def main() -> None:
     if "1b_qlora_train_tokens_per_s_vs_peft_bf16" in ratios and not a.layers:
         targets["1b_qlora_tokens_per_s_at_least_2x_peft"] = (ratios["1b_qlora_train_tokens_per_s_vs_peft_bf16"]
                                                               or 0) >= 2.0
-    print(json.dumps({"benchmark": "sizes", "machine": machine(a.threads),
+    print(json.dumps({"benchmark": "sizes", "machine": describe(a.threads),
                       "reduced": f"every shape cut to {a.layers} layers" if a.layers else None,
                       "results": results, "ratios": ratios, "targets": targets}))
 

@@ -46,7 +46,6 @@ import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
@@ -57,6 +56,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+
+from machine_info import describe, ratio  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -421,26 +422,6 @@ def run_worker(engine: str, model: Path, data: Path, tokens: Path, seq_len: int,
     return res
 
 
-def machine(threads: int) -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    except OSError:
-        mem = float("nan")
-    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}, "
-            f"torch threads {threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps, no Qwen check (about 3 minutes)")
@@ -539,20 +520,20 @@ def main() -> None:
     for peer in ("peft", "trl"):
         p = best.get(peer)
         if p and ours:
-            ratios[f"train_tokens_per_s_vs_{peer}"] = _ratio(ours["train_tokens_per_s"], p["train_tokens_per_s"])
-            ratios[f"peak_rss_vs_{peer}"] = _ratio(ours["peak_rss_mib"], p["peak_rss_mib"])
+            ratios[f"train_tokens_per_s_vs_{peer}"] = ratio(ours["train_tokens_per_s"], p["train_tokens_per_s"])
+            ratios[f"peak_rss_vs_{peer}"] = ratio(ours["peak_rss_mib"], p["peak_rss_mib"])
     nopack = best.get("nomoat-nopack")
     if nopack and best.get("peft"):
-        ratios["nopack_train_tokens_per_s_vs_peft"] = _ratio(nopack["train_tokens_per_s"],
+        ratios["nopack_train_tokens_per_s_vs_peft"] = ratio(nopack["train_tokens_per_s"],
                                                               best["peft"]["train_tokens_per_s"])
-        ratios["nopack_peak_rss_vs_peft"] = _ratio(nopack["peak_rss_mib"], best["peft"]["peak_rss_mib"])
+        ratios["nopack_peak_rss_vs_peft"] = ratio(nopack["peak_rss_mib"], best["peft"]["peak_rss_mib"])
     bf16 = best.get("nomoat-bf16")
     if bf16 and best.get("peft"):
-        ratios["bf16_train_tokens_per_s_vs_peft_fp32"] = _ratio(bf16["train_tokens_per_s"],
+        ratios["bf16_train_tokens_per_s_vs_peft_fp32"] = ratio(bf16["train_tokens_per_s"],
                                                                 best["peft"]["train_tokens_per_s"])
-        ratios["bf16_peak_rss_vs_peft_fp32"] = _ratio(bf16["peak_rss_mib"], best["peft"]["peak_rss_mib"])
+        ratios["bf16_peak_rss_vs_peft_fp32"] = ratio(bf16["peak_rss_mib"], best["peft"]["peak_rss_mib"])
     if nopack and ours:
-        ratios["train_tokens_per_s_packed_vs_unpacked"] = _ratio(ours["train_tokens_per_s"],
+        ratios["train_tokens_per_s_packed_vs_unpacked"] = ratio(ours["train_tokens_per_s"],
                                                                  nopack["train_tokens_per_s"])
     if "bf16_train_tokens_per_s_vs_peft_fp32" in ratios:
         sys.path.insert(0, str(ROOT / "src"))
@@ -565,7 +546,7 @@ def main() -> None:
         targets["tokens_per_s_at_least_2x_peft"] = (ratios["train_tokens_per_s_vs_peft"] or 0) >= 2.0
         targets["peak_rss_at_most_0.6x_peft"] = (ratios["peak_rss_vs_peft"] or math.inf) <= 0.6
     log(f"total {time.perf_counter() - t_start:.0f} s")
-    print(json.dumps({"benchmark": "train", "machine": machine(a.threads), "results": results, "ratios": ratios,
+    print(json.dumps({"benchmark": "train", "machine": describe(a.threads), "results": results, "ratios": ratios,
                       "targets": targets, "data": stats,
                       "settings": {"seq_len": 512, "batch_size": 2, "lora_r": RANK, "lora_alpha": ALPHA, "lr": LR,
                                    "steps": steps, "warmup_steps": warmup, "rounds": a.rounds, "quick": a.quick,

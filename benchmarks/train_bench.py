@@ -1,5 +1,5 @@
 """What the training benchmarks against TRL share (bench_dpo.py, bench_grpo.py): the model folder, the worker
-subprocesses, the step clocks and the JSON summary.
+subprocesses, the step clocks, the ratios to TRL and the JSON summary.
 
 Both benchmarks train the same random SmolLM2-135M-shaped Llama folder (built with transformers; `--tiny`: a 2-layer
 model with a 512-word vocabulary) with a word tokenizer and a chat template, LoRA r=16 alpha 32 on every projection.
@@ -19,6 +19,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +143,27 @@ def run_engines(script: str, folder: Path, a: argparse.Namespace, speed: str) ->
         if len(values) > 1:
             best[engine][f"{speed}_runs"] = values
     return [best[e] for e in ENGINES if e in best]
+
+
+def run_benchmark(script: str, a: argparse.Namespace, write_data: Callable[[Path], object], speed: str
+                  ) -> tuple[list[dict[str, Any]], tuple[float, ...]]:  # fmt: skip
+    """In the parent process: the model folder (`build_model`) and its data (`write_data(folder)`) in a temporary
+    folder, each engine run on them (`run_engines`); returns the results and the load average from before."""
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        build_model(folder, a.tiny)
+        write_data(folder)
+        return run_engines(script, folder, a, speed), load
+
+
+def ratios_vs_trl(results: list[dict[str, Any]], speed: str, name: str) -> dict[str, float]:
+    """{`name`: nomoat's `speed` over TRL's, "peak_rss_vs_trl": likewise} where both engines have `speed`, else {}."""
+    by = {r["engine"]: r for r in results}
+    if speed not in by.get("nomoat", {}) or speed not in by.get("trl", {}):
+        return {}
+    return {name: round(by["nomoat"][speed] / by["trl"][speed], 3),
+            "peak_rss_vs_trl": round(by["nomoat"]["peak_rss_mib"] / by["trl"]["peak_rss_mib"], 3)}  # fmt: skip
 
 
 def summary(name: str, a: argparse.Namespace, results: list[dict[str, Any]], ratios: dict[str, float],

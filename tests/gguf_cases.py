@@ -64,21 +64,28 @@ def build(root: Path, case: str, seed: int = 0) -> tuple[Path, Path]:
     """A tiny random model of `case` with its tokenizer, and a peft LoRA adapter on every projection (B non-zero)."""
     family, make_tok, *_ = CASES[case]
     tok = make_tok()
-    model_dir, adapter_dir = root / case, root / f"{case}-lora"
+    # The SentencePiece-style tokenizer has no <pad>: naming one would add a token that tokenizer.json lacks.
+    has_pad = tok.token_to_id("<pad>") is not None
+    return save_with_adapter(root / case, root / f"{case}-lora", family, tok, PROJECTIONS, seed, has_pad)
+
+
+def save_with_adapter(model_dir: Path, adapter_dir: Path, family: str, tok, targets: list[str], seed: int,  # noqa: ANN001
+                      name_pad: bool, **overrides) -> tuple[Path, Path]:  # noqa: ANN003  # fmt: skip
+    """A tiny random `family` model (hf_models' config with `overrides`; norms and biases randomised) saved to
+    `model_dir` with the tokenizer `tok` and `SPECIALS` (less <pad> unless `name_pad`), and a peft LoRA adapter on
+    `targets` (B non-zero) saved to `adapter_dir`."""
     torch.manual_seed(seed)
     # A vocabulary a bit larger than the tokenizer's, as real checkpoints pad it (checks the [PAD] filler tokens).
     cfg = hf_config(family, vocab_size=-(-tok.get_vocab_size() // 64) * 64 + 64, bos_token_id=None,
-                    eos_token_id=None, pad_token_id=None)  # fmt: skip
+                    eos_token_id=None, pad_token_id=None, **overrides)  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(model_dir)
-    # The SentencePiece-style tokenizer has no <pad>: naming one would add a token that tokenizer.json lacks.
-    has_pad = tok.token_to_id("<pad>") is not None
-    write_folder(model_dir, tok, config={k: v for k, v in SPECIALS.items() if has_pad or k != "pad_token"})
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS))
+    write_folder(model_dir, tok, config={k: v for k, v in SPECIALS.items() if name_pad or k != "pad_token"})
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in lora.named_parameters():

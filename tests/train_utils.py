@@ -1,10 +1,20 @@
-"""A tiny trainable model folder with a word tokenizer, a chat template and a chat dataset, for training tests."""
+"""A tiny trainable model folder with a word tokenizer, a chat template and a chat dataset, a LoRA model with a
+random adapter and the run config of a recipe test, for training tests."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from nomoat.config.lora import LoRAConfig
+from nomoat.config.train import TrainConfig
+from nomoat.lora import inject_lora
+from nomoat.models.checkpoint import load_model
 
 from hf_models import make_hf_model, save_word_tokenizer
 
@@ -26,6 +36,34 @@ def make_chat_model(path: Path, family: str = "llama3", seed: int = 0) -> Path:
     make_hf_model(family, path, seed=seed)
     save_word_tokenizer(path, chat_template=WORD_TEMPLATE)
     return path
+
+
+def random_lora_model(path: Path, family: str = "llama3") -> torch.nn.Module:
+    """A tiny random `family` model saved to `path`, loaded in fp32 with LoRA (r 4, alpha 8) whose B matrices are
+    random (seed 0, scale 0.1), so that the adapter changes the outputs."""
+    make_hf_model(family, path)
+    m = load_model(path, "float32", "cpu")
+    inject_lora(m, LoRAConfig(r=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m
+
+
+def recipe_config(tmp_path: Path, name: str, data_file: str, write_data: Callable[[Path], Any], **fields: Any
+                  ) -> TrainConfig:  # fmt: skip
+    """The `TrainConfig` of run `name` in tmp_path/runs with `fields`: training the chat model tmp_path/model on
+    tmp_path/`data_file`, each made (`make_chat_model`, `write_data(path)`) where it does not exist yet."""
+    model = tmp_path / "model"
+    if not model.exists():
+        make_chat_model(model)
+    data = tmp_path / data_file
+    if not data.exists():
+        write_data(data)
+    return TrainConfig(**{"model": str(model), "data": [str(data)], "output_dir": str(tmp_path / "runs"), "name": name,
+                          **fields})  # fmt: skip
 
 
 def _words(rng: random.Random, n: int) -> str:

@@ -16,12 +16,11 @@ import ctypes
 from unittest import mock
 
 import numpy as np
-import peft
 import pytest
 import torch
 import transformers
 
-from gguf_cases import CASES, PROJECTIONS, QWEN2_REGEX, SPECIALS, build, split_bpe
+from gguf_cases import CASES, PROJECTIONS, QWEN2_REGEX, SPECIALS, build, save_with_adapter, split_bpe
 from nomoat.export.gguf import export_gguf
 from nomoat.export.gguf_lora import export_gguf_lora
 from nomoat.lora.apply import merge_adapters
@@ -209,26 +208,8 @@ WARN, ERROR, CONT = 3, 4, 5  # ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR, C
 def build_family(root, case: str, seed: int = 3):
     """A tiny random model of a family with its tokenizer, and a peft LoRA adapter (B non-zero) on it."""
     family, overrides, make_tok, targets, _ = FAMILY_CASES[case]
-    tok = make_tok()
-    model_dir, adapter_dir = root / case, root / f"{case}-lora"
-    torch.manual_seed(seed)
-    cfg = hf_config(family, vocab_size=-(-tok.get_vocab_size() // 64) * 64 + 64, bos_token_id=None,
-                    eos_token_id=None, pad_token_id=None, max_position_embeddings=256, **overrides)  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(model_dir)
-    write_folder(model_dir, tok, config={k: v for k, v in SPECIALS.items() if k != "pad_token"})
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    lora.save_pretrained(adapter_dir)
-    return model_dir, adapter_dir
+    return save_with_adapter(root / case, root / f"{case}-lora", family, make_tok(), targets, seed, False,
+                             max_position_embeddings=256, **overrides)  # fmt: skip
 
 
 @contextlib.contextmanager

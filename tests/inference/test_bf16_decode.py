@@ -3,23 +3,16 @@ the user's bf16 weights in place (`Bf16Linear`), against torch's own bf16 layers
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nomoat import kernels
 from nomoat.inference import DecodeConfig, PanelLinear, prepare
 from nomoat.inference.bf16_linear import Bf16Linear
 from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
 
 from hf_models import make_hf_model
-
-
-@pytest.fixture(scope="module")
-def built() -> None:
-    assert kernels.available(), "nomoat's kernels did not build: see the log for the compiler error"
 
 
 def test_bf16_layer_matches_torch(built):

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
-from nomoat import kernels
 from nomoat.generate.engine import Engine
 from nomoat.generate.sampling import SamplingParams
 from nomoat.inference import DecodeConfig, DecodeModel, prepare
@@ -22,7 +20,7 @@ from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
 from nomoat.tokenizer import Tokenizer
 
-from hf_models import hf_config, save_word_tokenizer
+from stack_helpers import make_model, rel
 
 MODELS = {
     "llama": ("llama3", {}),
@@ -33,29 +31,9 @@ MODELS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def built() -> None:
-    assert kernels.available(), "nomoat's kernels did not build: see the log for the compiler error"
-
-
 def _make(name: str, path: Path, seed: int = 0):
     """A random tiny transformers model saved in bf16 to `path` (norms and biases randomised); returns it in bf16."""
-    family, overrides = MODELS[name]
-    torch.manual_seed(seed)
-    cfg = hf_config(family, **overrides)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n or "bias" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    hf = hf.to(torch.bfloat16).eval()
-    hf.save_pretrained(path)
-    save_word_tokenizer(path)
-    return hf
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+    return make_model(*MODELS[name], path, seed, torch.bfloat16)
 
 
 def _min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,7 +72,7 @@ def test_bf16_stack_matches_layers_and_transformers(built, name, tmp_path):
     with torch.inference_mode():
         want = hf(torch.cat([prompts, tokens], dim=1)).logits[:, 7:].float()  # (B, 10, V)
     for other in (ref, want):  # the tolerances of tests/inference/test_bf16_decode.py
-        assert _rel(got, other) < 3e-2
+        assert rel(got, other) < 3e-2
         assert _min_cos(got, other) > 0.999
 
 
@@ -110,7 +88,7 @@ def test_bf16_stack_any_number_of_rows(built, rows, tmp_path):
     ref, _ = _decode(prepare(model, DecodeConfig(stack=False)), prompts, 4)
     alone, _ = _decode(dm, prompts[-1:], 4, tokens[-1:])
     for want, got in ((ref, batch), (alone, batch[-1:])):
-        assert _rel(got, want) < 3e-2 and _min_cos(got, want) > 0.999
+        assert rel(got, want) < 3e-2 and _min_cos(got, want) > 0.999
 
 
 def test_bf16_decode_model_shares_every_weight(built, tmp_path):

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from nomoat import kernels
 from nomoat.generate.engine import Engine
@@ -17,14 +13,13 @@ from nomoat.generate.sampling import SamplingParams
 from nomoat.inference import DecodeConfig, DecodeModel, PanelLinear, prepare
 from nomoat.kernels import build
 from nomoat.lora import LoRAConfig, inject_lora, lora_parameters, unload_lora
-from nomoat.lora.bank import AdapterBank, group_rows
 from nomoat.models.checkpoint import load_model
-from nomoat.models.kv_cache import KVCache
 from nomoat.models.packed import pack_model
 from nomoat.models.quantize import quantize_model
 from nomoat.tokenizer import Tokenizer
 
-from hf_models import hf_config, save_word_tokenizer
+from hf_models import save_word_tokenizer
+from stack_helpers import bank_logits, decode_logits, make_model, rel, threads_and_spin
 from train_utils import random_adapter
 
 # name -> (family in hf_models, config overrides). The base tiny models have 32-wide k/v projections (not whole
@@ -40,60 +35,9 @@ MODELS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def built() -> None:
-    """The stack kernel must build here (the test machines have a compiler): a failure must not hide as a skip."""
-    assert kernels.available(), "nomoat's kernels did not build: see the log for the compiler error"
-
-
 def _make(name: str, path: Path, seed: int = 0):
     """A random tiny transformers model saved to `path` (norms randomised too); returns it (fp32, eval, eager)."""
-    family, overrides = MODELS[name]
-    torch.manual_seed(seed)
-    cfg = hf_config(family, **overrides)
-    cfg._attn_implementation = "eager"
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n or "bias" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    hf.eval().save_pretrained(path)
-    save_word_tokenizer(path)
-    return hf
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _decode_logits(
-    dm: DecodeModel,
-    prompts: list[list[int]],
-    steps: int,
-    row0: int = 0,
-    during_decode: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-) -> torch.Tensor:
-    """Prefill each prompt into its own cache row (row0 + i), then decode `steps` greedy tokens for all rows at once
-    (rows at different positions, each step inside `during_decode()`); returns the logits (steps, B, V) of the
-    decode steps."""
-    B = len(prompts)
-    cache = KVCache(dm.config, row0 + B, max(64, max(map(len, prompts)) + steps + 1), torch.float32, "cpu")
-    out = []
-    with torch.inference_mode():
-        toks = []
-        for i, p in enumerate(prompts):  # prefill: the layer loop (the stack for a 1-token prompt)
-            logits = dm(torch.tensor([p]), torch.arange(len(p))[None], cache, rows=slice(row0 + i, row0 + i + 1))
-            toks.append(int(logits[0, -1].argmax()))
-        lengths = [len(p) for p in prompts]
-        for _ in range(steps):
-            ids = torch.tensor(toks)[:, None]
-            pos = torch.tensor(lengths)[:, None]
-            with during_decode():
-                logits = dm(ids, pos, cache, rows=slice(row0, row0 + B))[:, -1]
-            out.append(logits)
-            toks = logits.argmax(-1).tolist()
-            lengths = [n + 1 for n in lengths]
-    return torch.stack(out)
+    return make_model(*MODELS[name], path, seed)
 
 
 def _layers(model, quantize=None) -> DecodeModel:
@@ -106,11 +50,11 @@ def _layers(model, quantize=None) -> DecodeModel:
 def _check_stack_matches(model, prompts, steps, row0=0, quantize=None):
     dm = prepare(model, DecodeConfig(quantize=quantize, stack=True))
     assert dm.plan is not None
-    ref = _decode_logits(_layers(model, quantize), prompts, steps, row0)
-    got = _decode_logits(dm, prompts, steps, row0)
+    ref = decode_logits(_layers(model, quantize), prompts, steps, row0)
+    got = decode_logits(dm, prompts, steps, row0)
     one_token_prefills = sum(len(p) == 1 for p in prompts)  # a 1-token prefill is a decode-shaped step too
     assert dm.stack_steps == steps + one_token_prefills  # every decode step took the stack
-    assert _rel(got, ref) < 1e-5
+    assert rel(got, ref) < 1e-5
     return got
 
 
@@ -149,8 +93,8 @@ def test_rows_at_different_positions(built, name, tmp_path):
     # Each row alone (batch 1, row 0) gives the same logits as inside the batch.
     dm = prepare(model)
     for i, p in enumerate(prompts):
-        alone = _decode_logits(dm, [p], 6)
-        assert _rel(batch[:, i], alone[:, 0]) < 1e-5
+        alone = decode_logits(dm, [p], 6)
+        assert rel(batch[:, i], alone[:, 0]) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["llama_wide", "mistral"])
@@ -190,8 +134,8 @@ def test_int8_quantized_by_prepare(built, tmp_path):
     plain = load_model(tmp_path, "float32", "cpu")
     prompts = [[5, 9, 33, 100, 7], [8, 1]]
     got = _check_stack_matches(plain, prompts, 4, quantize="int8")
-    want = _decode_logits(prepare(quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")), prompts, 4)
-    assert _rel(got, want) < 1e-5
+    want = decode_logits(prepare(quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")), prompts, 4)
+    assert rel(got, want) < 1e-5
     assert all(type(m) is torch.nn.Linear for n, m in plain.named_modules() if n.endswith("proj"))  # unchanged
 
 
@@ -216,26 +160,26 @@ def test_lora_injection_is_followed(built, tmp_path):
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
     prompt = [5, 9, 33, 100, 7]
     dm = prepare(model)
-    before = _decode_logits(dm, [prompt], 4)
+    before = decode_logits(dm, [prompt], 4)
     assert dm.stack_steps == 4 and not dm.stale()
     inject_lora(model, LoRAConfig(r=4, alpha=8))  # B starts at zero: same function, different modules
     assert dm.stale() and dm.refresh() and dm.plan is not None
     with torch.no_grad():
-        lora = _decode_logits(dm, [prompt], 4)
+        lora = decode_logits(dm, [prompt], 4)
     assert dm.stack_steps == 8
-    assert _rel(lora, before) < 1e-5
+    assert rel(lora, before) < 1e-5
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():
         for p in lora_parameters(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    changed = _decode_logits(dm, [prompt], 4)
-    assert _rel(changed, before) > 1e-3  # the adapter really applies (the stack reads it live)
+    changed = decode_logits(dm, [prompt], 4)
+    assert rel(changed, before) > 1e-3  # the adapter really applies (the stack reads it live)
     assert dm.stack_steps == 12
     unload_lora(model)
     assert dm.refresh() and dm.plan is not None
-    again = _decode_logits(dm, [prompt], 4)
+    again = decode_logits(dm, [prompt], 4)
     assert dm.stack_steps == 16
-    assert _rel(again, before) < 1e-5
+    assert rel(again, before) < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
@@ -302,20 +246,10 @@ def _many_rows_and_adapters(mode: str, tmp_path: Path) -> None:
     prompts = [[(7 * i + j) % 200 + 3 for j in range(2 + i % 5)] for i in range(19)]
     model = load_model(model_dir, "float32", "cpu")
     quantize_model(model, "int8") if mode == "int8" else pack_model(model)
-    out = {}
-    for stack in (True, False):
-        dm = prepare(model, DecodeConfig(stack=stack))
-        bank = AdapterBank(dm.net)
-        for name, folder in folders.items():
-            bank.add(name, folder)
-        dm.rebuild_plan()
-        assert (dm.plan is not None) == stack
-        plan = group_rows(selections, torch.device("cpu"))
-        out[stack] = _decode_logits(dm, prompts, 3, during_decode=lambda b=bank, p=plan: b.plan(p))
-        assert dm.stack_steps == (3 if stack else 0)
-    plain = _decode_logits(prepare(model, DecodeConfig(stack=True)), prompts, 3)
-    assert _rel(out[True], plain) > 1e-3  # the adapters change the logits
-    assert _rel(out[True], out[False]) < 1e-5
+    out = bank_logits(model, folders, selections, prompts, 3)
+    plain = decode_logits(prepare(model, DecodeConfig(stack=True)), prompts, 3)
+    assert rel(out[True], plain) > 1e-3  # the adapters change the logits
+    assert rel(out[True], out[False]) < 1e-5
 
 
 @pytest.mark.parametrize("threads, spin", [(2, 20000), (3, -1)])
@@ -338,27 +272,11 @@ def test_many_distinct_adapters_in_one_step(built, threads, spin, tmp_path):
     prompts = [[(11 * i + j) % 200 + 3 for j in range(2 + i % 4)] for i in range(len(selections))]
     model = load_model(model_dir, "float32", "cpu")
     pack_model(model)
-    out = {}
-    for stack in (True, False):
-        dm = prepare(model, DecodeConfig(stack=stack))
-        bank = AdapterBank(dm.net)
-        for name, folder in folders.items():
-            bank.add(name, folder)
-        dm.rebuild_plan()
-        plan = group_rows(selections, torch.device("cpu"))
-        saved = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        if stack:
-            dm.plan.native.set_spin(spin, 0 if spin <= 0 else 2)
-        try:
-            out[stack] = _decode_logits(dm, prompts, 3, during_decode=lambda b=bank, p=plan: b.plan(p))
-        finally:
-            torch.set_num_threads(saved)
-        assert dm.stack_steps == (3 if stack else 0)
-    plain = _decode_logits(prepare(model, DecodeConfig(stack=True)), prompts, 3)
-    assert _rel(out[True][:, 21], plain[:, 21]) < 1e-5  # the row without adapter
-    assert _rel(out[True], plain) > 1e-3  # the adapters change the logits
-    assert _rel(out[True], out[False]) < 1e-5
+    out = bank_logits(model, folders, selections, prompts, 3, threads, spin)
+    plain = decode_logits(prepare(model, DecodeConfig(stack=True)), prompts, 3)
+    assert rel(out[True][:, 21], plain[:, 21]) < 1e-5  # the row without adapter
+    assert rel(out[True], plain) > 1e-3  # the adapters change the logits
+    assert rel(out[True], out[False]) < 1e-5
 
 
 def test_ineligible_families_have_no_plan(built, tmp_path):
@@ -391,19 +309,13 @@ def test_thread_counts_and_helping(built, threads, spin, tmp_path):
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 4, 14)]
-    ref = _decode_logits(_layers(model), prompts, 8)
+    ref = decode_logits(_layers(model), prompts, 8)
     dm = prepare(model)
     native = dm.plan.native
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        native.set_spin(spin, 0 if spin <= 0 else 2)
-        helped = native.helped()
-        got = _decode_logits(dm, prompts, 8)
-    finally:
-        torch.set_num_threads(saved)
-        native.set_spin(20000, 2)
-    assert _rel(got, ref) < 1e-5
+    helped = native.helped()
+    with threads_and_spin(dm, threads, spin):
+        got = decode_logits(dm, prompts, 8)
+    assert rel(got, ref) < 1e-5
     if threads == 1:
         assert native.helped() == helped  # nobody to wait for
     if spin < 0:
@@ -423,8 +335,8 @@ def test_weight_changes_are_seen(built, tmp_path):
     dm = prepare(model)
 
     def check() -> torch.Tensor:
-        got = _decode_logits(dm, prompts, 3)
-        assert _rel(got, _decode_logits(_layers(model), prompts, 3)) < 1e-5
+        got = decode_logits(dm, prompts, 3)
+        assert rel(got, decode_logits(_layers(model), prompts, 3)) < 1e-5
         return got
 
     first = check()
@@ -439,7 +351,7 @@ def test_weight_changes_are_seen(built, tmp_path):
     model.load_state_dict(donor.state_dict())  # every weight copied in place, int8 codes included
     assert dm.stale() and dm.refresh() and not dm.stale()
     last = check()
-    assert _rel(last, first) > 1e-2
+    assert rel(last, first) > 1e-2
 
 
 def test_engine_batch_with_retiring_rows(built, tmp_path):
@@ -515,9 +427,9 @@ def test_layer_loop_with_kernel_attention_equals_transformers(built, name, tmp_p
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
     assert engine.generate(prompt[0].tolist(), params).token_ids == ref
     ids = torch.randint(3, 512, (2, 7), generator=torch.Generator().manual_seed(13)).tolist()
-    got = _decode_logits(engine.decode, ids, 5)
-    want = _decode_logits(DecodeModel(model, model, {}, lambda m: m, stack=False), ids, 5)  # the user's layers
-    assert _rel(got, want) < 1e-5
+    got = decode_logits(engine.decode, ids, 5)
+    want = decode_logits(DecodeModel(model, model, {}, lambda m: m, stack=False), ids, 5)  # the user's layers
+    assert rel(got, want) < 1e-5
 
 
 def _adapter(model_dir, out, seed, r, targets=None):  # noqa: ANN001, ANN202

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from nomoat import kernels
-from nomoat.inference import DecodeConfig, DecodeModel, PanelLinear, prepare
-from nomoat.lora.bank import AdapterBank, group_rows
+from nomoat.inference import DecodeConfig, PanelLinear, prepare
 from nomoat.models.checkpoint import load_model
-from nomoat.models.kv_cache import KVCache
 from nomoat.models.quantize import quantize_model
 
-from hf_models import hf_config, save_word_tokenizer
+from stack_helpers import bank_logits, decode_logits, fixed_prompts, make_model, rel, threads_and_spin
 from train_utils import random_adapter
 
 # name -> (family, config overrides). "llama_mha": one query head per key/value head of 16 channels, so an attention
@@ -43,55 +40,15 @@ def dot_mode():
     kernels.int8_dot(was)
 
 
-def _make(name: str, path, seed: int = 0) -> None:
-    family, overrides = MODELS[name]
-    torch.manual_seed(seed)
-    cfg = hf_config(family, **overrides)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n or "bias" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    hf.eval().save_pretrained(path)
-    save_word_tokenizer(path)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _decode_logits(dm: DecodeModel, prompts: list[list[int]], steps: int, during=None) -> torch.Tensor:
-    """Prefill each prompt into its cache row, then `steps` greedy steps of all rows at once; (steps, B, V)."""
-    cache = KVCache(dm.config, len(prompts), 64, torch.float32, "cpu")
-    out = []
-    with torch.inference_mode():
-        toks = []
-        for i, p in enumerate(prompts):
-            logits = dm(torch.tensor([p]), torch.arange(len(p))[None], cache, rows=slice(i, i + 1))
-            toks.append(int(logits[0, -1].argmax()))
-        lengths = [len(p) for p in prompts]
-        for _ in range(steps):
-            ids, pos = torch.tensor(toks)[:, None], torch.tensor(lengths)[:, None]
-            if during is None:
-                logits = dm(ids, pos, cache, rows=slice(0, len(prompts)))[:, -1]
-            else:
-                with during():
-                    logits = dm(ids, pos, cache, rows=slice(0, len(prompts)))[:, -1]
-            out.append(logits.float())
-            toks = logits.argmax(-1).tolist()
-            lengths = [n + 1 for n in lengths]
-    return torch.stack(out)
-
-
-def _prompts(n: int) -> list[list[int]]:
-    return [[(11 * i + 7 * j) % 250 + 3 for j in range(2 + i % 5)] for i in range(n)]
+def _make(name: str, path) -> None:
+    make_model(*MODELS[name], path)
 
 
 def _exact(dm_of, *args) -> torch.Tensor:
-    """`_decode_logits(dm_of(), *args)` in the exact mode (fp32 activations), the dot mode restored after."""
+    """`decode_logits(dm_of(), *args)` in the exact mode (fp32 activations), the dot mode restored after."""
     kernels.int8_dot(0)
     try:
-        return _decode_logits(dm_of(), *args)
+        return decode_logits(dm_of(), *args)
     finally:
         kernels.int8_dot(1)
 
@@ -109,12 +66,12 @@ def test_int8_dot_stack_matches_layers(dot_mode, name, rows, tmp_path):
     assert dm.plan is not None
     assert all(type(m) is PanelLinear and m.int8 for n, m in dm.net.named_modules() if n.endswith("_proj"))
     steps = 4
-    got = _decode_logits(dm, _prompts(rows), steps)
+    got = decode_logits(dm, fixed_prompts(rows), steps)
     assert dm.stack_steps == steps
     ref_dm = prepare(model, DecodeConfig(stack=False))
     assert ref_dm.plan is None
-    assert _rel(got, _decode_logits(ref_dm, _prompts(rows), steps)) < 1e-4
-    assert _rel(got, _exact(lambda: prepare(model, DecodeConfig(stack=True)), _prompts(rows), steps)) > 1e-4
+    assert rel(got, decode_logits(ref_dm, fixed_prompts(rows), steps)) < 1e-4
+    assert rel(got, _exact(lambda: prepare(model, DecodeConfig(stack=True)), fixed_prompts(rows), steps)) > 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -123,12 +80,12 @@ def test_int8_dot_logits_stay_near_exact_int8(dot_mode, name, tmp_path):
     rounding per block of 32 (step absmax / 127): against fp32, the dot mode's logits stay within twice the exact int8
     mode's distance, and the greedy tokens of both modes are fp32's."""
     _make(name, tmp_path)
-    prompts = _prompts(3)
-    fp32 = _decode_logits(prepare(load_model(tmp_path, "float32", "cpu"), DecodeConfig(stack=True)), prompts, 6)
+    prompts = fixed_prompts(3)
+    fp32 = decode_logits(prepare(load_model(tmp_path, "float32", "cpu"), DecodeConfig(stack=True)), prompts, 6)
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
-    got = _decode_logits(prepare(model, DecodeConfig(stack=True)), prompts, 6)
+    got = decode_logits(prepare(model, DecodeConfig(stack=True)), prompts, 6)
     exact = _exact(lambda: prepare(model, DecodeConfig(stack=True)), prompts, 6)
-    assert _rel(got, fp32) <= 2 * _rel(exact, fp32), (_rel(got, fp32), _rel(exact, fp32))
+    assert rel(got, fp32) <= 2 * rel(exact, fp32), (rel(got, fp32), rel(exact, fp32))
     assert torch.equal(got.argmax(-1), fp32.argmax(-1)) and torch.equal(exact.argmax(-1), fp32.argmax(-1))
 
 
@@ -148,20 +105,10 @@ def test_int8_dot_stack_with_adapters(dot_mode, rows, tmp_path):
                for i, (n, r) in enumerate([("a", 4), ("b", 8)])}  # fmt: skip
     selections = [((("a", 1.0),), (("a", 0.61), ("b", -0.4)), ())[i % 3] for i in range(rows)]
     model = quantize_model(load_model(model_dir, "float32", "cpu"), "int8")
-    out = {}
-    for stack in (True, False):
-        dm = prepare(model, DecodeConfig(stack=stack))
-        bank = AdapterBank(dm.net)
-        for name, folder in folders.items():
-            bank.add(name, folder)
-        dm.rebuild_plan()
-        assert (dm.plan is not None) == stack
-        plan = group_rows(selections, torch.device("cpu"))
-        out[stack] = _decode_logits(dm, _prompts(rows), 3, during=lambda b=bank, p=plan: b.plan(p))
-        assert dm.stack_steps == (3 if stack else 0)
-    plain = _decode_logits(prepare(model, DecodeConfig(stack=True)), _prompts(rows), 3)
-    assert _rel(out[True], plain) > 1e-3  # the adapters change the logits
-    assert _rel(out[True], out[False]) < 1e-4
+    out = bank_logits(model, folders, selections, fixed_prompts(rows), 3)
+    plain = decode_logits(prepare(model, DecodeConfig(stack=True)), fixed_prompts(rows), 3)
+    assert rel(out[True], plain) > 1e-3  # the adapters change the logits
+    assert rel(out[True], out[False]) < 1e-4
 
 
 @pytest.mark.parametrize("threads, spin", [(1, 20000), (3, 0), (3, -1)])
@@ -171,16 +118,9 @@ def test_int8_dot_stack_threads_and_helping(dot_mode, name, threads, spin, tmp_p
     shared quantized inputs of the output and down projections included."""
     _make(name, tmp_path)
     model = quantize_model(load_model(tmp_path, "float32", "cpu"), "int8")
-    ref = _decode_logits(prepare(model, DecodeConfig(stack=False)), _prompts(3), 6)
+    ref = decode_logits(prepare(model, DecodeConfig(stack=False)), fixed_prompts(3), 6)
     dm = prepare(model)
-    native = dm.plan.native
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        native.set_spin(spin, 0 if spin <= 0 else 2)
-        got = _decode_logits(dm, _prompts(3), 6)
-    finally:
-        torch.set_num_threads(saved)
-        native.set_spin(20000, 2)
+    with threads_and_spin(dm, threads, spin):
+        got = decode_logits(dm, fixed_prompts(3), 6)
     assert dm.stack_steps == 6
-    assert _rel(got, ref) < 1e-4
+    assert rel(got, ref) < 1e-4

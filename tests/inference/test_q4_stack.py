@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
-from nomoat import kernels
-from nomoat.inference import DecodeConfig, DecodeModel, prepare
+from nomoat.inference import DecodeConfig, prepare
 from nomoat.inference.panel_linear import Q4PanelLinear
-from nomoat.lora.bank import AdapterBank, group_rows
 from nomoat.models.checkpoint import load_model
-from nomoat.models.kv_cache import KVCache
 from nomoat.models.quantize import QuantizedLinear
 
-from hf_models import hf_config, save_word_tokenizer
+from stack_helpers import bank_logits, decode_logits, fixed_prompts, make_model, rel, threads_and_spin
 from train_utils import random_adapter
 
 # name -> (family, config overrides). "llama_mha": one query head per key/value head of 16 channels, so an attention
@@ -27,23 +23,8 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def built() -> None:
-    """The kernels must build here: a failure must not hide as a skip."""
-    assert kernels.available(), "nomoat's kernels did not build: see the log for the compiler error"
-
-
-def _make(name: str, path, seed: int = 0) -> None:
-    family, overrides = MODELS[name]
-    torch.manual_seed(seed)
-    cfg = hf_config(family, **overrides)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n or "bias" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    hf.eval().save_pretrained(path)
-    save_word_tokenizer(path)
+def _make(name: str, path) -> None:
+    make_model(*MODELS[name], path)
 
 
 def _q4_model(path, fmt: str, dtype=torch.float32):
@@ -53,37 +34,6 @@ def _q4_model(path, fmt: str, dtype=torch.float32):
         if name.endswith("_proj") and type(m) is torch.nn.Linear:
             model.set_submodule(name, QuantizedLinear.from_linear(m, "int4", int4_format=fmt))
     return model
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _decode_logits(dm: DecodeModel, prompts: list[list[int]], steps: int, during=None) -> torch.Tensor:
-    """Prefill each prompt into its cache row, then `steps` greedy steps of all rows at once; (steps, B, V)."""
-    cache = KVCache(dm.config, len(prompts), 64, dm.net.model.embed_tokens.weight.dtype, "cpu")
-    out = []
-    with torch.inference_mode():
-        toks = []
-        for i, p in enumerate(prompts):
-            logits = dm(torch.tensor([p]), torch.arange(len(p))[None], cache, rows=slice(i, i + 1))
-            toks.append(int(logits[0, -1].argmax()))
-        lengths = [len(p) for p in prompts]
-        for _ in range(steps):
-            ids, pos = torch.tensor(toks)[:, None], torch.tensor(lengths)[:, None]
-            if during is None:
-                logits = dm(ids, pos, cache, rows=slice(0, len(prompts)))[:, -1]
-            else:
-                with during():
-                    logits = dm(ids, pos, cache, rows=slice(0, len(prompts)))[:, -1]
-            out.append(logits.float())
-            toks = logits.argmax(-1).tolist()
-            lengths = [n + 1 for n in lengths]
-    return torch.stack(out)
-
-
-def _prompts(n: int) -> list[list[int]]:
-    return [[(11 * i + 7 * j) % 250 + 3 for j in range(2 + i % 5)] for i in range(n)]
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
@@ -98,15 +48,15 @@ def test_q4_stack_matches_layers(built, name, fmt, rows, tmp_path):
     assert dm.plan is not None
     assert all(type(m) is Q4PanelLinear for n, m in dm.net.named_modules() if n.endswith("_proj"))
     steps = 4
-    got = _decode_logits(dm, _prompts(rows), steps)
+    got = decode_logits(dm, fixed_prompts(rows), steps)
     assert dm.stack_steps == steps  # every decode step took the stack
     ref_dm = prepare(model, DecodeConfig(stack=False))
     assert ref_dm.plan is None
-    ref = _decode_logits(ref_dm, _prompts(rows), steps)
-    assert _rel(got, ref) < 1e-4
-    fp32 = _decode_logits(prepare(load_model(tmp_path, torch.float32, "cpu"), DecodeConfig(stack=False)),
-                          _prompts(rows), steps)  # fmt: skip
-    assert _rel(got, fp32) > 1e-3  # the 4-bit weights change the logits: the comparison above can fail
+    ref = decode_logits(ref_dm, fixed_prompts(rows), steps)
+    assert rel(got, ref) < 1e-4
+    fp32 = decode_logits(prepare(load_model(tmp_path, torch.float32, "cpu"), DecodeConfig(stack=False)),
+                          fixed_prompts(rows), steps)  # fmt: skip
+    assert rel(got, fp32) > 1e-3  # the 4-bit weights change the logits: the comparison above can fail
 
 
 def test_q4_stack_bf16_rest(built, tmp_path):
@@ -116,10 +66,10 @@ def test_q4_stack_bf16_rest(built, tmp_path):
     model = _q4_model(tmp_path, "q4_0", torch.bfloat16)
     dm = prepare(model, DecodeConfig(stack=True))
     assert dm.plan is not None
-    got = _decode_logits(dm, _prompts(3), 4)
+    got = decode_logits(dm, fixed_prompts(3), 4, cache_dtype=torch.bfloat16)
     assert dm.stack_steps == 4
-    ref = _decode_logits(prepare(model, DecodeConfig(stack=False)), _prompts(3), 4)
-    assert _rel(got, ref) < 5e-2
+    ref = decode_logits(prepare(model, DecodeConfig(stack=False)), fixed_prompts(3), 4, cache_dtype=torch.bfloat16)
+    assert rel(got, ref) < 5e-2
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
@@ -133,21 +83,11 @@ def test_q4_stack_with_adapters(built, fmt, rows, tmp_path):
                for i, (n, r) in enumerate([("a", 4), ("b", 8)])}  # fmt: skip
     selections = [((("a", 1.0),), (("a", 0.6), ("b", -0.4)), ())[i % 3] for i in range(rows)]
     model = _q4_model(model_dir, fmt)
-    out = {}
-    for stack in (True, False):
-        dm = prepare(model, DecodeConfig(stack=stack))
-        bank = AdapterBank(dm.net)
-        for name, folder in folders.items():
-            bank.add(name, folder)
-        dm.rebuild_plan()
-        assert (dm.plan is not None) == stack
-        plan = group_rows(selections, torch.device("cpu"))
-        out[stack] = _decode_logits(dm, _prompts(rows), 3, during=lambda b=bank, p=plan: b.plan(p))
-        assert dm.stack_steps == (3 if stack else 0)
-    plain = _decode_logits(prepare(model, DecodeConfig(stack=True)), _prompts(rows), 3)
+    out = bank_logits(model, folders, selections, fixed_prompts(rows), 3)
+    plain = decode_logits(prepare(model, DecodeConfig(stack=True)), fixed_prompts(rows), 3)
     if rows > 1 or selections[0]:
-        assert _rel(out[True], plain) > 1e-3  # the adapters change the logits
-    assert _rel(out[True], out[False]) < 1e-4
+        assert rel(out[True], plain) > 1e-3  # the adapters change the logits
+    assert rel(out[True], out[False]) < 1e-4
 
 
 @pytest.mark.parametrize("threads, spin", [(1, 20000), (3, 0), (3, -1)])
@@ -156,16 +96,9 @@ def test_q4_stack_threads_and_helping(built, threads, spin, tmp_path):
     shared quantized inputs of the output and down projections included."""
     _make("qwen2", tmp_path)
     model = _q4_model(tmp_path, "q4_0")
-    ref = _decode_logits(prepare(model, DecodeConfig(stack=False)), _prompts(3), 6)
+    ref = decode_logits(prepare(model, DecodeConfig(stack=False)), fixed_prompts(3), 6)
     dm = prepare(model)
-    native = dm.plan.native
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        native.set_spin(spin, 0 if spin <= 0 else 2)
-        got = _decode_logits(dm, _prompts(3), 6)
-    finally:
-        torch.set_num_threads(saved)
-        native.set_spin(20000, 2)
+    with threads_and_spin(dm, threads, spin):
+        got = decode_logits(dm, fixed_prompts(3), 6)
     assert dm.stack_steps == 6
-    assert _rel(got, ref) < 1e-4
+    assert rel(got, ref) < 1e-4

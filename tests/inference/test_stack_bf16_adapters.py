@@ -18,11 +18,8 @@ from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
 
 from hf_models import hf_config, save_word_tokenizer
+from stack_helpers import rel
 from train_utils import random_adapter
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def _rewrite(folder: Path, out: Path, fn) -> Path:  # noqa: ANN001
@@ -86,6 +83,6 @@ def test_bf16_bank_in_the_stack(rows, tmp_path):
         assert (dm.plan is not None) == stack
         out[key] = _logits(dm, bank, selections)
         assert dm.stack_steps >= (3 if stack else 0)
-    assert _rel(out["bf16"], out["rounded"]) < 1e-5  # the same values, fp32 sums either way
-    assert _rel(out["bf16"], out["bf16_loop"]) < 1e-5
-    assert _rel(out["rounded"], out["plain"]) > 0  # the rounded files differ from the plain ones
+    assert rel(out["bf16"], out["rounded"]) < 1e-5  # the same values, fp32 sums either way
+    assert rel(out["bf16"], out["bf16_loop"]) < 1e-5
+    assert rel(out["rounded"], out["plain"]) > 0  # the rounded files differ from the plain ones

@@ -8,7 +8,6 @@ import pytest
 import torch
 import transformers
 
-from nomoat import kernels
 from nomoat.inference import PanelLinear, prepare
 from nomoat.models.checkpoint import load_model
 from nomoat.models.kv_cache import KVCache
@@ -16,11 +15,7 @@ from nomoat.models.packed import pack_model
 from nomoat.models.quantize import quantize_model
 
 from hf_models import hf_config
-
-
-@pytest.fixture(scope="module")
-def built() -> None:
-    assert kernels.available(), "nomoat's kernels did not build: see the log for the compiler error"
+from stack_helpers import rel, threads_and_spin
 
 
 def _model(tmp_path, family="llama3", mode="fp32", **overrides):
@@ -68,10 +63,6 @@ def _steps(dm, rows: int, steps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(fused), torch.stack(separate)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
 @pytest.mark.parametrize("rows", [1, 3, 10])
 def test_fused_head_equals_separate_head(built, tmp_path, mode, rows):
@@ -82,7 +73,7 @@ def test_fused_head_equals_separate_head(built, tmp_path, mode, rows):
     head.register_forward_pre_hook(lambda *a: calls.append(1))  # a hook on the head after the plan: not seen
     fused, separate = _steps(dm, rows)
     assert fused.shape == separate.shape == (4, rows, dm.config.vocab_size)
-    assert _rel(fused, separate) < 1e-5
+    assert rel(fused, separate) < 1e-5
     assert len(calls) == rows + 4  # the prefills and the separate steps only: never the fused steps
 
 
@@ -95,16 +86,10 @@ def test_head_bias_and_every_unit_twice(built, tmp_path):
     dm.rebuild_plan()
     assert dm.plan.head
     fused, separate = _steps(dm, 2)
-    assert _rel(fused, separate) < 1e-5
-    saved = torch.get_num_threads()
-    torch.set_num_threads(3)
-    dm.plan.native.set_spin(-1, 0)
-    try:
+    assert rel(fused, separate) < 1e-5
+    with threads_and_spin(dm, 3, -1):
         again, _ = _steps(dm, 2)
-    finally:
-        torch.set_num_threads(saved)
-        dm.plan.native.set_spin(20000, 2)
-    assert _rel(again, separate) < 1e-5
+    assert rel(again, separate) < 1e-5
 
 
 def test_models_without_a_fused_head(built, tmp_path):

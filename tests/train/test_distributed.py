@@ -23,79 +23,37 @@ from safetensors.torch import load_file
 from nomoat.train.checkpointing import list_checkpoints
 from processes import free_port
 
-from train_utils import make_chat_model, write_chat_data
+from distributed_utils import (
+    CONFIG,
+    TIMEOUT,
+    launch_env,
+    make_workspace,
+    max_diff,
+    run_losses,
+    run_ok,
+    torchrun,
+    train_args,
+)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32",
                                 reason="torch.distributed with gloo is not available here")  # fmt: skip
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-TIMEOUT = 240  # seconds for one launched run
 TOL = 1e-6  # fp32 losses, absolute
-
-CONFIG = """\
-seq_len: 64
-packing: true
-max_steps: 6
-lr: 0.01
-schedule: constant
-warmup_steps: 0
-save_every: 3
-keep_checkpoints: 5
-log_every: 1
-device: cpu
-seed: 1
-val_size: 0
-"""
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    env.update(OMP_NUM_THREADS="1", NOMOAT_DIST_TIMEOUT="60", TORCH_CPP_LOG_LEVEL="ERROR")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(cmd)}: {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
-    return out
-
-
-def _torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-
-
-def _train_args(ws: Path, name: str, batch: int, *extra: str) -> list[str]:
-    return ["-m", "nomoat", "train", str(ws / "model"), "-d", str(ws / "chat.jsonl"), "-c", str(ws / "cfg.yaml"),
-            "--batch-size", str(batch), "--name", name, "--output-dir", str(ws / "runs"), "--no-progress",
-            *extra]  # fmt: skip
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-
-
-def _max_diff(a: dict[int, float], b: dict[int, float]) -> float:
-    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
-    return max(abs(a[k] - b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     """A tiny model, a chat dataset, the run file, and the one-process reference run with batch 4."""
-    ws = tmp_path_factory.mktemp("ddp")
-    make_chat_model(ws / "model")
-    write_chat_data(ws / "chat.jsonl", n=24)
-    (ws / "cfg.yaml").write_text(CONFIG)
-    _run([sys.executable, *_train_args(ws, "one", 4)], ws)
+    ws = make_workspace(tmp_path_factory.mktemp("ddp"))
+    run_ok([sys.executable, *train_args(ws, "one", 4)], ws)
     return ws
 
 
 def test_two_processes_equal_one_with_the_doubled_batch(ws):
-    _run(_torchrun(2, *_train_args(ws, "two", 2)), ws)
-    one, two = _losses(ws / "runs" / "one"), _losses(ws / "runs" / "two")
+    run_ok(torchrun(2, *train_args(ws, "two", 2)), ws)
+    one, two = run_losses(ws / "runs" / "one"), run_losses(ws / "runs" / "two")
     assert len(two) == 6
-    diff = _max_diff(one, two)
+    diff = max_diff(one, two)
     print(f"SFT 2 processes x batch 2 vs 1 x 4: max loss difference {diff:.2e}")
     assert diff <= TOL
     assert one[1] != one[6]  # the steps train (a frozen run would compare equal trivially)
@@ -111,17 +69,17 @@ def test_two_processes_equal_one_with_the_doubled_batch(ws):
 
 def test_resume_two_processes_with_one(ws):
     runs = ws / "runs"
-    _run([sys.executable, *_train_args(ws, "resumed", 2, "--nproc", "2")], ws)  # nomoat starts torchrun itself
-    two = _losses(runs / "resumed")
-    assert _max_diff(two, _losses(runs / "one")) <= TOL
+    run_ok([sys.executable, *train_args(ws, "resumed", 2, "--nproc", "2")], ws)  # nomoat starts torchrun itself
+    two = run_losses(runs / "resumed")
+    assert max_diff(two, run_losses(runs / "one")) <= TOL
     # As if the run had been killed after the checkpoint of step 3: drop what came later.
     shutil.rmtree(runs / "resumed" / "checkpoints" / "step-000006")
-    _run([sys.executable, *_train_args(ws, "resumed", 4, "--resume")], ws)  # one process, same global batch
-    resumed = _losses(runs / "resumed")
-    diff = _max_diff({k: v for k, v in two.items() if k > 3}, {k: v for k, v in resumed.items() if k > 3})
+    run_ok([sys.executable, *train_args(ws, "resumed", 4, "--resume")], ws)  # one process, same global batch
+    resumed = run_losses(runs / "resumed")
+    diff = max_diff({k: v for k, v in two.items() if k > 3}, {k: v for k, v in resumed.items() if k > 3})
     print(f"resume of a 2-process run with 1 process: max loss difference {diff:.2e}")
     assert diff <= TOL
-    assert _max_diff(resumed, _losses(runs / "one")) <= TOL
+    assert max_diff(resumed, run_losses(runs / "one")) <= TOL
 
 
 PRETRAIN = """\
@@ -138,8 +96,8 @@ json.dump(r.losses, open(ws + "/" + out + ".losses.json", "w"))
 def test_continued_pretraining_two_processes_equal_one(ws):
     script = ws / "pretrain_run.py"
     script.write_text(PRETRAIN)
-    _run([sys.executable, str(script), str(ws), "pre1", "4"], ws)
-    _run(_torchrun(2, str(script), str(ws), "pre2", "2"), ws)
+    run_ok([sys.executable, str(script), str(ws), "pre1", "4"], ws)
+    run_ok(torchrun(2, str(script), str(ws), "pre2", "2"), ws)
     one = json.loads((ws / "pre1.losses.json").read_text())
     two = json.loads((ws / "pre2.losses.json").read_text())
     diff = max(abs(a - b) for a, b in zip(one, two, strict=True))
@@ -153,8 +111,8 @@ def test_continued_pretraining_two_processes_equal_one(ws):
 def test_two_node_rendezvous_on_loopback(ws):
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nomoat-test", *_train_args(ws, "nodes", 2)]  # fmt: skip
-    nodes = [subprocess.Popen(cmd, cwd=ws, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nomoat-test", *train_args(ws, "nodes", 2)]  # fmt: skip
+    nodes = [subprocess.Popen(cmd, cwd=ws, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]  # fmt: skip
     try:
         outs = [n.communicate(timeout=TIMEOUT) for n in nodes]
@@ -165,7 +123,7 @@ def test_two_node_rendezvous_on_loopback(ws):
     for n, (out, err) in zip(nodes, outs, strict=True):
         assert n.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
     assert (ws / "runs" / "nodes" / "adapter" / "adapter_model.safetensors").is_file()
-    diff = _max_diff(_losses(ws / "runs" / "nodes"), _losses(ws / "runs" / "one"))
+    diff = max_diff(run_losses(ws / "runs" / "nodes"), run_losses(ws / "runs" / "one"))
     print(f"2 nodes x 1 process x batch 2 vs 1 x 4: max loss difference {diff:.2e}")
     assert diff <= TOL
 
@@ -184,9 +142,9 @@ def _worker_of_rank(launcher: int, rank: int) -> int | None:
 def test_killed_rank_stops_the_others_and_keeps_the_last_checkpoint(ws):
     (ws / "long.yaml").write_text(CONFIG.replace("max_steps: 6", "max_steps: 100000").replace("save_every: 3",
                                                                                               "save_every: 1"))
-    args = _train_args(ws, "killed", 2)
+    args = train_args(ws, "killed", 2)
     args[args.index("-c") + 1] = str(ws / "long.yaml")
-    launcher = subprocess.Popen(_torchrun(2, *args), cwd=ws, env=_env(), stdout=subprocess.PIPE,
+    launcher = subprocess.Popen(torchrun(2, *args), cwd=ws, env=launch_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
     run_dir = ws / "runs" / "killed"
     try:

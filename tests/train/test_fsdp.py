@@ -5,7 +5,6 @@ one unsharded process with the doubled batch, a plain PEFT adapter at the end, a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,71 +14,35 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_utils import make_chat_model, write_chat_data
+from distributed_utils import launch_env, make_workspace, run_losses, run_ok, torchrun, train_args
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32",
                                 reason="torch.distributed with gloo is not available here")  # fmt: skip
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 TIMEOUT = 300
 TOL = 1e-5  # fp32 losses, absolute: sharded reductions sum in another order than one process
 
-CONFIG = """\
-seq_len: 64
-packing: true
-max_steps: 6
-lr: 0.01
-schedule: constant
-warmup_steps: 0
-save_every: 3
-keep_checkpoints: 5
-log_every: 1
-device: cpu
-seed: 1
-val_size: 0
-"""
-
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    env.update(OMP_NUM_THREADS="1", NOMOAT_DIST_TIMEOUT="60", TORCH_CPP_LOG_LEVEL="ERROR", NOMOAT_KERNELS="0")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert out.returncode == 0, f"{' '.join(cmd)}: {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
-    return out
+    return launch_env(NOMOAT_KERNELS="0")
 
 
 def _train(ws: Path, name: str, batch: int, nproc: int, *extra: str) -> subprocess.CompletedProcess:
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  f"--nproc-per-node={nproc}"]  # fmt: skip
-    args = ["-m", "nomoat", "train", str(ws / "model"), "-d", str(ws / "chat.jsonl"), "-c", str(ws / "cfg.yaml"),
-            "--batch-size", str(batch), "--name", name, "--output-dir", str(ws / "runs"), "--no-progress", "--rank",
-            "4", *extra]  # fmt: skip
-    return _run([*launch, *args], ws)
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    launch = [sys.executable] if nproc == 1 else torchrun(nproc)
+    return run_ok([*launch, *train_args(ws, name, batch, "--rank", "4", *extra)], ws, TIMEOUT, _env())
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     """A tiny model and chat data; the one-process run with batch 4 and the two-process sharded run with batch 2."""
-    ws = tmp_path_factory.mktemp("fsdp")
-    make_chat_model(ws / "model")
-    write_chat_data(ws / "chat.jsonl", n=24)
-    (ws / "cfg.yaml").write_text(CONFIG)
+    ws = make_workspace(tmp_path_factory.mktemp("fsdp"))
     _train(ws, "one", 4, 1)
     _train(ws, "sharded", 2, 2, "--fsdp")
     return ws
 
 
 def test_fsdp_two_processes_equal_one_with_the_doubled_batch(ws):
-    one, sharded = _losses(ws / "runs" / "one"), _losses(ws / "runs" / "sharded")
+    one, sharded = run_losses(ws / "runs" / "one"), run_losses(ws / "runs" / "sharded")
     assert sorted(one) == sorted(sharded) == [1, 2, 3, 4, 5, 6]
     assert max(abs(one[k] - sharded[k]) for k in one) < TOL
     assert sharded[1] != sharded[6]  # it trained
@@ -118,7 +81,7 @@ def test_fsdp_resume_continues_the_same_run(ws):
     (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:4]))  # step 4 was logged, not saved
     out = _train(ws, "cut", 2, 2, "--fsdp", "--resume")
     assert "resumed" in out.stderr
-    whole, resumed = _losses(ws / "runs" / "sharded"), _losses(run)
+    whole, resumed = run_losses(ws / "runs" / "sharded"), run_losses(run)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert max(abs(whole[k] - resumed[k]) for k in whole) < 1e-6
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
@@ -129,9 +92,7 @@ def test_a_sharded_checkpoint_is_not_resumed_unsharded(ws):
     shutil.copytree(ws / "runs" / "sharded", run)
     shutil.rmtree(run / "adapter")
     shutil.rmtree(run / "checkpoints" / "step-000006")
-    cmd = [sys.executable, "-m", "nomoat", "train", str(ws / "model"), "-d", str(ws / "chat.jsonl"), "-c",
-           str(ws / "cfg.yaml"), "--batch-size", "4", "--name", "mixed", "--output-dir", str(ws / "runs"),
-           "--no-progress", "--rank", "4", "--resume"]  # fmt: skip
+    cmd = [sys.executable, *train_args(ws, "mixed", 4, "--rank", "4", "--resume")]
     out = subprocess.run(cmd, cwd=ws, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 2 and "written by an --fsdp run" in out.stderr and "Traceback" not in out.stderr
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import _losses, _max_diff, _run, _torchrun
 
+from distributed_utils import max_diff, run_losses, run_ok, torchrun
 from train_utils import make_chat_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32",
@@ -41,8 +41,8 @@ def _args(ws: Path, method: str, data: str, name: str, batch: int) -> list[str]:
 def test_two_processes_equal_one(tmp_path, method, data):
     make_chat_model(tmp_path / "model")
     _data(tmp_path)
-    _run([sys.executable, *_args(tmp_path, method, data, "one", 4)], tmp_path)
-    _run(_torchrun(2, *_args(tmp_path, method, data, "two", 2)), tmp_path)
-    one, two = _losses(tmp_path / "runs" / "one"), _losses(tmp_path / "runs" / "two")
+    run_ok([sys.executable, *_args(tmp_path, method, data, "one", 4)], tmp_path)
+    run_ok(torchrun(2, *_args(tmp_path, method, data, "two", 2)), tmp_path)
+    one, two = run_losses(tmp_path / "runs" / "one"), run_losses(tmp_path / "runs" / "two")
     assert len(one) == 4
-    assert _max_diff(one, two) < 1e-6, (one, two)
+    assert max_diff(one, two) < 1e-6, (one, two)

@@ -21,7 +21,7 @@ from nomoat.data import DataError, load_dataset
 from nomoat.lora import disable_lora
 from nomoat.train.preference import KTORecipe
 
-from train_utils import make_chat_model
+from train_utils import recipe_config
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl", minversion="1.16")
@@ -41,17 +41,9 @@ def _feedback(path: Path, n: int = 8) -> Path:
 
 
 def _config(tmp_path: Path, name: str, **kw) -> TrainConfig:  # noqa: ANN003
-    model = tmp_path / "model"
-    if not model.exists():
-        make_chat_model(model)
-    data = tmp_path / "feedback.jsonl"
-    if not data.exists():
-        _feedback(data)
-    base = dict(model=str(model), data=[str(data)], output_dir=str(tmp_path / "runs"), name=name, method="kto",
-                max_steps=6, batch_size=4, lr=5e-3, warmup_steps=0, seq_len=64, seed=1, beta=0.2,
+    base = dict(method="kto", max_steps=6, batch_size=4, lr=5e-3, warmup_steps=0, seq_len=64, seed=1, beta=0.2,
                 desirable_weight=1.0, undesirable_weight=1.5)  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    return recipe_config(tmp_path, name, "feedback.jsonl", _feedback, **(base | kw))
 
 
 def test_kto_format_reads_labels_and_refuses_bad_ones(tmp_path):

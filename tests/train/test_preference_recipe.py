@@ -17,7 +17,7 @@ from nomoat.train.preference import PreferenceRecipe
 from nomoat.train.sft import SFTRecipe
 from nomoat.util.errors import UsageError
 
-from train_utils import make_chat_model
+from train_utils import recipe_config
 
 QUIET = Console(quiet=True)
 
@@ -40,16 +40,8 @@ def _pairs(path: Path, n: int = 8, conversational: bool = False) -> Path:
 
 
 def _config(tmp_path: Path, name: str, method: str = "dpo", **kw) -> TrainConfig:  # noqa: ANN003
-    model = tmp_path / "model"
-    if not model.exists():
-        make_chat_model(model)
-    data = tmp_path / "pairs.jsonl"
-    if not data.exists():
-        _pairs(data, conversational=True)
-    base = dict(model=str(model), data=[str(data)], output_dir=str(tmp_path / "runs"), name=name, method=method,
-                max_steps=6, batch_size=4, lr=5e-3, warmup_steps=0, seq_len=64, seed=1)  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    base = dict(method=method, max_steps=6, batch_size=4, lr=5e-3, warmup_steps=0, seq_len=64, seed=1)
+    return recipe_config(tmp_path, name, "pairs.jsonl", lambda path: _pairs(path, conversational=True), **(base | kw))
 
 
 def _records(tmp_path: Path, name: str) -> list[dict]:

@@ -15,7 +15,7 @@ from nomoat.cli.train import engine_sampler
 from nomoat.config.train import ConfigError, TrainConfig
 from nomoat.train.rl import RLRecipe, token_logps
 
-from train_utils import make_chat_model
+from train_utils import recipe_config
 
 QUIET = Console(quiet=True)
 
@@ -34,18 +34,14 @@ def constant(completions, prompts, **columns):  # noqa: ANN001, ANN003, ANN201
     return [1.0] * len(completions)
 
 
+def _prompts(path: Path) -> None:
+    path.write_text("".join(json.dumps({"prompt": f"w{30 + i} w{60 + i}"}) + "\n" for i in range(16)))
+
+
 def _config(tmp_path: Path, name: str, **kw) -> TrainConfig:  # noqa: ANN003
-    model = tmp_path / "model"
-    if not model.exists():
-        make_chat_model(model)
-    data = tmp_path / "prompts.jsonl"
-    if not data.exists():
-        data.write_text("".join(json.dumps({"prompt": f"w{30 + i} w{60 + i}"}) + "\n" for i in range(16)))
-    base = dict(model=str(model), data=[str(data)], output_dir=str(tmp_path / "runs"), name=name, method="grpo",
-                reward=[f"{__name__}:half_flat"], max_steps=3, batch_size=4, num_generations=8, max_new_tokens=3,
-                lr=3e-2, warmup_steps=0, seq_len=32, seed=1, lora={"r": 8, "alpha": 16})  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    base = dict(method="grpo", reward=[f"{__name__}:half_flat"], max_steps=3, batch_size=4, num_generations=8,
+                max_new_tokens=3, lr=3e-2, warmup_steps=0, seq_len=32, seed=1, lora={"r": 8, "alpha": 16})  # fmt: skip
+    return recipe_config(tmp_path, name, "prompts.jsonl", _prompts, **(base | kw))
 
 
 def _recipe(cfg: TrainConfig) -> RLRecipe:

@@ -5,27 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nomoat.config.lora import LoRAConfig
 from nomoat.data import IGNORE_INDEX
-from nomoat.lora import inject_lora
-from nomoat.models.checkpoint import load_model
 from nomoat.train.logps import label_logps
 
-from hf_models import make_hf_model
+from train_utils import random_lora_model
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("m") / "m"
-    make_hf_model("llama3", folder)
-    m = load_model(folder, "float32", "cpu")
-    inject_lora(m, LoRAConfig(r=4, alpha=8))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return m
+    return random_lora_model(tmp_path_factory.mktemp("m") / "m")
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from nomoat.train.rewards import RewardError
 from nomoat.train.rl import RLRecipe, token_logps
 from nomoat.util.errors import UsageError
 
-from train_utils import make_chat_model
+from train_utils import make_chat_model, recipe_config
 
 QUIET = Console(quiet=True)
 
@@ -44,19 +44,15 @@ def short(completions, prompts, **columns):  # noqa: ANN001, ANN003, ANN201
     return [1.0]
 
 
+def _prompts(path: Path) -> None:
+    path.write_text("".join(json.dumps({"prompt": f"w{30 + i} w{60 + i}", "answer": f"w{i}"}) + "\n"
+                            for i in range(8)))  # fmt: skip
+
+
 def _config(tmp_path: Path, name: str, **kw) -> TrainConfig:  # noqa: ANN003
-    model = tmp_path / "model"
-    if not model.exists():
-        make_chat_model(model)
-    data = tmp_path / "prompts.jsonl"
-    if not data.exists():
-        data.write_text("".join(json.dumps({"prompt": f"w{30 + i} w{60 + i}", "answer": f"w{i}"}) + "\n"
-                                for i in range(8)))  # fmt: skip
-    base = dict(model=str(model), data=[str(data)], output_dir=str(tmp_path / "runs"), name=name, method="grpo",
-                reward=[f"{__name__}:even_first_word"], max_steps=6, batch_size=2, num_generations=4,
+    base = dict(method="grpo", reward=[f"{__name__}:even_first_word"], max_steps=6, batch_size=2, num_generations=4,
                 max_new_tokens=4, lr=3e-2, warmup_steps=0, seq_len=32, seed=1, lora={"r": 8, "alpha": 16})  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    return recipe_config(tmp_path, name, "prompts.jsonl", _prompts, **(base | kw))
 
 
 def _model_with_lora(tmp_path: Path) -> tuple[torch.nn.Module, Tokenizer]:

@@ -11,17 +11,14 @@ import torch
 from rich.console import Console
 
 from nomoat.cli.train import engine_sampler
-from nomoat.config.lora import LoRAConfig
 from nomoat.config.train import TrainConfig
 from nomoat.data import IGNORE_INDEX, Row, collate
-from nomoat.lora import inject_lora, lora_state_dict
-from nomoat.models.checkpoint import load_model
+from nomoat.lora import lora_state_dict
 from nomoat.models.segments import share_prefixes
 from nomoat.train.logps import label_logps
 from nomoat.train.rl import RLRecipe, grpo_loss, token_logps
 
-from hf_models import make_hf_model
-from train_utils import make_chat_model
+from train_utils import make_chat_model, random_lora_model
 
 
 def test_share_prefixes_lays_each_prefix_out_once():
@@ -49,25 +46,13 @@ def _rows(seed: int) -> list[Row]:
     return rows
 
 
-def _lora_model(tmp_path, family: str) -> torch.nn.Module:
-    make_hf_model(family, tmp_path / family)
-    m = load_model(tmp_path / family, "float32", "cpu")
-    inject_lora(m, LoRAConfig(r=4, alpha=8))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return m
-
-
 def _grads(model, value):
     return torch.autograd.grad(value, [p for p in model.parameters() if p.requires_grad])
 
 
 @pytest.mark.parametrize("family", ["llama3", "gemma2"])  # gemma2: soft-capped scores, the per-example fallback
 def test_shared_prompts_give_the_logps_and_gradients_of_one_row_each(tmp_path, family):
-    model = _lora_model(tmp_path, family)
+    model = random_lora_model(tmp_path / family, family)
     batch = collate(_rows(1), 0)
     labels = batch["labels"]
     lengths = (batch["segment_ids"] != 0).sum(1)

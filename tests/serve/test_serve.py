@@ -144,7 +144,7 @@ def test_streaming_equals_plain_with_same_seed(server):
     other = client.completions.create(prompt=prompt, **{**kw, "seed": 99})
     assert other.choices[0].text != plain.choices[0].message.content  # the seed matters (sanity)
     # The raw SSE stream ends with [DONE].
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "stream": True}
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "stream": True, "temperature": 0}
     raw = httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers).text
     assert raw.rstrip().endswith("data: [DONE]") and raw.count("data: ") == 5
 

@@ -21,7 +21,10 @@ next token agrees, which stay informative where the perplexity change is within 
 Ratios (lower is better, <= 1 meets issue's bar): `int8_ppl_increase_vs_q8_0` = (nomoat int8 ppl / nomoat fp32 ppl
 - 1) / (llama.cpp q8_0 ppl / llama.cpp F32 ppl - 1), likewise `int4_ppl_increase_vs_q4_0` (and `_vs_q4_0_pure`),
 and `*_kld_vs_*` on the KL divergences. `fp32_ppl_vs_llamacpp_f32` checks that both engines score the reference
-alike (about 1.0; llama.cpp keeps its KV cache in f16 by default, as run here).
+alike (about 1.0; llama.cpp keeps its KV cache in f16 by default, as run here). `*_ppl_increase_minus_*` is the
+difference of the two increases (nomoat's minus llama.cpp's, as a fraction) and `..._stderr` its standard error from
+the tokens' paired NLL differences: at 8 bits the increases are a fraction of a percent and a gap within two
+standard errors is the text's noise (KL divergence is the measure that separates the quantizers there).
 
 Threads: 2 for both (`OMP_WAIT_POLICY=PASSIVE` unless set). One engine's models are loaded at a time; the peak RSS,
 about 5 GB, is llama.cpp's four contexts, each keeping every position's logits.
@@ -106,18 +109,20 @@ def score_windows(
         references: `{name: reference name}`: compare `name`'s distributions with the reference's on each window.
 
     Returns:
-        Per name: `perplexity`, `nll` (mean per token), `tokens`, and for compared names `kld` (mean per token,
-        nats) and `top1_agreement`.
+        Per name: `perplexity`, `nll` (mean per token), `tokens`, `token_nll` (a float64 tensor: each scored
+        token's NLL, in text order), and for compared names `kld` (mean per token, nats) and `top1_agreement`.
     """
     references = references or {}
     sums = {name: {"nll": 0.0, "kld": 0.0, "top1": 0.0} for name in scorers}
+    token_nll: dict[str, list[torch.Tensor]] = {name: [] for name in scorers}
     tokens = 0
     for start, end, n in windows(len(ids), window, stride):
         chunk = list(ids[start:end])
         targets = torch.tensor(chunk[-n:])  # (n,)
         lps = {name: scorer(chunk, n) for name, scorer in scorers.items()}  # each (n, V)
         for name, lp in lps.items():
-            sums[name]["nll"] -= float(lp.double().gather(-1, targets[:, None]).sum())
+            token_nll[name].append(-lp.double().gather(-1, targets[:, None]).squeeze(1))
+            sums[name]["nll"] += float(token_nll[name][-1].sum())
             ref = lps.get(references.get(name, ""))
             if ref is not None:
                 ref64, lp64 = ref.double(), lp.double()
@@ -127,7 +132,7 @@ def score_windows(
     out: dict[str, dict[str, float]] = {}
     for name, s in sums.items():
         nll = s["nll"] / tokens
-        out[name] = {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}
+        out[name] = {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens, "token_nll": torch.cat(token_nll[name])}
         if name in references:
             out[name].update(kld=s["kld"] / tokens, top1_agreement=s["top1"] / tokens)
     return out
@@ -284,6 +289,21 @@ def _increase(stats: dict[str, dict[str, float]], name: str) -> float | None:
     return stats[name]["perplexity"] / stats[ref]["perplexity"] - 1
 
 
+def increase_gap(stats: dict[str, dict[str, Any]], ours: str, peer: str) -> tuple[float, float]:
+    """(ours's perplexity increase - peer's, its standard error), from the tokens' paired NLL differences.
+
+    Each engine's increase is `exp(mean(d)) - 1` with `d` its variant's per-token NLL minus its reference's; both
+    engines score the same tokens, so `e = d_ours - d_peer` pairs them token by token, and the gap's standard error
+    is `std(e) / sqrt(n)` (delta method, scaled by the increases' common `exp(mean)`, about 1). A gap within two
+    standard errors is the text's sampling noise, not a difference between the quantizers.
+    """
+    d_ours = stats[ours]["token_nll"] - stats[REFERENCES[ours]]["token_nll"]
+    d_peer = stats[peer]["token_nll"] - stats[REFERENCES[peer]]["token_nll"]
+    e = d_ours - d_peer
+    gap = math.exp(float(d_ours.mean())) - math.exp(float(d_peer.mean()))
+    return gap, float(e.std()) / math.sqrt(len(e)) * math.exp(float(d_peer.mean()))
+
+
 def ratios_of(stats: dict[str, dict[str, float]]) -> dict[str, float | None]:
     """nomoat / llama.cpp ratios of the perplexity increase and of the KL divergence, per precision."""
     out: dict[str, float | None] = {}
@@ -295,6 +315,11 @@ def ratios_of(stats: dict[str, dict[str, float]]) -> dict[str, float | None]:
         )
         if ours in stats and peer in stats:
             out[f"{key}_kld_vs_{peer.removeprefix('llamacpp_')}"] = round(stats[ours]["kld"] / stats[peer]["kld"], 3)
+    for key, (ours, peer) in PAIRS.items():  # is the difference of the two increases more than noise?
+        if all(x in stats for x in (ours, peer, REFERENCES[ours], REFERENCES[peer])):
+            gap, se = increase_gap(stats, ours, peer)
+            out[f"{key}_ppl_increase_minus_{peer.removeprefix('llamacpp_')}"] = round(gap, 5)
+            out[f"{key}_ppl_increase_minus_{peer.removeprefix('llamacpp_')}_stderr"] = round(se, 5)
     if "nomoat_fp32" in stats and "llamacpp_f32" in stats:
         out["fp32_ppl_vs_llamacpp_f32"] = round(stats["nomoat_fp32"]["perplexity"] /
                                                 stats["llamacpp_f32"]["perplexity"], 5)  # fmt: skip
@@ -355,7 +380,8 @@ def main() -> None:
         t = time.perf_counter()
         stats.update(score_windows(scorers, ids, a.window, a.stride, refs))
         info["llamacpp_score_s"] = round(time.perf_counter() - t, 1)
-    results = [{"model": name, **{k: round(v, 6) if isinstance(v, float) else v for k, v in s.items()},
+    results = [{"model": name, **{k: round(v, 6) if isinstance(v, float) else v for k, v in s.items()
+                                  if k != "token_nll"},
                 "ppl_increase": None if _increase(stats, name) is None else round(_increase(stats, name), 5)}
                for name, s in stats.items()]  # fmt: skip
     info["peak_rss_gb"] = peak_rss_gb()

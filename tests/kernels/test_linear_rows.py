@@ -74,6 +74,18 @@ def test_linear_bf16_rows_pair_steps_and_tails(mode, k):
         torch.testing.assert_close(kernels.linear_bf16_rows(x, w), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [4096, 4097, 4133, 8192])
+def test_linear_bf16_rows_long_rows(mode, k):
+    """One activation row reads weight rows of up to 4096 values one at a time, longer ones in sweeps (with tails);
+    more rows as ever (against the double product: fp32 sums of 4,000-8,000 terms)."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(75, k, generator=g).bfloat16()
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, k, generator=g)
+        want = (_x(x, mode).double() @ w.double().T).float()
+        torch.testing.assert_close(kernels.linear_bf16_rows(x, w), want, rtol=1e-5, atol=3e-4)
+
+
 def test_linear_bf16_rows_reads_a_strided_batch(mode):
     """Rows of a wider tensor (row stride above K) give the rows' own products."""
     g = torch.Generator().manual_seed(3)

@@ -210,7 +210,8 @@ class DecodeModel:
     ) -> torch.Tensor:
         """One token per row through every layer in one call: the final normed hidden states (B, 1, D).
 
-        With `logits` (a plan with the head, `Plan.head`), the logits (B, 1, V) instead, from the same call.
+        With `logits` (a plan with the head, `Plan.head`), the logits (B, 1, V) in the model's dtype instead, from the
+        same call.
         """
         net, plan = self.net, self.plan
         B = ids.shape[0]
@@ -225,4 +226,4 @@ class DecodeModel:
         out = plan.native.run(h, [c for c, _ in tables], [s for _, s in tables], positions, row0, int(kv_len),
                               cache.k, cache.v, plan.coefficients(B), logits)  # fmt: skip
         self.stack_steps += 1
-        return out if logits else net.model.norm(out.to(dtype))
+        return out.to(dtype) if logits else net.model.norm(out.to(dtype))

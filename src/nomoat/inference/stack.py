@@ -13,9 +13,10 @@ weights read in place) or a `Q4PanelLinear` (4-bit panels: each projection's inp
 as `linear_q4` rounds it), or an adapter-bank layer over one; fp32 or bf16 norms. The step's activations are fp32;
 the KV cache is the model's dtype (fp32, or bf16 for a bf16 model).
 
-An fp32 model whose output head is an fp32 or int8 `PanelLinear` (no soft-capping, a plain final `RMSNorm`) gets its
-final norm and head in the same call too (`Plan.head`): one parallel region per decode step instead of two, and no
-norm between them.
+An fp32 model whose output head is an fp32 or int8 `PanelLinear`, or a bf16 model whose head is a `Bf16Linear` (a
+tied head: the embedding, read in place), with no soft-capping and a plain final `RMSNorm`, gets its final norm and
+head in the same call too (`Plan.head`): one parallel region per decode step instead of two, and no norm between them
+(a bf16 model's logits come back rounded to bf16, as its own head returns them).
 """
 
 from __future__ import annotations
@@ -110,18 +111,26 @@ def _block_eligible(block: nn.Module, cfg: ModelConfig) -> bool:
 
 
 def _head_parts(net: nn.Module, cfg: ModelConfig) -> list[torch.Tensor] | None:
-    """[norm weight, panels, scale, bias] of an fp32 model's final norm and fp32 / int8 panel head, else None."""
+    """[norm weight, weight, scale, bias] of the final norm and output head the stack computes, else None.
+
+    An fp32 model's fp32 / int8 panel head (fp32 norm weight), or a bf16 model's `Bf16Linear` head (the user's bf16
+    weight, a tied head the embedding itself; bf16 or fp32 norm weight).
+    """
     head, norm = getattr(net, "lm_head", None), getattr(net.model, "norm", None)
-    if type(head) is not PanelLinear or head.bf16 or head._forward_hooks or head._forward_pre_hooks:
+    if cfg.final_logit_softcap is not None or head is None or head._forward_hooks or head._forward_pre_hooks:
         return None
-    if cfg.final_logit_softcap is not None or net.dtype != torch.float32:
+    if type(head) is Bf16Linear and net.dtype == torch.bfloat16:
+        weight, scale, dtypes = head.bf16_weight, None, (torch.bfloat16, torch.float32)
+    elif type(head) is PanelLinear and not head.bf16 and net.dtype == torch.float32:
+        weight, scale, dtypes = head.panels, head.scale, (torch.float32,)
+    else:
         return None
-    if type(norm) is not RMSNorm or norm.offset or norm.eps != cfg.rms_norm_eps or norm.weight.dtype != torch.float32:
+    if type(norm) is not RMSNorm or norm.offset or norm.eps != cfg.rms_norm_eps or norm.weight.dtype not in dtypes:
         return None
     if not norm.weight.is_contiguous() or norm._forward_hooks or norm._forward_pre_hooks:
         return None
     empty = _EMPTY
-    return [norm.weight.detach(), head.panels, empty if head.scale is None else head.scale,
+    return [norm.weight.detach(), weight, empty if scale is None else scale,
             empty if head.bias is None else head.bias]  # fmt: skip
 
 

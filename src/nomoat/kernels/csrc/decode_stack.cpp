@@ -26,9 +26,10 @@
 // shared per-layer buffers.
 // Adapters (`stack_lora.h`): an adapter phase computes the low-rank products c * (x A^T) of the next phase's
 // projections once per step, in units of rows sharing an adapter; each panel unit adds (products) Bt for its columns.
-// Output head (`set_head`, `run(..., head)`): the final norm and the head's panels (fp32 or int8) run as one more phase of
-// the same region, so that a step's logits need no second region (a worker's wake-up) and no norm between calls: each
-// thread norms the final hidden states itself beside its first head unit, each unit writes its 64 logits.
+// Output head (`set_head`, `run(..., head)`): the final norm and the head (fp32 / int8 panels, or bf16 rows) run as one
+// more phase of the same region, so that a step's logits need no second region (a worker's wake-up) and no norm
+// between calls: each thread norms the final hidden states itself beside its first head unit, each unit writes its 64
+// logits.
 // NOMOAT_STACK_PROFILE=1 (read when the plan is made) sums the CPU time of each phase kind's units and of the waits
 // (`profile`; the head's units last).
 #include <ATen/Parallel.h>
@@ -130,11 +131,13 @@ struct StackPlan : torch::CustomClassHolder {
   }
 
   // The output head `run(..., head)` ends with: logits = rmsnorm(h) * norm_w times w^T (+ bias), w fp32 or int8 panels
-  // (P, D, 64) (int8: with fp16 block scales `scale`) of `n` outputs; an absent scale or bias is an empty tensor.
+  // (P, D, 64) (int8: with fp16 block scales `scale`) or a bf16 (n, D) weight read in place (a tied embedding), of
+  // `n` outputs; an absent scale or bias is an empty tensor.
   void set_head(at::Tensor norm_w, at::Tensor w, at::Tensor scale, at::Tensor bias, int64_t n) {
     TORCH_CHECK(norm_w.is_contiguous() && norm_w.numel() == D_ &&
                 (norm_w.scalar_type() == at::kFloat || norm_w.scalar_type() == at::kBFloat16), "head: norm weight");
-    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar, "head: fp32 or int8 panels");
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar || w.scalar_type() == at::kBFloat16,
+                "head: fp32 or int8 panels, or a bf16 weight");
     head_ = make_seg(w, scale, bias, D_, n, "lm_head");
     head_norm_ = norm_w.data_ptr();
     head_norm16_ = norm_w.scalar_type() == at::kBFloat16;

@@ -177,7 +177,7 @@ static inline const float* store_kv16(char* kc, char* vc, int64_t at, float* kne
   return vr;
 }
 
-// Panel u of an output head `s` (fp32 or int8 panels of s.N outputs) for M normed rows xn (M, s.K): logits (M, s.N)
+// Panel u of an output head `s` (fp32 / int8 panels or bf16 rows of s.N outputs) for M normed rows xn (M, s.K): logits (M, s.N)
 // columns u * 64 ... (biased); `q`: the rows quantized per block (int8 dot products) or empty; buf: scratch.
 static inline void head_panel(const Seg& s, int64_t u, int64_t M, const float* xn, const q4k::Q4Rows& q, float* buf,
                               float* logits) {

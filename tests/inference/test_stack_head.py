@@ -135,7 +135,7 @@ def test_bf16_head_equals_separate_head(built, tmp_path, rows):
     assert fused.dtype == separate.dtype == torch.bfloat16
     assert fused.shape == separate.shape == (4, rows, 500)
     fused, separate = fused.float(), separate.float()
-    assert _rel(fused, separate) < 2e-2 and _min_cos(fused, separate) > 0.999
+    assert rel(fused, separate) < 2e-2 and _min_cos(fused, separate) > 0.999
     top2 = separate.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 4e-2 * separate.abs().amax(-1)
     assert torch.equal(fused.argmax(-1)[clear], separate.argmax(-1)[clear])
@@ -151,7 +151,7 @@ def test_bf16_head_bias_and_every_unit_twice(built, tmp_path):
     dm.rebuild_plan()
     assert dm.plan.head
     fused, separate = _steps(dm, 2)
-    assert _rel(fused.float(), separate.float()) < 2e-2 and _min_cos(fused, separate) > 0.999
+    assert rel(fused.float(), separate.float()) < 2e-2 and _min_cos(fused, separate) > 0.999
     saved = torch.get_num_threads()
     torch.set_num_threads(3)
     try:

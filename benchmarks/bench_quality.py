@@ -316,7 +316,7 @@ def ratios_of(stats: dict[str, dict[str, float]]) -> dict[str, float | None]:
         if ours in stats and peer in stats:
             out[f"{key}_kld_vs_{peer.removeprefix('llamacpp_')}"] = round(stats[ours]["kld"] / stats[peer]["kld"], 3)
     for key, (ours, peer) in PAIRS.items():  # is the difference of the two increases more than noise?
-        if all(x in stats for x in (ours, peer, REFERENCES[ours], REFERENCES[peer])):
+        if all("token_nll" in stats.get(x, {}) for x in (ours, peer, REFERENCES[ours], REFERENCES[peer])):
             gap, se = increase_gap(stats, ours, peer)
             out[f"{key}_ppl_increase_minus_{peer.removeprefix('llamacpp_')}"] = round(gap, 5)
             out[f"{key}_ppl_increase_minus_{peer.removeprefix('llamacpp_')}_stderr"] = round(se, 5)

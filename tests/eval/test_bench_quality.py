@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,20 @@ def test_ratios_compare_increases_over_each_engines_own_reference() -> None:
     assert r["int4_pure_ppl_increase_vs_q4_0_pure"] == pytest.approx(0.1 / 0.25)
     assert r["int8_ppl_increase_vs_q8_0"] is None  # the peer lost nothing: no meaningful ratio
     assert r["int8_kld_vs_q8_0"] == pytest.approx(2.0) and r["fp32_ppl_vs_llamacpp_f32"] == pytest.approx(0.5)
+
+
+def test_increase_gap_and_its_standard_error_from_paired_tokens() -> None:
+    gen = np.random.default_rng(0)
+    base = gen.uniform(1.0, 5.0, 4000)
+    q8 = base + gen.normal(0.004, 0.05, 4000)  # the peer's variant: NLL up by 0.004 per token on average
+    ours = base + gen.normal(0.006, 0.05, 4000)
+    stats = {name: {"perplexity": float(np.exp(v.mean())), "kld": 0.001, "token_nll": torch.from_numpy(v)}
+             for name, v in (("nomoat_fp32", base), ("nomoat_int8", ours), ("llamacpp_f32", base),
+                             ("llamacpp_q8_0", q8))}  # fmt: skip
+    r = bench_quality.ratios_of(stats)
+    gap = np.exp((ours - base).mean()) - np.exp((q8 - base).mean())
+    se = np.std(ours - q8, ddof=1) / np.sqrt(4000) * np.exp((q8 - base).mean())
+    assert r["int8_ppl_increase_minus_q8_0"] == pytest.approx(gap, abs=1e-5)
+    assert r["int8_ppl_increase_minus_q8_0_stderr"] == pytest.approx(se, abs=1e-5)
+    assert 0.0005 < r["int8_ppl_increase_minus_q8_0_stderr"] < 0.002  # std 0.07 over 4000 tokens: about 0.0011
+    assert "int4_ppl_increase_minus_q4_0" not in r  # no int4 rows: no gap

@@ -309,7 +309,7 @@ def run_bf16(a: argparse.Namespace, model: Path, adapters: list[Path], rounds: i
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="One round of 32-token completions per run (about 5 minutes).")
+    p.add_argument("--quick", action="store_true", help="One round of 32-token completions per run (under 5 minutes).")
     p.add_argument("--clients", type=int, default=32, help="Concurrent clients (and adapters).")
     p.add_argument("--rounds", type=int, default=None, help="Requests per client in each scenario run.")
     p.add_argument("--repeats", type=int, default=3,

@@ -343,7 +343,8 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=256, help="tokens each window advances by")
     ap.add_argument("--tokens", type=int, default=0, help="score only the first N tokens of the text")
     ap.add_argument("--model", type=Path, help="a llama-architecture GGUF instead of the real SmolLM2")
-    ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "nomoat-bench" / "quality")
+    ap.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "nomoat-bench" / "quality",
+                    help="where the F32 reference and llama.cpp's quantized GGUFs are written (rewritten each run)")
     a = ap.parse_args()
     torch.set_num_threads(THREADS)
     head = {"benchmark": "quality", "machine": machine(), "text": TEXT.name, "window": a.window, "stride": a.stride}

@@ -217,11 +217,14 @@ static void sweep(const float* x, int64_t ldx, const void* w, const uint16_t* ds
     for (int c = 0; c < C; ++c) std::memcpy(out + m * PANEL + c0 + c * W, &acc[m][c], sizeof(vf));
 }
 
-// Largest C dividing NV with M*C accumulators + C weight vectors + 1 broadcast in the register file.
+// Largest C dividing NV with M*C accumulators + C weight vectors + 1 broadcast in the register file (one or two rows
+// fold each weight load into the FMA, `pin_w`: no weight registers; with AVX2's 16 registers one row thus sweeps the
+// whole panel at once, where two half sweeps would fetch each k row's cache lines apart).
 template <int M>
 constexpr int cols() {
-  return (M * NV + NV + 1 <= NREG) ? NV : (M * (NV / 2) + NV / 2 + 1 <= NREG) ? NV / 2
-       : (M * (NV / 4) + NV / 4 + 1 <= NREG) ? NV / 4 : 1;
+  constexpr int wv = M >= 3 ? 1 : 0;  // weight registers per vector of the sweep
+  return (M * NV + wv * NV + 1 <= NREG) ? NV : (M * (NV / 2) + wv * NV / 2 + 1 <= NREG) ? NV / 2
+       : (M * (NV / 4) + wv * NV / 4 + 1 <= NREG) ? NV / 4 : 1;
 }
 
 template <bool I8, int M>

@@ -235,8 +235,23 @@ static void panel_rows(const float* x, int64_t ldx, const void* w, const uint16_
   if constexpr (M > 4 && cols<4>() == NV && (M > 6 || cols<M>() < NV)) {
     panel_rows<I8, 4>(x, ldx, w, ds, K, out, ah);
     panel_rows<I8, M - 4>(x + 4 * ldx, ldx, w, ds, K, out + 4 * PANEL, ah);
+  } else if constexpr (M == 2 && cols<2>() < NV) {  // AVX2: two whole-panel one-row sweeps, the second from cache
+    panel_rows<I8, 1>(x, ldx, w, ds, K, out, ah);
+    panel_rows<I8, 1>(x + ldx, ldx, w, ds, K, out + PANEL);
   } else {
     constexpr int C = cols<M>();
+    if constexpr (C < NV) {
+      // Column sweeps each read a part of every k row of the panel, so the panel's cache lines would come from
+      // memory in a strided order, once per sweep; read the whole panel in order first (into L2), then sweep.
+      const char* p = (const char*)w;
+      const int64_t bytes = K * PANEL * (I8 ? 1 : 4);
+      uint32_t sink = 0, line;
+      for (int64_t o = 0; o < bytes; o += 64) {
+        std::memcpy(&line, p + o, 4);
+        sink |= line;
+      }
+      asm volatile("" : : "r"(sink));
+    }
     for (int c0 = 0; c0 < PANEL; c0 += C * W)
       if (ah != nullptr) sweep<I8, M, C, true>(x, ldx, w, ds, K, c0, out, ah);
       else sweep<I8, M, C>(x, ldx, w, ds, K, c0, out);
@@ -368,6 +383,18 @@ static void panel_rows_dpbf16(const uint32_t* xp, int64_t K2, const uint16_t* w,
     panel_rows_dpbf16<M - 4>(xp + 4 * K2, K2, w, out + 4 * PANEL);
   } else {
     constexpr int C = cols<M>();
+    if constexpr (C < NV) {
+      // Column sweeps each read a part of every k row of the panel, so the panel's cache lines would come from
+      // memory in a strided order, once per sweep; read the whole panel in order first (into L2), then sweep.
+      const char* p = (const char*)w;
+      const int64_t bytes = K * PANEL * (I8 ? 1 : 4);
+      uint32_t sink = 0, line;
+      for (int64_t o = 0; o < bytes; o += 64) {
+        std::memcpy(&line, p + o, 4);
+        sink |= line;
+      }
+      asm volatile("" : : "r"(sink));
+    }
     for (int c0 = 0; c0 < PANEL; c0 += C * W) sweep_dpbf16<M, C>(xp, K2, w, c0, out);
   }
 }

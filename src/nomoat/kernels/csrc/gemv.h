@@ -227,6 +227,19 @@ constexpr int cols() {
        : (M * (NV / 4) + wv * NV / 4 + 1 <= NREG) ? NV / 4 : 1;
 }
 
+// Column sweeps (fewer registers than a panel row's vectors times the rows) each read a part of every k row of the
+// panel, so the panel's cache lines would come from memory in a strided order, once per sweep: they first read the
+// whole panel in order (into L2), one load per cache line, then sweep it from cache.
+static inline void read_in_order(const void* w, int64_t bytes) {
+  const char* p = (const char*)w;
+  uint32_t sink = 0, line;
+  for (int64_t o = 0; o < bytes; o += 64) {
+    std::memcpy(&line, p + o, 4);
+    sink |= line;
+  }
+  asm volatile("" : : "r"(sink));
+}
+
 template <bool I8, int M>
 static void panel_rows(const float* x, int64_t ldx, const void* w, const uint16_t* ds, int64_t K, float* out,
                        Ahead* ah = nullptr) {
@@ -240,18 +253,7 @@ static void panel_rows(const float* x, int64_t ldx, const void* w, const uint16_
     panel_rows<I8, 1>(x + ldx, ldx, w, ds, K, out + PANEL);
   } else {
     constexpr int C = cols<M>();
-    if constexpr (C < NV) {
-      // Column sweeps each read a part of every k row of the panel, so the panel's cache lines would come from
-      // memory in a strided order, once per sweep; read the whole panel in order first (into L2), then sweep.
-      const char* p = (const char*)w;
-      const int64_t bytes = K * PANEL * (I8 ? 1 : 4);
-      uint32_t sink = 0, line;
-      for (int64_t o = 0; o < bytes; o += 64) {
-        std::memcpy(&line, p + o, 4);
-        sink |= line;
-      }
-      asm volatile("" : : "r"(sink));
-    }
+    if constexpr (C < NV) read_in_order(w, K * PANEL * (I8 ? 1 : 4));
     for (int c0 = 0; c0 < PANEL; c0 += C * W)
       if (ah != nullptr) sweep<I8, M, C, true>(x, ldx, w, ds, K, c0, out, ah);
       else sweep<I8, M, C>(x, ldx, w, ds, K, c0, out);
@@ -327,8 +329,12 @@ static void panel_rows_bf16(const float* x, int64_t ldx, const uint16_t* w, int6
   if constexpr (M > 4 && cols_bf16<4>() == NV) {
     panel_rows_bf16<4>(x, ldx, w, K, out);
     panel_rows_bf16<M - 4>(x + 4 * ldx, ldx, w, K, out + 4 * PANEL);
+  } else if constexpr (M == 2 && cols_bf16<2>() < NV) {  // AVX2: as panel_rows
+    panel_rows_bf16<1>(x, ldx, w, K, out);
+    panel_rows_bf16<1>(x + ldx, ldx, w, K, out + PANEL);
   } else {
     constexpr int C = cols_bf16<M>();
+    if constexpr (C < NV) read_in_order(w, (K + 1) / 2 * PANEL * 4);
     for (int c0 = 0; c0 < PANEL; c0 += C * W) sweep_bf16<M, C>(x, ldx, w, K, c0, out);
   }
 }
@@ -383,18 +389,6 @@ static void panel_rows_dpbf16(const uint32_t* xp, int64_t K2, const uint16_t* w,
     panel_rows_dpbf16<M - 4>(xp + 4 * K2, K2, w, out + 4 * PANEL);
   } else {
     constexpr int C = cols<M>();
-    if constexpr (C < NV) {
-      // Column sweeps each read a part of every k row of the panel, so the panel's cache lines would come from
-      // memory in a strided order, once per sweep; read the whole panel in order first (into L2), then sweep.
-      const char* p = (const char*)w;
-      const int64_t bytes = K * PANEL * (I8 ? 1 : 4);
-      uint32_t sink = 0, line;
-      for (int64_t o = 0; o < bytes; o += 64) {
-        std::memcpy(&line, p + o, 4);
-        sink |= line;
-      }
-      asm volatile("" : : "r"(sink));
-    }
     for (int c0 = 0; c0 < PANEL; c0 += C * W) sweep_dpbf16<M, C>(xp, K2, w, c0, out);
   }
 }

@@ -15,11 +15,11 @@ def _kernels_built():
     kernels.available()
 
 
-@pytest.fixture(params=[0, 1], ids=["exact", "int8dot"])
+@pytest.fixture(params=[0, 1, 2], ids=["exact", "int8dot", "int16dot"])
 def int8_mode(request):
-    """Each int8 kernel mode this build has in turn (the process's setting restored after): 1 rounds the activations
-    to int8 per block of 32 and takes integer dot products (AVX-512-VNNI builds, where it is the default); 0 keeps
-    them fp32 (the only mode without VNNI or the kernels)."""
+    """Each int8 kernel mode this build has in turn (the process's setting restored after): 2 rounds the activations
+    to 16-bit codes per block of 32 and takes integer dot products (AVX-512-VNNI builds, where it is the default), 1
+    to int8; 0 keeps them fp32 (the only mode without VNNI or the kernels)."""
     from nomoat import kernels
 
     was = kernels.int8_dot()

@@ -94,9 +94,13 @@ def test_logits_close_to_fp32(model_dirs, family, mode):
     assert rel <= 2 * rel_seen, (rel, rel_seen)
 
 
-def _kernel_rounds(mode: str) -> bool:
-    """Whether the CPU kernel of a `mode` layer rounds its activations to int8 per block of 32 (inputs of 96 or 64)."""
-    return Q.kernels.available() and (mode == "int4" or Q.kernels.int8_dot() == 1)
+def _kernel_input(mode: str, x: torch.Tensor) -> torch.Tensor:
+    """What the CPU kernel of a `mode` layer multiplies, for inputs x (M, 96 or 64): its activations rounded per block
+    of 32 where it rounds them (4-bit layers: to int8; int8 ones: to int8 in dot mode 1, to 16-bit codes in mode 2)."""
+    dot = Q.kernels.int8_dot() if Q.kernels.available() else 0
+    if not Q.kernels.available() or (mode == "int8" and dot == 0):
+        return x
+    return quantize_activations(x, codes16=mode == "int8" and dot == 2)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -112,9 +116,7 @@ def test_kernel_matches_dequantized_reference(mode, bias, int8_mode):
         with torch.no_grad():
             got = layer(x)
             want = F.linear(x, reference_weight, linear.bias)
-            rounded = want
-            if _kernel_rounds(mode):  # the kernel's int8 activations
-                rounded = F.linear(quantize_activations(x.reshape(-1, 96)).view(shape), reference_weight, linear.bias)
+            rounded = F.linear(_kernel_input(mode, x.reshape(-1, 96)).view(shape), reference_weight, linear.bias)
         assert got.shape == want.shape and got.dtype == x.dtype
         assert ((got - rounded).abs().max() / want.abs().max()).item() < 1e-4, shape
         assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2, shape
@@ -153,7 +155,7 @@ def test_generic_path_agrees_with_kernel_path(monkeypatch, int8_mode):
     x = torch.randn(3, 64)
     for mode in ("int8", "int4"):
         layer = QuantizedLinear.from_linear(linear, mode)
-        kernel_input = quantize_activations(x) if _kernel_rounds(mode) else x
+        kernel_input = _kernel_input(mode, x)
         with torch.no_grad():
             kernel = layer(x)
             monkeypatch.setattr(Q, "INT8_KERNEL_MAX_ROWS", 0)

@@ -12,7 +12,7 @@ from torch import nn
 
 from nomoat import kernels
 from nomoat.kernels import build, ops
-from nomoat.kernels.reference import quantize_activations
+from nomoat.kernels.reference import Q16_MAX, quantize_activations
 from nomoat.models import quantize
 from nomoat.models.packed import PackedLinear, pack_model
 from nomoat.models.quantize import QuantizedLinear, int8_codes, int8_panels, quantize_int8
@@ -58,17 +58,20 @@ def test_fp32_non_contiguous_input(built):
 
 
 def _int8_input(x: torch.Tensor, mode: int) -> torch.Tensor:
-    """The activations the int8 kernel multiplies: rounded per block of 32 in the dot mode (K a multiple of 32)."""
-    return quantize_activations(x) if mode and x.shape[1] % 32 == 0 else x
+    """The activations the int8 kernel multiplies: rounded per block of 32 in the dot modes (K a multiple of 32): to
+    int8 in mode 1, to 16-bit codes in mode 2."""
+    return quantize_activations(x, codes16=mode == 2) if mode and x.shape[1] % 32 == 0 else x
 
 
 def test_int8_dot_mode_and_its_default(built):
-    """The integer dot-product mode exists exactly where the build has AVX-512-VNNI, and is the default there
-    (`NOMOAT_I8_DOT=0` starts in the exact mode)."""
+    """The integer dot-product modes exist exactly where the build has AVX-512-VNNI, and mode 2 (16-bit activation
+    codes) is the default there (`NOMOAT_I8_DOT=0` or `=1` starts in that mode)."""
     has = "vnni" in build.current_variant().name
     was = kernels.int8_dot()
-    assert was == (0 if os.environ.get("NOMOAT_I8_DOT") == "0" else int(has))
-    assert kernels.int8_dot(1) == int(has) and kernels.int8_dot(0) == 0
+    env = os.environ.get("NOMOAT_I8_DOT")
+    assert was == (int(env) if has and env in ("0", "1") else 2 * int(has))
+    assert kernels.int8_dot(1) == int(has) and kernels.int8_dot(2) == 2 * int(has) and kernels.int8_dot(0) == 0
+    assert kernels.int8_dot(7) == 2 * int(has)  # clamped to the last mode
     kernels.int8_dot(was)
 
 
@@ -97,22 +100,22 @@ def test_int8_matches_dequantized(built, int8_mode, k, n, bias):
 
 @pytest.mark.parametrize("k, n, m", [(64, 64, 1), (576, 192, 3), (1536, 130, 9), (96, 77, 2)])
 def test_int8_dot_error_is_within_half_an_activation_step(built, int8_mode, k, n, m):
-    """Against the exact product, the dot mode is off by at most what rounding each activation to its block's
-    int8 step (absmax / 127, so at most half a step off) can move each output: sum over blocks of half the step
-    times the block's sum of |w|. The exact mode stays within fp32 rounding."""
+    """Against the exact product, a dot mode is off by at most what rounding each activation to its block's step
+    (absmax / 127 in mode 1, absmax / 32639 in mode 2, so at most half a step off) can move each output: sum over
+    blocks of half the step times the block's sum of |w|. The exact mode stays within fp32 rounding."""
     g = torch.Generator().manual_seed(k + n + m)
     q, d = quantize_int8(torch.randn(n, k, generator=g) * torch.rand(n, k, generator=g) * 4)
     ref_w = dequantized(q, d)
     x = torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g) * 4  # blocks of different ranges
     y = kernels.linear_int8(x, *int8_panels(q, d), n)
     exact = F.linear(x.double(), ref_w.double())
-    half_step = x.reshape(m, k // 32, 32).abs().amax(2).double() / 127 / 2  # (m, blocks)
+    half_step = x.reshape(m, k // 32, 32).abs().amax(2).double() / (127 if int8_mode == 1 else Q16_MAX) / 2
     w_abs = ref_w.abs().double().reshape(n, k // 32, 32).sum(2)  # (n, blocks)
     bound = half_step @ w_abs.T if int8_mode else torch.zeros(m, n, dtype=torch.float64)  # (m, n)
     slack = 1e-5 * exact.abs().max()
     assert ((y.double() - exact).abs() <= bound + slack).all()
-    if int8_mode:
-        assert (y.double() - exact).abs().max() > slack  # the rounding shows: the bound is not vacuous
+    if int8_mode == 1:  # the rounding shows: the bound is not vacuous (and int8 codes exceed mode 2's, 1/257 of it)
+        assert (y.double() - exact).abs().max() > slack
 
 
 @pytest.mark.parametrize("k, n", SHAPES)

@@ -32,10 +32,15 @@ def _q4_dequantized(w: torch.Tensor) -> torch.Tensor:
     return ((codes.float() - 8).view(w.shape[0], -1, 32) * d.float()[:, :, None]).view(w.shape)
 
 
-def _round_per_block(_: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-    """A layer's input rounded to int8 per block of 32, as the 4-bit kernel rounds it."""
-    x = args[0]
-    return (quantize_activations(x.reshape(-1, x.shape[-1])).view(x.shape),)
+def _round_per_block(codes16: bool = False):
+    """A forward pre-hook: the layer's input rounded per block of 32 as the kernels round it (the 4-bit kernel to
+    int8; the int8 one to int8 in dot mode 1, to 16-bit codes in mode 2)."""
+
+    def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        x = args[0]
+        return (quantize_activations(x.reshape(-1, x.shape[-1]), codes16=codes16).view(x.shape),)
+
+    return hook
 
 
 def test_layer_mode_is_the_rule() -> None:
@@ -74,8 +79,10 @@ def test_int4_head_is_int8_q8_0_blocks_and_logits_follow(family: str, tmp_path: 
         ref.lm_head.weight.copy_(dequantized(codes, d))
     if kernels.available():
         for name, m in ref.named_modules():
-            if type(m) is nn.Linear and (name != "lm_head" or kernels.int8_dot() == 1):
-                m.register_forward_pre_hook(_round_per_block)
+            if type(m) is nn.Linear and name != "lm_head":
+                m.register_forward_pre_hook(_round_per_block())
+        if kernels.int8_dot():
+            ref.lm_head.register_forward_pre_hook(_round_per_block(codes16=kernels.int8_dot() == 2))
     ids, mask = padded_batch()
     with torch.no_grad():
         got, want = model(ids, attention_mask=mask), ref(ids, attention_mask=mask)

@@ -82,10 +82,10 @@ def linear_int8(
     """`x @ W.T + bias` for 2-D fp32 `x` (M, K) and `panels, scale = layout.pack_int8(q, d)`; (M, n).
 
     `W = d * q` per block of 32 input channels (GGUF Q8_0's blocks; `scale` the (P, ceil(K / 32), 64) fp16 block
-    scales). By default where the build has AVX-512-VNNI and K is a multiple of 32 (`int8_dot`), the compiled op rounds
-    each row of `x` to int8 per block of 32 channels (as `linear_q4` does: llama.cpp's q8_0 x q8_0 arithmetic) and
-    takes integer dot products (`reference.linear_int8_dot`); in mode 0, with `exact`, and elsewhere, `x` stays fp32
-    (exact sums: what a product on its way to a gradient needs).
+    scales). Where the build has AVX-512-VNNI and K is a multiple of 32, the compiled op rounds each row of `x` per
+    block of 32 channels and takes integer dot products (`reference.linear_int8_dot`): to 16-bit codes in mode 2, the
+    default, to int8 in mode 1 (as `linear_q4` does: llama.cpp's q8_0 x q8_0 arithmetic; `int8_dot`); in mode 0, with
+    `exact`, and elsewhere, `x` stays fp32 (exact sums: what a product on its way to a gradient needs).
     """
     if available():
         return torch.ops.nomoat.linear_i8(x, panels, scale, bias, n, exact)
@@ -93,12 +93,15 @@ def linear_int8(
 
 
 def int8_dot(mode: int = -1) -> int:
-    """The process's int8 mode (`linear_int8` and the decode stack): 1 int8 activations, 0 exact fp32 ones.
+    """The process's int8 mode (`linear_int8` and the decode stack): how int8 weights take their activations.
 
-    Mode 1 takes integer dot products over activations rounded to int8 per block of 32; `mode` 0 or 1 sets it first
-    (1 only takes where the build has VNNI), -1 only reads. 1 by default where the build has VNNI (with per-block
-    weight scales it is llama.cpp's q8_0 arithmetic, as accurate and faster than the exact path); `NOMOAT_I8_DOT=0` in
-    the environment starts the process in mode 0; always 0 without VNNI or the kernels.
+    2: rounded to 16-bit codes per block of 32 (two int8 digits each, integer dot products in two passes): the
+    default where the build has AVX-512-VNNI; the activations' rounding error is 1/257 of mode 1's, so the perplexity
+    lost is the weights' alone (below llama.cpp's q8_0 in `benchmarks/bench_quality.py`), at mode 1's speed where a
+    step has few rows (about 1.4x its arithmetic at many). 1: rounded to int8 per block of 32 (with per-block weight
+    scales, llama.cpp's q8_0 arithmetic; the fastest at many rows). 0: exact fp32 activations, the weights widened.
+    `mode` 0, 1 or 2 sets it first (1 and 2 only take where the build has VNNI), -1 only reads; `NOMOAT_I8_DOT=0` or
+    `=1` in the environment starts the process in that mode; always 0 without VNNI or the kernels.
     """
     return int(torch.ops.nomoat.i8_dot(mode)) if available() else 0
 

@@ -37,22 +37,30 @@ def linear_int8(
     return F.linear(x, dequantize_int8(panels, scale, n), bias)
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """Activations (M, K) as `linear_q4` rounds them: int8 per block of 32 (scale absmax / 127), in fp32."""
+Q16_MAX = 32639  # the largest 16-bit activation code (two int8 digits, 256 hi + lo: csrc/q4_rows.h)
+
+
+def quantize_activations(x: torch.Tensor, codes16: bool = False) -> torch.Tensor:
+    """Activations (M, K) as the kernels round them per block of 32, in fp32.
+
+    To int8 (scale absmax / 127), as `linear_q4` and `linear_int8` in mode 1 round them; with `codes16`, to 16-bit
+    codes (scale absmax / 32639), as `linear_int8` in mode 2.
+    """
     blocks = x.float().reshape(x.shape[0], -1, Q4_BLOCK)  # (M, b, 32)
-    d = blocks.abs().amax(dim=2, keepdim=True) / 127.0
+    d = blocks.abs().amax(dim=2, keepdim=True) / (float(Q16_MAX) if codes16 else 127.0)
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
     return (torch.round(blocks * inv) * d).reshape(x.shape)
 
 
 def linear_int8_dot(
-    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None
+    x: torch.Tensor, panels: torch.Tensor, scale: torch.Tensor, n: int, bias: torch.Tensor | None = None, mode: int = 2
 ) -> torch.Tensor:
-    """`linear_int8` over x (M, K) rounded to int8 per block of 32 (`quantize_activations`); returns (M, n).
+    """`linear_int8` over x (M, K) rounded per block of 32 (`quantize_activations`); returns (M, n).
 
-    What the compiled op computes in its integer dot-product mode (`ops.int8_dot`).
+    What the compiled op computes in its integer dot-product modes (`ops.int8_dot`): the activations rounded to int8
+    in mode 1, to 16-bit codes in mode 2.
     """
-    return linear_int8(quantize_activations(x), panels, scale, n, bias)
+    return linear_int8(quantize_activations(x, codes16=mode == 2), panels, scale, n, bias)
 
 
 def linear_q4(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ Kernels (computing in fp32 for fp32 and bf16 models):
         the ops the decode model runs too (`nomoat.inference.prepare` shares these panels: the codes exist once).
         `linear_q4` rounds each activation row to int8 per block of 32 channels (as llama.cpp does for Q4_0) and
         computes the blocks' dot products on integers (AVX-512-VNNI, AVX-512BW or AVX2); so does `linear_int8`
-        where the CPU has AVX-512-VNNI (llama.cpp's q8_0 arithmetic; `kernels.int8_dot`), else fp32 activations.
+        where the CPU has AVX-512-VNNI (to 16-bit codes per block of 32; `kernels.int8_dot`), else fp32 activations.
     Without the kernels, on CUDA or any other device: dequantize-then-matmul, in chunks of at most `CHUNK_ELEMENTS`
         weights so the temporary stays in cache (and small on a GPU); activations are not rounded there.
     With gradients (an input that requires grad, e.g. LoRA training over a quantized base): the weight is
@@ -221,7 +221,7 @@ def int8_matmul(
 ) -> torch.Tensor:
     """`x @ W.T` for a 2-D `x` and int8 panels of W (n, in) with their block scales, without the whole fp32 weight.
 
-    `exact`: fp32 activations even where the CPU kernel would round them to int8 (`kernels.int8_dot`).
+    `exact`: fp32 activations even where the CPU kernel would round them (`kernels.int8_dot`).
 
     The compiled panel kernel on the CPU; elsewhere (or without the kernels) panels are dequantized in chunks of
     at most `CHUNK_ELEMENTS` weights, each multiplied as it is made.

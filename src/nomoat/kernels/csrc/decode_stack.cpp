@@ -21,7 +21,8 @@
 // activations stay fp32, except that where the CPU has bf16 dot products (AVX-512-BF16) a projection's input is
 // rounded to bf16 in registers (`NOMOAT_BF16_DOT=0`: exact fp32).
 // 4-bit layers (q4 panels, q4_rows.h), and int8 layers where the build has VNNI (int8_dot.h, `i8_dot_mode`, on by
-// default): a projection's input is rounded to int8 per block of 32 once per step, as linear_q4 / linear_i8 round it:
+// default): a projection's input is rounded per block of 32 once per step, as linear_q4 / linear_i8 round it (to int8;
+// int8 projections in mode 2 to 16-bit codes, unless the model has 4-bit layers, whose int8 ones then take int8 codes):
 // the normed input by each thread beside its norm, the attention and MLP outputs by the units that write them, into
 // shared per-layer buffers.
 // Adapters (`stack_lora.h`): an adapter phase computes the low-rank products c * (x A^T) of the next phase's
@@ -211,6 +212,7 @@ struct StackPlan : torch::CustomClassHolder {
 
     std::lock_guard<std::mutex> lock(mu_);  // the workspace is the plan's: one call at a time
     const bool i8dot = i8_dot_on(q4k::QK);  // int8 segments (of whole blocks) read int8 inputs this step
+    const bool x16 = i8dot && i8_dot_16() && !any_q4_, h16 = i8dot && i8_dot_16() && head_.i8;  // 16-bit codes
     auto qin = [&](const Seg& s) { return s.q4 || (i8dot && s.i8 && s.K % q4k::QK == 0); };  // int8-block input
     const int nt = std::max(1, at::get_num_threads());
     // Every intermediate has one buffer per layer (and the residual one per half-layer), so that running a unit
@@ -239,12 +241,14 @@ struct StackPlan : torch::CustomClassHolder {
       q4_d_.resize(NQ / q4k::QK + 1);
       q4_s_.resize(NQ / q4k::QK + 1);
     }
+    if (x16 && q4_l_.size() < (size_t)NQ) q4_l_.resize(NQ);
     auto q4_att = [&](int64_t l) -> q4k::Q4Rows {  // layer l's attention output (M, Q), then its MLP's (M, I)
-      return {q4_q_.data() + l * M * Q, q4_d_.data() + l * M * Q / q4k::QK, q4_s_.data() + l * M * Q / q4k::QK, Q};
+      return {q4_q_.data() + l * M * Q, q4_d_.data() + l * M * Q / q4k::QK, q4_s_.data() + l * M * Q / q4k::QK, Q,
+              x16 ? q4_l_.data() + l * M * Q : nullptr};
     };
     auto q4_act = [&](int64_t l) -> q4k::Q4Rows {
       const int64_t o = L * M * Q + l * M * I;
-      return {q4_q_.data() + o, q4_d_.data() + o / q4k::QK, q4_s_.data() + o / q4k::QK, I};
+      return {q4_q_.data() + o, q4_d_.data() + o / q4k::QK, q4_s_.data() + o / q4k::QK, I, x16 ? q4_l_.data() + o : nullptr};
     };
 
     // phases: NPH per layer, then (head) the output head's panels
@@ -274,18 +278,19 @@ struct StackPlan : torch::CustomClassHolder {
       float* w = vr + hd;  // scores (rep, ws)
       float* nrows = w + rep * ws;  // an adapter unit's normed rows (MAX_ROWS, D)
       int64_t xn_for = -1;          // the phase whose normed input xn holds
-      std::vector<int8_t> xq;       // q4 layers: xn (or the attention output) quantized per block (this thread's)
+      std::vector<int8_t> xq, xl;   // q4 layers: xn (or the attention output) quantized per block (this thread's)
       std::vector<float> xq_d;
       std::vector<int32_t> xq_s;
-      auto quantize_own = [&](const float* src, int64_t K) -> q4k::Q4Rows {
+      auto quantize_own = [&](const float* src, int64_t K, bool c16) -> q4k::Q4Rows {
         if ((int64_t)xq.size() < M * K) {
           xq.resize(M * K);
           xq_d.resize(M * K / q4k::QK);
           xq_s.resize(M * K / q4k::QK);
         }
-        for (int64_t m = 0; m < M; ++m)
-          q4k::quantize_blocks(src, K, m, 0, K / q4k::QK, xq.data(), xq_d.data(), xq_s.data(), K);
-        return {xq.data(), xq_d.data(), xq_s.data(), K};
+        if (c16 && (int64_t)xl.size() < M * K) xl.resize(M * K);
+        const q4k::Q4Rows r{xq.data(), xq_d.data(), xq_s.data(), K, c16 ? xl.data() : nullptr};
+        for (int64_t m = 0; m < M; ++m) q4k::quantize_blocks(src, K, m, 0, K / q4k::QK, r);
+        return r;
       };
       q4k::Q4Rows qn;  // what xq holds, for the phase xn_for (or xq_for)
       int64_t xq_for = -1;
@@ -355,7 +360,7 @@ struct StackPlan : torch::CustomClassHolder {
         }
         const bool q = qin(head_);
         if (q && xq_for != HP) {
-          qn = quantize_own(xn, D);
+          qn = quantize_own(xn, D, h16);
           xq_for = HP;
         }
         head_panel(head_, u, M, xn, q ? qn : q4k::Q4Rows{}, buf, logits, nt);
@@ -380,7 +385,7 @@ struct StackPlan : torch::CustomClassHolder {
         const bool own_q4 = ph == 0 ? qin(ly.q) || qin(ly.k) || qin(ly.v) : ph == 3 ? qin(ly.gate) || qin(ly.up)
                           : ph == 2 && qin(ly.o) && !att_blocks;  // inputs this thread quantizes itself
         if (own_q4 && xq_for != idx) {
-          qn = ph == 2 ? quantize_own(ATT + l * M * Q, Q) : quantize_own(xn, D);
+          qn = ph == 2 ? quantize_own(ATT + l * M * Q, Q, x16) : quantize_own(xn, D, x16);
           xq_for = idx;
         }
         if (ph < 0) {  // an adapter phase: the next phase's low-rank products
@@ -441,9 +446,7 @@ struct StackPlan : torch::CustomClassHolder {
                          scale_, w, ws, obuf);
           std::memcpy(ATT + (l * M + b) * Q + g * rep * hd, obuf, rep * hd * sizeof(float));
           if (qin(ly.o) && att_blocks) {
-            const q4k::Q4Rows a = q4_att(l);
-            q4k::quantize_blocks(ATT + l * M * Q, Q, b, g * rep * hd / q4k::QK, (g + 1) * rep * hd / q4k::QK,
-                                 (int8_t*)a.xq, (float*)a.dx, (int32_t*)a.sq, Q);
+            q4k::quantize_blocks(ATT + l * M * Q, Q, b, g * rep * hd / q4k::QK, (g + 1) * rep * hd / q4k::QK, q4_att(l));
           }
         } else if (ph == 2 || ph == 4) {  // o_proj / down_proj panel: next residual = residual + projection
           const Seg& s = ph == 2 ? ly.o : ly.down;
@@ -491,9 +494,7 @@ struct StackPlan : torch::CustomClassHolder {
               }
               silu_mul(buf + m * PANEL, buf2 + m * PANEL, nn, dst);
               if (qin(ly.down)) {  // this panel's blocks of the down projection's input
-                const q4k::Q4Rows a = q4_act(l);
-                q4k::quantize_blocks(ACT + l * M * I, I, m0 + m, n0 / q4k::QK, (n0 + nn) / q4k::QK, (int8_t*)a.xq,
-                                     (float*)a.dx, (int32_t*)a.sq, I);
+                q4k::quantize_blocks(ACT + l * M * I, I, m0 + m, n0 / q4k::QK, (n0 + nn) / q4k::QK, q4_act(l));
               }
             }
           }
@@ -566,7 +567,7 @@ struct StackPlan : torch::CustomClassHolder {
   std::vector<at::Tensor> keep_;
   std::vector<float> ws_;
   bool any_q4_ = false, any_i8_ = false;
-  std::vector<int8_t> q4_q_;  // q4 layers: quantized o/down inputs, per layer (`run`)
+  std::vector<int8_t> q4_q_, q4_l_;  // q4 layers: quantized o/down inputs, per layer (`run`; q4_l_: low digits)
   std::vector<float> q4_d_;
   std::vector<int32_t> q4_s_;
   std::mutex mu_;

@@ -1,7 +1,15 @@
 // int8 panels (gemv.h's layout: (P, K, 64) int8 codes with fp16 scales per block of 32 input channels per output
-// channel, GGUF Q8_0's w = d[n, b] * q) against activations rounded to int8 per block of 32 input channels
-// (q4k::Q4Rows: llama.cpp's q8_0 activations, as the 4-bit kernels take them), with integer dot products: AVX-512-VNNI
-// `vpdpbusd` adds four byte products per 32-bit lane in one instruction. This is llama.cpp's q8_0 x q8_0 arithmetic.
+// channel, GGUF Q8_0's w = d[n, b] * q) against activations rounded per block of 32 input channels (q4k::Q4Rows), with
+// integer dot products: AVX-512-VNNI `vpdpbusd` adds four byte products per 32-bit lane in one instruction.
+//
+// Two roundings of the activations (`i8_dot_mode`): mode 1 rounds them to int8 (llama.cpp's q8_0 activations, as the
+// 4-bit kernels take them: this is llama.cpp's q8_0 x q8_0 arithmetic); mode 2, the default, to 16-bit codes
+// (q4k::quantize_block16), each split into two int8 digits v = 256 hi + lo, and takes one `vpdpbusd` per digit: the
+// block's integer sum (256 S_hi + S_lo) is the exact product of the weight codes and the 16-bit codes (at most
+// 32 * 255 * 32639 in magnitude: no overflow). Mode 2's activation rounding error is 1/257 of mode 1's, so its
+// perplexity loss is the weights' alone (measured in benchmarks/bench_quality.py: below llama.cpp's q8_0, whose
+// activations are int8); the second `vpdpbusd` shares the weight loads and unpacks, so at a few rows, where the
+// weights' streaming from memory bounds the product, it costs about nothing (about 1.4x the compute at many rows).
 //
 // The panel is k-major (64 channels per k), while `vpdpbusd` wants four consecutive k of one channel in a lane: four
 // k rows (4 x 64 bytes) are interleaved in registers by two rounds of byte and word unpacks into four vectors whose
@@ -11,10 +19,9 @@
 // 128 times the block's sum of activation codes (`sq`) is taken off each block's integer sum, exactly. Each block's
 // sum is scaled by the product of the block's activation scale and its weight scales, in fp32.
 //
-// The default where the build has VNNI (with per-block weight scales, as accurate as llama.cpp's q8_0: perplexity
-// measured in benchmarks/bench_quality.py); `NOMOAT_I8_DOT=0` (or the `i8_dot` op, `i8_dot_mode`) forces the exact
-// path of fp32 activations and widened weights (gemv.h), which builds without VNNI always take. Only inputs of a
-// multiple of 32 channels take the integer path.
+// `NOMOAT_I8_DOT` (0, 1 or 2; or the `i8_dot` op, `i8_dot_mode`) sets the mode; mode 0, which builds without VNNI
+// always take, is the exact path of fp32 activations and widened weights (gemv.h). Only inputs of a multiple of 32
+// channels take the integer path.
 #pragma once
 
 #include <atomic>
@@ -32,15 +39,18 @@ constexpr bool HAS_I8_DOT = false;
 
 static inline int i8_dot_default() {
   const char* env = std::getenv("NOMOAT_I8_DOT");
-  return HAS_I8_DOT && !(env != nullptr && env[0] == '0') ? 1 : 0;
+  const int asked = env != nullptr && (env[0] == '0' || env[0] == '1') ? env[0] - '0' : 2;
+  return HAS_I8_DOT ? asked : 0;
 }
-// Whether int8 panels take int8 activations and integer dot products: one setting for the process.
+// How int8 panels take their activations (see the top of this file): one setting for the process.
 inline std::atomic<int> i8_dot_mode{i8_dot_default()};
 
 // Whether an int8 projection of K input channels takes the integer path now.
 static inline bool i8_dot_on(int64_t K) {
   return HAS_I8_DOT && K % q4k::QK == 0 && i8_dot_mode.load(std::memory_order_relaxed) != 0;
 }
+// Whether the integer path rounds activations to 16-bit codes (mode 2) rather than int8.
+static inline bool i8_dot_16() { return HAS_I8_DOT && i8_dot_mode.load(std::memory_order_relaxed) == 2; }
 
 namespace i8k {
 
@@ -59,8 +69,9 @@ static inline void quads(const int8_t* p, __m512i v[4]) {
   v[3] = _mm512_xor_si512(_mm512_unpackhi_epi16(b, d), off);
 }
 
-// out (M x 64) = M rows of quantized activations times one int8 panel with block scales `ds` (nb, 64).
-template <int M>
+// out (M x 64) = M rows of quantized activations times one int8 panel with block scales `ds` (nb, 64); X2: 16-bit
+// activation codes in two digits (x.xq high, x.xl low).
+template <int M, bool X2>
 static void panel_rows(const q4k::Q4Rows& x, const int8_t* w, const uint16_t* ds, float* out) {
   const int64_t K = x.K, nb = K / q4k::QK;
   __m512 acc[M][4];
@@ -69,11 +80,14 @@ static void panel_rows(const q4k::Q4Rows& x, const int8_t* w, const uint16_t* ds
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i s[M][4];
+    __m512i s[M][4], s2[X2 ? M : 1][4];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) s[m][i] = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        s[m][i] = _mm512_setzero_si512();
+        if constexpr (X2) s2[m][i] = _mm512_setzero_si512();
+      }
 #pragma GCC unroll 8
     for (int g = 0; g < q4k::QK / 4; ++g) {
       const int64_t k = b * q4k::QK + 4 * g;
@@ -86,6 +100,12 @@ static void panel_rows(const q4k::Q4Rows& x, const int8_t* w, const uint16_t* ds
         const __m512i xb = _mm512_set1_epi32(four);
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) s[m][i] = _mm512_dpbusd_epi32(s[m][i], v[i], xb);
+        if constexpr (X2) {
+          std::memcpy(&four, x.xl + m * K + k, 4);
+          const __m512i xl = _mm512_set1_epi32(four);
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) s2[m][i] = _mm512_dpbusd_epi32(s2[m][i], v[i], xl);
+        }
       }
     }
     __m512 dw[4];
@@ -96,9 +116,11 @@ static void panel_rows(const q4k::Q4Rows& x, const int8_t* w, const uint16_t* ds
       const __m512i corr = _mm512_set1_epi32(128 * x.sq[m * nb + b]);
       const __m512 d = _mm512_set1_ps(x.dx[m * nb + b]);
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i)
-        acc[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[m][i], corr)), _mm512_mul_ps(dw[i], d),
-                                    acc[m][i]);
+      for (int i = 0; i < 4; ++i) {
+        __m512i si = s[m][i];
+        if constexpr (X2) si = _mm512_add_epi32(_mm512_slli_epi32(si, 8), s2[m][i]);  // 256 S_hi + S_lo
+        acc[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(si, corr)), _mm512_mul_ps(dw[i], d), acc[m][i]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -116,8 +138,14 @@ static void panel_rows(const q4k::Q4Rows& x, const int8_t* w, const uint16_t* ds
 // register file); the panel stays in L1/L2 between blocks.
 static inline void panel_any(int m, const q4k::Q4Rows& x, const int8_t* w, const uint16_t* ds, float* out) {
   for (int m0 = 0; m0 < m; m0 += 2) {
-    if (m - m0 >= 2) panel_rows<2>(x.rows(m0), w, ds, out + m0 * PANEL);
-    else panel_rows<1>(x.rows(m0), w, ds, out + m0 * PANEL);
+    const bool two = m - m0 >= 2;
+    if (x.xl != nullptr) {
+      if (two) panel_rows<2, true>(x.rows(m0), w, ds, out + m0 * PANEL);
+      else panel_rows<1, true>(x.rows(m0), w, ds, out + m0 * PANEL);
+    } else {
+      if (two) panel_rows<2, false>(x.rows(m0), w, ds, out + m0 * PANEL);
+      else panel_rows<1, false>(x.rows(m0), w, ds, out + m0 * PANEL);
+    }
   }
 }
 #else
@@ -129,7 +157,10 @@ static inline void panel_any(int m, const q4k::Q4Rows& x, const int8_t* w, const
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
         int32_t s = 0;
-        for (int64_t k = b * q4k::QK; k < (b + 1) * q4k::QK; ++k) s += (int32_t)x.xq[r * K + k] * w[k * PANEL + o];
+        for (int64_t k = b * q4k::QK; k < (b + 1) * q4k::QK; ++k) {
+          const int32_t v = x.xl != nullptr ? 256 * x.xq[r * K + k] + x.xl[r * K + k] : x.xq[r * K + k];
+          s += v * w[k * PANEL + o];
+        }
         acc += (float)s * (half_to_f(ds[b * PANEL + i8_scale_pos(o)]) * x.dx[r * nb + b]);
       }
       out[r * PANEL + o] = acc;

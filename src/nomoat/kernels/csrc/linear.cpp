@@ -53,18 +53,20 @@ static at::Tensor linear_impl(const at::Tensor& x_in, const at::Tensor& wp, cons
     bf16_pairs(xp, ldx, M, K, xpairs.data());
   }
 #endif
-  // int8 panels with integer dot products: the rows rounded to int8 per block of 32 once
-  std::vector<int8_t> xq;
+  // int8 panels with integer dot products: the rows rounded per block of 32 once (to int8, or 16-bit codes in two
+  // int8 digits, int8_dot.h)
+  std::vector<int8_t> xq, xl;
   std::vector<float> xd;
   std::vector<int32_t> xs;
   if (T == I8 && !exact && i8_dot_on(K)) {
     xq.resize(M * K);
+    if (i8_dot_16()) xl.resize(M * K);
     xd.resize(M * K / q4k::QK);
     xs.resize(M * K / q4k::QK);
-    for (int64_t m = 0; m < M; ++m)
-      q4k::quantize_blocks(xp, ldx, m, 0, K / q4k::QK, xq.data(), xd.data(), xs.data(), K);
+    const q4k::Q4Rows dst{xq.data(), xd.data(), xs.data(), K, xl.empty() ? nullptr : xl.data()};
+    for (int64_t m = 0; m < M; ++m) q4k::quantize_blocks(xp, ldx, m, 0, K / q4k::QK, dst);
   }
-  const q4k::Q4Rows xrows{xq.data(), xd.data(), xs.data(), K};
+  const q4k::Q4Rows xrows{xq.data(), xd.data(), xs.data(), K, xl.empty() ? nullptr : xl.data()};
   // Dynamic scheduling, one panel at a time: on a shared 2-core VM one thread is often descheduled, and a static
   // split would make the other wait for its whole half. Small matrices run on the calling thread: waking a sleeping
   // OpenMP worker costs tens of microseconds, about what the second core saves on 2 MB of weights.
@@ -120,11 +122,12 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std:
   return linear_impl<BF16>(x, panels, nullptr, bias, n);
 }
 
-// Sets (mode 0: exact fp32 activations, int8 weights widened; 1, the default where the build has VNNI: activations
-// rounded to int8 per block of 32, integer dot products) or with -1 only reads the mode of every int8 panel kernel of the process
-// (linear_i8 and the decode stack); returns the mode in effect.
+// Sets (mode 0: exact fp32 activations, int8 weights widened; 1: activations rounded to int8 per block of 32,
+// integer dot products; 2, the default where the build has VNNI: rounded to 16-bit codes per block, integer dot
+// products in two passes) or with -1 only reads the mode of every int8 panel kernel of the process (linear_i8 and the
+// decode stack); returns the mode in effect (always 0 without VNNI).
 static int64_t i8_dot(int64_t mode) {
-  if (mode >= 0) i8_dot_mode.store(HAS_I8_DOT && mode > 0 ? 1 : 0);
+  if (mode >= 0) i8_dot_mode.store(HAS_I8_DOT ? (int)std::min<int64_t>(mode, 2) : 0);
   return i8_dot_mode.load();
 }
 

@@ -17,7 +17,7 @@ namespace {
 void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, float* dx, int32_t* sq) {
   const int64_t nb = K / QK;
   at::parallel_for(0, M * nb, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) quantize_blocks(x, ldx, i / nb, i % nb, i % nb + 1, xq, dx, sq, K);
+    for (int64_t i = begin; i < end; ++i) quantize_blocks(x, ldx, i / nb, i % nb, i % nb + 1, Q4Rows{xq, dx, sq, K});
   });
 }
 

@@ -46,23 +46,55 @@ static inline float quantize_block(const float* xs, int8_t* q, int32_t* s) {
   return d;
 }
 
+// The largest 16-bit activation code of `quantize_block16`: v = 256 hi + lo with both digits int8 (lo in -128..127)
+// needs |v| <= 127 * 256 + 127.
+constexpr int Q16_MAX = 32639;
+
+// One block of 32 activations to 16-bit codes v = round(x / d), d = max |x| / Q16_MAX, each stored as two int8 digits
+// (hi, lo: v = 256 hi + lo), so that byte dot-product instructions multiply them in two passes (int8_dot.h: int8
+// weights times 16-bit activations, whose rounding error is 1/257 of int8 activations'). Returns d; *s = sum of v.
+static inline float quantize_block16(const float* xs, int8_t* hi, int8_t* lo, int32_t* s) {
+  float amax = 0.f;
+  for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xs[j]));
+  const float d = amax / (float)Q16_MAX, id = d != 0.f ? 1.f / d : 0.f;
+  int32_t sum = 0;
+  for (int j = 0; j < QK; ++j) {
+    const int v = (int)std::nearbyint(xs[j] * id);  // round half to even, as torch.round
+    const int l = ((v + 128) & 255) - 128;
+    lo[j] = (int8_t)l;
+    hi[j] = (int8_t)((v - l) / 256);
+    sum += v;
+  }
+  *s = sum;
+  return d;
+}
+
 // Rows of activations quantized per block: xq (M x K) int8, dx and sq (M x K / 32) per block scale and code sum.
+// With `xl` (int8 weights only): 16-bit codes, xq their high digits and xl their low ones (`quantize_block16`).
 struct Q4Rows {
   const int8_t* xq = nullptr;
   const float* dx = nullptr;
   const int32_t* sq = nullptr;
   int64_t K = 0;
+  const int8_t* xl = nullptr;
   Q4Rows rows(int64_t m0) const {
-    return xq == nullptr ? *this : Q4Rows{xq + m0 * K, dx + m0 * (K / QK), sq + m0 * (K / QK), K};
+    return xq == nullptr ? *this
+                         : Q4Rows{xq + m0 * K, dx + m0 * (K / QK), sq + m0 * (K / QK), K, xl ? xl + m0 * K : nullptr};
   }
 };
 
-// Quantizes blocks [b0, b1) of row m of x (row stride ldx) into the row-major buffers of `q` (K = its row width).
-static inline void quantize_blocks(const float* x, int64_t ldx, int64_t m, int64_t b0, int64_t b1, int8_t* xq,
-                                   float* dx, int32_t* sq, int64_t K) {
-  const int64_t nb = K / QK;
-  for (int64_t b = b0; b < b1; ++b)
-    dx[m * nb + b] = quantize_block(x + m * ldx + b * QK, xq + m * K + b * QK, sq + m * nb + b);
+// Quantizes blocks [b0, b1) of row m of x (row stride ldx) into the row-major buffers of `q` (K = its row width):
+// int8 codes, or 16-bit ones where q.xl is set.
+static inline void quantize_blocks(const float* x, int64_t ldx, int64_t m, int64_t b0, int64_t b1, const Q4Rows& q) {
+  const int64_t K = q.K, nb = K / QK;
+  int8_t *xq = (int8_t*)q.xq, *xl = (int8_t*)q.xl;
+  float* dx = (float*)q.dx;
+  int32_t* sq = (int32_t*)q.sq;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* xs = x + m * ldx + b * QK;
+    dx[m * nb + b] = xl != nullptr ? quantize_block16(xs, xq + m * K + b * QK, xl + m * K + b * QK, sq + m * nb + b)
+                                   : quantize_block(xs, xq + m * K + b * QK, sq + m * nb + b);
+  }
 }
 
 #if defined(__AVX512BW__) || defined(__AVX2__)

@@ -131,7 +131,7 @@ class RequestHandle:
         return self.completion
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself (rows are found by identity, not by comparing every field)
 class _Request:
     """A request's state inside the engine."""
 

@@ -80,16 +80,11 @@ class _RopeFn(torch.autograd.Function):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first `cos.shape[-1]` channels of `x` (B, H, T, hd) by positions; the rest pass through."""
-    if (
-        x.requires_grad
-        and torch.is_grad_enabled()
-        and x.stride(-1) == 1
-        and cos.dim() == 3
-        and not cos.requires_grad
-        and fused_ops.applicable(cos, sin)
-        and x.dtype == torch.float32
-    ):
-        return _RopeFn.apply(x, cos, sin)  # training: one pass each way instead of five ops keeping two copies
+    if x.stride(-1) == 1 and cos.dim() == 3 and x.dtype == torch.float32 and fused_ops.applicable(cos, sin):
+        if not (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)):
+            return fused_ops.rope(x, cos, sin)  # inference (prefill): one pass instead of five ops
+        if x.requires_grad and torch.is_grad_enabled() and not cos.requires_grad:
+            return _RopeFn.apply(x, cos, sin)  # training: one pass each way instead of five ops keeping two copies
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rd)
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
@@ -234,6 +229,8 @@ class MLP(nn.Module):
             fused = getattr(self.down_proj, "swiglu_forward", None)
             y = fused(gate, up) if fused is not None else None
             return y if y is not None else self.down_proj(fused_ops.SwiGLUFn.apply(gate, up))
+        if self.act == "silu" and fused_ops.applicable(gate, up):
+            return self.down_proj(fused_ops.swiglu_forward(gate, up))  # no gradient: one pass instead of two ops
         return self.down_proj(_act(self.act, gate) * up)
 
 

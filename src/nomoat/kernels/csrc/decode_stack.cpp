@@ -331,11 +331,12 @@ struct StackPlan : torch::CustomClassHolder {
       // Then (unit u of phase idx, row block m0) its share of the A factors of the next adapter phase: q/k/v units
       // ask for the o projection's, o units for gate/up's, gate/up units (the gate product) for down's, down units
       // for the next layer's q/k/v; what a product has no time for is dropped (read when needed).
-      Ahead ah_a, ah_b;
+      Ahead ah_a, ah_b, ah_w;
+      Ahead* wa = nullptr;  // over 8 rows: the weights of the unit u + nt a panel unit u reads ahead (`queue_ahead`)
       const int64_t nb = (M + MAX_ROWS - 1) / MAX_ROWS;
       auto lora_ahead = [&](int64_t l, int proj, int64_t n0, int64_t nn, int64_t m0, int mm, Ahead& ah,
                             int64_t idx = -1, int64_t u = 0) -> Ahead* {
-        if (E == 0) return nullptr;
+        if (E == 0) return wa;
         ah.clear();
         lora_rows_queue(layers_[l].ad, ls, proj, n0, nn, m0, mm, ah);
         ah.must = ah.n;
@@ -362,7 +363,7 @@ struct StackPlan : torch::CustomClassHolder {
           qn = quantize_own(xn, D, h16);
           xq_for = HP;
         }
-        head_panel(head_, u, M, xn, q ? qn : q4k::Q4Rows{}, buf, logits);
+        head_panel(head_, u, M, xn, q ? qn : q4k::Q4Rows{}, buf, logits, nt);
         if (flag[first[HP] + u].exchange(1, std::memory_order_acq_rel) == 0)
           done[HP].v.fetch_add(1, std::memory_order_release);
         unit_ns[NPH] = now_ns() - t0;
@@ -375,6 +376,8 @@ struct StackPlan : torch::CustomClassHolder {
         const int sub = (int)(idx % NPH), ph = PH_KIND[sub];
         const LayerPlan& ly = layers_[l];
         const int64_t t0 = now_ns(), c0 = profiling_ ? cpu_ns() : 0;
+        wa = M > MAX_ROWS && (ph == 0 || ph >= 2) ? queue_ahead(layers_, PH_KIND, NPH, total, idx, u + nt, ah_w)
+                                                  : nullptr;
         if ((ph == 0 || ph == 3) && xn_for != idx) {
           norm_into(X + (2 * l + (ph == 3)) * M * D, ph == 0 ? ly.w_in : ly.w_post, ly.norm16);
           xn_for = idx;

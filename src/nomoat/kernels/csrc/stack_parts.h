@@ -79,9 +79,16 @@ struct LayerPlan {
 };
 
 // The normed row: out = rmsnorm(r) * w (D channels; w fp32 or, norm16, bf16).
+// The sum of squares in double, in eight independent sums (one chain of dependent adds cost a quarter of a many-row
+// step's q/k/v phase).
 static inline void norm_row(const float* r, const void* w, bool norm16, int64_t D, double eps, float* out) {
-  double ss2 = 0.0;
-  for (int64_t i = 0; i < D; ++i) ss2 += (double)r[i] * (double)r[i];
+  double acc[8] = {};
+  int64_t i0 = 0;
+  for (; i0 + 8 <= D; i0 += 8)
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) acc[j] += (double)r[i0 + j] * (double)r[i0 + j];
+  for (; i0 < D; ++i0) acc[0] += (double)r[i0] * (double)r[i0];
+  const double ss2 = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
   const float rstd = (float)(1.0 / std::sqrt(ss2 / (double)D + eps));
   if (norm16)
     for (int64_t i = 0; i < D; ++i) out[i] = bf16_to_f(((const uint16_t*)w)[i]) * (r[i] * rstd);
@@ -104,6 +111,50 @@ static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, in
   else if (s.i8) panel_any<true>(M, x, ldx, s.w + p * s.K * PANEL, s.ds_of(p), s.K, buf, ah);
   else panel_any<false>(M, x, ldx, s.w + p * s.K * PANEL * 4, nullptr, s.K, buf, ah);
   if (ah != nullptr) ah->flush();
+}
+
+// Queues panel p of `s` (fp32 or int8 panels, with the int8 block scales) on `ah`, to be read ahead into L2 while
+// another panel's product runs (nothing for other kinds or past the last panel); none of it required (`Ahead::must`).
+static inline void queue_panel(const Seg& s, int64_t p, Ahead& ah) {
+  if (s.q4 || s.bf16 || s.w == nullptr || p < 0 || p >= s.P) return;
+  const int64_t bytes = s.K * PANEL * (s.i8 ? 1 : 4);
+  ah.add(s.w + p * bytes, 0, 1, bytes);
+  if (s.i8) ah.add(s.ds_of(p), 0, 1, (s.K + I8_BLOCK - 1) / I8_BLOCK * PANEL * 2);
+}
+
+// The same for unit u of a layer's projection phase kind ph (0: panel u of q, then of k, then of v; 2: o; 3: gate
+// and up; 4: down).
+static inline void queue_unit(const LayerPlan& ly, int ph, int64_t u, Ahead& ah) {
+  if (ph == 0) {
+    const Seg* s = u < ly.q.P ? &ly.q : u < ly.q.P + ly.k.P ? &ly.k : &ly.v;
+    queue_panel(*s, s == &ly.q ? u : s == &ly.k ? u - ly.q.P : u - ly.q.P - ly.k.P, ah);
+  } else if (ph == 2 || ph == 4) {
+    queue_panel(ph == 2 ? ly.o : ly.down, u, ah);
+  } else if (ph == 3) {
+    queue_panel(ly.gate, u, ah);
+    queue_panel(ly.up, u, ah);
+  }
+}
+
+// Queues on `ah` (cleared) the weights of the projection unit t of phase j, or of the following projection phases
+// (t counted on over their units; `kinds`: each phase's kind in a layer of nph phases); returns &ah, or null where
+// there is nothing to read (past the last layer). A panel unit u of a many-row step (whose panel stays in L2 over its
+// row blocks, so that it computes more than it reads) reads ahead unit u + nt, the one its thread likely runs next,
+// paced over its products: that unit's first row block then finds its weights in L2 instead of waiting on memory.
+static inline Ahead* queue_ahead(const std::vector<LayerPlan>& layers, const int* kinds, int nph,
+                                 const std::vector<int>& total, int64_t j, int64_t t, Ahead& ah) {
+  ah.clear();
+  for (const int64_t end = (int64_t)layers.size() * nph; j < end; ++j) {
+    const int k = kinds[j % nph];
+    if (k == 0 || k >= 2) {
+      if (t < total[j]) {
+        queue_unit(layers[j / nph], k, t, ah);
+        break;
+      }
+      t -= total[j];
+    }
+  }
+  return ah.n > 0 ? &ah : nullptr;
 }
 
 static Seg make_seg(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias, int64_t K,
@@ -178,13 +229,16 @@ static inline const float* store_kv16(char* kc, char* vc, int64_t at, float* kne
 }
 
 // Panel u of an output head `s` (fp32 / int8 panels or bf16 rows of s.N outputs) for M normed rows xn (M, s.K): logits (M, s.N)
-// columns u * 64 ... (biased); `q`: the rows quantized per block (int8 dot products) or empty; buf: scratch.
+// columns u * 64 ... (biased); `q`: the rows quantized per block (int8 dot products) or empty; buf: scratch. Over 8
+// rows, panel u + ahead is read ahead (`queue_ahead`).
 static inline void head_panel(const Seg& s, int64_t u, int64_t M, const float* xn, const q4k::Q4Rows& q, float* buf,
-                              float* logits) {
+                              float* logits, int64_t ahead = 0) {
+  Ahead ah;
+  if (M > MAX_ROWS && ahead > 0) queue_panel(s, u + ahead, ah);
   const int64_t n0 = u * PANEL, nn = std::min<int64_t>(PANEL, s.N - n0);
   for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
     const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
-    panel_gemv(s, u, mm, xn + m0 * s.K, s.K, buf, q.rows(m0));
+    panel_gemv(s, u, mm, xn + m0 * s.K, s.K, buf, q.rows(m0), ah.n > 0 ? &ah : nullptr);
     for (int64_t m = 0; m < mm; ++m) {
       float* dst = logits + (m0 + m) * s.N + n0;
       const float* src = buf + m * PANEL;

@@ -4,7 +4,7 @@
 //
 // Two roundings of the activations (`i8_dot_mode`): mode 1 rounds them to int8 (llama.cpp's q8_0 activations, as the
 // 4-bit kernels take them: this is llama.cpp's q8_0 x q8_0 arithmetic); mode 2, the default, to 16-bit codes
-// (q4k::quantize_block16), each split into two int8 digits v = 256 hi + lo, and takes one `vpdpbusd` per digit: the
+// (q4k::quantize_block), each split into two int8 digits v = 256 hi + lo, and takes one `vpdpbusd` per digit: the
 // block's integer sum (256 S_hi + S_lo) is the exact product of the weight codes and the 16-bit codes (at most
 // 32 * 255 * 32639 in magnitude: no overflow). Mode 2's activation rounding error is 1/257 of mode 1's, so its
 // perplexity loss is the weights' alone (measured in benchmarks/bench_quality.py: below llama.cpp's q8_0, whose

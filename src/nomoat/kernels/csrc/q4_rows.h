@@ -30,39 +30,28 @@ namespace q4k {
 
 constexpr int QK = 32, QP = 64, CODE_BYTES = QP * QK / 2, QROWS = 8;
 
-// One block of 32 activations to int8 (llama.cpp's Q8 activations): q = round(x / d), d = max |x| / 127; returns
-// d, and the sum of the codes in *s.
-static inline float quantize_block(const float* xs, int8_t* q, int32_t* s) {
-  float amax = 0.f;
-  for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xs[j]));
-  const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-  int32_t sum = 0;
-  for (int j = 0; j < QK; ++j) {
-    const int v = (int)std::nearbyint(xs[j] * id);  // round half to even, as torch.round
-    q[j] = (int8_t)v;
-    sum += v;
-  }
-  *s = sum;
-  return d;
-}
-
-// The largest 16-bit activation code of `quantize_block16`: v = 256 hi + lo with both digits int8 (lo in -128..127)
-// needs |v| <= 127 * 256 + 127.
+// The largest 16-bit activation code: v = 256 hi + lo with both digits int8 (lo in -128..127) needs
+// |v| <= 127 * 256 + 127.
 constexpr int Q16_MAX = 32639;
 
-// One block of 32 activations to 16-bit codes v = round(x / d), d = max |x| / Q16_MAX, each stored as two int8 digits
-// (hi, lo: v = 256 hi + lo), so that byte dot-product instructions multiply them in two passes (int8_dot.h: int8
-// weights times 16-bit activations, whose rounding error is 1/257 of int8 activations'). Returns d; *s = sum of v.
-static inline float quantize_block16(const float* xs, int8_t* hi, int8_t* lo, int32_t* s) {
+// One block of 32 activations to codes v = round(x / d): int8 ones in q (d = max |x| / 127, llama.cpp's Q8
+// activations) or, given `lo`, 16-bit ones (d = max |x| / Q16_MAX) as two int8 digits v = 256 q + lo, so that byte
+// dot-product instructions multiply them in two passes (int8_dot.h: int8 weights times 16-bit activations, whose
+// rounding error is 1/257 of int8 activations'). Returns d; *s = sum of v.
+static inline float quantize_block(const float* xs, int8_t* q, int32_t* s, int8_t* lo = nullptr) {
   float amax = 0.f;
   for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xs[j]));
-  const float d = amax / (float)Q16_MAX, id = d != 0.f ? 1.f / d : 0.f;
+  const float d = amax / (lo != nullptr ? (float)Q16_MAX : 127.f), id = d != 0.f ? 1.f / d : 0.f;
   int32_t sum = 0;
   for (int j = 0; j < QK; ++j) {
     const int v = (int)std::nearbyint(xs[j] * id);  // round half to even, as torch.round
-    const int l = ((v + 128) & 255) - 128;
-    lo[j] = (int8_t)l;
-    hi[j] = (int8_t)((v - l) / 256);
+    if (lo != nullptr) {
+      const int l = ((v + 128) & 255) - 128;
+      lo[j] = (int8_t)l;
+      q[j] = (int8_t)((v - l) / 256);
+    } else {
+      q[j] = (int8_t)v;
+    }
     sum += v;
   }
   *s = sum;
@@ -70,7 +59,7 @@ static inline float quantize_block16(const float* xs, int8_t* hi, int8_t* lo, in
 }
 
 // Rows of activations quantized per block: xq (M x K) int8, dx and sq (M x K / 32) per block scale and code sum.
-// With `xl` (int8 weights only): 16-bit codes, xq their high digits and xl their low ones (`quantize_block16`).
+// With `xl` (int8 weights only): 16-bit codes, xq their high digits and xl their low ones (`quantize_block`).
 struct Q4Rows {
   const int8_t* xq = nullptr;
   const float* dx = nullptr;
@@ -91,9 +80,8 @@ static inline void quantize_blocks(const float* x, int64_t ldx, int64_t m, int64
   float* dx = (float*)q.dx;
   int32_t* sq = (int32_t*)q.sq;
   for (int64_t b = b0; b < b1; ++b) {
-    const float* xs = x + m * ldx + b * QK;
-    dx[m * nb + b] = xl != nullptr ? quantize_block16(xs, xq + m * K + b * QK, xl + m * K + b * QK, sq + m * nb + b)
-                                   : quantize_block(xs, xq + m * K + b * QK, sq + m * nb + b);
+    int8_t* lo = xl != nullptr ? xl + m * K + b * QK : nullptr;
+    dx[m * nb + b] = quantize_block(x + m * ldx + b * QK, xq + m * K + b * QK, sq + m * nb + b, lo);
   }
 }
 

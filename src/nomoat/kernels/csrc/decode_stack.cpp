@@ -338,6 +338,7 @@ struct StackPlan : torch::CustomClassHolder {
                             int64_t idx = -1, int64_t u = 0) -> Ahead* {
         if (E == 0) return wa;
         ah.clear();
+        ah.cap = 4;
         lora_rows_queue(layers_[l].ad, ls, proj, n0, nn, m0, mm, ah);
         ah.must = ah.n;
         if (idx >= 0) {

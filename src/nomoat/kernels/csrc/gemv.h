@@ -106,22 +106,33 @@ struct Ahead {
   void add(const void* p, int64_t stride, int rows, int64_t width) {
     if (n < CAP && rows > 0 && width > 0) r[n++] = {(const char*)p, stride, width, rows};
   }
+  int per = 1, cap = 1;  // lines asked for per step, and at most (`pace`)
   inline void step() {
-    if (i >= n) return;
-    const Range& g = r[i];
-    __builtin_prefetch(g.p + row * g.stride + off, 0, 2);
-    if ((off += 64) >= g.width) {
-      off = 0;
-      if (++row >= g.rows) {
-        row = 0;
-        ++i;
+    for (int q = 0; q < per; ++q) {
+      if (i >= n) return;
+      const Range& g = r[i];
+      __builtin_prefetch(g.p + row * g.stride + off, 0, 2);
+      if ((off += 64) >= g.width) {
+        off = 0;
+        if (++row >= g.rows) {
+          row = 0;
+          ++i;
+        }
       }
     }
+  }
+  // Spreads what is queued over `steps` steps, at most `cap` lines a step: one line a step suits the next panel's
+  // weights, which the step's other products also stream (more was measured 5% slower over 32 rows); adapter factors
+  // (`lora_ahead`, decode_stack.cpp) allow four, else a product of 8 rows drops part of the next adapter phase's A.
+  void pace(int64_t steps) {
+    int64_t lines = 0;
+    for (int j = i; j < n; ++j) lines += r[j].rows * ((r[j].width + 63) / 64);
+    per = (int)std::max<int64_t>(1, std::min<int64_t>(cap, (lines + steps - 1) / std::max<int64_t>(1, steps)));
   }
   void flush() {
     while (i < must) step();
   }
-  void clear() { n = i = row = must = 0, off = 0; }
+  void clear() { n = i = row = must = 0, off = 0, per = cap = 1; }
 };
 
 // Keeps a loaded weight vector in a register: without it GCC folds the load into every row's FMA as a memory operand

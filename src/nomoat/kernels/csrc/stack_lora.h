@@ -110,10 +110,43 @@ static inline void lora_shrink_rows(const Lora& a, const float* const* xs, const
   }
 }
 
+// The same for one row: four rows of A at a time (four independent sums, each x vector loaded once for them).
+template <typename T>
+static inline void lora_shrink_one(const Lora& a, const float* x, float c, float* out) {
+  const T* A = (const T*)a.A;
+  int64_t i = 0;
+  for (; i + 4 <= a.r; i += 4) {
+    const T* a0 = A + i * a.in;
+    vf s0{}, s1{}, s2{}, s3{};
+    int64_t k = 0;
+    for (; k + W <= a.in; k += W) {
+      const vf xv = ld(x + k);
+      s0 += xv * ld_factor(a0 + k);
+      s1 += xv * ld_factor(a0 + a.in + k);
+      s2 += xv * ld_factor(a0 + 2 * a.in + k);
+      s3 += xv * ld_factor(a0 + 3 * a.in + k);
+    }
+    float t[4] = {hsum(s0), hsum(s1), hsum(s2), hsum(s3)};
+    for (int q = 0; q < 4; ++q) {
+      for (int64_t kk = k; kk < a.in; ++kk) t[q] += x[kk] * factor_at(a0 + q * a.in, kk);
+      out[i + q] = t[q] * c * a.scale;
+    }
+  }
+  for (; i < a.r; ++i) {
+    const T* ai = A + i * a.in;
+    vf acc{};
+    int64_t k = 0;
+    for (; k + W <= a.in; k += W) acc += ld(x + k) * ld_factor(ai + k);
+    float s = hsum(acc);
+    for (; k < a.in; ++k) s += x[k] * factor_at(ai, k);
+    out[i] = s * c * a.scale;
+  }
+}
+
 template <typename T>
 static inline void lora_shrink_t(const Lora& a, int n, const float* const* xs, const float* c, float* const* out) {
   switch (n) {
-    case 1: lora_shrink_rows<1, T>(a, xs, c, out); break;
+    case 1: lora_shrink_one<T>(a, xs[0], c[0], out[0]); break;
     case 2: lora_shrink_rows<2, T>(a, xs, c, out); break;
     case 3: lora_shrink_rows<3, T>(a, xs, c, out); break;
     case 4: lora_shrink_rows<4, T>(a, xs, c, out); break;

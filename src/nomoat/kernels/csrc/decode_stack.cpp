@@ -218,7 +218,7 @@ struct StackPlan : torch::CustomClassHolder {
     // Every intermediate has one buffer per layer (and the residual one per half-layer), so that running a unit
     // twice (a thread helping a descheduled one) writes the same values where the first run would have.
     LoraStep ls;  // the step's adapter entries and their blocks (stack_lora.h)
-    if (cf != nullptr) ls.build(cf, M, ncf, lora_slots_);
+    if (cf != nullptr) ls.build(cf, M, ncf, lora_slots_, nt);
     const int64_t E = ls.E, R = lora_rank_;
     const int64_t ws = kv_len + 16;  // a query head's score scratch
     const int64_t per_thread = M * D + (2 * rep + 2) * hd + rep * ws + MAX_ROWS * D;
@@ -252,7 +252,7 @@ struct StackPlan : torch::CustomClassHolder {
     };
 
     // phases: NPH per layer, then (head) the output head's panels
-    const int64_t HP = L * NPH, NP = HP + (head ? 1 : 0), NA = E > 0 ? ls.blocks() : 0;
+    const int64_t HP = L * NPH, NP = HP + (head ? 1 : 0), NA = E > 0 ? ls.units() : 0;
     const int64_t NV = head ? head_.N : 0;
     auto out = at::empty({M, 1, head ? NV : D}, x.options());
     float* logits = head ? out.data_ptr<float>() : nullptr;
@@ -303,9 +303,9 @@ struct StackPlan : torch::CustomClassHolder {
         for (int64_t m = 0; m < M; ++m) norm_row(src + m * D, wt, bf, D, eps_, xn + m * D);
       };
 
-      // Adapter unit u (a block of entries of one adapter) before phase kind ph of layer l: the low-rank products
-      // of the phase's projections for the block's rows, into the layer's product buffer (stored whole).
-      auto lora_unit = [&](int64_t l, int ph, int64_t u) {
+      // Block u of entries of one adapter (an adapter unit runs several) before phase kind ph of layer l: the
+      // low-rank products of the phase's projections for the block's rows, into the layer's product buffer (whole).
+      auto lora_block = [&](int64_t l, int ph, int64_t u) {
         const LayerPlan& ly = layers_[l];
         const int64_t e0 = ls.block[u];
         const int n = (int)(ls.block[u + 1] - e0);
@@ -390,7 +390,7 @@ struct StackPlan : torch::CustomClassHolder {
           xq_for = idx;
         }
         if (ph < 0) {  // an adapter phase: the next phase's low-rank products
-          lora_unit(l, PH_KIND[sub + 1], u);
+          for (int64_t k = ls.unit[u]; k < ls.unit[u + 1]; ++k) lora_block(l, PH_KIND[sub + 1], k);
         } else if (ph == 0) {  // q/k/v panel -> qkv (M, NQKV)
           const Seg* s = &ly.q;
           int64_t p = u, off = 0;

@@ -3,7 +3,8 @@
 //
 // A step lists its adapter entries (row, slot, coefficient; nonzero coefficients only), sorted by slot then row, and
 // cuts them into blocks of up to MAX_ROWS entries of one slot. Before each projection phase of a layer, an adapter
-// phase whose units are those blocks computes the low-rank products c * scale * (x A^T) of every projection of the
+// phase whose units are runs of those blocks (about four units a thread: one-row blocks of 32 distinct adapters as
+// units of their own ran 1% slower over 2 threads) computes the low-rank products c * scale * (x A^T) of every projection of the
 // next phase once (each row of A read once per block, its rows' dot products together) into the layer's product
 // buffer; each panel unit then adds (products) Bt for its 64 columns (`lora_expand`). Reads ahead: each entry's
 // slice of Bt is r short rows far apart (read when needed, every one a cache miss), and the adapter phase has no
@@ -60,10 +61,12 @@ struct LayerLoras {
 struct LoraStep {
   int64_t E = 0;
   std::vector<int64_t> row, slot, block, row_ptr, row_ent, distinct;  // distinct: the step's slots, in order
+  std::vector<int64_t> unit;  // adapter unit u: blocks unit[u] .. unit[u + 1] (whole blocks; `build`)
   std::vector<float> coef;
 
-  // From coef (M, ncf): the entries with a nonzero coefficient among the first `slots` columns.
-  void build(const float* cf, int64_t M, int64_t ncf, int64_t slots) {
+  // From coef (M, ncf): the entries with a nonzero coefficient among the first `slots` columns; their adapter units
+  // for `threads` threads.
+  void build(const float* cf, int64_t M, int64_t ncf, int64_t slots, int threads) {
     for (int64_t s = 0; s < slots; ++s)
       for (int64_t m = 0; m < M; ++m)
         if (cf[m * ncf + s] != 0.f) {
@@ -76,6 +79,10 @@ struct LoraStep {
         }
     E = (int64_t)row.size();
     block.push_back(E);
+    const int64_t want = std::max<int64_t>(1, E / (4 * threads));  // entries per unit: about four units a thread
+    unit.assign(1, 0);
+    for (int64_t b = 0; b < blocks(); ++b)
+      if (block[b + 1] - block[unit.back()] >= want || b + 1 == blocks()) unit.push_back(b + 1);
     row_ptr.assign(M + 1, 0);
     for (int64_t t = 0; t < E; ++t) ++row_ptr[row[t] + 1];
     for (int64_t m = 0; m < M; ++m) row_ptr[m + 1] += row_ptr[m];
@@ -84,6 +91,7 @@ struct LoraStep {
     for (int64_t t = 0; t < E; ++t) row_ent[fill[row[t]]++] = t;
   }
   int64_t blocks() const { return (int64_t)block.size() - 1; }
+  int64_t units() const { return (int64_t)unit.size() - 1; }
 };
 
 // out[j][i] = c[j] * a.scale * dot(x_j, A_i) for the N rows x_j of one block: each row of A is read once.

@@ -29,8 +29,7 @@
 // projections once per step, in units of rows sharing an adapter; each panel unit adds (products) Bt for its columns.
 // Output head (`set_head`, `run(..., head)`): the final norm and the head (fp32 / int8 panels, or bf16 rows) run as one
 // more phase of the same region, so that a step's logits need no second region (a worker's wake-up) and no norm
-// between calls: each thread norms the final hidden states itself beside its first head unit, each unit writes its 64
-// logits.
+// between calls: each thread norms the final hidden states beside its first head unit; a unit writes 64 logits.
 // NOMOAT_STACK_PROFILE=1 (read when the plan is made) sums the CPU time of each phase kind's units and of the waits
 // (`profile`; the head's units last).
 #include <ATen/Parallel.h>
@@ -217,8 +216,9 @@ struct StackPlan : torch::CustomClassHolder {
     const int nt = std::max(1, at::get_num_threads());
     // Every intermediate has one buffer per layer (and the residual one per half-layer), so that running a unit
     // twice (a thread helping a descheduled one) writes the same values where the first run would have.
-    LoraStep ls;  // the step's adapter entries and their blocks (stack_lora.h)
-    if (cf != nullptr) ls.build(cf, M, ncf, lora_slots_, nt);
+    LoraStep ls;  // the step's adapter entries and their blocks, and the A factors each adapter phase reads
+    AQueue aq;    // (stack_lora.h)
+    if (cf != nullptr) ls.build(cf, M, ncf, lora_slots_, nt), aq.build(layers_, ls);
     const int64_t E = ls.E, R = lora_rank_;
     const int64_t ws = kv_len + 16;  // a query head's score scratch
     const int64_t per_thread = M * D + (2 * rep + 2) * hd + rep * ws + MAX_ROWS * D;
@@ -344,7 +344,7 @@ struct StackPlan : torch::CustomClassHolder {
         if (idx >= 0) {
           const int ph = PH_KIND[idx % NPH], nxt = ph == 0 ? 2 : ph == 2 ? 3 : ph == 3 ? 4 : 0;
           const int64_t ln = ph == 4 ? l + 1 : l;
-          if (ln < L) lora_a_queue(layers_[ln].ad, ls, nxt, u * nb + m0 / MAX_ROWS, total[idx] * nb, ah);
+          if (ln < L) lora_a_queue(aq, ln, nxt, u * nb + m0 / MAX_ROWS, total[idx] * nb, ah);
         }
         return ah.n > 0 ? &ah : nullptr;
       };

@@ -229,27 +229,43 @@ static inline void lora_rows_queue(const LayerLoras& ad, const LoraStep& ls, int
       }
 }
 
-// Part i of n of the A factors the adapter phase before phase kind ph reads (each distinct slot of the step on the
-// phase's projections, in that order), queued on a read-ahead: the panel units of the phase before it ask for them
-// while they compute, so the adapter phase (nothing to overlap its reads with) finds them in cache.
-static inline void lora_a_queue(const LayerLoras& ad, const LoraStep& ls, int ph, int64_t i, int64_t n, Ahead& ah) {
-  const int p0 = phase_p0(ph), np = phase_np(ph);
-  int64_t total = 0;
-  for (int proj = p0; proj < p0 + np; ++proj)
-    if (!ad.lora[proj].empty())
-      for (int64_t s : ls.distinct)
-        if (const Lora* a = ad.find(proj, s)) total += a->r * a->in * (a->bf16 ? 2 : 4);
+// The A factors every adapter phase of a step reads, in the order `lora_a_queue` shares them out: per layer and phase
+// (q/k/v, o, gate/up, down), each distinct slot of the step on each of the phase's projections, in that order, with
+// its byte offset in the phase. Built once per step: a panel unit queues its share with a binary search, not a walk.
+struct AQueue {
+  std::vector<const char*> ptr;
+  std::vector<int64_t> off, len, first{0};  // ranges of layer l, phase p: first[4l + p] .. first[4l + p + 1]
+  static int index(int ph) { return ph == 0 ? 0 : ph == 2 ? 1 : ph == 3 ? 2 : 3; }
+
+  template <typename Layers>
+  void build(const Layers& layers, const LoraStep& ls) {
+    for (const auto& ly : layers)
+      for (int ph : {0, 2, 3, 4}) {
+        int64_t at = 0;
+        for (int proj = phase_p0(ph); proj < phase_p0(ph) + phase_np(ph); ++proj)
+          for (int64_t s : ls.distinct)
+            if (const Lora* a = ly.ad.find(proj, s)) {
+              const int64_t bytes = a->r * a->in * (a->bf16 ? 2 : 4);
+              ptr.push_back((const char*)a->A), off.push_back(at), len.push_back(bytes);
+              at += bytes;
+            }
+        first.push_back((int64_t)ptr.size());
+      }
+  }
+};
+
+// Part i of n of the A factors of layer l's adapter phase before phase kind ph, queued on a read-ahead: the panel
+// units of the phase before it ask for them while they compute, so the adapter phase (nothing to overlap its reads
+// with) finds them in cache.
+static inline void lora_a_queue(const AQueue& q, int64_t l, int ph, int64_t i, int64_t n, Ahead& ah) {
+  const int64_t j = 4 * l + AQueue::index(ph), r0 = q.first[j], r1 = q.first[j + 1];
+  if (r0 == r1) return;
+  const int64_t total = q.off[r1 - 1] + q.len[r1 - 1];
   const int64_t lo = (total * i / n) & ~(int64_t)63, hi = total * (i + 1) / n;
-  int64_t at = 0;
-  for (int proj = p0; proj < p0 + np && at < hi; ++proj) {
-    if (ad.lora[proj].empty()) continue;
-    for (size_t q = 0; q < ls.distinct.size() && at < hi; ++q) {
-      const Lora* a = ad.find(proj, ls.distinct[q]);
-      if (a == nullptr) continue;
-      const int64_t bytes = a->r * a->in * (a->bf16 ? 2 : 4), b0 = std::max(lo, at), b1 = std::min(hi, at + bytes);
-      if (b0 < b1) ah.add((const char*)a->A + (b0 - at), 0, 1, b1 - b0);
-      at += bytes;
-    }
+  int64_t k = std::upper_bound(q.off.begin() + r0, q.off.begin() + r1, lo) - q.off.begin() - 1;
+  for (; k < r1 && q.off[k] < hi; ++k) {
+    const int64_t b0 = std::max(lo, q.off[k]), b1 = std::min(hi, q.off[k] + q.len[k]);
+    if (b0 < b1) ah.add(q.ptr[k] + (b0 - q.off[k]), 0, 1, b1 - b0);
   }
 }
 

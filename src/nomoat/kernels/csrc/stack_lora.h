@@ -221,11 +221,13 @@ static inline void lora_products(const LayerLoras& ad, const LoraStep& ls, int64
 static inline void lora_rows_queue(const LayerLoras& ad, const LoraStep& ls, int proj, int64_t n0, int64_t nn,
                                    int64_t m0, int mm, Ahead& ah) {
   if (ad.lora[proj].empty()) return;
+  const Lora* last = nullptr;  // rows of one adapter (adjacent) ask for its columns once
   for (int64_t m = m0; m < m0 + mm; ++m)
     for (int64_t q = ls.row_ptr[m]; q < ls.row_ptr[m + 1]; ++q)
-      if (const Lora* a = ad.find(proj, ls.slot[ls.row_ent[q]])) {
+      if (const Lora* a = ad.find(proj, ls.slot[ls.row_ent[q]]); a != nullptr && a != last) {
         const int64_t esz = a->bf16 ? 2 : 4;
         ah.add((const char*)a->Bt + n0 * esz, a->out * esz, (int)a->r, nn * esz);
+        last = a;
       }
 }
 

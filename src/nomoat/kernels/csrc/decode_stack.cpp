@@ -216,8 +216,8 @@ struct StackPlan : torch::CustomClassHolder {
     const int nt = std::max(1, at::get_num_threads());
     // Every intermediate has one buffer per layer (and the residual one per half-layer), so that running a unit
     // twice (a thread helping a descheduled one) writes the same values where the first run would have.
-    LoraStep ls;  // the step's adapter entries and their blocks, and the A factors each adapter phase reads
-    AQueue aq;    // (stack_lora.h)
+    LoraStep ls;  // the step's adapter entries, blocks and units (stack_lora.h)
+    AQueue aq;    // the A factors each of the step's adapter phases reads
     if (cf != nullptr) ls.build(cf, M, ncf, lora_slots_, nt), aq.build(layers_, ls);
     const int64_t E = ls.E, R = lora_rank_;
     const int64_t ws = kv_len + 16;  // a query head's score scratch

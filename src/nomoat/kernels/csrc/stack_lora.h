@@ -4,17 +4,16 @@
 // A step lists its adapter entries (row, slot, coefficient; nonzero coefficients only), sorted by slot then row, and
 // cuts them into blocks of up to MAX_ROWS entries of one slot. Before each projection phase of a layer, an adapter
 // phase whose units are runs of those blocks (about four units a thread: one-row blocks of 32 distinct adapters as
-// units of their own ran 1% slower over 2 threads) computes the low-rank products c * scale * (x A^T) of every projection of the
-// next phase once (each row of A read once per block, its rows' dot products together) into the layer's product
-// buffer; each panel unit then adds (products) Bt for its 64 columns (`lora_expand`). Reads ahead: each entry's
-// slice of Bt is r short rows far apart (read when needed, every one a cache miss), and the adapter phase has no
-// compute to hide its reads of A behind, so for each row block a panel unit queues the block's Bt columns
+// units of their own ran 1% slower over 2 threads) computes the low-rank products c * scale * (x A^T) of every
+// projection of the next phase once (each row of A read once per block, its rows' dot products together) into the
+// layer's product buffer; each panel unit then adds (products) Bt for its 64 columns (`lora_expand`). Reads ahead: each
+// entry's slice of Bt is r short rows far apart (read when needed, every one a cache miss), and the adapter phase has
+// no compute to hide its reads of A behind, so for each row block a panel unit queues the block's Bt columns
 // (`lora_rows_queue`) and a share of the A factors of the next adapter phase (`lora_a_queue`) on a read-ahead the
-// block's own panel product paces over its FMAs (`Ahead`, gemv.h). (Asking for the first block's Bt in one burst
-// before the product and pacing each next block's behind the block before it was measured 6% slower with 32
-// distinct adapters: a burst fills the core's miss buffers and stalls the product's own loads.) Products are
-// stored whole (a unit may run twice, see decode_stack.cpp), in one buffer per layer: entry t, projection p at
-// ((t * 7) + p) * R.
+// block's own panel product paces over its FMAs (`Ahead`, gemv.h). (Asking for the first block's Bt in one burst before
+// the product and pacing each next block's behind the block before it was measured 6% slower with 32 distinct adapters:
+// a burst fills the core's miss buffers and stalls the product's own loads.) Products are stored whole (a unit may run
+// twice, see decode_stack.cpp), in one buffer per layer: entry t, projection p at ((t * 7) + p) * R.
 // Factors are fp32 or bf16 (half the bytes a step streams; widened exactly to fp32 in registers, fp32 sums).
 #pragma once
 
@@ -140,14 +139,11 @@ static inline void lora_shrink_one(const Lora& a, const float* x, float c, float
       out[i + q] = t[q] * c * a.scale;
     }
   }
-  for (; i < a.r; ++i) {
-    const T* ai = A + i * a.in;
-    vf acc{};
-    int64_t k = 0;
-    for (; k + W <= a.in; k += W) acc += ld(x + k) * ld_factor(ai + k);
-    float s = hsum(acc);
-    for (; k < a.in; ++k) s += x[k] * factor_at(ai, k);
-    out[i] = s * c * a.scale;
+  if (i < a.r) {  // the last r % 4 rows of A, one at a time
+    Lora tail = a;
+    tail.A = A + i * a.in, tail.r = a.r - i;
+    float* rest = out + i;
+    lora_shrink_rows<1, T>(tail, &x, &c, &rest);
   }
 }
 

@@ -103,7 +103,7 @@ static inline void norm_row(const float* r, const void* w, bool norm16, int64_t 
 // for the other kinds).
 static inline void panel_gemv(const Seg& s, int64_t p, int M, const float* x, int64_t ldx, float* buf,
                               const q4k::Q4Rows& q4in = {}, Ahead* ah = nullptr) {
-  if (ah != nullptr) ah->pace(s.K * (M > 4 ? 2 : 1));
+  if (ah != nullptr) ah->pace(s.K * (M > 4 ? 2 : 1));  // K steps a sweep, 2 sweeps over 4 rows
   if (s.q4) q4k::q4_panel(q4in, M, (const uint8_t*)s.w + p * (s.K / q4k::QK) * s.BB, s.BB, buf);
   else if (s.bf16)
     rows_any_bf16(M, x, ldx, (const uint16_t*)s.w + p * PANEL * s.K, s.K, (int)std::min<int64_t>(PANEL, s.N - p * PANEL),

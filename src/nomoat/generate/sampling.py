@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nomoat.kernels import ops
+
 # Below this temperature a row decodes greedily (as vLLM): dividing by it would overflow fp32 logits to inf.
 GREEDY_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20
@@ -524,7 +526,7 @@ def _draw(processed: torch.Tensor, batch: SamplingBatch, generators: Sequence[to
     # elementwise ops and an exact max, so a row's result cannot depend on the batch. The clamp guards against
     # an exponential sample of exactly 0 (-log 0 = inf would tie every token).
     scores = processed.index_select(0, batch.sampled_index) - noise.clamp_min_(1e-30).log_()  # (n, V)
-    return scores.argmax(dim=-1)
+    return ops.argmax_rows(scores)
 
 
 def sample(
@@ -556,11 +558,11 @@ def sample(
         raise ValueError(f"need one generator per row: {len(batch)} rows, {len(generators)} generators")
     processed = process_logits(logits, state, rows, batch)  # (B, V)
     if not batch.sampled:
-        tokens = processed.argmax(dim=-1)  # (B,)
+        tokens = ops.argmax_rows(processed)  # (B,)
     else:
         tokens = torch.empty(len(batch), dtype=torch.long, device=logits.device)  # (B,)
         if batch.greedy:
-            greedy = processed.index_select(0, batch.greedy_index).argmax(dim=-1)
+            greedy = ops.argmax_rows(processed.index_select(0, batch.greedy_index))
             tokens.index_copy_(0, batch.greedy_index, greedy)
         tokens.index_copy_(0, batch.sampled_index, _draw(processed, batch, generators))
     out = SampleOutput(tokens)

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("linear.cpp", "linear_rows.cpp", "q4.cpp", "attention.cpp", "decode_stack.cpp", "fused_ops.cpp",
-           "lora_rows.cpp", "nf4.cpp", "registration.cpp")
+           "lora_rows.cpp", "nf4.cpp", "argmax.cpp", "registration.cpp")
 VARIANTS = ("portable", "sse", "avx2", "avx512", "neon")  # the order of `torch.ops.nomoat.isa()`'s answer
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
 _AVX2 = {"avx2", "fma", "f16c", "bmi2"}

@@ -153,6 +153,11 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (B,): the first maximum, a NaN the largest (torch's own rule)."""
+    return x.argmax(dim=-1)
+
+
 def lora_rows_(
     y: torch.Tensor,
     x: torch.Tensor,

@@ -29,5 +29,8 @@ at::Tensor swiglu_backward(const at::Tensor& gate, const at::Tensor& up, at::Ten
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward);
 at::Tensor softmax_xent_(at::Tensor logits, const at::Tensor& targets);
 
+// argmax.cpp: each row's argmax, as torch.argmax(dim=-1) (first maximum; NaN the largest).
+at::Tensor argmax_rows(const at::Tensor& x);
+
 // decode_stack.cpp: the StackPlan class (every layer of a decode step in one call).
 void register_decode_stack(torch::Library& m);

@@ -26,6 +26,7 @@ TORCH_LIBRARY(nomoat, m) {
   m.def("swiglu_backward(Tensor gate, Tensor up, Tensor(a!) grad, Tensor(b!)? p_out) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor");
   m.def("softmax_xent_(Tensor(a!) logits, Tensor targets) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("isa() -> int", &isa_index);
   register_decode_stack(m);
 }
@@ -41,4 +42,5 @@ TORCH_LIBRARY_IMPL(nomoat, CPU, m) {
   m.impl("swiglu_backward", &swiglu_backward);
   m.impl("rope", &rope);
   m.impl("softmax_xent_", &softmax_xent_);
+  m.impl("argmax_rows", &argmax_rows);
 }

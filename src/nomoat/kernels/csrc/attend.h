@@ -96,23 +96,60 @@ static void attend_fixed_group(const float* q, const C* kb, const C* vb, int64_t
   float mx[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) mx[r] = -INFINITY;
-  auto scores = [&](const auto* kt, int64_t t) {
-    vf kv[NVH];
+  // Scores: four positions at a time, their R dot products each as vectors summed across lanes together
+  // (`hsum4`: one reduction tree for four sums; one tree per sum cost more than the products). A block holding the
+  // new token's position (its key a private fp32 copy) goes one position at a time.
+  int64_t t = lo;
+  while (t <= hi) {
+    if (t + 3 <= hi && !(knew && p >= t && p <= t + 3)) {
+      vf acc[R][4];
 #pragma GCC unroll 16
-    for (int j = 0; j < NVH; ++j) kv[j] = ld_cache(kt + j * W);
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) acc[r][i] = vf{};
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const C* kt = kb + (t + i) * hd;
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      vf acc = qv[r][0] * kv[0];
+        for (int j = 0; j < NVH; ++j) {
+          const vf kv = ld_cache(kt + j * W);
 #pragma GCC unroll 16
-      for (int j = 1; j < NVH; ++j) acc += qv[r][j] * kv[j];
-      const float sc = hsum(acc);
-      w[r * ws + t] = sc;
-      mx[r] = sc > mx[r] ? sc : mx[r];
+          for (int r = 0; r < R; ++r) acc[r][i] += qv[r][j] * kv;
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], w + r * ws + t - lo);
+      t += 4;
+      continue;
     }
-  };
-  for (int64_t t = lo; t <= hi; ++t) {
-    if (knew && t == p) scores(knew, t - lo);
-    else scores(kb + t * hd, t - lo);
+    auto one = [&](const auto* kt) {
+      vf acc[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r] = vf{};
+#pragma GCC unroll 16
+      for (int j = 0; j < NVH; ++j) {
+        const vf kv = ld_cache(kt + j * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[r] += qv[r][j] * kv;
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) w[r * ws + t - lo] = hsum(acc[r]);
+    };
+    if (knew && t == p) one(knew);
+    else one(kb + t * hd);
+    ++t;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const float* wr = w + r * ws;
+    vf mv = splat(-INFINITY);
+    int64_t i = 0;
+    for (; i + W <= T; i += W) {
+      const vf x = ld(wr + i);
+      mv = x > mv ? x : mv;
+    }
+    for (int k = 0; k < W; ++k) mx[r] = std::max(mx[r], mv[k]);
+    for (; i < T; ++i) mx[r] = std::max(mx[r], wr[i]);
   }
   float inv[R];
 #pragma GCC unroll 16

@@ -80,6 +80,26 @@ static inline float hsum(vf v) {
 #endif
 }
 
+// The lane sums of four vectors into out[0..3], by one reduction tree for the four (a quarter of four `hsum`s).
+static inline void hsum4(vf a, vf b, vf c, vf d, float* out) {
+#if defined(__AVX512F__)
+  auto half = [](vf v) {
+    const __m512 x = (__m512)v;
+    return _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  };
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+#elif defined(__AVX__)
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a, (__m256)b), _mm256_hadd_ps((__m256)c, (__m256)d));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+  const float32x4_t ab = vpaddq_f32((float32x4_t)a, (float32x4_t)b), cd = vpaddq_f32((float32x4_t)c, (float32x4_t)d);
+  vst1q_f32(out, vpaddq_f32(ab, cd));
+#else
+  out[0] = hsum(a), out[1] = hsum(b), out[2] = hsum(c), out[3] = hsum(d);
+#endif
+}
+
 // A pause inside a spin-wait loop (lets the sibling hyperthread run, saves power).
 static inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)

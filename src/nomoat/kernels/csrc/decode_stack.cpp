@@ -257,17 +257,13 @@ struct StackPlan : torch::CustomClassHolder {
     auto out = at::empty({M, 1, head ? NV : D}, x.options());
     float* logits = head ? out.data_ptr<float>() : nullptr;
     std::vector<int> total(NP);
-    std::vector<int64_t> first(NP + 1, 0);
     for (int64_t l = 0; l < L; ++l) {
       const LayerPlan& ly = layers_[l];
       const int64_t t9[NPH] = {NA, ly.q.P + ly.k.P + ly.v.P, M * nkv, NA, ly.o.P, NA, ly.gate.P, NA, ly.down.P};
       for (int ph = 0; ph < NPH; ++ph) total[l * NPH + ph] = (int)t9[ph];
     }
     if (head) total[HP] = (int)head_.P;
-    for (int64_t i = 0; i < NP; ++i) first[i + 1] = first[i] + total[i];
-    std::unique_ptr<Counter[]> next(new Counter[NP]), done(new Counter[NP]);
-    std::unique_ptr<std::atomic<unsigned char>[]> flag(new std::atomic<unsigned char>[first[NP]]);
-    for (int64_t i = 0; i < first[NP]; ++i) flag[i].store(0, std::memory_order_relaxed);
+    Units un(total);
 
     auto body = [&](int tid) {
       float* xn = TLS + (int64_t)tid * per_thread;
@@ -365,14 +361,16 @@ struct StackPlan : torch::CustomClassHolder {
           xq_for = HP;
         }
         head_panel(head_, u, M, xn, q ? qn : q4k::Q4Rows{}, buf, logits, nt);
-        if (flag[first[HP] + u].exchange(1, std::memory_order_acq_rel) == 0)
-          done[HP].v.fetch_add(1, std::memory_order_release);
+        un.finish(HP, u);
         unit_ns[NPH] = now_ns() - t0;
         if (profiling_) prof_[7].fetch_add(cpu_ns() - c0, std::memory_order_relaxed);
       };
 
-      auto run_unit = [&](int64_t idx, int u) {
+      bool whole = true;  // the last unit run ran all its row blocks
+      auto run_unit = [&](int64_t idx, int u, bool claim = true) {
         if (idx == HP) return head_unit(u);
+        bool fin = true;  // the unit is complete (not just this call's row blocks of it)
+        whole = true;
         const int64_t l = idx / NPH;
         const int sub = (int)(idx % NPH), ph = PH_KIND[sub];
         const LayerPlan& ly = layers_[l];
@@ -406,7 +404,7 @@ struct StackPlan : torch::CustomClassHolder {
           }
           const int64_t n0 = p * PANEL, nn = std::min<int64_t>(PANEL, s->N - n0);
           const int proj = s == &ly.q ? 0 : s == &ly.k ? 1 : 2;
-          for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {  // row blocks: the panel stays in L2 between them
+          fin = un.blocks(idx, u, nb, claim, whole, [&](int64_t m0) {  // row blocks: the panel stays in L2 between them
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             Ahead* ah = lora_ahead(l, proj, n0, nn, m0, mm, ah_a, idx, u);
             panel_gemv(*s, p, mm, xn + m0 * D, D, buf, qin(*s) ? qn.rows(m0) : q4k::Q4Rows{}, ah);
@@ -419,7 +417,7 @@ struct StackPlan : torch::CustomClassHolder {
                 dst[j] = has_d ? v + dl[m * PANEL + j] : v;
               }
             }
-          }
+          });
         } else if (ph == 1) {  // attention of (row b, key/value head g) for the group's query heads
           const int64_t b = u / nkv, g = u % nkv, p = pos[b];
           const float* c = cptr[ly.kind] + b * rd;
@@ -456,7 +454,7 @@ struct StackPlan : torch::CustomClassHolder {
           const float* xin = X + (2 * l + (ph == 4)) * M * D;
           float* xout = X + (2 * l + 1 + (ph == 4)) * M * D;
           const int64_t n0 = (int64_t)u * PANEL, nn = std::min<int64_t>(PANEL, D - n0);
-          for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+          fin = un.blocks(idx, u, nb, claim, whole, [&](int64_t m0) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const q4k::Q4Rows xq_in = !qin(s) ? q4k::Q4Rows{} : ph == 4 ? q4_act(l) : att_blocks ? q4_att(l) : qn;
             Ahead* ah = lora_ahead(l, ph == 2 ? 3 : 6, n0, nn, m0, mm, ah_a, idx, u);
@@ -471,10 +469,10 @@ struct StackPlan : torch::CustomClassHolder {
                 xout[r + j] = xin[r + j] + v;
               }
             }
-          }
+          });
         } else {  // gate and up panel u -> silu(gate) * up
           const int64_t n0 = (int64_t)u * PANEL, nn = std::min<int64_t>(PANEL, I - n0);
-          for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+          fin = un.blocks(idx, u, nb, claim, whole, [&](int64_t m0) {
             const int mm = (int)std::min<int64_t>(MAX_ROWS, M - m0);
             const float* x = xn + m0 * D;
             const q4k::Q4Rows qx = qin(ly.gate) || qin(ly.up) ? qn.rows(m0) : q4k::Q4Rows{};
@@ -498,11 +496,10 @@ struct StackPlan : torch::CustomClassHolder {
                 q4k::quantize_blocks(ACT + l * M * I, I, m0 + m, n0 / q4k::QK, (n0 + nn) / q4k::QK, q4_act(l));
               }
             }
-          }
+          });
         }
-        if (flag[first[idx] + u].exchange(1, std::memory_order_acq_rel) == 0)
-          done[idx].v.fetch_add(1, std::memory_order_release);
-        unit_ns[sub] = now_ns() - t0;
+        if (fin) un.finish(idx, u);
+        if (whole) unit_ns[sub] = now_ns() - t0;  // a joined unit's few blocks would shorten the wait for others
         if (profiling_) prof_[ph + 1].fetch_add(cpu_ns() - c0, std::memory_order_relaxed);
       };
 
@@ -512,27 +509,30 @@ struct StackPlan : torch::CustomClassHolder {
         for (; frontier <= idx; ++frontier) {
           const int64_t j = frontier;
           if (spin_ns_ < 0) {  // test mode: every unit runs again (all must be idempotent)
-            while (done[j].v.load(std::memory_order_acquire) < total[j]) cpu_relax();
-            for (int u = 0; u < total[j]; ++u) run_unit(j, u);
+            while (!un.complete(j)) cpu_relax();
+            for (int u = 0; u < total[j]; ++u) run_unit(j, u, false);
             helped_.fetch_add(total[j], std::memory_order_relaxed);
             continue;
           }
-          if (done[j].v.load(std::memory_order_acquire) >= total[j]) continue;
+          if (j != HP && PH_KIND[j % NPH] != 1 && PH_KIND[j % NPH] >= 0)  // panels: join the units still running
+            for (int u = 0; u < total[j]; ++u)
+              if (un.open(j, u, nb)) run_unit(j, u);
+          if (un.complete(j)) continue;
           const int64_t budget = spin_ns_ + unit_factor_ * unit_ns[j == HP ? NPH : j % NPH];
           const int64_t t0 = now_ns(), c0 = profiling_ ? cpu_ns() : 0;
           bool ok = false;
           while (!ok && budget > 0) {
             for (int i = 0; i < 32 && !ok; ++i) {
               cpu_relax();
-              ok = done[j].v.load(std::memory_order_acquire) >= total[j];
+              ok = un.complete(j);
             }
             if (now_ns() - t0 > budget) break;
           }
           if (profiling_) prof_[6].fetch_add(cpu_ns() - c0, std::memory_order_relaxed);
           if (ok) continue;
           for (int u = 0; u < total[j]; ++u)  // help: run what is not finished yet (maybe a second time)
-            if (flag[first[j] + u].load(std::memory_order_acquire) == 0) {
-              run_unit(j, u);
+            if (!un.finished(j, u)) {
+              run_unit(j, u, false);
               helped_.fetch_add(1, std::memory_order_relaxed);
             }
         }
@@ -540,9 +540,9 @@ struct StackPlan : torch::CustomClassHolder {
 
       for (int64_t idx = 0; idx < NP; ++idx) {
         int u;
-        while ((u = next[idx].v.fetch_add(1, std::memory_order_acq_rel)) < total[idx]) {
+        while ((u = un.claim(idx)) < total[idx]) {
           if (idx > 0) ensure(idx - 1);
-          if (flag[first[idx] + u].load(std::memory_order_acquire) == 0) run_unit(idx, u);  // else: helped
+          if (!un.finished(idx, u)) run_unit(idx, u);  // else: helped
         }
       }
     };

@@ -35,6 +35,52 @@ struct alignas(64) Counter {
   std::atomic<int> v{0};
 };
 
+// A step's units: phase j has total[j], claimed in turn from its counter `next[j]`. A unit is done once (its flag)
+// however often it runs. A panel unit's row blocks are claimed one at a time too, so a thread that waits for the
+// phase to end takes blocks of the units still running (`open`, `blocks`) instead of idling: with two threads, a
+// phase of 9 panels (SmolLM2's o and down) otherwise leaves one thread a whole panel's time (~60 us) to wait.
+struct Units {
+  std::vector<int> total;
+  std::vector<int64_t> first;  // phase j's units: first[j] ..
+  std::unique_ptr<Counter[]> next, done;
+  std::unique_ptr<std::atomic<int>[]> flag, bnext, bdone;  // per unit: done, row blocks claimed, row blocks run
+
+  explicit Units(std::vector<int> t) : total(std::move(t)), first(total.size() + 1, 0) {
+    for (size_t i = 0; i < total.size(); ++i) first[i + 1] = first[i] + total[i];
+    const int64_t n = first.back();
+    next.reset(new Counter[total.size()]);
+    done.reset(new Counter[total.size()]);
+    flag.reset(new std::atomic<int>[n]);
+    bnext.reset(new std::atomic<int>[n]);
+    bdone.reset(new std::atomic<int>[n]);
+    for (int64_t i = 0; i < n; ++i) flag[i] = bnext[i] = bdone[i] = 0;
+  }
+  int claim(int64_t j) { return next[j].v.fetch_add(1, std::memory_order_acq_rel); }
+  bool complete(int64_t j) const { return done[j].v.load(std::memory_order_acquire) >= total[j]; }
+  bool finished(int64_t j, int u) const { return flag[first[j] + u].load(std::memory_order_acquire) != 0; }
+  void finish(int64_t j, int u) {
+    if (flag[first[j] + u].exchange(1, std::memory_order_acq_rel) == 0) done[j].v.fetch_add(1, std::memory_order_release);
+  }
+  // Whether unit u of phase j (nb row blocks) has blocks nobody has claimed yet.
+  bool open(int64_t j, int u, int64_t nb) const {
+    return !finished(j, u) && bnext[first[j] + u].load(std::memory_order_relaxed) < nb;
+  }
+  // Runs f(m0) for the row blocks of unit u of phase j this call claims, or for all nb of them (claim false: a help
+  // run, which must redo what a descheduled thread holds); `whole`: whether it ran all nb. Returns whether the unit
+  // is complete once this call has run its blocks.
+  template <class F>
+  bool blocks(int64_t j, int u, int64_t nb, bool claim, bool& whole, F&& f) {
+    int64_t n = 0;
+    if (!claim) {
+      for (; n < nb; ++n) f(n * MAX_ROWS);
+    } else {
+      for (int64_t b; (b = bnext[first[j] + u].fetch_add(1, std::memory_order_acq_rel)) < nb; ++n) f(b * MAX_ROWS);
+    }
+    whole = n == nb;
+    return !claim || bdone[first[j] + u].fetch_add((int)n, std::memory_order_acq_rel) + n == nb;
+  }
+};
+
 // A step's rope tables, one (M, 1, rd) fp32 cos and sin per layer kind (contiguous copies held while the step runs).
 struct RopeTables {
   std::vector<at::Tensor> cs, ss;

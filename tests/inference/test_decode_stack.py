@@ -334,6 +334,24 @@ def test_thread_counts_and_helping(built, int8_codes, threads, spin, tmp_path):
         assert native.helped() > helped
 
 
+@pytest.mark.parametrize("threads, spin", [(2, 20000), (3, 0), (3, 20000)])
+def test_row_blocks_shared_between_threads_change_no_bit(built, threads, spin, tmp_path):
+    """27 rows: four row blocks per panel unit, which a thread that reaches a phase's end claims from the units
+    still running (and, at spin 0, also runs again whole). Whichever thread runs a block, its rows' sums are the
+    same, so the logits equal one thread's bit for bit."""
+    _make("llama_wide", tmp_path)
+    model = load_model(tmp_path, "float32", "cpu")
+    pack_model(model)
+    prompts = [[(13 * i + 5 * j) % 300 + 3 for j in range(2 + i % 6)] for i in range(27)]
+    dm = prepare(model)
+    with threads_and_spin(dm, 1, 20000):
+        one = decode_logits(dm, prompts, 6)
+    for _ in range(3):
+        with threads_and_spin(dm, threads, spin):
+            assert torch.equal(decode_logits(dm, prompts, 6), one)
+    assert rel(one, decode_logits(_layers(model), prompts, 6)) < 1e-5
+
+
 def test_weight_changes_are_seen(built, tmp_path):
     """Norm weights changed in place are read by the stack at once; swapped (`p.data = ...`) and int8 codes reloaded
     in place (`load_state_dict`) make the decode model stale, and `refresh` makes it compute with the new weights, as

@@ -34,14 +34,16 @@ def _run(env_value: str) -> tuple[bool, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 def test_tuned_allocator_reuses_freed_blocks() -> None:
-    tuned, faults = _run("1")
-    untuned, faults_default = _run("0")
-    assert tuned and not untuned
-    # 20 steps x 6 blocks x 6 MB write 184,320 pages. The tuned heap keeps and reuses the blocks (measured 1,536
-    # faults). glibc's default depends on its adaptive thresholds and the process's history: it trimmed and
-    # re-faulted every block in one environment (183,680 faults) and about 6% of them in another (10,688).
-    assert faults < 20_000, faults
-    assert faults <= faults_default, (faults, faults_default)
+    runs = {value: [_run(value) for _ in range(5)] for value in ("1", "0")}
+    assert all(tuned for tuned, _ in runs["1"]) and not any(tuned for tuned, _ in runs["0"])
+    faults, faults_default = [f for _, f in runs["1"]], [f for _, f in runs["0"]]
+    # 20 steps x 6 blocks x 6 MB write 184,320 pages. The tuned heap keeps and reuses the blocks: every run stays far
+    # below that (measured 0 to 4,608 faults, the heap's layout differing from run to run). glibc's default depends on
+    # its adaptive thresholds and the process's history: it trimmed and re-faulted every block in one environment
+    # (183,680 faults), about 6% of them in another (10,688), and now and then reused them as well (1,536). So each
+    # setting is judged by its best of five runs: the tuned heap's is never worse than the default's.
+    assert max(faults) < 20_000, faults
+    assert min(faults) <= min(faults_default), (faults, faults_default)
 
 
 BIG = """

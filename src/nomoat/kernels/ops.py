@@ -190,8 +190,8 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (B,) of 2-D `x` (B, V), as `x.argmax(dim=-1)`: the first maximum, a NaN the largest.
 
-    fp32 CPU rows go through the compiled op (torch's CPU argmax is about 17x slower at 32 rows of 49,152 logits);
-    anything else, and a build without kernels, through torch.
+    fp32 CPU rows go through the compiled op (32 rows of 49,152 logits on two cores: 46 us, against 663 us for
+    torch's CPU argmax); anything else, and a build without kernels, through torch.
     """
     if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1] > 0 and available():
         return torch.ops.nomoat.argmax_rows(x)

@@ -72,12 +72,19 @@ class Plan:
         """The (batch, slots) weight of each adapter for each row under the banks' current plans (empty: none)."""
         if not any(source.current for source in self.sources):
             return _EMPTY
-        coef = torch.zeros(batch, max(len(self.slots), 1))
+        rows_at: list[int] = []  # (row, column, weight) triples: one indexed add a step, not one per row group
+        cols: list[int] = []
+        weights: list[float] = []
         for source in self.sources:
             for rows, selection in source.current:
+                ids = range(batch)[rows] if isinstance(rows, slice) else rows.tolist()
                 for name, weight in selection:
-                    coef[rows, self.slots[name]] += weight
-        return coef
+                    rows_at += ids
+                    cols += [self.slots[name]] * len(ids)
+                    weights += [weight] * len(ids)
+        coef = torch.zeros(batch, max(len(self.slots), 1))
+        index = (torch.tensor(rows_at, dtype=torch.long), torch.tensor(cols, dtype=torch.long))
+        return coef.index_put_(index, torch.tensor(weights, dtype=torch.float32), accumulate=True)
 
 
 def _projection(m: nn.Module, sources: list[Any]) -> list[torch.Tensor] | None:

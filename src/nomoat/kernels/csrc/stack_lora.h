@@ -117,11 +117,28 @@ static inline void lora_shrink_rows(const Lora& a, const float* const* xs, const
   }
 }
 
-// The same for one row: four rows of A at a time (four independent sums, each x vector loaded once for them).
+// The same for one row: eight rows of A at a time (eight independent sums and eight streams from memory in flight,
+// each x vector loaded once for them; measured 1% less CPU time a step with 32 distinct adapters than four at a
+// time, and the same as sixteen), then four, then one.
 template <typename T>
 static inline void lora_shrink_one(const Lora& a, const float* x, float c, float* out) {
   const T* A = (const T*)a.A;
   int64_t i = 0;
+  for (; i + 8 <= a.r; i += 8) {
+    const T* a0 = A + i * a.in;
+    vf s[8] = {};
+    int64_t k = 0;
+    for (; k + W <= a.in; k += W) {
+      const vf xv = ld(x + k);
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) s[q] += xv * ld_factor(a0 + q * a.in + k);
+    }
+    for (int q = 0; q < 8; ++q) {
+      float t = hsum(s[q]);
+      for (int64_t kk = k; kk < a.in; ++kk) t += x[kk] * factor_at(a0 + q * a.in, kk);
+      out[i + q] = t * c * a.scale;
+    }
+  }
   for (; i + 4 <= a.r; i += 4) {
     const T* a0 = A + i * a.in;
     vf s0{}, s1{}, s2{}, s3{};

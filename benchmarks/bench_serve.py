@@ -22,8 +22,9 @@ every request generates exactly that many). Scenarios:
 Reported: generated tokens/s over the scenario's wall time, and p50/p99 request latency (for one_at_a_time: from the
 moment every client has its request ready, as the clients would see it). The throughput scenarios (single, distinct8,
 distinct32, and the two bf16 ones) run `--repeats` times each, interleaved, and report their median tokens/s (every
-run in `tokens_per_s_runs`): one run of a few seconds moves by 10% on a shared machine, and a scenario always run
-first or last would carry the machine's drift into the ratios. A last scenario, ttft64, opens 64 streaming
+run in `tokens_per_s_runs`): one run of a few seconds moves by 10% on a shared machine (five repeats by default: with
+three, one slow repeat of either scenario moved the ratios of one invocation by several hundredths), and a scenario
+always run first or last would carry the machine's drift into the ratios. A last scenario, ttft64, opens 64 streaming
 clients at once (each on its own adapter of the 32, `stream=True`) and reports the median and p99 time to the first
 streamed token. Every scenario (and the warm-up) sends prompts of its own: the server's prefix cache keeps prompt
 prefixes per adapter selection, and a scenario that found its prompts cached by an earlier one would prefill less.
@@ -312,7 +313,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="One round of 32-token completions per run (under 5 minutes).")
     p.add_argument("--clients", type=int, default=32, help="Concurrent clients (and adapters).")
     p.add_argument("--rounds", type=int, default=None, help="Requests per client in each scenario run.")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=int, default=5,
                    help="Runs of each throughput scenario, interleaved; each reports its median.")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=None, help="New tokens per request (32 quick, else 64).")
     p.add_argument("--max-running", type=int, default=None, help="Server batch rows (default: the server's own).")
